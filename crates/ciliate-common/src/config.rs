@@ -1,0 +1,31 @@
+//! Load-time configuration of the per-endpoint programs.
+//!
+//! Cilium compiles each endpoint's program with its addresses as constants;
+//! Ciliate loads one object per endpoint and sets this block as a global
+//! before load (aya's `EbpfLoader::set_global`), so nothing is recompiled.
+
+/// Name of the global in the eBPF object that holds an [`EndpointConfig`].
+pub const ENDPOINT_CONFIG_SYMBOL: &str = "ENDPOINT_CONFIG";
+
+/// Identity of the endpoint a from-container program is attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Index of the host-side (`lxc…`) device.
+    pub ifindex: u32,
+    /// Security identity of the endpoint.
+    pub identity: u32,
+    /// The endpoint's IPv4 address, network byte order.
+    pub ipv4: [u8; 4],
+    /// 16-bit endpoint ID.
+    pub endpoint_id: u16,
+    /// MAC of the host-side device: the gateway MAC this pod sees.
+    pub lxc_mac: [u8; 6],
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointConfig>() == 24);
+
+/// Set on a config that was filled in by user space. A program that finds it
+/// clear was loaded without configuration and drops with `NO_CONFIG`.
+pub const ENDPOINT_F_CONFIGURED: u32 = 1 << 0;

@@ -1,0 +1,86 @@
+//! Events the datapath sends to user space through the one ring buffer.
+//!
+//! Every event starts with [`EventHeader`]; `kind` says which struct follows
+//! (Cilium's monitor message types). Each event carries the first
+//! [`CAPTURE_LEN`] bytes of the packet so the monitor can decode it.
+
+/// Name of the ring buffer map in every eBPF object.
+pub const RINGBUF_NAME: &str = "CILIATE_EVENTS";
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const RINGBUF_BYTES: u32 = 256 * 1024;
+
+pub const KIND_DROP: u8 = 1;
+pub const KIND_DEBUG: u8 = 2;
+pub const KIND_CAPTURE: u8 = 3;
+pub const KIND_TRACE: u8 = 4;
+pub const KIND_POLICY_VERDICT: u8 = 5;
+
+/// Bytes of packet copied into each event.
+pub const CAPTURE_LEN: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `KIND_*`.
+    pub kind: u8,
+    /// Drop reason for drops, observation point for traces.
+    pub subtype: u8,
+    /// Endpoint ID of the program that sent it (0 for node-level programs).
+    pub source: u16,
+    /// Packet hash (`bpf_get_hash_recalc`): the monitor's "flow" value.
+    pub hash: u32,
+    /// Length of the packet on the wire.
+    pub len_orig: u32,
+    /// Bytes of `data` that hold packet bytes.
+    pub len_cap: u16,
+    pub version: u16,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
+
+/// Current event layout version.
+pub const EVENT_VERSION: u16 = 1;
+
+/// A dropped packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropNotify {
+    pub hdr: EventHeader,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Destination endpoint ID, 0 if unknown.
+    pub dst_id: u32,
+    /// Index of the device the packet was seen on.
+    pub ifindex: u32,
+    /// Source line of the drop (for "datapath BUG" hunting).
+    pub line: u16,
+    /// Source file number of the drop (see [`FILE_*`](self)).
+    pub file: u8,
+    /// Extended error (a helper's negative return), 0 if none.
+    pub ext_error: i8,
+    pub _pad: u32,
+    pub data: [u8; CAPTURE_LEN],
+}
+const _: () = assert!(core::mem::size_of::<DropNotify>() == 40 + CAPTURE_LEN);
+
+/// A forwarded packet at an observation point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceNotify {
+    pub hdr: EventHeader,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Destination endpoint ID, 0 if unknown.
+    pub dst_id: u16,
+    /// Conntrack state of the packet (`CT_*` result), 0 if not looked up.
+    pub ct_state: u8,
+    pub _pad: u8,
+    pub ifindex: u32,
+    /// Original (pre-NAT) source address, IPv4 in the first 4 bytes.
+    pub orig_ip: [u8; 16],
+    pub data: [u8; CAPTURE_LEN],
+}
+const _: () = assert!(core::mem::size_of::<TraceNotify>() == 48 + CAPTURE_LEN);
+
+/// Source file numbers carried in drop events.
+pub const FILE_LXC: u8 = 1;
+pub const FILE_HOST: u8 = 2;

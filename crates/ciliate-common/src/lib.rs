@@ -1,0 +1,34 @@
+//! The binary layout shared by the datapath (kernel) and user space.
+//!
+//! Every map key, map value, load-time configuration block and event header
+//! lives here once, `#[repr(C)]`, with explicit padding and a compile-time size
+//! check. Nothing that crosses the boundary is a `bool`, an `enum` or an
+//! `Option`: the kernel may write any bytes, so enumerations cross as integer
+//! constants and user space converts them with the lookup functions below.
+//!
+//! With the `user` feature the types implement `aya::Pod` so the typed map
+//! wrappers in `ciliate-datapath` can read and write them.
+#![no_std]
+
+pub mod config;
+pub mod drop;
+pub mod event;
+pub mod metrics;
+pub mod trace;
+
+#[cfg(feature = "user")]
+mod pod {
+    //! `aya::Pod` for every type that goes into a map or a global.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => { $(
+            // SAFETY: `#[repr(C)]`, only integer/byte-array fields, explicit
+            // padding: every bit pattern is a valid value.
+            unsafe impl aya::Pod for $t {}
+        )* };
+    }
+    pod!(
+        crate::config::EndpointConfig,
+        crate::metrics::MetricsKey,
+        crate::metrics::MetricsValue,
+    );
+}

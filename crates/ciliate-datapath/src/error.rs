@@ -1,0 +1,57 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong between Ciliate and the kernel. Each variant
+/// names the object it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading eBPF object {object}: {source}")]
+    Load {
+        object: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {program} not found in object {object}")]
+    NoProgram { object: String, program: String },
+    #[error("map {map} not found in object {object}")]
+    NoMap { object: String, map: String },
+    #[error("{action} program {program}: {source}")]
+    Program {
+        action: String,
+        program: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{action} map {map}: {source}")]
+    Map {
+        action: String,
+        map: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {what} at {path}: {source}")]
+    Pin {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("device {name}: {reason}")]
+    Device { name: String, reason: String },
+    #[error("test run of {program}: output buffer of {size} bytes too small")]
+    TestRunOutput { program: String, size: usize },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;

@@ -1,0 +1,27 @@
+//! The only crate that speaks to the kernel through aya.
+//!
+//! - [`objects`]: the eBPF objects, built by `build.rs` and embedded.
+//! - [`bpffs`]: mounting bpffs and the per-node pin directories.
+//! - [`loader`]: loading an object with its load-time configuration,
+//!   attaching to devices, pinning links so forwarding survives restarts.
+//! - [`maps`]: typed map wrappers that speak domain types.
+//! - [`events`]: decoding of ring-buffer events.
+//! - [`packet`]: packet builders and parsers with correct checksums
+//!   (tests, the lab and benchmarks).
+//! - [`testrun`]: the BPF_PROG_TEST_RUN harness.
+
+pub mod bpffs;
+pub mod error;
+pub mod events;
+pub mod loader;
+pub mod maps;
+pub mod objects;
+pub mod packet;
+pub mod testrun;
+
+pub use error::DatapathError;
+
+/// aya types that appear in this crate's API.
+pub mod aya_reexport {
+    pub use aya::programs::TcAttachType;
+}

@@ -1,0 +1,129 @@
+//! Loading objects with their load-time configuration, and attaching them.
+//!
+//! Maps are pinned by name in the node's pin directory, so every object of a
+//! node shares them and a restarted agent reuses them. tc programs attach
+//! through tcx links that are pinned too: the datapath keeps forwarding
+//! while no agent runs.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
+};
+use ciliate_common::config::{ENDPOINT_CONFIG_SYMBOL, ENDPOINT_F_CONFIGURED, EndpointConfig};
+
+use crate::{
+    bpffs::NodePins,
+    error::{DatapathError, Result},
+    objects::{self, Object},
+};
+
+/// A loaded object: aya's handle plus the name used in errors.
+pub struct Loaded {
+    pub name: &'static str,
+    pub ebpf: Ebpf,
+}
+
+/// Load `object`, pinning its maps under `pins`, after `configure` has set
+/// its globals.
+pub fn load_with<'a>(
+    object: &Object,
+    pins: &'a NodePins,
+    configure: impl FnOnce(&mut EbpfLoader<'a>),
+) -> Result<Loaded> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&pins.dir);
+    configure(&mut loader);
+    let ebpf = loader.load(object.bytes).map_err(|e| DatapathError::Load {
+        object: object.name.to_owned(),
+        source: Box::new(e),
+    })?;
+    Ok(Loaded { name: object.name, ebpf })
+}
+
+/// Load the lxc object for one endpoint with its configuration block.
+pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
+    let mut cfg = *cfg;
+    cfg.flags |= ENDPOINT_F_CONFIGURED;
+    let object = objects::all()
+        .iter()
+        .find(|o| o.name == "lxc")
+        .expect("the lxc object is always built");
+    load_with(object, pins, |l| {
+        l.override_global(ENDPOINT_CONFIG_SYMBOL, &cfg, true);
+    })
+}
+
+impl Loaded {
+    /// The tc program `name`, loaded into the kernel.
+    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let object = self.name;
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::NoProgram { object: object.into(), program: name.into() })?;
+        let prog: &mut SchedClassifier = prog.try_into().map_err(|source| DatapathError::Program {
+            action: "expecting a tc classifier in".into(),
+            program: name.into(),
+            source,
+        })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                action: format!("loading (object {object})"),
+                program: name.into(),
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attach tc program `name` to `device` (in the calling thread's network
+    /// namespace) through tcx and pin the link at `pin`, replacing what was
+    /// pinned there: the new program is attached before the old link goes,
+    /// so no packet passes unprocessed.
+    pub fn attach_tc(
+        &mut self,
+        name: &str,
+        device: &str,
+        attach: TcAttachType,
+        pin: &Path,
+    ) -> Result<()> {
+        let prog = self.classifier(name)?;
+        let link_id = prog
+            .attach_with_options(device, attach, TcAttachOptions::TcxOrder(Default::default()))
+            .map_err(|source| DatapathError::Program {
+                action: format!("attaching to {device} ({attach:?})"),
+                program: name.into(),
+                source,
+            })?;
+        let link = prog.take_link(link_id).map_err(|source| DatapathError::Program {
+            action: format!("taking link on {device}"),
+            program: name.into(),
+            source,
+        })?;
+        let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
+            name: device.into(),
+            reason: format!("tcx link of {name} is not an fd link: {e}"),
+        })?;
+        let dir = pin.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+            what: "creating link pin directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut old = pin.as_os_str().to_owned();
+        old.push("_old");
+        let old = std::path::PathBuf::from(old);
+        let had_old = std::fs::rename(pin, &old).is_ok();
+        link.pin(pin).map_err(|source| DatapathError::Pin {
+            what: format!("link of {name} on {device}"),
+            path: pin.to_owned(),
+            source,
+        })?;
+        if had_old {
+            let _ = std::fs::remove_file(&old);
+        }
+        Ok(())
+    }
+}

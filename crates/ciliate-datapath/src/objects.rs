@@ -1,0 +1,23 @@
+//! The eBPF objects, embedded at build time. Nothing is ever loaded from a
+//! path under `target/`: the bytes travel inside the binary.
+
+/// Programs on the host side of a pod's veth: from-container.
+pub static LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc"));
+
+/// An embedded object and its name (the eBPF crate's bin name).
+#[derive(Clone, Copy, Debug)]
+pub struct Object {
+    pub name: &'static str,
+    pub bytes: &'static [u8],
+}
+
+/// Every object the eBPF crate builds. The verifier budget test loads each.
+pub fn all() -> &'static [Object] {
+    static ALL: &[Object] = &[Object { name: "lxc", bytes: LXC }];
+    ALL
+}
+
+/// Program names (the `#[classifier]` function names) in each object.
+pub mod programs {
+    pub const FROM_CONTAINER: &str = "from_container";
+}

@@ -1,0 +1,80 @@
+//! The BPF_PROG_TEST_RUN harness: run a loaded tc program on packet bytes
+//! and get back its verdict and the packet as the program left it.
+
+use aya::{
+    TestRun, TestRunOptions,
+    programs::{ProgramError, SchedClassifier},
+};
+
+use crate::error::{DatapathError, Result};
+
+/// Room for programs that grow the packet (encapsulation, ICMP errors).
+const HEADROOM: usize = 256;
+
+/// What one run produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcRun {
+    /// The program's return value (`TC_ACT_*`).
+    pub verdict: i32,
+    /// The packet after the program ran.
+    pub packet: Vec<u8>,
+}
+
+/// tc verdicts, for assertions.
+pub mod verdict {
+    pub const OK: i32 = 0;
+    pub const SHOT: i32 = 2;
+    pub const REDIRECT: i32 = 7;
+}
+
+/// Run `prog` (named `name` in errors) once on `packet`.
+pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun> {
+    let mut out = vec![0u8; packet.len() + HEADROOM];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let res = prog.test_run(opts).map_err(|source| match source {
+        ProgramError::SyscallError(ref e) if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+            DatapathError::TestRunOutput { program: name.into(), size: packet.len() + HEADROOM }
+        }
+        source => DatapathError::Program { action: "test-running".into(), program: name.into(), source },
+    })?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TcRun { verdict: res.return_value as i32, packet: out })
+}
+
+/// A pin directory of its own for one test, removed when dropped (also when
+/// the test panics), so tests run in parallel and twice in a row.
+pub struct ScratchNode {
+    pub pins: crate::bpffs::NodePins,
+}
+
+impl ScratchNode {
+    pub fn new(tag: &str) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "test-{tag}-{}-{}-{nanos:x}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let pins = crate::bpffs::NodePins::create(
+            std::path::Path::new(crate::bpffs::DEFAULT_ROOT),
+            &name,
+        )?;
+        Ok(Self { pins })
+    }
+}
+
+impl Drop for ScratchNode {
+    fn drop(&mut self) {
+        let _ = self.pins.remove();
+    }
+}

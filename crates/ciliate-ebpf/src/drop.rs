@@ -1,0 +1,74 @@
+//! The one drop helper. Every path that drops a packet comes here: the drop
+//! is counted in the metrics map under its reason and direction, and a drop
+//! event with the reason and the first bytes of the packet goes to the ring
+//! buffer. It returns the verdict the program must return (`TC_ACT_SHOT`).
+
+use aya_ebpf::{helpers::bpf_get_hash_recalc, programs::TcContext};
+use ciliate_common::event::{CAPTURE_LEN, DropNotify, EVENT_VERSION, EventHeader, KIND_DROP};
+
+use crate::{Drop, maps, verdict};
+
+/// Who was involved in a dropped packet, as far as the program knew.
+pub struct DropCtx {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dst_id: u32,
+    /// Endpoint ID of the program (0 for node programs).
+    pub source: u16,
+    /// `ciliate_common::metrics::DIR_*`.
+    pub dir: u8,
+    /// `ciliate_common::event::FILE_*`.
+    pub file: u8,
+}
+
+#[inline(always)]
+pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
+    let len = ctx.len();
+    maps::count(d.reason, who.dir, len);
+    let mut ev = DropNotify {
+        hdr: EventHeader {
+            kind: KIND_DROP,
+            subtype: d.reason,
+            source: who.source,
+            // SAFETY: helper on the program's own context.
+            hash: unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
+            len_orig: len,
+            len_cap: 0,
+            version: EVENT_VERSION,
+        },
+        src_identity: who.src_identity,
+        dst_identity: who.dst_identity,
+        dst_id: who.dst_id,
+        // SAFETY: reading a field of the context the kernel handed us.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        line: d.line,
+        file: who.file,
+        ext_error: d.ext_error,
+        _pad: 0,
+        data: [0; CAPTURE_LEN],
+    };
+    ev.hdr.len_cap = capture(ctx, &mut ev.data);
+    // A full ring buffer loses the event; the metrics still count the drop.
+    let _ = maps::CILIATE_EVENTS.output::<DropNotify>(&ev, 0);
+    verdict::SHOT
+}
+
+/// Copy the first bytes of the packet into `buf`; returns how many.
+#[inline(always)]
+pub fn capture(ctx: &TcContext, buf: &mut [u8; CAPTURE_LEN]) -> u16 {
+    let len = ctx.len() as usize;
+    let n = if len < CAPTURE_LEN { len } else { CAPTURE_LEN };
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: n is in 1..=CAPTURE_LEN and buf holds CAPTURE_LEN bytes.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            0,
+            buf.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if r < 0 { 0 } else { n as u16 }
+}

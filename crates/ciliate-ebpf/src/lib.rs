@@ -1,0 +1,41 @@
+//! Ciliate's datapath library: one module per concern. The hook programs in
+//! `src/bin/` only wire these together (ARCHITECTURE.md sections 2 and 3).
+#![no_std]
+
+pub mod arp;
+pub mod drop;
+pub mod maps;
+pub mod packet;
+pub mod trace;
+
+/// tc verdicts (`TC_ACT_*`).
+pub mod verdict {
+    pub const OK: i32 = 0;
+    pub const SHOT: i32 = 2;
+    pub const REDIRECT: i32 = 7;
+}
+
+/// A drop: the reason code from `ciliate_common::drop` plus where it came
+/// from. Every error path of a program returns one of these, and the program
+/// entry hands it to [`drop::send_drop_notify`], the one drop helper.
+#[derive(Clone, Copy)]
+pub struct Drop {
+    pub reason: u8,
+    pub ext_error: i8,
+    pub line: u16,
+}
+
+impl Drop {
+    #[inline(always)]
+    pub const fn new(reason: u8, line: u32) -> Self {
+        Self { reason, ext_error: 0, line: line as u16 }
+    }
+}
+
+/// `drop!(REASON)`: a [`Drop`] with the current source line.
+#[macro_export]
+macro_rules! drop {
+    ($reason:expr) => {
+        $crate::Drop::new($reason, line!())
+    };
+}

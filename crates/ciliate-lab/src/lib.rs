@@ -1,0 +1,19 @@
+//! Labs on network namespaces, for tests and for `ciliate lab`.
+//!
+//! - [`netns`]: one namespace with a guard that removes it (and kills what
+//!   runs in it) when dropped, also when a test panics; running commands and
+//!   closures inside it; veth pairs between namespaces.
+//! - [`names`]: names unique per run, short enough for device names.
+//! - [`node`]: the one-node topology (a node namespace with `ciliate_host`
+//!   and pods on veth pairs behind the from-container program).
+//!
+//! Nothing here touches the root namespace's devices, routes or sysctls:
+//! every device is created inside, or moved into, a namespace of the lab.
+
+pub mod error;
+pub mod names;
+pub mod netns;
+pub mod node;
+
+pub use error::LabError;
+pub use netns::Netns;
