@@ -48,6 +48,8 @@ pub enum DatapathError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("program {program} in object {object}: program type {kind} is not handled by the loader")]
+    UnsupportedProgram { object: String, program: String, kind: String },
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("test run of {program}: output buffer of {size} bytes too small")]

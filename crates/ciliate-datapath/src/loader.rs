@@ -55,7 +55,56 @@ pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
     })
 }
 
+/// What the verifier reported for one loaded program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifierCost {
+    pub object: &'static str,
+    pub program: String,
+    /// Instructions the verifier processed (`verified_insns` of the
+    /// program's info: the "processed N insns" of the verifier log).
+    pub processed_insns: u32,
+}
+
 impl Loaded {
+    /// Load every program of the object into the kernel and report what the
+    /// verifier spent on each. Fails on the first program that does not load.
+    pub fn load_all(&mut self) -> Result<Vec<VerifierCost>> {
+        use aya::programs::Program;
+        let object = self.name;
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs_mut() {
+            let err = |source| DatapathError::Program {
+                action: format!("loading (object {object})"),
+                program: name.to_owned(),
+                source,
+            };
+            match prog {
+                Program::SchedClassifier(p) => p.load().map_err(err)?,
+                Program::Xdp(p) => p.load().map_err(err)?,
+                Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+                other => {
+                    return Err(DatapathError::UnsupportedProgram {
+                        object: object.into(),
+                        program: name.into(),
+                        kind: format!("{:?}", other.prog_type()),
+                    });
+                }
+            }
+            let info = prog.info().map_err(|source| DatapathError::Program {
+                action: "reading info of".into(),
+                program: name.to_owned(),
+                source,
+            })?;
+            out.push(VerifierCost {
+                object,
+                program: name.to_owned(),
+                processed_insns: info.verified_instruction_count().unwrap_or(0),
+            });
+        }
+        out.sort_by(|a, b| a.program.cmp(&b.program));
+        Ok(out)
+    }
+
     /// The tc program `name`, loaded into the kernel.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let object = self.name;
@@ -126,4 +175,15 @@ impl Loaded {
         }
         Ok(())
     }
+}
+
+/// Names of the tcx programs attached to `device` (in the calling thread's
+/// network namespace) in direction `attach`, in run order.
+pub fn tcx_programs(device: &str, attach: TcAttachType) -> Result<Vec<String>> {
+    let (_, infos) = SchedClassifier::query_tcx(device, attach).map_err(|source| DatapathError::Program {
+        action: format!("querying tcx on {device}"),
+        program: "*".into(),
+        source,
+    })?;
+    Ok(infos.iter().map(|i| i.name_as_str().unwrap_or("?").to_owned()).collect())
 }

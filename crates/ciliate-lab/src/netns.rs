@@ -70,6 +70,11 @@ impl Netns {
         Self { name: name.to_owned(), keep: false }
     }
 
+    /// A handle on an existing namespace that never deletes it.
+    pub fn existing(name: &str) -> Self {
+        Self { name: name.to_owned(), keep: true }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -204,6 +204,11 @@ impl NodeLab {
         self.config.router_ip()
     }
 
+    /// The tcx ingress programs on a pod's lxc device.
+    pub fn lxc_programs(&self, lxc: &str) -> Result<Vec<String>> {
+        attached_programs(self.node.name(), lxc)
+    }
+
     pub fn state(&self) -> LabState {
         LabState {
             lab: self.config.lab.clone(),
@@ -235,6 +240,13 @@ impl Drop for NodeLab {
             let _ = self.pins.remove();
         }
     }
+}
+
+/// The tcx ingress programs on device `dev` of namespace `ns`.
+pub fn attached_programs(ns: &str, dev: &str) -> Result<Vec<String>> {
+    Netns::existing(ns)
+        .run(|| loader::tcx_programs(dev, TcAttachType::Ingress))?
+        .map_err(|source| LabError::Datapath { ns: ns.to_owned(), source })
 }
 
 fn state_path(lab: &str) -> PathBuf {

@@ -54,7 +54,14 @@ fn without_the_program_the_gateway_is_not_answered() {
     let lab = NodeLab::up(NodeLabConfig::new(&lab_name(), 1)).unwrap();
     let p1 = &lab.pods[0];
     let link = lab.pins.link_path(&p1.state.lxc, "from-container");
+    assert_eq!(lab.lxc_programs(&p1.state.lxc).unwrap(), ["from_container"]);
     std::fs::remove_file(&link).unwrap();
+    // The kernel releases an unpinned link after an RCU grace period.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lab.lxc_programs(&p1.state.lxc).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "program still attached after unpinning");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let gw = lab.router_ip().to_string();
     assert!(p1.ns.exec(&["ping", "-c", "1", "-W", "1", &gw]).is_err());
 }

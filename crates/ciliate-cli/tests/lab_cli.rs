@@ -1,0 +1,71 @@
+//! The `ciliate` binary end to end: `lab up` brings up a lab whose pods
+//! reach each other, `status` and `bpf metrics list` report it, `down`
+//! removes every namespace. Needs root; CI runs as root.
+
+use std::process::Command;
+
+use ciliate_lab::{names::token, netns};
+
+fn ciliate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ciliate")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Removes the lab even if an assertion fails half-way.
+struct Down(String);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = ciliate(&["lab", "down", "--name", &self.0]);
+    }
+}
+
+#[test]
+fn lab_up_status_metrics_down() {
+    let name = format!("clt{}", token());
+    let _guard = Down(name.clone());
+    let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
+    assert!(ok, "lab up failed: {out}{err}");
+    assert!(out.contains("pod1   gateway 10.200.0.1   ok"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+
+    // Idempotent: a second `up` replaces the first.
+    let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
+    assert!(ok && out.contains("removed the previous lab"), "{out}{err}");
+
+    let (ok, out, _) = ciliate(&["lab", "status", "--name", &name, "-o", "json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["pods"].as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["node_ns"], format!("{name}-node1"));
+
+    let (ok, out, err) = ciliate(&["bpf", "metrics", "list", "--lab", &name, "-o", "json"]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let forwarded = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reason"] == 0 && r["direction"] == "EGRESS")
+        .expect("a forwarded counter");
+    assert!(forwarded["packets"].as_u64().unwrap() >= 4, "{out}");
+
+    let (ok, out, _) = ciliate(&["lab", "down", "--name", &name]);
+    assert!(ok && out.contains("removed lab"), "{out}");
+    assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
+    let (_, out, _) = ciliate(&["lab", "status", "--name", &name]);
+    assert!(out.contains("no labs"), "{out}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_reason() {
+    let (ok, _, err) = ciliate(&["lab", "up", "--name", "no spaces allowed", "--pods", "1"]);
+    assert!(!ok);
+    assert!(err.contains("lab name"), "{err}");
+    let (ok, _, err) = ciliate(&["bpf", "metrics", "list", "--lab", "nosuchlab-xyz"]);
+    assert!(!ok);
+    assert!(err.contains("no lab named nosuchlab-xyz"), "{err}");
+}
