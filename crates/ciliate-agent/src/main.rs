@@ -12,6 +12,8 @@ struct Args {}
 
 fn main() {
     let _args = Args::parse();
-    eprintln!("ciliate-agent: the agent is not implemented yet; `ciliate lab up` loads the datapath directly");
+    eprintln!(
+        "ciliate-agent: the agent is not implemented yet; `ciliate lab up` loads the datapath directly"
+    );
     std::process::exit(2);
 }

@@ -57,7 +57,9 @@ impl NodeArgs {
 impl BpfCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            BpfCommand::Metrics(MetricsCommand::List { node, output }) => metrics_list(&node, output),
+            BpfCommand::Metrics(MetricsCommand::List { node, output }) => {
+                metrics_list(&node, output)
+            }
         }
     }
 }
@@ -73,7 +75,8 @@ struct MetricRow {
 
 fn metrics_list(node: &NodeArgs, output: Output) -> anyhow::Result<()> {
     let dir = node.dir()?;
-    let map = MetricsMap::from_pin_dir(&dir).with_context(|| format!("reading metrics of {}", dir.display()))?;
+    let map = MetricsMap::from_pin_dir(&dir)
+        .with_context(|| format!("reading metrics of {}", dir.display()))?;
     let rows: Vec<MetricRow> = map
         .dump()?
         .into_iter()
@@ -90,7 +93,12 @@ fn metrics_list(node: &NodeArgs, output: Output) -> anyhow::Result<()> {
         Output::Table => {
             let mut t = Table::new(&["REASON", "DIRECTION", "PACKETS", "BYTES"]);
             for r in rows {
-                t.row(vec![r.reason_text.into(), r.direction.into(), r.packets.to_string(), r.bytes.to_string()]);
+                t.row(vec![
+                    r.reason_text.into(),
+                    r.direction.into(),
+                    r.packets.to_string(),
+                    r.bytes.to_string(),
+                ]);
             }
             print!("{}", t.render());
         }

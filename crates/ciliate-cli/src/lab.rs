@@ -63,10 +63,14 @@ fn say(msg: impl AsRef<str>) {
 fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     let removed = node::down(name, Path::new(DEFAULT_ROOT))?;
     if !removed.is_empty() {
-        say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
+        say(format!(
+            "removed the previous lab {name} ({} namespaces)",
+            removed.len()
+        ));
     }
     say(format!("creating node {name}-node1 with {pods} pods"));
-    let lab = NodeLab::up(NodeLabConfig::new(name, pods)).with_context(|| format!("bringing up lab {name}"))?;
+    let lab = NodeLab::up(NodeLabConfig::new(name, pods))
+        .with_context(|| format!("bringing up lab {name}"))?;
     for p in &lab.pods {
         say(format!(
             "pod {} ({}) on {}: from-container attached, gateway MAC {}",
@@ -86,12 +90,19 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
         for (label, ip) in targets {
             let ok = p.ns.exec(&["ping", "-c", "1", "-W", "2", &ip]).is_ok();
             failed += usize::from(!ok);
-            t.row(vec![p.state.name.clone(), format!("{label} {ip}"), if ok { "ok" } else { "FAILED" }.into()]);
+            t.row(vec![
+                p.state.name.clone(),
+                format!("{label} {ip}"),
+                if ok { "ok" } else { "FAILED" }.into(),
+            ]);
         }
     }
     print!("{}", t.render());
     let state = lab.keep()?;
-    anyhow::ensure!(failed == 0, "{failed} connectivity checks failed; the lab is left up for inspection");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} connectivity checks failed; the lab is left up for inspection"
+    );
     say(format!(
         "lab {} is up: enter a pod with `ip netns exec {} bash`; remove it with `ciliate lab down --name {}`",
         state.lab, state.pods[0].ns, state.lab
@@ -132,7 +143,16 @@ fn status(name: Option<&str>, output: Output) -> anyhow::Result<()> {
             lab.router_ip,
             lab.pins_dir.display()
         );
-        let mut t = Table::new(&["POD", "NAMESPACE", "IPv4", "DEVICE", "GATEWAY MAC", "ENDPOINT", "DATAPATH", "STATUS"]);
+        let mut t = Table::new(&[
+            "POD",
+            "NAMESPACE",
+            "IPv4",
+            "DEVICE",
+            "GATEWAY MAC",
+            "ENDPOINT",
+            "DATAPATH",
+            "STATUS",
+        ]);
         for p in &lab.pods {
             let datapath = match node::attached_programs(&lab.node_ns, &p.lxc) {
                 Ok(progs) if progs.is_empty() => "NOT ATTACHED".to_owned(),

@@ -13,7 +13,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Is `path` the root of a mounted bpffs?
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
@@ -29,7 +31,10 @@ pub fn ensure_mounted(path: &Path) -> Result<()> {
     if is_bpffs(path) {
         return Ok(());
     }
-    let err = |source| DatapathError::MountBpffs { path: path.to_owned(), source };
+    let err = |source| DatapathError::MountBpffs {
+        path: path.to_owned(),
+        source,
+    };
     std::fs::create_dir_all(path).map_err(err)?;
     let target = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;

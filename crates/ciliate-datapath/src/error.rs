@@ -32,28 +32,50 @@ pub enum DatapathError {
         action: String,
         program: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("{action} map {map}: {source}")]
     Map {
         action: String,
         map: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("pinning {what} at {path}: {source}")]
     Pin {
         what: String,
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
-    #[error("program {program} in object {object}: program type {kind} is not handled by the loader")]
-    UnsupportedProgram { object: String, program: String, kind: String },
+    #[error(
+        "program {program} in object {object}: program type {kind} is not handled by the loader"
+    )]
+    UnsupportedProgram {
+        object: String,
+        program: String,
+        kind: String,
+    },
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("test run of {program}: output buffer of {size} bytes too small")]
     TestRunOutput { program: String, size: usize },
+}
+
+impl DatapathError {
+    /// A failed program operation: `action` ("loading", "attaching to eth0")
+    /// on `program`.
+    pub fn program(
+        action: impl Into<String>,
+        program: impl Into<String>,
+        source: aya::programs::ProgramError,
+    ) -> Self {
+        Self::Program {
+            action: action.into(),
+            program: program.into(),
+            source: Box::new(source),
+        }
+    }
 }
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;

@@ -39,7 +39,10 @@ pub fn load_with<'a>(
         object: object.name.to_owned(),
         source: Box::new(e),
     })?;
-    Ok(Loaded { name: object.name, ebpf })
+    Ok(Loaded {
+        name: object.name,
+        ebpf,
+    })
 }
 
 /// Load the lxc object for one endpoint with its configuration block.
@@ -73,10 +76,12 @@ impl Loaded {
         let object = self.name;
         let mut out = Vec::new();
         for (name, prog) in self.ebpf.programs_mut() {
-            let err = |source| DatapathError::Program {
-                action: format!("loading (object {object})"),
-                program: name.to_owned(),
-                source,
+            let err = |source| {
+                DatapathError::program(
+                    format!("loading (object {object})"),
+                    name.to_owned(),
+                    source,
+                )
             };
             match prog {
                 Program::SchedClassifier(p) => p.load().map_err(err)?,
@@ -90,10 +95,8 @@ impl Loaded {
                     });
                 }
             }
-            let info = prog.info().map_err(|source| DatapathError::Program {
-                action: "reading info of".into(),
-                program: name.to_owned(),
-                source,
+            let info = prog.info().map_err(|source| {
+                DatapathError::program("reading info of", name.to_owned(), source)
             })?;
             out.push(VerifierCost {
                 object,
@@ -111,17 +114,16 @@ impl Loaded {
         let prog = self
             .ebpf
             .program_mut(name)
-            .ok_or_else(|| DatapathError::NoProgram { object: object.into(), program: name.into() })?;
-        let prog: &mut SchedClassifier = prog.try_into().map_err(|source| DatapathError::Program {
-            action: "expecting a tc classifier in".into(),
-            program: name.into(),
-            source,
+            .ok_or_else(|| DatapathError::NoProgram {
+                object: object.into(),
+                program: name.into(),
+            })?;
+        let prog: &mut SchedClassifier = prog.try_into().map_err(|source| {
+            DatapathError::program("expecting a tc classifier in", name, source)
         })?;
         if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program {
-                action: format!("loading (object {object})"),
-                program: name.into(),
-                source,
+            prog.load().map_err(|source| {
+                DatapathError::program(format!("loading (object {object})"), name, source)
             })?;
         }
         Ok(prog)
@@ -140,16 +142,16 @@ impl Loaded {
     ) -> Result<()> {
         let prog = self.classifier(name)?;
         let link_id = prog
-            .attach_with_options(device, attach, TcAttachOptions::TcxOrder(Default::default()))
-            .map_err(|source| DatapathError::Program {
-                action: format!("attaching to {device} ({attach:?})"),
-                program: name.into(),
-                source,
+            .attach_with_options(
+                device,
+                attach,
+                TcAttachOptions::TcxOrder(Default::default()),
+            )
+            .map_err(|source| {
+                DatapathError::program(format!("attaching to {device} ({attach:?})"), name, source)
             })?;
-        let link = prog.take_link(link_id).map_err(|source| DatapathError::Program {
-            action: format!("taking link on {device}"),
-            program: name.into(),
-            source,
+        let link = prog.take_link(link_id).map_err(|source| {
+            DatapathError::program(format!("taking link on {device}"), name, source)
         })?;
         let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
             name: device.into(),
@@ -168,7 +170,7 @@ impl Loaded {
         link.pin(pin).map_err(|source| DatapathError::Pin {
             what: format!("link of {name} on {device}"),
             path: pin.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         if had_old {
             let _ = std::fs::remove_file(&old);
@@ -180,10 +182,11 @@ impl Loaded {
 /// Names of the tcx programs attached to `device` (in the calling thread's
 /// network namespace) in direction `attach`, in run order.
 pub fn tcx_programs(device: &str, attach: TcAttachType) -> Result<Vec<String>> {
-    let (_, infos) = SchedClassifier::query_tcx(device, attach).map_err(|source| DatapathError::Program {
-        action: format!("querying tcx on {device}"),
-        program: "*".into(),
-        source,
+    let (_, infos) = SchedClassifier::query_tcx(device, attach).map_err(|source| {
+        DatapathError::program(format!("querying tcx on {device}"), "*", source)
     })?;
-    Ok(infos.iter().map(|i| i.name_as_str().unwrap_or("?").to_owned()).collect())
+    Ok(infos
+        .iter()
+        .map(|i| i.name_as_str().unwrap_or("?").to_owned())
+        .collect())
 }

@@ -18,7 +18,11 @@ use crate::{
 
 fn map_err(action: &str, map: &str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let (action, map) = (action.to_owned(), map.to_owned());
-    move |source| DatapathError::Map { action, map, source }
+    move |source| DatapathError::Map {
+        action,
+        map,
+        source: Box::new(source),
+    }
 }
 
 fn from_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -26,10 +30,13 @@ fn from_pin(dir: &Path, name: &str) -> Result<MapData> {
 }
 
 fn take(loaded: &mut Loaded, name: &str) -> Result<Map> {
-    loaded.ebpf.take_map(name).ok_or_else(|| DatapathError::NoMap {
-        object: loaded.name.into(),
-        map: name.into(),
-    })
+    loaded
+        .ebpf
+        .take_map(name)
+        .ok_or_else(|| DatapathError::NoMap {
+            object: loaded.name.into(),
+            map: name.into(),
+        })
 }
 
 /// `CILIATE_METRICS`: packets and bytes per (reason, direction).
@@ -45,7 +52,9 @@ impl MetricsMap {
     }
 
     fn new(map: Map) -> Result<Self> {
-        PerCpuHashMap::try_from(map).map(Self).map_err(map_err("opening", metrics::MAP_NAME))
+        PerCpuHashMap::try_from(map)
+            .map(Self)
+            .map_err(map_err("opening", metrics::MAP_NAME))
     }
 
     /// Sum over CPUs of one counter; zero when it was never hit.
@@ -89,7 +98,9 @@ impl EventRing {
     }
 
     fn new(map: Map) -> Result<Self> {
-        RingBuf::try_from(map).map(Self).map_err(map_err("opening", RINGBUF_NAME))
+        RingBuf::try_from(map)
+            .map(Self)
+            .map_err(map_err("opening", RINGBUF_NAME))
     }
 
     /// Every event waiting in the ring, oldest first.

@@ -13,7 +13,10 @@ pub struct Object {
 
 /// Every object the eBPF crate builds. The verifier budget test loads each.
 pub fn all() -> &'static [Object] {
-    static ALL: &[Object] = &[Object { name: "lxc", bytes: LXC }];
+    static ALL: &[Object] = &[Object {
+        name: "lxc",
+        bytes: LXC,
+    }];
     ALL
 }
 

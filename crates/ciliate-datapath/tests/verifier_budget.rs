@@ -40,7 +40,12 @@ fn every_program_loads_within_half_the_verifier_limit() {
         let costs = loaded.load_all().unwrap_or_else(|e| panic!("{e}"));
         assert!(!costs.is_empty(), "object {} has no programs", object.name);
         for c in costs {
-            assert!(c.processed_insns > 0, "{}/{}: no verifier count", c.object, c.program);
+            assert!(
+                c.processed_insns > 0,
+                "{}/{}: no verifier count",
+                c.object,
+                c.program
+            );
             assert!(
                 c.processed_insns <= BUDGET,
                 "{}/{}: {} processed instructions, budget {BUDGET}",
@@ -68,10 +73,15 @@ fn every_program_loads_within_half_the_verifier_limit() {
         match recorded.get(k) {
             Some(r) if r != v => println!("verifier count drift: {k}: recorded {r}, now {v}"),
             Some(_) => {}
-            None => panic!("{k} ({v} insns) is not recorded in verifier-budget.txt; rerun with CILIATE_BLESS=1"),
+            None => panic!(
+                "{k} ({v} insns) is not recorded in verifier-budget.txt; rerun with CILIATE_BLESS=1"
+            ),
         }
     }
     for k in recorded.keys() {
-        assert!(measured.contains_key(k), "verifier-budget.txt names {k}, which no object has");
+        assert!(
+            measured.contains_key(k),
+            "verifier-budget.txt names {k}, which no object has"
+        );
     }
 }

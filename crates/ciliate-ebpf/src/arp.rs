@@ -25,8 +25,12 @@ pub enum ArpAction {
 /// Turn a valid request into a reply from `mac`, in place.
 #[inline(always)]
 pub fn respond(ctx: &TcContext, mac: &[u8; 6], own_ip: &[u8; 4]) -> ArpAction {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return ArpAction::Pass };
-    let Some(arp) = ptr_at::<ArpHdr>(ctx, ETH_HLEN) else { return ArpAction::Pass };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return ArpAction::Pass;
+    };
+    let Some(arp) = ptr_at::<ArpHdr>(ctx, ETH_HLEN) else {
+        return ArpAction::Pass;
+    };
     // SAFETY: both pointers were bounds-checked by ptr_at.
     let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
     if arp.htype != ARPHRD_ETHER.to_be()

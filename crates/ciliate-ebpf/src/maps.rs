@@ -21,7 +21,7 @@ pub static CILIATE_EVENTS: RingBuf = RingBuf::pinned(ciliate_common::event::RING
 #[inline(always)]
 pub fn count(reason: u8, dir: u8, len: u32) {
     let key = MetricsKey::new(reason, dir);
-    match CILIATE_METRICS.get_ptr_mut(&key) {
+    match CILIATE_METRICS.get_ptr_mut(key) {
         Some(v) => {
             // SAFETY: per-CPU value, no other writer on this CPU while we run.
             unsafe {
@@ -30,9 +30,12 @@ pub fn count(reason: u8, dir: u8, len: u32) {
             }
         }
         None => {
-            let v = MetricsValue { packets: 1, bytes: u64::from(len) };
+            let v = MetricsValue {
+                packets: 1,
+                bytes: u64::from(len),
+            };
             // A full map loses this sample; there is nothing better to do.
-            let _ = CILIATE_METRICS.insert(&key, &v, 0);
+            let _ = CILIATE_METRICS.insert(key, v, 0);
         }
     }
 }

@@ -68,7 +68,10 @@ impl NodeLabConfig {
 
     fn validate(&self) -> Result<()> {
         let lab = &self.lab;
-        if lab.is_empty() || lab.len() > 24 || !lab.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if lab.is_empty()
+            || lab.len() > 24
+            || !lab.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             return Err(LabError::Invalid(format!(
                 "lab name {lab:?}: 1-24 characters of letters, digits and '-'"
             )));
@@ -127,9 +130,19 @@ impl NodeLab {
         config.validate()?;
         let node_name = format!("{}-node1", config.lab);
         let node = Netns::create(&node_name)?;
-        let pins = NodePins::create(&config.bpffs_root, &node_name)
-            .map_err(|source| LabError::Datapath { ns: node_name.clone(), source })?;
-        let mut lab = Self { pods: Vec::new(), node, pins, config, keep: false };
+        let pins = NodePins::create(&config.bpffs_root, &node_name).map_err(|source| {
+            LabError::Datapath {
+                ns: node_name.clone(),
+                source,
+            }
+        })?;
+        let mut lab = Self {
+            pods: Vec::new(),
+            node,
+            pins,
+            config,
+            keep: false,
+        };
         lab.setup_node()?;
         for i in 0..lab.config.pods {
             let pod = lab.add_pod(i)?;
@@ -143,7 +156,9 @@ impl NodeLab {
         n.sysctl("net.ipv4.ip_forward", "1")?;
         n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        n.ip(&["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
+        n.ip(&[
+            "link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV,
+        ])?;
         n.ip(&["link", "set", HOST_DEV, "up"])?;
         n.ip(&["link", "set", NET_DEV, "up"])?;
         let router = format!("{}/32", self.config.router_ip());
@@ -163,11 +178,15 @@ impl NodeLab {
         self.node.ip(&["link", "set", &lxc, "mtu", &mtu])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0", "mtu", &mtu])?;
-        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &lxc])?;
+        ns.ip(&[
+            "route", "add", "default", "via", &gw, "dev", "eth0", "mtu", &mtu,
+        ])?;
+        self.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &lxc])?;
         // Only the datapath answers ARP on a pod's device: the stack must
         // not (arp_ignore 8), so a missing program shows up as no gateway.
-        self.node.sysctl(&format!("net.ipv4.conf.{lxc}.arp_ignore"), "8")?;
+        self.node
+            .sysctl(&format!("net.ipv4.conf.{lxc}.arp_ignore"), "8")?;
         let (lxc_mac, ifindex) = link_info(&self.node, &lxc)?;
         let endpoint_id = (i + 1) as u16;
         let cfg = EndpointConfig {
@@ -192,7 +211,10 @@ impl NodeLab {
 
     fn attach_endpoint(&self, lxc: &str, cfg: &EndpointConfig) -> Result<()> {
         let ns = self.node.name().to_owned();
-        let dp = |source| LabError::Datapath { ns: ns.clone(), source };
+        let dp = |source| LabError::Datapath {
+            ns: ns.clone(),
+            source,
+        };
         let mut loaded = loader::load_endpoint(&self.pins, cfg).map_err(dp)?;
         let pin = self.pins.link_path(lxc, "from-container");
         self.node
@@ -246,7 +268,10 @@ impl Drop for NodeLab {
 pub fn attached_programs(ns: &str, dev: &str) -> Result<Vec<String>> {
     Netns::existing(ns)
         .run(|| loader::tcx_programs(dev, TcAttachType::Ingress))?
-        .map_err(|source| LabError::Datapath { ns: ns.to_owned(), source })
+        .map_err(|source| LabError::Datapath {
+            ns: ns.to_owned(),
+            source,
+        })
 }
 
 fn state_path(lab: &str) -> PathBuf {
@@ -255,7 +280,10 @@ fn state_path(lab: &str) -> PathBuf {
 
 fn save_state(state: &LabState) -> Result<()> {
     let path = state_path(&state.lab);
-    let err = |reason: String| LabError::State { path: path.display().to_string(), reason };
+    let err = |reason: String| LabError::State {
+        path: path.display().to_string(),
+        reason,
+    };
     std::fs::create_dir_all(STATE_DIR).map_err(|e| err(e.to_string()))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| err(e.to_string()))?;
     std::fs::write(&path, json).map_err(|e| err(e.to_string()))
@@ -265,18 +293,25 @@ fn save_state(state: &LabState) -> Result<()> {
 pub fn load_state(lab: &str) -> Result<Option<LabState>> {
     let path = state_path(lab);
     match std::fs::read_to_string(&path) {
-        Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| LabError::State {
+        Ok(s) => serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| LabError::State {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LabError::State {
             path: path.display().to_string(),
             reason: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(LabError::State { path: path.display().to_string(), reason: e.to_string() }),
     }
 }
 
 /// Every recorded lab.
 pub fn list_states() -> Vec<LabState> {
-    let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(STATE_DIR) else {
+        return Vec::new();
+    };
     let mut out: Vec<LabState> = dir
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
@@ -293,7 +328,10 @@ pub fn list_states() -> Vec<LabState> {
 pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
     let prefix = format!("{lab}-");
     let mut removed = Vec::new();
-    let mut names: Vec<String> = netns::list().into_iter().filter(|n| is_lab_ns(n, &prefix)).collect();
+    let mut names: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| is_lab_ns(n, &prefix))
+        .collect();
     names.sort();
     // Pods first, then the node.
     names.sort_by_key(|n| n.contains("-node"));
@@ -304,7 +342,10 @@ pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
     let pins_root = bpffs_root.join("ciliate");
     if let Ok(dir) = std::fs::read_dir(&pins_root) {
         for e in dir.flatten() {
-            if e.file_name().to_str().is_some_and(|n| is_lab_ns(n, &prefix)) {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| is_lab_ns(n, &prefix))
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -318,7 +359,8 @@ pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
 fn is_lab_ns(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix).is_some_and(|rest| {
         ["node", "pod"].iter().any(|k| {
-            rest.strip_prefix(k).is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            rest.strip_prefix(k)
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
         })
     })
 }
@@ -338,11 +380,20 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_with_a_reason() {
-        let e = NodeLabConfig::new("bad name!", 2).validate().unwrap_err().to_string();
+        let e = NodeLabConfig::new("bad name!", 2)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lab name"), "{e}");
-        let e = NodeLabConfig::new("ok", 0).validate().unwrap_err().to_string();
+        let e = NodeLabConfig::new("ok", 0)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("0 pods"), "{e}");
-        let e = NodeLabConfig::new("ok", 300).validate().unwrap_err().to_string();
+        let e = NodeLabConfig::new("ok", 300)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("300 pods"), "{e}");
     }
 }

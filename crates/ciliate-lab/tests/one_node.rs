@@ -29,21 +29,38 @@ fn pods_get_their_own_gateway_mac_and_reach_the_gateway_and_each_other() {
 
     // Routes as Cilium sets them: the gateway on-link, default via it.
     let routes = p1.ns.ip(&["route", "show"]).unwrap();
-    assert!(routes.contains(&format!("default via {gw} dev eth0")), "{routes}");
-    assert!(routes.contains(&format!("{gw} dev eth0 scope link")), "{routes}");
+    assert!(
+        routes.contains(&format!("default via {gw} dev eth0")),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("{gw} dev eth0 scope link")),
+        "{routes}"
+    );
 
     p1.ns.exec(&["ping", "-c", "2", "-W", "2", &gw]).unwrap();
     p2.ns.exec(&["ping", "-c", "1", "-W", "2", &gw]).unwrap();
     assert_eq!(neighbour_mac(&p1.ns, &gw), p1.state.lxc_mac);
     assert_eq!(neighbour_mac(&p2.ns, &gw), p2.state.lxc_mac);
-    assert_ne!(p1.state.lxc_mac, p2.state.lxc_mac, "each pod sees its own gateway MAC");
+    assert_ne!(
+        p1.state.lxc_mac, p2.state.lxc_mac,
+        "each pod sees its own gateway MAC"
+    );
 
-    p1.ns.exec(&["ping", "-c", "2", "-W", "2", &p2.state.ip.to_string()]).unwrap();
+    p1.ns
+        .exec(&["ping", "-c", "2", "-W", "2", &p2.state.ip.to_string()])
+        .unwrap();
 
     // The packets went through from-container: it counted them.
     let m = MetricsMap::from_pin_dir(&lab.pins.dir).unwrap();
-    let fwd = m.get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS).unwrap();
-    assert!(fwd.packets >= 5, "from-container forwarded {} packets", fwd.packets);
+    let fwd = m
+        .get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS)
+        .unwrap();
+    assert!(
+        fwd.packets >= 5,
+        "from-container forwarded {} packets",
+        fwd.packets
+    );
 }
 
 #[test]
@@ -59,7 +76,10 @@ fn without_the_program_the_gateway_is_not_answered() {
     // The kernel releases an unpinned link after an RCU grace period.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !lab.lxc_programs(&p1.state.lxc).unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "program still attached after unpinning");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "program still attached after unpinning"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let gw = lab.router_ip().to_string();
@@ -85,13 +105,20 @@ fn dropping_the_lab_removes_namespaces_and_pins() {
 #[test]
 fn a_kept_lab_is_recorded_and_removed_by_down() {
     let name = lab_name();
-    let state = NodeLab::up(NodeLabConfig::new(&name, 2)).unwrap().keep().unwrap();
+    let state = NodeLab::up(NodeLabConfig::new(&name, 2))
+        .unwrap()
+        .keep()
+        .unwrap();
     assert_eq!(node::load_state(&name).unwrap().as_ref(), Some(&state));
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());
     let removed = node::down(&name, std::path::Path::new("/sys/fs/bpf")).unwrap();
     assert_eq!(removed.len(), 3, "{removed:?}");
-    assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
+    assert!(
+        !netns::list()
+            .iter()
+            .any(|n| n.starts_with(&format!("{name}-")))
+    );
     assert!(!state.pins_dir.exists());
     assert_eq!(node::load_state(&name).unwrap(), None);
 }
