@@ -26,16 +26,7 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     let len = ctx.len();
     maps::count(d.reason, who.dir, len);
     let mut ev = DropNotify {
-        hdr: EventHeader {
-            kind: KIND_DROP,
-            subtype: d.reason,
-            source: who.source,
-            // SAFETY: helper on the program's own context.
-            hash: unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
-            len_orig: len,
-            len_cap: 0,
-            version: EVENT_VERSION,
-        },
+        hdr: event_header(ctx, KIND_DROP, d.reason, who.source),
         src_identity: who.src_identity,
         dst_identity: who.dst_identity,
         dst_id: who.dst_id,
@@ -51,6 +42,22 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     // A full ring buffer loses the event; the metrics still count the drop.
     let _ = maps::CILIATE_EVENTS.output::<DropNotify>(&ev, 0);
     verdict::SHOT
+}
+
+/// The common header of an event about the packet in `ctx`; `len_cap` is
+/// filled in by [`capture`].
+#[inline(always)]
+pub fn event_header(ctx: &TcContext, kind: u8, subtype: u8, source: u16) -> EventHeader {
+    EventHeader {
+        kind,
+        subtype,
+        source,
+        // SAFETY: helper on the program's own context.
+        hash: unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
+        len_orig: ctx.len(),
+        len_cap: 0,
+        version: EVENT_VERSION,
+    }
 }
 
 /// Copy the first bytes of the packet into `buf`; returns how many.

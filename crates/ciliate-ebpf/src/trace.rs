@@ -1,13 +1,16 @@
 //! Trace events: a forwarded packet seen at an observation point
 //! (`ciliate_common::trace`). Counted as forwarded in the metrics map.
 
-use aya_ebpf::{helpers::bpf_get_hash_recalc, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use ciliate_common::{
-    event::{CAPTURE_LEN, EVENT_VERSION, EventHeader, KIND_TRACE, TraceNotify},
+    event::{CAPTURE_LEN, KIND_TRACE, TraceNotify},
     metrics::REASON_FORWARDED,
 };
 
-use crate::{drop::capture, maps};
+use crate::{
+    drop::{capture, event_header},
+    maps,
+};
 
 pub struct TraceCtx {
     pub src_identity: u32,
@@ -20,19 +23,9 @@ pub struct TraceCtx {
 
 #[inline(always)]
 pub fn send_trace_notify(ctx: &TcContext, point: u8, who: &TraceCtx, ifindex: u32) {
-    let len = ctx.len();
-    maps::count(REASON_FORWARDED, who.dir, len);
+    maps::count(REASON_FORWARDED, who.dir, ctx.len());
     let mut ev = TraceNotify {
-        hdr: EventHeader {
-            kind: KIND_TRACE,
-            subtype: point,
-            source: who.source,
-            // SAFETY: helper on the program's own context.
-            hash: unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
-            len_orig: len,
-            len_cap: 0,
-            version: EVENT_VERSION,
-        },
+        hdr: event_header(ctx, KIND_TRACE, point, who.source),
         src_identity: who.src_identity,
         dst_identity: who.dst_identity,
         dst_id: who.dst_id,
