@@ -29,3 +29,22 @@ const _: () = assert!(core::mem::size_of::<EndpointConfig>() == 24);
 /// Set on a config that was filled in by user space. A program that finds it
 /// clear was loaded without configuration and drops with `NO_CONFIG`.
 pub const ENDPOINT_F_CONFIGURED: u32 = 1 << 0;
+
+/// Name of the global in the host object that holds a [`HostConfig`].
+pub const HOST_CONFIG_SYMBOL: &str = "HOST_CONFIG";
+
+/// Configuration of the programs on `ciliate_host`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Index of `ciliate_host`.
+    pub ifindex: u32,
+    /// The router IP (first address of the node's pod CIDR), network order.
+    pub router_ip: [u8; 4],
+    /// MAC of `ciliate_host`.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `ENDPOINT_F_CONFIGURED` once user space filled it in.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<HostConfig>() == 20);

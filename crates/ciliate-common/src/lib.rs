@@ -11,8 +11,12 @@
 #![no_std]
 
 pub mod config;
+pub mod ct;
 pub mod drop;
+pub mod endpoint;
 pub mod event;
+pub mod identity;
+pub mod ipcache;
 pub mod metrics;
 pub mod trace;
 
@@ -28,6 +32,16 @@ mod pod {
     }
     pod!(
         crate::config::EndpointConfig,
+        crate::config::HostConfig,
+        crate::ct::CtEntry,
+        crate::ct::CtKey4,
+        crate::endpoint::EndpointInfo,
+        crate::endpoint::EndpointKey,
+        crate::event::DropNotify,
+        crate::event::EventHeader,
+        crate::event::TraceNotify,
+        crate::ipcache::IpcacheEntry,
+        crate::ipcache::IpcacheKey,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
     );

@@ -56,6 +56,8 @@ pub enum DatapathError {
         program: String,
         kind: String,
     },
+    #[error("prefix {prefix}: {reason}")]
+    BadPrefix { prefix: String, reason: String },
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("test run of {program}: output buffer of {size} bytes too small")]

@@ -11,7 +11,9 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
 };
-use ciliate_common::config::{ENDPOINT_CONFIG_SYMBOL, ENDPOINT_F_CONFIGURED, EndpointConfig};
+use ciliate_common::config::{
+    ENDPOINT_CONFIG_SYMBOL, ENDPOINT_F_CONFIGURED, EndpointConfig, HOST_CONFIG_SYMBOL, HostConfig,
+};
 
 use crate::{
     bpffs::NodePins,
@@ -49,12 +51,19 @@ pub fn load_with<'a>(
 pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
     let mut cfg = *cfg;
     cfg.flags |= ENDPOINT_F_CONFIGURED;
-    let object = objects::all()
-        .iter()
-        .find(|o| o.name == "lxc")
-        .expect("the lxc object is always built");
+    let object = objects::by_name("lxc").expect("the lxc object is always built");
     load_with(object, pins, |l| {
         l.override_global(ENDPOINT_CONFIG_SYMBOL, &cfg, true);
+    })
+}
+
+/// Load the host object (programs of `ciliate_host`) with its configuration.
+pub fn load_host(pins: &NodePins, cfg: &HostConfig) -> Result<Loaded> {
+    let mut cfg = *cfg;
+    cfg.flags |= ENDPOINT_F_CONFIGURED;
+    let object = objects::by_name("host").expect("the host object is always built");
+    load_with(object, pins, |l| {
+        l.override_global(HOST_CONFIG_SYMBOL, &cfg, true);
     })
 }
 

@@ -2,11 +2,14 @@
 //! types. Each wrapper can be opened from a loaded object or from the node's
 //! pin directory (the CLI and a restarted agent do the latter).
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::{Map, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key};
 use ciliate_common::{
+    ct::{self, CtEntry, CtKey4},
+    endpoint::{self, EndpointInfo, EndpointKey},
     event::RINGBUF_NAME,
+    ipcache::{self, IpcacheEntry, IpcacheKey, STATIC_PREFIX},
     metrics::{self, MetricsKey, MetricsValue},
 };
 
@@ -110,5 +113,204 @@ impl EventRing {
             out.push(Event::decode(&item));
         }
         out
+    }
+}
+
+/// Open pinned map `name` of a node as the wrapper type `T`.
+fn open_pinned<T>(dir: &Path, name: &str, kind: fn(MapData) -> Map) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(kind(from_pin(dir, name)?)).map_err(map_err("opening", name))
+}
+
+/// `Ok(())` for a delete of something already gone.
+fn ignore_missing(r: Result<(), MapError>, name: &str) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err("deleting from", name)(e)),
+    }
+}
+
+fn v4(ip: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])
+}
+
+/// `CILIATE_LXC`: local endpoints by IP.
+pub struct LxcMap(HashMap<MapData, EndpointKey, EndpointInfo>);
+
+impl LxcMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, endpoint::MAP_NAME, Map::HashMap).map(Self)
+    }
+
+    pub fn upsert(&mut self, ip: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
+        self.0
+            .insert(EndpointKey::v4(ip.octets()), info, 0)
+            .map_err(map_err(&format!("inserting {ip} into"), endpoint::MAP_NAME))
+    }
+
+    pub fn remove(&mut self, ip: Ipv4Addr) -> Result<()> {
+        ignore_missing(
+            self.0.remove(&EndpointKey::v4(ip.octets())),
+            endpoint::MAP_NAME,
+        )
+    }
+
+    pub fn get(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>> {
+        match self.0.get(&EndpointKey::v4(ip.octets()), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", endpoint::MAP_NAME)(e)),
+        }
+    }
+
+    /// Every entry, ordered by address.
+    pub fn dump(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (k, v) = item.map_err(map_err("iterating", endpoint::MAP_NAME))?;
+            out.push((v4(&k.ip), v));
+        }
+        out.sort_by_key(|(ip, _)| *ip);
+        Ok(out)
+    }
+}
+
+/// `CILIATE_IPCACHE`: prefix → identity, longest prefix wins.
+pub struct IpcacheMap(LpmTrie<MapData, IpcacheKey, IpcacheEntry>);
+
+/// A prefix whose host bits are set, or whose length is over 32: refused
+/// before anything is written.
+fn check_prefix(net: Ipv4Addr, len: u8) -> Result<()> {
+    let bad = |reason: String| DatapathError::BadPrefix {
+        prefix: format!("{net}/{len}"),
+        reason,
+    };
+    if len > 32 {
+        return Err(bad("prefix length over 32".into()));
+    }
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    if u32::from(net) & !mask != 0 {
+        return Err(bad(format!(
+            "host bits set (network is {})",
+            Ipv4Addr::from(u32::from(net) & mask)
+        )));
+    }
+    Ok(())
+}
+
+fn lpm_key(net: Ipv4Addr, len: u8) -> Key<IpcacheKey> {
+    Key::new(STATIC_PREFIX + u32::from(len), IpcacheKey::v4(net.octets()))
+}
+
+impl IpcacheMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, ipcache::MAP_NAME, Map::LpmTrie).map(Self)
+    }
+
+    pub fn upsert(&mut self, net: Ipv4Addr, len: u8, entry: &IpcacheEntry) -> Result<()> {
+        check_prefix(net, len)?;
+        self.0.insert(&lpm_key(net, len), entry, 0).map_err(map_err(
+            &format!("inserting {net}/{len} into"),
+            ipcache::MAP_NAME,
+        ))
+    }
+
+    pub fn remove(&mut self, net: Ipv4Addr, len: u8) -> Result<()> {
+        check_prefix(net, len)?;
+        ignore_missing(self.0.remove(&lpm_key(net, len)), ipcache::MAP_NAME)
+    }
+
+    /// The entry of the longest prefix covering `ip`, as the datapath sees it.
+    pub fn lookup(&self, ip: Ipv4Addr) -> Result<Option<IpcacheEntry>> {
+        match self.0.get(&lpm_key(ip, 32), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", ipcache::MAP_NAME)(e)),
+        }
+    }
+
+    /// Every prefix, ordered by address then length.
+    pub fn dump(&self) -> Result<Vec<(Ipv4Addr, u8, IpcacheEntry)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (k, v) = item.map_err(map_err("iterating", ipcache::MAP_NAME))?;
+            let len = k.prefix_len().saturating_sub(STATIC_PREFIX) as u8;
+            out.push((v4(&k.data().ip), len, v));
+        }
+        out.sort_by_key(|(ip, len, _)| (*ip, *len));
+        Ok(out)
+    }
+}
+
+/// `CILIATE_CT4_TCP` and `CILIATE_CT4_ANY`: the connection tracking tables.
+pub struct CtMaps {
+    tcp: HashMap<MapData, CtKey4, CtEntry>,
+    any: HashMap<MapData, CtKey4, CtEntry>,
+}
+
+impl CtMaps {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            tcp: open_pinned(dir, ct::TCP_MAP_NAME, Map::LruHashMap)?,
+            any: open_pinned(dir, ct::ANY_MAP_NAME, Map::LruHashMap)?,
+        })
+    }
+
+    fn table(&self, proto: u8) -> (&HashMap<MapData, CtKey4, CtEntry>, &'static str) {
+        if proto == 6 {
+            (&self.tcp, ct::TCP_MAP_NAME)
+        } else {
+            (&self.any, ct::ANY_MAP_NAME)
+        }
+    }
+
+    pub fn get(&self, key: &CtKey4) -> Result<Option<CtEntry>> {
+        let (map, name) = self.table(key.proto);
+        match map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", name)(e)),
+        }
+    }
+
+    /// Every entry of both tables, TCP first, each ordered by key.
+    pub fn dump(&self) -> Result<Vec<(CtKey4, CtEntry)>> {
+        let mut out = Vec::new();
+        for (map, name) in [(&self.tcp, ct::TCP_MAP_NAME), (&self.any, ct::ANY_MAP_NAME)] {
+            let mut part = Vec::new();
+            for item in map.iter() {
+                part.push(item.map_err(map_err("iterating", name))?);
+            }
+            part.sort_by_key(|(k, _)| *k);
+            out.extend(part);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_with_host_bits_or_too_long_are_refused() {
+        assert!(check_prefix(Ipv4Addr::new(10, 0, 0, 0), 8).is_ok());
+        assert!(check_prefix(Ipv4Addr::UNSPECIFIED, 0).is_ok());
+        assert!(check_prefix(Ipv4Addr::new(10, 0, 0, 5), 32).is_ok());
+        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 5), 24)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.0.0.5/24") && e.contains("10.0.0.0"), "{e}");
+        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 0), 33)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("over 32"), "{e}");
     }
 }

@@ -4,6 +4,9 @@
 /// Programs on the host side of a pod's veth: from-container.
 pub static LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc"));
 
+/// Programs on the node's router device `ciliate_host`: from-host.
+pub static HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host"));
+
 /// An embedded object and its name (the eBPF crate's bin name).
 #[derive(Clone, Copy, Debug)]
 pub struct Object {
@@ -13,14 +16,26 @@ pub struct Object {
 
 /// Every object the eBPF crate builds. The verifier budget test loads each.
 pub fn all() -> &'static [Object] {
-    static ALL: &[Object] = &[Object {
-        name: "lxc",
-        bytes: LXC,
-    }];
+    static ALL: &[Object] = &[
+        Object {
+            name: "lxc",
+            bytes: LXC,
+        },
+        Object {
+            name: "host",
+            bytes: HOST,
+        },
+    ];
     ALL
+}
+
+/// The embedded object called `name`.
+pub fn by_name(name: &str) -> Option<&'static Object> {
+    all().iter().find(|o| o.name == name)
 }
 
 /// Program names (the `#[classifier]` function names) in each object.
 pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
+    pub const FROM_HOST: &str = "from_host";
 }

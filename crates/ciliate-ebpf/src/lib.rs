@@ -3,7 +3,10 @@
 #![no_std]
 
 pub mod arp;
+pub mod ct;
+pub mod deliver;
 pub mod drop;
+pub mod lookup;
 pub mod maps;
 pub mod packet;
 pub mod trace;

@@ -1,12 +1,17 @@
 //! Maps shared by every program of a node. They are pinned by name in the
 //! node's bpffs directory, so all objects of a node (and a restarted agent)
-//! use the same instances.
+//! use the same instances. Layouts: `ciliate_common`.
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuHashMap, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
 };
-use ciliate_common::metrics::{MAX_ENTRIES, MetricsKey, MetricsValue};
+use ciliate_common::{
+    ct::{CtEntry, CtKey4, MAX_ENTRIES_ANY, MAX_ENTRIES_TCP},
+    endpoint::{self, EndpointInfo, EndpointKey},
+    ipcache::{self, IpcacheEntry, IpcacheKey},
+    metrics::{MAX_ENTRIES, MetricsKey, MetricsValue},
+};
 
 /// Packets and bytes per (reason, direction). See `ciliate_common::metrics`.
 #[map(name = "CILIATE_METRICS")]
@@ -16,6 +21,24 @@ pub static CILIATE_METRICS: PerCpuHashMap<MetricsKey, MetricsValue> =
 /// Drop and trace events. See `ciliate_common::event`.
 #[map(name = "CILIATE_EVENTS")]
 pub static CILIATE_EVENTS: RingBuf = RingBuf::pinned(ciliate_common::event::RINGBUF_BYTES, 0);
+
+/// Local endpoints by IP. See `ciliate_common::endpoint`.
+#[map(name = "CILIATE_LXC")]
+pub static CILIATE_LXC: HashMap<EndpointKey, EndpointInfo> =
+    HashMap::pinned(endpoint::MAX_ENTRIES, 0);
+
+/// Prefix → identity. See `ciliate_common::ipcache`.
+#[map(name = "CILIATE_IPCACHE")]
+pub static CILIATE_IPCACHE: LpmTrie<IpcacheKey, IpcacheEntry> =
+    LpmTrie::pinned(ipcache::MAX_ENTRIES, 0);
+
+/// TCP connections. See `ciliate_common::ct`.
+#[map(name = "CILIATE_CT4_TCP")]
+pub static CILIATE_CT4_TCP: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_TCP, 0);
+
+/// UDP, ICMP and other connections. See `ciliate_common::ct`.
+#[map(name = "CILIATE_CT4_ANY")]
+pub static CILIATE_CT4_ANY: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_ANY, 0);
 
 /// Add one packet of `len` bytes to the (reason, dir) counter.
 #[inline(always)]

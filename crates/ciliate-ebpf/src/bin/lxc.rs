@@ -1,25 +1,34 @@
 //! Programs on the host side of a pod's veth (`lxc…`).
 //!
-//! from-container (tc ingress of the lxc device, i.e. packets leaving the
-//! pod): ARP responder; IPv4 is validated and handed to the stack (the
-//! conntrack / ipcache / policy / local-delivery stages plug in here, see
-//! ARCHITECTURE.md section 3); anything else is dropped with its reason.
+//! from-container (tc ingress of the lxc device: packets leaving the pod):
+//! - ARP: answered with the lxc device's MAC (`arp`);
+//! - IPv4: source check, conntrack (egress view), ipcache lookup of the
+//!   destination's identity, [egress policy: policy issue], then
+//!   - to another endpoint of this node: its ingress stage and a redirect
+//!     into its namespace (`deliver`),
+//!   - anywhere else (the host, the world): the node's stack;
+//! - anything else: dropped with its reason.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ciliate_common::{
     config::{ENDPOINT_F_CONFIGURED, EndpointConfig},
-    drop::{NO_CONFIG, UNKNOWN_L3},
+    ct::DIR_EGRESS,
+    drop::{INVALID_SIP, NO_CONFIG, UNKNOWN_L3},
+    endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
-    metrics::DIR_EGRESS,
+    metrics::DIR_EGRESS as METRIC_EGRESS,
     trace::TO_STACK,
 };
 use ciliate_ebpf::{
     Drop,
     arp::{self, ArpAction},
+    ct,
+    deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
+    lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
     trace::{TraceCtx, send_trace_notify},
     verdict,
@@ -55,7 +64,7 @@ pub fn from_container(ctx: TcContext) -> i32 {
                 dst_identity: 0,
                 dst_id: 0,
                 source: cfg.endpoint_id,
-                dir: DIR_EGRESS,
+                dir: METRIC_EGRESS,
                 file: FILE_LXC,
             };
             send_drop_notify(&ctx, &who, d)
@@ -76,21 +85,38 @@ fn try_from_container(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop
             ArpAction::Reply => arp::redirect_back(cfg.ifindex),
             ArpAction::Pass => verdict::OK,
         }),
-        ETH_P_IP => {
-            packet::ipv4(ctx)?;
-            let who = TraceCtx {
-                src_identity: cfg.identity,
-                dst_identity: 0,
-                dst_id: 0,
-                source: cfg.endpoint_id,
-                ct_state: 0,
-                dir: DIR_EGRESS,
-            };
-            send_trace_notify(ctx, TO_STACK, &who, cfg.ifindex);
-            Ok(verdict::OK)
-        }
+        ETH_P_IP => handle_ipv4(ctx, cfg),
         _ => Err(drop!(UNKNOWN_L3)),
     }
+}
+
+#[inline(always)]
+fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
+    let ip = packet::ipv4(ctx)?;
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    if ip.saddr != cfg.ipv4 {
+        return Err(drop!(INVALID_SIP));
+    }
+    let t = ct::tuple(ctx, &ip)?;
+    let state = ct::track(&t, DIR_EGRESS, ctx.len(), cfg.identity)?;
+    let dst_identity = lookup::identity_of(ip.daddr);
+    // Egress policy goes here (policy issue).
+    if let Some(ep) = lookup::local_endpoint(ip.daddr)
+        && ep.flags & ENDPOINT_F_HOST == 0
+    {
+        return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer);
+    }
+    let who = TraceCtx {
+        src_identity: cfg.identity,
+        dst_identity,
+        dst_id: 0,
+        source: cfg.endpoint_id,
+        ct_state: state,
+        dir: METRIC_EGRESS,
+    };
+    send_trace_notify(ctx, TO_STACK, &who, cfg.ifindex);
+    Ok(verdict::OK)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,91 @@
+//! Programs on `ciliate_host`, the node's router device.
+//!
+//! from-host (tc egress of `ciliate_host`: packets the node's stack routes
+//! to the pod CIDR): the source's identity from the ipcache (the node's own
+//! addresses are `host`, 1), then the destination endpoint's ingress stage
+//! and a redirect out of its lxc device. Packets for addresses that are no
+//! local endpoint continue on `ciliate_host` unchanged.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use ciliate_common::{
+    config::{ENDPOINT_F_CONFIGURED, HostConfig},
+    drop::NO_CONFIG,
+    endpoint::ENDPOINT_F_HOST,
+    event::FILE_HOST,
+    metrics::DIR_INGRESS as METRIC_INGRESS,
+};
+use ciliate_ebpf::{
+    Drop, ct,
+    deliver::{self, Via},
+    drop,
+    drop::{DropCtx, send_drop_notify},
+    lookup,
+    packet::{self, ETH_P_IP},
+    verdict,
+};
+
+/// Set by the loader; see `ciliate_common::config::HostConfig`.
+#[unsafe(no_mangle)]
+static HOST_CONFIG: HostConfig = HostConfig {
+    ifindex: 0,
+    router_ip: [0; 4],
+    mac: [0; 6],
+    _pad: [0; 2],
+    flags: 0,
+};
+
+#[classifier]
+pub fn from_host(ctx: TcContext) -> i32 {
+    // SAFETY: a plain read of a global the loader initialised.
+    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
+    match try_from_host(&ctx, &cfg) {
+        Ok(v) => v,
+        Err(d) => {
+            let who = DropCtx {
+                src_identity: ciliate_common::identity::HOST,
+                dst_identity: 0,
+                dst_id: 0,
+                source: 0,
+                dir: METRIC_INGRESS,
+                file: FILE_HOST,
+            };
+            send_drop_notify(&ctx, &who, d)
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+    if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
+        return Err(drop!(NO_CONFIG));
+    }
+    let eth = packet::eth(ctx)?;
+    // SAFETY: bounds checked by packet::eth.
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(verdict::OK);
+    }
+    let ip = packet::ipv4(ctx)?;
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    let Some(ep) = lookup::local_endpoint(ip.daddr) else {
+        return Ok(verdict::OK);
+    };
+    if ep.flags & ENDPOINT_F_HOST != 0 {
+        return Ok(verdict::OK);
+    }
+    let t = ct::tuple(ctx, &ip)?;
+    let src_identity = lookup::identity_of(ip.saddr);
+    deliver::to_endpoint(ctx, &ep, src_identity, &t, Via::Egress)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,226 @@
+//! Connection tracking (layout and conventions: `ciliate_common::ct`).
+//! [`tuple`] reads the 5-tuple of an IPv4 packet; [`track`] looks the
+//! connection up in the direction given and creates it when it is new.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext};
+use ciliate_common::{
+    ct::{
+        CT_ESTABLISHED, CT_NEW, CT_REPLY, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, F_RX_CLOSING,
+        F_SEEN_NON_SYN, F_TX_CLOSING, LIFETIME_CLOSE, LIFETIME_NONTCP, LIFETIME_SYN, LIFETIME_TCP,
+    },
+    drop::{CT_CREATE_FAILED, CT_INVALID_HDR, CT_UNKNOWN_PROTO, FRAG_NOSUPPORT},
+};
+
+use crate::{
+    Drop, drop,
+    maps::{CILIATE_CT4_ANY, CILIATE_CT4_TCP},
+    packet::{ETH_HLEN, Ipv4Hdr, ptr_at},
+};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const ICMP_ECHOREPLY: u8 = 0;
+const ICMP_ECHO: u8 = 8;
+
+/// A packet's connection tuple (`dir` left 0) and its TCP flags.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub key: CtKey4,
+    pub tcp_flags: u8,
+}
+
+#[repr(C)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct TcpHead {
+    ports: Ports,
+    seq: u32,
+    ack: u32,
+    off: u8,
+    flags: u8,
+}
+
+#[repr(C)]
+struct IcmpEcho {
+    kind: u8,
+    code: u8,
+    csum: u16,
+    id: u16,
+}
+
+/// Read the tuple of the IPv4 packet whose header is at `ip`.
+/// Non-first fragments carry no ports: `FRAG_NOSUPPORT` (fragment tracking
+/// is not built). A cut L4 header: `CT_INVALID_HDR`. Protocols other than
+/// TCP, UDP and ICMP: `CT_UNKNOWN_PROTO`, as Cilium.
+#[inline(always)]
+pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
+    if u16::from_be(ip.frag_off) & 0x1fff != 0 {
+        return Err(drop!(FRAG_NOSUPPORT));
+    }
+    let l4 = ETH_HLEN + ip.ihl_bytes();
+    let mut key = CtKey4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        dir: 0,
+        _pad: [0; 2],
+    };
+    let mut tcp_flags = 0;
+    match ip.proto {
+        IPPROTO_TCP => {
+            let h = ptr_at::<TcpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            key.sport = h.ports.sport;
+            key.dport = h.ports.dport;
+            tcp_flags = h.flags;
+        }
+        IPPROTO_UDP => {
+            let h = ptr_at::<Ports>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            key.sport = h.sport;
+            key.dport = h.dport;
+        }
+        IPPROTO_ICMP => {
+            let h = ptr_at::<IcmpEcho>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            match h.kind {
+                ICMP_ECHO => key.dport = h.id,
+                ICMP_ECHOREPLY => key.sport = h.id,
+                _ => {}
+            }
+        }
+        _ => return Err(drop!(CT_UNKNOWN_PROTO)),
+    }
+    Ok(Tuple { key, tcp_flags })
+}
+
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn lifetime(proto: u8, flags: u16) -> u32 {
+    if proto != IPPROTO_TCP {
+        LIFETIME_NONTCP
+    } else if flags & (F_TX_CLOSING | F_RX_CLOSING) != 0 {
+        LIFETIME_CLOSE
+    } else if flags & F_SEEN_NON_SYN != 0 {
+        LIFETIME_TCP
+    } else {
+        LIFETIME_SYN
+    }
+}
+
+#[inline(always)]
+fn closing_flags(tcp_flags: u8, mine: u16, both: u16) -> u16 {
+    if tcp_flags & TCP_RST != 0 {
+        both
+    } else if tcp_flags & TCP_FIN != 0 {
+        mine
+    } else {
+        0
+    }
+}
+
+/// Track the packet as seen by an endpoint in direction `dir`
+/// (`DIR_EGRESS`: leaving it; `DIR_INGRESS`: arriving at it). Returns the
+/// state: `CT_ESTABLISHED`, `CT_REPLY` or `CT_NEW` (then created, with
+/// `src_identity` as the opener).
+#[inline(always)]
+pub fn track(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<u8, Drop> {
+    let map = if t.key.proto == IPPROTO_TCP {
+        &CILIATE_CT4_TCP
+    } else {
+        &CILIATE_CT4_ANY
+    };
+    track_in(map, t, dir, len, src_identity)
+}
+
+#[inline(always)]
+fn track_in(
+    map: &LruHashMap<CtKey4, CtEntry>,
+    t: &Tuple,
+    dir: u8,
+    len: u32,
+    src_identity: u32,
+) -> Result<u8, Drop> {
+    let proto = t.key.proto;
+    let syn_only = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let non_syn = if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 {
+        F_SEEN_NON_SYN
+    } else {
+        0
+    };
+    let both = F_TX_CLOSING | F_RX_CLOSING;
+    let now = now_secs();
+
+    let mut fwd = t.key;
+    fwd.dir = dir;
+    if let Some(e) = map.get_ptr_mut(fwd) {
+        // SAFETY: a map value; concurrent updates only race on counters.
+        let e = unsafe { &mut *e };
+        // A new SYN on a closed connection reopens it.
+        let reopened = syn_only && e.flags & both != 0;
+        if reopened {
+            e.flags = 0;
+        }
+        e.tx_packets += 1;
+        e.tx_bytes += u64::from(len);
+        e.tx_flags_seen |= t.tcp_flags;
+        e.flags |= non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
+        e.expires = now + lifetime(proto, e.flags);
+        return Ok(if reopened { CT_NEW } else { CT_ESTABLISHED });
+    }
+
+    let other = if dir == DIR_EGRESS {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    };
+    let rev = t.key.reverse(other);
+    if let Some(e) = map.get_ptr_mut(rev) {
+        // SAFETY: as above.
+        let e = unsafe { &mut *e };
+        e.rx_packets += 1;
+        e.rx_bytes += u64::from(len);
+        e.rx_flags_seen |= t.tcp_flags;
+        e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
+        e.expires = now + lifetime(proto, e.flags);
+        return Ok(CT_REPLY);
+    }
+
+    let flags = non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
+    let entry = CtEntry {
+        tx_packets: 1,
+        tx_bytes: u64::from(len),
+        rx_packets: 0,
+        rx_bytes: 0,
+        expires: now + lifetime(proto, flags),
+        src_identity,
+        rev_nat_index: 0,
+        flags,
+        tx_flags_seen: t.tcp_flags,
+        rx_flags_seen: 0,
+        _pad: [0; 2],
+    };
+    map.insert(fwd, entry, 0)
+        .map_err(|_| drop!(CT_CREATE_FAILED))?;
+    Ok(CT_NEW)
+}

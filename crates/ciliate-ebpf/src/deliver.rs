@@ -1,0 +1,83 @@
+//! Local delivery: the ingress stage of a destination endpoint on this node
+//! (conntrack in its view; its ingress policy plugs in here), then the
+//! L3 hop (MACs of the destination's veth, TTL - 1) and the redirect.
+
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use ciliate_common::{
+    ct::DIR_INGRESS, drop::INVALID, endpoint::EndpointInfo, metrics::DIR_INGRESS as METRIC_INGRESS,
+    trace::TO_LXC,
+};
+
+use crate::{
+    Drop, ct, drop,
+    packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
+    trace::{TraceCtx, send_trace_notify},
+};
+
+/// How the packet reaches the destination's device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// From a tc ingress hook: straight into the pod's namespace
+    /// (`bpf_redirect_peer` to the peer of the destination's lxc device).
+    Peer,
+    /// From a tc egress hook: out of the destination's lxc device.
+    Egress,
+}
+
+/// Deliver the IPv4 packet in `ctx` (tuple `t`, sent by `src_identity`) to
+/// local endpoint `ep`.
+#[inline(always)]
+pub fn to_endpoint(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    src_identity: u32,
+    t: &ct::Tuple,
+    via: Via,
+) -> Result<i32, Drop> {
+    let state = ct::track(t, DIR_INGRESS, ctx.len(), src_identity)?;
+    // The destination's ingress policy goes here (policy issue).
+    l3_hop(ctx, &ep.node_mac, &ep.mac)?;
+    let who = TraceCtx {
+        src_identity,
+        dst_identity: ep.identity,
+        dst_id: ep.endpoint_id,
+        source: ep.endpoint_id,
+        ct_state: state,
+        dir: METRIC_INGRESS,
+    };
+    send_trace_notify(ctx, TO_LXC, &who, ep.ifindex);
+    // SAFETY: plain helper calls; the result is the tc verdict.
+    Ok(unsafe {
+        match via {
+            Via::Peer => bpf_redirect_peer(ep.ifindex, 0),
+            Via::Egress => bpf_redirect(ep.ifindex, 0),
+        }
+    } as i32)
+}
+
+/// Rewrite the MACs and decrement the TTL (with an incremental header
+/// checksum update, RFC 1624). A TTL that would reach 0 is dropped as
+/// `INVALID`, as Cilium does (it sends no ICMP time-exceeded either).
+#[inline(always)]
+pub fn l3_hop(ctx: &TcContext, src_mac: &[u8; 6], dst_mac: &[u8; 6]) -> Result<(), Drop> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(drop!(INVALID))?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(drop!(INVALID))?;
+    // SAFETY: bounds checked by ptr_at.
+    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+    if ip.ttl <= 1 {
+        return Err(drop!(INVALID));
+    }
+    eth.src = *src_mac;
+    eth.dst = *dst_mac;
+    let old = (u16::from(ip.ttl) << 8) | u16::from(ip.proto);
+    ip.ttl -= 1;
+    let new = old - 0x0100;
+    let mut sum = u32::from(!u16::from_be(ip.check)) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip.check = (!(sum as u16)).to_be();
+    Ok(())
+}
