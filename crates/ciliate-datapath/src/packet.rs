@@ -224,6 +224,15 @@ pub fn ipv4_header(ip: &Ip4, proto: u8, payload_len: usize) -> [u8; 20] {
     h
 }
 
+/// Recompute the IPv4 header checksum of `frame` (Ethernet + IPv4) after a
+/// test changed header bytes on purpose (TTL, fragment offset, ...).
+pub fn refresh_ipv4_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
 /// A complete Ethernet + IPv4 + L4 frame with correct checksums.
 pub fn ipv4_frame(eth: &Eth, ip: &Ip4, l4: &L4<'_>) -> Vec<u8> {
     let seg = l4.encode(ip);

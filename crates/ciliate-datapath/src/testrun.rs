@@ -79,6 +79,24 @@ impl ScratchNode {
     }
 }
 
+impl ScratchNode {
+    pub fn metrics(&self) -> Result<crate::maps::MetricsMap> {
+        crate::maps::MetricsMap::from_pin_dir(&self.pins.dir)
+    }
+    pub fn events(&self) -> Result<crate::maps::EventRing> {
+        crate::maps::EventRing::from_pin_dir(&self.pins.dir)
+    }
+    pub fn lxc(&self) -> Result<crate::maps::LxcMap> {
+        crate::maps::LxcMap::from_pin_dir(&self.pins.dir)
+    }
+    pub fn ipcache(&self) -> Result<crate::maps::IpcacheMap> {
+        crate::maps::IpcacheMap::from_pin_dir(&self.pins.dir)
+    }
+    pub fn ct(&self) -> Result<crate::maps::CtMaps> {
+        crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
+    }
+}
+
 impl Drop for ScratchNode {
     fn drop(&mut self) {
         let _ = self.pins.remove();

@@ -37,6 +37,7 @@ pub fn to_endpoint(
     t: &ct::Tuple,
     via: Via,
 ) -> Result<i32, Drop> {
+    check_ttl(ctx)?;
     let state = ct::track(t, DIR_INGRESS, ctx.len(), src_identity)?;
     // The destination's ingress policy goes here (policy issue).
     l3_hop(ctx, &ep.node_mac, &ep.mac)?;
@@ -58,9 +59,21 @@ pub fn to_endpoint(
     } as i32)
 }
 
+/// A packet we would forward with a TTL reaching 0 is dropped as `INVALID`
+/// (as Cilium; no ICMP time-exceeded is sent). Checked before conntrack so
+/// such a packet leaves no connection behind.
+#[inline(always)]
+pub fn check_ttl(ctx: &TcContext) -> Result<(), Drop> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(drop!(INVALID))?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*ip).ttl } <= 1 {
+        return Err(drop!(INVALID));
+    }
+    Ok(())
+}
+
 /// Rewrite the MACs and decrement the TTL (with an incremental header
-/// checksum update, RFC 1624). A TTL that would reach 0 is dropped as
-/// `INVALID`, as Cilium does (it sends no ICMP time-exceeded either).
+/// checksum update, RFC 1624). See [`check_ttl`].
 #[inline(always)]
 pub fn l3_hop(ctx: &TcContext, src_mac: &[u8; 6], dst_mac: &[u8; 6]) -> Result<(), Drop> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(drop!(INVALID))?;

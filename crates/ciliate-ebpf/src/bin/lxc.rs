@@ -99,12 +99,14 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         return Err(drop!(INVALID_SIP));
     }
     let t = ct::tuple(ctx, &ip)?;
+    let local = lookup::local_endpoint(ip.daddr).filter(|ep| ep.flags & ENDPOINT_F_HOST == 0);
+    if local.is_some() {
+        deliver::check_ttl(ctx)?;
+    }
     let state = ct::track(&t, DIR_EGRESS, ctx.len(), cfg.identity)?;
     let dst_identity = lookup::identity_of(ip.daddr);
     // Egress policy goes here (policy issue).
-    if let Some(ep) = lookup::local_endpoint(ip.daddr)
-        && ep.flags & ENDPOINT_F_HOST == 0
-    {
+    if let Some(ep) = local {
         return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer);
     }
     let who = TraceCtx {
