@@ -8,14 +8,8 @@ fn main() -> anyhow::Result<()> {
         .join("../ciliate-ebpf")
         .canonicalize()
         .context("finding crates/ciliate-ebpf")?;
-    let root_dir = ebpf_dir
-        .to_str()
-        .context("non-UTF-8 path to ciliate-ebpf")?;
-    let package = aya_build::Package {
-        name: "ciliate-ebpf",
-        root_dir,
-        ..Default::default()
-    };
+    let root_dir = ebpf_dir.to_str().context("non-UTF-8 path to ciliate-ebpf")?;
+    let package = aya_build::Package { name: "ciliate-ebpf", root_dir, ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::Nightly).context(
         "building the eBPF datapath (run scripts/bootstrap if bpf-linker or rust-src is missing)",
     )

@@ -63,10 +63,7 @@ fn say(msg: impl AsRef<str>) {
 fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     let removed = node::down(name, Path::new(DEFAULT_ROOT))?;
     if !removed.is_empty() {
-        say(format!(
-            "removed the previous lab {name} ({} namespaces)",
-            removed.len()
-        ));
+        say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
     }
     say(format!("creating node {name}-node1 with {pods} pods"));
     let lab = NodeLab::up(NodeLabConfig::new(name, pods))

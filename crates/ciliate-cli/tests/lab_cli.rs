@@ -7,10 +7,7 @@ use std::process::Command;
 use ciliate_lab::{names::token, netns};
 
 fn ciliate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ciliate"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ciliate")).args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -58,11 +55,7 @@ fn lab_up_status_metrics_down() {
 
     let (ok, out, _) = ciliate(&["lab", "down", "--name", &name]);
     assert!(ok && out.contains("removed lab"), "{out}");
-    assert!(
-        !netns::list()
-            .iter()
-            .any(|n| n.starts_with(&format!("{name}-")))
-    );
+    assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
     let (_, out, _) = ciliate(&["lab", "status", "--name", &name]);
     assert!(out.contains("no labs"), "{out}");
 }

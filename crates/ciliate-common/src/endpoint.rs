@@ -27,11 +27,7 @@ impl EndpointKey {
         k[1] = ip[1];
         k[2] = ip[2];
         k[3] = ip[3];
-        Self {
-            ip: k,
-            family: FAMILY_IPV4,
-            _pad: [0; 3],
-        }
+        Self { ip: k, family: FAMILY_IPV4, _pad: [0; 3] }
     }
 }
 

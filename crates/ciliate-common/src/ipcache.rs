@@ -28,11 +28,7 @@ impl IpcacheKey {
         k[1] = ip[1];
         k[2] = ip[2];
         k[3] = ip[3];
-        Self {
-            family: crate::endpoint::FAMILY_IPV4,
-            _pad: [0; 3],
-            ip: k,
-        }
+        Self { family: crate::endpoint::FAMILY_IPV4, _pad: [0; 3], ip: k }
     }
 }
 

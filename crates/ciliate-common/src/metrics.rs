@@ -25,11 +25,7 @@ const _: () = assert!(core::mem::size_of::<MetricsKey>() == 8);
 
 impl MetricsKey {
     pub const fn new(reason: u8, dir: u8) -> Self {
-        Self {
-            reason,
-            dir,
-            _pad: [0; 6],
-        }
+        Self { reason, dir, _pad: [0; 6] }
     }
 }
 

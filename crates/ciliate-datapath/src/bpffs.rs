@@ -31,22 +31,13 @@ pub fn ensure_mounted(path: &Path) -> Result<()> {
     if is_bpffs(path) {
         return Ok(());
     }
-    let err = |source| DatapathError::MountBpffs {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| DatapathError::MountBpffs { path: path.to_owned(), source };
     std::fs::create_dir_all(path).map_err(err)?;
     let target = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     // SAFETY: mount(2) with static NUL-terminated strings and a checked target.
     let rc = unsafe {
-        libc::mount(
-            c"bpffs".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+        libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
         return Err(err(std::io::Error::last_os_error()));

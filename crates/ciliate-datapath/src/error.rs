@@ -51,11 +51,7 @@ pub enum DatapathError {
     #[error(
         "program {program} in object {object}: program type {kind} is not handled by the loader"
     )]
-    UnsupportedProgram {
-        object: String,
-        program: String,
-        kind: String,
-    },
+    UnsupportedProgram { object: String, program: String, kind: String },
     #[error("prefix {prefix}: {reason}")]
     BadPrefix { prefix: String, reason: String },
     #[error("device {name}: {reason}")]
@@ -72,11 +68,7 @@ impl DatapathError {
         program: impl Into<String>,
         source: aya::programs::ProgramError,
     ) -> Self {
-        Self::Program {
-            action: action.into(),
-            program: program.into(),
-            source: Box::new(source),
-        }
+        Self::Program { action: action.into(), program: program.into(), source: Box::new(source) }
     }
 }
 

@@ -25,20 +25,14 @@ fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
 impl Event {
     pub fn decode(bytes: &[u8]) -> Self {
         let Some(hdr) = read::<EventHeader>(bytes) else {
-            return Event::Unknown {
-                kind: 0,
-                len: bytes.len(),
-            };
+            return Event::Unknown { kind: 0, len: bytes.len() };
         };
         let decoded = match hdr.kind {
             KIND_DROP => read::<DropNotify>(bytes).map(Event::Drop),
             KIND_TRACE => read::<TraceNotify>(bytes).map(Event::Trace),
             _ => None,
         };
-        decoded.unwrap_or(Event::Unknown {
-            kind: hdr.kind,
-            len: bytes.len(),
-        })
+        decoded.unwrap_or(Event::Unknown { kind: hdr.kind, len: bytes.len() })
     }
 
     /// The packet bytes the datapath captured with the event.

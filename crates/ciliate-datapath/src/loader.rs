@@ -37,14 +37,10 @@ pub fn load_with<'a>(
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&pins.dir);
     configure(&mut loader);
-    let ebpf = loader.load(object.bytes).map_err(|e| DatapathError::Load {
-        object: object.name.to_owned(),
-        source: Box::new(e),
-    })?;
-    Ok(Loaded {
-        name: object.name,
-        ebpf,
-    })
+    let ebpf = loader
+        .load(object.bytes)
+        .map_err(|e| DatapathError::Load { object: object.name.to_owned(), source: Box::new(e) })?;
+    Ok(Loaded { name: object.name, ebpf })
 }
 
 /// Load the lxc object for one endpoint with its configuration block.
@@ -120,13 +116,10 @@ impl Loaded {
     /// The tc program `name`, loaded into the kernel.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let object = self.name;
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::NoProgram {
-                object: object.into(),
-                program: name.into(),
-            })?;
+        let prog = self.ebpf.program_mut(name).ok_or_else(|| DatapathError::NoProgram {
+            object: object.into(),
+            program: name.into(),
+        })?;
         let prog: &mut SchedClassifier = prog.try_into().map_err(|source| {
             DatapathError::program("expecting a tc classifier in", name, source)
         })?;
@@ -151,11 +144,7 @@ impl Loaded {
     ) -> Result<()> {
         let prog = self.classifier(name)?;
         let link_id = prog
-            .attach_with_options(
-                device,
-                attach,
-                TcAttachOptions::TcxOrder(Default::default()),
-            )
+            .attach_with_options(device, attach, TcAttachOptions::TcxOrder(Default::default()))
             .map_err(|source| {
                 DatapathError::program(format!("attaching to {device} ({attach:?})"), name, source)
             })?;
@@ -194,8 +183,5 @@ pub fn tcx_programs(device: &str, attach: TcAttachType) -> Result<Vec<String>> {
     let (_, infos) = SchedClassifier::query_tcx(device, attach).map_err(|source| {
         DatapathError::program(format!("querying tcx on {device}"), "*", source)
     })?;
-    Ok(infos
-        .iter()
-        .map(|i| i.name_as_str().unwrap_or("?").to_owned())
-        .collect())
+    Ok(infos.iter().map(|i| i.name_as_str().unwrap_or("?").to_owned()).collect())
 }

@@ -21,11 +21,7 @@ use crate::{
 
 fn map_err(action: &str, map: &str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let (action, map) = (action.to_owned(), map.to_owned());
-    move |source| DatapathError::Map {
-        action,
-        map,
-        source: Box::new(source),
-    }
+    move |source| DatapathError::Map { action, map, source: Box::new(source) }
 }
 
 fn from_pin(dir: &Path, name: &str) -> Result<MapData> {
@@ -36,10 +32,7 @@ fn take(loaded: &mut Loaded, name: &str) -> Result<Map> {
     loaded
         .ebpf
         .take_map(name)
-        .ok_or_else(|| DatapathError::NoMap {
-            object: loaded.name.into(),
-            map: name.into(),
-        })
+        .ok_or_else(|| DatapathError::NoMap { object: loaded.name.into(), map: name.into() })
 }
 
 /// `CILIATE_METRICS`: packets and bytes per (reason, direction).
@@ -55,9 +48,7 @@ impl MetricsMap {
     }
 
     fn new(map: Map) -> Result<Self> {
-        PerCpuHashMap::try_from(map)
-            .map(Self)
-            .map_err(map_err("opening", metrics::MAP_NAME))
+        PerCpuHashMap::try_from(map).map(Self).map_err(map_err("opening", metrics::MAP_NAME))
     }
 
     /// Sum over CPUs of one counter; zero when it was never hit.
@@ -101,9 +92,7 @@ impl EventRing {
     }
 
     fn new(map: Map) -> Result<Self> {
-        RingBuf::try_from(map)
-            .map(Self)
-            .map_err(map_err("opening", RINGBUF_NAME))
+        RingBuf::try_from(map).map(Self).map_err(map_err("opening", RINGBUF_NAME))
     }
 
     /// Every event waiting in the ring, oldest first.
@@ -152,10 +141,7 @@ impl LxcMap {
     }
 
     pub fn remove(&mut self, ip: Ipv4Addr) -> Result<()> {
-        ignore_missing(
-            self.0.remove(&EndpointKey::v4(ip.octets())),
-            endpoint::MAP_NAME,
-        )
+        ignore_missing(self.0.remove(&EndpointKey::v4(ip.octets())), endpoint::MAP_NAME)
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>> {
@@ -184,18 +170,11 @@ pub struct IpcacheMap(LpmTrie<MapData, IpcacheKey, IpcacheEntry>);
 /// A prefix whose host bits are set, or whose length is over 32: refused
 /// before anything is written.
 fn check_prefix(net: Ipv4Addr, len: u8) -> Result<()> {
-    let bad = |reason: String| DatapathError::BadPrefix {
-        prefix: format!("{net}/{len}"),
-        reason,
-    };
+    let bad = |reason: String| DatapathError::BadPrefix { prefix: format!("{net}/{len}"), reason };
     if len > 32 {
         return Err(bad("prefix length over 32".into()));
     }
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    };
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
     if u32::from(net) & !mask != 0 {
         return Err(bad(format!(
             "host bits set (network is {})",
@@ -216,10 +195,9 @@ impl IpcacheMap {
 
     pub fn upsert(&mut self, net: Ipv4Addr, len: u8, entry: &IpcacheEntry) -> Result<()> {
         check_prefix(net, len)?;
-        self.0.insert(&lpm_key(net, len), entry, 0).map_err(map_err(
-            &format!("inserting {net}/{len} into"),
-            ipcache::MAP_NAME,
-        ))
+        self.0
+            .insert(&lpm_key(net, len), entry, 0)
+            .map_err(map_err(&format!("inserting {net}/{len} into"), ipcache::MAP_NAME))
     }
 
     pub fn remove(&mut self, net: Ipv4Addr, len: u8) -> Result<()> {
@@ -264,11 +242,7 @@ impl CtMaps {
     }
 
     fn table(&self, proto: u8) -> (&HashMap<MapData, CtKey4, CtEntry>, &'static str) {
-        if proto == 6 {
-            (&self.tcp, ct::TCP_MAP_NAME)
-        } else {
-            (&self.any, ct::ANY_MAP_NAME)
-        }
+        if proto == 6 { (&self.tcp, ct::TCP_MAP_NAME) } else { (&self.any, ct::ANY_MAP_NAME) }
     }
 
     pub fn get(&self, key: &CtKey4) -> Result<Option<CtEntry>> {
@@ -304,13 +278,9 @@ mod tests {
         assert!(check_prefix(Ipv4Addr::new(10, 0, 0, 0), 8).is_ok());
         assert!(check_prefix(Ipv4Addr::UNSPECIFIED, 0).is_ok());
         assert!(check_prefix(Ipv4Addr::new(10, 0, 0, 5), 32).is_ok());
-        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 5), 24)
-            .unwrap_err()
-            .to_string();
+        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 5), 24).unwrap_err().to_string();
         assert!(e.contains("10.0.0.5/24") && e.contains("10.0.0.0"), "{e}");
-        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 0), 33)
-            .unwrap_err()
-            .to_string();
+        let e = check_prefix(Ipv4Addr::new(10, 0, 0, 0), 33).unwrap_err().to_string();
         assert!(e.contains("over 32"), "{e}");
     }
 }

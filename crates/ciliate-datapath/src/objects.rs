@@ -16,16 +16,8 @@ pub struct Object {
 
 /// Every object the eBPF crate builds. The verifier budget test loads each.
 pub fn all() -> &'static [Object] {
-    static ALL: &[Object] = &[
-        Object {
-            name: "lxc",
-            bytes: LXC,
-        },
-        Object {
-            name: "host",
-            bytes: HOST,
-        },
-    ];
+    static ALL: &[Object] =
+        &[Object { name: "lxc", bytes: LXC }, Object { name: "host", bytes: HOST }];
     ALL
 }
 

@@ -63,15 +63,8 @@ fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32
 /// The L4 checksum of `segment` (checksum field zeroed) under the IPv4
 /// pseudo-header. UDP's "no checksum" 0 is sent as 0xffff, per RFC 768.
 pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
-    let c = !fold(sum16(
-        segment,
-        pseudo_header_sum(src, dst, proto, segment.len()),
-    ));
-    if proto == IPPROTO_UDP && c == 0 {
-        0xffff
-    } else {
-        c
-    }
+    let c = !fold(sum16(segment, pseudo_header_sum(src, dst, proto, segment.len())));
+    if proto == IPPROTO_UDP && c == 0 { 0xffff } else { c }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,12 +83,7 @@ pub struct Ip4 {
 
 impl Ip4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        Self {
-            src,
-            dst,
-            ttl: 64,
-            id: 1,
-        }
+        Self { src, dst, ttl: 64, id: 1 }
     }
 }
 
@@ -122,7 +110,10 @@ pub enum L4<'a> {
         payload: &'a [u8],
     },
     /// Any protocol, bytes as given (no checksum computed).
-    Raw { proto: u8, bytes: &'a [u8] },
+    Raw {
+        proto: u8,
+        bytes: &'a [u8],
+    },
 }
 
 impl L4<'_> {
@@ -138,14 +129,7 @@ impl L4<'_> {
     fn encode(&self, ip: &Ip4) -> Vec<u8> {
         let mut s = Vec::new();
         let csum_at = match *self {
-            L4::Tcp {
-                sport,
-                dport,
-                seq,
-                ack,
-                flags,
-                payload,
-            } => {
+            L4::Tcp { sport, dport, seq, ack, flags, payload } => {
                 s.extend_from_slice(&sport.to_be_bytes());
                 s.extend_from_slice(&dport.to_be_bytes());
                 s.extend_from_slice(&seq.to_be_bytes());
@@ -157,11 +141,7 @@ impl L4<'_> {
                 s.extend_from_slice(payload);
                 Some(16)
             }
-            L4::Udp {
-                sport,
-                dport,
-                payload,
-            } => {
+            L4::Udp { sport, dport, payload } => {
                 s.extend_from_slice(&sport.to_be_bytes());
                 s.extend_from_slice(&dport.to_be_bytes());
                 s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
@@ -169,12 +149,7 @@ impl L4<'_> {
                 s.extend_from_slice(payload);
                 Some(6)
             }
-            L4::IcmpEcho {
-                request,
-                id,
-                seq,
-                payload,
-            } => {
+            L4::IcmpEcho { request, id, seq, payload } => {
                 s.push(if request { 8 } else { 0 });
                 s.push(0);
                 s.extend_from_slice(&[0, 0]);
@@ -243,15 +218,8 @@ pub fn ipv4_frame(eth: &Eth, ip: &Ip4, l4: &L4<'_>) -> Vec<u8> {
 
 /// An ARP request from (`mac`, `ip`) for `target`, broadcast.
 pub fn arp_request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let eth = Eth {
-        dst: [0xff; 6],
-        src: mac,
-    };
-    ether(
-        &eth,
-        ETH_P_ARP,
-        &arp_body(ARPOP_REQUEST, mac, ip, [0; 6], target),
-    )
+    let eth = Eth { dst: [0xff; 6], src: mac };
+    ether(&eth, ETH_P_ARP, &arp_body(ARPOP_REQUEST, mac, ip, [0; 6], target))
 }
 
 /// An ARP payload (28 bytes, Ethernet/IPv4).
@@ -322,10 +290,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
         return Err(format!("ethernet: {} bytes, need 14", frame.len()));
     }
     let mut p = Parsed {
-        eth: Eth {
-            dst: frame[0..6].try_into().unwrap(),
-            src: frame[6..12].try_into().unwrap(),
-        },
+        eth: Eth { dst: frame[0..6].try_into().unwrap(), src: frame[6..12].try_into().unwrap() },
         ethertype: be16(frame, 12),
         arp: None,
         ipv4: None,
@@ -375,10 +340,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
 
 fn parse_l4(ip: &Ipv4Info, seg: &[u8]) -> Result<Option<L4Info>, String> {
     let pseudo_ok = |seg: &[u8]| {
-        fold(sum16(
-            seg,
-            pseudo_header_sum(ip.src, ip.dst, ip.proto, seg.len()),
-        )) == 0xffff
+        fold(sum16(seg, pseudo_header_sum(ip.src, ip.dst, ip.proto, seg.len()))) == 0xffff
     };
     Ok(Some(match ip.proto {
         IPPROTO_TCP => {
@@ -428,10 +390,7 @@ mod tests {
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
     const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-    const ETH: Eth = Eth {
-        dst: [2, 0, 0, 0, 0, 2],
-        src: [2, 0, 0, 0, 0, 1],
-    };
+    const ETH: Eth = Eth { dst: [2, 0, 0, 0, 0, 2], src: [2, 0, 0, 0, 0, 1] };
 
     #[test]
     fn ipv4_checksum_matches_a_known_header() {
@@ -455,25 +414,9 @@ mod tests {
                 flags: tcp_flags::SYN,
                 payload: b"",
             },
-            L4::Tcp {
-                sport: 1,
-                dport: 2,
-                seq: 1,
-                ack: 2,
-                flags: tcp_flags::ACK,
-                payload: b"odd",
-            },
-            L4::Udp {
-                sport: 5353,
-                dport: 53,
-                payload: b"hello",
-            },
-            L4::IcmpEcho {
-                request: true,
-                id: 9,
-                seq: 3,
-                payload: b"ping!",
-            },
+            L4::Tcp { sport: 1, dport: 2, seq: 1, ack: 2, flags: tcp_flags::ACK, payload: b"odd" },
+            L4::Udp { sport: 5353, dport: 53, payload: b"hello" },
+            L4::IcmpEcho { request: true, id: 9, seq: 3, payload: b"ping!" },
         ];
         for l4 in cases {
             let f = ipv4_frame(&ETH, &ip, &l4);
@@ -487,11 +430,7 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_breaks_the_checksum() {
-        let l4 = L4::Udp {
-            sport: 1,
-            dport: 2,
-            payload: b"data",
-        };
+        let l4 = L4::Udp { sport: 1, dport: 2, payload: b"data" };
         let mut f = ipv4_frame(&ETH, &Ip4::new(A, B), &l4);
         let last = f.len() - 1;
         f[last] ^= 1;
@@ -509,15 +448,7 @@ mod tests {
 
     #[test]
     fn truncated_headers_are_named() {
-        let f = ipv4_frame(
-            &ETH,
-            &Ip4::new(A, B),
-            &L4::Udp {
-                sport: 1,
-                dport: 2,
-                payload: b"",
-            },
-        );
+        let f = ipv4_frame(&ETH, &Ip4::new(A, B), &L4::Udp { sport: 1, dport: 2, payload: b"" });
         assert!(parse(&f[..20]).unwrap_err().starts_with("ipv4"));
         assert!(parse(&f[..5]).unwrap_err().starts_with("ethernet"));
     }

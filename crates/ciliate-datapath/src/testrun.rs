@@ -38,18 +38,12 @@ pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun
     };
     let res = prog.test_run(opts).map_err(|source| match source {
         ProgramError::SyscallError(ref e) if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
-            DatapathError::TestRunOutput {
-                program: name.into(),
-                size: packet.len() + HEADROOM,
-            }
+            DatapathError::TestRunOutput { program: name.into(), size: packet.len() + HEADROOM }
         }
         source => DatapathError::program("test-running", name, source),
     })?;
     out.truncate(res.data_size_out as usize);
-    Ok(TcRun {
-        verdict: res.return_value as i32,
-        packet: out,
-    })
+    Ok(TcRun { verdict: res.return_value as i32, packet: out })
 }
 
 /// A pin directory of its own for one test, removed when dropped (also when

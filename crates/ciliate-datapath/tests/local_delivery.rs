@@ -76,22 +76,12 @@ impl Pod {
     }
     /// A frame as this pod sends it (to its gateway MAC).
     fn send(&self, dst: Ipv4Addr, l4: &L4<'_>) -> Vec<u8> {
-        packet::ipv4_frame(
-            &Eth {
-                dst: self.lxc_mac,
-                src: self.mac,
-            },
-            &Ip4::new(self.ip, dst),
-            l4,
-        )
+        packet::ipv4_frame(&Eth { dst: self.lxc_mac, src: self.mac }, &Ip4::new(self.ip, dst), l4)
     }
 }
 
 fn ipcache_entry(identity: u32) -> IpcacheEntry {
-    IpcacheEntry {
-        identity,
-        ..Default::default()
-    }
+    IpcacheEntry { identity, ..Default::default() }
 }
 
 /// A node with pods A and B in the lxc map and the ipcache, their
@@ -122,27 +112,16 @@ impl Node {
         let mut lxc = node.lxc().unwrap();
         lxc.upsert(A.ip, &A.info()).unwrap();
         lxc.upsert(B.ip, &B.info()).unwrap();
-        let host_ep = EndpointInfo {
-            flags: ENDPOINT_F_HOST,
-            identity: identity::HOST,
-            ..Default::default()
-        };
+        let host_ep =
+            EndpointInfo { flags: ENDPOINT_F_HOST, identity: identity::HOST, ..Default::default() };
         lxc.upsert(ROUTER, &host_ep).unwrap();
         let mut ipc = node.ipcache().unwrap();
-        ipc.upsert(Ipv4Addr::UNSPECIFIED, 0, &ipcache_entry(identity::WORLD))
-            .unwrap();
+        ipc.upsert(Ipv4Addr::UNSPECIFIED, 0, &ipcache_entry(identity::WORLD)).unwrap();
         ipc.upsert(A.ip, 32, &ipcache_entry(A.identity)).unwrap();
         ipc.upsert(B.ip, 32, &ipcache_entry(B.identity)).unwrap();
-        ipc.upsert(ROUTER, 32, &ipcache_entry(identity::HOST))
-            .unwrap();
+        ipc.upsert(ROUTER, 32, &ipcache_entry(identity::HOST)).unwrap();
         let events = node.events().unwrap();
-        Self {
-            node,
-            a,
-            b,
-            host,
-            events,
-        }
+        Self { node, a, b, host, events }
     }
 
     fn run(loaded: &mut Loaded, prog: &str, pkt: &[u8]) -> TcRun {
@@ -173,14 +152,7 @@ impl Node {
 }
 
 fn tcp(sport: u16, dport: u16, flags: u8) -> L4<'static> {
-    L4::Tcp {
-        sport,
-        dport,
-        seq: 1,
-        ack: 0,
-        flags,
-        payload: b"",
-    }
+    L4::Tcp { sport, dport, seq: 1, ack: 0, flags, payload: b"" }
 }
 
 fn key(src: &Pod, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey4 {
@@ -202,14 +174,7 @@ fn a_syn_to_a_pod_on_the_node_is_redirected_into_it_with_the_l3_hop() {
     let out = n.from_a(&syn);
     assert_eq!(out.verdict, verdict::REDIRECT);
     let p = packet::parse(&out.packet).unwrap();
-    assert_eq!(
-        p.eth,
-        Eth {
-            dst: B.mac,
-            src: B.lxc_mac
-        },
-        "MACs of B's veth"
-    );
+    assert_eq!(p.eth, Eth { dst: B.mac, src: B.lxc_mac }, "MACs of B's veth");
     let ip = p.ipv4.unwrap();
     assert_eq!((ip.src, ip.dst, ip.ttl), (A.ip, B.ip, 63));
     assert!(ip.header_csum_ok, "header checksum updated with the TTL");
@@ -217,29 +182,16 @@ fn a_syn_to_a_pod_on_the_node_is_redirected_into_it_with_the_l3_hop() {
 
     let t = n.trace();
     assert_eq!(t.hdr.subtype, trace::TO_LXC);
-    assert_eq!(
-        (t.dst_id, t.src_identity, t.dst_identity),
-        (B.id, A.identity, B.identity)
-    );
+    assert_eq!((t.dst_id, t.src_identity, t.dst_identity), (B.id, A.identity, B.identity));
     assert_eq!((t.ct_state, t.ifindex), (ct::CT_NEW, B.ifindex));
 
     // Both views of the connection exist: A's egress, B's ingress.
     for dir in [ct::DIR_EGRESS, ct::DIR_INGRESS] {
-        let e = n
-            .ct_entry(key(&A, B.ip, 39276, 80, 6, dir))
-            .unwrap_or_else(|| panic!("dir {dir}"));
-        assert_eq!(
-            (e.tx_packets, e.rx_packets, e.src_identity),
-            (1, 0, A.identity)
-        );
+        let e = n.ct_entry(key(&A, B.ip, 39276, 80, 6, dir)).unwrap_or_else(|| panic!("dir {dir}"));
+        assert_eq!((e.tx_packets, e.rx_packets, e.src_identity), (1, 0, A.identity));
         assert_eq!(e.tx_flags_seen, tcp_flags::SYN);
     }
-    let ingress = n
-        .node
-        .metrics()
-        .unwrap()
-        .get(0, metrics::DIR_INGRESS)
-        .unwrap();
+    let ingress = n.node.metrics().unwrap().get(0, metrics::DIR_INGRESS).unwrap();
     assert_eq!(ingress.packets, 1, "delivery counted as forwarded ingress");
 }
 
@@ -252,13 +204,7 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
     let synack = B.send(A.ip, &tcp(80, 40000, tcp_flags::SYN | tcp_flags::ACK));
     let out = n.from_b(&synack);
     assert_eq!(out.verdict, verdict::REDIRECT);
-    assert_eq!(
-        packet::parse(&out.packet).unwrap().eth,
-        Eth {
-            dst: A.mac,
-            src: A.lxc_mac
-        }
-    );
+    assert_eq!(packet::parse(&out.packet).unwrap().eth, Eth { dst: A.mac, src: A.lxc_mac });
     let t = n.trace();
     assert_eq!((t.dst_id, t.ct_state), (A.id, ct::CT_REPLY));
     for dir in [ct::DIR_EGRESS, ct::DIR_INGRESS] {
@@ -267,57 +213,31 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
         assert_eq!(e.rx_flags_seen, tcp_flags::SYN | tcp_flags::ACK);
     }
     // No entry was created for the reply's own tuple.
-    assert_eq!(
-        n.ct_entry(key(&B, A.ip, 80, 40000, 6, ct::DIR_EGRESS)),
-        None
-    );
+    assert_eq!(n.ct_entry(key(&B, A.ip, 80, 40000, 6, ct::DIR_EGRESS)), None);
 
     n.from_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK)));
     assert_eq!(n.trace().ct_state, ct::CT_ESTABLISHED);
-    let e = n
-        .ct_entry(key(&A, B.ip, 40000, 80, 6, ct::DIR_EGRESS))
-        .unwrap();
+    let e = n.ct_entry(key(&A, B.ip, 40000, 80, 6, ct::DIR_EGRESS)).unwrap();
     assert_ne!(e.flags & ct::F_SEEN_NON_SYN, 0);
 }
 
 #[test]
 fn icmp_echo_and_udp_are_tracked_in_the_non_tcp_table() {
     let mut n = Node::new("icmp");
-    let req = L4::IcmpEcho {
-        request: true,
-        id: 77,
-        seq: 1,
-        payload: b"ping",
-    };
+    let req = L4::IcmpEcho { request: true, id: 77, seq: 1, payload: b"ping" };
     assert_eq!(n.from_a(&A.send(B.ip, &req)).verdict, verdict::REDIRECT);
     assert_eq!(n.trace().ct_state, ct::CT_NEW);
-    let rep = L4::IcmpEcho {
-        request: false,
-        id: 77,
-        seq: 1,
-        payload: b"ping",
-    };
+    let rep = L4::IcmpEcho { request: false, id: 77, seq: 1, payload: b"ping" };
     assert_eq!(n.from_b(&B.send(A.ip, &rep)).verdict, verdict::REDIRECT);
     assert_eq!(n.trace().ct_state, ct::CT_REPLY);
     // The echo identifier stands in dport of the request's tuple.
-    assert!(
-        n.ct_entry(key(&A, B.ip, 0, 77, 1, ct::DIR_EGRESS))
-            .is_some()
-    );
+    assert!(n.ct_entry(key(&A, B.ip, 0, 77, 1, ct::DIR_EGRESS)).is_some());
 
-    let udp = L4::Udp {
-        sport: 5000,
-        dport: 53,
-        payload: b"q",
-    };
+    let udp = L4::Udp { sport: 5000, dport: 53, payload: b"q" };
     assert_eq!(n.from_a(&A.send(B.ip, &udp)).verdict, verdict::REDIRECT);
     n.events.drain();
     let dump = n.node.ct().unwrap().dump().unwrap();
-    assert!(
-        dump.iter()
-            .any(|(k, _)| k.proto == 17 && k.dport == 53u16.to_be()),
-        "{dump:?}"
-    );
+    assert!(dump.iter().any(|(k, _)| k.proto == 17 && k.dport == 53u16.to_be()), "{dump:?}");
 }
 
 #[test]
@@ -326,10 +246,7 @@ fn traffic_to_the_host_or_outside_goes_to_the_stack_with_its_identity() {
     let out = n.from_a(&A.send(ROUTER, &tcp(1234, 22, tcp_flags::SYN)));
     assert_eq!(out.verdict, verdict::OK);
     let t = n.trace();
-    assert_eq!(
-        (t.hdr.subtype, t.dst_identity),
-        (trace::TO_STACK, identity::HOST)
-    );
+    assert_eq!((t.hdr.subtype, t.dst_identity), (trace::TO_STACK, identity::HOST));
 
     let world = Ipv4Addr::new(192, 0, 2, 10);
     let out = n.from_a(&A.send(world, &tcp(1235, 443, tcp_flags::SYN)));
@@ -341,29 +258,17 @@ fn traffic_to_the_host_or_outside_goes_to_the_stack_with_its_identity() {
 fn the_host_reaches_a_pod_with_the_host_identity_and_the_reply_is_tracked() {
     let mut n = Node::new("from-host");
     let syn = packet::ipv4_frame(
-        &Eth {
-            dst: HOST_MAC,
-            src: HOST_MAC,
-        },
+        &Eth { dst: HOST_MAC, src: HOST_MAC },
         &Ip4::new(ROUTER, B.ip),
         &tcp(50000, 8080, tcp_flags::SYN),
     );
     let out = n.from_host(&syn);
     assert_eq!(out.verdict, verdict::REDIRECT);
     let p = packet::parse(&out.packet).unwrap();
-    assert_eq!(
-        p.eth,
-        Eth {
-            dst: B.mac,
-            src: B.lxc_mac
-        }
-    );
+    assert_eq!(p.eth, Eth { dst: B.mac, src: B.lxc_mac });
     assert_eq!(p.ipv4.unwrap().ttl, 63);
     let t = n.trace();
-    assert_eq!(
-        (t.src_identity, t.dst_id, t.ct_state),
-        (identity::HOST, B.id, ct::CT_NEW)
-    );
+    assert_eq!((t.src_identity, t.dst_id, t.ct_state), (identity::HOST, B.id, ct::CT_NEW));
     let e = n.ct_entry(CtKey4 {
         saddr: ROUTER.octets(),
         ..key(&B, B.ip, 50000, 8080, 6, ct::DIR_INGRESS)
@@ -380,15 +285,9 @@ fn the_host_reaches_a_pod_with_the_host_identity_and_the_reply_is_tracked() {
 #[test]
 fn from_host_leaves_packets_for_other_addresses_alone() {
     let mut n = Node::new("host-other");
-    let eth = Eth {
-        dst: HOST_MAC,
-        src: HOST_MAC,
-    };
-    let other = packet::ipv4_frame(
-        &eth,
-        &Ip4::new(ROUTER, Ipv4Addr::new(10, 200, 0, 99)),
-        &tcp(1, 2, 2),
-    );
+    let eth = Eth { dst: HOST_MAC, src: HOST_MAC };
+    let other =
+        packet::ipv4_frame(&eth, &Ip4::new(ROUTER, Ipv4Addr::new(10, 200, 0, 99)), &tcp(1, 2, 2));
     let to_host = packet::ipv4_frame(&eth, &Ip4::new(A.ip, ROUTER), &tcp(1, 2, 2));
     let arp = packet::arp_request(HOST_MAC, ROUTER, A.ip);
     for pkt in [other, to_host, arp] {
@@ -401,22 +300,10 @@ fn from_host_leaves_packets_for_other_addresses_alone() {
 /// Runs `pkt` through A's from-container and expects a drop with `reason`.
 fn expect_drop(n: &mut Node, pkt: &[u8], reason: u8) {
     let out = n.from_a(pkt);
-    assert_eq!(
-        out.verdict,
-        verdict::SHOT,
-        "expected {}",
-        drop::reason_name(reason)
-    );
+    assert_eq!(out.verdict, verdict::SHOT, "expected {}", drop::reason_name(reason));
     let events = n.events.drain();
-    let [Event::Drop(d)] = events.as_slice() else {
-        panic!("one drop event, got {events:?}")
-    };
-    assert_eq!(
-        d.hdr.subtype,
-        reason,
-        "got {}",
-        drop::reason_name(d.hdr.subtype)
-    );
+    let [Event::Drop(d)] = events.as_slice() else { panic!("one drop event, got {events:?}") };
+    assert_eq!(d.hdr.subtype, reason, "got {}", drop::reason_name(d.hdr.subtype));
     assert_eq!((d.hdr.source, d.src_identity), (A.id, A.identity));
 }
 
@@ -426,10 +313,7 @@ fn bad_packets_on_the_pod_to_pod_path_are_dropped_with_their_reason() {
     let ok = A.send(B.ip, &tcp(1000, 80, tcp_flags::SYN));
 
     let spoofed = packet::ipv4_frame(
-        &Eth {
-            dst: A.lxc_mac,
-            src: A.mac,
-        },
+        &Eth { dst: A.lxc_mac, src: A.mac },
         &Ip4::new(Ipv4Addr::new(10, 200, 0, 77), B.ip),
         &tcp(1000, 80, tcp_flags::SYN),
     );
@@ -445,22 +329,10 @@ fn bad_packets_on_the_pod_to_pod_path_are_dropped_with_their_reason() {
     packet::refresh_ipv4_checksum(&mut fragment);
     expect_drop(&mut n, &fragment, drop::FRAG_NOSUPPORT);
 
-    let short_tcp = A.send(
-        B.ip,
-        &L4::Raw {
-            proto: 6,
-            bytes: &[0; 10],
-        },
-    );
+    let short_tcp = A.send(B.ip, &L4::Raw { proto: 6, bytes: &[0; 10] });
     expect_drop(&mut n, &short_tcp, drop::CT_INVALID_HDR);
 
-    let gre = A.send(
-        B.ip,
-        &L4::Raw {
-            proto: 47,
-            bytes: &[0; 24],
-        },
-    );
+    let gre = A.send(B.ip, &L4::Raw { proto: 47, bytes: &[0; 24] });
     expect_drop(&mut n, &gre, drop::CT_UNKNOWN_PROTO);
 
     // None of them created a connection.
@@ -471,38 +343,15 @@ fn bad_packets_on_the_pod_to_pod_path_are_dropped_with_their_reason() {
 fn the_ipcache_wrapper_does_longest_prefix_match_and_refuses_bad_prefixes() {
     let n = Node::new("ipcache");
     let mut ipc = n.node.ipcache().unwrap();
-    ipc.upsert(Ipv4Addr::new(10, 200, 0, 0), 24, &ipcache_entry(7000))
-        .unwrap();
-    assert_eq!(
-        ipc.lookup(A.ip).unwrap().unwrap().identity,
-        A.identity,
-        "/32 beats /24"
-    );
-    assert_eq!(
-        ipc.lookup(Ipv4Addr::new(10, 200, 0, 50))
-            .unwrap()
-            .unwrap()
-            .identity,
-        7000
-    );
-    assert_eq!(
-        ipc.lookup(Ipv4Addr::new(8, 8, 8, 8))
-            .unwrap()
-            .unwrap()
-            .identity,
-        identity::WORLD
-    );
+    ipc.upsert(Ipv4Addr::new(10, 200, 0, 0), 24, &ipcache_entry(7000)).unwrap();
+    assert_eq!(ipc.lookup(A.ip).unwrap().unwrap().identity, A.identity, "/32 beats /24");
+    assert_eq!(ipc.lookup(Ipv4Addr::new(10, 200, 0, 50)).unwrap().unwrap().identity, 7000);
+    assert_eq!(ipc.lookup(Ipv4Addr::new(8, 8, 8, 8)).unwrap().unwrap().identity, identity::WORLD);
 
     let before = ipc.dump().unwrap();
-    let e = ipc
-        .upsert(Ipv4Addr::new(10, 200, 0, 9), 24, &ipcache_entry(1))
-        .unwrap_err();
+    let e = ipc.upsert(Ipv4Addr::new(10, 200, 0, 9), 24, &ipcache_entry(1)).unwrap_err();
     assert!(e.to_string().contains("10.200.0.9/24"), "{e}");
-    assert_eq!(
-        ipc.dump().unwrap(),
-        before,
-        "a refused update leaves the map as it was"
-    );
+    assert_eq!(ipc.dump().unwrap(), before, "a refused update leaves the map as it was");
 
     ipc.remove(A.ip, 32).unwrap();
     ipc.remove(A.ip, 32).unwrap(); // removing twice is fine

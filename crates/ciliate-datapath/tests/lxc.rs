@@ -45,17 +45,10 @@ impl Harness {
     }
 
     fn with(node: ScratchNode, mut loaded: Loaded) -> Self {
-        loaded
-            .classifier(FROM_CONTAINER)
-            .expect("load from_container");
+        loaded.classifier(FROM_CONTAINER).expect("load from_container");
         let metrics = MetricsMap::from_pin_dir(&node.pins.dir).expect("metrics map");
         let events = EventRing::from_pin_dir(&node.pins.dir).expect("event ring");
-        Self {
-            _node: node,
-            loaded,
-            metrics,
-            events,
-        }
+        Self { _node: node, loaded, metrics, events }
     }
 
     fn run(&mut self, pkt: &[u8]) -> TcRun {
@@ -65,29 +58,16 @@ impl Harness {
 }
 
 fn pod_eth() -> Eth {
-    Eth {
-        dst: LXC_MAC,
-        src: POD_MAC,
-    }
+    Eth { dst: LXC_MAC, src: POD_MAC }
 }
 
 #[test]
 fn arp_request_for_the_gateway_is_answered_with_the_lxc_mac() {
     let mut h = Harness::new("arp");
     let out = h.run(&packet::arp_request(POD_MAC, POD_IP, GW_IP));
-    assert_eq!(
-        out.verdict,
-        verdict::REDIRECT,
-        "ARP reply goes back out of the lxc device"
-    );
+    assert_eq!(out.verdict, verdict::REDIRECT, "ARP reply goes back out of the lxc device");
     let p = packet::parse(&out.packet).unwrap();
-    assert_eq!(
-        p.eth,
-        Eth {
-            dst: POD_MAC,
-            src: LXC_MAC
-        }
-    );
+    assert_eq!(p.eth, Eth { dst: POD_MAC, src: LXC_MAC });
     let arp = p.arp.unwrap();
     assert_eq!(arp.op, ARPOP_REPLY);
     assert_eq!((arp.sha, arp.spa), (LXC_MAC, GW_IP));
@@ -99,10 +79,7 @@ fn arp_for_any_other_address_is_answered_too() {
     let mut h = Harness::new("arp-any");
     let out = h.run(&packet::arp_request(POD_MAC, POD_IP, OTHER_IP));
     assert_eq!(out.verdict, verdict::REDIRECT);
-    assert_eq!(
-        packet::parse(&out.packet).unwrap().arp.unwrap().spa,
-        OTHER_IP
-    );
+    assert_eq!(packet::parse(&out.packet).unwrap().arp.unwrap().spa, OTHER_IP);
 }
 
 #[test]
@@ -125,27 +102,16 @@ fn arp_for_the_pods_own_address_and_arp_replies_pass_unchanged() {
 #[test]
 fn ipv4_goes_to_the_stack_with_a_trace_event() {
     let mut h = Harness::new("ipv4");
-    let syn = L4::Tcp {
-        sport: 39276,
-        dport: 22,
-        seq: 1,
-        ack: 0,
-        flags: tcp_flags::SYN,
-        payload: b"",
-    };
+    let syn =
+        L4::Tcp { sport: 39276, dport: 22, seq: 1, ack: 0, flags: tcp_flags::SYN, payload: b"" };
     let pkt = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, OTHER_IP), &syn);
     let out = h.run(&pkt);
     assert_eq!(out.verdict, verdict::OK);
     assert_eq!(out.packet, pkt);
-    let fwd = h
-        .metrics
-        .get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS)
-        .unwrap();
+    let fwd = h.metrics.get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS).unwrap();
     assert_eq!((fwd.packets, fwd.bytes), (1, pkt.len() as u64));
     let events = h.events.drain();
-    let [Event::Trace(t)] = events.as_slice() else {
-        panic!("one trace event, got {events:?}")
-    };
+    let [Event::Trace(t)] = events.as_slice() else { panic!("one trace event, got {events:?}") };
     assert_eq!(t.hdr.subtype, trace::TO_STACK);
     assert_eq!((t.hdr.source, t.src_identity, t.ifindex), (1777, 43561, 42));
     assert_eq!(Event::Trace(*t).captured(), &pkt[..]);
@@ -155,18 +121,11 @@ fn ipv4_goes_to_the_stack_with_a_trace_event() {
 fn expect_drop(h: &mut Harness, pkt: &[u8], reason: u8) {
     let before = h.metrics.get(reason, metrics::DIR_EGRESS).unwrap().packets;
     let out = h.run(pkt);
-    assert_eq!(
-        out.verdict,
-        verdict::SHOT,
-        "reason {reason} ({})",
-        drop::reason_name(reason)
-    );
+    assert_eq!(out.verdict, verdict::SHOT, "reason {reason} ({})", drop::reason_name(reason));
     let after = h.metrics.get(reason, metrics::DIR_EGRESS).unwrap().packets;
     assert_eq!(after, before + 1, "drop counted under reason {reason}");
     let events = h.events.drain();
-    let [ev @ Event::Drop(d)] = events.as_slice() else {
-        panic!("one drop event, got {events:?}")
-    };
+    let [ev @ Event::Drop(d)] = events.as_slice() else { panic!("one drop event, got {events:?}") };
     assert_eq!(d.hdr.subtype, reason);
     assert_eq!(d.hdr.len_orig as usize, pkt.len());
     assert_eq!(ev.captured(), &pkt[..pkt.len().min(128)]);
@@ -176,11 +135,7 @@ fn expect_drop(h: &mut Harness, pkt: &[u8], reason: u8) {
 #[test]
 fn malformed_ipv4_is_dropped_as_invalid() {
     let mut h = Harness::new("bad-ip");
-    let udp = L4::Udp {
-        sport: 1,
-        dport: 2,
-        payload: b"x",
-    };
+    let udp = L4::Udp { sport: 1, dport: 2, payload: b"x" };
     let good = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, OTHER_IP), &udp);
     // (A frame cut inside the first 20 bytes of IPv4 cannot be tested here:
     // BPF_PROG_TEST_RUN itself refuses such input with EINVAL.)
@@ -213,38 +168,20 @@ fn a_program_loaded_without_configuration_drops_everything() {
     let lxc = objects::all().iter().find(|o| o.name == "lxc").unwrap();
     let loaded = loader::load_with(lxc, &node.pins, |_| {}).unwrap();
     let mut h = Harness::with(node, loaded);
-    expect_drop(
-        &mut h,
-        &packet::arp_request(POD_MAC, POD_IP, GW_IP),
-        drop::NO_CONFIG,
-    );
+    expect_drop(&mut h, &packet::arp_request(POD_MAC, POD_IP, GW_IP), drop::NO_CONFIG);
 }
 
 #[test]
 fn two_endpoints_of_a_node_share_the_metrics_map() {
     let node = ScratchNode::new("shared").unwrap();
     let mut a = loader::load_endpoint(&node.pins, &cfg()).unwrap();
-    let mut b = loader::load_endpoint(
-        &node.pins,
-        &EndpointConfig {
-            endpoint_id: 2,
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let mut b =
+        loader::load_endpoint(&node.pins, &EndpointConfig { endpoint_id: 2, ..cfg() }).unwrap();
     let lldp = packet::ether(&pod_eth(), 0x88cc, &[0u8; 46]);
     for l in [&mut a, &mut b] {
         let prog = l.classifier(FROM_CONTAINER).unwrap();
-        assert_eq!(
-            run_tc(prog, FROM_CONTAINER, &lldp).unwrap().verdict,
-            verdict::SHOT
-        );
+        assert_eq!(run_tc(prog, FROM_CONTAINER, &lldp).unwrap().verdict, verdict::SHOT);
     }
     let m = MetricsMap::from_pin_dir(&node.pins.dir).unwrap();
-    assert_eq!(
-        m.get(drop::UNKNOWN_L3, metrics::DIR_EGRESS)
-            .unwrap()
-            .packets,
-        2
-    );
+    assert_eq!(m.get(drop::UNKNOWN_L3, metrics::DIR_EGRESS).unwrap().packets, 2);
 }

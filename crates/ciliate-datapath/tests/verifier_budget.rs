@@ -40,12 +40,7 @@ fn every_program_loads_within_half_the_verifier_limit() {
         let costs = loaded.load_all().unwrap_or_else(|e| panic!("{e}"));
         assert!(!costs.is_empty(), "object {} has no programs", object.name);
         for c in costs {
-            assert!(
-                c.processed_insns > 0,
-                "{}/{}: no verifier count",
-                c.object,
-                c.program
-            );
+            assert!(c.processed_insns > 0, "{}/{}: no verifier count", c.object, c.program);
             assert!(
                 c.processed_insns <= BUDGET,
                 "{}/{}: {} processed instructions, budget {BUDGET}",
@@ -79,9 +74,6 @@ fn every_program_loads_within_half_the_verifier_limit() {
         }
     }
     for k in recorded.keys() {
-        assert!(
-            measured.contains_key(k),
-            "verifier-budget.txt names {k}, which no object has"
-        );
+        assert!(measured.contains_key(k), "verifier-budget.txt names {k}, which no object has");
     }
 }

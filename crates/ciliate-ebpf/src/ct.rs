@@ -145,11 +145,7 @@ fn closing_flags(tcp_flags: u8, mine: u16, both: u16) -> u16 {
 /// `src_identity` as the opener).
 #[inline(always)]
 pub fn track(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<u8, Drop> {
-    let map = if t.key.proto == IPPROTO_TCP {
-        &CILIATE_CT4_TCP
-    } else {
-        &CILIATE_CT4_ANY
-    };
+    let map = if t.key.proto == IPPROTO_TCP { &CILIATE_CT4_TCP } else { &CILIATE_CT4_ANY };
     track_in(map, t, dir, len, src_identity)
 }
 
@@ -163,11 +159,8 @@ fn track_in(
 ) -> Result<u8, Drop> {
     let proto = t.key.proto;
     let syn_only = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let non_syn = if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 {
-        F_SEEN_NON_SYN
-    } else {
-        0
-    };
+    let non_syn =
+        if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
     let both = F_TX_CLOSING | F_RX_CLOSING;
     let now = now_secs();
 
@@ -189,11 +182,7 @@ fn track_in(
         return Ok(if reopened { CT_NEW } else { CT_ESTABLISHED });
     }
 
-    let other = if dir == DIR_EGRESS {
-        DIR_INGRESS
-    } else {
-        DIR_EGRESS
-    };
+    let other = if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
     let rev = t.key.reverse(other);
     if let Some(e) = map.get_ptr_mut(rev) {
         // SAFETY: as above.
@@ -220,7 +209,6 @@ fn track_in(
         rx_flags_seen: 0,
         _pad: [0; 2],
     };
-    map.insert(fwd, entry, 0)
-        .map_err(|_| drop!(CT_CREATE_FAILED))?;
+    map.insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
     Ok(CT_NEW)
 }

@@ -31,11 +31,7 @@ pub struct Drop {
 impl Drop {
     #[inline(always)]
     pub const fn new(reason: u8, line: u32) -> Self {
-        Self {
-            reason,
-            ext_error: 0,
-            line: line as u16,
-        }
+        Self { reason, ext_error: 0, line: line as u16 }
     }
 }
 

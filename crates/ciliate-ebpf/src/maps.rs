@@ -53,10 +53,7 @@ pub fn count(reason: u8, dir: u8, len: u32) {
             }
         }
         None => {
-            let v = MetricsValue {
-                packets: 1,
-                bytes: u64::from(len),
-            };
+            let v = MetricsValue { packets: 1, bytes: u64::from(len) };
             // A full map loses this sample; there is nothing better to do.
             let _ = CILIATE_METRICS.insert(key, v, 0);
         }

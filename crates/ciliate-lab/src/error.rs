@@ -7,11 +7,7 @@ pub enum LabError {
         source: std::io::Error,
     },
     #[error("{cmd} failed ({status}): {stderr}")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Command { cmd: String, status: String, stderr: String },
     #[error("entering network namespace {ns}: {source}")]
     Enter {
         ns: String,

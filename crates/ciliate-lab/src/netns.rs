@@ -19,10 +19,7 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| LabError::Spawn {
-            cmd: shown.clone(),
-            source,
-        })?;
+        .map_err(|source| LabError::Spawn { cmd: shown.clone(), source })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd: shown,
@@ -46,10 +43,7 @@ pub fn exists(name: &str) -> bool {
 /// Every named namespace.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -66,28 +60,19 @@ impl Netns {
             return Err(LabError::Invalid(format!("bad namespace name {name:?}")));
         }
         ip(&["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_owned(),
-            keep: false,
-        };
+        let ns = Self { name: name.to_owned(), keep: false };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     /// Take ownership of an existing namespace (to delete it).
     pub fn adopt(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            keep: false,
-        }
+        Self { name: name.to_owned(), keep: false }
     }
 
     /// A handle on an existing namespace that never deletes it.
     pub fn existing(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            keep: true,
-        }
+        Self { name: name.to_owned(), keep: true }
     }
 
     pub fn name(&self) -> &str {
@@ -112,9 +97,8 @@ impl Netns {
 
     /// Run `args` inside the namespace; stdout, or an error with stderr.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
-        let (program, rest) = args
-            .split_first()
-            .ok_or_else(|| LabError::Invalid("empty command".into()))?;
+        let (program, rest) =
+            args.split_first().ok_or_else(|| LabError::Invalid("empty command".into()))?;
         run(self.command(program).args(rest))
     }
 
@@ -127,31 +111,24 @@ impl Netns {
 
     /// Set a sysctl inside the namespace (never in the root namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(drop)
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(drop)
     }
 
     /// Start a long-running process inside the namespace. It is killed when
     /// the namespace is dropped.
     pub fn spawn(&self, args: &[&str]) -> Result<Child> {
-        let (program, rest) = args
-            .split_first()
-            .ok_or_else(|| LabError::Invalid("empty command".into()))?;
+        let (program, rest) =
+            args.split_first().ok_or_else(|| LabError::Invalid("empty command".into()))?;
         let mut cmd = self.command(program);
         cmd.args(rest).stdin(Stdio::null());
-        cmd.spawn().map_err(|source| LabError::Spawn {
-            cmd: format!("{cmd:?}"),
-            source,
-        })
+        cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
     }
 
     /// Run `f` on a thread that has entered this namespace, so netlink and
     /// BPF attach calls made by `f` act inside it.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
-        let file = File::open(self.path()).map_err(|source| LabError::Enter {
-            ns: self.name.clone(),
-            source,
-        })?;
+        let file = File::open(self.path())
+            .map_err(|source| LabError::Enter { ns: self.name.clone(), source })?;
         std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: setns on a valid namespace fd affects only this
@@ -172,11 +149,7 @@ impl Netns {
     /// Pids of the processes inside the namespace.
     pub fn pids(&self) -> Vec<i32> {
         ip(&["netns", "pids", &self.name])
-            .map(|s| {
-                s.split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
+            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
             .unwrap_or_default()
     }
 
@@ -217,18 +190,7 @@ impl Drop for Netns {
 
 /// A veth pair: `a_dev` in `a`, `b_dev` in `b`, both up.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    a.ip(&[
-        "link",
-        "add",
-        a_dev,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_dev,
-        "netns",
-        b.name(),
-    ])?;
+    a.ip(&["link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
     a.ip(&["link", "set", a_dev, "up"])?;
     b.ip(&["link", "set", b_dev, "up"])?;
     Ok(())
@@ -257,8 +219,5 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -2,24 +2,34 @@
 //!
 //! ```text
 //!  pod ns "<lab>-pod<i>"          node ns "<lab>-node1"
-//!  eth0 10.200.0.<i+1>/32 ====== lxc<hash>   tc ingress: from-container
-//!  routes: gw scope link,        ciliate_host 10.200.0.1/32 <=> ciliate_net
-//!          default via gw        route 10.200.0.<i+1>/32 dev lxc<hash>
+//!  eth0 10.200.0.<i+1>/32 ====== lxc<hash>      tc ingress: from-container
+//!  routes: gw scope link,        ciliate_host 10.200.0.1/32 (NOARP)
+//!          default via gw          tc egress: from-host   <=> ciliate_net
+//!                                route 10.200.0.0/24 dev ciliate_host
 //! ```
 //!
 //! Each pod's ARP for its gateway is answered by from-container with the
-//! MAC of its own lxc device; IPv4 goes through from-container to the node's
-//! stack, which routes it to the destination pod's lxc device. The datapath
-//! issues replace that last step with direct redirects and policy.
+//! MAC of its own lxc device. Pod → pod: from-container delivers straight
+//! into the destination pod (peer redirect). Pod → host: the node's stack.
+//! Host → pod: routed to `ciliate_host`, where from-host delivers it with
+//! the host identity. The lab fills the lxc map and the ipcache itself and
+//! gives pod i the identity 256 + i, until the agent does this with real
+//! label-based identities.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use ciliate_common::config::EndpointConfig;
+use ciliate_common::{
+    config::{EndpointConfig, HostConfig},
+    endpoint::{ENDPOINT_F_HOST, EndpointInfo},
+    identity,
+    ipcache::IpcacheEntry,
+};
 use ciliate_datapath::{
     aya_reexport::TcAttachType,
     bpffs::{DEFAULT_ROOT, NodePins},
     loader,
-    objects::programs::FROM_CONTAINER,
+    maps::{IpcacheMap, LxcMap},
+    objects::programs::{FROM_CONTAINER, FROM_HOST},
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +54,13 @@ pub struct NodeLabConfig {
     pub pod_cidr_len: u8,
     pub mtu: u32,
     pub bpffs_root: PathBuf,
+    /// The `ciliate-echo` binary to run in every pod (TCP and UDP echo on
+    /// [`ECHO_PORT`]), if any.
+    pub echo: Option<PathBuf>,
 }
+
+/// Port of the echo server in lab pods.
+pub const ECHO_PORT: u16 = 7;
 
 impl NodeLabConfig {
     pub fn new(lab: &str, pods: usize) -> Self {
@@ -55,6 +71,7 @@ impl NodeLabConfig {
             pod_cidr_len: 24,
             mtu: 1500,
             bpffs_root: PathBuf::from(DEFAULT_ROOT),
+            echo: None,
         }
     }
 
@@ -106,11 +123,15 @@ pub struct PodState {
     pub ip: Ipv4Addr,
     pub lxc: String,
     pub lxc_mac: String,
+    pub mac: String,
     pub endpoint_id: u16,
+    pub identity: u32,
 }
 
 pub struct Pod {
     pub state: PodState,
+    // Dropped before `ns`, whose guard kills the echo server.
+    pub echo: Option<std::process::Child>,
     pub ns: Netns,
 }
 
@@ -130,19 +151,9 @@ impl NodeLab {
         config.validate()?;
         let node_name = format!("{}-node1", config.lab);
         let node = Netns::create(&node_name)?;
-        let pins = NodePins::create(&config.bpffs_root, &node_name).map_err(|source| {
-            LabError::Datapath {
-                ns: node_name.clone(),
-                source,
-            }
-        })?;
-        let mut lab = Self {
-            pods: Vec::new(),
-            node,
-            pins,
-            config,
-            keep: false,
-        };
+        let pins = NodePins::create(&config.bpffs_root, &node_name)
+            .map_err(|source| LabError::Datapath { ns: node_name.clone(), source })?;
+        let mut lab = Self { pods: Vec::new(), node, pins, config, keep: false };
         lab.setup_node()?;
         for i in 0..lab.config.pods {
             let pod = lab.add_pod(i)?;
@@ -151,19 +162,42 @@ impl NodeLab {
         Ok(lab)
     }
 
+    fn dp(&self) -> impl Fn(ciliate_datapath::DatapathError) -> LabError + '_ {
+        |source| LabError::Datapath { ns: self.node.name().to_owned(), source }
+    }
+
     fn setup_node(&self) -> Result<()> {
         let n = &self.node;
         n.sysctl("net.ipv4.ip_forward", "1")?;
         n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        n.ip(&[
-            "link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV,
-        ])?;
-        n.ip(&["link", "set", HOST_DEV, "up"])?;
-        n.ip(&["link", "set", NET_DEV, "up"])?;
-        let router = format!("{}/32", self.config.router_ip());
-        n.ip(&["addr", "add", &router, "dev", HOST_DEV])?;
-        Ok(())
+        n.ip(&["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
+        n.ip(&["link", "set", HOST_DEV, "arp", "off", "up"])?;
+        n.ip(&["link", "set", NET_DEV, "arp", "off", "up"])?;
+        let router = self.config.router_ip();
+        n.ip(&["addr", "add", &format!("{router}/32"), "dev", HOST_DEV])?;
+        let cidr = format!("{}/{}", self.config.pod_cidr, self.config.pod_cidr_len);
+        n.ip(&["route", "add", &cidr, "dev", HOST_DEV, "src", &router.to_string()])?;
+
+        let (mac, ifindex) = link_info(n, HOST_DEV)?;
+        let cfg = HostConfig { ifindex, router_ip: router.octets(), mac, ..Default::default() };
+        let mut host = loader::load_host(&self.pins, &cfg).map_err(self.dp())?;
+        // The maps exist now (the load created and pinned them): the host
+        // endpoint and the ipcache's world and host entries go in before
+        // any program is attached.
+        let host_ep =
+            EndpointInfo { flags: ENDPOINT_F_HOST, identity: identity::HOST, ..Default::default() };
+        LxcMap::from_pin_dir(&self.pins.dir)
+            .and_then(|mut m| m.upsert(router, &host_ep))
+            .map_err(self.dp())?;
+        let mut ipc = IpcacheMap::from_pin_dir(&self.pins.dir).map_err(self.dp())?;
+        let entry = |identity| IpcacheEntry { identity, ..Default::default() };
+        ipc.upsert(std::net::Ipv4Addr::UNSPECIFIED, 0, &entry(identity::WORLD))
+            .map_err(self.dp())?;
+        ipc.upsert(router, 32, &entry(identity::HOST)).map_err(self.dp())?;
+        let pin = self.pins.link_path(HOST_DEV, "from-host");
+        n.run(|| host.attach_tc(FROM_HOST, HOST_DEV, TcAttachType::Egress, &pin))?
+            .map_err(self.dp())
     }
 
     fn add_pod(&self, i: usize) -> Result<Pod> {
@@ -178,48 +212,56 @@ impl NodeLab {
         self.node.ip(&["link", "set", &lxc, "mtu", &mtu])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&[
-            "route", "add", "default", "via", &gw, "dev", "eth0", "mtu", &mtu,
-        ])?;
-        self.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &lxc])?;
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0", "mtu", &mtu])?;
         // Only the datapath answers ARP on a pod's device: the stack must
         // not (arp_ignore 8), so a missing program shows up as no gateway.
-        self.node
-            .sysctl(&format!("net.ipv4.conf.{lxc}.arp_ignore"), "8")?;
+        self.node.sysctl(&format!("net.ipv4.conf.{lxc}.arp_ignore"), "8")?;
         let (lxc_mac, ifindex) = link_info(&self.node, &lxc)?;
+        let (mac, _) = link_info(&ns, "eth0")?;
         let endpoint_id = (i + 1) as u16;
-        let cfg = EndpointConfig {
+        let identity = identity::MIN_CLUSTER + i as u32;
+        let info = EndpointInfo {
             ifindex,
-            identity: 0,
-            ipv4: ip.octets(),
             endpoint_id,
-            lxc_mac,
-            flags: 0,
+            mac,
+            node_mac: lxc_mac,
+            identity,
+            ..Default::default()
         };
+        LxcMap::from_pin_dir(&self.pins.dir)
+            .and_then(|mut m| m.upsert(ip, &info))
+            .map_err(self.dp())?;
+        IpcacheMap::from_pin_dir(&self.pins.dir)
+            .and_then(|mut m| m.upsert(ip, 32, &IpcacheEntry { identity, ..Default::default() }))
+            .map_err(self.dp())?;
+        let cfg =
+            EndpointConfig { ifindex, identity, ipv4: ip.octets(), endpoint_id, lxc_mac, flags: 0 };
         self.attach_endpoint(&lxc, &cfg)?;
+        let echo = match &self.config.echo {
+            Some(bin) => {
+                Some(ns.spawn(&[&bin.to_string_lossy(), "serve", &ECHO_PORT.to_string()])?)
+            }
+            None => None,
+        };
         let state = PodState {
             name,
             ns: ns.name().to_owned(),
             ip,
             lxc,
             lxc_mac: netns::format_mac(&lxc_mac),
+            mac: netns::format_mac(&mac),
             endpoint_id,
+            identity,
         };
-        Ok(Pod { state, ns })
+        Ok(Pod { state, echo, ns })
     }
 
     fn attach_endpoint(&self, lxc: &str, cfg: &EndpointConfig) -> Result<()> {
-        let ns = self.node.name().to_owned();
-        let dp = |source| LabError::Datapath {
-            ns: ns.clone(),
-            source,
-        };
-        let mut loaded = loader::load_endpoint(&self.pins, cfg).map_err(dp)?;
+        let mut loaded = loader::load_endpoint(&self.pins, cfg).map_err(self.dp())?;
         let pin = self.pins.link_path(lxc, "from-container");
         self.node
             .run(|| loaded.attach_tc(FROM_CONTAINER, lxc, TcAttachType::Ingress, &pin))?
-            .map_err(dp)
+            .map_err(self.dp())
     }
 
     pub fn router_ip(&self) -> Ipv4Addr {
@@ -268,10 +310,7 @@ impl Drop for NodeLab {
 pub fn attached_programs(ns: &str, dev: &str) -> Result<Vec<String>> {
     Netns::existing(ns)
         .run(|| loader::tcx_programs(dev, TcAttachType::Ingress))?
-        .map_err(|source| LabError::Datapath {
-            ns: ns.to_owned(),
-            source,
-        })
+        .map_err(|source| LabError::Datapath { ns: ns.to_owned(), source })
 }
 
 fn state_path(lab: &str) -> PathBuf {
@@ -280,10 +319,7 @@ fn state_path(lab: &str) -> PathBuf {
 
 fn save_state(state: &LabState) -> Result<()> {
     let path = state_path(&state.lab);
-    let err = |reason: String| LabError::State {
-        path: path.display().to_string(),
-        reason,
-    };
+    let err = |reason: String| LabError::State { path: path.display().to_string(), reason };
     std::fs::create_dir_all(STATE_DIR).map_err(|e| err(e.to_string()))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| err(e.to_string()))?;
     std::fs::write(&path, json).map_err(|e| err(e.to_string()))
@@ -293,17 +329,12 @@ fn save_state(state: &LabState) -> Result<()> {
 pub fn load_state(lab: &str) -> Result<Option<LabState>> {
     let path = state_path(lab);
     match std::fs::read_to_string(&path) {
-        Ok(s) => serde_json::from_str(&s)
-            .map(Some)
-            .map_err(|e| LabError::State {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(LabError::State {
+        Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| LabError::State {
             path: path.display().to_string(),
             reason: e.to_string(),
         }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LabError::State { path: path.display().to_string(), reason: e.to_string() }),
     }
 }
 
@@ -328,10 +359,8 @@ pub fn list_states() -> Vec<LabState> {
 pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
     let prefix = format!("{lab}-");
     let mut removed = Vec::new();
-    let mut names: Vec<String> = netns::list()
-        .into_iter()
-        .filter(|n| is_lab_ns(n, &prefix))
-        .collect();
+    let mut names: Vec<String> =
+        netns::list().into_iter().filter(|n| is_lab_ns(n, &prefix)).collect();
     names.sort();
     // Pods first, then the node.
     names.sort_by_key(|n| n.contains("-node"));
@@ -342,10 +371,7 @@ pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
     let pins_root = bpffs_root.join("ciliate");
     if let Ok(dir) = std::fs::read_dir(&pins_root) {
         for e in dir.flatten() {
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| is_lab_ns(n, &prefix))
-            {
+            if e.file_name().to_str().is_some_and(|n| is_lab_ns(n, &prefix)) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -380,20 +406,11 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_with_a_reason() {
-        let e = NodeLabConfig::new("bad name!", 2)
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = NodeLabConfig::new("bad name!", 2).validate().unwrap_err().to_string();
         assert!(e.contains("lab name"), "{e}");
-        let e = NodeLabConfig::new("ok", 0)
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = NodeLabConfig::new("ok", 0).validate().unwrap_err().to_string();
         assert!(e.contains("0 pods"), "{e}");
-        let e = NodeLabConfig::new("ok", 300)
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = NodeLabConfig::new("ok", 300).validate().unwrap_err().to_string();
         assert!(e.contains("300 pods"), "{e}");
     }
 }

@@ -35,10 +35,7 @@ fn the_guard_removes_the_namespace_and_its_processes_when_a_test_panics() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "process survived its namespace"
-        );
+        assert!(std::time::Instant::now() < deadline, "process survived its namespace");
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
     use std::os::unix::process::ExitStatusExt;
@@ -60,32 +57,14 @@ fn a_kept_namespace_outlives_its_guard_until_deleted() {
 #[test]
 fn run_executes_inside_the_namespace() {
     let ns = Netns::create(&unique("run")).unwrap();
-    ns.ip(&[
-        "link",
-        "add",
-        "cltdummy0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "cltdummy1",
-    ])
-    .unwrap();
+    ns.ip(&["link", "add", "cltdummy0", "type", "veth", "peer", "name", "cltdummy1"]).unwrap();
     let index = |dev: &str| {
         let c = std::ffi::CString::new(dev).unwrap();
         // SAFETY: if_nametoindex on a NUL-terminated name.
         unsafe { libc::if_nametoindex(c.as_ptr()) }
     };
-    assert_ne!(
-        ns.run(|| index("cltdummy0")).unwrap(),
-        0,
-        "device visible inside"
-    );
-    assert_eq!(
-        index("cltdummy0"),
-        0,
-        "device not visible in the root namespace"
-    );
+    assert_ne!(ns.run(|| index("cltdummy0")).unwrap(), 0, "device visible inside");
+    assert_eq!(index("cltdummy0"), 0, "device not visible in the root namespace");
     let out = ns.exec(&["ip", "-o", "link", "show", "cltdummy0"]).unwrap();
     assert!(out.contains("cltdummy0"));
 }
@@ -97,17 +76,10 @@ fn a_veth_pair_between_namespaces_carries_traffic() {
     veth(&a, "va", &b, "vb").unwrap();
     a.ip(&["addr", "add", "192.0.2.1/24", "dev", "va"]).unwrap();
     b.ip(&["addr", "add", "192.0.2.2/24", "dev", "vb"]).unwrap();
-    a.exec(&["ping", "-c", "1", "-W", "2", "192.0.2.2"])
-        .unwrap();
+    a.exec(&["ping", "-c", "1", "-W", "2", "192.0.2.2"]).unwrap();
     // And a failing command reports its stderr.
-    let err = a
-        .exec(&["ip", "link", "show", "nosuchdev"])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("nosuchdev") || err.contains("does not exist"),
-        "{err}"
-    );
+    let err = a.exec(&["ip", "link", "show", "nosuchdev"]).unwrap_err().to_string();
+    assert!(err.contains("nosuchdev") || err.contains("does not exist"), "{err}");
 }
 
 #[test]

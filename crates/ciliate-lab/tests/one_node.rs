@@ -1,14 +1,25 @@
 //! End to end on the one-node lab: the from-container program answers each
 //! pod's ARP for its gateway with the pod's own lxc MAC, pods reach the
-//! gateway and each other, and everything is removed afterwards.
+//! gateway and each other (TCP and UDP through conntrack, delivered straight
+//! into the destination pod), the host reaches pods through from-host with
+//! the host identity, and everything is removed afterwards.
 //! Needs root; CI runs as root.
 
-use ciliate_common::metrics;
-use ciliate_datapath::maps::MetricsMap;
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use ciliate_common::{ct, identity, metrics, trace};
+use ciliate_datapath::{
+    events::Event,
+    maps::{CtMaps, EventRing, MetricsMap},
+};
 use ciliate_lab::{
+    Netns,
     names::token,
     netns::{self, exists},
-    node::{self, NodeLab, NodeLabConfig},
+    node::{self, ECHO_PORT, NodeLab, NodeLabConfig},
 };
 
 fn lab_name() -> String {
@@ -29,40 +40,102 @@ fn pods_get_their_own_gateway_mac_and_reach_the_gateway_and_each_other() {
 
     // Routes as Cilium sets them: the gateway on-link, default via it.
     let routes = p1.ns.ip(&["route", "show"]).unwrap();
-    assert!(
-        routes.contains(&format!("default via {gw} dev eth0")),
-        "{routes}"
-    );
-    assert!(
-        routes.contains(&format!("{gw} dev eth0 scope link")),
-        "{routes}"
-    );
+    assert!(routes.contains(&format!("default via {gw} dev eth0")), "{routes}");
+    assert!(routes.contains(&format!("{gw} dev eth0 scope link")), "{routes}");
 
     p1.ns.exec(&["ping", "-c", "2", "-W", "2", &gw]).unwrap();
     p2.ns.exec(&["ping", "-c", "1", "-W", "2", &gw]).unwrap();
     assert_eq!(neighbour_mac(&p1.ns, &gw), p1.state.lxc_mac);
     assert_eq!(neighbour_mac(&p2.ns, &gw), p2.state.lxc_mac);
-    assert_ne!(
-        p1.state.lxc_mac, p2.state.lxc_mac,
-        "each pod sees its own gateway MAC"
-    );
+    assert_ne!(p1.state.lxc_mac, p2.state.lxc_mac, "each pod sees its own gateway MAC");
 
-    p1.ns
-        .exec(&["ping", "-c", "2", "-W", "2", &p2.state.ip.to_string()])
-        .unwrap();
+    p1.ns.exec(&["ping", "-c", "2", "-W", "2", &p2.state.ip.to_string()]).unwrap();
 
-    // The packets went through from-container: it counted them.
+    // The packets went through the datapath: to the stack (egress) for the
+    // gateway, delivered into the pod (ingress) for pod to pod.
     let m = MetricsMap::from_pin_dir(&lab.pins.dir).unwrap();
-    let fwd = m
-        .get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS)
-        .unwrap();
-    assert!(
-        fwd.packets >= 5,
-        "from-container forwarded {} packets",
-        fwd.packets
-    );
+    let egress = m.get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS).unwrap();
+    let ingress = m.get(metrics::REASON_FORWARDED, metrics::DIR_INGRESS).unwrap();
+    assert!(egress.packets >= 3, "to the stack: {} packets", egress.packets);
+    assert!(ingress.packets >= 4, "delivered to pods: {} packets", ingress.packets);
 }
 
+fn echo_lab(pods: usize) -> NodeLab {
+    let mut cfg = NodeLabConfig::new(&lab_name(), pods);
+    cfg.echo = Some(env!("CARGO_BIN_EXE_ciliate-echo").into());
+    let lab = NodeLab::up(cfg).unwrap();
+    // The echo servers were just started: wait until each listens.
+    for p in &lab.pods {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let port = format!(":{ECHO_PORT}");
+        while p.ns.exec(&["ss", "-Hltn", "sport", "=", &port]).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "echo server in {} did not start", p.state.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    lab
+}
+
+fn echo(from: &Netns, proto: &str, to: Ipv4Addr, msg: &str) -> String {
+    let bin = env!("CARGO_BIN_EXE_ciliate-echo");
+    from.exec(&[bin, proto, &format!("{to}:{ECHO_PORT}"), msg]).unwrap().trim().to_owned()
+}
+
+#[test]
+fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
+    let lab = echo_lab(2);
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    assert_eq!(echo(&p1.ns, "tcp", p2.state.ip, "hello over tcp"), "hello over tcp");
+    assert_eq!(echo(&p1.ns, "udp", p2.state.ip, "hello over udp"), "hello over udp");
+
+    // The connection is in conntrack in both views, opened by pod1's identity.
+    let ct = CtMaps::from_pin_dir(&lab.pins.dir).unwrap().dump().unwrap();
+    for proto in [6u8, 17] {
+        for dir in [ct::DIR_EGRESS, ct::DIR_INGRESS] {
+            let found = ct.iter().find(|(k, _)| {
+                k.saddr == p1.state.ip.octets()
+                    && k.daddr == p2.state.ip.octets()
+                    && k.dport == ECHO_PORT.to_be()
+                    && k.proto == proto
+                    && k.dir == dir
+            });
+            let (_, e) = found.unwrap_or_else(|| panic!("no entry proto {proto} dir {dir}: {ct:?}"));
+            assert_eq!(e.src_identity, p1.state.identity);
+            assert!(e.rx_packets >= 1, "the reply was seen: {e:?}");
+        }
+    }
+
+    // Delivery into pod2 was traced at its endpoint, with both identities.
+    let events = EventRing::from_pin_dir(&lab.pins.dir).unwrap().drain();
+    let traced = events.iter().any(|e| {
+        matches!(e, Event::Trace(t)
+            if t.hdr.subtype == trace::TO_LXC
+                && t.dst_id == p2.state.endpoint_id
+                && t.src_identity == p1.state.identity
+                && t.dst_identity == p2.state.identity)
+    });
+    assert!(traced, "no to-endpoint trace for pod2 in {} events", events.len());
+}
+
+#[test]
+fn the_host_reaches_pods_through_from_host_with_the_host_identity() {
+    let lab = echo_lab(1);
+    let p1 = &lab.pods[0];
+    assert_eq!(echo(&lab.node, "tcp", p1.state.ip, "from the host"), "from the host");
+    let ct = CtMaps::from_pin_dir(&lab.pins.dir).unwrap().dump().unwrap();
+    let (_, e) = ct
+        .iter()
+        .find(|(k, _)| {
+            k.saddr == lab.router_ip().octets()
+                && k.daddr == p1.state.ip.octets()
+                && k.dir == ct::DIR_INGRESS
+                && k.proto == 6
+        })
+        .unwrap_or_else(|| panic!("no host → pod entry in {ct:?}"));
+    assert_eq!(e.src_identity, identity::HOST);
+    // The pod's reply was recognised in the pod's own (egress) view.
+    assert!(e.rx_packets >= 1, "{e:?}");
+}
 #[test]
 fn without_the_program_the_gateway_is_not_answered() {
     // The lab sets arp_ignore 8 on lxc devices, so only from-container
@@ -76,10 +149,7 @@ fn without_the_program_the_gateway_is_not_answered() {
     // The kernel releases an unpinned link after an RCU grace period.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !lab.lxc_programs(&p1.state.lxc).unwrap().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "program still attached after unpinning"
-        );
+        assert!(std::time::Instant::now() < deadline, "program still attached after unpinning");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let gw = lab.router_ip().to_string();
@@ -105,20 +175,13 @@ fn dropping_the_lab_removes_namespaces_and_pins() {
 #[test]
 fn a_kept_lab_is_recorded_and_removed_by_down() {
     let name = lab_name();
-    let state = NodeLab::up(NodeLabConfig::new(&name, 2))
-        .unwrap()
-        .keep()
-        .unwrap();
+    let state = NodeLab::up(NodeLabConfig::new(&name, 2)).unwrap().keep().unwrap();
     assert_eq!(node::load_state(&name).unwrap().as_ref(), Some(&state));
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());
     let removed = node::down(&name, std::path::Path::new("/sys/fs/bpf")).unwrap();
     assert_eq!(removed.len(), 3, "{removed:?}");
-    assert!(
-        !netns::list()
-            .iter()
-            .any(|n| n.starts_with(&format!("{name}-")))
-    );
+    assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
     assert!(!state.pins_dir.exists());
     assert_eq!(node::load_state(&name).unwrap(), None);
 }

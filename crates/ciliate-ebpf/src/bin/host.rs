@@ -28,13 +28,8 @@ use ciliate_ebpf::{
 
 /// Set by the loader; see `ciliate_common::config::HostConfig`.
 #[unsafe(no_mangle)]
-static HOST_CONFIG: HostConfig = HostConfig {
-    ifindex: 0,
-    router_ip: [0; 4],
-    mac: [0; 6],
-    _pad: [0; 2],
-    flags: 0,
-};
+static HOST_CONFIG: HostConfig =
+    HostConfig { ifindex: 0, router_ip: [0; 4], mac: [0; 6], _pad: [0; 2], flags: 0 };
 
 #[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {

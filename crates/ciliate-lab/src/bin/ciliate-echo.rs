@@ -1,0 +1,119 @@
+//! `ciliate-echo`: the small TCP/UDP echo server that runs in every lab pod,
+//! and a client to talk to it.
+//!
+//! ```text
+//! ciliate-echo serve [PORT]                 # TCP and UDP echo on PORT (default 7)
+//! ciliate-echo tcp IP:PORT MESSAGE          # prints the echoed reply
+//! ciliate-echo udp IP:PORT MESSAGE
+//! ciliate-echo stream IP:PORT SECONDS       # keeps one TCP connection busy, prints round trips
+//! ```
+//! Clients give up after 3 seconds and exit non-zero.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn serve(port: u16) -> std::io::Result<()> {
+    let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    let udp = UdpSocket::bind(("0.0.0.0", port))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
+    for conn in tcp.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn tcp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(msg.as_bytes())?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn udp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.send_to(msg.as_bytes(), addr)?;
+    let mut buf = [0u8; 65536];
+    let (n, _) = s.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// One connection, request/response for `secs` seconds; fails if any round
+/// trip fails. Prints the number of round trips.
+fn stream(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_nodelay(true)?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut n = 0u64;
+    let mut buf = [0u8; 64];
+    while Instant::now() < end {
+        s.write_all(&[b'x'; 64])?;
+        s.read_exact(&mut buf)?;
+        n += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(format!("{n} round trips"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("bad address {s:?}: {e}"));
+    let result = match args.as_slice() {
+        ["serve"] => serve(7).map(|()| String::new()).map_err(|e| e.to_string()),
+        ["serve", port] => match port.parse() {
+            Ok(p) => serve(p).map(|()| String::new()).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("bad port {port:?}: {e}")),
+        },
+        ["tcp", a, msg] => {
+            addr(a).and_then(|a| tcp_echo(a, msg).map_err(|e| format!("tcp {a}: {e}")))
+        }
+        ["udp", a, msg] => {
+            addr(a).and_then(|a| udp_echo(a, msg).map_err(|e| format!("udp {a}: {e}")))
+        }
+        ["stream", a, secs] => match secs.parse() {
+            Ok(secs) => {
+                addr(a).and_then(|a| stream(a, secs).map_err(|e| format!("stream {a}: {e}")))
+            }
+            Err(e) => Err(format!("bad duration {secs:?}: {e}")),
+        },
+        _ => Err(
+            "usage: ciliate-echo serve [PORT] | tcp|udp IP:PORT MESSAGE | stream IP:PORT SECONDS"
+                .into(),
+        ),
+    };
+    match result {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ciliate-echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
