@@ -1,11 +1,12 @@
-//! `ciliate bpf ...`: read the datapath's pinned BPF maps.
+//! `ciliate bpf ...`: read the datapath's pinned BPF maps directly, as
+//! `cilium bpf ...` does. Every list takes `-o json`.
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Context as _;
-use ciliate_common::{drop, metrics};
-use ciliate_datapath::maps::MetricsMap;
-use ciliate_lab::node;
+use ciliate_common::{ct, drop, identity, metrics};
+use ciliate_datapath::maps::{CtMaps, IpcacheMap, LxcMap, MetricsMap};
+use ciliate_lab::{netns::format_mac, node};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -18,12 +19,21 @@ use crate::{
 pub enum BpfCommand {
     /// Datapath metrics
     #[command(subcommand)]
-    Metrics(MetricsCommand),
+    Metrics(ListCommand),
+    /// Connection tracking tables
+    #[command(subcommand)]
+    Ct(ListCommand),
+    /// The ipcache: prefix → identity, tunnel endpoint
+    #[command(subcommand)]
+    Ipcache(ListCommand),
+    /// Local endpoints (the lxc map)
+    #[command(subcommand)]
+    Endpoint(ListCommand),
 }
 
 #[derive(Subcommand)]
-pub enum MetricsCommand {
-    /// Packets and bytes per reason and direction (reason "Success" = forwarded)
+pub enum ListCommand {
+    /// List the entries
     List {
         #[command(flatten)]
         node: NodeArgs,
@@ -56,12 +66,41 @@ impl NodeArgs {
 
 impl BpfCommand {
     pub fn run(self) -> anyhow::Result<()> {
-        match self {
-            BpfCommand::Metrics(MetricsCommand::List { node, output }) => {
-                metrics_list(&node, output)
-            }
+        let (kind, ListCommand::List { node, output }) = match self {
+            BpfCommand::Metrics(c) => ("metrics", c),
+            BpfCommand::Ct(c) => ("ct", c),
+            BpfCommand::Ipcache(c) => ("ipcache", c),
+            BpfCommand::Endpoint(c) => ("endpoint", c),
+        };
+        let dir = node.dir()?;
+        let ctx = || format!("reading the {kind} map of {}", dir.display());
+        match kind {
+            "metrics" => metrics_list(&dir, output).with_context(ctx),
+            "ct" => ct_list(&dir, output).with_context(ctx),
+            "ipcache" => ipcache_list(&dir, output).with_context(ctx),
+            _ => endpoint_list(&dir, output).with_context(ctx),
         }
     }
+}
+
+/// Print `rows` as JSON, or as a table through `row`.
+fn emit<T: Serialize>(
+    rows: &[T],
+    output: Output,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Output::Table => {
+            let mut t = Table::new(header);
+            for r in rows {
+                t.row(row(r));
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -73,11 +112,8 @@ struct MetricRow {
     bytes: u64,
 }
 
-fn metrics_list(node: &NodeArgs, output: Output) -> anyhow::Result<()> {
-    let dir = node.dir()?;
-    let map = MetricsMap::from_pin_dir(&dir)
-        .with_context(|| format!("reading metrics of {}", dir.display()))?;
-    let rows: Vec<MetricRow> = map
+fn metrics_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<MetricRow> = MetricsMap::from_pin_dir(dir)?
         .dump()?
         .into_iter()
         .map(|(k, v)| MetricRow {
@@ -88,20 +124,173 @@ fn metrics_list(node: &NodeArgs, output: Output) -> anyhow::Result<()> {
             bytes: v.bytes,
         })
         .collect();
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Table => {
-            let mut t = Table::new(&["REASON", "DIRECTION", "PACKETS", "BYTES"]);
-            for r in rows {
-                t.row(vec![
-                    r.reason_text.into(),
-                    r.direction.into(),
-                    r.packets.to_string(),
-                    r.bytes.to_string(),
-                ]);
-            }
-            print!("{}", t.render());
-        }
+    emit(&rows, output, &["REASON", "DIRECTION", "PACKETS", "BYTES"], |r| {
+        vec![r.reason_text.into(), r.direction.into(), r.packets.to_string(), r.bytes.to_string()]
+    })
+}
+
+#[derive(Serialize)]
+struct CtRow {
+    proto: &'static str,
+    direction: &'static str,
+    source: String,
+    destination: String,
+    expires: u32,
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_flags_seen: u8,
+    rx_flags_seen: u8,
+    flags: u16,
+    rev_nat: u16,
+    source_identity: u32,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        6 => "TCP",
+        17 => "UDP",
+        1 => "ICMP",
+        _ => "OTHER",
+    }
+}
+
+fn ct_flag_names(flags: u16) -> String {
+    let names: Vec<&str> = [
+        (ct::F_RX_CLOSING, "RxClosing"),
+        (ct::F_TX_CLOSING, "TxClosing"),
+        (ct::F_SEEN_NON_SYN, "SeenNonSyn"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, n)| *n)
+    .collect();
+    names.join(" ")
+}
+
+fn ct_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<CtRow> = CtMaps::from_pin_dir(dir)?
+        .dump()?
+        .into_iter()
+        .map(|(k, e)| CtRow {
+            proto: proto_name(k.proto),
+            direction: if k.dir == ct::DIR_EGRESS { "OUT" } else { "IN" },
+            source: format!("{}:{}", Ipv4Addr::from(k.saddr), u16::from_be(k.sport)),
+            destination: format!("{}:{}", Ipv4Addr::from(k.daddr), u16::from_be(k.dport)),
+            expires: e.expires,
+            tx_packets: e.tx_packets,
+            tx_bytes: e.tx_bytes,
+            rx_packets: e.rx_packets,
+            rx_bytes: e.rx_bytes,
+            tx_flags_seen: e.tx_flags_seen,
+            rx_flags_seen: e.rx_flags_seen,
+            flags: e.flags,
+            rev_nat: e.rev_nat_index,
+            source_identity: e.src_identity,
+        })
+        .collect();
+    if let Output::Json = output {
+        return emit(&rows, output, &[], |_| vec![]);
+    }
+    // Cilium's one-line-per-entry format.
+    for r in rows {
+        println!(
+            "{} {} {} -> {} expires={} TxPackets={} TxBytes={} RxPackets={} RxBytes={} \
+             TxFlagsSeen={:#04x} RxFlagsSeen={:#04x} Flags={:#06x} [ {} ] RevNAT={} SourceSecurityID={}",
+            r.proto,
+            r.direction,
+            r.source,
+            r.destination,
+            r.expires,
+            r.tx_packets,
+            r.tx_bytes,
+            r.rx_packets,
+            r.rx_bytes,
+            r.tx_flags_seen,
+            r.rx_flags_seen,
+            r.flags,
+            ct_flag_names(r.flags),
+            r.rev_nat,
+            r.source_identity
+        );
     }
     Ok(())
+}
+
+#[derive(Serialize)]
+struct IpcacheRow {
+    prefix: String,
+    identity: u32,
+    tunnel_endpoint: Ipv4Addr,
+    flags: u8,
+}
+
+fn identity_text(id: u32) -> String {
+    match identity::reserved_name(id) {
+        Some(name) => format!("{id} (reserved:{name})"),
+        None => id.to_string(),
+    }
+}
+
+fn ipcache_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<IpcacheRow> = IpcacheMap::from_pin_dir(dir)?
+        .dump()?
+        .into_iter()
+        .map(|(ip, len, e)| IpcacheRow {
+            prefix: format!("{ip}/{len}"),
+            identity: e.identity,
+            tunnel_endpoint: Ipv4Addr::from(e.tunnel_endpoint),
+            flags: e.flags,
+        })
+        .collect();
+    emit(&rows, output, &["IP PREFIX/ADDRESS", "IDENTITY"], |r| {
+        vec![
+            r.prefix.clone(),
+            format!(
+                "identity={} encryptkey=0 tunnelendpoint={} flags={:#x}",
+                identity_text(r.identity),
+                r.tunnel_endpoint,
+                r.flags
+            ),
+        ]
+    })
+}
+
+#[derive(Serialize)]
+struct EndpointRow {
+    ip: Ipv4Addr,
+    id: u16,
+    identity: u32,
+    flags: u32,
+    ifindex: u32,
+    mac: String,
+    node_mac: String,
+}
+
+fn endpoint_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<EndpointRow> = LxcMap::from_pin_dir(dir)?
+        .dump()?
+        .into_iter()
+        .map(|(ip, e)| EndpointRow {
+            ip,
+            id: e.endpoint_id,
+            identity: e.identity,
+            flags: e.flags,
+            ifindex: e.ifindex,
+            mac: format_mac(&e.mac),
+            node_mac: format_mac(&e.node_mac),
+        })
+        .collect();
+    emit(&rows, output, &["IP ADDRESS", "LOCAL ENDPOINT INFO"], |r| {
+        let info = if r.flags & ciliate_common::endpoint::ENDPOINT_F_HOST != 0 {
+            "(localhost)".to_owned()
+        } else {
+            format!(
+                "id={:<5} sec_id={:<6} flags={:#06x} ifindex={:<4} mac={} nodemac={}",
+                r.id, r.identity, r.flags, r.ifindex, r.mac, r.node_mac
+            )
+        };
+        vec![format!("{}:0", r.ip), info]
+    })
 }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use ciliate_datapath::bpffs::DEFAULT_ROOT;
 use ciliate_lab::{
     netns,
-    node::{self, LabState, NodeLab, NodeLabConfig},
+    node::{self, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
 };
 use clap::{Subcommand, ValueEnum};
 
@@ -65,34 +65,59 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     if !removed.is_empty() {
         say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
     }
+    let echo = std::env::current_exe()?.with_file_name("ciliate-echo");
+    anyhow::ensure!(echo.exists(), "{} is missing: build the workspace first", echo.display());
     say(format!("creating node {name}-node1 with {pods} pods"));
-    let lab = NodeLab::up(NodeLabConfig::new(name, pods))
-        .with_context(|| format!("bringing up lab {name}"))?;
+    let mut config = NodeLabConfig::new(name, pods);
+    config.echo = Some(echo.clone());
+    let lab = NodeLab::up(config).with_context(|| format!("bringing up lab {name}"))?;
     for p in &lab.pods {
         say(format!(
-            "pod {} ({}) on {}: from-container attached, gateway MAC {}",
-            p.state.name, p.state.ip, p.state.lxc, p.state.lxc_mac
+            "pod {} ({}) on {}: endpoint {}, identity {}, gateway MAC {}",
+            p.state.name,
+            p.state.ip,
+            p.state.lxc,
+            p.state.endpoint_id,
+            p.state.identity,
+            p.state.lxc_mac
         ));
     }
-    say("checking connectivity (ping from every pod to the gateway and the next pod)");
-    let mut t = Table::new(&["FROM", "TO", "RESULT"]);
+    // Give the echo servers a moment to listen.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    say(
+        "checking connectivity: every pod to the gateway (ping) and to the next pod (ping, TCP, UDP echo); the host to every pod (TCP echo)",
+    );
+    let mut t = Table::new(&["FROM", "TO", "CHECK", "RESULT"]);
     let mut failed = 0;
-    let gw = lab.router_ip();
+    let mut check = |from: &str, ns: &ciliate_lab::Netns, to: String, ip: String, kind: &str| {
+        let args: Vec<String> = match kind {
+            "ping" => ["ping", "-c", "1", "-W", "2", &ip].map(String::from).to_vec(),
+            proto => vec![
+                echo.display().to_string(),
+                proto.to_owned(),
+                format!("{ip}:{ECHO_PORT}"),
+                "ciliate".into(),
+            ],
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ok = ns.exec(&args).is_ok();
+        failed += usize::from(!ok);
+        t.row(vec![from.into(), to, kind.into(), if ok { "ok" } else { "FAILED" }.into()]);
+    };
+    let gw = lab.router_ip().to_string();
     for (i, p) in lab.pods.iter().enumerate() {
-        let mut targets = vec![("gateway".to_owned(), gw.to_string())];
+        check(&p.state.name, &p.ns, format!("gateway {gw}"), gw.clone(), "ping");
         if lab.pods.len() > 1 {
             let next = &lab.pods[(i + 1) % lab.pods.len()];
-            targets.push((next.state.name.clone(), next.state.ip.to_string()));
+            let to = format!("{} {}", next.state.name, next.state.ip);
+            for kind in ["ping", "tcp", "udp"] {
+                check(&p.state.name, &p.ns, to.clone(), next.state.ip.to_string(), kind);
+            }
         }
-        for (label, ip) in targets {
-            let ok = p.ns.exec(&["ping", "-c", "1", "-W", "2", &ip]).is_ok();
-            failed += usize::from(!ok);
-            t.row(vec![
-                p.state.name.clone(),
-                format!("{label} {ip}"),
-                if ok { "ok" } else { "FAILED" }.into(),
-            ]);
-        }
+    }
+    for p in &lab.pods {
+        let to = format!("{} {}", p.state.name, p.state.ip);
+        check("host", &lab.node, to, p.state.ip.to_string(), "tcp");
     }
     print!("{}", t.render());
     let state = lab.keep()?;
@@ -101,7 +126,7 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
         "{failed} connectivity checks failed; the lab is left up for inspection"
     );
     say(format!(
-        "lab {} is up: enter a pod with `ip netns exec {} bash`; remove it with `ciliate lab down --name {}`",
+        "lab {} is up: enter a pod with `ip netns exec {} bash`; look at the datapath with `ciliate bpf ct list`, `ciliate bpf endpoint list`; remove it with `ciliate lab down --name {}`",
         state.lab, state.pods[0].ns, state.lab
     ));
     Ok(())
@@ -147,6 +172,7 @@ fn status(name: Option<&str>, output: Output) -> anyhow::Result<()> {
             "DEVICE",
             "GATEWAY MAC",
             "ENDPOINT",
+            "IDENTITY",
             "DATAPATH",
             "STATUS",
         ]);
@@ -163,6 +189,7 @@ fn status(name: Option<&str>, output: Output) -> anyhow::Result<()> {
                 p.lxc.clone(),
                 p.lxc_mac.clone(),
                 p.endpoint_id.to_string(),
+                p.identity.to_string(),
                 datapath,
                 alive(&p.ns).into(),
             ]);

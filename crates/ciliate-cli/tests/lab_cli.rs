@@ -1,6 +1,6 @@
 //! The `ciliate` binary end to end: `lab up` brings up a lab whose pods
-//! reach each other, `status` and `bpf metrics list` report it, `down`
-//! removes every namespace. Needs root; CI runs as root.
+//! reach each other, `status` and the `bpf` lists report it, `down` removes
+//! every namespace. Needs root; CI runs as root.
 
 use std::process::Command;
 
@@ -29,7 +29,9 @@ fn lab_up_status_metrics_down() {
     let _guard = Down(name.clone());
     let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
     assert!(ok, "lab up failed: {out}{err}");
-    assert!(out.contains("pod1   gateway 10.200.0.1   ok"), "{out}");
+    assert!(out.contains("pod1   gateway 10.200.0.1   ping    ok"), "{out}");
+    assert!(out.contains("pod1   pod2 10.200.0.3      tcp     ok"), "{out}");
+    assert!(out.contains("host   pod2 10.200.0.3      tcp     ok"), "{out}");
     assert!(!out.contains("FAILED"), "{out}");
 
     // Idempotent: a second `up` replaces the first.
@@ -52,6 +54,24 @@ fn lab_up_status_metrics_down() {
         .find(|r| r["reason"] == 0 && r["direction"] == "EGRESS")
         .expect("a forwarded counter");
     assert!(forwarded["packets"].as_u64().unwrap() >= 4, "{out}");
+
+    // The endpoint and ipcache lists show the pods with their identities,
+    // the conntrack list the connections the checks opened.
+    let (ok, out, err) = ciliate(&["bpf", "endpoint", "list", "--lab", &name]);
+    assert!(ok, "{err}");
+    assert!(out.contains("10.200.0.1:0   (localhost)"), "{out}");
+    assert!(out.contains("10.200.0.2:0   id=1     sec_id=256"), "{out}");
+    let (ok, out, err) = ciliate(&["bpf", "ipcache", "list", "--lab", &name]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0.0.0.0/0           identity=2 (reserved:world)"), "{out}");
+    assert!(out.contains("10.200.0.3/32       identity=257"), "{out}");
+    let (ok, out, err) = ciliate(&["bpf", "ct", "list", "--lab", &name, "-o", "json"]);
+    assert!(ok, "{err}");
+    let ct: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tcp_out = ct.as_array().unwrap().iter().find(|e| {
+        e["proto"] == "TCP" && e["direction"] == "OUT" && e["destination"] == "10.200.0.3:7"
+    });
+    assert_eq!(tcp_out.expect("pod1 → pod2 TCP in conntrack")["source_identity"], 256);
 
     let (ok, out, _) = ciliate(&["lab", "down", "--name", &name]);
     assert!(ok && out.contains("removed lab"), "{out}");

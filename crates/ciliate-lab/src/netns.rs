@@ -124,6 +124,17 @@ impl Netns {
         cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
     }
 
+    /// Like [`Netns::spawn`], with stdin, stdout and stderr on /dev/null: for
+    /// servers that outlive the command that started them (so they hold no
+    /// pipe of their parent's open).
+    pub fn spawn_detached(&self, args: &[&str]) -> Result<Child> {
+        let (program, rest) =
+            args.split_first().ok_or_else(|| LabError::Invalid("empty command".into()))?;
+        let mut cmd = self.command(program);
+        cmd.args(rest).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
+    }
+
     /// Run `f` on a thread that has entered this namespace, so netlink and
     /// BPF attach calls made by `f` act inside it.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {

@@ -238,9 +238,11 @@ impl NodeLab {
             EndpointConfig { ifindex, identity, ipv4: ip.octets(), endpoint_id, lxc_mac, flags: 0 };
         self.attach_endpoint(&lxc, &cfg)?;
         let echo = match &self.config.echo {
-            Some(bin) => {
-                Some(ns.spawn(&[&bin.to_string_lossy(), "serve", &ECHO_PORT.to_string()])?)
-            }
+            Some(bin) => Some(ns.spawn_detached(&[
+                &bin.to_string_lossy(),
+                "serve",
+                &ECHO_PORT.to_string(),
+            ])?),
             None => None,
         };
         let state = PodState {

@@ -99,7 +99,8 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
                     && k.proto == proto
                     && k.dir == dir
             });
-            let (_, e) = found.unwrap_or_else(|| panic!("no entry proto {proto} dir {dir}: {ct:?}"));
+            let (_, e) =
+                found.unwrap_or_else(|| panic!("no entry proto {proto} dir {dir}: {ct:?}"));
             assert_eq!(e.src_identity, p1.state.identity);
             assert!(e.rx_packets >= 1, "the reply was seen: {e:?}");
         }
