@@ -1,0 +1,98 @@
+//! Request and response bodies of the agent's API.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// `{"message": ...}`: every error response.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub pod_cidr: String,
+    pub router_ip: Ipv4Addr,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub ipam_used: usize,
+    pub ipam_free: usize,
+    pub pin_dir: String,
+    /// Seconds since the agent started.
+    pub uptime: u64,
+    /// Endpoints restored from the state directory at start.
+    pub restored_endpoints: usize,
+}
+
+/// `POST /v1/ipam`: allocate one address for `owner` (a container ID).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamRequest {
+    pub owner: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamAllocation {
+    pub ip: Ipv4Addr,
+    /// The pod's gateway: the node's router IP.
+    pub gateway: Ipv4Addr,
+    pub owner: String,
+}
+
+/// `PUT /v1/endpoint`: the CNI plugin made the veth pair and configured the
+/// pod side; the agent takes it from here.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointCreate {
+    pub container_id: String,
+    /// The pod's network namespace (a path).
+    pub netns: String,
+    /// Interface name inside the pod (`eth0`).
+    pub ifname: String,
+    /// The host-side device (`lxc…`).
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    /// MAC of the pod's interface.
+    pub mac: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: u16,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub labels: BTreeMap<String, String>,
+    pub identity: u32,
+    /// "ready", or what went wrong.
+    pub state: String,
+    /// Policy enforcement per direction: "Disabled" until the policy issue.
+    pub ingress_enforcement: String,
+    pub egress_enforcement: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Identity {
+    pub id: u32,
+    /// `source:key=value`, sorted.
+    pub labels: Vec<String>,
+    pub reserved: bool,
+}
+
+/// `POST /v1/gc`: remove every endpoint whose container is not listed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcRequest {
+    pub valid_container_ids: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcResult {
+    pub removed: Vec<u16>,
+}
