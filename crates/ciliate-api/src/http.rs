@@ -77,7 +77,10 @@ fn read_head(r: &mut impl BufRead) -> Result<(String, usize), HttpError> {
         if let Some((k, v)) = line.split_once(':')
             && k.eq_ignore_ascii_case("content-length")
         {
-            len = v.trim().parse().map_err(|_| HttpError::Malformed(format!("content-length {v:?}")))?;
+            len = v
+                .trim()
+                .parse()
+                .map_err(|_| HttpError::Malformed(format!("content-length {v:?}")))?;
         }
     }
     if len > MAX_BODY {
@@ -166,7 +169,12 @@ pub fn write_response(mut w: impl Write, resp: &Response) -> Result<(), HttpErro
     Ok(())
 }
 
-pub fn write_request(mut w: impl Write, method: &str, target: &str, body: &[u8]) -> Result<(), HttpError> {
+pub fn write_request(
+    mut w: impl Write,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> Result<(), HttpError> {
     write!(
         w,
         "{method} {target} HTTP/1.1\r\nHost: ciliate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -196,7 +204,8 @@ mod tests {
     #[test]
     fn a_request_round_trips() {
         let mut buf = Vec::new();
-        write_request(&mut buf, "PUT", "/v1/endpoint?container-id=a%20b&x=1", b"{\"k\":1}").unwrap();
+        write_request(&mut buf, "PUT", "/v1/endpoint?container-id=a%20b&x=1", b"{\"k\":1}")
+            .unwrap();
         let r = read_request(&buf[..]).unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str()), ("PUT", "/v1/endpoint"));
         assert_eq!(r.query("container-id"), Some("a b"));
@@ -208,7 +217,10 @@ mod tests {
     fn a_response_round_trips() {
         let mut buf = Vec::new();
         write_response(&mut buf, &Response { status: 404, body: b"{}".to_vec() }).unwrap();
-        assert_eq!(read_response(&buf[..]).unwrap(), Response { status: 404, body: b"{}".to_vec() });
+        assert_eq!(
+            read_response(&buf[..]).unwrap(),
+            Response { status: 404, body: b"{}".to_vec() }
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use anyhow::Context as _;
 use ciliate_common::{ct, drop, identity, metrics};
 use ciliate_datapath::maps::{CtMaps, IpcacheMap, LxcMap, MetricsMap};
-use ciliate_lab::{netns::format_mac, node};
+use ciliate_datapath::node::format_mac;
+use ciliate_lab::node;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 

@@ -8,6 +8,7 @@
 //!   `{T, EGRESS}` is created;
 //! - a packet arriving at an endpoint does the same with the directions
 //!   swapped.
+//!
 //! Both ends of a same-node connection therefore have an entry each.
 //!
 //! Ports are stored in network byte order, as read from the packet. For ICMP

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod loader;
 pub mod maps;
+pub mod node;
 pub mod objects;
 pub mod packet;
 pub mod testrun;

@@ -127,13 +127,13 @@ impl Node {
     fn run(loaded: &mut Loaded, prog: &str, pkt: &[u8]) -> TcRun {
         run_tc(loaded.classifier(prog).unwrap(), prog, pkt).unwrap()
     }
-    fn from_a(&mut self, pkt: &[u8]) -> TcRun {
+    fn send_a(&mut self, pkt: &[u8]) -> TcRun {
         Self::run(&mut self.a, FROM_CONTAINER, pkt)
     }
-    fn from_b(&mut self, pkt: &[u8]) -> TcRun {
+    fn send_b(&mut self, pkt: &[u8]) -> TcRun {
         Self::run(&mut self.b, FROM_CONTAINER, pkt)
     }
-    fn from_host(&mut self, pkt: &[u8]) -> TcRun {
+    fn send_host(&mut self, pkt: &[u8]) -> TcRun {
         Self::run(&mut self.host, FROM_HOST, pkt)
     }
 
@@ -171,7 +171,7 @@ fn key(src: &Pod, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8, dir: u8) -> 
 fn a_syn_to_a_pod_on_the_node_is_redirected_into_it_with_the_l3_hop() {
     let mut n = Node::new("deliver");
     let syn = A.send(B.ip, &tcp(39276, 80, tcp_flags::SYN));
-    let out = n.from_a(&syn);
+    let out = n.send_a(&syn);
     assert_eq!(out.verdict, verdict::REDIRECT);
     let p = packet::parse(&out.packet).unwrap();
     assert_eq!(p.eth, Eth { dst: B.mac, src: B.lxc_mac }, "MACs of B's veth");
@@ -198,11 +198,11 @@ fn a_syn_to_a_pod_on_the_node_is_redirected_into_it_with_the_l3_hop() {
 #[test]
 fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
     let mut n = Node::new("reply");
-    n.from_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::SYN)));
+    n.send_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::SYN)));
     n.events.drain();
 
     let synack = B.send(A.ip, &tcp(80, 40000, tcp_flags::SYN | tcp_flags::ACK));
-    let out = n.from_b(&synack);
+    let out = n.send_b(&synack);
     assert_eq!(out.verdict, verdict::REDIRECT);
     assert_eq!(packet::parse(&out.packet).unwrap().eth, Eth { dst: A.mac, src: A.lxc_mac });
     let t = n.trace();
@@ -215,7 +215,7 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
     // No entry was created for the reply's own tuple.
     assert_eq!(n.ct_entry(key(&B, A.ip, 80, 40000, 6, ct::DIR_EGRESS)), None);
 
-    n.from_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK)));
+    n.send_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK)));
     assert_eq!(n.trace().ct_state, ct::CT_ESTABLISHED);
     let e = n.ct_entry(key(&A, B.ip, 40000, 80, 6, ct::DIR_EGRESS)).unwrap();
     assert_ne!(e.flags & ct::F_SEEN_NON_SYN, 0);
@@ -225,16 +225,16 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
 fn icmp_echo_and_udp_are_tracked_in_the_non_tcp_table() {
     let mut n = Node::new("icmp");
     let req = L4::IcmpEcho { request: true, id: 77, seq: 1, payload: b"ping" };
-    assert_eq!(n.from_a(&A.send(B.ip, &req)).verdict, verdict::REDIRECT);
+    assert_eq!(n.send_a(&A.send(B.ip, &req)).verdict, verdict::REDIRECT);
     assert_eq!(n.trace().ct_state, ct::CT_NEW);
     let rep = L4::IcmpEcho { request: false, id: 77, seq: 1, payload: b"ping" };
-    assert_eq!(n.from_b(&B.send(A.ip, &rep)).verdict, verdict::REDIRECT);
+    assert_eq!(n.send_b(&B.send(A.ip, &rep)).verdict, verdict::REDIRECT);
     assert_eq!(n.trace().ct_state, ct::CT_REPLY);
     // The echo identifier stands in dport of the request's tuple.
     assert!(n.ct_entry(key(&A, B.ip, 0, 77, 1, ct::DIR_EGRESS)).is_some());
 
     let udp = L4::Udp { sport: 5000, dport: 53, payload: b"q" };
-    assert_eq!(n.from_a(&A.send(B.ip, &udp)).verdict, verdict::REDIRECT);
+    assert_eq!(n.send_a(&A.send(B.ip, &udp)).verdict, verdict::REDIRECT);
     n.events.drain();
     let dump = n.node.ct().unwrap().dump().unwrap();
     assert!(dump.iter().any(|(k, _)| k.proto == 17 && k.dport == 53u16.to_be()), "{dump:?}");
@@ -243,13 +243,13 @@ fn icmp_echo_and_udp_are_tracked_in_the_non_tcp_table() {
 #[test]
 fn traffic_to_the_host_or_outside_goes_to_the_stack_with_its_identity() {
     let mut n = Node::new("stack");
-    let out = n.from_a(&A.send(ROUTER, &tcp(1234, 22, tcp_flags::SYN)));
+    let out = n.send_a(&A.send(ROUTER, &tcp(1234, 22, tcp_flags::SYN)));
     assert_eq!(out.verdict, verdict::OK);
     let t = n.trace();
     assert_eq!((t.hdr.subtype, t.dst_identity), (trace::TO_STACK, identity::HOST));
 
     let world = Ipv4Addr::new(192, 0, 2, 10);
-    let out = n.from_a(&A.send(world, &tcp(1235, 443, tcp_flags::SYN)));
+    let out = n.send_a(&A.send(world, &tcp(1235, 443, tcp_flags::SYN)));
     assert_eq!(out.verdict, verdict::OK);
     assert_eq!(n.trace().dst_identity, identity::WORLD);
 }
@@ -262,7 +262,7 @@ fn the_host_reaches_a_pod_with_the_host_identity_and_the_reply_is_tracked() {
         &Ip4::new(ROUTER, B.ip),
         &tcp(50000, 8080, tcp_flags::SYN),
     );
-    let out = n.from_host(&syn);
+    let out = n.send_host(&syn);
     assert_eq!(out.verdict, verdict::REDIRECT);
     let p = packet::parse(&out.packet).unwrap();
     assert_eq!(p.eth, Eth { dst: B.mac, src: B.lxc_mac });
@@ -276,7 +276,7 @@ fn the_host_reaches_a_pod_with_the_host_identity_and_the_reply_is_tracked() {
     assert_eq!(e.unwrap().src_identity, identity::HOST);
 
     // B's answer goes to the stack and is recognised as a reply.
-    let out = n.from_b(&B.send(ROUTER, &tcp(8080, 50000, tcp_flags::SYN | tcp_flags::ACK)));
+    let out = n.send_b(&B.send(ROUTER, &tcp(8080, 50000, tcp_flags::SYN | tcp_flags::ACK)));
     assert_eq!(out.verdict, verdict::OK);
     let t = n.trace();
     assert_eq!((t.hdr.subtype, t.ct_state), (trace::TO_STACK, ct::CT_REPLY));
@@ -291,7 +291,7 @@ fn from_host_leaves_packets_for_other_addresses_alone() {
     let to_host = packet::ipv4_frame(&eth, &Ip4::new(A.ip, ROUTER), &tcp(1, 2, 2));
     let arp = packet::arp_request(HOST_MAC, ROUTER, A.ip);
     for pkt in [other, to_host, arp] {
-        let out = n.from_host(&pkt);
+        let out = n.send_host(&pkt);
         assert_eq!((out.verdict, &out.packet), (verdict::OK, &pkt));
     }
     assert!(n.events.drain().is_empty());
@@ -299,7 +299,7 @@ fn from_host_leaves_packets_for_other_addresses_alone() {
 
 /// Runs `pkt` through A's from-container and expects a drop with `reason`.
 fn expect_drop(n: &mut Node, pkt: &[u8], reason: u8) {
-    let out = n.from_a(pkt);
+    let out = n.send_a(pkt);
     assert_eq!(out.verdict, verdict::SHOT, "expected {}", drop::reason_name(reason));
     let events = n.events.drain();
     let [Event::Drop(d)] = events.as_slice() else { panic!("one drop event, got {events:?}") };

@@ -214,21 +214,7 @@ pub fn link_info(ns: &Netns, dev: &str) -> Result<([u8; 6], u32)> {
         .map_err(|e| LabError::Invalid(format!("ip -j link show {dev}: {e}")))?;
     let entry = &v[0];
     let ifindex = entry["ifindex"].as_u64().unwrap_or(0) as u32;
-    let mac = parse_mac(entry["address"].as_str().unwrap_or(""))
+    let mac = ciliate_datapath::node::parse_mac(entry["address"].as_str().unwrap_or(""))
         .ok_or_else(|| LabError::Invalid(format!("{dev} has no MAC address")))?;
     Ok((mac, ifindex))
-}
-
-/// `aa:bb:cc:dd:ee:ff` → bytes.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

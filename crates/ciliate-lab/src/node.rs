@@ -18,18 +18,12 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use ciliate_common::{
-    config::{EndpointConfig, HostConfig},
-    endpoint::{ENDPOINT_F_HOST, EndpointInfo},
-    identity,
-    ipcache::IpcacheEntry,
-};
+use ciliate_common::identity;
 use ciliate_datapath::{
     aya_reexport::TcAttachType,
     bpffs::{DEFAULT_ROOT, NodePins},
     loader,
-    maps::{IpcacheMap, LxcMap},
-    objects::programs::{FROM_CONTAINER, FROM_HOST},
+    node::{self as dpnode, EndpointSpec, HostSetup, format_mac},
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,8 +35,6 @@ use crate::{
 
 /// Where `ciliate lab up` records what it made, so `down` can remove it.
 pub const STATE_DIR: &str = "/run/ciliate/labs";
-pub const HOST_DEV: &str = "ciliate_host";
-pub const NET_DEV: &str = "ciliate_net";
 
 #[derive(Clone, Debug)]
 pub struct NodeLabConfig {
@@ -167,37 +159,12 @@ impl NodeLab {
     }
 
     fn setup_node(&self) -> Result<()> {
-        let n = &self.node;
-        n.sysctl("net.ipv4.ip_forward", "1")?;
-        n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        n.ip(&["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
-        n.ip(&["link", "set", HOST_DEV, "arp", "off", "up"])?;
-        n.ip(&["link", "set", NET_DEV, "arp", "off", "up"])?;
-        let router = self.config.router_ip();
-        n.ip(&["addr", "add", &format!("{router}/32"), "dev", HOST_DEV])?;
-        let cidr = format!("{}/{}", self.config.pod_cidr, self.config.pod_cidr_len);
-        n.ip(&["route", "add", &cidr, "dev", HOST_DEV, "src", &router.to_string()])?;
-
-        let (mac, ifindex) = link_info(n, HOST_DEV)?;
-        let cfg = HostConfig { ifindex, router_ip: router.octets(), mac, ..Default::default() };
-        let mut host = loader::load_host(&self.pins, &cfg).map_err(self.dp())?;
-        // The maps exist now (the load created and pinned them): the host
-        // endpoint and the ipcache's world and host entries go in before
-        // any program is attached.
-        let host_ep =
-            EndpointInfo { flags: ENDPOINT_F_HOST, identity: identity::HOST, ..Default::default() };
-        LxcMap::from_pin_dir(&self.pins.dir)
-            .and_then(|mut m| m.upsert(router, &host_ep))
-            .map_err(self.dp())?;
-        let mut ipc = IpcacheMap::from_pin_dir(&self.pins.dir).map_err(self.dp())?;
-        let entry = |identity| IpcacheEntry { identity, ..Default::default() };
-        ipc.upsert(std::net::Ipv4Addr::UNSPECIFIED, 0, &entry(identity::WORLD))
-            .map_err(self.dp())?;
-        ipc.upsert(router, 32, &entry(identity::HOST)).map_err(self.dp())?;
-        let pin = self.pins.link_path(HOST_DEV, "from-host");
-        n.run(|| host.attach_tc(FROM_HOST, HOST_DEV, TcAttachType::Egress, &pin))?
-            .map_err(self.dp())
+        let setup = HostSetup {
+            pod_cidr: self.config.pod_cidr,
+            pod_cidr_len: self.config.pod_cidr_len,
+            router: self.config.router_ip(),
+        };
+        self.node.run(|| dpnode::setup_host(&self.pins, &setup))?.map_err(self.dp())
     }
 
     fn add_pod(&self, i: usize) -> Result<Pod> {
@@ -213,30 +180,16 @@ impl NodeLab {
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
         ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0", "mtu", &mtu])?;
-        // Only the datapath answers ARP on a pod's device: the stack must
-        // not (arp_ignore 8), so a missing program shows up as no gateway.
-        self.node.sysctl(&format!("net.ipv4.conf.{lxc}.arp_ignore"), "8")?;
-        let (lxc_mac, ifindex) = link_info(&self.node, &lxc)?;
         let (mac, _) = link_info(&ns, "eth0")?;
-        let endpoint_id = (i + 1) as u16;
-        let identity = identity::MIN_CLUSTER + i as u32;
-        let info = EndpointInfo {
-            ifindex,
-            endpoint_id,
+        let spec = EndpointSpec {
+            ip,
+            lxc: lxc.clone(),
             mac,
-            node_mac: lxc_mac,
-            identity,
-            ..Default::default()
+            endpoint_id: (i + 1) as u16,
+            identity: identity::MIN_CLUSTER + i as u32,
         };
-        LxcMap::from_pin_dir(&self.pins.dir)
-            .and_then(|mut m| m.upsert(ip, &info))
-            .map_err(self.dp())?;
-        IpcacheMap::from_pin_dir(&self.pins.dir)
-            .and_then(|mut m| m.upsert(ip, 32, &IpcacheEntry { identity, ..Default::default() }))
-            .map_err(self.dp())?;
-        let cfg =
-            EndpointConfig { ifindex, identity, ipv4: ip.octets(), endpoint_id, lxc_mac, flags: 0 };
-        self.attach_endpoint(&lxc, &cfg)?;
+        let attached =
+            self.node.run(|| dpnode::attach_endpoint(&self.pins, &spec))?.map_err(self.dp())?;
         let echo = match &self.config.echo {
             Some(bin) => Some(ns.spawn_detached(&[
                 &bin.to_string_lossy(),
@@ -250,20 +203,12 @@ impl NodeLab {
             ns: ns.name().to_owned(),
             ip,
             lxc,
-            lxc_mac: netns::format_mac(&lxc_mac),
-            mac: netns::format_mac(&mac),
-            endpoint_id,
-            identity,
+            lxc_mac: format_mac(&attached.lxc_mac),
+            mac: format_mac(&mac),
+            endpoint_id: spec.endpoint_id,
+            identity: spec.identity,
         };
         Ok(Pod { state, echo, ns })
-    }
-
-    fn attach_endpoint(&self, lxc: &str, cfg: &EndpointConfig) -> Result<()> {
-        let mut loaded = loader::load_endpoint(&self.pins, cfg).map_err(self.dp())?;
-        let pin = self.pins.link_path(lxc, "from-container");
-        self.node
-            .run(|| loaded.attach_tc(FROM_CONTAINER, lxc, TcAttachType::Ingress, &pin))?
-            .map_err(self.dp())
     }
 
     pub fn router_ip(&self) -> Ipv4Addr {

@@ -1,0 +1,231 @@
+//! Node-level setup in the calling thread's network namespace: the router
+//! device pair `ciliate_host`/`ciliate_net` with from-host, and attaching
+//! or detaching one endpoint (lxc map, ipcache, from-container). Used by
+//! the agent (which runs inside its node's namespace) and by the lab.
+//!
+//! Every step is idempotent so a restarted agent can run it again over what
+//! it set up before without disturbing traffic: devices and addresses that
+//! exist are kept, map entries are overwritten with the same values, and a
+//! program is re-attached by attaching the new one before the old pinned
+//! link goes.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use aya::programs::TcAttachType;
+use ciliate_common::{
+    config::{EndpointConfig, HostConfig},
+    endpoint::{ENDPOINT_F_HOST, EndpointInfo},
+    identity,
+    ipcache::IpcacheEntry,
+};
+
+use crate::{
+    bpffs::NodePins,
+    error::{DatapathError, Result},
+    loader,
+    maps::{IpcacheMap, LxcMap},
+    objects::programs::{FROM_CONTAINER, FROM_HOST},
+};
+
+pub const HOST_DEV: &str = "ciliate_host";
+pub const NET_DEV: &str = "ciliate_net";
+/// Link pin names, per device.
+pub const FROM_HOST_PIN: &str = "from-host";
+pub const FROM_CONTAINER_PIN: &str = "from-container";
+
+/// The node's addressing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostSetup {
+    pub pod_cidr: Ipv4Addr,
+    pub pod_cidr_len: u8,
+    /// The router IP: first address of the pod CIDR.
+    pub router: Ipv4Addr,
+}
+
+fn device_err(name: &str, reason: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Device { name: name.into(), reason: reason.to_string() }
+}
+
+/// Run `ip <args>` in the calling thread's namespace.
+fn ip(dev: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| device_err(dev, format!("running ip {}: {e}", args.join(" "))))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(device_err(dev, format!("ip {}: {}", args.join(" "), err.trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Set a sysctl of the calling thread's network namespace.
+pub fn sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::fs::write(&path, value).map_err(|source| DatapathError::Io {
+        what: "writing sysctl",
+        path: path.into(),
+        source,
+    })
+}
+
+/// MAC address and ifindex of `dev` in the calling thread's namespace.
+pub fn link_info(dev: &str) -> Result<([u8; 6], u32)> {
+    let out = ip(dev, &["-o", "link", "show", "dev", dev])?;
+    let ifindex = out
+        .split(':')
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| device_err(dev, format!("no ifindex in {out:?}")))?;
+    let mac = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .and_then(parse_mac)
+        .ok_or_else(|| device_err(dev, "no MAC address"))?;
+    Ok((mac, ifindex))
+}
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn exists(dev: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(dev).exists()
+        && Command::new("ip")
+            .args(["link", "show", "dev", dev])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// Create (or keep) the router devices and routes, load and attach
+/// from-host, and seed the maps with the host endpoint and the ipcache's
+/// world and host entries.
+pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<()> {
+    sysctl("net.ipv4.ip_forward", "1")?;
+    sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    if !exists(HOST_DEV) {
+        ip(HOST_DEV, &["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
+    }
+    ip(HOST_DEV, &["link", "set", HOST_DEV, "arp", "off", "up"])?;
+    ip(NET_DEV, &["link", "set", NET_DEV, "arp", "off", "up"])?;
+    let router = s.router.to_string();
+    ip(HOST_DEV, &["addr", "replace", &format!("{router}/32"), "dev", HOST_DEV])?;
+    let cidr = format!("{}/{}", s.pod_cidr, s.pod_cidr_len);
+    ip(HOST_DEV, &["route", "replace", &cidr, "dev", HOST_DEV, "src", &router])?;
+
+    let (mac, ifindex) = link_info(HOST_DEV)?;
+    let cfg = HostConfig { ifindex, router_ip: s.router.octets(), mac, ..Default::default() };
+    let mut host = loader::load_host(pins, &cfg)?;
+    // The maps exist now (the load created or reused them): the host entries
+    // go in before the program is attached.
+    let host_ep =
+        EndpointInfo { flags: ENDPOINT_F_HOST, identity: identity::HOST, ..Default::default() };
+    LxcMap::from_pin_dir(&pins.dir)?.upsert(s.router, &host_ep)?;
+    let mut ipc = IpcacheMap::from_pin_dir(&pins.dir)?;
+    let entry = |identity| IpcacheEntry { identity, ..Default::default() };
+    ipc.upsert(Ipv4Addr::UNSPECIFIED, 0, &entry(identity::WORLD))?;
+    ipc.upsert(s.router, 32, &entry(identity::HOST))?;
+    host.attach_tc(
+        FROM_HOST,
+        HOST_DEV,
+        TcAttachType::Egress,
+        &pins.link_path(HOST_DEV, FROM_HOST_PIN),
+    )
+}
+
+/// One endpoint as the datapath needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub ip: Ipv4Addr,
+    /// Host-side device.
+    pub lxc: String,
+    /// The pod's own MAC.
+    pub mac: [u8; 6],
+    pub endpoint_id: u16,
+    pub identity: u32,
+}
+
+/// What attaching found out about the host-side device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub lxc_mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// Put the endpoint into the lxc map and the ipcache, then load its
+/// from-container with its configuration and attach it to its lxc device.
+pub fn attach_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<Attached> {
+    let (lxc_mac, ifindex) = link_info(&ep.lxc)?;
+    // Only the datapath answers ARP on a pod's device (arp_ignore 8): a
+    // missing program then shows as an unreachable gateway, not as a pod
+    // silently routed by the stack.
+    sysctl(&format!("net.ipv4.conf.{}.arp_ignore", ep.lxc), "8")?;
+    let info = EndpointInfo {
+        ifindex,
+        endpoint_id: ep.endpoint_id,
+        mac: ep.mac,
+        node_mac: lxc_mac,
+        identity: ep.identity,
+        ..Default::default()
+    };
+    LxcMap::from_pin_dir(&pins.dir)?.upsert(ep.ip, &info)?;
+    IpcacheMap::from_pin_dir(&pins.dir)?.upsert(
+        ep.ip,
+        32,
+        &IpcacheEntry { identity: ep.identity, ..Default::default() },
+    )?;
+    let cfg = EndpointConfig {
+        ifindex,
+        identity: ep.identity,
+        ipv4: ep.ip.octets(),
+        endpoint_id: ep.endpoint_id,
+        lxc_mac,
+        flags: 0,
+    };
+    let mut loaded = loader::load_endpoint(pins, &cfg)?;
+    let pin = pins.link_path(&ep.lxc, FROM_CONTAINER_PIN);
+    loaded.attach_tc(FROM_CONTAINER, &ep.lxc, TcAttachType::Ingress, &pin)?;
+    Ok(Attached { lxc_mac, ifindex })
+}
+
+/// Remove the endpoint from the maps and detach its program (by removing
+/// its pinned link). Missing pieces are fine: detaching twice is a no-op.
+pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
+    let pin = pins.link_path(lxc, FROM_CONTAINER_PIN);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DatapathError::Io { what: "removing link pin", path: pin, source });
+        }
+    }
+    LxcMap::from_pin_dir(&pins.dir)?.remove(ip)?;
+    IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_format() {
+        let m = parse_mac("0a:1B:ff:00:01:02").unwrap();
+        assert_eq!(m, [0x0a, 0x1b, 0xff, 0, 1, 2]);
+        assert_eq!(format_mac(&m), "0a:1b:ff:00:01:02");
+        assert_eq!(parse_mac("0a:1b"), None);
+        assert_eq!(parse_mac("0a:1b:ff:00:01:02:03"), None);
+        assert_eq!(parse_mac("zz:1b:ff:00:01:02"), None);
+    }
+}
