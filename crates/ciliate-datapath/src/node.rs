@@ -100,12 +100,10 @@ pub fn format_mac(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn exists(dev: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(dev).exists()
-        && Command::new("ip")
-            .args(["link", "show", "dev", dev])
-            .output()
-            .is_ok_and(|o| o.status.success())
+/// Does `dev` exist in the calling thread's namespace? (Asked over netlink
+/// through `ip`: /sys/class/net may show another namespace's devices.)
+pub fn device_exists(dev: &str) -> bool {
+    Command::new("ip").args(["link", "show", "dev", dev]).output().is_ok_and(|o| o.status.success())
 }
 
 /// Create (or keep) the router devices and routes, load and attach
@@ -115,7 +113,7 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<()> {
     sysctl("net.ipv4.ip_forward", "1")?;
     sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-    if !exists(HOST_DEV) {
+    if !device_exists(HOST_DEV) {
         ip(HOST_DEV, &["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
     }
     ip(HOST_DEV, &["link", "set", HOST_DEV, "arp", "off", "up"])?;

@@ -1,0 +1,211 @@
+//! The agent's HTTP routes (see `ciliate_api` for the list) over a unix
+//! socket only root can open. One thread per connection; the state is
+//! behind one lock, held for the length of one request.
+
+use std::{
+    io::ErrorKind,
+    os::unix::{fs::PermissionsExt, net::UnixListener},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use ciliate_api::{
+    http::{self, Request, Response},
+    models::{ApiError, GcRequest, GcResult, IpamAllocation, IpamRequest, Status},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::endpoint::{Datapath, EndpointError, Endpoints};
+
+pub struct Server<D: Datapath> {
+    pub state: Mutex<Endpoints<D>>,
+    pub node: String,
+    pub pin_dir: String,
+    pub started: Instant,
+    pub restored: usize,
+}
+
+fn json<T: Serialize>(status: u16, v: &T) -> Response {
+    Response { status, body: serde_json::to_vec(v).unwrap_or_default() }
+}
+
+fn error(status: u16, message: impl Into<String>) -> Response {
+    json(status, &ApiError { message: message.into() })
+}
+
+fn from_err(e: EndpointError) -> Response {
+    error(e.status(), e.to_string())
+}
+
+fn body<T: DeserializeOwned>(req: &Request, what: &str) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| error(400, format!("{what}: {e}")))
+}
+
+impl<D: Datapath> Server<D> {
+    pub fn handle(&self, req: &Request) -> Response {
+        match self.route(req) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn route(&self, req: &Request) -> Result<Response, Response> {
+        let path = req.path.strip_prefix("/v1/").ok_or_else(|| error(404, format!("no route {}", req.path)))?;
+        let mut parts = path.trim_end_matches('/').splitn(2, '/');
+        let (resource, arg) = (parts.next().unwrap_or(""), parts.next());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let m = req.method.as_str();
+        Ok(match (m, resource, arg) {
+            ("GET", "healthz", None) => json(200, &serde_json::json!({"status": "ok"})),
+            ("GET", "status", None) => json(
+                200,
+                &Status {
+                    node: self.node.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    pod_cidr: st.ipam.cidr.to_string(),
+                    router_ip: st.ipam.cidr.router(),
+                    endpoints: st.list().len(),
+                    identities: st.identities.allocated(),
+                    ipam_used: st.ipam.used(),
+                    ipam_free: st.ipam.free(),
+                    pin_dir: self.pin_dir.clone(),
+                    uptime: self.started.elapsed().as_secs(),
+                    restored_endpoints: self.restored,
+                },
+            ),
+            ("GET", "endpoint", None) => json(200, &st.list()),
+            ("GET", "endpoint", Some(id)) => json(200, &st.get(parse_id(id)?).map_err(from_err)?),
+            ("PUT", "endpoint", None) => json(201, &st.create(body(req, "endpoint")?).map_err(from_err)?),
+            ("DELETE", "endpoint", Some(id)) => json(200, &st.delete(parse_id(id)?).map_err(from_err)?),
+            ("DELETE", "endpoint", None) => {
+                let c = req.query("container-id").ok_or_else(|| error(400, "container-id is required"))?;
+                json(200, &st.delete_container(c).map_err(from_err)?)
+            }
+            ("POST", "ipam", None) => {
+                let r: IpamRequest = body(req, "ipam request")?;
+                if r.owner.is_empty() {
+                    return Err(error(400, "owner is empty"));
+                }
+                let ip = st.ipam.allocate(&r.owner).map_err(|e| error(503, e.to_string()))?;
+                json(201, &IpamAllocation { ip, gateway: st.ipam.cidr.router(), owner: r.owner })
+            }
+            ("DELETE", "ipam", Some(ip)) => {
+                let ip = ip.parse().map_err(|_| error(400, format!("{ip:?} is not an IPv4 address")))?;
+                st.ipam.release(ip).map_err(|e| error(404, e.to_string()))?;
+                json(200, &serde_json::json!({"released": ip}))
+            }
+            ("GET", "identity", None) => json(200, &st.identities.list()),
+            ("GET", "identity", Some(id)) => {
+                let n: u32 = id.parse().map_err(|_| error(400, format!("identity {id:?} is not a number")))?;
+                json(200, &st.identities.get(n).ok_or_else(|| error(404, format!("identity {n} not found")))?)
+            }
+            ("POST", "gc", None) => {
+                let r: GcRequest = body(req, "gc request")?;
+                json(200, &GcResult { removed: st.gc(&r.valid_container_ids).map_err(from_err)? })
+            }
+            (_, "healthz" | "status" | "endpoint" | "ipam" | "identity" | "gc", _) => {
+                error(405, format!("{m} /v1/{path} is not supported"))
+            }
+            _ => error(404, format!("no route {m} {}", req.path)),
+        })
+    }
+}
+
+fn parse_id(s: &str) -> Result<u16, Response> {
+    s.parse().map_err(|_| error(400, format!("endpoint ID {s:?} is not a number")))
+}
+
+/// Listen on `socket` (replacing a stale one) with mode 0600, and serve
+/// forever.
+pub fn serve<D: Datapath + 'static>(server: Arc<Server<D>>, socket: &Path) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let server = server.clone();
+        std::thread::spawn(move || {
+            let resp = match http::read_request(&conn) {
+                Ok(req) => server.handle(&req),
+                Err(e) => error(400, e.to_string()),
+            };
+            let _ = http::write_response(&conn, &resp);
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::MemoryDatapath;
+
+    fn server() -> Server<MemoryDatapath> {
+        let st = Endpoints::open("10.9.0.0/24".parse().unwrap(), None, MemoryDatapath::default()).unwrap();
+        Server { state: Mutex::new(st), node: "n1".into(), pin_dir: "/x".into(), started: Instant::now(), restored: 0 }
+    }
+
+    fn call(s: &Server<MemoryDatapath>, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let query = query
+            .split('&')
+            .filter(|q| !q.is_empty())
+            .map(|q| {
+                let (k, v) = q.split_once('=').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        let r = s.handle(&Request { method: method.into(), path: path.into(), query, body: body.into() });
+        (r.status, serde_json::from_slice(&r.body).unwrap())
+    }
+
+    #[test]
+    fn ipam_endpoint_and_identity_routes() {
+        let s = server();
+        let (st, alloc) = call(&s, "POST", "/v1/ipam", r#"{"owner":"c1"}"#);
+        assert_eq!((st, alloc["ip"].as_str(), alloc["gateway"].as_str()), (201, Some("10.9.0.2"), Some("10.9.0.1")));
+        s.state.lock().unwrap().datapath.devices.push("lxc1".into());
+        let create = serde_json::json!({
+            "container_id": "c1", "netns": "/run/netns/p", "ifname": "eth0", "host_ifname": "lxc1",
+            "ip": "10.9.0.2", "mac": "0a:00:00:00:00:01", "labels": {"app": "web"}
+        });
+        let (st, ep) = call(&s, "PUT", "/v1/endpoint", &create.to_string());
+        assert_eq!((st, ep["id"].as_u64(), ep["identity"].as_u64()), (201, Some(1), Some(256)));
+        assert_eq!(call(&s, "GET", "/v1/endpoint", "").1.as_array().unwrap().len(), 1);
+        assert_eq!(call(&s, "GET", "/v1/endpoint/1", "").1["container_id"], "c1");
+        assert_eq!(call(&s, "GET", "/v1/identity/256", "").1["labels"][0], "k8s:app=web");
+        assert_eq!(call(&s, "GET", "/v1/status", "").1["endpoints"], 1);
+        let (st, _) = call(&s, "DELETE", "/v1/endpoint?container-id=c1", "");
+        assert_eq!(st, 200);
+        assert_eq!(call(&s, "GET", "/v1/endpoint/1", "").0, 404);
+        assert_eq!(call(&s, "DELETE", "/v1/endpoint?container-id=c1", "").0, 200, "idempotent");
+    }
+
+    #[test]
+    fn errors_name_what_was_wrong() {
+        let s = server();
+        for (m, p, b, status, needle) in [
+            ("GET", "/v2/endpoint", "", 404, "no route"),
+            ("GET", "/v1/nothing", "", 404, "no route"),
+            ("PATCH", "/v1/endpoint", "", 405, "not supported"),
+            ("GET", "/v1/endpoint/abc", "", 400, "not a number"),
+            ("GET", "/v1/endpoint/7", "", 404, "endpoint 7 not found"),
+            ("PUT", "/v1/endpoint", "{", 400, "endpoint:"),
+            ("POST", "/v1/ipam", r#"{"owner":""}"#, 400, "owner is empty"),
+            ("DELETE", "/v1/ipam/10.9.0.50", "", 404, "not allocated"),
+            ("DELETE", "/v1/endpoint", "", 400, "container-id is required"),
+            ("GET", "/v1/identity/999", "", 404, "identity 999 not found"),
+        ] {
+            let (st, body) = call(&s, m, p, b);
+            assert_eq!(st, status, "{m} {p}: {body}");
+            assert!(body["message"].as_str().unwrap().contains(needle), "{m} {p}: {body}");
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `ciliate-agent`: runs one node (in the network namespace it is started
+//! in). Sets up bpffs, cgroup v2, the router devices and from-host, restores
+//! the endpoints of a previous run (their programs kept forwarding while no
+//! agent ran), then serves the API.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use ciliate_agent::{
+    api::{self, Server},
+    config::Flags,
+    endpoint::Endpoints,
+    kernel::{KernelDatapath, ensure_cgroup2},
+};
+use ciliate_datapath::{
+    bpffs::NodePins,
+    node::{self, HostSetup},
+};
+use clap::Parser;
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("[ciliate-agent] {}", msg.as_ref());
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ciliate-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cfg = Flags::parse().resolve()?;
+    let started = Instant::now();
+    log(format!("node {} pod CIDR {} state {}", cfg.node, cfg.pod_cidr, cfg.state_dir.display()));
+    let pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
+    let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
+    log(format!("bpffs {}, cgroup v2 {}", pins.dir.display(), cgroup.display()));
+    let setup = HostSetup {
+        pod_cidr: cfg.pod_cidr.net,
+        pod_cidr_len: cfg.pod_cidr.len,
+        router: cfg.pod_cidr.router(),
+    };
+    node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
+    log(format!("{} is {}, from-host attached", node::HOST_DEV, setup.router));
+    let pin_dir = pins.dir.display().to_string();
+    let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath { pins })
+        .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
+    let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
+    log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
+    let server = Arc::new(Server { state: Mutex::new(eps), node: cfg.node, pin_dir, started, restored });
+    log(format!("serving the API on {}", cfg.socket.display()));
+    api::serve(server, &cfg.socket).with_context(|| format!("serving on {}", cfg.socket.display()))
+}

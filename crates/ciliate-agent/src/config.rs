@@ -1,0 +1,120 @@
+//! Agent configuration: flags, then environment variables, then an
+//! optional JSON file (`--config`), then defaults.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::ipam::Cidr;
+
+/// The Ciliate node agent: IPAM, identities, endpoints and the datapath of
+/// one node, with its API on a unix socket for the CLI and the CNI plugin.
+#[derive(Parser, Debug, Default)]
+#[command(name = "ciliate-agent", version, about)]
+pub struct Flags {
+    /// Node name [default: the hostname]
+    #[arg(long, env = "CILIATE_NODE")]
+    pub node: Option<String>,
+    /// The node's pod CIDR; the router IP is its first address [default: 10.200.0.0/24]
+    #[arg(long, env = "CILIATE_POD_CIDR")]
+    pub pod_cidr: Option<String>,
+    /// Where IPAM, identities and endpoints are kept [default: /var/lib/ciliate/<node>]
+    #[arg(long, env = "CILIATE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The API socket [default: /run/ciliate/<node>/agent.sock]
+    #[arg(long, env = "CILIATE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Where bpffs is (mounted there if it is not) [default: /sys/fs/bpf]
+    #[arg(long, env = "CILIATE_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs
+    #[arg(long, env = "CILIATE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node: Option<String>,
+    pod_cidr: Option<String>,
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node: String,
+    pub pod_cidr: Cidr,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+impl Flags {
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file: FileConfig = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("reading config {}: {e}", p.display()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node = self.node.or(file.node).unwrap_or_else(hostname);
+        if node.is_empty() || node.contains('/') || node.len() > 64 {
+            anyhow::bail!("node name {node:?}: 1-64 characters, no '/'");
+        }
+        let cidr = self.pod_cidr.or(file.pod_cidr).unwrap_or_else(|| "10.200.0.0/24".into());
+        let pod_cidr: Cidr = cidr.parse()?;
+        Ok(Config {
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/ciliate/{node}"))),
+            socket: self
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| ciliate_api::default_socket(&node)),
+            bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
+            node,
+            pod_cidr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("ciliate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.json");
+        std::fs::write(&file, r#"{"node": "from-file", "pod_cidr": "10.5.0.0/16"}"#).unwrap();
+        let c = Flags { config: Some(file.clone()), pod_cidr: Some("10.6.0.0/24".into()), ..Default::default() }
+            .resolve()
+            .unwrap();
+        assert_eq!(c.node, "from-file");
+        assert_eq!(c.pod_cidr.to_string(), "10.6.0.0/24");
+        assert_eq!(c.socket, PathBuf::from("/run/ciliate/from-file/agent.sock"));
+
+        std::fs::write(&file, r#"{"nodename": "typo"}"#).unwrap();
+        let e = Flags { config: Some(file), ..Default::default() }.resolve().unwrap_err();
+        assert!(e.to_string().contains("unknown field `nodename`"), "{e}");
+        let e = Flags { pod_cidr: Some("10.0.0.1/8".into()), ..Default::default() }.resolve().unwrap_err();
+        assert!(e.to_string().contains("host bits"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

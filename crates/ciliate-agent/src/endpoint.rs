@@ -1,0 +1,389 @@
+//! The endpoint manager: create, delete, restore and garbage-collect
+//! endpoints. It owns the node's desired state (IPAM, identities,
+//! endpoints) and writes it into the datapath through [`Datapath`], so it
+//! can be tested without a kernel ([`MemoryDatapath`]).
+//!
+//! Bad input is refused before anything changes; a datapath failure while
+//! creating leaves no endpoint behind and no half-written state.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ciliate_api::models::{Endpoint, EndpointCreate};
+use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
+
+use crate::{
+    identity::{Identities, label_set},
+    ipam::{Cidr, Ipam},
+    store,
+};
+
+/// What went wrong, with the HTTP status the API answers with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EndpointError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EndpointError {
+    pub fn status(&self) -> u16 {
+        match self {
+            EndpointError::BadRequest(_) => 400,
+            EndpointError::NotFound(_) => 404,
+            EndpointError::Conflict(_) => 409,
+            EndpointError::Internal(_) => 500,
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> EndpointError {
+    EndpointError::Internal(e.to_string())
+}
+
+/// The datapath side of endpoints.
+pub trait Datapath: Send {
+    fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String>;
+    fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String>;
+    /// Does the host-side device still exist?
+    fn device_exists(&self, lxc: &str) -> bool;
+}
+
+/// A datapath in memory: what is attached, for tests.
+#[derive(Default)]
+pub struct MemoryDatapath {
+    pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
+    pub devices: Vec<String>,
+    pub fail_next_attach: Option<String>,
+}
+
+impl Datapath for MemoryDatapath {
+    fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String> {
+        if let Some(e) = self.fail_next_attach.take() {
+            return Err(e);
+        }
+        self.attached.insert(spec.ip, spec.clone());
+        Ok(Attached { lxc_mac: [2, 0, 0, 0, 0, spec.endpoint_id as u8], ifindex: 100 + u32::from(spec.endpoint_id) })
+    }
+    fn detach(&mut self, ip: Ipv4Addr, _lxc: &str) -> Result<(), String> {
+        self.attached.remove(&ip);
+        Ok(())
+    }
+    fn device_exists(&self, lxc: &str) -> bool {
+        self.devices.iter().any(|d| d == lxc)
+    }
+}
+
+/// Highest endpoint ID (Cilium's endpoint IDs fit in 12 bits... here 16).
+pub const MAX_ENDPOINT_ID: u16 = 4095;
+
+pub struct Endpoints<D: Datapath> {
+    pub ipam: Ipam,
+    pub identities: Identities,
+    endpoints: BTreeMap<u16, Endpoint>,
+    state_dir: Option<PathBuf>,
+    pub datapath: D,
+}
+
+impl<D: Datapath> Endpoints<D> {
+    /// Open the node's state (in `state_dir`, or in memory when `None`).
+    pub fn open(cidr: Cidr, state_dir: Option<&Path>, datapath: D) -> Result<Self, EndpointError> {
+        let ipam = Ipam::open(cidr, state_dir.map(|d| d.join("ipam.json"))).map_err(internal)?;
+        let identities =
+            Identities::open(state_dir.map(|d| d.join("identities.json"))).map_err(internal)?;
+        let mut endpoints = BTreeMap::new();
+        if let Some(dir) = state_dir {
+            let ep_dir = dir.join("endpoints");
+            if let Ok(entries) = std::fs::read_dir(&ep_dir) {
+                for e in entries.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "json")
+                        && let Some(ep) = store::load::<Endpoint>(&e.path()).map_err(internal)?
+                    {
+                        endpoints.insert(ep.id, ep);
+                    }
+                }
+            }
+        }
+        Ok(Self { ipam, identities, endpoints, state_dir: state_dir.map(Path::to_owned), datapath })
+    }
+
+    fn ep_path(&self, id: u16) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join("endpoints").join(format!("{id}.json")))
+    }
+
+    fn persist(&self, ep: &Endpoint) -> Result<(), EndpointError> {
+        match self.ep_path(ep.id) {
+            Some(p) => store::save(&p, ep).map_err(internal),
+            None => Ok(()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<Endpoint> {
+        self.endpoints.values().cloned().collect()
+    }
+
+    pub fn get(&self, id: u16) -> Result<Endpoint, EndpointError> {
+        self.endpoints.get(&id).cloned().ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))
+    }
+
+    pub fn by_container(&self, container_id: &str) -> Option<&Endpoint> {
+        self.endpoints.values().find(|e| e.container_id == container_id)
+    }
+
+    fn spec(ep: &Endpoint) -> Result<EndpointSpec, EndpointError> {
+        Ok(EndpointSpec {
+            ip: ep.ip,
+            lxc: ep.host_ifname.clone(),
+            mac: parse_mac(&ep.mac).ok_or_else(|| EndpointError::BadRequest(format!("endpoint {}: bad MAC {:?}", ep.id, ep.mac)))?,
+            endpoint_id: ep.id,
+            identity: ep.identity,
+        })
+    }
+
+    /// Create an endpoint for a pod whose veth the CNI plugin set up.
+    /// Repeating the same request returns the existing endpoint.
+    pub fn create(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+        let bad = |m: String| Err(EndpointError::BadRequest(m));
+        if req.container_id.is_empty() {
+            return bad("container_id is empty".into());
+        }
+        if req.host_ifname.is_empty() || req.host_ifname.len() > 15 {
+            return bad(format!("host_ifname {:?}: 1 to 15 characters", req.host_ifname));
+        }
+        if parse_mac(&req.mac).is_none() {
+            return bad(format!("mac {:?} is not a MAC address", req.mac));
+        }
+        match self.ipam.owner(req.ip) {
+            Some(o) if o == req.container_id => {}
+            Some(o) => return bad(format!("{} is allocated to container {o}, not {}", req.ip, req.container_id)),
+            None => return bad(format!("{} is not allocated (POST /v1/ipam first)", req.ip)),
+        }
+        if let Some(ep) = self.by_container(&req.container_id) {
+            if ep.ip == req.ip && ep.host_ifname == req.host_ifname {
+                return Ok(ep.clone());
+            }
+            return Err(EndpointError::Conflict(format!(
+                "container {} already has endpoint {} ({} on {})",
+                req.container_id, ep.id, ep.ip, ep.host_ifname
+            )));
+        }
+        let id = (1..=MAX_ENDPOINT_ID)
+            .find(|id| !self.endpoints.contains_key(id))
+            .ok_or_else(|| EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use")))?;
+        let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
+        let mut ep = Endpoint {
+            id,
+            container_id: req.container_id,
+            netns: req.netns,
+            ifname: req.ifname,
+            host_ifname: req.host_ifname,
+            host_ifindex: 0,
+            host_mac: String::new(),
+            ip: req.ip,
+            mac: req.mac.to_lowercase(),
+            labels: req.labels,
+            identity,
+            state: "ready".into(),
+            ingress_enforcement: "Disabled".into(),
+            egress_enforcement: "Disabled".into(),
+        };
+        let attached = self
+            .datapath
+            .attach(&Self::spec(&ep)?)
+            .map_err(|e| EndpointError::Internal(format!("attaching endpoint {id} ({} on {}): {e}", ep.ip, ep.host_ifname)))?;
+        ep.host_ifindex = attached.ifindex;
+        ep.host_mac = format_mac(&attached.lxc_mac);
+        if let Err(e) = self.persist(&ep) {
+            let _ = self.datapath.detach(ep.ip, &ep.host_ifname);
+            return Err(e);
+        }
+        self.endpoints.insert(id, ep.clone());
+        Ok(ep)
+    }
+
+    /// Delete endpoint `id`: detach it, release its address, forget it.
+    pub fn delete(&mut self, id: u16) -> Result<Endpoint, EndpointError> {
+        let ep = self.get(id)?;
+        self.datapath.detach(ep.ip, &ep.host_ifname).map_err(|e| internal(format!("detaching endpoint {id}: {e}")))?;
+        let _ = self.ipam.release_owner(&ep.container_id);
+        if let Some(p) = self.ep_path(id) {
+            store::remove(&p).map_err(internal)?;
+        }
+        self.endpoints.remove(&id);
+        Ok(ep)
+    }
+
+    /// Delete the endpoint of `container_id` if there is one, and release
+    /// its address either way (a CNI DEL after a failed ADD). Idempotent.
+    pub fn delete_container(&mut self, container_id: &str) -> Result<Option<Endpoint>, EndpointError> {
+        let ep = match self.by_container(container_id).map(|e| e.id) {
+            Some(id) => Some(self.delete(id)?),
+            None => None,
+        };
+        self.ipam.release_owner(container_id).map_err(internal)?;
+        Ok(ep)
+    }
+
+    /// Re-attach every endpoint read from the state directory (after an
+    /// agent restart: the pinned programs kept forwarding meanwhile). An
+    /// endpoint whose device is gone (its pod was removed while the agent
+    /// was down) is deleted. Returns how many were restored.
+    pub fn restore(&mut self) -> Result<usize, EndpointError> {
+        let mut restored = 0;
+        for ep in self.list() {
+            if !self.datapath.device_exists(&ep.host_ifname) {
+                self.delete(ep.id)?;
+                continue;
+            }
+            let spec = Self::spec(&ep)?;
+            match self.datapath.attach(&spec) {
+                Ok(_) => restored += 1,
+                Err(e) => {
+                    let mut ep = ep;
+                    ep.state = format!("restore failed: {e}");
+                    self.endpoints.insert(ep.id, ep);
+                }
+            }
+        }
+        // Addresses whose owner has no endpoint (an ADD that died half-way)
+        // stay allocated until a DEL or GC names their container.
+        Ok(restored)
+    }
+
+    /// Remove every endpoint whose container is not in `valid` (CNI GC).
+    pub fn gc(&mut self, valid: &[String]) -> Result<Vec<u16>, EndpointError> {
+        let stale: Vec<u16> =
+            self.endpoints.values().filter(|e| !valid.contains(&e.container_id)).map(|e| e.id).collect();
+        for id in &stale {
+            self.delete(*id)?;
+        }
+        let orphans: Vec<String> = self
+            .ipam
+            .allocations()
+            .map(|(_, owner)| owner.clone())
+            .filter(|o| !valid.contains(o))
+            .collect();
+        for o in orphans {
+            self.ipam.release_owner(&o).map_err(internal)?;
+        }
+        Ok(stale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Endpoints<MemoryDatapath> {
+        Endpoints::open("10.9.0.0/24".parse().unwrap(), None, MemoryDatapath::default()).unwrap()
+    }
+
+    fn request(n: &mut Endpoints<MemoryDatapath>, container: &str, app: &str) -> EndpointCreate {
+        let ip = n.ipam.allocate(container).unwrap();
+        let lxc = format!("lxc{container}");
+        n.datapath.devices.push(lxc.clone());
+        EndpointCreate {
+            container_id: container.into(),
+            netns: format!("/run/netns/{container}"),
+            ifname: "eth0".into(),
+            host_ifname: lxc,
+            ip,
+            mac: "0A:00:00:00:00:01".into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn create_attaches_with_an_identity_and_delete_releases_everything() {
+        let mut n = node();
+        let r = request(&mut n, "c1", "web");
+        let ep = n.create(r.clone()).unwrap();
+        assert_eq!((ep.id, ep.identity, ep.mac.as_str()), (1, 256, "0a:00:00:00:00:01"));
+        assert_eq!(n.datapath.attached[&ep.ip].identity, 256);
+        assert_eq!(n.create(r).unwrap(), ep, "a repeated create returns the endpoint");
+
+        let r2 = request(&mut n, "c2", "web");
+        let ep2 = n.create(r2).unwrap();
+        assert_eq!((ep2.id, ep2.identity), (2, 256), "same labels, same identity");
+
+        n.delete(ep.id).unwrap();
+        assert!(!n.datapath.attached.contains_key(&ep.ip));
+        assert_eq!(n.ipam.owner(ep.ip), None);
+        assert_eq!(n.get(ep.id).unwrap_err().status(), 404);
+        assert_eq!(n.delete_container("c1").unwrap(), None, "deleting again is fine");
+    }
+
+    #[test]
+    fn bad_requests_change_nothing() {
+        let mut n = node();
+        let good = request(&mut n, "c1", "web");
+        let cases = [
+            (EndpointCreate { mac: "nope".into(), ..good.clone() }, "not a MAC"),
+            (EndpointCreate { host_ifname: "x".repeat(16), ..good.clone() }, "1 to 15"),
+            (EndpointCreate { ip: Ipv4Addr::new(10, 9, 0, 99), ..good.clone() }, "not allocated"),
+            (EndpointCreate { container_id: "other".into(), ..good.clone() }, "allocated to container c1"),
+            (EndpointCreate { container_id: String::new(), ..good.clone() }, "container_id is empty"),
+        ];
+        for (req, why) in cases {
+            let e = n.create(req).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        assert!(n.list().is_empty());
+        assert!(n.datapath.attached.is_empty());
+        assert_eq!(n.identities.allocated(), 0);
+    }
+
+    #[test]
+    fn a_failed_attach_leaves_no_endpoint() {
+        let mut n = node();
+        let r = request(&mut n, "c1", "web");
+        n.datapath.fail_next_attach = Some("no such device".into());
+        let e = n.create(r.clone()).unwrap_err();
+        assert!(e.to_string().contains("no such device"), "{e}");
+        assert!(n.list().is_empty());
+        assert_eq!(n.create(r).unwrap().id, 1, "and a retry works");
+    }
+
+    #[test]
+    fn restart_restores_endpoints_and_drops_those_whose_device_is_gone() {
+        let dir = std::env::temp_dir().join(format!("ciliate-ep-{}", std::process::id()));
+        let cidr: Cidr = "10.9.0.0/24".parse().unwrap();
+        let (a, b) = {
+            let mut n = Endpoints::open(cidr, Some(&dir), MemoryDatapath::default()).unwrap();
+            let ra = request(&mut n, "a", "web");
+            let rb = request(&mut n, "b", "db");
+            (n.create(ra).unwrap(), n.create(rb).unwrap())
+        };
+        let dp = MemoryDatapath { devices: vec![a.host_ifname.clone()], ..Default::default() };
+        let mut n = Endpoints::open(cidr, Some(&dir), dp).unwrap();
+        assert_eq!(n.restore().unwrap(), 1);
+        assert_eq!(n.list(), vec![a.clone()]);
+        assert!(n.datapath.attached.contains_key(&a.ip), "re-attached");
+        assert_eq!(n.ipam.owner(b.ip), None, "the gone pod's address is free");
+        assert_eq!(n.identities.allocate(&label_set(&b.labels)).unwrap(), b.identity);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn gc_removes_endpoints_and_addresses_of_unknown_containers() {
+        let mut n = node();
+        for c in ["keep", "stale"] {
+            let r = request(&mut n, c, c);
+            n.create(r).unwrap();
+        }
+        n.ipam.allocate("half-added").unwrap();
+        let removed = n.gc(&["keep".into()]).unwrap();
+        assert_eq!(removed, vec![2]);
+        assert_eq!(n.list().len(), 1);
+        assert_eq!(n.ipam.used(), 1);
+    }
+}

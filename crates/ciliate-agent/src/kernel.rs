@@ -1,0 +1,57 @@
+//! The real [`Datapath`]: endpoints go into the node's pinned maps and get
+//! their from-container attached, in the agent's own network namespace.
+
+use std::net::Ipv4Addr;
+
+use ciliate_datapath::{
+    bpffs::NodePins,
+    node::{self, Attached, EndpointSpec},
+};
+
+use crate::endpoint::Datapath;
+
+pub struct KernelDatapath {
+    pub pins: NodePins,
+}
+
+impl Datapath for KernelDatapath {
+    fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String> {
+        node::attach_endpoint(&self.pins, spec).map_err(|e| e.to_string())
+    }
+    fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String> {
+        node::detach_endpoint(&self.pins, ip, lxc).map_err(|e| e.to_string())
+    }
+    fn device_exists(&self, lxc: &str) -> bool {
+        node::device_exists(lxc)
+    }
+}
+
+/// Where a cgroup v2 hierarchy is mounted: the unified mount of a hybrid
+/// host, the root of a pure v2 host, or one the agent mounts itself under
+/// `/run/ciliate/cgroupv2` (as Cilium does under /run/cilium).
+pub fn ensure_cgroup2() -> std::io::Result<std::path::PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    let is_cgroup2 = |p: &str| {
+        let Ok(c) = std::ffi::CString::new(p) else { return false };
+        // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+        }
+    };
+    for p in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/run/ciliate/cgroupv2"] {
+        if is_cgroup2(p) {
+            return Ok(p.into());
+        }
+    }
+    let target = "/run/ciliate/cgroupv2";
+    std::fs::create_dir_all(target)?;
+    // SAFETY: mount(2) with static NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(c"none".as_ptr(), c"/run/ciliate/cgroupv2".as_ptr(), c"cgroup2".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(target.into())
+}
