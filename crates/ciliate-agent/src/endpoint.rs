@@ -190,6 +190,7 @@ impl<D: Datapath> Endpoints<D> {
             ip: req.ip,
             mac: req.mac.to_lowercase(),
             labels: req.labels,
+            pod_name: req.pod_name,
             identity,
             state: "ready".into(),
             ingress_enforcement: "Disabled".into(),
@@ -298,6 +299,7 @@ mod tests {
             ip,
             mac: "0A:00:00:00:00:01".into(),
             labels: [("app".to_string(), app.to_string())].into(),
+            pod_name: String::new(),
         }
     }
 

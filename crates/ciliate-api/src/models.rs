@@ -56,6 +56,10 @@ pub struct EndpointCreate {
     /// MAC of the pod's interface.
     pub mac: String,
     pub labels: BTreeMap<String, String>,
+    /// `namespace/name` of the pod, when the runtime told (display only:
+    /// not part of the identity).
+    #[serde(default)]
+    pub pod_name: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub mac: String,
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pod_name: String,
     pub identity: u32,
     /// "ready", or what went wrong.
     pub state: String,

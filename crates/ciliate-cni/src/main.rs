@@ -1,15 +1,28 @@
-//! The Ciliate CNI plugin. ADD/DEL/CHECK/STATUS/GC arrive with the
-//! single-node issue (they need the agent's API). Until then every command
-//! answers with a CNI error object, as the spec asks of a plugin that
-//! cannot serve a request, so a runtime never mistakes it for working.
+//! The Ciliate CNI plugin (CNI spec 1.1): ADD, DEL, CHECK, VERSION,
+//! STATUS, GC.
+//!
+//! ADD asks the agent for an address, creates the veth pair (`lxc<hash>` on
+//! the host, `CNI_IFNAME` in the pod), gives the pod its /32, an on-link
+//! route to the gateway (the node's router IP) and a default route via it,
+//! then asks the agent to create the endpoint, and prints the result. A
+//! failure half-way undoes what was done. DEL succeeds when repeated and
+//! when the namespace or the endpoint is already gone.
+//!
+//! Network configuration (besides `cniVersion`, `name`, `type`):
+//! `agent_socket` (default `/run/ciliate/<hostname>/agent.sock`), `mtu`
+//! (default 1500), and labels in `args.cni.labels` (`[{"key", "value"}]`)
+//! or `args.labels` (`{"key": "value"}`). `K8S_POD_NAMESPACE` in
+//! `CNI_ARGS` becomes the label `io.kubernetes.pod.namespace`.
+
+mod cni;
 
 fn main() {
-    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
-    // Error code 11 ("try again later") would invite retries; 4 ("invalid
-    // environment variables") is what the spec offers for an unusable
-    // plugin environment.
-    println!(
-        "{{\"cniVersion\":\"1.1.0\",\"code\":4,\"msg\":\"ciliate-cni is not implemented yet\",\"details\":\"CNI_COMMAND={command}\"}}"
-    );
-    std::process::exit(1);
+    let mut stdin = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin);
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let (out, code) = cni::run(&env, &stdin);
+    if !out.is_empty() {
+        println!("{out}");
+    }
+    std::process::exit(code);
 }

@@ -1,0 +1,443 @@
+//! The plugin's logic, callable from tests with an environment and stdin.
+
+use std::{collections::HashMap, path::PathBuf, process::Command};
+
+use ciliate_api::{
+    Client, ClientError,
+    client::method,
+    models::{Endpoint, EndpointCreate, GcRequest, GcResult, IpamAllocation, IpamRequest},
+};
+use serde_json::{Value, json};
+
+pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// CNI error codes (spec section "Error").
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Plugin-specific: CHECK found the interface not as ADD left it.
+    pub const CHECK_FAILED: u32 = 100;
+}
+
+#[derive(Debug)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+fn err(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError { code, msg: msg.into(), details: details.into() }
+}
+
+/// The agent's answer as a CNI error: unreachable → try again later.
+fn agent_err(what: &str) -> impl FnOnce(ClientError) -> CniError + '_ {
+    move |e| match e {
+        ClientError::Unreachable { .. } => err(code::TRY_AGAIN, format!("{what}: agent unreachable"), e.to_string()),
+        e => err(code::IO_FAILURE, format!("{what} failed"), e.to_string()),
+    }
+}
+
+struct Conf {
+    version: String,
+    socket: PathBuf,
+    mtu: u32,
+    labels: Vec<(String, String)>,
+    raw: Value,
+}
+
+fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
+    let raw: Value = serde_json::from_str(stdin)
+        .map_err(|e| err(code::DECODE_FAILURE, "network configuration is not valid JSON", e.to_string()))?;
+    let obj = raw.as_object().ok_or_else(|| err(code::INVALID_CONFIG, "network configuration is not an object", ""))?;
+    let version = obj
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(code::INVALID_CONFIG, "cniVersion is missing", ""))?
+        .to_owned();
+    if !SUPPORTED.contains(&version.as_str()) {
+        return Err(err(
+            code::INCOMPATIBLE_VERSION,
+            format!("cniVersion {version} is not supported"),
+            format!("supported: {}", SUPPORTED.join(", ")),
+        ));
+    }
+    if obj.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+        return Err(err(code::INVALID_CONFIG, "name is missing", ""));
+    }
+    let mtu = match obj.get("mtu") {
+        None => 1500,
+        Some(v) => v
+            .as_u64()
+            .filter(|m| (576..=65535).contains(m))
+            .ok_or_else(|| err(code::INVALID_CONFIG, format!("mtu {v}: a number from 576 to 65535"), ""))?
+            as u32,
+    };
+    let socket = match obj.get("agent_socket") {
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            ciliate_api::default_socket(host.trim())
+        }
+        Some(Value::String(s)) if !s.is_empty() => PathBuf::from(s),
+        Some(v) => return Err(err(code::INVALID_CONFIG, format!("agent_socket {v}: a path"), "")),
+    };
+    let mut labels = Vec::new();
+    let args = obj.get("args");
+    if let Some(list) = args.and_then(|a| a.pointer("/cni/labels")) {
+        let list = list.as_array().ok_or_else(|| err(code::INVALID_CONFIG, "args.cni.labels is not a list", ""))?;
+        for l in list {
+            let (Some(k), Some(v)) = (l.get("key").and_then(Value::as_str), l.get("value").and_then(Value::as_str))
+            else {
+                return Err(err(code::INVALID_CONFIG, format!("args.cni.labels entry {l}: needs key and value strings"), ""));
+            };
+            labels.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    if let Some(map) = args.and_then(|a| a.get("labels")) {
+        let map = map.as_object().ok_or_else(|| err(code::INVALID_CONFIG, "args.labels is not an object", ""))?;
+        for (k, v) in map {
+            let v = v.as_str().ok_or_else(|| err(code::INVALID_CONFIG, format!("args.labels.{k} is not a string"), ""))?;
+            labels.push((k.clone(), v.to_owned()));
+        }
+    }
+    Ok(Conf { version, socket, mtu, labels, raw })
+}
+
+struct Env<'a> {
+    env: &'a HashMap<String, String>,
+}
+
+impl Env<'_> {
+    fn required(&self, key: &str) -> Result<&str, CniError> {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| err(code::INVALID_ENV, format!("{key} is not set"), ""))
+    }
+    fn optional(&self, key: &str) -> &str {
+        self.env.get(key).map(String::as_str).unwrap_or("")
+    }
+    /// `CNI_ARGS`: `K=V;K=V`.
+    fn cni_args(&self) -> Result<HashMap<String, String>, CniError> {
+        let mut out = HashMap::new();
+        for pair in self.optional("CNI_ARGS").split(';').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| err(code::INVALID_ENV, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"), ""))?;
+            out.insert(k.to_owned(), v.to_owned());
+        }
+        Ok(out)
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', ':'])
+        && !name.chars().any(char::is_whitespace)
+}
+
+/// `lxc` + 11 hex digits of a stable hash of the attachment.
+pub fn lxc_name(container: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("lxc{:011x}", h & 0xfff_ffff_ffff)
+}
+
+fn sh(args: &[&str]) -> Result<String, CniError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| err(code::IO_FAILURE, format!("running {}", args[0]), e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(
+            code::IO_FAILURE,
+            format!("{} failed", args.join(" ")),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS` inside the network namespace at `netns` (a path).
+fn ip_in(netns: &str, args: &[&str]) -> Result<String, CniError> {
+    let ns = format!("--net={netns}");
+    let mut full = vec!["nsenter", ns.as_str(), "ip"];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+fn ip(args: &[&str]) -> Result<String, CniError> {
+    let mut full = vec!["ip"];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+fn device_exists(dev: &str) -> bool {
+    ciliate_datapath::node::device_exists(dev)
+}
+
+fn error_json(version: &str, e: &CniError) -> String {
+    json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}).to_string()
+}
+
+/// Run one plugin invocation: (stdout, exit code).
+pub fn run(env: &HashMap<String, String>, stdin: &str) -> (String, i32) {
+    let env = Env { env };
+    let command = env.optional("CNI_COMMAND").to_owned();
+    if command == "VERSION" {
+        return (json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED}).to_string(), 0);
+    }
+    let version = serde_json::from_str::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_owned))
+        .filter(|v| SUPPORTED.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".into());
+    let result = parse_conf(stdin).and_then(|conf| match command.as_str() {
+        "ADD" => add(&env, &conf),
+        "DEL" => del(&env, &conf).map(|()| String::new()),
+        "CHECK" => check(&env, &conf).map(|()| String::new()),
+        "STATUS" => status(&conf).map(|()| String::new()),
+        "GC" => gc(&conf).map(|()| String::new()),
+        "" => Err(err(code::INVALID_ENV, "CNI_COMMAND is not set", "")),
+        other => Err(err(code::INVALID_ENV, format!("CNI_COMMAND {other} is not a CNI command"), "")),
+    });
+    match result {
+        Ok(out) => (out, 0),
+        Err(e) => (error_json(&version, &e), 1),
+    }
+}
+
+fn attachment(env: &Env<'_>) -> Result<(String, String), CniError> {
+    let container = env.required("CNI_CONTAINERID")?.to_owned();
+    let ifname = env.required("CNI_IFNAME")?.to_owned();
+    if !valid_ifname(&ifname) {
+        return Err(err(code::INVALID_ENV, format!("CNI_IFNAME {ifname:?} is not a valid interface name"), ""));
+    }
+    Ok((container, ifname))
+}
+
+fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
+    let (container, ifname) = attachment(env)?;
+    let netns = env.required("CNI_NETNS")?.to_owned();
+    if !std::path::Path::new(&netns).exists() {
+        return Err(err(code::UNKNOWN_CONTAINER, format!("network namespace {netns} does not exist"), ""));
+    }
+    let args = env.cni_args()?;
+    let mut labels: std::collections::BTreeMap<String, String> = conf.labels.iter().cloned().collect();
+    let ns = args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default();
+    if !ns.is_empty() {
+        labels.insert("io.kubernetes.pod.namespace".into(), ns.clone());
+    }
+    let pod_name = match args.get("K8S_POD_NAME") {
+        Some(n) if !ns.is_empty() => format!("{ns}/{n}"),
+        Some(n) => n.clone(),
+        None => String::new(),
+    };
+    let client = Client::new(&conf.socket);
+    let alloc: IpamAllocation = client
+        .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: container.clone() }))
+        .map_err(agent_err("allocating an address"))?;
+    let lxc = lxc_name(&container, &ifname);
+    match plumb(&netns, &ifname, &lxc, &alloc, conf.mtu).and_then(|mac| {
+        let req = EndpointCreate {
+            container_id: container.clone(),
+            netns: netns.clone(),
+            ifname: ifname.clone(),
+            host_ifname: lxc.clone(),
+            ip: alloc.ip,
+            mac: mac.clone(),
+            labels,
+            pod_name,
+        };
+        client
+            .call::<Endpoint>(method::PUT, "/v1/endpoint", Some(&req))
+            .map_err(agent_err("creating the endpoint"))
+            .map(|ep| (ep, mac))
+    }) {
+        Ok((ep, mac)) => Ok(result_json(conf, &ep, &mac, &alloc)),
+        Err(e) => {
+            // Undo: the host side takes the pair with it; the address goes
+            // back to the pool.
+            if device_exists(&lxc) {
+                let _ = ip(&["link", "del", &lxc]);
+            }
+            let target = format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
+            let _ = client.call::<Value>(method::DELETE, &target, None::<&()>);
+            Err(e)
+        }
+    }
+}
+
+/// Create and configure the veth pair; returns the pod interface's MAC.
+fn plumb(netns: &str, ifname: &str, lxc: &str, alloc: &IpamAllocation, mtu: u32) -> Result<String, CniError> {
+    let mtu = mtu.to_string();
+    let gw = alloc.gateway.to_string();
+    // Peer name unique per attachment, so concurrent ADDs never collide.
+    let tmp = format!("tmp{}", &lxc[3..]);
+    if device_exists(lxc) {
+        // A retried ADD: start over.
+        ip(&["link", "del", lxc])?;
+    }
+    ip(&["link", "add", lxc, "mtu", &mtu, "type", "veth", "peer", "name", &tmp, "mtu", &mtu])?;
+    ip(&["link", "set", &tmp, "netns", netns])?;
+    ip_in(netns, &["link", "set", &tmp, "name", ifname])?;
+    ip_in(netns, &["addr", "add", &format!("{}/32", alloc.ip), "dev", ifname])?;
+    ip_in(netns, &["link", "set", ifname, "up"])?;
+    ip_in(netns, &["route", "add", &gw, "dev", ifname, "scope", "link"])?;
+    ip_in(netns, &["route", "add", "default", "via", &gw, "dev", ifname, "mtu", &mtu])?;
+    ip(&["link", "set", lxc, "up"])?;
+    let out = ip_in(netns, &["-o", "link", "show", "dev", ifname])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| err(code::IO_FAILURE, format!("no MAC on {ifname}"), out))
+}
+
+fn result_json(conf: &Conf, ep: &Endpoint, mac: &str, alloc: &IpamAllocation) -> String {
+    let gw = alloc.gateway.to_string();
+    let mut ip = json!({"address": format!("{}/32", alloc.ip), "gateway": gw, "interface": 1});
+    if conf.version.starts_with("0.3") {
+        ip["version"] = json!("4");
+    }
+    json!({
+        "cniVersion": conf.version,
+        "interfaces": [
+            {"name": ep.host_ifname, "mac": ep.host_mac},
+            {"name": ep.ifname, "mac": mac, "sandbox": ep.netns},
+        ],
+        "ips": [ip],
+        "routes": [{"dst": "0.0.0.0/0", "gw": gw}],
+        "dns": {},
+    })
+    .to_string()
+}
+
+fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
+    let (container, ifname) = attachment(env)?;
+    let client = Client::new(&conf.socket);
+    let target = format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
+    client.call::<Value>(method::DELETE, &target, None::<&()>).map_err(agent_err("deleting the endpoint"))?;
+    let lxc = lxc_name(&container, &ifname);
+    if device_exists(&lxc) {
+        ip(&["link", "del", &lxc])?;
+    }
+    Ok(())
+}
+
+fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
+    let (container, ifname) = attachment(env)?;
+    let netns = env.required("CNI_NETNS")?;
+    let eps: Vec<Endpoint> = Client::new(&conf.socket).get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
+    let ep = eps
+        .iter()
+        .find(|e| e.container_id == container)
+        .ok_or_else(|| err(code::UNKNOWN_CONTAINER, format!("container {container} has no endpoint"), ""))?;
+    if ep.state != "ready" {
+        return Err(err(code::CHECK_FAILED, format!("endpoint {} is {}", ep.id, ep.state), ""));
+    }
+    let addrs = ip_in(netns, &["-o", "-4", "addr", "show", "dev", &ifname])
+        .map_err(|e| err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.details))?;
+    if !addrs.contains(&format!("inet {}/32", ep.ip)) {
+        return Err(err(code::CHECK_FAILED, format!("{ifname} in {netns} does not have {}/32", ep.ip), addrs));
+    }
+    if !device_exists(&ep.host_ifname) {
+        return Err(err(code::CHECK_FAILED, format!("host device {} is missing", ep.host_ifname), ""));
+    }
+    Ok(())
+}
+
+fn status(conf: &Conf) -> Result<(), CniError> {
+    Client::new(&conf.socket)
+        .get::<Value>("/v1/healthz")
+        .map(drop)
+        .map_err(|e| err(code::NOT_AVAILABLE, "the Ciliate agent is not available", e.to_string()))
+}
+
+fn gc(conf: &Conf) -> Result<(), CniError> {
+    let valid = conf.raw.get("cni.dev/valid-attachments").map(|v| {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.get("containerID")?.as_str().map(str::to_owned)).collect::<Vec<_>>())
+    });
+    let valid = match valid {
+        None => Vec::new(),
+        Some(Some(v)) => v,
+        Some(None) => return Err(err(code::INVALID_CONFIG, "cni.dev/valid-attachments is not a list", "")),
+    };
+    // The veth pairs of removed pods went with their namespaces; what is
+    // left is the agent's state: endpoints and addresses.
+    Client::new(&conf.socket)
+        .call::<GcResult>(method::POST, "/v1/gc", Some(&GcRequest { valid_container_ids: valid }))
+        .map(drop)
+        .map_err(agent_err("garbage collection"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn code_of(out: &(String, i32)) -> u64 {
+        assert_eq!(out.1, 1, "{}", out.0);
+        serde_json::from_str::<Value>(&out.0).unwrap()["code"].as_u64().unwrap()
+    }
+
+    const CONF: &str = r#"{"cniVersion":"1.1.0","name":"ciliate","type":"ciliate-cni","agent_socket":"/nonexistent/agent.sock"}"#;
+
+    #[test]
+    fn version_lists_the_supported_versions() {
+        let (out, rc) = run(&env(&[("CNI_COMMAND", "VERSION")]), "");
+        assert_eq!(rc, 0);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), SUPPORTED.len());
+    }
+
+    #[test]
+    fn config_and_environment_errors_have_the_spec_codes() {
+        let add = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net")];
+        assert_eq!(code_of(&run(&env(&add), "{not json")), 6);
+        assert_eq!(code_of(&run(&env(&add), r#"{"name":"x"}"#)), 7);
+        assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"9.9.9","name":"x"}"#)), 1);
+        assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"1.1.0","name":"x","mtu":10}"#)), 7);
+        assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"1.1.0","name":"x","args":{"labels":[1]}}"#)), 7);
+        assert_eq!(code_of(&run(&env(&add[..1]), CONF)), 4, "no container ID");
+        let bad_if = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "a/b"), ("CNI_NETNS", "/x")];
+        assert_eq!(code_of(&run(&env(&bad_if), CONF)), 4);
+        let gone = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/nonexistent/ns")];
+        assert_eq!(code_of(&run(&env(&gone), CONF)), 3);
+        assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "FLY")]), CONF)), 4);
+        let bad_args = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net"), ("CNI_ARGS", "novalue")];
+        assert_eq!(code_of(&run(&env(&bad_args), CONF)), 4);
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_status_50_and_try_again_for_add() {
+        assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "STATUS")]), CONF)), 50);
+        let add = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net")];
+        assert_eq!(code_of(&run(&env(&add), CONF)), 11);
+    }
+
+    #[test]
+    fn host_device_names_are_stable_and_distinct() {
+        assert_eq!(lxc_name("abc", "eth0"), lxc_name("abc", "eth0"));
+        assert_ne!(lxc_name("abc", "eth0"), lxc_name("abc", "eth1"));
+        assert_ne!(lxc_name("ab", "ceth0"), lxc_name("abc", "eth0"));
+        assert_eq!(lxc_name("x", "y").len(), 14);
+    }
+}
