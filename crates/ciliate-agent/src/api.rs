@@ -50,7 +50,10 @@ impl<D: Datapath> Server<D> {
     }
 
     fn route(&self, req: &Request) -> Result<Response, Response> {
-        let path = req.path.strip_prefix("/v1/").ok_or_else(|| error(404, format!("no route {}", req.path)))?;
+        let path = req
+            .path
+            .strip_prefix("/v1/")
+            .ok_or_else(|| error(404, format!("no route {}", req.path)))?;
         let mut parts = path.trim_end_matches('/').splitn(2, '/');
         let (resource, arg) = (parts.next().unwrap_or(""), parts.next());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,10 +78,16 @@ impl<D: Datapath> Server<D> {
             ),
             ("GET", "endpoint", None) => json(200, &st.list()),
             ("GET", "endpoint", Some(id)) => json(200, &st.get(parse_id(id)?).map_err(from_err)?),
-            ("PUT", "endpoint", None) => json(201, &st.create(body(req, "endpoint")?).map_err(from_err)?),
-            ("DELETE", "endpoint", Some(id)) => json(200, &st.delete(parse_id(id)?).map_err(from_err)?),
+            ("PUT", "endpoint", None) => {
+                json(201, &st.create(body(req, "endpoint")?).map_err(from_err)?)
+            }
+            ("DELETE", "endpoint", Some(id)) => {
+                json(200, &st.delete(parse_id(id)?).map_err(from_err)?)
+            }
             ("DELETE", "endpoint", None) => {
-                let c = req.query("container-id").ok_or_else(|| error(400, "container-id is required"))?;
+                let c = req
+                    .query("container-id")
+                    .ok_or_else(|| error(400, "container-id is required"))?;
                 json(200, &st.delete_container(c).map_err(from_err)?)
             }
             ("POST", "ipam", None) => {
@@ -90,14 +99,22 @@ impl<D: Datapath> Server<D> {
                 json(201, &IpamAllocation { ip, gateway: st.ipam.cidr.router(), owner: r.owner })
             }
             ("DELETE", "ipam", Some(ip)) => {
-                let ip = ip.parse().map_err(|_| error(400, format!("{ip:?} is not an IPv4 address")))?;
+                let ip =
+                    ip.parse().map_err(|_| error(400, format!("{ip:?} is not an IPv4 address")))?;
                 st.ipam.release(ip).map_err(|e| error(404, e.to_string()))?;
                 json(200, &serde_json::json!({"released": ip}))
             }
             ("GET", "identity", None) => json(200, &st.identities.list()),
             ("GET", "identity", Some(id)) => {
-                let n: u32 = id.parse().map_err(|_| error(400, format!("identity {id:?} is not a number")))?;
-                json(200, &st.identities.get(n).ok_or_else(|| error(404, format!("identity {n} not found")))?)
+                let n: u32 = id
+                    .parse()
+                    .map_err(|_| error(400, format!("identity {id:?} is not a number")))?;
+                json(
+                    200,
+                    &st.identities
+                        .get(n)
+                        .ok_or_else(|| error(404, format!("identity {n} not found")))?,
+                )
             }
             ("POST", "gc", None) => {
                 let r: GcRequest = body(req, "gc request")?;
@@ -148,11 +165,23 @@ mod tests {
     use crate::endpoint::MemoryDatapath;
 
     fn server() -> Server<MemoryDatapath> {
-        let st = Endpoints::open("10.9.0.0/24".parse().unwrap(), None, MemoryDatapath::default()).unwrap();
-        Server { state: Mutex::new(st), node: "n1".into(), pin_dir: "/x".into(), started: Instant::now(), restored: 0 }
+        let st = Endpoints::open("10.9.0.0/24".parse().unwrap(), None, MemoryDatapath::default())
+            .unwrap();
+        Server {
+            state: Mutex::new(st),
+            node: "n1".into(),
+            pin_dir: "/x".into(),
+            started: Instant::now(),
+            restored: 0,
+        }
     }
 
-    fn call(s: &Server<MemoryDatapath>, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    fn call(
+        s: &Server<MemoryDatapath>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
         let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let query = query
             .split('&')
@@ -162,7 +191,12 @@ mod tests {
                 (k.to_owned(), v.to_owned())
             })
             .collect();
-        let r = s.handle(&Request { method: method.into(), path: path.into(), query, body: body.into() });
+        let r = s.handle(&Request {
+            method: method.into(),
+            path: path.into(),
+            query,
+            body: body.into(),
+        });
         (r.status, serde_json::from_slice(&r.body).unwrap())
     }
 
@@ -170,7 +204,10 @@ mod tests {
     fn ipam_endpoint_and_identity_routes() {
         let s = server();
         let (st, alloc) = call(&s, "POST", "/v1/ipam", r#"{"owner":"c1"}"#);
-        assert_eq!((st, alloc["ip"].as_str(), alloc["gateway"].as_str()), (201, Some("10.9.0.2"), Some("10.9.0.1")));
+        assert_eq!(
+            (st, alloc["ip"].as_str(), alloc["gateway"].as_str()),
+            (201, Some("10.9.0.2"), Some("10.9.0.1"))
+        );
         s.state.lock().unwrap().datapath.devices.push("lxc1".into());
         let create = serde_json::json!({
             "container_id": "c1", "netns": "/run/netns/p", "ifname": "eth0", "host_ifname": "lxc1",

@@ -103,9 +103,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.json");
         std::fs::write(&file, r#"{"node": "from-file", "pod_cidr": "10.5.0.0/16"}"#).unwrap();
-        let c = Flags { config: Some(file.clone()), pod_cidr: Some("10.6.0.0/24".into()), ..Default::default() }
-            .resolve()
-            .unwrap();
+        let c = Flags {
+            config: Some(file.clone()),
+            pod_cidr: Some("10.6.0.0/24".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(c.node, "from-file");
         assert_eq!(c.pod_cidr.to_string(), "10.6.0.0/24");
         assert_eq!(c.socket, PathBuf::from("/run/ciliate/from-file/agent.sock"));
@@ -113,7 +117,9 @@ mod tests {
         std::fs::write(&file, r#"{"nodename": "typo"}"#).unwrap();
         let e = Flags { config: Some(file), ..Default::default() }.resolve().unwrap_err();
         assert!(e.to_string().contains("unknown field `nodename`"), "{e}");
-        let e = Flags { pod_cidr: Some("10.0.0.1/8".into()), ..Default::default() }.resolve().unwrap_err();
+        let e = Flags { pod_cidr: Some("10.0.0.1/8".into()), ..Default::default() }
+            .resolve()
+            .unwrap_err();
         assert!(e.to_string().contains("host bits"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }

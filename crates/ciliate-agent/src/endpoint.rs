@@ -71,7 +71,10 @@ impl Datapath for MemoryDatapath {
             return Err(e);
         }
         self.attached.insert(spec.ip, spec.clone());
-        Ok(Attached { lxc_mac: [2, 0, 0, 0, 0, spec.endpoint_id as u8], ifindex: 100 + u32::from(spec.endpoint_id) })
+        Ok(Attached {
+            lxc_mac: [2, 0, 0, 0, 0, spec.endpoint_id as u8],
+            ifindex: 100 + u32::from(spec.endpoint_id),
+        })
     }
     fn detach(&mut self, ip: Ipv4Addr, _lxc: &str) -> Result<(), String> {
         self.attached.remove(&ip);
@@ -131,7 +134,10 @@ impl<D: Datapath> Endpoints<D> {
     }
 
     pub fn get(&self, id: u16) -> Result<Endpoint, EndpointError> {
-        self.endpoints.get(&id).cloned().ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))
+        self.endpoints
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))
     }
 
     pub fn by_container(&self, container_id: &str) -> Option<&Endpoint> {
@@ -142,7 +148,9 @@ impl<D: Datapath> Endpoints<D> {
         Ok(EndpointSpec {
             ip: ep.ip,
             lxc: ep.host_ifname.clone(),
-            mac: parse_mac(&ep.mac).ok_or_else(|| EndpointError::BadRequest(format!("endpoint {}: bad MAC {:?}", ep.id, ep.mac)))?,
+            mac: parse_mac(&ep.mac).ok_or_else(|| {
+                EndpointError::BadRequest(format!("endpoint {}: bad MAC {:?}", ep.id, ep.mac))
+            })?,
             endpoint_id: ep.id,
             identity: ep.identity,
         })
@@ -163,7 +171,12 @@ impl<D: Datapath> Endpoints<D> {
         }
         match self.ipam.owner(req.ip) {
             Some(o) if o == req.container_id => {}
-            Some(o) => return bad(format!("{} is allocated to container {o}, not {}", req.ip, req.container_id)),
+            Some(o) => {
+                return bad(format!(
+                    "{} is allocated to container {o}, not {}",
+                    req.ip, req.container_id
+                ));
+            }
             None => return bad(format!("{} is not allocated (POST /v1/ipam first)", req.ip)),
         }
         if let Some(ep) = self.by_container(&req.container_id) {
@@ -175,9 +188,10 @@ impl<D: Datapath> Endpoints<D> {
                 req.container_id, ep.id, ep.ip, ep.host_ifname
             )));
         }
-        let id = (1..=MAX_ENDPOINT_ID)
-            .find(|id| !self.endpoints.contains_key(id))
-            .ok_or_else(|| EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use")))?;
+        let id =
+            (1..=MAX_ENDPOINT_ID).find(|id| !self.endpoints.contains_key(id)).ok_or_else(|| {
+                EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use"))
+            })?;
         let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
         let mut ep = Endpoint {
             id,
@@ -196,10 +210,12 @@ impl<D: Datapath> Endpoints<D> {
             ingress_enforcement: "Disabled".into(),
             egress_enforcement: "Disabled".into(),
         };
-        let attached = self
-            .datapath
-            .attach(&Self::spec(&ep)?)
-            .map_err(|e| EndpointError::Internal(format!("attaching endpoint {id} ({} on {}): {e}", ep.ip, ep.host_ifname)))?;
+        let attached = self.datapath.attach(&Self::spec(&ep)?).map_err(|e| {
+            EndpointError::Internal(format!(
+                "attaching endpoint {id} ({} on {}): {e}",
+                ep.ip, ep.host_ifname
+            ))
+        })?;
         ep.host_ifindex = attached.ifindex;
         ep.host_mac = format_mac(&attached.lxc_mac);
         if let Err(e) = self.persist(&ep) {
@@ -213,7 +229,9 @@ impl<D: Datapath> Endpoints<D> {
     /// Delete endpoint `id`: detach it, release its address, forget it.
     pub fn delete(&mut self, id: u16) -> Result<Endpoint, EndpointError> {
         let ep = self.get(id)?;
-        self.datapath.detach(ep.ip, &ep.host_ifname).map_err(|e| internal(format!("detaching endpoint {id}: {e}")))?;
+        self.datapath
+            .detach(ep.ip, &ep.host_ifname)
+            .map_err(|e| internal(format!("detaching endpoint {id}: {e}")))?;
         let _ = self.ipam.release_owner(&ep.container_id);
         if let Some(p) = self.ep_path(id) {
             store::remove(&p).map_err(internal)?;
@@ -224,7 +242,10 @@ impl<D: Datapath> Endpoints<D> {
 
     /// Delete the endpoint of `container_id` if there is one, and release
     /// its address either way (a CNI DEL after a failed ADD). Idempotent.
-    pub fn delete_container(&mut self, container_id: &str) -> Result<Option<Endpoint>, EndpointError> {
+    pub fn delete_container(
+        &mut self,
+        container_id: &str,
+    ) -> Result<Option<Endpoint>, EndpointError> {
         let ep = match self.by_container(container_id).map(|e| e.id) {
             Some(id) => Some(self.delete(id)?),
             None => None,
@@ -261,8 +282,12 @@ impl<D: Datapath> Endpoints<D> {
 
     /// Remove every endpoint whose container is not in `valid` (CNI GC).
     pub fn gc(&mut self, valid: &[String]) -> Result<Vec<u16>, EndpointError> {
-        let stale: Vec<u16> =
-            self.endpoints.values().filter(|e| !valid.contains(&e.container_id)).map(|e| e.id).collect();
+        let stale: Vec<u16> = self
+            .endpoints
+            .values()
+            .filter(|e| !valid.contains(&e.container_id))
+            .map(|e| e.id)
+            .collect();
         for id in &stale {
             self.delete(*id)?;
         }
@@ -331,8 +356,14 @@ mod tests {
             (EndpointCreate { mac: "nope".into(), ..good.clone() }, "not a MAC"),
             (EndpointCreate { host_ifname: "x".repeat(16), ..good.clone() }, "1 to 15"),
             (EndpointCreate { ip: Ipv4Addr::new(10, 9, 0, 99), ..good.clone() }, "not allocated"),
-            (EndpointCreate { container_id: "other".into(), ..good.clone() }, "allocated to container c1"),
-            (EndpointCreate { container_id: String::new(), ..good.clone() }, "container_id is empty"),
+            (
+                EndpointCreate { container_id: "other".into(), ..good.clone() },
+                "allocated to container c1",
+            ),
+            (
+                EndpointCreate { container_id: String::new(), ..good.clone() },
+                "container_id is empty",
+            ),
         ];
         for (req, why) in cases {
             let e = n.create(req).unwrap_err();

@@ -102,7 +102,8 @@ impl Ipam {
             None => Persisted::default(),
         };
         // Allocations outside the CIDR (the CIDR changed) are dropped.
-        let allocated = persisted.allocated.into_iter().filter(|(ip, _)| cidr.contains(*ip)).collect();
+        let allocated =
+            persisted.allocated.into_iter().filter(|(ip, _)| cidr.contains(*ip)).collect();
         Ok(Self { cidr, allocated, path })
     }
 
@@ -191,7 +192,10 @@ mod tests {
         assert_eq!(ipam.release_owner("a").unwrap(), Some(a));
         assert_eq!(ipam.release_owner("a").unwrap(), None);
         assert_eq!(ipam.allocate("c").unwrap(), a, "the lowest free address is reused");
-        assert_eq!(ipam.release(Ipv4Addr::new(10, 1, 0, 200)), Err(IpamError::NotAllocated(Ipv4Addr::new(10, 1, 0, 200))));
+        assert_eq!(
+            ipam.release(Ipv4Addr::new(10, 1, 0, 200)),
+            Err(IpamError::NotAllocated(Ipv4Addr::new(10, 1, 0, 200)))
+        );
     }
 
     #[test]

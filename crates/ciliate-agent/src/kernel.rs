@@ -48,7 +48,13 @@ pub fn ensure_cgroup2() -> std::io::Result<std::path::PathBuf> {
     std::fs::create_dir_all(target)?;
     // SAFETY: mount(2) with static NUL-terminated strings.
     let rc = unsafe {
-        libc::mount(c"none".as_ptr(), c"/run/ciliate/cgroupv2".as_ptr(), c"cgroup2".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"none".as_ptr(),
+            c"/run/ciliate/cgroupv2".as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());

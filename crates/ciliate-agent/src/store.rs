@@ -21,7 +21,9 @@ pub struct StoreError {
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
     let err = |what, reason: String| StoreError { what, path: path.to_owned(), reason };
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| err("parsing", e.to_string())),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|e| err("parsing", e.to_string()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(err("reading", e.to_string())),
     }
@@ -31,7 +33,8 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
 pub fn save<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     let err = |what, reason: String| StoreError { what, path: path.to_owned(), reason };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e.to_string()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err("creating the directory of", e.to_string()))?;
     }
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| err("encoding", e.to_string()))?;
     let tmp = path.with_extension("tmp");
@@ -45,6 +48,8 @@ pub fn remove(path: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError { what: "removing", path: path.to_owned(), reason: e.to_string() }),
+        Err(e) => {
+            Err(StoreError { what: "removing", path: path.to_owned(), reason: e.to_string() })
+        }
     }
 }

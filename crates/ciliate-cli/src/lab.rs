@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use ciliate_datapath::bpffs::DEFAULT_ROOT;
 use ciliate_lab::{
     netns,
-    node::{self, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
+    node::{self, Binaries, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
 };
 use clap::{Subcommand, ValueEnum};
 
@@ -65,12 +65,13 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     if !removed.is_empty() {
         say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
     }
-    let echo = std::env::current_exe()?.with_file_name("ciliate-echo");
-    anyhow::ensure!(echo.exists(), "{} is missing: build the workspace first", echo.display());
-    say(format!("creating node {name}-node1 with {pods} pods"));
-    let mut config = NodeLabConfig::new(name, pods);
-    config.echo = Some(echo.clone());
-    let lab = NodeLab::up(config).with_context(|| format!("bringing up lab {name}"))?;
+    let bins = Binaries::beside_current_exe()?;
+    let echo = bins.echo.clone();
+    say(format!(
+        "creating node {name}-node1 (ciliate-agent) and {pods} pods (through ciliate-cni)"
+    ));
+    let lab = NodeLab::up(NodeLabConfig::new(name, pods, bins))
+        .with_context(|| format!("bringing up lab {name}"))?;
     for p in &lab.pods {
         say(format!(
             "pod {} ({}) on {}: endpoint {}, identity {}, gateway MAC {}",
@@ -158,12 +159,14 @@ fn status(name: Option<&str>, output: Output) -> anyhow::Result<()> {
     for lab in labs {
         let alive = |ns: &str| if netns::exists(ns) { "up" } else { "MISSING" };
         println!(
-            "Lab {}: node {} ({}), router {}, pins {}",
+            "Lab {}: node {} ({}), router {}, pins {}, agent {} (log {})",
             lab.lab,
             lab.node_ns,
             alive(&lab.node_ns),
             lab.router_ip,
-            lab.pins_dir.display()
+            lab.pins_dir.display(),
+            lab.agent_socket.display(),
+            lab.agent_log.display()
         );
         let mut t = Table::new(&[
             "POD",

@@ -39,7 +39,9 @@ fn err(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniErro
 /// The agent's answer as a CNI error: unreachable → try again later.
 fn agent_err(what: &str) -> impl FnOnce(ClientError) -> CniError + '_ {
     move |e| match e {
-        ClientError::Unreachable { .. } => err(code::TRY_AGAIN, format!("{what}: agent unreachable"), e.to_string()),
+        ClientError::Unreachable { .. } => {
+            err(code::TRY_AGAIN, format!("{what}: agent unreachable"), e.to_string())
+        }
         e => err(code::IO_FAILURE, format!("{what} failed"), e.to_string()),
     }
 }
@@ -53,9 +55,12 @@ struct Conf {
 }
 
 fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
-    let raw: Value = serde_json::from_str(stdin)
-        .map_err(|e| err(code::DECODE_FAILURE, "network configuration is not valid JSON", e.to_string()))?;
-    let obj = raw.as_object().ok_or_else(|| err(code::INVALID_CONFIG, "network configuration is not an object", ""))?;
+    let raw: Value = serde_json::from_str(stdin).map_err(|e| {
+        err(code::DECODE_FAILURE, "network configuration is not valid JSON", e.to_string())
+    })?;
+    let obj = raw
+        .as_object()
+        .ok_or_else(|| err(code::INVALID_CONFIG, "network configuration is not an object", ""))?;
     let version = obj
         .get("cniVersion")
         .and_then(Value::as_str)
@@ -73,11 +78,9 @@ fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
     }
     let mtu = match obj.get("mtu") {
         None => 1500,
-        Some(v) => v
-            .as_u64()
-            .filter(|m| (576..=65535).contains(m))
-            .ok_or_else(|| err(code::INVALID_CONFIG, format!("mtu {v}: a number from 576 to 65535"), ""))?
-            as u32,
+        Some(v) => v.as_u64().filter(|m| (576..=65535).contains(m)).ok_or_else(|| {
+            err(code::INVALID_CONFIG, format!("mtu {v}: a number from 576 to 65535"), "")
+        })? as u32,
     };
     let socket = match obj.get("agent_socket") {
         None => {
@@ -90,19 +93,30 @@ fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
     let mut labels = Vec::new();
     let args = obj.get("args");
     if let Some(list) = args.and_then(|a| a.pointer("/cni/labels")) {
-        let list = list.as_array().ok_or_else(|| err(code::INVALID_CONFIG, "args.cni.labels is not a list", ""))?;
+        let list = list
+            .as_array()
+            .ok_or_else(|| err(code::INVALID_CONFIG, "args.cni.labels is not a list", ""))?;
         for l in list {
-            let (Some(k), Some(v)) = (l.get("key").and_then(Value::as_str), l.get("value").and_then(Value::as_str))
+            let (Some(k), Some(v)) =
+                (l.get("key").and_then(Value::as_str), l.get("value").and_then(Value::as_str))
             else {
-                return Err(err(code::INVALID_CONFIG, format!("args.cni.labels entry {l}: needs key and value strings"), ""));
+                return Err(err(
+                    code::INVALID_CONFIG,
+                    format!("args.cni.labels entry {l}: needs key and value strings"),
+                    "",
+                ));
             };
             labels.push((k.to_owned(), v.to_owned()));
         }
     }
     if let Some(map) = args.and_then(|a| a.get("labels")) {
-        let map = map.as_object().ok_or_else(|| err(code::INVALID_CONFIG, "args.labels is not an object", ""))?;
+        let map = map
+            .as_object()
+            .ok_or_else(|| err(code::INVALID_CONFIG, "args.labels is not an object", ""))?;
         for (k, v) in map {
-            let v = v.as_str().ok_or_else(|| err(code::INVALID_CONFIG, format!("args.labels.{k} is not a string"), ""))?;
+            let v = v.as_str().ok_or_else(|| {
+                err(code::INVALID_CONFIG, format!("args.labels.{k} is not a string"), "")
+            })?;
             labels.push((k.clone(), v.to_owned()));
         }
     }
@@ -128,9 +142,9 @@ impl Env<'_> {
     fn cni_args(&self) -> Result<HashMap<String, String>, CniError> {
         let mut out = HashMap::new();
         for pair in self.optional("CNI_ARGS").split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| err(code::INVALID_ENV, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"), ""))?;
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                err(code::INVALID_ENV, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"), "")
+            })?;
             out.insert(k.to_owned(), v.to_owned());
         }
         Ok(out)
@@ -212,7 +226,9 @@ pub fn run(env: &HashMap<String, String>, stdin: &str) -> (String, i32) {
         "STATUS" => status(&conf).map(|()| String::new()),
         "GC" => gc(&conf).map(|()| String::new()),
         "" => Err(err(code::INVALID_ENV, "CNI_COMMAND is not set", "")),
-        other => Err(err(code::INVALID_ENV, format!("CNI_COMMAND {other} is not a CNI command"), "")),
+        other => {
+            Err(err(code::INVALID_ENV, format!("CNI_COMMAND {other} is not a CNI command"), ""))
+        }
     });
     match result {
         Ok(out) => (out, 0),
@@ -224,7 +240,11 @@ fn attachment(env: &Env<'_>) -> Result<(String, String), CniError> {
     let container = env.required("CNI_CONTAINERID")?.to_owned();
     let ifname = env.required("CNI_IFNAME")?.to_owned();
     if !valid_ifname(&ifname) {
-        return Err(err(code::INVALID_ENV, format!("CNI_IFNAME {ifname:?} is not a valid interface name"), ""));
+        return Err(err(
+            code::INVALID_ENV,
+            format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
+            "",
+        ));
     }
     Ok((container, ifname))
 }
@@ -233,10 +253,15 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
     let (container, ifname) = attachment(env)?;
     let netns = env.required("CNI_NETNS")?.to_owned();
     if !std::path::Path::new(&netns).exists() {
-        return Err(err(code::UNKNOWN_CONTAINER, format!("network namespace {netns} does not exist"), ""));
+        return Err(err(
+            code::UNKNOWN_CONTAINER,
+            format!("network namespace {netns} does not exist"),
+            "",
+        ));
     }
     let args = env.cni_args()?;
-    let mut labels: std::collections::BTreeMap<String, String> = conf.labels.iter().cloned().collect();
+    let mut labels: std::collections::BTreeMap<String, String> =
+        conf.labels.iter().cloned().collect();
     let ns = args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default();
     if !ns.is_empty() {
         labels.insert("io.kubernetes.pod.namespace".into(), ns.clone());
@@ -274,7 +299,8 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
             if device_exists(&lxc) {
                 let _ = ip(&["link", "del", &lxc]);
             }
-            let target = format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
+            let target =
+                format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
             let _ = client.call::<Value>(method::DELETE, &target, None::<&()>);
             Err(e)
         }
@@ -282,7 +308,13 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
 }
 
 /// Create and configure the veth pair; returns the pod interface's MAC.
-fn plumb(netns: &str, ifname: &str, lxc: &str, alloc: &IpamAllocation, mtu: u32) -> Result<String, CniError> {
+fn plumb(
+    netns: &str,
+    ifname: &str,
+    lxc: &str,
+    alloc: &IpamAllocation,
+    mtu: u32,
+) -> Result<String, CniError> {
     let mtu = mtu.to_string();
     let gw = alloc.gateway.to_string();
     // Peer name unique per attachment, so concurrent ADDs never collide.
@@ -330,7 +362,9 @@ fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     let (container, ifname) = attachment(env)?;
     let client = Client::new(&conf.socket);
     let target = format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
-    client.call::<Value>(method::DELETE, &target, None::<&()>).map_err(agent_err("deleting the endpoint"))?;
+    client
+        .call::<Value>(method::DELETE, &target, None::<&()>)
+        .map_err(agent_err("deleting the endpoint"))?;
     let lxc = lxc_name(&container, &ifname);
     if device_exists(&lxc) {
         ip(&["link", "del", &lxc])?;
@@ -341,21 +375,30 @@ fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
 fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     let (container, ifname) = attachment(env)?;
     let netns = env.required("CNI_NETNS")?;
-    let eps: Vec<Endpoint> = Client::new(&conf.socket).get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
-    let ep = eps
-        .iter()
-        .find(|e| e.container_id == container)
-        .ok_or_else(|| err(code::UNKNOWN_CONTAINER, format!("container {container} has no endpoint"), ""))?;
+    let eps: Vec<Endpoint> =
+        Client::new(&conf.socket).get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
+    let ep = eps.iter().find(|e| e.container_id == container).ok_or_else(|| {
+        err(code::UNKNOWN_CONTAINER, format!("container {container} has no endpoint"), "")
+    })?;
     if ep.state != "ready" {
         return Err(err(code::CHECK_FAILED, format!("endpoint {} is {}", ep.id, ep.state), ""));
     }
-    let addrs = ip_in(netns, &["-o", "-4", "addr", "show", "dev", &ifname])
-        .map_err(|e| err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.details))?;
+    let addrs = ip_in(netns, &["-o", "-4", "addr", "show", "dev", &ifname]).map_err(|e| {
+        err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.details)
+    })?;
     if !addrs.contains(&format!("inet {}/32", ep.ip)) {
-        return Err(err(code::CHECK_FAILED, format!("{ifname} in {netns} does not have {}/32", ep.ip), addrs));
+        return Err(err(
+            code::CHECK_FAILED,
+            format!("{ifname} in {netns} does not have {}/32", ep.ip),
+            addrs,
+        ));
     }
     if !device_exists(&ep.host_ifname) {
-        return Err(err(code::CHECK_FAILED, format!("host device {} is missing", ep.host_ifname), ""));
+        return Err(err(
+            code::CHECK_FAILED,
+            format!("host device {} is missing", ep.host_ifname),
+            "",
+        ));
     }
     Ok(())
 }
@@ -369,13 +412,18 @@ fn status(conf: &Conf) -> Result<(), CniError> {
 
 fn gc(conf: &Conf) -> Result<(), CniError> {
     let valid = conf.raw.get("cni.dev/valid-attachments").map(|v| {
-        v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.get("containerID")?.as_str().map(str::to_owned)).collect::<Vec<_>>())
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| x.get("containerID")?.as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
     });
     let valid = match valid {
         None => Vec::new(),
         Some(Some(v)) => v,
-        Some(None) => return Err(err(code::INVALID_CONFIG, "cni.dev/valid-attachments is not a list", "")),
+        Some(None) => {
+            return Err(err(code::INVALID_CONFIG, "cni.dev/valid-attachments is not a list", ""));
+        }
     };
     // The veth pairs of removed pods went with their namespaces; what is
     // left is the agent's state: endpoints and addresses.
@@ -410,26 +458,55 @@ mod tests {
 
     #[test]
     fn config_and_environment_errors_have_the_spec_codes() {
-        let add = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net")];
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+        ];
         assert_eq!(code_of(&run(&env(&add), "{not json")), 6);
         assert_eq!(code_of(&run(&env(&add), r#"{"name":"x"}"#)), 7);
         assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"9.9.9","name":"x"}"#)), 1);
         assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"1.1.0","name":"x","mtu":10}"#)), 7);
-        assert_eq!(code_of(&run(&env(&add), r#"{"cniVersion":"1.1.0","name":"x","args":{"labels":[1]}}"#)), 7);
+        assert_eq!(
+            code_of(&run(&env(&add), r#"{"cniVersion":"1.1.0","name":"x","args":{"labels":[1]}}"#)),
+            7
+        );
         assert_eq!(code_of(&run(&env(&add[..1]), CONF)), 4, "no container ID");
-        let bad_if = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "a/b"), ("CNI_NETNS", "/x")];
+        let bad_if = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "a/b"),
+            ("CNI_NETNS", "/x"),
+        ];
         assert_eq!(code_of(&run(&env(&bad_if), CONF)), 4);
-        let gone = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/nonexistent/ns")];
+        let gone = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/nonexistent/ns"),
+        ];
         assert_eq!(code_of(&run(&env(&gone), CONF)), 3);
         assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "FLY")]), CONF)), 4);
-        let bad_args = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net"), ("CNI_ARGS", "novalue")];
+        let bad_args = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_ARGS", "novalue"),
+        ];
         assert_eq!(code_of(&run(&env(&bad_args), CONF)), 4);
     }
 
     #[test]
     fn an_unreachable_agent_is_status_50_and_try_again_for_add() {
         assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "STATUS")]), CONF)), 50);
-        let add = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/proc/self/ns/net")];
+        let add = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+        ];
         assert_eq!(code_of(&run(&env(&add), CONF)), 11);
     }
 

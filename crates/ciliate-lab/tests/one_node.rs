@@ -1,9 +1,9 @@
-//! End to end on the one-node lab: the from-container program answers each
-//! pod's ARP for its gateway with the pod's own lxc MAC, pods reach the
-//! gateway and each other (TCP and UDP through conntrack, delivered straight
-//! into the destination pod), the host reaches pods through from-host with
-//! the host identity, and everything is removed afterwards.
-//! Needs root; CI runs as root.
+//! End to end on the one-node lab (agent + CNI plugin + datapath): each
+//! pod's ARP for its gateway is answered by from-container with the pod's
+//! own lxc MAC, pods reach the gateway and each other (TCP and UDP through
+//! conntrack, delivered straight into the destination pod), the host reaches
+//! pods through from-host with the host identity, and everything is removed
+//! afterwards. Needs root; CI runs as root.
 
 use std::{
     net::Ipv4Addr,
@@ -19,14 +19,34 @@ use ciliate_lab::{
     Netns,
     names::token,
     netns::{self, exists},
-    node::{self, ECHO_PORT, NodeLab, NodeLabConfig},
+    node::{self, Binaries, ECHO_PORT, NodeLab, NodeLabConfig},
 };
 
-fn lab_name() -> String {
+pub fn lab_name() -> String {
     format!("clt{}", token())
 }
 
-fn neighbour_mac(ns: &ciliate_lab::Netns, ip: &str) -> String {
+pub fn lab(pods: usize) -> NodeLab {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let lab = NodeLab::up(NodeLabConfig::new(&lab_name(), pods, bins)).unwrap();
+    // The echo servers were just started: wait until each listens.
+    for p in &lab.pods {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let port = format!(":{ECHO_PORT}");
+        while p.ns.exec(&["ss", "-Hltn", "sport", "=", &port]).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "echo server in {} did not start", p.state.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    lab
+}
+
+fn echo(lab: &NodeLab, from: &Netns, proto: &str, to: Ipv4Addr, msg: &str) -> String {
+    let bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    from.exec(&[&bin, proto, &format!("{to}:{ECHO_PORT}"), msg]).unwrap().trim().to_owned()
+}
+
+fn neighbour_mac(ns: &Netns, ip: &str) -> String {
     let out = ns.ip(&["-j", "neigh", "show", ip]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0]["lladdr"].as_str().unwrap_or_default().to_owned()
@@ -34,7 +54,7 @@ fn neighbour_mac(ns: &ciliate_lab::Netns, ip: &str) -> String {
 
 #[test]
 fn pods_get_their_own_gateway_mac_and_reach_the_gateway_and_each_other() {
-    let lab = NodeLab::up(NodeLabConfig::new(&lab_name(), 2)).unwrap();
+    let lab = lab(2);
     let gw = lab.router_ip().to_string();
     let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
 
@@ -53,43 +73,23 @@ fn pods_get_their_own_gateway_mac_and_reach_the_gateway_and_each_other() {
 
     // The packets went through the datapath: to the stack (egress) for the
     // gateway, delivered into the pod (ingress) for pod to pod.
-    let m = MetricsMap::from_pin_dir(&lab.pins.dir).unwrap();
+    let m = MetricsMap::from_pin_dir(&lab.pins_dir).unwrap();
     let egress = m.get(metrics::REASON_FORWARDED, metrics::DIR_EGRESS).unwrap();
     let ingress = m.get(metrics::REASON_FORWARDED, metrics::DIR_INGRESS).unwrap();
     assert!(egress.packets >= 3, "to the stack: {} packets", egress.packets);
     assert!(ingress.packets >= 4, "delivered to pods: {} packets", ingress.packets);
 }
 
-fn echo_lab(pods: usize) -> NodeLab {
-    let mut cfg = NodeLabConfig::new(&lab_name(), pods);
-    cfg.echo = Some(env!("CARGO_BIN_EXE_ciliate-echo").into());
-    let lab = NodeLab::up(cfg).unwrap();
-    // The echo servers were just started: wait until each listens.
-    for p in &lab.pods {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let port = format!(":{ECHO_PORT}");
-        while p.ns.exec(&["ss", "-Hltn", "sport", "=", &port]).unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "echo server in {} did not start", p.state.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    lab
-}
-
-fn echo(from: &Netns, proto: &str, to: Ipv4Addr, msg: &str) -> String {
-    let bin = env!("CARGO_BIN_EXE_ciliate-echo");
-    from.exec(&[bin, proto, &format!("{to}:{ECHO_PORT}"), msg]).unwrap().trim().to_owned()
-}
-
 #[test]
 fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
-    let lab = echo_lab(2);
+    let lab = lab(2);
     let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
-    assert_eq!(echo(&p1.ns, "tcp", p2.state.ip, "hello over tcp"), "hello over tcp");
-    assert_eq!(echo(&p1.ns, "udp", p2.state.ip, "hello over udp"), "hello over udp");
+    assert_ne!(p1.state.identity, p2.state.identity, "different labels, different identities");
+    assert_eq!(echo(&lab, &p1.ns, "tcp", p2.state.ip, "hello over tcp"), "hello over tcp");
+    assert_eq!(echo(&lab, &p1.ns, "udp", p2.state.ip, "hello over udp"), "hello over udp");
 
     // The connection is in conntrack in both views, opened by pod1's identity.
-    let ct = CtMaps::from_pin_dir(&lab.pins.dir).unwrap().dump().unwrap();
+    let ct = CtMaps::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
     for proto in [6u8, 17] {
         for dir in [ct::DIR_EGRESS, ct::DIR_INGRESS] {
             let found = ct.iter().find(|(k, _)| {
@@ -107,7 +107,7 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
     }
 
     // Delivery into pod2 was traced at its endpoint, with both identities.
-    let events = EventRing::from_pin_dir(&lab.pins.dir).unwrap().drain();
+    let events = EventRing::from_pin_dir(&lab.pins_dir).unwrap().drain();
     let traced = events.iter().any(|e| {
         matches!(e, Event::Trace(t)
             if t.hdr.subtype == trace::TO_LXC
@@ -120,10 +120,10 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
 
 #[test]
 fn the_host_reaches_pods_through_from_host_with_the_host_identity() {
-    let lab = echo_lab(1);
+    let lab = lab(1);
     let p1 = &lab.pods[0];
-    assert_eq!(echo(&lab.node, "tcp", p1.state.ip, "from the host"), "from the host");
-    let ct = CtMaps::from_pin_dir(&lab.pins.dir).unwrap().dump().unwrap();
+    assert_eq!(echo(&lab, &lab.node, "tcp", p1.state.ip, "from the host"), "from the host");
+    let ct = CtMaps::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
     let (_, e) = ct
         .iter()
         .find(|(k, _)| {
@@ -137,46 +137,48 @@ fn the_host_reaches_pods_through_from_host_with_the_host_identity() {
     // The pod's reply was recognised in the pod's own (egress) view.
     assert!(e.rx_packets >= 1, "{e:?}");
 }
+
 #[test]
 fn without_the_program_the_gateway_is_not_answered() {
-    // The lab sets arp_ignore 8 on lxc devices, so only from-container
-    // answers ARP there: detaching it (removing the pinned link, which is
-    // what holds the tcx attachment) must leave the gateway unresolved.
-    let lab = NodeLab::up(NodeLabConfig::new(&lab_name(), 1)).unwrap();
+    // The lxc devices have arp_ignore 8, so only from-container answers ARP
+    // there: detaching it (removing the pinned link, which is what holds
+    // the tcx attachment) must leave the gateway unresolved.
+    let lab = lab(1);
     let p1 = &lab.pods[0];
-    let link = lab.pins.link_path(&p1.state.lxc, "from-container");
+    let link = lab.pins_dir.join("links").join(format!("{}_from-container", p1.state.lxc));
     assert_eq!(lab.lxc_programs(&p1.state.lxc).unwrap(), ["from_container"]);
     std::fs::remove_file(&link).unwrap();
     // The kernel releases an unpinned link after an RCU grace period.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while !lab.lxc_programs(&p1.state.lxc).unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "program still attached after unpinning");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "program still attached after unpinning");
+        std::thread::sleep(Duration::from_millis(20));
     }
     let gw = lab.router_ip().to_string();
     assert!(p1.ns.exec(&["ping", "-c", "1", "-W", "1", &gw]).is_err());
 }
 
 #[test]
-fn dropping_the_lab_removes_namespaces_and_pins() {
-    let name = lab_name();
-    let (nss, pins) = {
-        let lab = NodeLab::up(NodeLabConfig::new(&name, 2)).unwrap();
+fn dropping_the_lab_removes_namespaces_agent_and_pins() {
+    let (nss, pins, socket) = {
+        let lab = lab(2);
         let s = lab.state();
         let mut nss: Vec<String> = s.pods.iter().map(|p| p.ns.clone()).collect();
         nss.push(s.node_ns);
-        (nss, s.pins_dir)
+        (nss, s.pins_dir, s.agent_socket)
     };
     for ns in &nss {
         assert!(!exists(ns), "{ns} leaked");
     }
     assert!(!pins.exists(), "{} leaked", pins.display());
+    assert!(!socket.exists(), "{} leaked", socket.display());
 }
 
 #[test]
 fn a_kept_lab_is_recorded_and_removed_by_down() {
     let name = lab_name();
-    let state = NodeLab::up(NodeLabConfig::new(&name, 2)).unwrap().keep().unwrap();
+    let bins = Binaries::beside_current_exe().unwrap();
+    let state = NodeLab::up(NodeLabConfig::new(&name, 2, bins)).unwrap().keep().unwrap();
     assert_eq!(node::load_state(&name).unwrap().as_ref(), Some(&state));
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());

@@ -51,7 +51,8 @@ fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
     log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
-    let server = Arc::new(Server { state: Mutex::new(eps), node: cfg.node, pin_dir, started, restored });
+    let server =
+        Arc::new(Server { state: Mutex::new(eps), node: cfg.node, pin_dir, started, restored });
     log(format!("serving the API on {}", cfg.socket.display()));
     api::serve(server, &cfg.socket).with_context(|| format!("serving on {}", cfg.socket.display()))
 }
