@@ -1,19 +1,18 @@
 //! `ciliate bpf ...`: read the datapath's pinned BPF maps directly, as
 //! `cilium bpf ...` does. Every list takes `-o json`.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 use ciliate_common::{ct, drop, identity, metrics};
 use ciliate_datapath::maps::{CtMaps, IpcacheMap, LxcMap, MetricsMap};
 use ciliate_datapath::node::format_mac;
-use ciliate_lab::node;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde::Serialize;
 
 use crate::{
-    lab::{DEFAULT_LAB, Output},
-    table::Table,
+    table::{Output, Table},
+    target::Target,
 };
 
 #[derive(Subcommand)]
@@ -36,51 +35,32 @@ pub enum BpfCommand {
 pub enum ListCommand {
     /// List the entries
     List {
-        #[command(flatten)]
-        node: NodeArgs,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
 }
 
-/// Which node's maps to read.
-#[derive(Args)]
-pub struct NodeArgs {
-    /// The node's pin directory (default: the node of --lab)
-    #[arg(long)]
-    pin_dir: Option<PathBuf>,
-    /// Read the node of this lab
-    #[arg(long, default_value = DEFAULT_LAB)]
-    lab: String,
-}
-
-impl NodeArgs {
-    fn dir(&self) -> anyhow::Result<PathBuf> {
-        if let Some(d) = &self.pin_dir {
-            return Ok(d.clone());
-        }
-        let state = node::load_state(&self.lab)?
-            .with_context(|| format!("no lab named {} is up; pass --pin-dir", self.lab))?;
-        Ok(state.pins_dir)
-    }
-}
-
 impl BpfCommand {
-    pub fn run(self) -> anyhow::Result<()> {
-        let (kind, ListCommand::List { node, output }) = match self {
+    pub fn run(self, t: &Target) -> anyhow::Result<()> {
+        let (kind, ListCommand::List { output }) = match self {
             BpfCommand::Metrics(c) => ("metrics", c),
             BpfCommand::Ct(c) => ("ct", c),
             BpfCommand::Ipcache(c) => ("ipcache", c),
             BpfCommand::Endpoint(c) => ("endpoint", c),
         };
-        let dir = node.dir()?;
-        let ctx = || format!("reading the {kind} map of {}", dir.display());
-        match kind {
-            "metrics" => metrics_list(&dir, output).with_context(ctx),
-            "ct" => ct_list(&dir, output).with_context(ctx),
-            "ipcache" => ipcache_list(&dir, output).with_context(ctx),
-            _ => endpoint_list(&dir, output).with_context(ctx),
-        }
+        list(&t.pin_dir()?, kind, output)
+    }
+}
+
+/// List map kind `kind` ("metrics", "ct", "ipcache", "endpoint") of the
+/// node pinned at `dir`.
+pub fn list(dir: &Path, kind: &str, output: Output) -> anyhow::Result<()> {
+    let ctx = || format!("reading the {kind} map of {}", dir.display());
+    match kind {
+        "metrics" => metrics_list(dir, output).with_context(ctx),
+        "ct" => ct_list(dir, output).with_context(ctx),
+        "ipcache" => ipcache_list(dir, output).with_context(ctx),
+        _ => endpoint_list(dir, output).with_context(ctx),
     }
 }
 
@@ -113,7 +93,7 @@ struct MetricRow {
     bytes: u64,
 }
 
-fn metrics_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+fn metrics_list(dir: &Path, output: Output) -> anyhow::Result<()> {
     let rows: Vec<MetricRow> = MetricsMap::from_pin_dir(dir)?
         .dump()?
         .into_iter()
@@ -170,7 +150,7 @@ fn ct_flag_names(flags: u16) -> String {
     names.join(" ")
 }
 
-fn ct_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
     let rows: Vec<CtRow> = CtMaps::from_pin_dir(dir)?
         .dump()?
         .into_iter()
@@ -234,7 +214,7 @@ fn identity_text(id: u32) -> String {
     }
 }
 
-fn ipcache_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+fn ipcache_list(dir: &Path, output: Output) -> anyhow::Result<()> {
     let rows: Vec<IpcacheRow> = IpcacheMap::from_pin_dir(dir)?
         .dump()?
         .into_iter()
@@ -269,7 +249,7 @@ struct EndpointRow {
     node_mac: String,
 }
 
-fn endpoint_list(dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
+fn endpoint_list(dir: &Path, output: Output) -> anyhow::Result<()> {
     let rows: Vec<EndpointRow> = LxcMap::from_pin_dir(dir)?
         .dump()?
         .into_iter()

@@ -8,17 +8,13 @@ use ciliate_lab::{
     netns,
     node::{self, Binaries, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
 };
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use crate::table::Table;
 
 pub const DEFAULT_LAB: &str = "ciliate";
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
+pub use crate::table::Output;
 
 #[derive(Subcommand)]
 pub enum LabCommand {

@@ -1,35 +1,71 @@
 //! `ciliate`: the command-line tool. The clap tree lives here; each command
 //! group has its own file and is dispatched through `Command::run`.
 
+mod agent;
 mod bpf;
 mod lab;
+mod map;
+mod monitor;
 mod table;
+mod target;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 /// Ciliate: eBPF container networking, security and load balancing.
+///
+/// Commands that talk to an agent use --socket, or the agent of --lab, or
+/// the agent of the lab "ciliate" when it is up, or /run/ciliate/<hostname>/agent.sock.
 #[derive(Parser)]
 #[command(name = "ciliate", version, about, long_about = None)]
 struct Cli {
+    /// The agent's API socket
+    #[arg(long, global = true, env = "CILIATE_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Talk to the node of this lab
+    #[arg(long, global = true, env = "CILIATE_LAB")]
+    lab: Option<String>,
+    /// The node's bpffs pin directory (for `bpf` and `map`; default: asked from the agent)
+    #[arg(long, global = true)]
+    pin_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Local labs on network namespaces: a node with pods behind the datapath.
+    /// The agent's state: node, pod CIDR, endpoints, identities, IPAM
+    Status(agent::StatusArgs),
+    /// Endpoints of the node
     #[command(subcommand)]
-    Lab(lab::LabCommand),
-    /// Read the datapath's BPF maps directly.
+    Endpoint(agent::EndpointCommand),
+    /// Security identities
+    #[command(subcommand)]
+    Identity(agent::IdentityCommand),
+    /// The node's BPF maps
+    #[command(subcommand)]
+    Map(map::MapCommand),
+    /// Read the datapath's BPF maps directly
     #[command(subcommand)]
     Bpf(bpf::BpfCommand),
+    /// Datapath events as they happen: traces and drops
+    Monitor(monitor::MonitorArgs),
+    /// Local labs on network namespaces: a node with pods behind the datapath
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 impl Command {
-    fn run(self) -> anyhow::Result<()> {
+    fn run(self, t: &target::Target) -> anyhow::Result<()> {
         match self {
+            Command::Status(a) => agent::status(t, &a),
+            Command::Endpoint(c) => c.run(t),
+            Command::Identity(c) => c.run(t),
+            Command::Map(c) => c.run(t),
+            Command::Bpf(c) => c.run(t),
+            Command::Monitor(a) => monitor::run(t, &a),
             Command::Lab(c) => c.run(),
-            Command::Bpf(c) => c.run(),
         }
     }
 }
@@ -40,7 +76,8 @@ fn main() {
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    if let Err(e) = cli.command.run() {
+    let t = target::Target { socket: cli.socket, lab: cli.lab, pin_dir: cli.pin_dir };
+    if let Err(e) = cli.command.run(&t) {
         eprintln!("Error: {e:#}");
         std::process::exit(1);
     }

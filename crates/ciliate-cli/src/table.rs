@@ -1,4 +1,11 @@
-//! Aligned table output, as Cilium's CLI prints lists.
+//! Aligned table output, as Cilium's CLI prints lists, and `-o json`.
+
+/// `-o table|json`, on every list.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
 
 pub struct Table {
     header: Vec<String>,

@@ -89,3 +89,73 @@ fn bad_arguments_are_refused_with_a_reason() {
     assert!(!ok);
     assert!(err.contains("no lab named nosuchlab-xyz"), "{err}");
 }
+
+#[test]
+fn agent_commands_and_monitor_on_a_lab() {
+    let name = format!("clt{}", token());
+    let _guard = Down(name.clone());
+    let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
+    assert!(ok, "lab up failed: {out}{err}");
+    let lab = ["--lab", name.as_str()];
+    let run = |args: &[&str]| {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&lab);
+        let (ok, out, err) = ciliate(&full);
+        assert!(ok, "ciliate {args:?} failed: {err}");
+        out
+    };
+
+    let status = run(&["status"]);
+    assert!(status.contains(&format!("Node:       {name}-node1")), "{status}");
+    assert!(status.contains("IPv4: 2/253 allocated"), "{status}");
+
+    let eps = run(&["endpoint", "list"]);
+    let header = eps.lines().next().unwrap();
+    for col in [
+        "ENDPOINT",
+        "POLICY (ingress) ENFORCEMENT",
+        "IDENTITY",
+        "LABELS (source:key[=value])",
+        "IPv4",
+        "STATUS",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(eps.contains("k8s:app=pod1"), "{eps}");
+    assert!(eps.contains("k8s:io.kubernetes.pod.namespace=default"), "{eps}");
+    let one: serde_json::Value = serde_json::from_str(&run(&["endpoint", "get", "1"])).unwrap();
+    assert_eq!(one["ip"], "10.200.0.2");
+    let (ok, _, err) = ciliate(&["endpoint", "get", "99", "--lab", &name]);
+    assert!(!ok && err.contains("endpoint 99 not found"), "{err}");
+
+    let ids: serde_json::Value =
+        serde_json::from_str(&run(&["identity", "list", "-o", "json"])).unwrap();
+    let ids = ids.as_array().unwrap();
+    assert_eq!(ids[0]["labels"][0], "reserved:host");
+    assert_eq!(ids.len(), 8 + 2, "reserved plus one per pod");
+    assert!(run(&["identity", "get", "2"]).contains("reserved:world"));
+
+    let maps = run(&["map", "list"]);
+    let lxc_row = maps.lines().find(|l| l.starts_with("CILIATE_LXC")).unwrap_or_default();
+    assert_eq!(lxc_row.split_whitespace().nth(1), Some("3"), "{maps}");
+    let (ok, _, err) = ciliate(&["map", "get", "nosuchmap", "--lab", &name]);
+    assert!(!ok && err.contains("no map named nosuchmap"), "{err}");
+    assert!(run(&["map", "get", "CILIATE_IPCACHE"]).contains("reserved:world"));
+
+    // The monitor sees the traffic of the lab-up checks, in Cilium's format.
+    let mon = run(&[
+        "monitor",
+        "--type",
+        "trace",
+        "--related-to",
+        "2",
+        "--count",
+        "3",
+        "--duration",
+        "5",
+    ]);
+    let lines: Vec<&str> = mon.lines().collect();
+    assert_eq!(lines.len(), 3, "{mon}");
+    assert!(lines.iter().all(|l| l.contains("endpoint 2") || l.contains("-> stack")), "{mon}");
+    assert!(lines.iter().any(|l| l.contains("state new")), "{mon}");
+}

@@ -45,3 +45,97 @@ impl Event {
         &data[..usize::from(n).min(data.len())]
     }
 }
+
+/// "10.0.0.1:52000 -> 10.0.0.2:80 tcp SYN": the packet an event captured,
+/// as Cilium's monitor prints it. The capture may be cut short; headers
+/// that are there are decoded, checksums are not checked.
+pub fn summary(frame: &[u8]) -> String {
+    let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    if frame.len() < 14 {
+        return format!("{} bytes (runt frame)", frame.len());
+    }
+    let ethertype = be16(frame, 12);
+    let body = &frame[14..];
+    match ethertype {
+        0x0806 if body.len() >= 28 => {
+            let ip = |at: usize| {
+                std::net::Ipv4Addr::new(body[at], body[at + 1], body[at + 2], body[at + 3])
+            };
+            let op = if be16(body, 6) == 1 { "request" } else { "reply" };
+            format!("ARP {op} {} -> {}", ip(14), ip(24))
+        }
+        0x0800 if body.len() >= 20 => {
+            let src = std::net::Ipv4Addr::new(body[12], body[13], body[14], body[15]);
+            let dst = std::net::Ipv4Addr::new(body[16], body[17], body[18], body[19]);
+            let ihl = usize::from(body[0] & 0x0f) * 4;
+            let l4 = body.get(ihl..).unwrap_or_default();
+            match body[9] {
+                6 if l4.len() >= 14 => {
+                    let flags = l4[13];
+                    let names: Vec<&str> =
+                        [(0x02, "SYN"), (0x10, "ACK"), (0x04, "RST"), (0x01, "FIN"), (0x08, "PSH")]
+                            .iter()
+                            .filter(|(bit, _)| flags & bit != 0)
+                            .map(|(_, n)| *n)
+                            .collect();
+                    format!(
+                        "{src}:{} -> {dst}:{} tcp {}",
+                        be16(l4, 0),
+                        be16(l4, 2),
+                        names.join(", ")
+                    )
+                }
+                17 if l4.len() >= 4 => {
+                    format!("{src}:{} -> {dst}:{} udp", be16(l4, 0), be16(l4, 2))
+                }
+                1 if !l4.is_empty() => {
+                    let kind = match l4[0] {
+                        0 => "EchoReply".to_owned(),
+                        3 => "DestinationUnreachable".to_owned(),
+                        8 => "EchoRequest".to_owned(),
+                        11 => "TimeExceeded".to_owned(),
+                        t => format!("type {t}"),
+                    };
+                    format!("{src} -> {dst} ICMPv4 {kind}")
+                }
+                p => format!("{src} -> {dst} proto {p}"),
+            }
+        }
+        0x86dd => "IPv6 packet".to_owned(),
+        t => format!("ethertype {t:#06x}, {} bytes", frame.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::summary;
+    use crate::packet::{self, Eth, Ip4, L4, tcp_flags};
+
+    #[test]
+    fn captured_packets_read_as_cilium_prints_them() {
+        let eth = Eth { dst: [1; 6], src: [2; 6] };
+        let ip = Ip4::new(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        let syn = L4::Tcp {
+            sport: 39276,
+            dport: 22,
+            seq: 1,
+            ack: 0,
+            flags: tcp_flags::SYN | tcp_flags::ACK,
+            payload: &[0; 400],
+        };
+        let f = packet::ipv4_frame(&eth, &ip, &syn);
+        // Cut like a 128-byte capture.
+        assert_eq!(summary(&f[..128]), "10.0.0.1:39276 -> 10.0.0.2:22 tcp SYN, ACK");
+        let udp = packet::ipv4_frame(&eth, &ip, &L4::Udp { sport: 5, dport: 53, payload: b"" });
+        assert_eq!(summary(&udp), "10.0.0.1:5 -> 10.0.0.2:53 udp");
+        let ping = packet::ipv4_frame(
+            &eth,
+            &ip,
+            &L4::IcmpEcho { request: true, id: 1, seq: 1, payload: b"" },
+        );
+        assert_eq!(summary(&ping), "10.0.0.1 -> 10.0.0.2 ICMPv4 EchoRequest");
+        assert_eq!(summary(&[0; 5]), "5 bytes (runt frame)");
+    }
+}

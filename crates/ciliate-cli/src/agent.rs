@@ -1,0 +1,170 @@
+//! Commands answered by the agent: `status`, `endpoint list|get`,
+//! `identity list|get`.
+
+use anyhow::Context as _;
+use ciliate_api::models::{Endpoint, Identity, Status};
+use clap::{Args, Subcommand};
+
+use crate::{
+    table::{Output, Table},
+    target::Target,
+};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
+    let client = t.client()?;
+    let s: Status = client.get("/v1/status").context("asking the agent for its status")?;
+    if let Output::Json = a.output {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let rows = [
+        ("KVStore", "Disabled (local store)".to_owned()),
+        ("Node", s.node.clone()),
+        ("Ciliate", format!("Ok   {} (up {}s)", s.version, s.uptime)),
+        ("API", client.socket().display().to_string()),
+        ("Pod CIDR", format!("{} (router {})", s.pod_cidr, s.router_ip)),
+        ("IPAM", format!("IPv4: {}/{} allocated", s.ipam_used, s.ipam_used + s.ipam_free)),
+        ("Endpoints", format!("{} ({} restored at start)", s.endpoints, s.restored_endpoints)),
+        ("Identities", format!("{} allocated", s.identities)),
+        ("BPF maps", s.pin_dir.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{:<12}{v}", format!("{k}:"));
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum EndpointCommand {
+    /// All endpoints of the node
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One endpoint, in full (JSON)
+    Get { id: u16 },
+}
+
+/// `k8s:app=web` style labels of an endpoint, sorted.
+fn endpoint_labels(e: &Endpoint) -> Vec<String> {
+    let mut l: Vec<String> = e
+        .labels
+        .iter()
+        .map(|(k, v)| {
+            let k = if k.contains(':') { k.clone() } else { format!("k8s:{k}") };
+            if v.is_empty() { k } else { format!("{k}={v}") }
+        })
+        .collect();
+    l.sort();
+    if l.is_empty() {
+        l.push("no labels".into());
+    }
+    l
+}
+
+impl EndpointCommand {
+    pub fn run(self, t: &Target) -> anyhow::Result<()> {
+        let client = t.client()?;
+        match self {
+            EndpointCommand::List { output } => {
+                let eps: Vec<Endpoint> = client.get("/v1/endpoint").context("listing endpoints")?;
+                if let Output::Json = output {
+                    println!("{}", serde_json::to_string_pretty(&eps)?);
+                    return Ok(());
+                }
+                let mut tb = Table::new(&[
+                    "ENDPOINT",
+                    "POLICY (ingress) ENFORCEMENT",
+                    "POLICY (egress) ENFORCEMENT",
+                    "IDENTITY",
+                    "LABELS (source:key[=value])",
+                    "IPv6",
+                    "IPv4",
+                    "STATUS",
+                ]);
+                for e in &eps {
+                    let labels = endpoint_labels(e);
+                    tb.row(vec![
+                        e.id.to_string(),
+                        e.ingress_enforcement.clone(),
+                        e.egress_enforcement.clone(),
+                        e.identity.to_string(),
+                        labels[0].clone(),
+                        String::new(),
+                        e.ip.to_string(),
+                        e.state.clone(),
+                    ]);
+                    for l in &labels[1..] {
+                        let mut row = vec![String::new(); 8];
+                        row[4] = l.clone();
+                        tb.row(row);
+                    }
+                }
+                print!("{}", tb.render());
+            }
+            EndpointCommand::Get { id } => {
+                let e: Endpoint = client
+                    .get(&format!("/v1/endpoint/{id}"))
+                    .with_context(|| format!("endpoint {id}"))?;
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum IdentityCommand {
+    /// All identities: reserved ones, then those allocated for labels
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One identity
+    Get {
+        id: u32,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn print_identities(ids: &[Identity], output: Output) -> anyhow::Result<()> {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(ids)?);
+        return Ok(());
+    }
+    let mut tb = Table::new(&["ID", "LABELS"]);
+    for i in ids {
+        for (n, l) in i.labels.iter().enumerate() {
+            let id = if n == 0 { i.id.to_string() } else { String::new() };
+            tb.row(vec![id, l.clone()]);
+        }
+    }
+    print!("{}", tb.render());
+    Ok(())
+}
+
+impl IdentityCommand {
+    pub fn run(self, t: &Target) -> anyhow::Result<()> {
+        let client = t.client()?;
+        match self {
+            IdentityCommand::List { output } => {
+                let ids: Vec<Identity> =
+                    client.get("/v1/identity").context("listing identities")?;
+                print_identities(&ids, output)
+            }
+            IdentityCommand::Get { id, output } => {
+                let i: Identity = client
+                    .get(&format!("/v1/identity/{id}"))
+                    .with_context(|| format!("identity {id}"))?;
+                print_identities(&[i], output)
+            }
+        }
+    }
+}
