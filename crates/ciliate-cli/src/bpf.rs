@@ -25,7 +25,7 @@ pub enum BpfCommand {
     Ct(ListCommand),
     /// The ipcache: prefix → identity, tunnel endpoint
     #[command(subcommand)]
-    Ipcache(ListCommand),
+    Ipcache(IpcacheCommand),
     /// Local endpoints (the lxc map)
     #[command(subcommand)]
     Endpoint(ListCommand),
@@ -40,16 +40,70 @@ pub enum ListCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum IpcacheCommand {
+    /// List the entries
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The entry the datapath uses for an address (longest prefix match)
+    Get {
+        ip: Ipv4Addr,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
 impl BpfCommand {
     pub fn run(self, t: &Target) -> anyhow::Result<()> {
-        let (kind, ListCommand::List { output }) = match self {
-            BpfCommand::Metrics(c) => ("metrics", c),
-            BpfCommand::Ct(c) => ("ct", c),
-            BpfCommand::Ipcache(c) => ("ipcache", c),
-            BpfCommand::Endpoint(c) => ("endpoint", c),
+        let (kind, output) = match self {
+            BpfCommand::Metrics(ListCommand::List { output }) => ("metrics", output),
+            BpfCommand::Ct(ListCommand::List { output }) => ("ct", output),
+            BpfCommand::Ipcache(IpcacheCommand::List { output }) => ("ipcache", output),
+            BpfCommand::Endpoint(ListCommand::List { output }) => ("endpoint", output),
+            BpfCommand::Ipcache(IpcacheCommand::Get { ip, output }) => {
+                return ipcache_get(&t.pin_dir()?, ip, output);
+            }
         };
         list(&t.pin_dir()?, kind, output)
     }
+}
+
+fn ipcache_get(dir: &Path, ip: Ipv4Addr, output: Output) -> anyhow::Result<()> {
+    let map = IpcacheMap::from_pin_dir(dir)?;
+    let e =
+        map.lookup(ip)?.with_context(|| format!("{ip} is not covered by any ipcache prefix"))?;
+    // The prefix that matched: the longest listed one covering `ip`.
+    let prefix = map
+        .dump()?
+        .into_iter()
+        .filter(|(net, len, _)| {
+            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) };
+            u32::from(ip) & mask == u32::from(*net)
+        })
+        .max_by_key(|(_, len, _)| *len)
+        .map(|(net, len, _)| format!("{net}/{len}"))
+        .unwrap_or_default();
+    let row = IpcacheRow {
+        prefix,
+        identity: e.identity,
+        tunnel_endpoint: Ipv4Addr::from(e.tunnel_endpoint),
+        flags: e.flags,
+    };
+    emit(&[row], output, &["IP PREFIX/ADDRESS", "IDENTITY"], ipcache_cells)
+}
+
+fn ipcache_cells(r: &IpcacheRow) -> Vec<String> {
+    vec![
+        r.prefix.clone(),
+        format!(
+            "identity={} encryptkey=0 tunnelendpoint={} flags={:#x}",
+            identity_text(r.identity),
+            r.tunnel_endpoint,
+            r.flags
+        ),
+    ]
 }
 
 /// List map kind `kind` ("metrics", "ct", "ipcache", "endpoint") of the
@@ -225,17 +279,7 @@ fn ipcache_list(dir: &Path, output: Output) -> anyhow::Result<()> {
             flags: e.flags,
         })
         .collect();
-    emit(&rows, output, &["IP PREFIX/ADDRESS", "IDENTITY"], |r| {
-        vec![
-            r.prefix.clone(),
-            format!(
-                "identity={} encryptkey=0 tunnelendpoint={} flags={:#x}",
-                identity_text(r.identity),
-                r.tunnel_endpoint,
-                r.flags
-            ),
-        ]
-    })
+    emit(&rows, output, &["IP PREFIX/ADDRESS", "IDENTITY"], ipcache_cells)
 }
 
 #[derive(Serialize)]

@@ -141,6 +141,10 @@ fn agent_commands_and_monitor_on_a_lab() {
     let (ok, _, err) = ciliate(&["map", "get", "nosuchmap", "--lab", &name]);
     assert!(!ok && err.contains("no map named nosuchmap"), "{err}");
     assert!(run(&["map", "get", "CILIATE_IPCACHE"]).contains("reserved:world"));
+    let got = run(&["bpf", "ipcache", "get", "10.200.0.3"]);
+    assert!(got.contains("10.200.0.3/32") && got.contains("identity=257"), "{got}");
+    let got = run(&["bpf", "ipcache", "get", "192.0.2.1"]);
+    assert!(got.contains("0.0.0.0/0") && got.contains("reserved:world"), "{got}");
 
     // The monitor sees the traffic of the lab-up checks, in Cilium's format.
     let mon = run(&[
