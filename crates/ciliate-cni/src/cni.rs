@@ -203,6 +203,19 @@ fn device_exists(dev: &str) -> bool {
     ciliate_datapath::node::device_exists(dev)
 }
 
+/// Delete `dev` if it exists. A device that vanishes meanwhile (its pod's
+/// namespace is being torn down, which takes the veth pair with it) is
+/// what we wanted.
+fn delete_device(dev: &str) -> Result<(), CniError> {
+    if !device_exists(dev) {
+        return Ok(());
+    }
+    match ip(&["link", "del", dev]) {
+        Err(_) if !device_exists(dev) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 fn error_json(version: &str, e: &CniError) -> String {
     json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}).to_string()
 }
@@ -296,9 +309,7 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
         Err(e) => {
             // Undo: the host side takes the pair with it; the address goes
             // back to the pool.
-            if device_exists(&lxc) {
-                let _ = ip(&["link", "del", &lxc]);
-            }
+            let _ = delete_device(&lxc);
             let target =
                 format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
             let _ = client.call::<Value>(method::DELETE, &target, None::<&()>);
@@ -319,10 +330,8 @@ fn plumb(
     let gw = alloc.gateway.to_string();
     // Peer name unique per attachment, so concurrent ADDs never collide.
     let tmp = format!("tmp{}", &lxc[3..]);
-    if device_exists(lxc) {
-        // A retried ADD: start over.
-        ip(&["link", "del", lxc])?;
-    }
+    // A retried ADD: start over.
+    delete_device(lxc)?;
     ip(&["link", "add", lxc, "mtu", &mtu, "type", "veth", "peer", "name", &tmp, "mtu", &mtu])?;
     ip(&["link", "set", &tmp, "netns", netns])?;
     ip_in(netns, &["link", "set", &tmp, "name", ifname])?;
@@ -365,11 +374,7 @@ fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     client
         .call::<Value>(method::DELETE, &target, None::<&()>)
         .map_err(agent_err("deleting the endpoint"))?;
-    let lxc = lxc_name(&container, &ifname);
-    if device_exists(&lxc) {
-        ip(&["link", "del", &lxc])?;
-    }
-    Ok(())
+    delete_device(&lxc_name(&container, &ifname))
 }
 
 fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {

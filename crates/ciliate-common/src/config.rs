@@ -29,6 +29,12 @@ const _: () = assert!(core::mem::size_of::<EndpointConfig>() == 24);
 /// Set on a config that was filled in by user space. A program that finds it
 /// clear was loaded without configuration and drops with `NO_CONFIG`.
 pub const ENDPOINT_F_CONFIGURED: u32 = 1 << 0;
+/// Monitor aggregation "none": a trace event for every forwarded packet.
+/// Without it ("medium", Cilium's default) only new connections, first
+/// replies and TCP SYN/FIN/RST not seen before in a direction are traced;
+/// every packet is still counted in the metrics map. Used by both the
+/// endpoint and the host configuration.
+pub const ENDPOINT_F_TRACE_ALL: u32 = 1 << 1;
 
 /// Name of the global in the host object that holds a [`HostConfig`].
 pub const HOST_CONFIG_SYMBOL: &str = "HOST_CONFIG";

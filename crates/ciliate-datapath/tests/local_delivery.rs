@@ -215,10 +215,37 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
     // No entry was created for the reply's own tuple.
     assert_eq!(n.ct_entry(key(&B, A.ip, 80, 40000, 6, ct::DIR_EGRESS)), None);
 
-    n.send_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK)));
-    assert_eq!(n.trace().ct_state, ct::CT_ESTABLISHED);
+    // The handshake's ACK carries nothing new: under monitor aggregation
+    // "medium" it is counted, not traced.
+    let before = n.node.metrics().unwrap().get(0, metrics::DIR_INGRESS).unwrap().packets;
+    let out = n.send_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK)));
+    assert_eq!(out.verdict, verdict::REDIRECT);
+    assert!(n.events.drain().is_empty(), "an established ACK is not traced");
+    let after = n.node.metrics().unwrap().get(0, metrics::DIR_INGRESS).unwrap().packets;
+    assert_eq!(after, before + 1, "but it is counted");
     let e = n.ct_entry(key(&A, B.ip, 40000, 80, 6, ct::DIR_EGRESS)).unwrap();
     assert_ne!(e.flags & ct::F_SEEN_NON_SYN, 0);
+    assert_eq!(e.tx_packets, 2);
+
+    // A FIN is new in that direction: traced, as established.
+    n.send_a(&A.send(B.ip, &tcp(40000, 80, tcp_flags::ACK | tcp_flags::FIN)));
+    assert_eq!(n.trace().ct_state, ct::CT_ESTABLISHED);
+}
+
+#[test]
+fn with_trace_all_every_forwarded_packet_is_traced() {
+    let node = ScratchNode::new("trace-all").unwrap();
+    let cfg = EndpointConfig { flags: ciliate_common::config::ENDPOINT_F_TRACE_ALL, ..A.config() };
+    let mut a = loader::load_endpoint(&node.pins, &cfg).unwrap();
+    let mut lxc = node.lxc().unwrap();
+    lxc.upsert(B.ip, &B.info()).unwrap();
+    let mut events = node.events().unwrap();
+    for flags in [tcp_flags::SYN, tcp_flags::ACK, tcp_flags::ACK, tcp_flags::ACK] {
+        let out = Node::run(&mut a, FROM_CONTAINER, &A.send(B.ip, &tcp(41000, 80, flags)));
+        assert_eq!(out.verdict, verdict::REDIRECT);
+    }
+    let traces = events.drain().into_iter().filter(|e| matches!(e, Event::Trace(_))).count();
+    assert_eq!(traces, 4);
 }
 
 #[test]

@@ -139,12 +139,24 @@ fn closing_flags(tcp_flags: u8, mine: u16, both: u16) -> u16 {
     }
 }
 
+/// What [`track`] found.
+#[derive(Clone, Copy)]
+pub struct Tracked {
+    /// `CT_NEW`, `CT_ESTABLISHED` or `CT_REPLY`.
+    pub state: u8,
+    /// Worth a trace event under monitor aggregation "medium" (Cilium's
+    /// default): a new connection, the first packet of the reply direction,
+    /// or a TCP SYN/FIN/RST not seen before in this direction.
+    pub report: bool,
+}
+
+const REPORT_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
+
 /// Track the packet as seen by an endpoint in direction `dir`
-/// (`DIR_EGRESS`: leaving it; `DIR_INGRESS`: arriving at it). Returns the
-/// state: `CT_ESTABLISHED`, `CT_REPLY` or `CT_NEW` (then created, with
-/// `src_identity` as the opener).
+/// (`DIR_EGRESS`: leaving it; `DIR_INGRESS`: arriving at it). A new
+/// connection is created with `src_identity` as the opener.
 #[inline(always)]
-pub fn track(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<u8, Drop> {
+pub fn track(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<Tracked, Drop> {
     let map = if t.key.proto == IPPROTO_TCP { &CILIATE_CT4_TCP } else { &CILIATE_CT4_ANY };
     track_in(map, t, dir, len, src_identity)
 }
@@ -156,7 +168,7 @@ fn track_in(
     dir: u8,
     len: u32,
     src_identity: u32,
-) -> Result<u8, Drop> {
+) -> Result<Tracked, Drop> {
     let proto = t.key.proto;
     let syn_only = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let non_syn =
@@ -173,13 +185,17 @@ fn track_in(
         let reopened = syn_only && e.flags & both != 0;
         if reopened {
             e.flags = 0;
+            e.tx_flags_seen = 0;
+            e.rx_flags_seen = 0;
         }
+        let report = t.tcp_flags & !e.tx_flags_seen & REPORT_FLAGS != 0;
         e.tx_packets += 1;
         e.tx_bytes += u64::from(len);
         e.tx_flags_seen |= t.tcp_flags;
         e.flags |= non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
         e.expires = now + lifetime(proto, e.flags);
-        return Ok(if reopened { CT_NEW } else { CT_ESTABLISHED });
+        let state = if reopened { CT_NEW } else { CT_ESTABLISHED };
+        return Ok(Tracked { state, report: report || reopened });
     }
 
     let other = if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
@@ -187,12 +203,13 @@ fn track_in(
     if let Some(e) = map.get_ptr_mut(rev) {
         // SAFETY: as above.
         let e = unsafe { &mut *e };
+        let report = e.rx_packets == 0 || t.tcp_flags & !e.rx_flags_seen & REPORT_FLAGS != 0;
         e.rx_packets += 1;
         e.rx_bytes += u64::from(len);
         e.rx_flags_seen |= t.tcp_flags;
         e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
         e.expires = now + lifetime(proto, e.flags);
-        return Ok(CT_REPLY);
+        return Ok(Tracked { state: CT_REPLY, report });
     }
 
     let flags = non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
@@ -210,5 +227,5 @@ fn track_in(
         _pad: [0; 2],
     };
     map.insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
-    Ok(CT_NEW)
+    Ok(Tracked { state: CT_NEW, report: true })
 }

@@ -14,7 +14,7 @@ use ciliate_common::{
 use crate::{
     Drop, ct, drop,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
-    trace::{TraceCtx, send_trace_notify},
+    trace::{TraceCtx, count_forwarded, send_trace_notify},
 };
 
 /// How the packet reaches the destination's device.
@@ -36,9 +36,10 @@ pub fn to_endpoint(
     src_identity: u32,
     t: &ct::Tuple,
     via: Via,
+    trace_all: bool,
 ) -> Result<i32, Drop> {
     check_ttl(ctx)?;
-    let state = ct::track(t, DIR_INGRESS, ctx.len(), src_identity)?;
+    let tracked = ct::track(t, DIR_INGRESS, ctx.len(), src_identity)?;
     // The destination's ingress policy goes here (policy issue).
     l3_hop(ctx, &ep.node_mac, &ep.mac)?;
     let who = TraceCtx {
@@ -46,10 +47,14 @@ pub fn to_endpoint(
         dst_identity: ep.identity,
         dst_id: ep.endpoint_id,
         source: ep.endpoint_id,
-        ct_state: state,
+        ct_state: tracked.state,
         dir: METRIC_INGRESS,
     };
-    send_trace_notify(ctx, TO_LXC, &who, ep.ifindex);
+    if tracked.report || trace_all {
+        send_trace_notify(ctx, TO_LXC, &who, ep.ifindex);
+    } else {
+        count_forwarded(ctx, METRIC_INGRESS);
+    }
     // SAFETY: plain helper calls; the result is the tc verdict.
     Ok(unsafe {
         match via {

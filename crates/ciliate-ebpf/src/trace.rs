@@ -21,6 +21,12 @@ pub struct TraceCtx {
     pub dir: u8,
 }
 
+/// Count a forwarded packet without an event (monitor aggregation).
+#[inline(always)]
+pub fn count_forwarded(ctx: &TcContext, dir: u8) {
+    maps::count(REASON_FORWARDED, dir, ctx.len());
+}
+
 #[inline(always)]
 pub fn send_trace_notify(ctx: &TcContext, point: u8, who: &TraceCtx, ifindex: u32) {
     maps::count(REASON_FORWARDED, who.dir, ctx.len());

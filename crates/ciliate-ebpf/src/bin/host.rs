@@ -10,7 +10,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ciliate_common::{
-    config::{ENDPOINT_F_CONFIGURED, HostConfig},
+    config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, HostConfig},
     drop::NO_CONFIG,
     endpoint::ENDPOINT_F_HOST,
     event::FILE_HOST,
@@ -72,7 +72,8 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     }
     let t = ct::tuple(ctx, &ip)?;
     let src_identity = lookup::identity_of(ip.saddr);
-    deliver::to_endpoint(ctx, &ep, src_identity, &t, Via::Egress)
+    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
+    deliver::to_endpoint(ctx, &ep, src_identity, &t, Via::Egress, trace_all)
 }
 
 #[cfg(not(test))]

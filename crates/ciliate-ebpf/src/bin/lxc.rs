@@ -13,7 +13,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ciliate_common::{
-    config::{ENDPOINT_F_CONFIGURED, EndpointConfig},
+    config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, EndpointConfig},
     ct::DIR_EGRESS,
     drop::{INVALID_SIP, NO_CONFIG, UNKNOWN_L3},
     endpoint::ENDPOINT_F_HOST,
@@ -30,7 +30,7 @@ use ciliate_ebpf::{
     drop::{DropCtx, send_drop_notify},
     lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
-    trace::{TraceCtx, send_trace_notify},
+    trace::{TraceCtx, count_forwarded, send_trace_notify},
     verdict,
 };
 
@@ -103,21 +103,31 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     if local.is_some() {
         deliver::check_ttl(ctx)?;
     }
-    let state = ct::track(&t, DIR_EGRESS, ctx.len(), cfg.identity)?;
-    let dst_identity = lookup::identity_of(ip.daddr);
-    // Egress policy goes here (policy issue).
+    let tracked = ct::track(&t, DIR_EGRESS, ctx.len(), cfg.identity)?;
+    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
+    // The destination's identity: a local endpoint's is in its lxc entry;
+    // anything else asks the ipcache (one LPM lookup saved per local packet).
+    let dst_identity = match &local {
+        Some(ep) => ep.identity,
+        None => lookup::identity_of(ip.daddr),
+    };
+    // Egress policy goes here (policy issue), with `dst_identity`.
     if let Some(ep) = local {
-        return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer);
+        return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer, trace_all);
     }
     let who = TraceCtx {
         src_identity: cfg.identity,
         dst_identity,
         dst_id: 0,
         source: cfg.endpoint_id,
-        ct_state: state,
+        ct_state: tracked.state,
         dir: METRIC_EGRESS,
     };
-    send_trace_notify(ctx, TO_STACK, &who, cfg.ifindex);
+    if tracked.report || trace_all {
+        send_trace_notify(ctx, TO_STACK, &who, cfg.ifindex);
+    } else {
+        count_forwarded(ctx, METRIC_EGRESS);
+    }
     Ok(verdict::OK)
 }
 

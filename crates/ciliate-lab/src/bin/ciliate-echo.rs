@@ -6,6 +6,8 @@
 //! ciliate-echo tcp IP:PORT MESSAGE          # prints the echoed reply
 //! ciliate-echo udp IP:PORT MESSAGE
 //! ciliate-echo stream IP:PORT SECONDS       # keeps one TCP connection busy, prints round trips
+//! ciliate-echo rr IP:PORT SECONDS           # 1-byte request/response on one connection: "<n>/s"
+//! ciliate-echo crr IP:PORT SECONDS          # connect, 1-byte request/response, close: "<n>/s"
 //! ```
 //! Clients give up after 3 seconds and exit non-zero.
 
@@ -77,6 +79,40 @@ fn stream(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
     Ok(format!("{n} round trips"))
 }
 
+/// Transactions per second of `f` run back to back for `secs` seconds.
+fn rate(secs: u64, mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<String> {
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut n = 0u64;
+    while Instant::now() < end {
+        f()?;
+        n += 1;
+    }
+    Ok(format!("{:.0}/s", n as f64 / start.elapsed().as_secs_f64()))
+}
+
+fn rr(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_nodelay(true)?;
+    let mut b = [0u8; 1];
+    rate(secs, || {
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)
+    })
+}
+
+fn crr(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
+    let mut b = [0u8; 1];
+    rate(secs, || {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -99,10 +135,16 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
-        _ => Err(
-            "usage: ciliate-echo serve [PORT] | tcp|udp IP:PORT MESSAGE | stream IP:PORT SECONDS"
-                .into(),
-        ),
+        [mode @ ("rr" | "crr"), a, secs] => match secs.parse() {
+            Ok(secs) => addr(a).and_then(|a| {
+                let r = if *mode == "rr" { rr(a, secs) } else { crr(a, secs) };
+                r.map_err(|e| format!("{mode} {a}: {e}"))
+            }),
+            Err(e) => Err(format!("bad duration {secs:?}: {e}")),
+        },
+        _ => Err("usage: ciliate-echo serve [PORT] | tcp|udp IP:PORT MESSAGE \
+                  | stream|rr|crr IP:PORT SECONDS"
+            .into()),
     };
     match result {
         Ok(out) => {

@@ -1,0 +1,236 @@
+//! `ciliate-bench`: pod → pod cost of the Ciliate datapath, measured side
+//! by side with two namespaces on a direct veth pair (the ratio anchor) and
+//! two namespaces routed through a third by the kernel, plus the latency of
+//! a CNI ADD. Every variant runs in namespaces this program makes and
+//! removes (guards), with client and server pinned to one core (taskset),
+//! several runs each, median reported.
+//!
+//! ```text
+//! ciliate-bench [--runs N] [--seconds S] [--adds N]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use ciliate_lab::{
+    Netns,
+    names::token,
+    netns::veth,
+    node::{Binaries, NodeLab, NodeLabConfig},
+};
+
+const PORT: &str = "9000";
+
+struct Opts {
+    runs: usize,
+    seconds: u64,
+    adds: usize,
+}
+
+fn parse_opts() -> Result<Opts, String> {
+    let mut o = Opts { runs: 3, seconds: 3, adds: 30 };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| -> Result<u64, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|v| *v > 0)
+                .ok_or_else(|| format!("{name} takes a positive number"))
+        };
+        match a.as_str() {
+            "--runs" => o.runs = val("--runs")?.min(20) as usize,
+            "--seconds" => o.seconds = val("--seconds")?.min(30),
+            "--adds" => o.adds = val("--adds")?.min(200) as usize,
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N]"
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// One measured variant: client namespace, server address.
+struct Variant<'a> {
+    name: &'static str,
+    client: &'a Netns,
+    server_ip: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn per_second(out: &str) -> f64 {
+    out.trim().trim_end_matches("/s").parse().unwrap_or(0.0)
+}
+
+fn measure(v: &Variant<'_>, bins: &Binaries, o: &Opts) -> Result<[f64; 3], String> {
+    let echo = bins.echo.to_string_lossy();
+    let target = format!("{}:{PORT}", v.server_ip);
+    let secs = o.seconds.to_string();
+    let mut rr = Vec::new();
+    let mut crr = Vec::new();
+    let mut tput = Vec::new();
+    for _ in 0..o.runs {
+        let out = v
+            .client
+            .exec(&["taskset", "-c", "0", &echo, "rr", &target, &secs])
+            .map_err(|e| e.to_string())?;
+        rr.push(per_second(&out));
+        let out = v
+            .client
+            .exec(&["taskset", "-c", "0", &echo, "crr", &target, &secs])
+            .map_err(|e| e.to_string())?;
+        crr.push(per_second(&out));
+        let out = v
+            .client
+            .exec(&["iperf3", "-c", &v.server_ip, "-t", &secs, "-J"])
+            .map_err(|e| e.to_string())?;
+        let j: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| format!("iperf3 output: {e}"))?;
+        tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+    }
+    Ok([median(rr), median(crr), median(tput)])
+}
+
+/// Start the servers of a variant in `ns`: the echo server pinned to core
+/// 0 and an iperf3 server. They die with the namespace.
+fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
+    let echo = bins.echo.to_string_lossy();
+    drop(
+        ns.spawn_detached(&["taskset", "-c", "0", &echo, "serve", PORT])
+            .map_err(|e| e.to_string())?,
+    );
+    drop(ns.spawn_detached(&["iperf3", "-s"]).map_err(|e| e.to_string())?);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ns
+        .exec(&["ss", "-Hltn", "sport", "=", &format!(":{PORT}")])
+        .map_err(|e| e.to_string())?
+        .is_empty()
+        || ns.exec(&["ss", "-Hltn", "sport", "=", ":5201"]).map_err(|e| e.to_string())?.is_empty()
+    {
+        if Instant::now() > deadline {
+            return Err(format!("servers in {} did not start", ns.name()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn sh(ns: &Netns, args: &[&str]) -> Result<(), String> {
+    ns.ip(args).map(drop).map_err(|e| e.to_string())
+}
+
+fn cni_add_latency(lab: &NodeLab, n: usize) -> Result<(f64, f64), String> {
+    let conf = lab.cni_config(&[("app", "bench")]);
+    let mut times = Vec::new();
+    let mut nss = Vec::new();
+    for i in 0..n {
+        let ns = Netns::create(&format!("{}-pod{}", lab.config.lab, 100 + i))
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let (out, ok) = lab
+            .cni("ADD", ns.name(), &ns.path().display().to_string(), &conf)
+            .map_err(|e| e.to_string())?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        if !ok {
+            return Err(format!("CNI ADD failed: {out}"));
+        }
+        nss.push(ns);
+    }
+    for ns in &nss {
+        let _ = lab.cni("DEL", ns.name(), &ns.path().display().to_string(), &conf);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1];
+    Ok((pct(0.5), pct(0.99)))
+}
+
+fn run() -> Result<(), String> {
+    let o = parse_opts()?;
+    let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
+    let tag = format!("cbn{}", token());
+    println!(
+        "[bench] {} runs of {}s per variant, median; client and server on core 0",
+        o.runs, o.seconds
+    );
+
+    // Direct veth: the anchor.
+    let a = Netns::create(&format!("{tag}-a")).map_err(|e| e.to_string())?;
+    let b = Netns::create(&format!("{tag}-b")).map_err(|e| e.to_string())?;
+    veth(&a, "eth0", &b, "eth0").map_err(|e| e.to_string())?;
+    sh(&a, &["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
+    sh(&b, &["addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
+    servers(&b, &bins)?;
+
+    // Routed through a third namespace by the kernel.
+    let c = Netns::create(&format!("{tag}-c")).map_err(|e| e.to_string())?;
+    let r = Netns::create(&format!("{tag}-r")).map_err(|e| e.to_string())?;
+    let d = Netns::create(&format!("{tag}-d")).map_err(|e| e.to_string())?;
+    veth(&c, "eth0", &r, "vc").map_err(|e| e.to_string())?;
+    veth(&d, "eth0", &r, "vd").map_err(|e| e.to_string())?;
+    r.sysctl("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
+    sh(&r, &["addr", "add", "198.51.100.1/24", "dev", "vc"])?;
+    sh(&r, &["addr", "add", "203.0.113.1/24", "dev", "vd"])?;
+    sh(&c, &["addr", "add", "198.51.100.2/24", "dev", "eth0"])?;
+    sh(&c, &["route", "add", "default", "via", "198.51.100.1"])?;
+    sh(&d, &["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
+    sh(&d, &["route", "add", "default", "via", "203.0.113.1"])?;
+    servers(&d, &bins)?;
+
+    // Ciliate: two pods of a one-node lab.
+    let lab = NodeLab::up(NodeLabConfig::new(&tag, 2, bins.clone())).map_err(|e| e.to_string())?;
+    servers(&lab.pods[1].ns, &bins)?;
+    for ns in [&a, &c, &lab.pods[0].ns] {
+        // Connection-rate runs open many connections: reuse TIME_WAIT ports
+        // (a sysctl of the client's own namespace).
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(|e| e.to_string())?;
+    }
+
+    let variants = [
+        Variant { name: "direct veth (anchor)", client: &a, server_ip: "192.0.2.2".into() },
+        Variant { name: "kernel routing", client: &c, server_ip: "203.0.113.2".into() },
+        Variant {
+            name: "ciliate pod->pod",
+            client: &lab.pods[0].ns,
+            server_ip: lab.pods[1].state.ip.to_string(),
+        },
+    ];
+    let mut rows = Vec::new();
+    for v in &variants {
+        println!("[bench] measuring {}", v.name);
+        rows.push((v.name, measure(v, &bins, &o)?));
+    }
+    let anchor = rows[0].1;
+    println!();
+    println!(
+        "{:<22} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
+        "VARIANT", "RR/s", "ratio", "CONN/s", "ratio", "Gbit/s", "ratio"
+    );
+    for (name, [rr, crr, tput]) in &rows {
+        println!(
+            "{:<22} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
+            name,
+            rr,
+            rr / anchor[0],
+            crr,
+            crr / anchor[1],
+            tput,
+            tput / anchor[2]
+        );
+    }
+    let (p50, p99) = cni_add_latency(&lab, o.adds)?;
+    println!();
+    println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ciliate-bench: {e}");
+        std::process::exit(1);
+    }
+}
