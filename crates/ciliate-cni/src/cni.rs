@@ -1,11 +1,14 @@
 //! The plugin's logic, callable from tests with an environment and stdin.
 
-use std::{collections::HashMap, path::PathBuf, process::Command};
+use std::{collections::HashMap, path::PathBuf};
 
 use ciliate_api::{
     Client, ClientError,
     client::method,
     models::{Endpoint, EndpointCreate, GcRequest, GcResult, IpamAllocation, IpamRequest},
+};
+use ciliate_datapath::node::{
+    PodLink, addresses_in, create_pod_link, delete_device, device_exists, lxc_name,
 };
 use serde_json::{Value, json};
 
@@ -160,60 +163,8 @@ fn valid_ifname(name: &str) -> bool {
         && !name.chars().any(char::is_whitespace)
 }
 
-/// `lxc` + 11 hex digits of a stable hash of the attachment.
-pub fn lxc_name(container: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container.bytes().chain([0]).chain(ifname.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("lxc{:011x}", h & 0xfff_ffff_ffff)
-}
-
-fn sh(args: &[&str]) -> Result<String, CniError> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| err(code::IO_FAILURE, format!("running {}", args[0]), e.to_string()))?;
-    if !out.status.success() {
-        return Err(err(
-            code::IO_FAILURE,
-            format!("{} failed", args.join(" ")),
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `ip ARGS` inside the network namespace at `netns` (a path).
-fn ip_in(netns: &str, args: &[&str]) -> Result<String, CniError> {
-    let ns = format!("--net={netns}");
-    let mut full = vec!["nsenter", ns.as_str(), "ip"];
-    full.extend_from_slice(args);
-    sh(&full)
-}
-
-fn ip(args: &[&str]) -> Result<String, CniError> {
-    let mut full = vec!["ip"];
-    full.extend_from_slice(args);
-    sh(&full)
-}
-
-fn device_exists(dev: &str) -> bool {
-    ciliate_datapath::node::device_exists(dev)
-}
-
-/// Delete `dev` if it exists. A device that vanishes meanwhile (its pod's
-/// namespace is being torn down, which takes the veth pair with it) is
-/// what we wanted.
-fn delete_device(dev: &str) -> Result<(), CniError> {
-    if !device_exists(dev) {
-        return Ok(());
-    }
-    match ip(&["link", "del", dev]) {
-        Err(_) if !device_exists(dev) => Ok(()),
-        other => other.map(drop),
-    }
+fn io_err(what: &str) -> impl FnOnce(ciliate_datapath::DatapathError) -> CniError + '_ {
+    move |e| err(code::IO_FAILURE, format!("{what} failed"), e.to_string())
 }
 
 fn error_json(version: &str, e: &CniError) -> String {
@@ -289,7 +240,15 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
         .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: container.clone() }))
         .map_err(agent_err("allocating an address"))?;
     let lxc = lxc_name(&container, &ifname);
-    match plumb(&netns, &ifname, &lxc, &alloc, conf.mtu).and_then(|mac| {
+    let link = PodLink {
+        netns: &netns,
+        ifname: &ifname,
+        lxc: &lxc,
+        ip: alloc.ip,
+        gateway: alloc.gateway,
+        mtu: conf.mtu,
+    };
+    match create_pod_link(&link).map_err(io_err("setting up the pod's interface")).and_then(|mac| {
         let req = EndpointCreate {
             container_id: container.clone(),
             netns: netns.clone(),
@@ -318,36 +277,6 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
     }
 }
 
-/// Create and configure the veth pair; returns the pod interface's MAC.
-fn plumb(
-    netns: &str,
-    ifname: &str,
-    lxc: &str,
-    alloc: &IpamAllocation,
-    mtu: u32,
-) -> Result<String, CniError> {
-    let mtu = mtu.to_string();
-    let gw = alloc.gateway.to_string();
-    // Peer name unique per attachment, so concurrent ADDs never collide.
-    let tmp = format!("tmp{}", &lxc[3..]);
-    // A retried ADD: start over.
-    delete_device(lxc)?;
-    ip(&["link", "add", lxc, "mtu", &mtu, "type", "veth", "peer", "name", &tmp, "mtu", &mtu])?;
-    ip(&["link", "set", &tmp, "netns", netns])?;
-    ip_in(netns, &["link", "set", &tmp, "name", ifname])?;
-    ip_in(netns, &["addr", "add", &format!("{}/32", alloc.ip), "dev", ifname])?;
-    ip_in(netns, &["link", "set", ifname, "up"])?;
-    ip_in(netns, &["route", "add", &gw, "dev", ifname, "scope", "link"])?;
-    ip_in(netns, &["route", "add", "default", "via", &gw, "dev", ifname, "mtu", &mtu])?;
-    ip(&["link", "set", lxc, "up"])?;
-    let out = ip_in(netns, &["-o", "link", "show", "dev", ifname])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .map(str::to_owned)
-        .ok_or_else(|| err(code::IO_FAILURE, format!("no MAC on {ifname}"), out))
-}
-
 fn result_json(conf: &Conf, ep: &Endpoint, mac: &str, alloc: &IpamAllocation) -> String {
     let gw = alloc.gateway.to_string();
     let mut ip = json!({"address": format!("{}/32", alloc.ip), "gateway": gw, "interface": 1});
@@ -374,7 +303,7 @@ fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     client
         .call::<Value>(method::DELETE, &target, None::<&()>)
         .map_err(agent_err("deleting the endpoint"))?;
-    delete_device(&lxc_name(&container, &ifname))
+    delete_device(&lxc_name(&container, &ifname)).map_err(io_err("deleting the host device"))
 }
 
 fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
@@ -388,8 +317,8 @@ fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     if ep.state != "ready" {
         return Err(err(code::CHECK_FAILED, format!("endpoint {} is {}", ep.id, ep.state), ""));
     }
-    let addrs = ip_in(netns, &["-o", "-4", "addr", "show", "dev", &ifname]).map_err(|e| {
-        err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.details)
+    let addrs = addresses_in(netns, &ifname).map_err(|e| {
+        err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.to_string())
     })?;
     if !addrs.contains(&format!("inet {}/32", ep.ip)) {
         return Err(err(
@@ -513,13 +442,5 @@ mod tests {
             ("CNI_NETNS", "/proc/self/ns/net"),
         ];
         assert_eq!(code_of(&run(&env(&add), CONF)), 11);
-    }
-
-    #[test]
-    fn host_device_names_are_stable_and_distinct() {
-        assert_eq!(lxc_name("abc", "eth0"), lxc_name("abc", "eth0"));
-        assert_ne!(lxc_name("abc", "eth0"), lxc_name("abc", "eth1"));
-        assert_ne!(lxc_name("ab", "ceth0"), lxc_name("abc", "eth0"));
-        assert_eq!(lxc_name("x", "y").len(), 14);
     }
 }

@@ -213,9 +213,105 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
     IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
 }
 
+/// `lxc` + 11 hex digits of a stable hash of an attachment (container ID
+/// and interface name): the host-side device of an endpoint.
+pub fn lxc_name(container: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("lxc{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// `ip ARGS` inside the network namespace at `netns` (a path), through
+/// nsenter.
+fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .arg("ip")
+        .args(args)
+        .output()
+        .map_err(|e| device_err(netns, format!("running nsenter ip: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(device_err(netns, format!("ip {}: {}", args.join(" "), err.trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Delete `dev` if it exists. A device that vanishes meanwhile (its pod's
+/// namespace is being torn down, which takes the veth pair with it) is
+/// what we wanted.
+pub fn delete_device(dev: &str) -> Result<()> {
+    if !device_exists(dev) {
+        return Ok(());
+    }
+    match ip(dev, &["link", "del", dev]) {
+        Err(_) if !device_exists(dev) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// How a pod's side of an endpoint is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodLink<'a> {
+    /// The pod's network namespace (a path).
+    pub netns: &'a str,
+    /// Interface name inside the pod.
+    pub ifname: &'a str,
+    /// Host-side device.
+    pub lxc: &'a str,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Create the veth pair of an endpoint (replacing a leftover one), move
+/// its pod side into the pod's namespace, and give the pod its /32, an
+/// on-link route to the gateway and a default route via it, as Cilium
+/// does. Returns the MAC of the pod's interface.
+pub fn create_pod_link(l: &PodLink<'_>) -> Result<String> {
+    let mtu = l.mtu.to_string();
+    let gw = l.gateway.to_string();
+    // A peer name unique per attachment, so concurrent creations never collide.
+    let tmp = format!("tmp{}", l.lxc.get(3..).unwrap_or(l.lxc));
+    delete_device(l.lxc)?;
+    ip(
+        l.lxc,
+        &["link", "add", l.lxc, "mtu", &mtu, "type", "veth", "peer", "name", &tmp, "mtu", &mtu],
+    )?;
+    ip(l.lxc, &["link", "set", &tmp, "netns", l.netns])?;
+    ip_in(l.netns, &["link", "set", &tmp, "name", l.ifname])?;
+    ip_in(l.netns, &["addr", "add", &format!("{}/32", l.ip), "dev", l.ifname])?;
+    ip_in(l.netns, &["link", "set", l.ifname, "up"])?;
+    ip_in(l.netns, &["route", "add", &gw, "dev", l.ifname, "scope", "link"])?;
+    ip_in(l.netns, &["route", "add", "default", "via", &gw, "dev", l.ifname, "mtu", &mtu])?;
+    ip(l.lxc, &["link", "set", l.lxc, "up"])?;
+    let out = ip_in(l.netns, &["-o", "link", "show", "dev", l.ifname])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| device_err(l.ifname, format!("no MAC address in {out:?}")))
+}
+
+/// The IPv4 addresses of `ifname` in the namespace at `netns`.
+pub fn addresses_in(netns: &str, ifname: &str) -> Result<String> {
+    ip_in(netns, &["-o", "-4", "addr", "show", "dev", ifname])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_device_names_are_stable_and_distinct() {
+        assert_eq!(lxc_name("abc", "eth0"), lxc_name("abc", "eth0"));
+        assert_ne!(lxc_name("abc", "eth0"), lxc_name("abc", "eth1"));
+        assert_ne!(lxc_name("ab", "ceth0"), lxc_name("abc", "eth0"));
+        assert_eq!(lxc_name("x", "y").len(), 14);
+    }
 
     #[test]
     fn macs_parse_and_format() {
