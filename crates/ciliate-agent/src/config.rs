@@ -28,7 +28,10 @@ pub struct Flags {
     /// Where bpffs is (mounted there if it is not) [default: /sys/fs/bpf]
     #[arg(long, env = "CILIATE_BPFFS")]
     pub bpffs: Option<PathBuf>,
-    /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs
+    /// Run the health endpoint (identity 4) in namespace <node>-health [default: true]
+    #[arg(long, env = "CILIATE_ENABLE_HEALTH", num_args = 1)]
+    pub enable_health: Option<bool>,
+    /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -41,6 +44,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    enable_health: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +54,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
+    pub enable_health: bool,
 }
 
 fn hostname() -> String {
@@ -87,6 +92,7 @@ impl Flags {
                 .or(file.socket)
                 .unwrap_or_else(|| ciliate_api::default_socket(&node)),
             bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
+            enable_health: self.enable_health.or(file.enable_health).unwrap_or(true),
             node,
             pod_cidr,
         })

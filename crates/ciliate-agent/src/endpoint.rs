@@ -85,6 +85,16 @@ impl Datapath for MemoryDatapath {
     }
 }
 
+/// Container IDs of the node's own endpoints (Cilium's host and health
+/// endpoints): never garbage-collected; the host one has no datapath of its
+/// own and cannot be deleted.
+pub const HOST_CONTAINER: &str = "reserved:host";
+pub const HEALTH_CONTAINER: &str = "reserved:health";
+
+fn is_reserved(container_id: &str) -> bool {
+    container_id.starts_with("reserved:")
+}
+
 /// Highest endpoint ID (Cilium's endpoint IDs fit in 12 bits... here 16).
 pub const MAX_ENDPOINT_ID: u16 = 4095;
 
@@ -188,10 +198,7 @@ impl<D: Datapath> Endpoints<D> {
                 req.container_id, ep.id, ep.ip, ep.host_ifname
             )));
         }
-        let id =
-            (1..=MAX_ENDPOINT_ID).find(|id| !self.endpoints.contains_key(id)).ok_or_else(|| {
-                EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use"))
-            })?;
+        let id = self.free_id()?;
         let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
         let mut ep = Endpoint {
             id,
@@ -226,9 +233,49 @@ impl<D: Datapath> Endpoints<D> {
         Ok(ep)
     }
 
+    /// The host endpoint (identity 1, the node itself, reached through
+    /// the stack): listed like any endpoint, created once with a stable ID.
+    pub fn ensure_host(&mut self, router: Ipv4Addr) -> Result<Endpoint, EndpointError> {
+        if let Some(ep) = self.by_container(HOST_CONTAINER) {
+            return Ok(ep.clone());
+        }
+        let id = self.free_id()?;
+        let ep = Endpoint {
+            id,
+            container_id: HOST_CONTAINER.into(),
+            netns: String::new(),
+            ifname: String::new(),
+            host_ifname: ciliate_datapath::node::HOST_DEV.into(),
+            host_ifindex: 0,
+            host_mac: String::new(),
+            ip: router,
+            mac: String::new(),
+            labels: [("reserved:host".to_string(), String::new())].into(),
+            pod_name: String::new(),
+            identity: ciliate_common::identity::HOST,
+            state: "ready".into(),
+            ingress_enforcement: "Disabled".into(),
+            egress_enforcement: "Disabled".into(),
+        };
+        self.persist(&ep)?;
+        self.endpoints.insert(id, ep.clone());
+        Ok(ep)
+    }
+
+    fn free_id(&self) -> Result<u16, EndpointError> {
+        (1..=MAX_ENDPOINT_ID).find(|id| !self.endpoints.contains_key(id)).ok_or_else(|| {
+            EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use"))
+        })
+    }
+
     /// Delete endpoint `id`: detach it, release its address, forget it.
     pub fn delete(&mut self, id: u16) -> Result<Endpoint, EndpointError> {
         let ep = self.get(id)?;
+        if ep.container_id == HOST_CONTAINER {
+            return Err(EndpointError::BadRequest(format!(
+                "endpoint {id} is the host endpoint: it cannot be deleted"
+            )));
+        }
         self.datapath
             .detach(ep.ip, &ep.host_ifname)
             .map_err(|e| internal(format!("detaching endpoint {id}: {e}")))?;
@@ -261,6 +308,9 @@ impl<D: Datapath> Endpoints<D> {
     pub fn restore(&mut self) -> Result<usize, EndpointError> {
         let mut restored = 0;
         for ep in self.list() {
+            if ep.container_id == HOST_CONTAINER {
+                continue;
+            }
             if !self.datapath.device_exists(&ep.host_ifname) {
                 self.delete(ep.id)?;
                 continue;
@@ -285,7 +335,7 @@ impl<D: Datapath> Endpoints<D> {
         let stale: Vec<u16> = self
             .endpoints
             .values()
-            .filter(|e| !valid.contains(&e.container_id))
+            .filter(|e| !is_reserved(&e.container_id) && !valid.contains(&e.container_id))
             .map(|e| e.id)
             .collect();
         for id in &stale {
@@ -295,7 +345,7 @@ impl<D: Datapath> Endpoints<D> {
             .ipam
             .allocations()
             .map(|(_, owner)| owner.clone())
-            .filter(|o| !valid.contains(o))
+            .filter(|o| !is_reserved(o) && !valid.contains(o))
             .collect();
         for o in orphans {
             self.ipam.release_owner(&o).map_err(internal)?;
@@ -404,6 +454,20 @@ mod tests {
         assert_eq!(n.ipam.owner(b.ip), None, "the gone pod's address is free");
         assert_eq!(n.identities.allocate(&label_set(&b.labels)).unwrap(), b.identity);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_host_endpoint_is_listed_once_kept_by_gc_and_cannot_be_deleted() {
+        let mut n = node();
+        let router = Ipv4Addr::new(10, 9, 0, 1);
+        let host = n.ensure_host(router).unwrap();
+        assert_eq!((host.id, host.identity, host.ip), (1, 1, router));
+        assert_eq!(n.ensure_host(router).unwrap(), host, "created once");
+        assert!(n.datapath.attached.is_empty(), "no program of its own");
+        assert_eq!(n.delete(host.id).unwrap_err().status(), 400);
+        assert_eq!(n.gc(&[]).unwrap(), Vec::<u16>::new());
+        assert_eq!(n.restore().unwrap(), 0);
+        assert_eq!(n.list(), vec![host]);
     }
 
     #[test]

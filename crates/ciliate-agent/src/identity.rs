@@ -52,7 +52,16 @@ impl Identities {
 
     /// The identity of `labels`, allocating the lowest free cluster
     /// identity for a new set.
+    /// A set that is exactly one reserved label (`reserved:health`) has
+    /// that reserved identity.
     pub fn allocate(&mut self, labels: &LabelSet) -> Result<u32, StoreError> {
+        if let [only] = labels.as_slice()
+            && let Some(name) = only.strip_prefix("reserved:")
+            && let Some(id) =
+                (1..reserved::MIN_CLUSTER).find(|id| reserved::reserved_name(*id) == Some(name))
+        {
+            return Ok(id);
+        }
         if let Some(id) = self.by_labels.get(labels) {
             return Ok(*id);
         }
@@ -110,6 +119,15 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!((a, c), (256, 257));
         assert_eq!(ids.get(a).unwrap().labels, ["k8s:app=web", "k8s:tier=fe"]);
+    }
+
+    #[test]
+    fn a_reserved_label_set_has_its_reserved_identity() {
+        let mut ids = Identities::open(None).unwrap();
+        assert_eq!(ids.allocate(&labels(&[("reserved:health", "")])).unwrap(), 4);
+        assert_eq!(ids.allocate(&labels(&[("reserved:host", "")])).unwrap(), 1);
+        assert_eq!(ids.allocated(), 0, "nothing allocated for them");
+        assert_eq!(ids.allocate(&labels(&[("reserved:health", ""), ("app", "x")])).unwrap(), 256);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use ciliate_datapath::{
     node::{self, Attached, EndpointSpec},
 };
 
-use crate::endpoint::Datapath;
+use ciliate_api::models::{Endpoint, EndpointCreate};
+
+use crate::endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER};
 
 pub struct KernelDatapath {
     pub pins: NodePins,
@@ -60,4 +62,54 @@ pub fn ensure_cgroup2() -> std::io::Result<std::path::PathBuf> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(target.into())
+}
+
+/// The health endpoint, as Cilium's: a namespace `<node>-health` with an
+/// address from IPAM and the reserved identity `health` (4), plumbed like a
+/// pod. Created when missing (also when its namespace vanished while the
+/// agent was down: restore dropped the endpoint then).
+pub fn ensure_health_endpoint<D: Datapath>(
+    eps: &mut Endpoints<D>,
+    node: &str,
+) -> Result<Endpoint, EndpointError> {
+    if let Some(ep) = eps.by_container(HEALTH_CONTAINER) {
+        return Ok(ep.clone());
+    }
+    let internal = |e: String| EndpointError::Internal(format!("health endpoint: {e}"));
+    let ns = format!("{node}-health");
+    let netns = format!("/run/netns/{ns}");
+    if !std::path::Path::new(&netns).exists() {
+        let run = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .map_err(|e| internal(e.to_string()))?
+                .success()
+                .then_some(())
+                .ok_or_else(|| internal(format!("ip {} failed", args.join(" "))))
+        };
+        run(&["netns", "add", &ns])?;
+        run(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    let ip = eps.ipam.allocate(HEALTH_CONTAINER).map_err(|e| internal(e.to_string()))?;
+    let lxc = node::lxc_name(HEALTH_CONTAINER, node);
+    let link = node::PodLink {
+        netns: &netns,
+        ifname: "eth0",
+        lxc: &lxc,
+        ip,
+        gateway: eps.ipam.cidr.router(),
+        mtu: 1500,
+    };
+    let mac = node::create_pod_link(&link).map_err(|e| internal(e.to_string()))?;
+    eps.create(EndpointCreate {
+        container_id: HEALTH_CONTAINER.into(),
+        netns,
+        ifname: "eth0".into(),
+        host_ifname: lxc,
+        ip,
+        mac,
+        labels: [("reserved:health".to_string(), String::new())].into(),
+        pod_name: String::new(),
+    })
 }

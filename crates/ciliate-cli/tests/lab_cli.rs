@@ -30,8 +30,9 @@ fn lab_up_status_metrics_down() {
     let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
     assert!(ok, "lab up failed: {out}{err}");
     assert!(out.contains("pod1   gateway 10.200.0.1   ping    ok"), "{out}");
-    assert!(out.contains("pod1   pod2 10.200.0.3      tcp     ok"), "{out}");
-    assert!(out.contains("host   pod2 10.200.0.3      tcp     ok"), "{out}");
+    // 10.200.0.2 is the health endpoint's; pods follow.
+    assert!(out.contains("pod1   pod2 10.200.0.4      tcp     ok"), "{out}");
+    assert!(out.contains("host   pod2 10.200.0.4      tcp     ok"), "{out}");
     assert!(!out.contains("FAILED"), "{out}");
 
     // Idempotent: a second `up` replaces the first.
@@ -60,16 +61,17 @@ fn lab_up_status_metrics_down() {
     let (ok, out, err) = ciliate(&["bpf", "endpoint", "list", "--lab", &name]);
     assert!(ok, "{err}");
     assert!(out.contains("10.200.0.1:0   (localhost)"), "{out}");
-    assert!(out.contains("10.200.0.2:0   id=1     sec_id=256"), "{out}");
+    assert!(out.contains("10.200.0.2:0   id=2     sec_id=4"), "health: {out}");
+    assert!(out.contains("10.200.0.3:0   id=3     sec_id=256"), "{out}");
     let (ok, out, err) = ciliate(&["bpf", "ipcache", "list", "--lab", &name]);
     assert!(ok, "{err}");
     assert!(out.contains("0.0.0.0/0           identity=2 (reserved:world)"), "{out}");
-    assert!(out.contains("10.200.0.3/32       identity=257"), "{out}");
+    assert!(out.contains("10.200.0.4/32       identity=257"), "{out}");
     let (ok, out, err) = ciliate(&["bpf", "ct", "list", "--lab", &name, "-o", "json"]);
     assert!(ok, "{err}");
     let ct: serde_json::Value = serde_json::from_str(&out).unwrap();
     let tcp_out = ct.as_array().unwrap().iter().find(|e| {
-        e["proto"] == "TCP" && e["direction"] == "OUT" && e["destination"] == "10.200.0.3:7"
+        e["proto"] == "TCP" && e["direction"] == "OUT" && e["destination"] == "10.200.0.4:7"
     });
     assert_eq!(tcp_out.expect("pod1 → pod2 TCP in conntrack")["source_identity"], 256);
 
@@ -107,7 +109,7 @@ fn agent_commands_and_monitor_on_a_lab() {
 
     let status = run(&["status"]);
     assert!(status.contains(&format!("Node:       {name}-node1")), "{status}");
-    assert!(status.contains("IPv4: 2/253 allocated"), "{status}");
+    assert!(status.contains("IPv4: 3/253 allocated"), "pods and health: {status}");
 
     let eps = run(&["endpoint", "list"]);
     let header = eps.lines().next().unwrap();
@@ -123,8 +125,9 @@ fn agent_commands_and_monitor_on_a_lab() {
     }
     assert!(eps.contains("k8s:app=pod1"), "{eps}");
     assert!(eps.contains("k8s:io.kubernetes.pod.namespace=default"), "{eps}");
-    let one: serde_json::Value = serde_json::from_str(&run(&["endpoint", "get", "1"])).unwrap();
-    assert_eq!(one["ip"], "10.200.0.2");
+    assert!(eps.contains("reserved:host") && eps.contains("reserved:health"), "{eps}");
+    let one: serde_json::Value = serde_json::from_str(&run(&["endpoint", "get", "3"])).unwrap();
+    assert_eq!(one["ip"], "10.200.0.3");
     let (ok, _, err) = ciliate(&["endpoint", "get", "99", "--lab", &name]);
     assert!(!ok && err.contains("endpoint 99 not found"), "{err}");
 
@@ -137,12 +140,12 @@ fn agent_commands_and_monitor_on_a_lab() {
 
     let maps = run(&["map", "list"]);
     let lxc_row = maps.lines().find(|l| l.starts_with("CILIATE_LXC")).unwrap_or_default();
-    assert_eq!(lxc_row.split_whitespace().nth(1), Some("3"), "{maps}");
+    assert_eq!(lxc_row.split_whitespace().nth(1), Some("4"), "host, health, two pods: {maps}");
     let (ok, _, err) = ciliate(&["map", "get", "nosuchmap", "--lab", &name]);
     assert!(!ok && err.contains("no map named nosuchmap"), "{err}");
     assert!(run(&["map", "get", "CILIATE_IPCACHE"]).contains("reserved:world"));
-    let got = run(&["bpf", "ipcache", "get", "10.200.0.3"]);
-    assert!(got.contains("10.200.0.3/32") && got.contains("identity=257"), "{got}");
+    let got = run(&["bpf", "ipcache", "get", "10.200.0.4"]);
+    assert!(got.contains("10.200.0.4/32") && got.contains("identity=257"), "{got}");
     let got = run(&["bpf", "ipcache", "get", "192.0.2.1"]);
     assert!(got.contains("0.0.0.0/0") && got.contains("reserved:world"), "{got}");
 
@@ -152,7 +155,7 @@ fn agent_commands_and_monitor_on_a_lab() {
         "--type",
         "trace",
         "--related-to",
-        "2",
+        "4",
         "--count",
         "3",
         "--duration",
@@ -160,6 +163,7 @@ fn agent_commands_and_monitor_on_a_lab() {
     ]);
     let lines: Vec<&str> = mon.lines().collect();
     assert_eq!(lines.len(), 3, "{mon}");
-    assert!(lines.iter().all(|l| l.contains("endpoint 2") || l.contains("-> stack")), "{mon}");
+    // Endpoint 4 is pod2 (1 is the host, 2 health, 3 pod1).
+    assert!(lines.iter().all(|l| l.contains("endpoint 4") || l.contains("-> stack")), "{mon}");
     assert!(lines.iter().any(|l| l.contains("state new")), "{mon}");
 }

@@ -364,8 +364,12 @@ impl Drop for NodeLab {
             // Pods first, then the node (its guard kills the agent), then
             // what lives outside the namespaces.
             self.pods.clear();
+            let health = format!("{}-health", self.node.name());
             let node = std::mem::replace(&mut self.node, Netns::existing(""));
             let _ = node.delete();
+            if netns::exists(&health) {
+                let _ = Netns::adopt(&health).delete();
+            }
             let _ = std::fs::remove_dir_all(&self.pins_dir);
             let _ = std::fs::remove_dir_all(&self.work_dir);
         }
@@ -447,9 +451,11 @@ pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// `<lab>-node<N>` or `<lab>-pod<N>` (and not another lab whose name merely
-/// starts with this one's).
+/// `<lab>-node<N>`, its health namespace `<lab>-node<N>-health`, or
+/// `<lab>-pod<N>` (and not another lab whose name merely starts with this
+/// one's).
 fn is_lab_ns(name: &str, prefix: &str) -> bool {
+    let name = name.strip_suffix("-health").filter(|n| n.contains("-node")).unwrap_or(name);
     name.strip_prefix(prefix).is_some_and(|rest| {
         ["node", "pod"].iter().any(|k| {
             rest.strip_prefix(k)
@@ -466,6 +472,8 @@ mod tests {
     fn lab_namespaces_are_told_apart_from_other_labs() {
         assert!(is_lab_ns("ciliate-node1", "ciliate-"));
         assert!(is_lab_ns("ciliate-pod12", "ciliate-"));
+        assert!(is_lab_ns("ciliate-node1-health", "ciliate-"));
+        assert!(!is_lab_ns("ciliate-pod1-health", "ciliate-"));
         assert!(!is_lab_ns("ciliate-x-pod1", "ciliate-"));
         assert!(!is_lab_ns("ciliate-pod", "ciliate-"));
         assert!(!is_lab_ns("other-pod1", "ciliate-"));

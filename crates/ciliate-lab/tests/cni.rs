@@ -40,18 +40,27 @@ fn err_code(out: (String, bool)) -> u64 {
     v["code"].as_u64().unwrap()
 }
 
+/// The pods' endpoints (not the node's own host and health endpoints).
 fn endpoints(lab: &NodeLab) -> Vec<Endpoint> {
-    lab.client().get("/v1/endpoint").unwrap()
+    let all: Vec<Endpoint> = lab.client().get("/v1/endpoint").unwrap();
+    all.into_iter().filter(|e| !e.container_id.starts_with("reserved:")).collect()
 }
 
+fn health(lab: &NodeLab) -> Endpoint {
+    let all: Vec<Endpoint> = lab.client().get("/v1/endpoint").unwrap();
+    all.into_iter().find(|e| e.container_id == "reserved:health").expect("a health endpoint")
+}
+
+/// The pods' host devices (not the health endpoint's).
 fn lxc_devices(lab: &NodeLab) -> Vec<String> {
+    let health = health(lab).host_ifname;
     lab.node
         .ip(&["-o", "link", "show"])
         .unwrap()
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .filter(|n| n.starts_with("lxc"))
+        .filter(|n| n.starts_with("lxc") && *n != health)
         .collect()
 }
 
@@ -71,13 +80,16 @@ fn add_check_del_follow_the_spec() {
         (ifs[1]["name"].as_str(), ifs[1]["sandbox"].as_str()),
         (Some("eth0"), Some(path(&ns).as_str()))
     );
-    assert_eq!(res["ips"][0]["address"], "10.200.0.2/32");
+    // 10.200.0.2 is the health endpoint's.
+    assert_eq!(health(&lab).ip, Ipv4Addr::new(10, 200, 0, 2));
+    assert_eq!(health(&lab).identity, 4);
+    assert_eq!(res["ips"][0]["address"], "10.200.0.3/32");
     assert_eq!(res["ips"][0]["gateway"], "10.200.0.1");
     assert_eq!(res["ips"][0]["interface"], 1);
     assert_eq!(res["routes"][0]["dst"], "0.0.0.0/0");
     // The pod's side is as the result says.
     let addr = ns.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]).unwrap();
-    assert!(addr.contains("inet 10.200.0.2/32"), "{addr}");
+    assert!(addr.contains("inet 10.200.0.3/32"), "{addr}");
     ns.exec(&["ping", "-c", "1", "-W", "2", "10.200.0.1"]).unwrap();
     let ep = &endpoints(&lab)[0];
     assert_eq!(ep.labels.get("io.kubernetes.pod.namespace").map(String::as_str), Some("default"));
@@ -85,11 +97,11 @@ fn add_check_del_follow_the_spec() {
 
     // A repeated ADD gives the same address.
     let again = ok_json(lab.cni("ADD", &id, &path(&ns), &conf).unwrap());
-    assert_eq!(again["ips"][0]["address"], "10.200.0.2/32");
+    assert_eq!(again["ips"][0]["address"], "10.200.0.3/32");
     assert_eq!(endpoints(&lab).len(), 1);
 
     ok_json(lab.cni("CHECK", &id, &path(&ns), &conf).unwrap());
-    ns.ip(&["addr", "del", "10.200.0.2/32", "dev", "eth0"]).unwrap();
+    ns.ip(&["addr", "del", "10.200.0.3/32", "dev", "eth0"]).unwrap();
     assert_eq!(err_code(lab.cni("CHECK", &id, &path(&ns), &conf).unwrap()), 100);
     assert_eq!(err_code(lab.cni("CHECK", "unknown-container", &path(&ns), &conf).unwrap()), 3);
 
@@ -177,7 +189,8 @@ fn fifty_concurrent_adds_then_dels_leave_nothing_behind() {
     assert_eq!(ips.len(), N, "every pod got its own address");
     assert_eq!(endpoints(&lab).len(), N);
     assert_eq!(lxc_devices(&lab).len(), N);
-    assert_eq!(LxcMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap().len(), N + 1);
+    // Plus the host and the health endpoints.
+    assert_eq!(LxcMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap().len(), N + 2);
     // One identity for all: the same labels.
     let ids: std::collections::BTreeSet<u32> = endpoints(&lab).iter().map(|e| e.identity).collect();
     assert_eq!(ids.len(), 1);
@@ -195,15 +208,20 @@ fn fifty_concurrent_adds_then_dels_leave_nothing_behind() {
     assert!(endpoints(&lab).is_empty());
     assert!(lxc_devices(&lab).is_empty(), "{:?}", lxc_devices(&lab));
     let status: Status = lab.client().get("/v1/status").unwrap();
-    assert_eq!((status.endpoints, status.ipam_used), (0, 0));
+    // What remains is the node's own: host and health endpoints.
+    assert_eq!((status.endpoints, status.ipam_used), (2, 1));
     let lxc = LxcMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
-    assert_eq!(lxc.iter().map(|(ip, _)| *ip).collect::<Vec<_>>(), [Ipv4Addr::new(10, 200, 0, 1)]);
+    let health_ip = health(&lab).ip;
+    assert_eq!(
+        lxc.iter().map(|(ip, _)| *ip).collect::<Vec<_>>(),
+        [Ipv4Addr::new(10, 200, 0, 1), health_ip]
+    );
     let ipc = IpcacheMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
-    assert_eq!(ipc.len(), 2, "only world and host remain: {ipc:?}");
+    assert_eq!(ipc.len(), 3, "only world, host and health remain: {ipc:?}");
     let links: Vec<_> = std::fs::read_dir(lab.pins_dir.join("links"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(links.len(), 1, "only from-host stays pinned: {links:?}");
+    assert_eq!(links.len(), 2, "only from-host and the health endpoint stay: {links:?}");
 }

@@ -119,6 +119,21 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
 }
 
 #[test]
+fn the_node_has_a_host_and_a_health_endpoint_as_in_cilium() {
+    let lab = lab(1);
+    let eps: Vec<ciliate_api::models::Endpoint> = lab.client().get("/v1/endpoint").unwrap();
+    let host = eps.iter().find(|e| e.identity == identity::HOST).expect("host endpoint");
+    assert_eq!(host.ip, lab.router_ip());
+    let health = eps.iter().find(|e| e.identity == identity::HEALTH).expect("health endpoint");
+    assert_eq!(health.labels.keys().collect::<Vec<_>>(), ["reserved:health"]);
+    // The health endpoint is a real endpoint: pods reach it, it reaches them.
+    let p1 = &lab.pods[0];
+    p1.ns.exec(&["ping", "-c", "1", "-W", "2", &health.ip.to_string()]).unwrap();
+    let health_ns = Netns::existing(&format!("{}-health", lab.node.name()));
+    health_ns.exec(&["ping", "-c", "1", "-W", "2", &p1.state.ip.to_string()]).unwrap();
+}
+
+#[test]
 fn the_host_reaches_pods_through_from_host_with_the_host_identity() {
     let lab = lab(1);
     let p1 = &lab.pods[0];
@@ -164,6 +179,8 @@ fn dropping_the_lab_removes_namespaces_agent_and_pins() {
         let lab = lab(2);
         let s = lab.state();
         let mut nss: Vec<String> = s.pods.iter().map(|p| p.ns.clone()).collect();
+        nss.push(format!("{}-health", s.node_ns));
+        assert!(exists(&nss[nss.len() - 1]), "the agent made its health namespace");
         nss.push(s.node_ns);
         (nss, s.pins_dir, s.agent_socket)
     };
@@ -183,7 +200,7 @@ fn a_kept_lab_is_recorded_and_removed_by_down() {
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());
     let removed = node::down(&name, std::path::Path::new("/sys/fs/bpf")).unwrap();
-    assert_eq!(removed.len(), 3, "{removed:?}");
+    assert_eq!(removed.len(), 4, "two pods, the node, its health namespace: {removed:?}");
     assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
     assert!(!state.pins_dir.exists());
     assert_eq!(node::load_state(&name).unwrap(), None);

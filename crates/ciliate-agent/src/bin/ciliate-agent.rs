@@ -13,7 +13,7 @@ use ciliate_agent::{
     api::{self, Server},
     config::Flags,
     endpoint::Endpoints,
-    kernel::{KernelDatapath, ensure_cgroup2},
+    kernel::{KernelDatapath, ensure_cgroup2, ensure_health_endpoint},
 };
 use ciliate_datapath::{
     bpffs::NodePins,
@@ -51,6 +51,12 @@ fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
     log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
+    let host = eps.ensure_host(setup.router).map_err(|e| anyhow::anyhow!("host endpoint: {e}"))?;
+    log(format!("host endpoint {} (identity {})", host.id, host.identity));
+    if cfg.enable_health {
+        let h = ensure_health_endpoint(&mut eps, &cfg.node).map_err(|e| anyhow::anyhow!("{e}"))?;
+        log(format!("health endpoint {} at {} in {}", h.id, h.ip, h.netns));
+    }
     let server =
         Arc::new(Server { state: Mutex::new(eps), node: cfg.node, pin_dir, started, restored });
     log(format!("serving the API on {}", cfg.socket.display()));
