@@ -20,14 +20,19 @@ pub struct EndpointKey {
 }
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
 
+/// An IPv4 address in the 16-byte address field of a key.
+pub const fn v4_in_16(ip: [u8; 4]) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[0] = ip[0];
+    k[1] = ip[1];
+    k[2] = ip[2];
+    k[3] = ip[3];
+    k
+}
+
 impl EndpointKey {
     pub const fn v4(ip: [u8; 4]) -> Self {
-        let mut k = [0u8; 16];
-        k[0] = ip[0];
-        k[1] = ip[1];
-        k[2] = ip[2];
-        k[3] = ip[3];
-        Self { ip: k, family: FAMILY_IPV4, _pad: [0; 3] }
+        Self { ip: v4_in_16(ip), family: FAMILY_IPV4, _pad: [0; 3] }
     }
 }
 

@@ -23,12 +23,11 @@ const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 
 impl IpcacheKey {
     pub const fn v4(ip: [u8; 4]) -> Self {
-        let mut k = [0u8; 16];
-        k[0] = ip[0];
-        k[1] = ip[1];
-        k[2] = ip[2];
-        k[3] = ip[3];
-        Self { family: crate::endpoint::FAMILY_IPV4, _pad: [0; 3], ip: k }
+        Self {
+            family: crate::endpoint::FAMILY_IPV4,
+            _pad: [0; 3],
+            ip: crate::endpoint::v4_in_16(ip),
+        }
     }
 }
 

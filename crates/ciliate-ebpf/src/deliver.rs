@@ -14,7 +14,7 @@ use ciliate_common::{
 use crate::{
     Drop, ct, drop,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
-    trace::{TraceCtx, count_forwarded, send_trace_notify},
+    trace::{TraceCtx, trace_or_count},
 };
 
 /// How the packet reaches the destination's device.
@@ -50,11 +50,7 @@ pub fn to_endpoint(
         ct_state: tracked.state,
         dir: METRIC_INGRESS,
     };
-    if tracked.report || trace_all {
-        send_trace_notify(ctx, TO_LXC, &who, ep.ifindex);
-    } else {
-        count_forwarded(ctx, METRIC_INGRESS);
-    }
+    trace_or_count(ctx, TO_LXC, &who, ep.ifindex, tracked.report, trace_all);
     // SAFETY: plain helper calls; the result is the tc verdict.
     Ok(unsafe {
         match via {

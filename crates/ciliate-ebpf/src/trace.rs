@@ -21,10 +21,23 @@ pub struct TraceCtx {
     pub dir: u8,
 }
 
-/// Count a forwarded packet without an event (monitor aggregation).
+/// A forwarded packet: a trace event when `report` (see
+/// `ct::Tracked::report`) or `trace_all`, otherwise only counted (monitor
+/// aggregation).
 #[inline(always)]
-pub fn count_forwarded(ctx: &TcContext, dir: u8) {
-    maps::count(REASON_FORWARDED, dir, ctx.len());
+pub fn trace_or_count(
+    ctx: &TcContext,
+    point: u8,
+    who: &TraceCtx,
+    ifindex: u32,
+    report: bool,
+    trace_all: bool,
+) {
+    if report || trace_all {
+        send_trace_notify(ctx, point, who, ifindex);
+    } else {
+        maps::count(REASON_FORWARDED, who.dir, ctx.len());
+    }
 }
 
 #[inline(always)]

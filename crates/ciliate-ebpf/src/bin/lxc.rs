@@ -30,7 +30,7 @@ use ciliate_ebpf::{
     drop::{DropCtx, send_drop_notify},
     lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
-    trace::{TraceCtx, count_forwarded, send_trace_notify},
+    trace::{TraceCtx, trace_or_count},
     verdict,
 };
 
@@ -123,11 +123,7 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         ct_state: tracked.state,
         dir: METRIC_EGRESS,
     };
-    if tracked.report || trace_all {
-        send_trace_notify(ctx, TO_STACK, &who, cfg.ifindex);
-    } else {
-        count_forwarded(ctx, METRIC_EGRESS);
-    }
+    trace_or_count(ctx, TO_STACK, &who, cfg.ifindex, tracked.report, trace_all);
     Ok(verdict::OK)
 }
 
