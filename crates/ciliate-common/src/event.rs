@@ -81,6 +81,32 @@ pub struct TraceNotify {
 }
 const _: () = assert!(core::mem::size_of::<TraceNotify>() == 48 + CAPTURE_LEN);
 
+/// A policy decision on a new connection (and on every denied packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyVerdictNotify {
+    /// `subtype`: 0.
+    pub hdr: EventHeader,
+    /// The identity on the other side of the endpoint (`hdr.source`).
+    pub remote_identity: u32,
+    /// `policy::DIR_*`.
+    pub dir: u8,
+    pub proto: u8,
+    /// Destination port (or ICMP type), network order.
+    pub dport: u16,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `policy::MATCH_*`.
+    pub match_type: u8,
+    pub _pad: [u8; 2],
+    pub _pad2: u32,
+    pub data: [u8; CAPTURE_LEN],
+}
+const _: () = assert!(core::mem::size_of::<PolicyVerdictNotify>() == 32 + CAPTURE_LEN);
+
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_DENIED: u8 = 2;
+
 /// Source file numbers carried in drop events.
 pub const FILE_LXC: u8 = 1;
 pub const FILE_HOST: u8 = 2;

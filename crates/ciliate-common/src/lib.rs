@@ -18,6 +18,7 @@ pub mod event;
 pub mod identity;
 pub mod ipcache;
 pub mod metrics;
+pub mod policy;
 pub mod trace;
 
 #[cfg(feature = "user")]
@@ -42,7 +43,10 @@ mod pod {
         crate::event::TraceNotify,
         crate::ipcache::IpcacheEntry,
         crate::ipcache::IpcacheKey,
+        crate::event::PolicyVerdictNotify,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
+        crate::policy::PolicyEntry,
+        crate::policy::PolicyKey,
     );
 }

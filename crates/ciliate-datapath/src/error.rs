@@ -52,6 +52,8 @@ pub enum DatapathError {
         "program {program} in object {object}: program type {kind} is not handled by the loader"
     )]
     UnsupportedProgram { object: String, program: String, kind: String },
+    #[error("policy rule {rule}: {reason}")]
+    BadPolicy { rule: String, reason: String },
     #[error("prefix {prefix}: {reason}")]
     BadPrefix { prefix: String, reason: String },
     #[error("device {name}: {reason}")]

@@ -11,6 +11,7 @@ use ciliate_common::{
     event::RINGBUF_NAME,
     ipcache::{self, IpcacheEntry, IpcacheKey, STATIC_PREFIX},
     metrics::{self, MetricsKey, MetricsValue},
+    policy::{self, PolicyEntry, PolicyKey},
 };
 
 use crate::{
@@ -269,9 +270,170 @@ impl CtMaps {
     }
 }
 
+/// The ports `start..=end` as the fewest (port, prefix bits) blocks, for
+/// an LPM key whose port is the last 16 bits.
+pub fn port_range_prefixes(start: u16, end: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(start), u32::from(end));
+    while lo <= hi {
+        // The largest aligned block starting at `lo` that stays within `hi`.
+        let mut bits = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        while bits > 0 && lo + (1 << bits) - 1 > hi {
+            bits -= 1;
+        }
+        out.push((lo as u16, (16 - bits) as u8));
+        lo += 1 << bits;
+    }
+    out
+}
+
+/// One policy decision to write: endpoint, direction, remote identity
+/// (`policy::ANY_IDENTITY` for any), protocol (`policy::ANY_PROTO` with no
+/// ports for any), ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub endpoint_id: u16,
+    pub dir: u8,
+    pub identity: u32,
+    pub proto: u8,
+    /// Inclusive port (or ICMP type) range; `None` for all.
+    pub ports: Option<(u16, u16)>,
+    pub deny: bool,
+}
+
+impl PolicyRule {
+    fn match_type(&self) -> u8 {
+        match (self.identity == policy::ANY_IDENTITY, self.proto == policy::ANY_PROTO) {
+            (true, true) => policy::MATCH_ALL,
+            (true, false) => policy::MATCH_L4_ONLY,
+            (false, true) => policy::MATCH_L3_ONLY,
+            (false, false) => policy::MATCH_L3_L4,
+        }
+    }
+
+    /// The LPM keys of this rule; an error names what is wrong with it.
+    fn keys(&self) -> Result<Vec<Key<PolicyKey>>> {
+        let bad = |reason: String| DatapathError::BadPolicy { rule: format!("{self:?}"), reason };
+        if self.dir != policy::DIR_INGRESS && self.dir != policy::DIR_EGRESS {
+            return Err(bad(format!("direction {} is neither ingress nor egress", self.dir)));
+        }
+        let key = |proto, dport: u16| PolicyKey {
+            endpoint_id: self.endpoint_id,
+            dir: self.dir,
+            _pad0: 0,
+            identity: self.identity,
+            proto,
+            _pad1: 0,
+            dport: dport.to_be(),
+        };
+        Ok(match (self.proto, self.ports) {
+            (policy::ANY_PROTO, None) => vec![Key::new(policy::PREFIX_L3, key(0, 0))],
+            (policy::ANY_PROTO, Some(_)) => return Err(bad("ports need a protocol".into())),
+            (p, None) => vec![Key::new(policy::PREFIX_PROTO, key(p, 0))],
+            (_, Some((s, e))) if s > e => return Err(bad(format!("port range {s}-{e} is empty"))),
+            (p, Some((s, e))) => port_range_prefixes(s, e)
+                .into_iter()
+                .map(|(port, bits)| Key::new(policy::PREFIX_PROTO + u32::from(bits), key(p, port)))
+                .collect(),
+        })
+    }
+}
+
+/// `CILIATE_POLICY`: every endpoint's policy (reading rules:
+/// `ciliate_common::policy`).
+pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
+
+fn marker_key(endpoint_id: u16, dir: u8) -> Key<PolicyKey> {
+    Key::new(policy::PREFIX_ENFORCED, PolicyKey { endpoint_id, dir, ..Default::default() })
+}
+
+impl PolicyMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, policy::MAP_NAME, Map::LpmTrie).map(Self)
+    }
+
+    /// Turn enforcement of `dir` on for `endpoint_id`: from now on only what
+    /// a rule allows passes.
+    pub fn enforce(&mut self, endpoint_id: u16, dir: u8) -> Result<()> {
+        let marker = PolicyEntry { flags: policy::F_MARKER, ..Default::default() };
+        self.0
+            .insert(&marker_key(endpoint_id, dir), marker, 0)
+            .map_err(map_err(&format!("enforcing endpoint {endpoint_id} in"), policy::MAP_NAME))
+    }
+
+    /// Turn enforcement of `dir` off for `endpoint_id` (its rules stay).
+    pub fn unenforce(&mut self, endpoint_id: u16, dir: u8) -> Result<()> {
+        ignore_missing(self.0.remove(&marker_key(endpoint_id, dir)), policy::MAP_NAME)
+    }
+
+    /// Write `rule`. All its keys are checked before the first is written.
+    pub fn upsert(&mut self, rule: &PolicyRule) -> Result<()> {
+        let keys = rule.keys()?;
+        let entry = PolicyEntry {
+            flags: if rule.deny { policy::F_DENY } else { 0 },
+            match_type: rule.match_type(),
+            ..Default::default()
+        };
+        for k in &keys {
+            self.0
+                .insert(k, entry, 0)
+                .map_err(map_err("inserting a rule into", policy::MAP_NAME))?;
+        }
+        Ok(())
+    }
+
+    pub fn remove(&mut self, rule: &PolicyRule) -> Result<()> {
+        for k in &rule.keys()? {
+            ignore_missing(self.0.remove(k), policy::MAP_NAME)?;
+        }
+        Ok(())
+    }
+
+    /// Every entry: key, prefix length, value.
+    pub fn dump(&self) -> Result<Vec<(PolicyKey, u32, PolicyEntry)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (k, v) = item.map_err(map_err("iterating", policy::MAP_NAME))?;
+            out.push((k.data(), k.prefix_len(), v));
+        }
+        out.sort_by_key(|(k, len, _)| (*k, *len));
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges_split_into_the_fewest_aligned_prefixes() {
+        assert_eq!(port_range_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_range_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_range_prefixes(8000, 8100).len(), 4, "64 + 32 + 4 + 1 ports");
+        // Every port of the range is covered once, nothing outside it.
+        for (s, e) in [(8000u16, 8100u16), (1, 1023), (65534, 65535), (3, 3)] {
+            let blocks = port_range_prefixes(s, e);
+            let covered: Vec<u32> = blocks
+                .iter()
+                .flat_map(|(p, bits)| {
+                    let size = 1u32 << (16 - u32::from(*bits));
+                    u32::from(*p)..u32::from(*p) + size
+                })
+                .collect();
+            assert_eq!(covered, (u32::from(s)..=u32::from(e)).collect::<Vec<_>>(), "{s}-{e}");
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_refused_before_anything_is_written() {
+        let r =
+            PolicyRule { endpoint_id: 1, dir: 3, identity: 0, proto: 6, ports: None, deny: false };
+        assert!(r.keys().err().unwrap().to_string().contains("neither ingress nor egress"));
+        let r = PolicyRule { dir: 1, proto: 0, ports: Some((1, 2)), ..r };
+        assert!(r.keys().err().unwrap().to_string().contains("ports need a protocol"));
+        let r = PolicyRule { proto: 6, ports: Some((9, 2)), ..r };
+        assert!(r.keys().err().unwrap().to_string().contains("9-2 is empty"));
+    }
 
     #[test]
     fn prefixes_with_host_bits_or_too_long_are_refused() {

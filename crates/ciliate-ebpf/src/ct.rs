@@ -1,6 +1,7 @@
 //! Connection tracking (layout and conventions: `ciliate_common::ct`).
-//! [`tuple`] reads the 5-tuple of an IPv4 packet; [`track`] looks the
-//! connection up in the direction given and creates it when it is new.
+//! [`tuple`] reads the 5-tuple of an IPv4 packet; [`lookup`] finds the
+//! connection in the direction given; [`create`] makes a new one once
+//! policy allowed it.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext};
 use ciliate_common::{
@@ -28,11 +29,14 @@ const TCP_ACK: u8 = 0x10;
 const ICMP_ECHOREPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 
-/// A packet's connection tuple (`dir` left 0) and its TCP flags.
+/// A packet's connection tuple (`dir` left 0), its TCP flags, and the
+/// "port" policy matches (network order): the destination port, or the
+/// ICMP type.
 #[derive(Clone, Copy)]
 pub struct Tuple {
     pub key: CtKey4,
     pub tcp_flags: u8,
+    pub policy_port: u16,
 }
 
 #[repr(C)]
@@ -78,6 +82,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
         _pad: [0; 2],
     };
     let mut tcp_flags = 0;
+    let policy_port;
     match ip.proto {
         IPPROTO_TCP => {
             let h = ptr_at::<TcpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
@@ -85,6 +90,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
             let h = unsafe { &*h };
             key.sport = h.ports.sport;
             key.dport = h.ports.dport;
+            policy_port = h.ports.dport;
             tcp_flags = h.flags;
         }
         IPPROTO_UDP => {
@@ -93,6 +99,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
             let h = unsafe { &*h };
             key.sport = h.sport;
             key.dport = h.dport;
+            policy_port = h.dport;
         }
         IPPROTO_ICMP => {
             let h = ptr_at::<IcmpEcho>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
@@ -103,10 +110,12 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
                 ICMP_ECHOREPLY => key.sport = h.id,
                 _ => {}
             }
+            // ICMP rules match the ICMP type where other rules match a port.
+            policy_port = u16::from(h.kind).to_be();
         }
         _ => return Err(drop!(CT_UNKNOWN_PROTO)),
     }
-    Ok(Tuple { key, tcp_flags })
+    Ok(Tuple { key, tcp_flags, policy_port })
 }
 
 #[inline(always)]
@@ -139,7 +148,7 @@ fn closing_flags(tcp_flags: u8, mine: u16, both: u16) -> u16 {
     }
 }
 
-/// What [`track`] found.
+/// What [`lookup`] or [`create`] found.
 #[derive(Clone, Copy)]
 pub struct Tracked {
     /// `CT_NEW`, `CT_ESTABLISHED` or `CT_REPLY`.
@@ -152,23 +161,19 @@ pub struct Tracked {
 
 const REPORT_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
 
-/// Track the packet as seen by an endpoint in direction `dir`
-/// (`DIR_EGRESS`: leaving it; `DIR_INGRESS`: arriving at it). A new
-/// connection is created with `src_identity` as the opener.
 #[inline(always)]
-pub fn track(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<Tracked, Drop> {
-    let map = if t.key.proto == IPPROTO_TCP { &CILIATE_CT4_TCP } else { &CILIATE_CT4_ANY };
-    track_in(map, t, dir, len, src_identity)
+fn table(proto: u8) -> &'static LruHashMap<CtKey4, CtEntry> {
+    if proto == IPPROTO_TCP { &CILIATE_CT4_TCP } else { &CILIATE_CT4_ANY }
 }
 
+/// Look the packet up as seen by an endpoint in direction `dir`
+/// (`DIR_EGRESS`: leaving it; `DIR_INGRESS`: arriving at it) and account
+/// it: `CT_ESTABLISHED` or `CT_REPLY`. `None` for a new connection (also a
+/// SYN on a closed one), for which nothing is written: policy decides
+/// first, then [`create`].
 #[inline(always)]
-fn track_in(
-    map: &LruHashMap<CtKey4, CtEntry>,
-    t: &Tuple,
-    dir: u8,
-    len: u32,
-    src_identity: u32,
-) -> Result<Tracked, Drop> {
+pub fn lookup(t: &Tuple, dir: u8, len: u32) -> Option<Tracked> {
+    let map = table(t.key.proto);
     let proto = t.key.proto;
     let syn_only = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let non_syn =
@@ -181,12 +186,9 @@ fn track_in(
     if let Some(e) = map.get_ptr_mut(fwd) {
         // SAFETY: a map value; concurrent updates only race on counters.
         let e = unsafe { &mut *e };
-        // A new SYN on a closed connection reopens it.
-        let reopened = syn_only && e.flags & both != 0;
-        if reopened {
-            e.flags = 0;
-            e.tx_flags_seen = 0;
-            e.rx_flags_seen = 0;
+        if syn_only && e.flags & both != 0 {
+            // A new SYN on a closed connection: a new connection.
+            return None;
         }
         let report = t.tcp_flags & !e.tx_flags_seen & REPORT_FLAGS != 0;
         e.tx_packets += 1;
@@ -194,31 +196,39 @@ fn track_in(
         e.tx_flags_seen |= t.tcp_flags;
         e.flags |= non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
         e.expires = now + lifetime(proto, e.flags);
-        let state = if reopened { CT_NEW } else { CT_ESTABLISHED };
-        return Ok(Tracked { state, report: report || reopened });
+        return Some(Tracked { state: CT_ESTABLISHED, report });
     }
 
     let other = if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
     let rev = t.key.reverse(other);
-    if let Some(e) = map.get_ptr_mut(rev) {
-        // SAFETY: as above.
-        let e = unsafe { &mut *e };
-        let report = e.rx_packets == 0 || t.tcp_flags & !e.rx_flags_seen & REPORT_FLAGS != 0;
-        e.rx_packets += 1;
-        e.rx_bytes += u64::from(len);
-        e.rx_flags_seen |= t.tcp_flags;
-        e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
-        e.expires = now + lifetime(proto, e.flags);
-        return Ok(Tracked { state: CT_REPLY, report });
-    }
+    let e = map.get_ptr_mut(rev)?;
+    // SAFETY: as above.
+    let e = unsafe { &mut *e };
+    let report = e.rx_packets == 0 || t.tcp_flags & !e.rx_flags_seen & REPORT_FLAGS != 0;
+    e.rx_packets += 1;
+    e.rx_bytes += u64::from(len);
+    e.rx_flags_seen |= t.tcp_flags;
+    e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
+    e.expires = now + lifetime(proto, e.flags);
+    Some(Tracked { state: CT_REPLY, report })
+}
 
-    let flags = non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
+/// Create (or, for a reopened connection, replace) the entry of a new
+/// connection opened by `src_identity` in direction `dir`.
+#[inline(always)]
+pub fn create(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<Tracked, Drop> {
+    let proto = t.key.proto;
+    let non_syn =
+        if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
+    let flags = non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, F_TX_CLOSING | F_RX_CLOSING);
+    let mut fwd = t.key;
+    fwd.dir = dir;
     let entry = CtEntry {
         tx_packets: 1,
         tx_bytes: u64::from(len),
         rx_packets: 0,
         rx_bytes: 0,
-        expires: now + lifetime(proto, flags),
+        expires: now_secs() + lifetime(proto, flags),
         src_identity,
         rev_nat_index: 0,
         flags,
@@ -226,6 +236,6 @@ fn track_in(
         rx_flags_seen: 0,
         _pad: [0; 2],
     };
-    map.insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
+    table(proto).insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
     Ok(Tracked { state: CT_NEW, report: true })
 }

@@ -1,6 +1,6 @@
 //! Local delivery: the ingress stage of a destination endpoint on this node
-//! (conntrack in its view; its ingress policy plugs in here), then the
-//! L3 hop (MACs of the destination's veth, TTL - 1) and the redirect.
+//! (conntrack in its view and its ingress policy), then the L3 hop (MACs of
+//! the destination's veth, TTL - 1) and the redirect.
 
 use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
@@ -8,12 +8,13 @@ use aya_ebpf::{
 };
 use ciliate_common::{
     ct::DIR_INGRESS, drop::INVALID, endpoint::EndpointInfo, metrics::DIR_INGRESS as METRIC_INGRESS,
-    trace::TO_LXC,
+    policy::DIR_INGRESS as POLICY_INGRESS, trace::TO_LXC,
 };
 
 use crate::{
     Drop, ct, drop,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
+    policy,
     trace::{TraceCtx, trace_or_count},
 };
 
@@ -39,8 +40,15 @@ pub fn to_endpoint(
     trace_all: bool,
 ) -> Result<i32, Drop> {
     check_ttl(ctx)?;
-    let tracked = ct::track(t, DIR_INGRESS, ctx.len(), src_identity)?;
-    // The destination's ingress policy goes here (policy issue).
+    let tracked = policy::track_and_enforce(
+        ctx,
+        t,
+        DIR_INGRESS,
+        POLICY_INGRESS,
+        ep.endpoint_id,
+        src_identity,
+        src_identity,
+    )?;
     l3_hop(ctx, &ep.node_mac, &ep.mac)?;
     let who = TraceCtx {
         src_identity,

@@ -9,6 +9,7 @@ pub mod drop;
 pub mod lookup;
 pub mod maps;
 pub mod packet;
+pub mod policy;
 pub mod trace;
 
 /// tc verdicts (`TC_ACT_*`).

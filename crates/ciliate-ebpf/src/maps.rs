@@ -11,6 +11,7 @@ use ciliate_common::{
     endpoint::{self, EndpointInfo, EndpointKey},
     ipcache::{self, IpcacheEntry, IpcacheKey},
     metrics::{MAX_ENTRIES, MetricsKey, MetricsValue},
+    policy::{self, PolicyEntry, PolicyKey},
 };
 
 /// Packets and bytes per (reason, direction). See `ciliate_common::metrics`.
@@ -39,6 +40,11 @@ pub static CILIATE_CT4_TCP: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX
 /// UDP, ICMP and other connections. See `ciliate_common::ct`.
 #[map(name = "CILIATE_CT4_ANY")]
 pub static CILIATE_CT4_ANY: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_ANY, 0);
+
+/// Policy of every endpoint of the node. See `ciliate_common::policy`.
+#[map(name = "CILIATE_POLICY")]
+pub static CILIATE_POLICY: LpmTrie<PolicyKey, PolicyEntry> =
+    LpmTrie::pinned(policy::MAX_ENTRIES, 0);
 
 /// Add one packet of `len` bytes to the (reason, dir) counter.
 #[inline(always)]

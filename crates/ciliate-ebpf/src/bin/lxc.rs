@@ -2,8 +2,8 @@
 //!
 //! from-container (tc ingress of the lxc device: packets leaving the pod):
 //! - ARP: answered with the lxc device's MAC (`arp`);
-//! - IPv4: source check, conntrack (egress view), ipcache lookup of the
-//!   destination's identity, [egress policy: policy issue], then
+//! - IPv4: source check, the destination's identity (lxc map or ipcache),
+//!   conntrack (egress view) and egress policy, then
 //!   - to another endpoint of this node: its ingress stage and a redirect
 //!     into its namespace (`deliver`),
 //!   - anywhere else (the host, the world): the node's stack;
@@ -19,6 +19,7 @@ use ciliate_common::{
     endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
     metrics::DIR_EGRESS as METRIC_EGRESS,
+    policy::DIR_EGRESS as POLICY_EGRESS,
     trace::TO_STACK,
 };
 use ciliate_ebpf::{
@@ -30,6 +31,7 @@ use ciliate_ebpf::{
     drop::{DropCtx, send_drop_notify},
     lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
+    policy,
     trace::{TraceCtx, trace_or_count},
     verdict,
 };
@@ -103,15 +105,22 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     if local.is_some() {
         deliver::check_ttl(ctx)?;
     }
-    let tracked = ct::track(&t, DIR_EGRESS, ctx.len(), cfg.identity)?;
-    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     // The destination's identity: a local endpoint's is in its lxc entry;
     // anything else asks the ipcache (one LPM lookup saved per local packet).
     let dst_identity = match &local {
         Some(ep) => ep.identity,
         None => lookup::identity_of(ip.daddr),
     };
-    // Egress policy goes here (policy issue), with `dst_identity`.
+    let tracked = policy::track_and_enforce(
+        ctx,
+        &t,
+        DIR_EGRESS,
+        POLICY_EGRESS,
+        cfg.endpoint_id,
+        dst_identity,
+        cfg.identity,
+    )?;
+    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     if let Some(ep) = local {
         return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer, trace_all);
     }

@@ -1,0 +1,184 @@
+//! Policy enforcement: one decision per packet of an endpoint in a
+//! direction, read from the node's policy map (layout and reading rules:
+//! `ciliate_common::policy`), with the policy verdict event of Cilium.
+//!
+//! What each conntrack state gets (documented choice for the policy issue):
+//! - a new connection: the full decision; denied → dropped, nothing is
+//!   created in conntrack; a verdict event either way;
+//! - an established connection: only an explicit deny drops it, so a policy
+//!   change that merely stops allowing a flow leaves it alone, while a new
+//!   deny cuts it;
+//! - a reply: allowed (it belongs to a connection policy allowed).
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use ciliate_common::{
+    drop::{POLICY, POLICY_DENY},
+    event::{
+        CAPTURE_LEN, KIND_POLICY_VERDICT, PolicyVerdictNotify, VERDICT_ALLOWED, VERDICT_DENIED,
+    },
+    policy::{ANY_IDENTITY, F_DENY, F_MARKER, MATCH_NONE, PREFIX_FULL, PolicyEntry, PolicyKey},
+};
+
+use crate::{
+    Drop,
+    ct::Tuple,
+    drop,
+    drop::{capture, event_header},
+    maps::{CILIATE_EVENTS, CILIATE_POLICY},
+};
+
+/// The outcome of a lookup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No policy selects the endpoint in this direction.
+    NotEnforced,
+    Allowed {
+        match_type: u8,
+    },
+    /// No rule allows it (`POLICY`, 133).
+    NotAllowed,
+    /// A deny rule matched (`POLICY_DENY`, 181).
+    Denied {
+        match_type: u8,
+    },
+}
+
+#[inline(always)]
+fn get(endpoint_id: u16, dir: u8, identity: u32, t: &Tuple) -> Option<*mut PolicyEntry> {
+    let key = Key::new(
+        PREFIX_FULL,
+        PolicyKey {
+            endpoint_id,
+            dir,
+            _pad0: 0,
+            identity,
+            proto: t.key.proto,
+            _pad1: 0,
+            dport: t.policy_port,
+        },
+    );
+    CILIATE_POLICY.get(&key).map(|e| e as *const PolicyEntry as *mut PolicyEntry)
+}
+
+/// Count a packet on the entry that decided it. Not atomic: the entry is
+/// shared by all CPUs, so concurrent packets can lose an increment (core's
+/// 64-bit atomics are not available on the BPF target; an xadd through an
+/// intrinsic is the fix).
+#[inline(always)]
+fn count(e: *mut PolicyEntry, len: u32) {
+    // SAFETY: a map value.
+    unsafe {
+        (*e).packets += 1;
+        (*e).bytes += u64::from(len);
+    }
+}
+
+/// Decide for the packet with tuple `t` of endpoint `endpoint_id` in
+/// direction `dir` (`policy::DIR_*`), whose other side is `remote`.
+#[inline(always)]
+pub fn decide(endpoint_id: u16, dir: u8, remote: u32, t: &Tuple, len: u32) -> Decision {
+    let Some(by_identity) = get(endpoint_id, dir, remote, t) else { return Decision::NotEnforced };
+    let by_any = get(endpoint_id, dir, ANY_IDENTITY, t);
+    let mut allowed: Option<*mut PolicyEntry> = None;
+    for e in [Some(by_identity), by_any] {
+        let Some(e) = e else { continue };
+        // SAFETY: a map value.
+        let flags = unsafe { (*e).flags };
+        if flags & F_MARKER != 0 {
+            continue;
+        }
+        if flags & F_DENY != 0 {
+            count(e, len);
+            // SAFETY: a map value.
+            return Decision::Denied { match_type: unsafe { (*e).match_type } };
+        }
+        if allowed.is_none() {
+            allowed = Some(e);
+        }
+    }
+    match allowed {
+        Some(e) => {
+            count(e, len);
+            // SAFETY: a map value.
+            Decision::Allowed { match_type: unsafe { (*e).match_type } }
+        }
+        None => Decision::NotAllowed,
+    }
+}
+
+/// Send a policy verdict event.
+#[inline(always)]
+pub fn send_verdict(ctx: &TcContext, source: u16, dir: u8, remote: u32, t: &Tuple, d: Decision) {
+    let (verdict, match_type) = match d {
+        Decision::Allowed { match_type } => (VERDICT_ALLOWED, match_type),
+        Decision::Denied { match_type } => (VERDICT_DENIED, match_type),
+        Decision::NotAllowed => (VERDICT_DENIED, MATCH_NONE),
+        Decision::NotEnforced => return,
+    };
+    let mut ev = PolicyVerdictNotify {
+        hdr: event_header(ctx, KIND_POLICY_VERDICT, 0, source),
+        remote_identity: remote,
+        dir,
+        proto: t.key.proto,
+        dport: t.policy_port,
+        verdict,
+        match_type,
+        _pad: [0; 2],
+        _pad2: 0,
+        data: [0; CAPTURE_LEN],
+    };
+    ev.hdr.len_cap = capture(ctx, &mut ev.data);
+    let _ = CILIATE_EVENTS.output::<PolicyVerdictNotify>(&ev, 0);
+}
+
+/// The policy stage of a packet: `Ok(())` to go on, or the drop.
+/// `new` is whether conntrack found no connection for it.
+#[inline(always)]
+pub fn enforce(
+    ctx: &TcContext,
+    endpoint_id: u16,
+    dir: u8,
+    remote: u32,
+    t: &Tuple,
+    new: bool,
+) -> Result<(), Drop> {
+    let d = decide(endpoint_id, dir, remote, t, ctx.len());
+    if new {
+        send_verdict(ctx, endpoint_id, dir, remote, t, d);
+    }
+    match d {
+        Decision::Denied { .. } => Err(drop!(POLICY_DENY)),
+        Decision::NotAllowed if new => Err(drop!(POLICY)),
+        _ => Ok(()),
+    }
+}
+
+/// Conntrack and policy for one packet of endpoint `endpoint_id`: look the
+/// connection up in `ct_dir` (`ct::DIR_*`), apply the endpoint's policy for
+/// `policy_dir` against `remote` by conntrack state (see the module
+/// comment), and create the connection of an allowed new packet with
+/// `opener` (the packet's source identity) as its opener.
+#[inline(always)]
+pub fn track_and_enforce(
+    ctx: &TcContext,
+    t: &Tuple,
+    ct_dir: u8,
+    policy_dir: u8,
+    endpoint_id: u16,
+    remote: u32,
+    opener: u32,
+) -> Result<crate::ct::Tracked, Drop> {
+    let len = ctx.len();
+    match crate::ct::lookup(t, ct_dir, len) {
+        Some(tracked) => {
+            if tracked.state == ciliate_common::ct::CT_ESTABLISHED {
+                enforce(ctx, endpoint_id, policy_dir, remote, t, false)?;
+            }
+            Ok(tracked)
+        }
+        None => {
+            enforce(ctx, endpoint_id, policy_dir, remote, t, true)?;
+            crate::ct::create(t, ct_dir, len, opener)
+        }
+    }
+}
