@@ -1,12 +1,16 @@
 //! Decoding the datapath's ring-buffer events (`ciliate_common::event`).
 
-use ciliate_common::event::{DropNotify, EventHeader, KIND_DROP, KIND_TRACE, TraceNotify};
+use ciliate_common::event::{
+    DropNotify, EventHeader, KIND_DROP, KIND_POLICY_VERDICT, KIND_TRACE, PolicyVerdictNotify,
+    TraceNotify,
+};
 
 /// One event as user space sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Drop(DropNotify),
     Trace(TraceNotify),
+    PolicyVerdict(PolicyVerdictNotify),
     /// A kind this build does not know, or a record too short for its kind.
     Unknown {
         kind: u8,
@@ -30,6 +34,7 @@ impl Event {
         let decoded = match hdr.kind {
             KIND_DROP => read::<DropNotify>(bytes).map(Event::Drop),
             KIND_TRACE => read::<TraceNotify>(bytes).map(Event::Trace),
+            KIND_POLICY_VERDICT => read::<PolicyVerdictNotify>(bytes).map(Event::PolicyVerdict),
             _ => None,
         };
         decoded.unwrap_or(Event::Unknown { kind: hdr.kind, len: bytes.len() })
@@ -40,6 +45,7 @@ impl Event {
         let (data, n): (&[u8], u16) = match self {
             Event::Drop(d) => (&d.data, d.hdr.len_cap),
             Event::Trace(t) => (&t.data, t.hdr.len_cap),
+            Event::PolicyVerdict(v) => (&v.data, v.hdr.len_cap),
             Event::Unknown { .. } => (&[], 0),
         };
         &data[..usize::from(n).min(data.len())]

@@ -86,6 +86,9 @@ impl ScratchNode {
     pub fn ipcache(&self) -> Result<crate::maps::IpcacheMap> {
         crate::maps::IpcacheMap::from_pin_dir(&self.pins.dir)
     }
+    pub fn policy(&self) -> Result<crate::maps::PolicyMap> {
+        crate::maps::PolicyMap::from_pin_dir(&self.pins.dir)
+    }
     pub fn ct(&self) -> Result<crate::maps::CtMaps> {
         crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
     }
