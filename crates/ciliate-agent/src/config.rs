@@ -31,7 +31,11 @@ pub struct Flags {
     /// Run the health endpoint (identity 4) in namespace <node>-health [default: true]
     #[arg(long, env = "CILIATE_ENABLE_HEALTH", num_args = 1)]
     pub enable_health: Option<bool>,
-    /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health
+    /// Seconds between conntrack garbage collections [default: 30]
+    #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
+    pub ct_gc_interval: Option<u64>,
+    /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
+    /// ct_gc_interval
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -45,6 +49,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     bpffs: Option<PathBuf>,
     enable_health: Option<bool>,
+    ct_gc_interval: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +60,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub enable_health: bool,
+    pub ct_gc_interval: u64,
 }
 
 fn hostname() -> String {
@@ -93,6 +99,10 @@ impl Flags {
                 .unwrap_or_else(|| ciliate_api::default_socket(&node)),
             bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             enable_health: self.enable_health.or(file.enable_health).unwrap_or(true),
+            ct_gc_interval: match self.ct_gc_interval.or(file.ct_gc_interval).unwrap_or(30) {
+                0 => anyhow::bail!("ct_gc_interval must be at least 1 second"),
+                n => n,
+            },
             node,
             pod_cidr,
         })

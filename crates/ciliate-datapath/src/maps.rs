@@ -127,6 +127,15 @@ fn v4(ip: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])
 }
 
+/// Seconds of CLOCK_MONOTONIC: the clock of conntrack expiries
+/// (`bpf_ktime_get_ns` in the datapath).
+pub fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
 /// `CILIATE_LXC`: local endpoints by IP.
 pub struct LxcMap(HashMap<MapData, EndpointKey, EndpointInfo>);
 
@@ -253,6 +262,27 @@ impl CtMaps {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err("reading", name)(e)),
         }
+    }
+
+    /// Delete every entry whose expiry (seconds of CLOCK_MONOTONIC, see
+    /// [`monotonic_secs`]) is before `now`; returns how many went. Entries
+    /// that vanish meanwhile (LRU eviction, a racing sweep) are fine.
+    pub fn sweep(&mut self, now: u32) -> Result<usize> {
+        let mut removed = 0;
+        for (map, name) in [(&mut self.tcp, ct::TCP_MAP_NAME), (&mut self.any, ct::ANY_MAP_NAME)] {
+            let mut expired = Vec::new();
+            for item in map.iter() {
+                let (k, e) = item.map_err(map_err("iterating", name))?;
+                if e.expires < now {
+                    expired.push(k);
+                }
+            }
+            for k in expired {
+                ignore_missing(map.remove(&k), name)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Every entry of both tables, TCP first, each ordered by key.

@@ -239,3 +239,19 @@ fn the_ipcache_wrapper_does_longest_prefix_match_and_refuses_bad_prefixes() {
     ipc.remove(A.ip, 32).unwrap(); // removing twice is fine
     assert_eq!(ipc.lookup(A.ip).unwrap().unwrap().identity, 7000);
 }
+
+#[test]
+fn conntrack_gc_removes_expired_connections_only() {
+    let mut n = Node::new("ct-gc");
+    // A UDP flow (60 s lifetime) and a TCP SYN (60 s until established).
+    n.send_a(&A.send(B.ip, &L4::Udp { sport: 7000, dport: 53, payload: b"q" }));
+    n.send_a(&A.send(B.ip, &tcp(7001, 80, tcp_flags::SYN)));
+    let mut ct = n.node.ct().unwrap();
+    let entries = ct.dump().unwrap().len();
+    assert_eq!(entries, 4, "two flows, two views each");
+    let now = ciliate_datapath::maps::monotonic_secs();
+    assert!(ct.dump().unwrap().iter().all(|(_, e)| e.expires > now && e.expires <= now + 61));
+    assert_eq!(ct.sweep(now).unwrap(), 0, "nothing has expired yet");
+    assert_eq!(ct.sweep(now + 120).unwrap(), 4, "two minutes later all have");
+    assert!(ct.dump().unwrap().is_empty());
+}

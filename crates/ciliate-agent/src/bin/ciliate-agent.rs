@@ -17,6 +17,7 @@ use ciliate_agent::{
 };
 use ciliate_datapath::{
     bpffs::NodePins,
+    maps::{CtMaps, monotonic_secs},
     node::{self, HostSetup},
 };
 use clap::Parser;
@@ -30,6 +31,21 @@ fn main() {
         eprintln!("ciliate-agent: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Conntrack garbage collection: every `interval` seconds, delete the
+/// entries whose lifetime ran out.
+fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64) {
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(interval));
+            match CtMaps::from_pin_dir(&dir).and_then(|mut ct| ct.sweep(monotonic_secs())) {
+                Ok(0) => {}
+                Ok(n) => log(format!("conntrack GC removed {n} expired entries")),
+                Err(e) => log(format!("conntrack GC: {e}")),
+            }
+        }
+    });
 }
 
 fn run() -> anyhow::Result<()> {
@@ -47,6 +63,7 @@ fn run() -> anyhow::Result<()> {
     node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
     log(format!("{} is {}, from-host attached", node::HOST_DEV, setup.router));
     let pin_dir = pins.dir.display().to_string();
+    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval);
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath { pins })
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;

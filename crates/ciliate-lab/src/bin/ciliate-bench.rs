@@ -149,6 +149,37 @@ fn cni_add_latency(lab: &NodeLab, n: usize) -> Result<(f64, f64), String> {
     Ok((pct(0.5), pct(0.99)))
 }
 
+/// The agent's resident memory (MiB) and the time from a kill -9 to its
+/// successor answering the API (ms, restore included).
+fn agent_footprint(lab: &NodeLab) -> Result<(f64, f64), String> {
+    let agent = lab
+        .node
+        .pids()
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "ciliate-agent")
+        })
+        .ok_or("no agent process in the node")?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{agent}/status")).map_err(|e| e.to_string())?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no VmRSS")?;
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(agent, libc::SIGKILL) };
+    while std::path::Path::new(&format!("/proc/{agent}/status")).exists()
+        && std::fs::read_to_string(format!("/proc/{agent}/stat")).is_ok_and(|s| !s.contains(") Z"))
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    lab.start_agent().map_err(|e| e.to_string())?;
+    Ok((kib / 1024.0, start.elapsed().as_secs_f64() * 1000.0))
+}
+
 fn run() -> Result<(), String> {
     let o = parse_opts()?;
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
@@ -225,6 +256,13 @@ fn run() -> Result<(), String> {
     let (p50, p99) = cni_add_latency(&lab, o.adds)?;
     println!();
     println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);
+    let (rss, restart) = agent_footprint(&lab)?;
+    println!(
+        "agent: RSS {:.1} MiB with {} pods; kill -9 and restart to API ready: {:.0} ms",
+        rss,
+        lab.pods.len(),
+        restart
+    );
     Ok(())
 }
 
