@@ -31,11 +31,15 @@ pub struct Flags {
     /// Run the health endpoint (identity 4) in namespace <node>-health [default: true]
     #[arg(long, env = "CILIATE_ENABLE_HEALTH", num_args = 1)]
     pub enable_health: Option<bool>,
+    /// Trace events: "medium" (new connections, first replies, new TCP
+    /// SYN/FIN/RST; Cilium's default) or "none" (every packet) [default: medium]
+    #[arg(long, env = "CILIATE_MONITOR_AGGREGATION")]
+    pub monitor_aggregation: Option<String>,
     /// Seconds between conntrack garbage collections [default: 30]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
-    /// ct_gc_interval
+    /// ct_gc_interval, monitor_aggregation
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -50,6 +54,7 @@ struct FileConfig {
     bpffs: Option<PathBuf>,
     enable_health: Option<bool>,
     ct_gc_interval: Option<u64>,
+    monitor_aggregation: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +66,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub enable_health: bool,
     pub ct_gc_interval: u64,
+    /// Monitor aggregation "none": trace every forwarded packet.
+    pub trace_all: bool,
 }
 
 fn hostname() -> String {
@@ -99,6 +106,16 @@ impl Flags {
                 .unwrap_or_else(|| ciliate_api::default_socket(&node)),
             bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             enable_health: self.enable_health.or(file.enable_health).unwrap_or(true),
+            trace_all: match self
+                .monitor_aggregation
+                .or(file.monitor_aggregation)
+                .as_deref()
+                .unwrap_or("medium")
+            {
+                "none" => true,
+                "medium" => false,
+                other => anyhow::bail!("monitor aggregation {other:?}: \"none\" or \"medium\""),
+            },
             ct_gc_interval: match self.ct_gc_interval.or(file.ct_gc_interval).unwrap_or(30) {
                 0 => anyhow::bail!("ct_gc_interval must be at least 1 second"),
                 n => n,

@@ -104,6 +104,8 @@ pub struct Endpoints<D: Datapath> {
     endpoints: BTreeMap<u16, Endpoint>,
     state_dir: Option<PathBuf>,
     pub datapath: D,
+    /// Monitor aggregation "none" for the endpoints' programs.
+    pub trace_all: bool,
 }
 
 impl<D: Datapath> Endpoints<D> {
@@ -125,7 +127,14 @@ impl<D: Datapath> Endpoints<D> {
                 }
             }
         }
-        Ok(Self { ipam, identities, endpoints, state_dir: state_dir.map(Path::to_owned), datapath })
+        Ok(Self {
+            ipam,
+            identities,
+            endpoints,
+            state_dir: state_dir.map(Path::to_owned),
+            datapath,
+            trace_all: false,
+        })
     }
 
     fn ep_path(&self, id: u16) -> Option<PathBuf> {
@@ -154,7 +163,7 @@ impl<D: Datapath> Endpoints<D> {
         self.endpoints.values().find(|e| e.container_id == container_id)
     }
 
-    fn spec(ep: &Endpoint) -> Result<EndpointSpec, EndpointError> {
+    fn spec(&self, ep: &Endpoint) -> Result<EndpointSpec, EndpointError> {
         Ok(EndpointSpec {
             ip: ep.ip,
             lxc: ep.host_ifname.clone(),
@@ -163,6 +172,7 @@ impl<D: Datapath> Endpoints<D> {
             })?,
             endpoint_id: ep.id,
             identity: ep.identity,
+            trace_all: self.trace_all,
         })
     }
 
@@ -217,7 +227,7 @@ impl<D: Datapath> Endpoints<D> {
             ingress_enforcement: "Disabled".into(),
             egress_enforcement: "Disabled".into(),
         };
-        let attached = self.datapath.attach(&Self::spec(&ep)?).map_err(|e| {
+        let attached = self.datapath.attach(&self.spec(&ep)?).map_err(|e| {
             EndpointError::Internal(format!(
                 "attaching endpoint {id} ({} on {}): {e}",
                 ep.ip, ep.host_ifname
@@ -315,7 +325,7 @@ impl<D: Datapath> Endpoints<D> {
                 self.delete(ep.id)?;
                 continue;
             }
-            let spec = Self::spec(&ep)?;
+            let spec = self.spec(&ep)?;
             match self.datapath.attach(&spec) {
                 Ok(_) => restored += 1,
                 Err(e) => {

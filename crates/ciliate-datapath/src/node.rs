@@ -40,6 +40,12 @@ pub struct HostSetup {
     pub pod_cidr_len: u8,
     /// The router IP: first address of the pod CIDR.
     pub router: Ipv4Addr,
+    /// Monitor aggregation "none": trace every forwarded packet.
+    pub trace_all: bool,
+}
+
+fn trace_flags(trace_all: bool) -> u32 {
+    if trace_all { ciliate_common::config::ENDPOINT_F_TRACE_ALL } else { 0 }
 }
 
 fn device_err(name: &str, reason: impl std::fmt::Display) -> DatapathError {
@@ -124,7 +130,13 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<()> {
     ip(HOST_DEV, &["route", "replace", &cidr, "dev", HOST_DEV, "src", &router])?;
 
     let (mac, ifindex) = link_info(HOST_DEV)?;
-    let cfg = HostConfig { ifindex, router_ip: s.router.octets(), mac, ..Default::default() };
+    let cfg = HostConfig {
+        ifindex,
+        router_ip: s.router.octets(),
+        mac,
+        flags: trace_flags(s.trace_all),
+        ..Default::default()
+    };
     let mut host = loader::load_host(pins, &cfg)?;
     // The maps exist now (the load created or reused them): the host entries
     // go in before the program is attached.
@@ -153,6 +165,8 @@ pub struct EndpointSpec {
     pub mac: [u8; 6],
     pub endpoint_id: u16,
     pub identity: u32,
+    /// Monitor aggregation "none": trace every forwarded packet.
+    pub trace_all: bool,
 }
 
 /// What attaching found out about the host-side device.
@@ -190,7 +204,7 @@ pub fn attach_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<Attached> {
         ipv4: ep.ip.octets(),
         endpoint_id: ep.endpoint_id,
         lxc_mac,
-        flags: 0,
+        flags: trace_flags(ep.trace_all),
     };
     let mut loaded = loader::load_endpoint(pins, &cfg)?;
     let pin = pins.link_path(&ep.lxc, FROM_CONTAINER_PIN);

@@ -59,6 +59,7 @@ fn run() -> anyhow::Result<()> {
         pod_cidr: cfg.pod_cidr.net,
         pod_cidr_len: cfg.pod_cidr.len,
         router: cfg.pod_cidr.router(),
+        trace_all: cfg.trace_all,
     };
     node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
     log(format!("{} is {}, from-host attached", node::HOST_DEV, setup.router));
@@ -66,6 +67,7 @@ fn run() -> anyhow::Result<()> {
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval);
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath { pins })
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
+    eps.trace_all = cfg.trace_all;
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
     log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
     let host = eps.ensure_host(setup.router).map_err(|e| anyhow::anyhow!("host endpoint: {e}"))?;
