@@ -16,4 +16,5 @@ pub mod endpoint;
 pub mod identity;
 pub mod ipam;
 pub mod kernel;
+pub mod policy;
 pub mod store;

@@ -320,7 +320,7 @@ pub fn port_range_prefixes(start: u16, end: u16) -> Vec<(u16, u8)> {
 /// One policy decision to write: endpoint, direction, remote identity
 /// (`policy::ANY_IDENTITY` for any), protocol (`policy::ANY_PROTO` with no
 /// ports for any), ports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyRule {
     pub endpoint_id: u16,
     pub dir: u8,

@@ -1,0 +1,512 @@
+//! Policy: the rule repository and its resolution into the policy map.
+//!
+//! Accepted documents (YAML or JSON, several per file): CiliumNetworkPolicy
+//! and CiliumClusterwideNetworkPolicy (`cilium.io/v2`) with their real field
+//! names. Supported so far: `endpointSelector` (matchLabels,
+//! matchExpressions In/NotIn/Exists/DoesNotExist), `ingress`/`egress` with
+//! `fromEndpoints`/`toEndpoints`, `fromEntities`/`toEntities`, `toPorts`
+//! (port, endPort, protocol TCP/UDP/ICMP/ANY), and `ingressDeny`/
+//! `egressDeny`. Anything else is refused with the field's name, so a file
+//! never half-applies. (CIDR rules, named ports and Kubernetes
+//! NetworkPolicy come next.)
+//!
+//! Semantics as Cilium's: an endpoint selected by a rule with an
+//! `ingress`/`ingressDeny` (`egress`/`egressDeny`) section has that
+//! direction enforced (default deny; `ingress: [{}]` denies all); deny wins
+//! over allow; a namespaced policy selects endpoints of its namespace, and
+//! its peer selectors too unless they name a namespace.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ciliate_common::{
+    identity as reserved,
+    policy::{ANY_IDENTITY, ANY_PROTO, DIR_EGRESS, DIR_INGRESS},
+};
+use ciliate_datapath::maps::{PolicyRule, port_range_prefixes};
+use serde::{Deserialize, Serialize};
+
+pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct PolicyError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
+    Err(PolicyError(msg.into()))
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<Expression>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Expression {
+    pub key: String,
+    pub operator: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortProtocol {
+    pub port: serde_yaml::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortRule {
+    #[serde(default)]
+    pub ports: Vec<PortProtocol>,
+}
+
+/// One ingress or egress rule; `from*` for ingress, `to*` for egress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_endpoints: Option<Vec<Selector>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_endpoints: Option<Vec<Selector>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_entities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_entities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ports: Option<Vec<PortRule>>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    pub endpoint_selector: Option<Selector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<PeerRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_deny: Option<Vec<PeerRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<PeerRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_deny: Option<Vec<PeerRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Document {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Option<RuleSpec>,
+    #[serde(default)]
+    specs: Option<Vec<RuleSpec>>,
+}
+
+/// A validated rule in the repository.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rule {
+    /// `kind/namespace/name` of the document it came from.
+    pub source: String,
+    /// Namespace of a namespaced policy; `None` for clusterwide ones.
+    pub namespace: Option<String>,
+    /// `k8s:key=value` labels of the rule (from the metadata), used by
+    /// `policy delete`.
+    pub labels: Vec<String>,
+    pub spec: RuleSpec,
+}
+
+/// Parse and validate every document in `text`. Nothing is returned unless
+/// all of them are valid.
+pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
+    let mut rules = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| PolicyError(format!("document {}: not YAML or JSON: {e}", i + 1)))?;
+        if value.is_null() {
+            continue;
+        }
+        let d: Document = serde_yaml::from_value(value).map_err(|e| {
+            PolicyError(format!("document {}: {}", i + 1, unsupported(&e.to_string())))
+        })?;
+        rules.extend(validate_document(d, i + 1)?);
+    }
+    if rules.is_empty() {
+        return err("no policy in the input");
+    }
+    Ok(rules)
+}
+
+/// serde's "unknown field" message, said the way an operator reads it.
+fn unsupported(msg: &str) -> String {
+    match msg.strip_prefix("unknown field `") {
+        Some(rest) => {
+            let field = rest.split('`').next().unwrap_or(rest);
+            format!("field {field} is not supported (unknown or not built yet)")
+        }
+        None => msg.to_owned(),
+    }
+}
+
+fn validate_document(d: Document, n: usize) -> Result<Vec<Rule>, PolicyError> {
+    let at = |what: &str| format!("document {n}: {what}");
+    if d.api_version != "cilium.io/v2" {
+        return err(at(&format!("apiVersion {} is not supported (cilium.io/v2)", d.api_version)));
+    }
+    let namespaced = match d.kind.as_str() {
+        "CiliumNetworkPolicy" => true,
+        "CiliumClusterwideNetworkPolicy" => false,
+        k => return err(at(&format!("kind {k} is not supported"))),
+    };
+    let name = match d.metadata.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_owned(),
+        _ => return err(at("metadata.name is missing")),
+    };
+    let namespace = if namespaced {
+        Some(d.metadata.namespace.clone().unwrap_or_else(|| "default".into()))
+    } else {
+        if d.metadata.namespace.is_some() {
+            return err(at("metadata.namespace: a clusterwide policy has no namespace"));
+        }
+        None
+    };
+    let specs: Vec<RuleSpec> = match (d.spec, d.specs) {
+        (Some(s), None) => vec![s],
+        (None, Some(v)) if !v.is_empty() => v,
+        (Some(_), Some(_)) => return err(at("spec and specs: give one of them")),
+        _ => return err(at("spec is missing")),
+    };
+    let mut labels: Vec<String> =
+        d.metadata.labels.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect();
+    labels.push(format!("k8s:io.cilium.k8s.policy.name={name}"));
+    if let Some(ns) = &namespace {
+        labels.push(format!("k8s:io.cilium.k8s.policy.namespace={ns}"));
+    }
+    labels.sort();
+    let source = format!("{}/{}/{name}", d.kind, namespace.as_deref().unwrap_or("-"));
+    let mut out = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let at = |what: String| format!("document {n} ({source}), rule {}: {what}", i + 1);
+        let Some(sel) = &spec.endpoint_selector else {
+            return err(at("endpointSelector is missing".into()));
+        };
+        validate_selector(sel).map_err(|e| PolicyError(at(format!("endpointSelector: {e}"))))?;
+        for (field, list, ingress) in [
+            ("ingress", &spec.ingress, true),
+            ("ingressDeny", &spec.ingress_deny, true),
+            ("egress", &spec.egress, false),
+            ("egressDeny", &spec.egress_deny, false),
+        ] {
+            for (j, r) in list.iter().flatten().enumerate() {
+                validate_peer_rule(r, ingress)
+                    .map_err(|e| PolicyError(at(format!("{field}[{j}]: {e}"))))?;
+            }
+        }
+        out.push(Rule {
+            source: source.clone(),
+            namespace: namespace.clone(),
+            labels: labels.clone(),
+            spec,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_selector(s: &Selector) -> Result<(), String> {
+    for (i, e) in s.match_expressions.iter().enumerate() {
+        match e.operator.as_str() {
+            "In" | "NotIn" if e.values.is_empty() => {
+                return Err(format!("matchExpressions[{i}]: operator {} needs values", e.operator));
+            }
+            "Exists" | "DoesNotExist" if !e.values.is_empty() => {
+                return Err(format!(
+                    "matchExpressions[{i}]: operator {} takes no values",
+                    e.operator
+                ));
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            op => {
+                return Err(format!(
+                    "matchExpressions[{i}]: operator {op} is not In, NotIn, Exists or DoesNotExist"
+                ));
+            }
+        }
+        if e.key.is_empty() {
+            return Err(format!("matchExpressions[{i}]: key is empty"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
+    let (wrong_sel, wrong_ent) =
+        if ingress { ("toEndpoints", "toEntities") } else { ("fromEndpoints", "fromEntities") };
+    if (ingress && r.to_endpoints.is_some()) || (!ingress && r.from_endpoints.is_some()) {
+        return Err(format!("{wrong_sel} does not belong in this direction"));
+    }
+    if (ingress && r.to_entities.is_some()) || (!ingress && r.from_entities.is_some()) {
+        return Err(format!("{wrong_ent} does not belong in this direction"));
+    }
+    for s in r.from_endpoints.iter().chain(r.to_endpoints.iter()).flatten() {
+        validate_selector(s)?;
+    }
+    for e in r.from_entities.iter().chain(r.to_entities.iter()).flatten() {
+        if entity_identities(e).is_none() {
+            return Err(format!(
+                "entity {e:?} is not one of host, remote-node, world, cluster, all, health, init, unmanaged, kube-apiserver, ingress"
+            ));
+        }
+    }
+    for (i, pr) in r.to_ports.iter().flatten().enumerate() {
+        for (j, p) in pr.ports.iter().enumerate() {
+            port_spec(p).map_err(|e| format!("toPorts[{i}].ports[{j}]: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// (protocols, port range or None for every port) of one `ports` entry.
+fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Option<(u16, u16)>), String> {
+    let protos = match p.protocol.as_deref().unwrap_or("ANY") {
+        "TCP" => vec![6],
+        "UDP" => vec![17],
+        "ICMP" => vec![1],
+        "ANY" => vec![6, 17],
+        other => return Err(format!("protocol {other} is not TCP, UDP, ICMP or ANY")),
+    };
+    let port: u32 = match &p.port {
+        serde_yaml::Value::Number(n) => {
+            n.as_u64().map(|v| v as u32).ok_or("port is not a whole number")?
+        }
+        serde_yaml::Value::String(s) => match s.parse() {
+            Ok(v) => v,
+            Err(_) => {
+                return Err(format!("port {s:?}: named ports are not supported yet; give a number"));
+            }
+        },
+        v => return Err(format!("port {v:?} is not a number")),
+    };
+    if port > 65535 {
+        return Err(format!("port {port} is over 65535"));
+    }
+    let end = p.end_port.unwrap_or(port);
+    if end > 65535 || end < port {
+        return Err(format!("endPort {end}: between port ({port}) and 65535"));
+    }
+    Ok((
+        protos,
+        if port == 0 && p.end_port.is_none() { None } else { Some((port as u16, end as u16)) },
+    ))
+}
+
+/// Identities an entity stands for; `None` for an unknown entity. "all" is
+/// the wildcard; "cluster" is every identity but world.
+pub fn entity_identities(e: &str) -> Option<Vec<u32>> {
+    Some(match e {
+        "all" => vec![ANY_IDENTITY],
+        "world" => vec![reserved::WORLD],
+        "host" => vec![reserved::HOST],
+        "remote-node" => vec![reserved::REMOTE_NODE],
+        "health" => vec![reserved::HEALTH],
+        "init" => vec![reserved::INIT],
+        "unmanaged" => vec![reserved::UNMANAGED],
+        "kube-apiserver" => vec![reserved::KUBE_APISERVER],
+        "ingress" => vec![reserved::INGRESS],
+        "cluster" => vec![], // filled in from the known identities
+        _ => return None,
+    })
+}
+
+/// `source:key=value` → (source, key, value).
+fn split_label(l: &str) -> (&str, &str, &str) {
+    let (src, rest) = l.split_once(':').unwrap_or(("any", l));
+    let (k, v) = rest.split_once('=').unwrap_or((rest, ""));
+    (src, k, v)
+}
+
+/// The value of selector key `key` (`app`, `k8s:app`, `any:app`) in `labels`.
+fn label_value<'a>(labels: &'a [String], key: &str) -> Option<&'a str> {
+    let (want_src, want_key) = match key.split_once(':') {
+        Some((s, k)) => (s, k),
+        None => ("any", key),
+    };
+    labels.iter().map(|l| split_label(l)).find_map(|(src, k, v)| {
+        (k == want_key && (want_src == "any" || want_src == src)).then_some(v)
+    })
+}
+
+impl Selector {
+    /// Does this selector match an identity with `labels`? `namespace`:
+    /// the implicit namespace requirement of a namespaced policy.
+    pub fn matches(&self, labels: &[String], namespace: Option<&str>) -> bool {
+        if let Some(ns) = namespace {
+            let names_ns = self.match_labels.keys().any(|k| k.ends_with(NAMESPACE_LABEL))
+                || self.match_expressions.iter().any(|e| e.key.ends_with(NAMESPACE_LABEL));
+            if !names_ns && label_value(labels, NAMESPACE_LABEL) != Some(ns) {
+                return false;
+            }
+        }
+        self.match_labels.iter().all(|(k, v)| label_value(labels, k) == Some(v.as_str()))
+            && self.match_expressions.iter().all(|e| {
+                let have = label_value(labels, &e.key);
+                match e.operator.as_str() {
+                    "In" => have.is_some_and(|v| e.values.iter().any(|x| x == v)),
+                    "NotIn" => have.is_none_or(|v| !e.values.iter().any(|x| x == v)),
+                    "Exists" => have.is_some(),
+                    _ => have.is_none(),
+                }
+            })
+    }
+}
+
+/// The policy map content of one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub rules: BTreeSet<PolicyRule>,
+}
+
+/// Resolve the rules that select an endpoint (`endpoint_id` with
+/// `labels`) against the known identities (`id → labels`).
+pub fn resolve(
+    rules: &[Rule],
+    endpoint_id: u16,
+    labels: &[String],
+    identities: &BTreeMap<u32, Vec<String>>,
+) -> Resolved {
+    let mut out = Resolved::default();
+    let mut denies: Vec<PolicyRule> = Vec::new();
+    let mut allows: Vec<PolicyRule> = Vec::new();
+    for rule in rules {
+        let ns = rule.namespace.as_deref();
+        let selects = rule.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns));
+        if !selects {
+            continue;
+        }
+        for (list, dir, deny) in [
+            (&rule.spec.ingress, DIR_INGRESS, false),
+            (&rule.spec.ingress_deny, DIR_INGRESS, true),
+            (&rule.spec.egress, DIR_EGRESS, false),
+            (&rule.spec.egress_deny, DIR_EGRESS, true),
+        ] {
+            let Some(list) = list else { continue };
+            if dir == DIR_INGRESS {
+                out.ingress_enforced = true;
+            } else {
+                out.egress_enforced = true;
+            }
+            for pr in list {
+                let peers = peers_of(pr, ns, identities);
+                let ports: Vec<(u8, Option<(u16, u16)>)> = match &pr.to_ports {
+                    None => vec![(ANY_PROTO, None)],
+                    Some(prs) => prs
+                        .iter()
+                        .flat_map(|p| p.ports.iter())
+                        .filter_map(|p| port_spec(p).ok())
+                        .flat_map(|(protos, range)| protos.into_iter().map(move |pr| (pr, range)))
+                        .collect(),
+                };
+                for identity in peers {
+                    for (proto, range) in &ports {
+                        let blocks: Vec<Option<(u16, u16)>> = match range {
+                            None => vec![None],
+                            Some((s, e)) => port_range_prefixes(*s, *e)
+                                .into_iter()
+                                .map(|(p, bits)| {
+                                    let size = 1u32 << (16 - u32::from(bits));
+                                    Some((p, (u32::from(p) + size - 1) as u16))
+                                })
+                                .collect(),
+                        };
+                        for ports in blocks {
+                            let r = PolicyRule {
+                                endpoint_id,
+                                dir,
+                                identity,
+                                proto: *proto,
+                                ports,
+                                deny,
+                            };
+                            if deny { denies.push(r) } else { allows.push(r) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Within one identity the longest prefix wins in the datapath: leave out
+    // an allow that a deny of the same identity and direction covers.
+    let covered = |a: &PolicyRule| {
+        denies.iter().any(|d| {
+            d.dir == a.dir
+                && d.identity == a.identity
+                && (d.proto == ANY_PROTO
+                    || (d.proto == a.proto
+                        && match (d.ports, a.ports) {
+                            (None, _) => true,
+                            (Some(_), None) => false,
+                            (Some((ds, de)), Some((as_, ae))) => ds <= as_ && ae <= de,
+                        }))
+        })
+    };
+    let kept: Vec<PolicyRule> = allows.into_iter().filter(|a| !covered(a)).collect();
+    out.rules.extend(kept);
+    out.rules.extend(denies);
+    out
+}
+
+/// The identities a peer rule names: its endpoint selectors matched
+/// against the known identities, its entities; any identity when it names
+/// no peer but ports (an L4-only rule); none for an empty rule (`{}`).
+fn peers_of(
+    pr: &PeerRule,
+    ns: Option<&str>,
+    identities: &BTreeMap<u32, Vec<String>>,
+) -> BTreeSet<u32> {
+    let selectors = pr.from_endpoints.as_ref().or(pr.to_endpoints.as_ref());
+    let entities = pr.from_entities.as_ref().or(pr.to_entities.as_ref());
+    let mut out = BTreeSet::new();
+    for s in selectors.into_iter().flatten() {
+        if s.match_labels.is_empty() && s.match_expressions.is_empty() && ns.is_none() {
+            // `{}` in a clusterwide policy: every endpoint.
+            out.extend(identities.keys().filter(|id| **id >= reserved::MIN_CLUSTER));
+            continue;
+        }
+        out.extend(identities.iter().filter(|(_, l)| s.matches(l, ns)).map(|(id, _)| *id));
+    }
+    for e in entities.into_iter().flatten() {
+        match e.as_str() {
+            "cluster" => out.extend(identities.keys().filter(|id| **id != reserved::WORLD)),
+            e => out.extend(entity_identities(e).unwrap_or_default()),
+        }
+    }
+    if selectors.is_none() && entities.is_none() && pr.to_ports.is_some() {
+        out.insert(ANY_IDENTITY);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

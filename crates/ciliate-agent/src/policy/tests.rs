@@ -1,0 +1,159 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+const WEB_ALLOWS_FRONTEND: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web
+  namespace: shop
+  labels: {team: a}
+spec:
+  endpointSelector:
+    matchLabels: {app: web}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: frontend}
+    toPorts:
+    - ports:
+      - {port: "80", protocol: TCP}
+      - {port: 8000, endPort: 8003, protocol: TCP}
+"#;
+
+fn labels(app: &str, ns: &str) -> Vec<String> {
+    let mut l = vec![format!("k8s:app={app}"), format!("k8s:{NAMESPACE_LABEL}={ns}")];
+    l.sort();
+    l
+}
+
+fn identities() -> BTreeMap<u32, Vec<String>> {
+    let mut ids: BTreeMap<u32, Vec<String>> = (1..=8)
+        .filter_map(|id| reserved::reserved_name(id).map(|n| (id, vec![format!("reserved:{n}")])))
+        .collect();
+    ids.insert(256, labels("web", "shop"));
+    ids.insert(257, labels("frontend", "shop"));
+    ids.insert(258, labels("frontend", "other"));
+    ids
+}
+
+#[test]
+fn a_namespaced_policy_resolves_to_identities_of_its_namespace_and_ports() {
+    let rules = parse(WEB_ALLOWS_FRONTEND).unwrap();
+    assert_eq!(rules.len(), 1);
+    assert!(rules[0].labels.contains(&"k8s:team=a".to_string()));
+    let r = resolve(&rules, 7, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && !r.egress_enforced);
+    // frontend of namespace shop only (257, not 258); port 80 and 8000-8003.
+    let ids: BTreeSet<u32> = r.rules.iter().map(|x| x.identity).collect();
+    assert_eq!(ids, [257].into());
+    let ports: Vec<Option<(u16, u16)>> = r.rules.iter().map(|x| x.ports).collect();
+    assert_eq!(ports, vec![Some((80, 80)), Some((8000, 8003))]);
+    // The same policy does not select web of another namespace.
+    let other = resolve(&rules, 8, &labels("web", "other"), &identities());
+    assert_eq!(other, Resolved::default());
+}
+
+#[test]
+fn entities_empty_rules_and_l4_only_rules() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: cw}
+specs:
+- endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEntities: [host, world]
+  - toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+  egress:
+  - {}
+"#;
+    let rules = parse(text).unwrap();
+    let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && r.egress_enforced, "egress: [{{}}] denies all");
+    let ingress: Vec<(u32, u8)> = r.rules.iter().map(|x| (x.identity, x.proto)).collect();
+    assert_eq!(
+        ingress,
+        vec![(ANY_IDENTITY, 17), (reserved::HOST, ANY_PROTO), (reserved::WORLD, ANY_PROTO)]
+    );
+    assert!(r.rules.iter().all(|x| x.dir == DIR_INGRESS));
+}
+
+#[test]
+fn a_deny_removes_the_allows_it_covers() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: d, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "443", protocol: TCP}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "0", endPort: 100, protocol: TCP}]}]
+"#;
+    let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &identities());
+    let allows: Vec<_> = r.rules.iter().filter(|x| !x.deny).map(|x| x.ports).collect();
+    assert_eq!(allows, vec![Some((443, 443))], "the allow of 80 is covered by the deny of 0-100");
+    assert!(r.rules.iter().any(|x| x.deny));
+}
+
+#[test]
+fn selectors_match_expressions_and_sources() {
+    let l = labels("web", "shop");
+    let sel = |yaml: &str| serde_yaml::from_str::<Selector>(yaml).unwrap();
+    assert!(sel("matchLabels: {k8s:app: web}").matches(&l, None));
+    assert!(!sel("matchLabels: {reserved:app: web}").matches(&l, None));
+    assert!(
+        sel("matchExpressions: [{key: app, operator: In, values: [db, web]}]").matches(&l, None)
+    );
+    assert!(
+        !sel("matchExpressions: [{key: app, operator: NotIn, values: [web]}]").matches(&l, None)
+    );
+    assert!(sel("matchExpressions: [{key: tier, operator: DoesNotExist}]").matches(&l, None));
+    assert!(sel("matchExpressions: [{key: app, operator: Exists}]").matches(&l, None));
+    assert!(!sel("{}").matches(&l, Some("other")), "namespaced: implicit namespace");
+    assert!(sel(&format!("matchLabels: {{{NAMESPACE_LABEL}: shop}}")).matches(&l, Some("other")));
+}
+
+/// Malformed files: each refused with a message naming the problem.
+#[test]
+fn bad_policies_are_refused_with_a_clear_message() {
+    let base = |spec: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n{spec}"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("".into(), "no policy"),
+        ("{{{".into(), "not YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}".into(), "apiVersion v1"),
+        ("apiVersion: cilium.io/v2\nkind: Pod\nmetadata: {name: x}\nspec: {}".into(), "kind Pod"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {}".into(), "metadata.name"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}".into(), "spec is missing"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: x, namespace: a}\nspec: {}".into(), "clusterwide"),
+        (base("  ingress: []"), "endpointSelector is missing"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingres: []"), "field ingres"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toEndpoints: [{}]}]"), "toEndpoints does not belong"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  egress: [{fromEntities: [world]}]"), "fromEntities does not belong"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromEntities: [moon]}]"), "entity \"moon\""),
+        (base("  endpointSelector: {matchExpressions: [{key: a, operator: Near}]}"), "operator Near"),
+        (base("  endpointSelector: {matchExpressions: [{key: a, operator: In}]}"), "needs values"),
+        (base("  endpointSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}"), "takes no values"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: \"http\"}]}]}]"), "named ports"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 70000}]}]}]"), "over 65535"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 90, endPort: 80}]}]}]"), "endPort 80"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80, protocol: SCTPX}]}]}]"), "protocol SCTPX"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromCIDR: [10.0.0.0/8]}]"), "field fromCIDR"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "field rules"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: [1]}]}]}]"), "is not a number"),
+        (format!("{}\n---\nnot: a policy", WEB_ALLOWS_FRONTEND), "document 2"),
+    ];
+    assert!(cases.len() >= 20);
+    for (text, needle) in cases {
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(needle), "input:\n{text}\nerror: {e}\nwanted: {needle}");
+    }
+}
