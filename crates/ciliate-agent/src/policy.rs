@@ -286,8 +286,11 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// (protocols, port range or None for every port) of one `ports` entry.
-fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Option<(u16, u16)>), String> {
+/// An inclusive port range; `None` for every port.
+type Ports = Option<(u16, u16)>;
+
+/// (protocols, ports) of one `ports` entry.
+fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {
     let protos = match p.protocol.as_deref().unwrap_or("ANY") {
         "TCP" => vec![6],
         "UDP" => vec![17],
