@@ -12,7 +12,10 @@ use std::{
 
 use ciliate_api::{
     http::{self, Request, Response},
-    models::{ApiError, GcRequest, GcResult, IpamAllocation, IpamRequest, Status},
+    models::{
+        ApiError, GcRequest, GcResult, IpamAllocation, IpamRequest, PolicyChange, PolicyImport,
+        Status,
+    },
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -120,7 +123,25 @@ impl<D: Datapath> Server<D> {
                 let r: GcRequest = body(req, "gc request")?;
                 json(200, &GcResult { removed: st.gc(&r.valid_container_ids).map_err(from_err)? })
             }
-            (_, "healthz" | "status" | "endpoint" | "ipam" | "identity" | "gc", _) => {
+            ("GET", "policy", None) => json(200, &st.policy),
+            ("PUT", "policy", None) => {
+                let r: PolicyImport = body(req, "policy import")?;
+                // Everything is validated before anything changes.
+                let rules = crate::policy::parse(&r.text).map_err(|e| error(400, e.to_string()))?;
+                let n = rules.len();
+                let revision = st.import_policy(rules).map_err(from_err)?;
+                json(200, &PolicyChange { revision, rules: n })
+            }
+            ("DELETE", "policy", None) => {
+                let labels: Vec<String> = match (req.query("labels"), req.query("all")) {
+                    (Some(l), _) if !l.is_empty() => l.split(',').map(str::to_owned).collect(),
+                    (_, Some("true")) => Vec::new(),
+                    _ => return Err(error(400, "give labels=LABEL[,LABEL] or all=true")),
+                };
+                let (removed, revision) = st.delete_policy(&labels).map_err(from_err)?;
+                json(200, &PolicyChange { revision, rules: removed })
+            }
+            (_, "healthz" | "status" | "endpoint" | "ipam" | "identity" | "gc" | "policy", _) => {
                 error(405, format!("{m} /v1/{path} is not supported"))
             }
             _ => error(404, format!("no route {m} {}", req.path)),
@@ -223,6 +244,23 @@ mod tests {
         assert_eq!(st, 200);
         assert_eq!(call(&s, "GET", "/v1/endpoint/1", "").0, 404);
         assert_eq!(call(&s, "DELETE", "/v1/endpoint?container-id=c1", "").0, 200, "idempotent");
+    }
+
+    #[test]
+    fn a_bad_policy_is_refused_and_the_policy_in_force_stays() {
+        let s = server();
+        let good = serde_json::json!({"text": "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n"});
+        let (st, b) = call(&s, "PUT", "/v1/policy", &good.to_string());
+        assert_eq!((st, b["revision"].as_u64()), (200, Some(1)), "{b}");
+        let bad = serde_json::json!({"text": "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: b}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEntities: [moon]}]\n"});
+        let (st, b) = call(&s, "PUT", "/v1/policy", &bad.to_string());
+        assert_eq!(st, 400);
+        assert!(b["message"].as_str().unwrap().contains("moon"), "{b}");
+        let (_, p) = call(&s, "GET", "/v1/policy", "");
+        assert_eq!((p["revision"].as_u64(), p["rules"].as_array().unwrap().len()), (Some(1), 1));
+        let (st, b) = call(&s, "DELETE", "/v1/policy?all=true", "");
+        assert_eq!((st, b["rules"].as_u64(), b["revision"].as_u64()), (200, Some(1), Some(2)));
+        assert_eq!(call(&s, "DELETE", "/v1/policy", "").0, 400);
     }
 
     #[test]

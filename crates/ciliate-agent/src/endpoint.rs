@@ -18,8 +18,16 @@ use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
 use crate::{
     identity::{Identities, label_set},
     ipam::{Cidr, Ipam},
+    policy::{Resolved, Rule, resolve},
     store,
 };
+
+/// The policy in force, persisted in the state directory.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PolicyState {
+    pub revision: u64,
+    pub rules: Vec<Rule>,
+}
 
 /// What went wrong, with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,6 +61,8 @@ fn internal(e: impl std::fmt::Display) -> EndpointError {
 pub trait Datapath: Send {
     fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String>;
     fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String>;
+    /// Make the endpoint's policy in the datapath exactly `policy`.
+    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String>;
     /// Does the host-side device still exist?
     fn device_exists(&self, lxc: &str) -> bool;
 }
@@ -61,6 +71,7 @@ pub trait Datapath: Send {
 #[derive(Default)]
 pub struct MemoryDatapath {
     pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
+    pub policies: BTreeMap<u16, Resolved>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
 }
@@ -78,6 +89,14 @@ impl Datapath for MemoryDatapath {
     }
     fn detach(&mut self, ip: Ipv4Addr, _lxc: &str) -> Result<(), String> {
         self.attached.remove(&ip);
+        Ok(())
+    }
+    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
+        if *policy == Resolved::default() {
+            self.policies.remove(&endpoint_id);
+        } else {
+            self.policies.insert(endpoint_id, policy.clone());
+        }
         Ok(())
     }
     fn device_exists(&self, lxc: &str) -> bool {
@@ -106,6 +125,7 @@ pub struct Endpoints<D: Datapath> {
     pub datapath: D,
     /// Monitor aggregation "none" for the endpoints' programs.
     pub trace_all: bool,
+    pub policy: PolicyState,
 }
 
 impl<D: Datapath> Endpoints<D> {
@@ -134,6 +154,12 @@ impl<D: Datapath> Endpoints<D> {
             state_dir: state_dir.map(Path::to_owned),
             datapath,
             trace_all: false,
+            policy: match state_dir {
+                Some(d) => {
+                    store::load(&d.join("policy.json")).map_err(internal)?.unwrap_or_default()
+                }
+                None => PolicyState::default(),
+            },
         })
     }
 
@@ -240,7 +266,9 @@ impl<D: Datapath> Endpoints<D> {
             return Err(e);
         }
         self.endpoints.insert(id, ep.clone());
-        Ok(ep)
+        // Its identity may be new: every endpoint's peers may change.
+        self.regenerate()?;
+        Ok(self.get(id)?)
     }
 
     /// The host endpoint (identity 1, the node itself, reached through
@@ -276,6 +304,68 @@ impl<D: Datapath> Endpoints<D> {
         (1..=MAX_ENDPOINT_ID).find(|id| !self.endpoints.contains_key(id)).ok_or_else(|| {
             EndpointError::Conflict(format!("all {MAX_ENDPOINT_ID} endpoint IDs are in use"))
         })
+    }
+
+    /// Resolve the policy in force for every endpoint and write it into the
+    /// datapath (only what changed is written). Endpoint enforcement columns
+    /// follow.
+    pub fn regenerate(&mut self) -> Result<(), EndpointError> {
+        let ids: BTreeMap<u32, Vec<String>> =
+            self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+        let eps: Vec<Endpoint> = self.list();
+        for mut ep in eps {
+            if ep.container_id == HOST_CONTAINER {
+                continue;
+            }
+            let r = resolve(&self.policy.rules, ep.id, &label_set(&ep.labels), &ids);
+            self.datapath
+                .sync_policy(ep.id, &r)
+                .map_err(|e| internal(format!("writing the policy of endpoint {}: {e}", ep.id)))?;
+            let mode = |on: bool| if on { "Enabled" } else { "Disabled" }.to_owned();
+            let (i, e) = (mode(r.ingress_enforced), mode(r.egress_enforced));
+            if ep.ingress_enforcement != i || ep.egress_enforcement != e {
+                ep.ingress_enforcement = i;
+                ep.egress_enforcement = e;
+                self.persist(&ep)?;
+                self.endpoints.insert(ep.id, ep);
+            }
+        }
+        Ok(())
+    }
+
+    fn save_policy(&self, next: &PolicyState) -> Result<(), EndpointError> {
+        match &self.state_dir {
+            Some(d) => store::save(&d.join("policy.json"), next).map_err(internal),
+            None => Ok(()),
+        }
+    }
+
+    /// Add `rules` (replacing the rules of the same documents, as `kubectl
+    /// apply` does), bump the revision and regenerate. Returns the revision.
+    pub fn import_policy(&mut self, rules: Vec<Rule>) -> Result<u64, EndpointError> {
+        let sources: Vec<&String> = rules.iter().map(|r| &r.source).collect();
+        let mut next = self.policy.clone();
+        next.rules.retain(|r| !sources.contains(&&r.source));
+        next.rules.extend(rules.iter().cloned());
+        next.revision += 1;
+        self.save_policy(&next)?;
+        self.policy = next;
+        self.regenerate()?;
+        Ok(self.policy.revision)
+    }
+
+    /// Delete the rules carrying every label in `labels` (all rules when
+    /// `labels` is empty). Returns (removed, revision).
+    pub fn delete_policy(&mut self, labels: &[String]) -> Result<(usize, u64), EndpointError> {
+        let mut next = self.policy.clone();
+        let before = next.rules.len();
+        next.rules.retain(|r| !labels.iter().all(|l| r.labels.contains(l)));
+        let removed = before - next.rules.len();
+        next.revision += 1;
+        self.save_policy(&next)?;
+        self.policy = next;
+        self.regenerate()?;
+        Ok((removed, self.policy.revision))
     }
 
     /// Delete endpoint `id`: detach it, release its address, forget it.

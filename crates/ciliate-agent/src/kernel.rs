@@ -10,7 +10,13 @@ use ciliate_datapath::{
 
 use ciliate_api::models::{Endpoint, EndpointCreate};
 
-use crate::endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER};
+use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
+use ciliate_datapath::maps::PolicyMap;
+
+use crate::{
+    endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER},
+    policy::Resolved,
+};
 
 pub struct KernelDatapath {
     pub pins: NodePins,
@@ -25,6 +31,15 @@ impl Datapath for KernelDatapath {
     }
     fn device_exists(&self, lxc: &str) -> bool {
         node::device_exists(lxc)
+    }
+    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
+        let rules: Vec<_> = policy.rules.iter().cloned().collect();
+        let enforced =
+            [(DIR_INGRESS, policy.ingress_enforced), (DIR_EGRESS, policy.egress_enforced)];
+        PolicyMap::from_pin_dir(&self.pins.dir)
+            .and_then(|mut m| m.sync_endpoint(endpoint_id, &enforced, &rules))
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 

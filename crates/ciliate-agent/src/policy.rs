@@ -14,7 +14,9 @@
 //! `ingress`/`ingressDeny` (`egress`/`egressDeny`) section has that
 //! direction enforced (default deny; `ingress: [{}]` denies all); deny wins
 //! over allow; a namespaced policy selects endpoints of its namespace, and
-//! its peer selectors too unless they name a namespace.
+//! its peer selectors too unless they name a namespace; the host may always
+//! reach an endpoint whose ingress is enforced (Cilium's allow-localhost),
+//! unless a deny names it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -305,7 +307,9 @@ fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {
         serde_yaml::Value::String(s) => match s.parse() {
             Ok(v) => v,
             Err(_) => {
-                return Err(format!("port {s:?}: named ports are not supported yet; give a number"));
+                return Err(format!(
+                    "port {s:?}: named ports are not supported yet; give a number"
+                ));
             }
         },
         v => return Err(format!("port {v:?} is not a number")),
@@ -458,6 +462,19 @@ pub fn resolve(
                 }
             }
         }
+    }
+    // As Cilium's allow-localhost (the default in Kubernetes): the node may
+    // always reach its endpoints (health checks, probes), unless a deny
+    // names the host.
+    if out.ingress_enforced {
+        allows.push(PolicyRule {
+            endpoint_id,
+            dir: DIR_INGRESS,
+            identity: reserved::HOST,
+            proto: ANY_PROTO,
+            ports: None,
+            deny: false,
+        });
     }
     // Within one identity the longest prefix wins in the datapath: leave out
     // an allow that a deny of the same identity and direction covers.

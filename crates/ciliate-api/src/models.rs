@@ -102,3 +102,17 @@ pub struct GcRequest {
 pub struct GcResult {
     pub removed: Vec<u16>,
 }
+
+/// `PUT /v1/policy`: policy documents (YAML or JSON) to import.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyImport {
+    pub text: String,
+}
+
+/// The answer to a policy change: the new revision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub revision: u64,
+    /// Rules imported or removed.
+    pub rules: usize,
+}

@@ -29,6 +29,19 @@ pub enum BpfCommand {
     /// Local endpoints (the lxc map)
     #[command(subcommand)]
     Endpoint(ListCommand),
+    /// An endpoint's policy map entries
+    #[command(subcommand)]
+    Policy(PolicyGet),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyGet {
+    /// The entries of one endpoint
+    Get {
+        endpoint: u16,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -64,6 +77,9 @@ impl BpfCommand {
             BpfCommand::Endpoint(ListCommand::List { output }) => ("endpoint", output),
             BpfCommand::Ipcache(IpcacheCommand::Get { ip, output }) => {
                 return ipcache_get(&t.pin_dir()?, ip, output);
+            }
+            BpfCommand::Policy(PolicyGet::Get { endpoint, output }) => {
+                return crate::policy::bpf_policy_get(t, endpoint, output);
             }
         };
         list(&t.pin_dir()?, kind, output)

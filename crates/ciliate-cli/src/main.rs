@@ -6,6 +6,7 @@ mod bpf;
 mod lab;
 mod map;
 mod monitor;
+mod policy;
 mod table;
 mod target;
 
@@ -43,6 +44,9 @@ enum Command {
     /// Security identities
     #[command(subcommand)]
     Identity(agent::IdentityCommand),
+    /// Network policy: import, get, delete, wait
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// The node's BPF maps
     #[command(subcommand)]
     Map(map::MapCommand),
@@ -62,6 +66,7 @@ impl Command {
             Command::Status(a) => agent::status(t, &a),
             Command::Endpoint(c) => c.run(t),
             Command::Identity(c) => c.run(t),
+            Command::Policy(c) => c.run(t),
             Command::Map(c) => c.run(t),
             Command::Bpf(c) => c.run(t),
             Command::Monitor(a) => monitor::run(t, &a),

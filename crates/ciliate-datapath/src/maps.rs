@@ -332,7 +332,7 @@ pub struct PolicyRule {
 }
 
 impl PolicyRule {
-    fn match_type(&self) -> u8 {
+    pub fn match_type(&self) -> u8 {
         match (self.identity == policy::ANY_IDENTITY, self.proto == policy::ANY_PROTO) {
             (true, true) => policy::MATCH_ALL,
             (true, false) => policy::MATCH_L4_ONLY,
@@ -417,6 +417,71 @@ impl PolicyMap {
             ignore_missing(self.0.remove(k), policy::MAP_NAME)?;
         }
         Ok(())
+    }
+
+    /// Make the map hold exactly `rules` for `endpoint_id`, with the
+    /// directions in `enforced` (`(policy::DIR_*, on)`) enforced. Only what
+    /// changes is written, so traffic that a change does not touch is not
+    /// disturbed; rules go in before a direction is enforced and out after
+    /// it stops being enforced. Returns (written, removed) entries.
+    pub fn sync_endpoint(
+        &mut self,
+        endpoint_id: u16,
+        enforced: &[(u8, bool)],
+        rules: &[PolicyRule],
+    ) -> Result<(usize, usize)> {
+        let mut desired: std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry> =
+            std::collections::BTreeMap::new();
+        for r in rules {
+            let entry = PolicyEntry {
+                flags: if r.deny { policy::F_DENY } else { 0 },
+                match_type: r.match_type(),
+                ..Default::default()
+            };
+            for k in r.keys()? {
+                desired.insert((k.data(), k.prefix_len()), entry);
+            }
+        }
+        let marker = PolicyEntry { flags: policy::F_MARKER, ..Default::default() };
+        for (dir, on) in enforced {
+            if *on {
+                let k = marker_key(endpoint_id, *dir);
+                desired.insert((k.data(), k.prefix_len()), marker);
+            }
+        }
+        let existing: std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry> = self
+            .dump()?
+            .into_iter()
+            .filter(|(k, _, _)| k.endpoint_id == endpoint_id)
+            .map(|(k, len, v)| ((k, len), v))
+            .collect();
+        let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
+        let same =
+            |a: &PolicyEntry, b: &PolicyEntry| a.flags == b.flags && a.match_type == b.match_type;
+        let mut written = 0;
+        // Rules, then markers.
+        for markers in [false, true] {
+            for ((k, len), v) in desired.iter().filter(|(_, v)| is_marker(v) == markers) {
+                if existing.get(&(*k, *len)).is_some_and(|e| same(e, v)) {
+                    continue;
+                }
+                self.0
+                    .insert(&Key::new(*len, *k), *v, 0)
+                    .map_err(map_err("writing a rule into", policy::MAP_NAME))?;
+                written += 1;
+            }
+        }
+        let mut removed = 0;
+        // Markers, then rules.
+        for markers in [true, false] {
+            for ((k, len), _) in existing.iter().filter(|(_, v)| is_marker(v) == markers) {
+                if !desired.contains_key(&(*k, *len)) {
+                    ignore_missing(self.0.remove(&Key::new(*len, *k)), policy::MAP_NAME)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok((written, removed))
     }
 
     /// Every entry: key, prefix length, value.

@@ -44,10 +44,12 @@ fn a_namespaced_policy_resolves_to_identities_of_its_namespace_and_ports() {
     assert!(rules[0].labels.contains(&"k8s:team=a".to_string()));
     let r = resolve(&rules, 7, &labels("web", "shop"), &identities());
     assert!(r.ingress_enforced && !r.egress_enforced);
-    // frontend of namespace shop only (257, not 258); port 80 and 8000-8003.
+    // frontend of namespace shop only (257, not 258); port 80 and 8000-8003;
+    // and the host, always (allow-localhost).
     let ids: BTreeSet<u32> = r.rules.iter().map(|x| x.identity).collect();
-    assert_eq!(ids, [257].into());
-    let ports: Vec<Option<(u16, u16)>> = r.rules.iter().map(|x| x.ports).collect();
+    assert_eq!(ids, [reserved::HOST, 257].into());
+    let ports: Vec<Option<(u16, u16)>> =
+        r.rules.iter().filter(|x| x.identity == 257).map(|x| x.ports).collect();
     assert_eq!(ports, vec![Some((80, 80)), Some((8000, 8003))]);
     // The same policy does not select web of another namespace.
     let other = resolve(&rules, 8, &labels("web", "other"), &identities());
@@ -95,7 +97,8 @@ spec:
     toPorts: [{ports: [{port: "0", endPort: 100, protocol: TCP}]}]
 "#;
     let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &identities());
-    let allows: Vec<_> = r.rules.iter().filter(|x| !x.deny).map(|x| x.ports).collect();
+    let allows: Vec<_> =
+        r.rules.iter().filter(|x| !x.deny && x.identity == 257).map(|x| x.ports).collect();
     assert_eq!(allows, vec![Some((443, 443))], "the allow of 80 is covered by the deny of 0-100");
     assert!(r.rules.iter().any(|x| x.deny));
 }

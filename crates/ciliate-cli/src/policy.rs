@@ -1,0 +1,226 @@
+//! `ciliate policy import|get|delete|wait` and `ciliate bpf policy get`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ciliate_api::{
+    client::method,
+    http::escape,
+    models::{Identity, PolicyChange, PolicyImport},
+};
+use ciliate_common::policy::{self, ANY_IDENTITY, F_DENY, F_MARKER};
+use ciliate_datapath::maps::PolicyMap;
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::{
+    table::{Output, Table},
+    target::Target,
+};
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Import policy documents (YAML or JSON; CiliumNetworkPolicy,
+    /// CiliumClusterwideNetworkPolicy). A file with any error changes nothing.
+    Import { file: std::path::PathBuf },
+    /// The rules in force and the policy revision
+    Get {
+        #[arg(short = 'o', long, value_enum, default_value = "json")]
+        output: Output,
+    },
+    /// Delete the rules carrying all the given labels (k8s:key=value), or --all
+    Delete {
+        labels: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Wait until every endpoint has policy revision REV in its maps
+    Wait {
+        revision: u64,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+impl PolicyCommand {
+    pub fn run(self, t: &Target) -> anyhow::Result<()> {
+        let client = t.client()?;
+        match self {
+            PolicyCommand::Import { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let r: PolicyChange = client
+                    .call(method::PUT, "/v1/policy", Some(&PolicyImport { text }))
+                    .with_context(|| format!("importing {}", file.display()))?;
+                println!("Revision: {} ({} rules imported)", r.revision, r.rules);
+            }
+            PolicyCommand::Get { output } => {
+                let p: serde_json::Value = client.get("/v1/policy")?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+                    Output::Table => {
+                        let mut tb = Table::new(&["SOURCE", "LABELS"]);
+                        for r in p["rules"].as_array().into_iter().flatten() {
+                            let labels: Vec<&str> = r["labels"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|l| l.as_str())
+                                .collect();
+                            tb.row(vec![
+                                r["source"].as_str().unwrap_or("").into(),
+                                labels.join(" "),
+                            ]);
+                        }
+                        print!("{}", tb.render());
+                        println!("Revision: {}", p["revision"]);
+                    }
+                }
+            }
+            PolicyCommand::Delete { labels, all } => {
+                anyhow::ensure!(
+                    all || !labels.is_empty(),
+                    "give labels of the rules to delete, or --all"
+                );
+                anyhow::ensure!(
+                    !(all && !labels.is_empty()),
+                    "--all deletes every rule: give no labels with it"
+                );
+                let target = if all {
+                    "/v1/policy?all=true".to_owned()
+                } else {
+                    format!("/v1/policy?labels={}", escape(&labels.join(",")))
+                };
+                let r: PolicyChange = client.call(method::DELETE, &target, None::<&()>)?;
+                println!("Revision: {} ({} rules deleted)", r.revision, r.rules);
+            }
+            PolicyCommand::Wait { revision, timeout } => {
+                let end = Instant::now() + Duration::from_secs(timeout);
+                loop {
+                    let p: serde_json::Value = client.get("/v1/policy")?;
+                    let now = p["revision"].as_u64().unwrap_or(0);
+                    if now >= revision {
+                        println!("Policy revision {now} is in force on all endpoints");
+                        return Ok(());
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < end,
+                        "revision {revision} not reached in {timeout}s (at {now})"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct PolicyRow {
+    policy: &'static str,
+    direction: &'static str,
+    identity: u32,
+    labels: String,
+    port_proto: String,
+    proxy_port: String,
+    bytes: u64,
+    packets: u64,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        1 => "ICMP".into(),
+        0 => "ANY".into(),
+        p => p.to_string(),
+    }
+}
+
+/// `ciliate bpf policy get <endpoint>`, as Cilium prints it.
+pub fn bpf_policy_get(t: &Target, endpoint: u16, output: Output) -> anyhow::Result<()> {
+    let dir = t.pin_dir()?;
+    let ids: Vec<Identity> =
+        t.client().and_then(|c| Ok(c.get("/v1/identity")?)).unwrap_or_default();
+    let label_of = |id: u32| {
+        if id == ANY_IDENTITY {
+            return "ANY".to_owned();
+        }
+        ids.iter()
+            .find(|i| i.id == id)
+            .map(|i| i.labels.join(" "))
+            .unwrap_or_else(|| format!("identity {id}"))
+    };
+    let map = PolicyMap::from_pin_dir(&dir)?;
+    let mut rows = Vec::new();
+    for (k, len, e) in map.dump()?.into_iter().filter(|(k, _, _)| k.endpoint_id == endpoint) {
+        if e.flags & F_MARKER != 0 {
+            continue;
+        }
+        let port_proto = if len <= policy::PREFIX_L3 {
+            "ANY".to_owned()
+        } else if len == policy::PREFIX_PROTO {
+            format!("ANY/{}", proto_name(k.proto))
+        } else {
+            let port = u16::from_be(k.dport);
+            let bits = len - policy::PREFIX_PROTO;
+            if bits == 16 {
+                format!("{port}/{}", proto_name(k.proto))
+            } else {
+                let last = u32::from(port) + (1 << (16 - bits)) - 1;
+                format!("{port}-{last}/{}", proto_name(k.proto))
+            }
+        };
+        rows.push(PolicyRow {
+            policy: if e.flags & F_DENY != 0 { "Deny" } else { "Allow" },
+            direction: if k.dir == policy::DIR_INGRESS { "Ingress" } else { "Egress" },
+            identity: k.identity,
+            labels: label_of(k.identity),
+            port_proto,
+            proxy_port: if e.proxy_port == 0 {
+                "NONE".into()
+            } else {
+                u16::from_be(e.proxy_port).to_string()
+            },
+            bytes: e.bytes,
+            packets: e.packets,
+        });
+    }
+    let enforced: Vec<&str> = map
+        .dump()?
+        .into_iter()
+        .filter(|(k, _, e)| k.endpoint_id == endpoint && e.flags & F_MARKER != 0)
+        .map(|(k, _, _)| if k.dir == policy::DIR_INGRESS { "ingress" } else { "egress" })
+        .collect();
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut tb = Table::new(&[
+        "POLICY",
+        "DIRECTION",
+        "LABELS (source:key[=value])",
+        "PORT/PROTO",
+        "PROXY PORT",
+        "BYTES",
+        "PACKETS",
+    ]);
+    for r in &rows {
+        tb.row(vec![
+            r.policy.into(),
+            r.direction.into(),
+            r.labels.clone(),
+            r.port_proto.clone(),
+            r.proxy_port.clone(),
+            r.bytes.to_string(),
+            r.packets.to_string(),
+        ]);
+    }
+    print!("{}", tb.render());
+    if enforced.is_empty() {
+        println!("(no direction enforced: everything is allowed)");
+    } else {
+        println!("(enforced: {}; anything not allowed above is denied)", enforced.join(", "));
+    }
+    Ok(())
+}
