@@ -268,7 +268,7 @@ impl<D: Datapath> Endpoints<D> {
         self.endpoints.insert(id, ep.clone());
         // Its identity may be new: every endpoint's peers may change.
         self.regenerate()?;
-        Ok(self.get(id)?)
+        self.get(id)
     }
 
     /// The host endpoint (identity 1, the node itself, reached through

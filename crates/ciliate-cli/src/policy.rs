@@ -83,7 +83,7 @@ impl PolicyCommand {
                     "give labels of the rules to delete, or --all"
                 );
                 anyhow::ensure!(
-                    !(all && !labels.is_empty()),
+                    !all || labels.is_empty(),
                     "--all deletes every rule: give no labels with it"
                 );
                 let target = if all {
