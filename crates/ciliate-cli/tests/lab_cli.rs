@@ -149,6 +149,30 @@ fn agent_commands_and_monitor_on_a_lab() {
     let got = run(&["bpf", "ipcache", "get", "192.0.2.1"]);
     assert!(got.contains("0.0.0.0/0") && got.contains("reserved:world"), "{got}");
 
+    // Policy through the CLI: import, see it in the endpoint list and the
+    // policy map, delete it.
+    let file = std::env::temp_dir().join(format!("{name}-policy.yaml"));
+    std::fs::write(
+        &file,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p1, namespace: default}\n\
+         spec:\n  endpointSelector: {matchLabels: {app: pod2}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: pod1}}]\n\
+         \x20   toPorts: [{ports: [{port: \"7\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    let out = run(&["policy", "import", file.to_str().unwrap()]);
+    assert!(out.contains("Revision: 1 (1 rules imported)"), "{out}");
+    let _ = std::fs::remove_file(&file);
+    assert!(run(&["policy", "wait", "1"]).contains("revision 1"));
+    let eps = run(&["endpoint", "list"]);
+    let pod2 = eps.lines().find(|l| l.starts_with("4 ")).unwrap_or_default();
+    assert!(pod2.contains("Enabled"), "{eps}");
+    let pol = run(&["bpf", "policy", "get", "4"]);
+    assert!(pol.contains("Allow    Ingress     k8s:app=pod1"), "{pol}");
+    assert!(pol.contains("7/TCP"), "{pol}");
+    assert!(run(&["policy", "delete", "--all"]).contains("(1 rules deleted)"));
+    let (ok, _, err) = ciliate(&["policy", "delete", "--lab", &name]);
+    assert!(!ok && err.contains("--all"), "{err}");
+
     // The monitor sees the traffic of the lab-up checks, in Cilium's format.
     let mon = run(&[
         "monitor",
