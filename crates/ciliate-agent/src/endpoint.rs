@@ -18,7 +18,7 @@ use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
 use crate::{
     identity::{Identities, label_set},
     ipam::{Cidr, Ipam},
-    policy::{Resolved, Rule, resolve},
+    policy::{Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve},
     store,
 };
 
@@ -63,6 +63,9 @@ pub trait Datapath: Send {
     fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String>;
     /// Make the endpoint's policy in the datapath exactly `policy`.
     fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String>;
+    /// Make the ipcache's CIDR entries (local identities) exactly `cidrs`,
+    /// never overwriting an entry of an endpoint or the host.
+    fn sync_cidrs(&mut self, cidrs: &BTreeMap<Prefix, u32>) -> Result<(), String>;
     /// Does the host-side device still exist?
     fn device_exists(&self, lxc: &str) -> bool;
 }
@@ -72,6 +75,7 @@ pub trait Datapath: Send {
 pub struct MemoryDatapath {
     pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
     pub policies: BTreeMap<u16, Resolved>,
+    pub cidrs: BTreeMap<Prefix, u32>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
 }
@@ -89,6 +93,10 @@ impl Datapath for MemoryDatapath {
     }
     fn detach(&mut self, ip: Ipv4Addr, _lxc: &str) -> Result<(), String> {
         self.attached.remove(&ip);
+        Ok(())
+    }
+    fn sync_cidrs(&mut self, cidrs: &BTreeMap<Prefix, u32>) -> Result<(), String> {
+        self.cidrs = cidrs.clone();
         Ok(())
     }
     fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
@@ -310,6 +318,15 @@ impl<D: Datapath> Endpoints<D> {
     /// datapath (only what changed is written). Endpoint enforcement columns
     /// follow.
     pub fn regenerate(&mut self) -> Result<(), EndpointError> {
+        // CIDRs first: their local identities must exist (and be in the
+        // ipcache) before rules name them.
+        let mut cidrs = BTreeMap::new();
+        for p in referenced_cidrs(&self.policy.rules) {
+            cidrs.insert(p, self.identities.allocate_local(&cidr_label(p)).map_err(internal)?);
+        }
+        self.datapath
+            .sync_cidrs(&cidrs)
+            .map_err(|e| internal(format!("writing CIDR identities: {e}")))?;
         let ids: BTreeMap<u32, Vec<String>> =
             self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
         let eps: Vec<Endpoint> = self.list();

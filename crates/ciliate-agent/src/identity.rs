@@ -82,6 +82,29 @@ impl Identities {
         Ok(id)
     }
 
+    /// The local (CIDR) identity of `label` (`cidr:10.0.0.0/8`): bit 24
+    /// set, allocated once, persisted like the others.
+    pub fn allocate_local(&mut self, label: &str) -> Result<u32, StoreError> {
+        let labels = vec![label.to_owned()];
+        if let Some(id) = self.by_labels.get(&labels) {
+            return Ok(*id);
+        }
+        let mut id = reserved::LOCAL_FLAG | 1;
+        while self.by_id.contains_key(&id) {
+            id += 1;
+        }
+        self.by_id.insert(id, labels.clone());
+        self.by_labels.insert(labels.clone(), id);
+        if let Some(p) = &self.path
+            && let Err(e) = store::save(p, &Persisted { ids: self.by_id.clone() })
+        {
+            self.by_id.remove(&id);
+            self.by_labels.remove(&labels);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
     pub fn get(&self, id: u32) -> Option<Identity> {
         if let Some(name) = reserved::reserved_name(id) {
             return Some(Identity { id, labels: vec![format!("reserved:{name}")], reserved: true });
@@ -97,8 +120,9 @@ impl Identities {
             .collect()
     }
 
+    /// Cluster identities allocated (not counting local CIDR ones).
     pub fn allocated(&self) -> usize {
-        self.by_id.len()
+        self.by_id.keys().filter(|id| **id & reserved::LOCAL_FLAG == 0).count()
     }
 }
 

@@ -10,12 +10,13 @@ use ciliate_datapath::{
 
 use ciliate_api::models::{Endpoint, EndpointCreate};
 
+use ciliate_common::ipcache::IpcacheEntry;
 use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
-use ciliate_datapath::maps::PolicyMap;
+use ciliate_datapath::maps::{IpcacheMap, PolicyMap};
 
 use crate::{
     endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER},
-    policy::Resolved,
+    policy::{Prefix, Resolved},
 };
 
 pub struct KernelDatapath {
@@ -31,6 +32,29 @@ impl Datapath for KernelDatapath {
     }
     fn device_exists(&self, lxc: &str) -> bool {
         node::device_exists(lxc)
+    }
+    fn sync_cidrs(
+        &mut self,
+        cidrs: &std::collections::BTreeMap<Prefix, u32>,
+    ) -> Result<(), String> {
+        let mut ipc = IpcacheMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+        let existing = ipc.dump().map_err(|e| e.to_string())?;
+        let local = |id: u32| id & ciliate_common::identity::LOCAL_FLAG != 0;
+        for (&(net, len), &identity) in cidrs {
+            match existing.iter().find(|(n, l, _)| *n == net && *l == len) {
+                // An endpoint's or the host's own entry wins.
+                Some((_, _, e)) if !local(e.identity) || e.identity == identity => continue,
+                _ => {}
+            }
+            let entry = IpcacheEntry { identity, ..Default::default() };
+            ipc.upsert(net, len, &entry).map_err(|e| e.to_string())?;
+        }
+        for (net, len, e) in existing {
+            if local(e.identity) && !cidrs.contains_key(&(net, len)) {
+                ipc.remove(net, len).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
     fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
         let rules: Vec<_> = policy.rules.iter().cloned().collect();

@@ -84,8 +84,100 @@ pub struct PeerRule {
     pub from_entities: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_entities: Option<Vec<String>>,
+    #[serde(default, rename = "fromCIDR", skip_serializing_if = "Option::is_none")]
+    pub from_cidr: Option<Vec<String>>,
+    #[serde(default, rename = "toCIDR", skip_serializing_if = "Option::is_none")]
+    pub to_cidr: Option<Vec<String>>,
+    #[serde(default, rename = "fromCIDRSet", skip_serializing_if = "Option::is_none")]
+    pub from_cidr_set: Option<Vec<CidrRule>>,
+    #[serde(default, rename = "toCIDRSet", skip_serializing_if = "Option::is_none")]
+    pub to_cidr_set: Option<Vec<CidrRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CidrRule {
+    pub cidr: String,
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+/// An IPv4 prefix.
+pub type Prefix = (std::net::Ipv4Addr, u8);
+
+/// Parse `a.b.c.d/n` (or a bare address, /32); host bits must be clear.
+pub fn parse_cidr(s: &str) -> Result<Prefix, String> {
+    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+    let ip: std::net::Ipv4Addr =
+        ip.parse().map_err(|_| format!("CIDR {s:?}: not an IPv4 prefix"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("CIDR {s:?}: bad prefix length"))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+    if u32::from(ip) & !mask != 0 {
+        return Err(format!(
+            "CIDR {s:?}: host bits set (network is {}/{len})",
+            std::net::Ipv4Addr::from(u32::from(ip) & mask)
+        ));
+    }
+    Ok((ip, len))
+}
+
+/// Is prefix `inner` inside prefix `outer`?
+pub fn contains(outer: Prefix, inner: Prefix) -> bool {
+    let mask = if outer.1 == 0 { 0 } else { u32::MAX << (32 - u32::from(outer.1)) };
+    inner.1 >= outer.1 && u32::from(inner.0) & mask == u32::from(outer.0)
+}
+
+/// The label of the local identity of a CIDR.
+pub fn cidr_label(p: Prefix) -> String {
+    format!("cidr:{}/{}", p.0, p.1)
+}
+
+impl PeerRule {
+    /// (CIDR, excepts) of this rule's CIDR peers; unparsable ones were
+    /// refused by validation.
+    fn cidrs(&self) -> Vec<(Prefix, Vec<Prefix>)> {
+        let plain = self.from_cidr.iter().chain(self.to_cidr.iter()).flatten();
+        let sets = self.from_cidr_set.iter().chain(self.to_cidr_set.iter()).flatten();
+        plain
+            .filter_map(|c| parse_cidr(c).ok().map(|p| (p, Vec::new())))
+            .chain(sets.filter_map(|s| {
+                let p = parse_cidr(&s.cidr).ok()?;
+                Some((p, s.except.iter().filter_map(|e| parse_cidr(e).ok()).collect()))
+            }))
+            .collect()
+    }
+
+    fn has_cidrs(&self) -> bool {
+        self.from_cidr.is_some()
+            || self.to_cidr.is_some()
+            || self.from_cidr_set.is_some()
+            || self.to_cidr_set.is_some()
+    }
+}
+
+/// Every CIDR (and except) the rules name: each gets a local identity and
+/// an ipcache entry.
+pub fn referenced_cidrs(rules: &[Rule]) -> BTreeSet<Prefix> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for list in [&r.spec.ingress, &r.spec.ingress_deny, &r.spec.egress, &r.spec.egress_deny] {
+            for pr in list.iter().flatten() {
+                for (p, excepts) in pr.cidrs() {
+                    if p.1 > 0 {
+                        out.insert(p);
+                    }
+                    out.extend(excepts);
+                }
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -278,6 +370,24 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
             return Err(format!(
                 "entity {e:?} is not one of host, remote-node, world, cluster, all, health, init, unmanaged, kube-apiserver, ingress"
             ));
+        }
+    }
+    if (ingress && (r.to_cidr.is_some() || r.to_cidr_set.is_some()))
+        || (!ingress && (r.from_cidr.is_some() || r.from_cidr_set.is_some()))
+    {
+        let wrong = if ingress { "toCIDR/toCIDRSet" } else { "fromCIDR/fromCIDRSet" };
+        return Err(format!("{wrong} does not belong in this direction"));
+    }
+    for c in r.from_cidr.iter().chain(r.to_cidr.iter()).flatten() {
+        parse_cidr(c)?;
+    }
+    for set in r.from_cidr_set.iter().chain(r.to_cidr_set.iter()).flatten() {
+        let outer = parse_cidr(&set.cidr)?;
+        for e in &set.except {
+            let inner = parse_cidr(e)?;
+            if !contains(outer, inner) {
+                return Err(format!("except {e} is not inside {}", set.cidr));
+            }
         }
     }
     for (i, pr) in r.to_ports.iter().flatten().enumerate() {
@@ -511,18 +621,45 @@ fn peers_of(
     for s in selectors.into_iter().flatten() {
         if s.match_labels.is_empty() && s.match_expressions.is_empty() && ns.is_none() {
             // `{}` in a clusterwide policy: every endpoint.
-            out.extend(identities.keys().filter(|id| **id >= reserved::MIN_CLUSTER));
+            out.extend(
+                identities
+                    .keys()
+                    .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0),
+            );
             continue;
         }
         out.extend(identities.iter().filter(|(_, l)| s.matches(l, ns)).map(|(id, _)| *id));
     }
     for e in entities.into_iter().flatten() {
         match e.as_str() {
-            "cluster" => out.extend(identities.keys().filter(|id| **id != reserved::WORLD)),
+            "cluster" => out.extend(
+                identities
+                    .keys()
+                    .filter(|id| **id != reserved::WORLD && **id & reserved::LOCAL_FLAG == 0),
+            ),
             e => out.extend(entity_identities(e).unwrap_or_default()),
         }
     }
-    if selectors.is_none() && entities.is_none() && pr.to_ports.is_some() {
+    // A CIDR selects the local identities of every prefix inside it (its
+    // own included) that no except covers; 0.0.0.0/0 is also the world.
+    for (cidr, excepts) in pr.cidrs() {
+        if cidr.1 == 0 {
+            out.insert(reserved::WORLD);
+        }
+        for (id, labels) in identities {
+            let Some(p) = labels
+                .iter()
+                .find_map(|l| l.strip_prefix("cidr:"))
+                .and_then(|c| parse_cidr(c).ok())
+            else {
+                continue;
+            };
+            if contains(cidr, p) && !excepts.iter().any(|e| contains(*e, p)) {
+                out.insert(*id);
+            }
+        }
+    }
+    if selectors.is_none() && entities.is_none() && !pr.has_cidrs() && pr.to_ports.is_some() {
         out.insert(ANY_IDENTITY);
     }
     out

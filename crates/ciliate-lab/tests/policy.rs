@@ -83,3 +83,45 @@ fn an_imported_policy_is_enforced_on_real_traffic() {
     assert_eq!((del.rules, del.revision), (1, 2));
     assert!(reaches(&lab, &p3.ns, "tcp", ip2), "open again");
 }
+
+#[test]
+fn cidr_egress_rules_with_excepts_are_enforced_on_real_traffic() {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let lab = NodeLab::up(NodeLabConfig::new(&format!("clt{}", token()), 2, bins)).unwrap();
+    // "Outside" addresses: local to the node namespace, outside the pod CIDR.
+    for a in ["192.0.2.1/32", "192.0.2.200/32", "198.51.100.1/32"] {
+        lab.node.ip(&["addr", "add", a, "dev", "lo"]).unwrap();
+    }
+    let echo = lab.config.bins.echo.to_string_lossy().into_owned();
+    drop(lab.node.spawn_detached(&[&echo, "serve", &ECHO_PORT.to_string()]).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+    assert!(reaches(&lab, &p1.ns, "tcp", ip("198.51.100.1")), "open before any policy");
+
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: out, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: pod1}}
+  egress:
+  - toCIDRSet: [{cidr: 192.0.2.0/24, except: [192.0.2.128/25]}]
+    toPorts: [{ports: [{port: "7", protocol: TCP}]}]
+"#;
+    import(&lab, policy).unwrap();
+    assert!(reaches(&lab, &p1.ns, "tcp", ip("192.0.2.1")), "inside the CIDR");
+    assert!(!reaches(&lab, &p1.ns, "tcp", ip("192.0.2.200")), "inside the except");
+    assert!(!reaches(&lab, &p1.ns, "tcp", ip("198.51.100.1")), "outside the CIDR");
+    assert!(!reaches(&lab, &p1.ns, "tcp", p2.state.ip), "pods are not CIDRs");
+    assert!(reaches(&lab, &p2.ns, "tcp", ip("198.51.100.1")), "pod2 is not selected");
+
+    // The CIDRs are in the ipcache with local identities; they go with the policy.
+    let ipc = ciliate_datapath::maps::IpcacheMap::from_pin_dir(&lab.pins_dir).unwrap();
+    let id = ipc.lookup(ip("192.0.2.1")).unwrap().unwrap().identity;
+    assert_ne!(id & ciliate_common::identity::LOCAL_FLAG, 0, "a local CIDR identity");
+    lab.client().call::<PolicyChange>(method::DELETE, "/v1/policy?all=true", None::<&()>).unwrap();
+    let id = ipc.lookup(ip("192.0.2.1")).unwrap().unwrap().identity;
+    assert_eq!(id, ciliate_common::identity::WORLD, "back to the world");
+    assert!(reaches(&lab, &p1.ns, "tcp", ip("198.51.100.1")));
+}

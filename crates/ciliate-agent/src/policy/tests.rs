@@ -149,7 +149,11 @@ fn bad_policies_are_refused_with_a_clear_message() {
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 70000}]}]}]"), "over 65535"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 90, endPort: 80}]}]}]"), "endPort 80"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80, protocol: SCTPX}]}]}]"), "protocol SCTPX"),
-        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromCIDR: [10.0.0.0/8]}]"), "field fromCIDR"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromCIDR: [10.0.0.1/8]}]"), "host bits set"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromCIDR: [10.0.0.0/40]}]"), "bad prefix length"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toCIDR: [10.0.0.0/8]}]"), "toCIDR/toCIDRSet does not belong"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  egress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/16]}]}]"), "not inside"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: []}]"), "field icmps"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "field rules"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: [1]}]}]}]"), "is not a number"),
         (format!("{}\n---\nnot: a policy", WEB_ALLOWS_FRONTEND), "document 2"),
@@ -159,4 +163,44 @@ fn bad_policies_are_refused_with_a_clear_message() {
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains(needle), "input:\n{text}\nerror: {e}\nwanted: {needle}");
     }
+}
+
+#[test]
+fn cidr_rules_select_the_local_identities_inside_them_but_not_their_excepts() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: c, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]
+  - toCIDR: [0.0.0.0/0]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+"#;
+    let rules = parse(text).unwrap();
+    let cidrs = referenced_cidrs(&rules);
+    let want: BTreeSet<Prefix> =
+        [parse_cidr("10.0.0.0/8").unwrap(), parse_cidr("10.1.0.0/16").unwrap()].into();
+    assert_eq!(cidrs, want, "0.0.0.0/0 is the world, not a CIDR identity");
+    let mut ids = identities();
+    let (eight, sixteen, other) =
+        (reserved::LOCAL_FLAG | 1, reserved::LOCAL_FLAG | 2, reserved::LOCAL_FLAG | 3);
+    ids.insert(eight, vec![cidr_label(parse_cidr("10.0.0.0/8").unwrap())]);
+    ids.insert(sixteen, vec![cidr_label(parse_cidr("10.1.0.0/16").unwrap())]);
+    // Another policy's CIDR inside the /8: selected too.
+    ids.insert(other, vec![cidr_label(parse_cidr("10.2.3.0/24").unwrap())]);
+    let r = resolve(&rules, 1, &labels("web", "shop"), &ids);
+    let l3: BTreeSet<u32> =
+        r.rules.iter().filter(|x| x.proto == ANY_PROTO).map(|x| x.identity).collect();
+    assert_eq!(l3, [eight, other].into(), "the except's identity is not allowed");
+    let dns: BTreeSet<u32> = r.rules.iter().filter(|x| x.proto == 17).map(|x| x.identity).collect();
+    assert!(dns.contains(&reserved::WORLD) && dns.contains(&sixteen), "{dns:?}");
+    // The cluster entity never means CIDR identities.
+    let cluster = parse(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: k, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress: [{toEntities: [cluster]}]\n",
+    )
+    .unwrap();
+    let r = resolve(&cluster, 1, &labels("web", "shop"), &ids);
+    assert!(r.rules.iter().all(|x| x.identity & reserved::LOCAL_FLAG == 0));
 }
