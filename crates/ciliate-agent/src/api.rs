@@ -14,7 +14,7 @@ use ciliate_api::{
     http::{self, Request, Response},
     models::{
         ApiError, GcRequest, GcResult, IpamAllocation, IpamRequest, PolicyChange, PolicyImport,
-        Status,
+        Status, TraceRequest,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -124,6 +124,10 @@ impl<D: Datapath> Server<D> {
                 json(200, &GcResult { removed: st.gc(&r.valid_container_ids).map_err(from_err)? })
             }
             ("GET", "policy", None) => json(200, &st.policy),
+            ("POST", "policy", Some("trace")) => {
+                let r: TraceRequest = body(req, "trace request")?;
+                json(200, &st.trace(&r).map_err(from_err)?)
+            }
             ("PUT", "policy", None) => {
                 let r: PolicyImport = body(req, "policy import")?;
                 // Everything is validated before anything changes.

@@ -350,6 +350,59 @@ impl<D: Datapath> Endpoints<D> {
         Ok(())
     }
 
+    /// `policy trace`: see [`crate::policy::trace`].
+    pub fn trace(
+        &self,
+        r: &ciliate_api::models::TraceRequest,
+    ) -> Result<crate::policy::Trace, EndpointError> {
+        let ids: BTreeMap<u32, Vec<String>> =
+            self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+        let peer = |p: &ciliate_api::models::TracePeer,
+                    side: &str,
+                    spare: u32|
+         -> Result<(u32, Vec<String>), EndpointError> {
+            let bad = |m: String| EndpointError::BadRequest(format!("{side}: {m}"));
+            match (p.endpoint, p.identity, &p.labels) {
+                (Some(id), None, None) => {
+                    let ep = self.get(id)?;
+                    Ok((
+                        ep.identity,
+                        ids.get(&ep.identity).cloned().unwrap_or_else(|| label_set(&ep.labels)),
+                    ))
+                }
+                (None, Some(id), None) => ids.get(&id).map(|l| (id, l.clone())).ok_or_else(|| {
+                    EndpointError::NotFound(format!("{side}: identity {id} not found"))
+                }),
+                (None, None, Some(labels)) if !labels.is_empty() => {
+                    let mut l = labels.clone();
+                    l.sort();
+                    let known = ids.iter().find(|(_, v)| **v == l).map(|(id, _)| *id);
+                    Ok((known.unwrap_or(spare), l))
+                }
+                _ => Err(bad("give exactly one of endpoint, identity or labels".into())),
+            }
+        };
+        let proto = match r.proto.to_ascii_lowercase().as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" => 1,
+            p => {
+                return Err(EndpointError::BadRequest(format!("protocol {p:?}: tcp, udp or icmp")));
+            }
+        };
+        // Spare identities for label sets nobody has yet.
+        let (src, src_labels) = peer(&r.src, "src", u32::MAX - 1)?;
+        let (dst, dst_labels) = peer(&r.dst, "dst", u32::MAX - 2)?;
+        Ok(crate::policy::trace(
+            &self.policy.rules,
+            (src, &src_labels),
+            (dst, &dst_labels),
+            proto,
+            r.dport,
+            &ids,
+        ))
+    }
+
     fn save_policy(&self, next: &PolicyState) -> Result<(), EndpointError> {
         match &self.state_dir {
             Some(d) => store::save(&d.join("policy.json"), next).map_err(internal),

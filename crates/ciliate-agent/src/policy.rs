@@ -513,6 +513,16 @@ pub fn resolve(
     labels: &[String],
     identities: &BTreeMap<u32, Vec<String>>,
 ) -> Resolved {
+    resolve_with(rules, endpoint_id, labels, identities, true)
+}
+
+fn resolve_with(
+    rules: &[Rule],
+    endpoint_id: u16,
+    labels: &[String],
+    identities: &BTreeMap<u32, Vec<String>>,
+    allow_localhost: bool,
+) -> Resolved {
     let mut out = Resolved::default();
     let mut denies: Vec<PolicyRule> = Vec::new();
     let mut allows: Vec<PolicyRule> = Vec::new();
@@ -576,7 +586,7 @@ pub fn resolve(
     // As Cilium's allow-localhost (the default in Kubernetes): the node may
     // always reach its endpoints (health checks, probes), unless a deny
     // names the host.
-    if out.ingress_enforced {
+    if out.ingress_enforced && allow_localhost {
         allows.push(PolicyRule {
             endpoint_id,
             dir: DIR_INGRESS,
@@ -667,3 +677,136 @@ fn peers_of(
 
 #[cfg(test)]
 mod tests;
+
+/// What a packet would meet in one direction, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectionTrace {
+    pub enforced: bool,
+    /// "allowed" or "denied".
+    pub verdict: String,
+    /// How it was decided, in words.
+    pub reason: String,
+    /// The documents whose rules decided (allow or deny).
+    pub rules: Vec<String>,
+}
+
+/// `policy trace`: would `src` reach `dst` on `proto`/`port`?
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Trace {
+    pub egress: DirectionTrace,
+    pub ingress: DirectionTrace,
+    /// "ALLOWED" or "DENIED".
+    pub verdict: String,
+}
+
+fn matching(r: &PolicyRule, identity: u32, proto: u8, port: u16) -> bool {
+    (r.identity == identity || r.identity == ANY_IDENTITY)
+        && (r.proto == ANY_PROTO || r.proto == proto)
+        && r.ports.is_none_or(|(s, e)| s <= port && port <= e)
+}
+
+/// One direction, decided as the datapath decides it (see
+/// `ciliate_common::policy`) from the rules of `rules` that select the
+/// endpoint with `labels`, for a peer with identity `peer`.
+fn trace_direction(
+    rules: &[Rule],
+    dir: u8,
+    labels: &[String],
+    peer: u32,
+    proto: u8,
+    port: u16,
+    ids: &BTreeMap<u32, Vec<String>>,
+) -> DirectionTrace {
+    let all = resolve(rules, 0, labels, ids);
+    let enforced = if dir == DIR_INGRESS { all.ingress_enforced } else { all.egress_enforced };
+    if !enforced {
+        return DirectionTrace {
+            enforced,
+            verdict: "allowed".into(),
+            reason: "no policy selects the endpoint in this direction".into(),
+            rules: vec![],
+        };
+    }
+    let hits = |deny: bool| -> Vec<String> {
+        let mut out: Vec<String> = rules
+            .iter()
+            .filter(|r| {
+                resolve_with(std::slice::from_ref(*r), 0, labels, ids, false)
+                    .rules
+                    .iter()
+                    .any(|x| x.dir == dir && x.deny == deny && matching(x, peer, proto, port))
+            })
+            .map(|r| r.source.clone())
+            .collect();
+        out.dedup();
+        out
+    };
+    let denies = hits(true);
+    if !denies.is_empty() {
+        return DirectionTrace {
+            enforced,
+            verdict: "denied".into(),
+            reason: "a deny rule matches (deny wins)".into(),
+            rules: denies,
+        };
+    }
+    if all.rules.iter().any(|x| x.dir == dir && !x.deny && matching(x, peer, proto, port)) {
+        let mut allows = hits(false);
+        if allows.is_empty() && peer == reserved::HOST && dir == DIR_INGRESS {
+            allows.push("allow-localhost".into());
+        }
+        return DirectionTrace {
+            enforced,
+            verdict: "allowed".into(),
+            reason: "an allow rule matches".into(),
+            rules: allows,
+        };
+    }
+    DirectionTrace {
+        enforced,
+        verdict: "denied".into(),
+        reason: "policy selects the endpoint and no rule allows this (default deny)".into(),
+        rules: vec![],
+    }
+}
+
+/// Trace `src` → `dst` (each an identity with its labels) on `proto`/`port`.
+pub fn trace(
+    rules: &[Rule],
+    src: (u32, &[String]),
+    dst: (u32, &[String]),
+    proto: u8,
+    port: u16,
+    identities: &BTreeMap<u32, Vec<String>>,
+) -> Trace {
+    let mut ids = identities.clone();
+    ids.insert(src.0, src.1.to_vec());
+    ids.insert(dst.0, dst.1.to_vec());
+    // Only endpoints have policy: a peer that is not one (world, host, a
+    // CIDR) enforces nothing on its side.
+    let is_endpoint = |id: u32| {
+        id >= reserved::MIN_CLUSTER && id & reserved::LOCAL_FLAG == 0 || id == reserved::HEALTH
+    };
+    let open = || DirectionTrace {
+        enforced: false,
+        verdict: "allowed".into(),
+        reason: "not an endpoint: no policy of its own".into(),
+        rules: vec![],
+    };
+    let egress = if is_endpoint(src.0) {
+        trace_direction(rules, DIR_EGRESS, src.1, dst.0, proto, port, &ids)
+    } else {
+        open()
+    };
+    let ingress = if is_endpoint(dst.0) {
+        trace_direction(rules, DIR_INGRESS, dst.1, src.0, proto, port, &ids)
+    } else {
+        open()
+    };
+    let verdict = if egress.verdict == "allowed" && ingress.verdict == "allowed" {
+        "ALLOWED"
+    } else {
+        "DENIED"
+    };
+    Trace { egress, ingress, verdict: verdict.into() }
+}

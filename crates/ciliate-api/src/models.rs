@@ -116,3 +116,26 @@ pub struct PolicyChange {
     /// Rules imported or removed.
     pub rules: usize,
 }
+
+/// One side of a `POST /v1/policy/trace`: an endpoint ID, an identity, or
+/// labels (`k8s:app=web`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TracePeer {
+    #[serde(default)]
+    pub endpoint: Option<u16>,
+    #[serde(default)]
+    pub identity: Option<u32>,
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+}
+
+/// `POST /v1/policy/trace`: would `src` reach `dst` on `proto`/`dport`?
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceRequest {
+    pub src: TracePeer,
+    pub dst: TracePeer,
+    /// "tcp", "udp" or "icmp".
+    pub proto: String,
+    /// Destination port (ICMP: the ICMP type).
+    pub dport: u16,
+}

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use ciliate_api::{
     client::method,
     http::escape,
-    models::{Identity, PolicyChange, PolicyImport},
+    models::{Identity, PolicyChange, PolicyImport, TracePeer, TraceRequest},
 };
 use ciliate_common::policy::{self, ANY_IDENTITY, F_DENY, F_MARKER};
 use ciliate_datapath::maps::PolicyMap;
@@ -33,6 +33,32 @@ pub enum PolicyCommand {
         labels: Vec<String>,
         #[arg(long)]
         all: bool,
+    },
+    /// Would SRC reach DST on PROTO/DPORT? Says which rules decide and why
+    Trace {
+        /// Source endpoint ID
+        #[arg(long)]
+        src_endpoint: Option<u16>,
+        /// Source identity
+        #[arg(long)]
+        src_identity: Option<u32>,
+        /// Source labels (k8s:app=web), repeatable
+        #[arg(long = "src")]
+        src_labels: Vec<String>,
+        #[arg(long)]
+        dst_endpoint: Option<u16>,
+        #[arg(long)]
+        dst_identity: Option<u32>,
+        #[arg(long = "dst")]
+        dst_labels: Vec<String>,
+        /// Destination port (ICMP: the type)
+        #[arg(long)]
+        dport: u16,
+        /// tcp, udp or icmp
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Wait until every endpoint has policy revision REV in its maps
     Wait {
@@ -93,6 +119,56 @@ impl PolicyCommand {
                 };
                 let r: PolicyChange = client.call(method::DELETE, &target, None::<&()>)?;
                 println!("Revision: {} ({} rules deleted)", r.revision, r.rules);
+            }
+            PolicyCommand::Trace {
+                src_endpoint,
+                src_identity,
+                src_labels,
+                dst_endpoint,
+                dst_identity,
+                dst_labels,
+                dport,
+                proto,
+                output,
+            } => {
+                let peer = |endpoint, identity, labels: Vec<String>| TracePeer {
+                    endpoint,
+                    identity,
+                    labels: (!labels.is_empty()).then_some(labels),
+                };
+                let req = TraceRequest {
+                    src: peer(src_endpoint, src_identity, src_labels),
+                    dst: peer(dst_endpoint, dst_identity, dst_labels),
+                    proto,
+                    dport,
+                };
+                let t: serde_json::Value =
+                    client.call(method::POST, "/v1/policy/trace", Some(&req))?;
+                if let Output::Json = output {
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                    return Ok(());
+                }
+                for dir in ["egress", "ingress"] {
+                    let d = &t[dir];
+                    let rules: Vec<&str> = d["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str())
+                        .collect();
+                    let by = if rules.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", rules.join(", "))
+                    };
+                    println!(
+                        "{:<8} {} ({}){by}",
+                        format!("{}:", if dir == "egress" { "Egress" } else { "Ingress" }),
+                        d["verdict"].as_str().unwrap_or("?"),
+                        d["reason"].as_str().unwrap_or("")
+                    );
+                }
+                println!("Final verdict: {}", t["verdict"].as_str().unwrap_or("?"));
             }
             PolicyCommand::Wait { revision, timeout } => {
                 let end = Instant::now() + Duration::from_secs(timeout);

@@ -169,6 +169,25 @@ fn agent_commands_and_monitor_on_a_lab() {
     let pol = run(&["bpf", "policy", "get", "4"]);
     assert!(pol.contains("Allow    Ingress     k8s:app=pod1"), "{pol}");
     assert!(pol.contains("7/TCP"), "{pol}");
+    let tr =
+        run(&["policy", "trace", "--src-endpoint", "2", "--dst-endpoint", "4", "--dport", "7"]);
+    assert!(tr.contains("Final verdict: DENIED") && tr.contains("default deny"), "{tr}");
+    let tr = run(&[
+        "policy",
+        "trace",
+        "--src",
+        "k8s:app=pod1",
+        "--src",
+        "k8s:io.kubernetes.pod.namespace=default",
+        "--dst-endpoint",
+        "4",
+        "--dport",
+        "7",
+    ]);
+    assert!(
+        tr.contains("Final verdict: ALLOWED") && tr.contains("by CiliumNetworkPolicy/default/p1"),
+        "{tr}"
+    );
     assert!(run(&["policy", "delete", "--all"]).contains("(1 rules deleted)"));
     let (ok, _, err) = ciliate(&["policy", "delete", "--lab", &name]);
     assert!(!ok && err.contains("--all"), "{err}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ciliate_api::{
     client::method,
-    models::{Endpoint, PolicyChange, PolicyImport},
+    models::{Endpoint, PolicyChange, PolicyImport, TracePeer, TraceRequest},
 };
 use ciliate_lab::{
     Netns,
@@ -55,10 +55,27 @@ fn an_imported_policy_is_enforced_on_real_traffic() {
     let rev = import(&lab, POLICY).unwrap();
     assert_eq!((rev.revision, rev.rules), (1, 1));
 
-    assert!(reaches(&lab, &p1.ns, "tcp", ip2), "pod1 → pod2:7/TCP is allowed");
-    assert!(!reaches(&lab, &p3.ns, "tcp", ip2), "pod3 is not pod1");
-    assert!(!reaches(&lab, &p1.ns, "udp", ip2), "UDP is not allowed");
-    assert!(reaches(&lab, &p2.ns, "tcp", p1.state.ip), "pod2's egress and pod1's ingress are open");
+    // `policy trace` and real traffic agree, case by case.
+    let cases = [
+        (p1, p2, "tcp", true),
+        (p3, p2, "tcp", false),
+        (p1, p2, "udp", false),
+        (p2, p1, "tcp", true),
+        (p2, p3, "udp", true),
+    ];
+    for (src, dst, proto, allowed) in cases {
+        let req = TraceRequest {
+            src: TracePeer { endpoint: Some(src.state.endpoint_id), ..Default::default() },
+            dst: TracePeer { endpoint: Some(dst.state.endpoint_id), ..Default::default() },
+            proto: proto.into(),
+            dport: ECHO_PORT,
+        };
+        let t: serde_json::Value =
+            lab.client().call(method::POST, "/v1/policy/trace", Some(&req)).unwrap();
+        let what = format!("{} → {} {proto}", src.state.name, dst.state.name);
+        assert_eq!(t["verdict"] == "ALLOWED", allowed, "trace of {what}: {t}");
+        assert_eq!(reaches(&lab, &src.ns, proto, dst.state.ip), allowed, "traffic of {what}");
+    }
     assert!(reaches(&lab, &lab.node, "tcp", ip2), "the host may always reach its endpoints");
 
     // The endpoint list shows the enforcement.

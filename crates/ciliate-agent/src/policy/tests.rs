@@ -204,3 +204,24 @@ spec:
     let r = resolve(&cluster, 1, &labels("web", "shop"), &ids);
     assert!(r.rules.iter().all(|x| x.identity & reserved::LOCAL_FLAG == 0));
 }
+
+#[test]
+fn trace_says_what_decides_and_why() {
+    let rules = parse(WEB_ALLOWS_FRONTEND).unwrap();
+    let ids = identities();
+    let (web, fe, fe_other) = (ids[&256].clone(), ids[&257].clone(), ids[&258].clone());
+    let t = trace(&rules, (257, &fe), (256, &web), 6, 80, &ids);
+    assert_eq!(t.verdict, "ALLOWED");
+    assert_eq!(t.ingress.rules, ["CiliumNetworkPolicy/shop/web"]);
+    assert!(!t.egress.enforced);
+    let t = trace(&rules, (257, &fe), (256, &web), 6, 81, &ids);
+    assert_eq!((t.verdict.as_str(), t.ingress.reason.contains("default deny")), ("DENIED", true));
+    let t = trace(&rules, (258, &fe_other), (256, &web), 6, 80, &ids);
+    assert_eq!(t.verdict, "DENIED", "another namespace's frontend");
+    let host = vec!["reserved:host".to_string()];
+    let t = trace(&rules, (reserved::HOST, &host), (256, &web), 6, 9999, &ids);
+    assert_eq!(
+        (t.verdict.as_str(), t.ingress.rules.as_slice()),
+        ("ALLOWED", &["allow-localhost".to_string()][..])
+    );
+}
