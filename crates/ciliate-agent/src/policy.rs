@@ -241,6 +241,15 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
         if value.is_null() {
             continue;
         }
+        if value.get("apiVersion").and_then(|v| v.as_str()) == Some("networking.k8s.io/v1") {
+            let d: K8sDocument = serde_yaml::from_value(value).map_err(|e| {
+                PolicyError(format!("document {}: {}", i + 1, unsupported(&e.to_string())))
+            })?;
+            let d =
+                k8s_to_cilium(d).map_err(|e| PolicyError(format!("document {}: {e}", i + 1)))?;
+            rules.extend(validate_document(d, i + 1)?);
+            continue;
+        }
         let d: Document = serde_yaml::from_value(value).map_err(|e| {
             PolicyError(format!("document {}: {}", i + 1, unsupported(&e.to_string())))
         })?;
@@ -250,6 +259,211 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
         return err("no policy in the input");
     }
     Ok(rules)
+}
+
+/// Kubernetes NetworkPolicy (networking.k8s.io/v1).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct K8sDocument {
+    #[allow(dead_code, reason = "checked before parsing")]
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    spec: K8sSpec,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct K8sSpec {
+    pod_selector: Selector,
+    #[serde(default)]
+    policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    ingress: Option<Vec<K8sRule>>,
+    #[serde(default)]
+    egress: Option<Vec<K8sRule>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct K8sRule {
+    #[serde(default)]
+    from: Option<Vec<K8sPeer>>,
+    #[serde(default)]
+    to: Option<Vec<K8sPeer>>,
+    #[serde(default)]
+    ports: Option<Vec<K8sPort>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct K8sPeer {
+    #[serde(default)]
+    pod_selector: Option<Selector>,
+    #[serde(default)]
+    namespace_selector: Option<Selector>,
+    #[serde(default)]
+    ip_block: Option<K8sIpBlock>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct K8sIpBlock {
+    cidr: String,
+    #[serde(default)]
+    except: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct K8sPort {
+    #[serde(default)]
+    port: Option<serde_yaml::Value>,
+    #[serde(default)]
+    end_port: Option<u32>,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+/// The namespace label a Kubernetes namespace selector may use: the
+/// namespace's name (we know no other namespace labels).
+const K8S_NS_NAME: &str = "kubernetes.io/metadata.name";
+
+/// A Kubernetes peer as a Cilium endpoint selector.
+fn k8s_peer_selector(p: &K8sPeer) -> Result<Selector, String> {
+    let mut sel = p.pod_selector.clone().unwrap_or_default();
+    if let Some(ns) = &p.namespace_selector {
+        if !ns.match_expressions.is_empty() {
+            return Err("namespaceSelector.matchExpressions is not supported yet".into());
+        }
+        match ns.match_labels.len() {
+            0 => sel.match_expressions.push(Expression {
+                key: format!("k8s:{NAMESPACE_LABEL}"),
+                operator: "Exists".into(),
+                values: vec![],
+            }),
+            1 if ns.match_labels.contains_key(K8S_NS_NAME) => {
+                sel.match_labels
+                    .insert(format!("k8s:{NAMESPACE_LABEL}"), ns.match_labels[K8S_NS_NAME].clone());
+            }
+            _ => {
+                return Err(format!(
+                    "namespaceSelector: only {K8S_NS_NAME} is known of a namespace's labels"
+                ));
+            }
+        }
+    }
+    Ok(sel)
+}
+
+/// Translate a NetworkPolicy into the CiliumNetworkPolicy it means.
+fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
+    if d.kind != "NetworkPolicy" {
+        return Err(format!("kind {} is not supported (NetworkPolicy)", d.kind));
+    }
+    let types = d.spec.policy_types.clone().unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_owned()];
+        if d.spec.egress.is_some() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    for t in &types {
+        if t != "Ingress" && t != "Egress" {
+            return Err(format!("policyTypes: {t} is not Ingress or Egress"));
+        }
+    }
+    let convert = |rules: &Option<Vec<K8sRule>>, ingress: bool| -> Result<Vec<PeerRule>, String> {
+        let mut out = Vec::new();
+        for (i, r) in rules.iter().flatten().enumerate() {
+            let field = if ingress { "ingress" } else { "egress" };
+            let peers = if ingress { &r.from } else { &r.to };
+            if (ingress && r.to.is_some()) || (!ingress && r.from.is_some()) {
+                return Err(format!(
+                    "{field}[{i}]: {} does not belong in this direction",
+                    if ingress { "to" } else { "from" }
+                ));
+            }
+            let mut pr = PeerRule::default();
+            let mut selectors = Vec::new();
+            let mut blocks = Vec::new();
+            for (j, p) in peers.iter().flatten().enumerate() {
+                match (&p.ip_block, p.pod_selector.is_some() || p.namespace_selector.is_some()) {
+                    (Some(_), true) => {
+                        return Err(format!("{field}[{i}] peer {j}: ipBlock goes alone"));
+                    }
+                    (Some(b), false) => {
+                        blocks.push(CidrRule { cidr: b.cidr.clone(), except: b.except.clone() })
+                    }
+                    (None, true) => selectors.push(
+                        k8s_peer_selector(p).map_err(|e| format!("{field}[{i}] peer {j}: {e}"))?,
+                    ),
+                    (None, false) => return Err(format!("{field}[{i}] peer {j}: empty peer")),
+                }
+            }
+            let ports: Vec<PortProtocol> = r
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| PortProtocol {
+                    port: p.port.clone().unwrap_or(serde_yaml::Value::Number(0.into())),
+                    end_port: p.end_port,
+                    protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                })
+                .collect();
+            let all_peers = peers.as_ref().is_none_or(Vec::is_empty);
+            if !ports.is_empty() {
+                pr.to_ports = Some(vec![PortRule { ports }]);
+            }
+            if all_peers {
+                if pr.to_ports.is_none() {
+                    if ingress {
+                        pr.from_entities = Some(vec!["all".into()])
+                    } else {
+                        pr.to_entities = Some(vec!["all".into()])
+                    }
+                }
+            } else {
+                if !selectors.is_empty() {
+                    if ingress {
+                        pr.from_endpoints = Some(selectors)
+                    } else {
+                        pr.to_endpoints = Some(selectors)
+                    }
+                }
+                if !blocks.is_empty() {
+                    if ingress {
+                        pr.from_cidr_set = Some(blocks)
+                    } else {
+                        pr.to_cidr_set = Some(blocks)
+                    }
+                }
+            }
+            out.push(pr);
+        }
+        Ok(out)
+    };
+    let spec = RuleSpec {
+        endpoint_selector: Some(d.spec.pod_selector.clone()),
+        ingress: if types.iter().any(|t| t == "Ingress") {
+            Some(convert(&d.spec.ingress, true)?)
+        } else {
+            None
+        },
+        egress: if types.iter().any(|t| t == "Egress") {
+            Some(convert(&d.spec.egress, false)?)
+        } else {
+            None
+        },
+        ..Default::default()
+    };
+    Ok(Document {
+        api_version: "cilium.io/v2".into(),
+        kind: "CiliumNetworkPolicy".into(),
+        metadata: d.metadata,
+        spec: Some(spec),
+        specs: None,
+    })
 }
 
 /// serde's "unknown field" message, said the way an operator reads it.

@@ -225,3 +225,73 @@ fn trace_says_what_decides_and_why() {
         ("ALLOWED", &["allow-localhost".to_string()][..])
     );
 }
+
+#[test]
+fn kubernetes_network_policies_mean_what_kubernetes_says() {
+    let text = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: frontend}}
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: other}}
+      podSelector: {matchLabels: {app: frontend}}
+    ports: [{port: 80}]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]
+"#;
+    let rules = parse(text).unwrap();
+    assert_eq!(rules[0].source, "CiliumNetworkPolicy/shop/np");
+    let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && r.egress_enforced);
+    let ingress: BTreeSet<(u32, u8)> = r
+        .rules
+        .iter()
+        .filter(|x| x.dir == DIR_INGRESS && x.identity != reserved::HOST)
+        .map(|x| (x.identity, x.proto))
+        .collect();
+    assert_eq!(
+        ingress,
+        [(257, 6), (258, 6)].into(),
+        "frontend here and in namespace other; TCP by default"
+    );
+    assert!(
+        r.rules.iter().all(|x| x.dir != DIR_EGRESS
+            || x.identity & reserved::LOCAL_FLAG != 0
+            || x.identity == 0)
+    );
+
+    // No policyTypes: Ingress only; an empty ingress denies all; `from`
+    // missing means every source.
+    let deny_all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: shop}\nspec:\n  podSelector: {}\n";
+    let r = resolve(&parse(deny_all).unwrap(), 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && !r.egress_enforced);
+    assert!(r.rules.iter().all(|x| x.identity == reserved::HOST), "only allow-localhost");
+    let allow_all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  podSelector: {}\n  ingress: [{}]\n";
+    let r = resolve(&parse(allow_all).unwrap(), 1, &labels("web", "shop"), &identities());
+    assert!(r.rules.iter().any(|x| x.identity == ANY_IDENTITY && x.proto == ANY_PROTO));
+
+    for (bad, needle) in [
+        (
+            deny_all.replace("podSelector: {}", "podSelector: {}\n  policyTypes: [Sideways]"),
+            "Sideways",
+        ),
+        (
+            allow_all.replace(
+                "ingress: [{}]",
+                "ingress: [{from: [{namespaceSelector: {matchLabels: {team: a}}}]}]",
+            ),
+            "only kubernetes.io/metadata.name",
+        ),
+        (allow_all.replace("ingress: [{}]", "ingress: [{from: [{}]}]"), "empty peer"),
+        (allow_all.replace("ingress: [{}]", "ingress: [{ports: [{port: http}]}]"), "named ports"),
+        (allow_all.replace("podSelector: {}", "podSelectr: {}"), "field podSelectr"),
+    ] {
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains(needle), "{bad}\n{e}");
+    }
+}
