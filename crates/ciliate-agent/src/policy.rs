@@ -5,7 +5,8 @@
 //! names. Supported so far: `endpointSelector` (matchLabels,
 //! matchExpressions In/NotIn/Exists/DoesNotExist), `ingress`/`egress` with
 //! `fromEndpoints`/`toEndpoints`, `fromEntities`/`toEntities`, `toPorts`
-//! (port, endPort, protocol TCP/UDP/ICMP/ANY), and `ingressDeny`/
+//! (port, endPort, protocol TCP/UDP/ICMP/ANY), `icmps` (ICMPv4 types by
+//! number or name), and `ingressDeny`/
 //! `egressDeny`. Anything else is refused with the field's name, so a file
 //! never half-applies. (CIDR rules, named ports and Kubernetes
 //! NetworkPolicy come next.)
@@ -94,6 +95,51 @@ pub struct PeerRule {
     pub to_cidr_set: Option<Vec<CidrRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmps: Option<Vec<IcmpRule>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpRule {
+    pub fields: Vec<IcmpField>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpField {
+    #[serde(rename = "type")]
+    pub kind: serde_yaml::Value,
+    #[serde(default)]
+    pub family: Option<String>,
+}
+
+/// The ICMPv4 type of an `icmps` field: a number or Cilium's name.
+fn icmp_type(f: &IcmpField) -> Result<u8, String> {
+    if let Some(fam) = &f.family
+        && fam != "IPv4"
+    {
+        return Err(format!("family {fam}: only IPv4 is supported"));
+    }
+    match &f.kind {
+        serde_yaml::Value::Number(n) => n
+            .as_u64()
+            .filter(|t| *t <= 255)
+            .map(|t| t as u8)
+            .ok_or_else(|| format!("ICMP type {n}: 0 to 255")),
+        serde_yaml::Value::String(s) => Ok(match s.as_str() {
+            "EchoReply" => 0,
+            "DestinationUnreachable" => 3,
+            "Redirect" => 5,
+            "Echo" | "EchoRequest" => 8,
+            "TimeExceeded" => 11,
+            "ParameterProblem" => 12,
+            "Timestamp" => 13,
+            "TimestampReply" => 14,
+            other => return Err(format!("ICMP type {other:?} is not a known ICMPv4 type")),
+        }),
+        v => Err(format!("ICMP type {v:?} is not a number or a name")),
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -604,6 +650,11 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
             }
         }
     }
+    for (i, ir) in r.icmps.iter().flatten().enumerate() {
+        for (j, f) in ir.fields.iter().enumerate() {
+            icmp_type(f).map_err(|e| format!("icmps[{i}].fields[{j}]: {e}"))?;
+        }
+    }
     for (i, pr) in r.to_ports.iter().flatten().enumerate() {
         for (j, p) in pr.ports.iter().enumerate() {
             port_spec(p).map_err(|e| format!("toPorts[{i}].ports[{j}]: {e}"))?;
@@ -760,13 +811,22 @@ fn resolve_with(
             }
             for pr in list {
                 let peers = peers_of(pr, ns, identities);
-                let ports: Vec<(u8, Option<(u16, u16)>)> = match &pr.to_ports {
-                    None => vec![(ANY_PROTO, None)],
-                    Some(prs) => prs
+                let icmps = pr
+                    .icmps
+                    .iter()
+                    .flatten()
+                    .flat_map(|i| i.fields.iter())
+                    .filter_map(|f| icmp_type(f).ok())
+                    .map(|t| (1u8, Some((u16::from(t), u16::from(t)))));
+                let ports: Vec<(u8, Option<(u16, u16)>)> = match (&pr.to_ports, &pr.icmps) {
+                    (None, None) => vec![(ANY_PROTO, None)],
+                    (prs, _) => prs
                         .iter()
+                        .flatten()
                         .flat_map(|p| p.ports.iter())
                         .filter_map(|p| port_spec(p).ok())
                         .flat_map(|(protos, range)| protos.into_iter().map(move |pr| (pr, range)))
+                        .chain(icmps)
                         .collect(),
                 };
                 for identity in peers {
@@ -883,7 +943,11 @@ fn peers_of(
             }
         }
     }
-    if selectors.is_none() && entities.is_none() && !pr.has_cidrs() && pr.to_ports.is_some() {
+    if selectors.is_none()
+        && entities.is_none()
+        && !pr.has_cidrs()
+        && (pr.to_ports.is_some() || pr.icmps.is_some())
+    {
         out.insert(ANY_IDENTITY);
     }
     out

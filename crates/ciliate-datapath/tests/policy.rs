@@ -186,3 +186,18 @@ fn unenforced_directions_need_no_rules() {
     p.unenforce(A.id, DIR_INGRESS).unwrap();
     p.unenforce(A.id, DIR_INGRESS).unwrap();
 }
+
+#[test]
+fn icmp_rules_match_the_icmp_type() {
+    let mut n = Node::new("pol-icmp");
+    let mut p = policy(&n);
+    p.enforce(B.id, DIR_INGRESS).unwrap();
+    // Echo requests (type 8) from anyone.
+    p.upsert(&rule(&B, DIR_INGRESS, ANY_IDENTITY, 1, Some((8, 8)))).unwrap();
+    let echo =
+        ciliate_datapath::packet::L4::IcmpEcho { request: true, id: 3, seq: 1, payload: b"" };
+    assert_eq!(n.send_a(&A.send(B.ip, &echo)).verdict, verdict::REDIRECT);
+    // A timestamp request (type 13) is not allowed.
+    let ts = ciliate_datapath::packet::L4::Raw { proto: 1, bytes: &[13, 0, 0, 0, 0, 1, 0, 1] };
+    assert_eq!(n.send_a(&A.send(B.ip, &ts)).verdict, verdict::SHOT);
+}

@@ -153,7 +153,9 @@ fn bad_policies_are_refused_with_a_clear_message() {
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{fromCIDR: [10.0.0.0/40]}]"), "bad prefix length"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toCIDR: [10.0.0.0/8]}]"), "toCIDR/toCIDRSet does not belong"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  egress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/16]}]}]"), "not inside"),
-        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: []}]"), "field icmps"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: 300}]}]}]"), "ICMP type 300"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: 8, family: IPv6}]}]}]"), "only IPv4"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: Ping}]}]}]"), "not a known ICMPv4 type"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "field rules"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: [1]}]}]}]"), "is not a number"),
         (format!("{}\n---\nnot: a policy", WEB_ALLOWS_FRONTEND), "document 2"),
@@ -294,4 +296,21 @@ spec:
         let e = parse(&bad).unwrap_err().to_string();
         assert!(e.contains(needle), "{bad}\n{e}");
     }
+}
+
+#[test]
+fn icmp_rules_allow_their_types() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: i, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - icmps: [{fields: [{type: 8, family: IPv4}, {type: EchoReply}]}]
+"#;
+    let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &identities());
+    let icmp: Vec<(u32, u8, Option<(u16, u16)>)> =
+        r.rules.iter().filter(|x| x.proto == 1).map(|x| (x.identity, x.proto, x.ports)).collect();
+    assert_eq!(icmp, vec![(ANY_IDENTITY, 1, Some((0, 0))), (ANY_IDENTITY, 1, Some((8, 8)))]);
 }
