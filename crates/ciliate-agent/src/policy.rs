@@ -664,7 +664,7 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
 }
 
 /// An inclusive port range; `None` for every port.
-type Ports = Option<(u16, u16)>;
+pub type Ports = Option<(u16, u16)>;
 
 /// (protocols, ports) of one `ports` entry.
 fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {

@@ -310,7 +310,7 @@ spec:
   - icmps: [{fields: [{type: 8, family: IPv4}, {type: EchoReply}]}]
 "#;
     let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &identities());
-    let icmp: Vec<(u32, u8, Option<(u16, u16)>)> =
+    let icmp: Vec<(u32, u8, Ports)> =
         r.rules.iter().filter(|x| x.proto == 1).map(|x| (x.identity, x.proto, x.ports)).collect();
     assert_eq!(icmp, vec![(ANY_IDENTITY, 1, Some((0, 0))), (ANY_IDENTITY, 1, Some((8, 8)))]);
 }
