@@ -124,6 +124,10 @@ impl<D: Datapath> Server<D> {
                 json(200, &GcResult { removed: st.gc(&r.valid_container_ids).map_err(from_err)? })
             }
             ("GET", "policy", None) => json(200, &st.policy),
+            ("GET", "policy", Some("selectors")) => {
+                let ids = st.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+                json(200, &crate::policy::selectors(&st.policy.rules, &ids))
+            }
             ("POST", "policy", Some("trace")) => {
                 let r: TraceRequest = body(req, "trace request")?;
                 json(200, &st.trace(&r).map_err(from_err)?)

@@ -1088,3 +1088,87 @@ pub fn trace(
     };
     Trace { egress, ingress, verdict: verdict.into() }
 }
+
+/// One selector of the policy in force and what it selects now
+/// (`policy selectors`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SelectorUse {
+    /// The selector, as JSON text.
+    pub selector: String,
+    /// "endpointSelector", "fromEndpoints", "toEndpoints", "entities", "cidr".
+    pub role: String,
+    /// The document it comes from.
+    pub source: String,
+    pub identities: Vec<u32>,
+}
+
+/// Every selector of `rules` with the identities it selects among `ids`.
+pub fn selectors(rules: &[Rule], ids: &BTreeMap<u32, Vec<String>>) -> Vec<SelectorUse> {
+    let mut out = Vec::new();
+    let text = |s: &Selector| serde_json::to_string(s).unwrap_or_default();
+    for r in rules {
+        let ns = r.namespace.as_deref();
+        if let Some(s) = &r.spec.endpoint_selector {
+            out.push(SelectorUse {
+                selector: text(s),
+                role: "endpointSelector".into(),
+                source: r.source.clone(),
+                identities: ids
+                    .iter()
+                    .filter(|(_, l)| s.matches(l, ns))
+                    .map(|(id, _)| *id)
+                    .collect(),
+            });
+        }
+        for list in [&r.spec.ingress, &r.spec.ingress_deny, &r.spec.egress, &r.spec.egress_deny] {
+            for pr in list.iter().flatten() {
+                for (role, sels) in
+                    [("fromEndpoints", &pr.from_endpoints), ("toEndpoints", &pr.to_endpoints)]
+                {
+                    for s in sels.iter().flatten() {
+                        let single = PeerRule {
+                            from_endpoints: Some(vec![s.clone()]),
+                            ..Default::default()
+                        };
+                        out.push(SelectorUse {
+                            selector: text(s),
+                            role: role.into(),
+                            source: r.source.clone(),
+                            identities: peers_of(&single, ns, ids).into_iter().collect(),
+                        });
+                    }
+                }
+                for (role, ents) in
+                    [("fromEntities", &pr.from_entities), ("toEntities", &pr.to_entities)]
+                {
+                    if let Some(e) = ents {
+                        let single =
+                            PeerRule { from_entities: Some(e.clone()), ..Default::default() };
+                        out.push(SelectorUse {
+                            selector: e.join(","),
+                            role: role.into(),
+                            source: r.source.clone(),
+                            identities: peers_of(&single, ns, ids).into_iter().collect(),
+                        });
+                    }
+                }
+                for (cidr, excepts) in pr.cidrs() {
+                    let single = PeerRule {
+                        from_cidr_set: Some(vec![CidrRule {
+                            cidr: format!("{}/{}", cidr.0, cidr.1),
+                            except: excepts.iter().map(|e| format!("{}/{}", e.0, e.1)).collect(),
+                        }]),
+                        ..Default::default()
+                    };
+                    out.push(SelectorUse {
+                        selector: format!("{}/{}", cidr.0, cidr.1),
+                        role: "cidr".into(),
+                        source: r.source.clone(),
+                        identities: peers_of(&single, ns, ids).into_iter().collect(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}

@@ -60,6 +60,11 @@ pub enum PolicyCommand {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The selectors of the policy in force and the identities each selects
+    Selectors {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Wait until every endpoint has policy revision REV in its maps
     Wait {
         revision: u64,
@@ -169,6 +174,29 @@ impl PolicyCommand {
                     );
                 }
                 println!("Final verdict: {}", t["verdict"].as_str().unwrap_or("?"));
+            }
+            PolicyCommand::Selectors { output } => {
+                let sels: serde_json::Value = client.get("/v1/policy/selectors")?;
+                if let Output::Json = output {
+                    println!("{}", serde_json::to_string_pretty(&sels)?);
+                    return Ok(());
+                }
+                let mut tb = Table::new(&["SELECTOR", "ROLE", "SOURCE", "IDENTITIES"]);
+                for s in sels.as_array().into_iter().flatten() {
+                    let ids: Vec<String> = s["identities"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| i.as_u64().map(|i| i.to_string()))
+                        .collect();
+                    tb.row(vec![
+                        s["selector"].as_str().unwrap_or("").into(),
+                        s["role"].as_str().unwrap_or("").into(),
+                        s["source"].as_str().unwrap_or("").into(),
+                        ids.join(" "),
+                    ]);
+                }
+                print!("{}", tb.render());
             }
             PolicyCommand::Wait { revision, timeout } => {
                 let end = Instant::now() + Duration::from_secs(timeout);

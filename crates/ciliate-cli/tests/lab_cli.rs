@@ -188,6 +188,12 @@ fn agent_commands_and_monitor_on_a_lab() {
         tr.contains("Final verdict: ALLOWED") && tr.contains("by CiliumNetworkPolicy/default/p1"),
         "{tr}"
     );
+    let sels = run(&["policy", "selectors"]);
+    assert!(sels.contains("endpointSelector") && sels.contains("fromEndpoints"), "{sels}");
+    assert!(
+        sels.lines().any(|l| l.contains("fromEndpoints") && l.trim_end().ends_with("256")),
+        "{sels}"
+    );
     assert!(run(&["policy", "delete", "--all"]).contains("(1 rules deleted)"));
     let (ok, _, err) = ciliate(&["policy", "delete", "--lab", &name]);
     assert!(!ok && err.contains("--all"), "{err}");

@@ -314,3 +314,12 @@ spec:
         r.rules.iter().filter(|x| x.proto == 1).map(|x| (x.identity, x.proto, x.ports)).collect();
     assert_eq!(icmp, vec![(ANY_IDENTITY, 1, Some((0, 0))), (ANY_IDENTITY, 1, Some((8, 8)))]);
 }
+
+#[test]
+fn selectors_list_what_each_selects_now() {
+    let rules = parse(WEB_ALLOWS_FRONTEND).unwrap();
+    let sels = selectors(&rules, &identities());
+    let roles: Vec<(&str, Vec<u32>)> =
+        sels.iter().map(|s| (s.role.as_str(), s.identities.clone())).collect();
+    assert_eq!(roles, vec![("endpointSelector", vec![256]), ("fromEndpoints", vec![257])]);
+}
