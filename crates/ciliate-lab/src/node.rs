@@ -259,13 +259,26 @@ impl NodeLab {
         .to_string()
     }
 
-    /// Run the CNI plugin in the node namespace: (stdout, success).
+    /// Run the CNI plugin in the node namespace for a pod of Kubernetes
+    /// namespace `default`: (stdout, success).
     pub fn cni(
         &self,
         command: &str,
         container: &str,
         netns: &str,
         config: &str,
+    ) -> Result<(String, bool)> {
+        self.cni_in(command, container, netns, config, "default")
+    }
+
+    /// [`NodeLab::cni`] for a pod of Kubernetes namespace `namespace`.
+    pub fn cni_in(
+        &self,
+        command: &str,
+        container: &str,
+        netns: &str,
+        config: &str,
+        namespace: &str,
     ) -> Result<(String, bool)> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.node.path().display()))
@@ -275,7 +288,7 @@ impl NodeLab {
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", self.config.bins.cni.parent().unwrap_or(Path::new("/")))
-            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"))
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={container}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -293,10 +306,16 @@ impl NodeLab {
     /// Create a pod namespace named `<lab>-<name>`, add it through the CNI
     /// plugin with `labels`, and start its echo server.
     pub fn add_pod(&self, name: &str, labels: &[(&str, &str)]) -> Result<Pod> {
+        self.add_pod_in(name, "default", labels)
+    }
+
+    /// [`NodeLab::add_pod`] in Kubernetes namespace `namespace`.
+    pub fn add_pod_in(&self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> Result<Pod> {
         let ns = Netns::create(&format!("{}-{name}", self.config.lab))?;
         let container = ns.name().to_owned();
         let netns = ns.path().display().to_string();
-        let (out, ok) = self.cni("ADD", &container, &netns, &self.cni_config(labels))?;
+        let (out, ok) =
+            self.cni_in("ADD", &container, &netns, &self.cni_config(labels), namespace)?;
         if !ok {
             return Err(LabError::Invalid(format!("CNI ADD of {name} failed: {out}")));
         }

@@ -9,7 +9,7 @@
 //! ciliate-echo rr IP:PORT SECONDS           # 1-byte request/response on one connection: "<n>/s"
 //! ciliate-echo crr IP:PORT SECONDS          # connect, 1-byte request/response, close: "<n>/s"
 //! ```
-//! Clients give up after 3 seconds and exit non-zero.
+//! Clients give up after 3 seconds (`CILIATE_ECHO_TIMEOUT_MS`) and exit non-zero.
 
 use std::{
     io::{Read, Write},
@@ -18,7 +18,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a client waits (connect, reply): 3 s, or
+/// `CILIATE_ECHO_TIMEOUT_MS`.
+fn timeout() -> Duration {
+    std::env::var("CILIATE_ECHO_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(3), Duration::from_millis)
+}
 
 fn serve(port: u16) -> std::io::Result<()> {
     let tcp = TcpListener::bind(("0.0.0.0", port))?;
@@ -44,8 +51,8 @@ fn serve(port: u16) -> std::io::Result<()> {
 }
 
 fn tcp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+    s.set_read_timeout(Some(timeout()))?;
     s.write_all(msg.as_bytes())?;
     let mut buf = vec![0u8; msg.len()];
     s.read_exact(&mut buf)?;
@@ -54,7 +61,7 @@ fn tcp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
 
 fn udp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_read_timeout(Some(timeout()))?;
     s.send_to(msg.as_bytes(), addr)?;
     let mut buf = [0u8; 65536];
     let (n, _) = s.recv_from(&mut buf)?;
@@ -64,8 +71,8 @@ fn udp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
 /// One connection, request/response for `secs` seconds; fails if any round
 /// trip fails. Prints the number of round trips.
 fn stream(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+    s.set_read_timeout(Some(timeout()))?;
     s.set_nodelay(true)?;
     let end = Instant::now() + Duration::from_secs(secs);
     let mut n = 0u64;
@@ -92,8 +99,8 @@ fn rate(secs: u64, mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Resul
 }
 
 fn rr(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+    s.set_read_timeout(Some(timeout()))?;
     s.set_nodelay(true)?;
     let mut b = [0u8; 1];
     rate(secs, || {
@@ -105,8 +112,8 @@ fn rr(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
 fn crr(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
     let mut b = [0u8; 1];
     rate(secs, || {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+        s.set_read_timeout(Some(timeout()))?;
         s.set_nodelay(true)?;
         s.write_all(b"x")?;
         s.read_exact(&mut b)
