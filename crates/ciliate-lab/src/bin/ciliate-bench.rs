@@ -24,10 +24,11 @@ struct Opts {
     runs: usize,
     seconds: u64,
     adds: usize,
+    policy_endpoints: usize,
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { runs: 3, seconds: 3, adds: 30 };
+    let mut o = Opts { runs: 3, seconds: 3, adds: 30, policy_endpoints: 100 };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,9 +42,10 @@ fn parse_opts() -> Result<Opts, String> {
             "--runs" => o.runs = val("--runs")?.min(20) as usize,
             "--seconds" => o.seconds = val("--seconds")?.min(30),
             "--adds" => o.adds = val("--adds")?.min(200) as usize,
+            "--policy-endpoints" => o.policy_endpoints = val("--policy-endpoints")?.min(250) as usize,
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N]"
+                    "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N] [--policy-endpoints N]"
                 ));
             }
         }
@@ -180,6 +182,30 @@ fn agent_footprint(lab: &NodeLab) -> Result<(f64, f64), String> {
     Ok((kib / 1024.0, start.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// Time from `PUT /v1/policy` to every endpoint's map written (the call
+/// returns when they are), with `n` endpoints selected.
+fn policy_import_latency(bins: &Binaries, n: usize) -> Result<(f64, usize), String> {
+    let lab = NodeLab::up(NodeLabConfig::new(&format!("cbn{}", token()), n, bins.clone()))
+        .map_err(|e| e.to_string())?;
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: all}\n\
+                spec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: pod1}}]\n\
+                \x20   toPorts: [{ports: [{port: \"7\", protocol: TCP}, {port: \"8000\", endPort: 8100, protocol: TCP}]}]\n";
+    let start = Instant::now();
+    lab.client()
+        .call::<serde_json::Value>(
+            ciliate_api::client::method::PUT,
+            "/v1/policy",
+            Some(&ciliate_api::models::PolicyImport { text: text.into() }),
+        )
+        .map_err(|e| e.to_string())?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let entries = ciliate_datapath::maps::PolicyMap::from_pin_dir(&lab.pins_dir)
+        .and_then(|m| m.dump())
+        .map_err(|e| e.to_string())?
+        .len();
+    Ok((ms, entries))
+}
+
 fn run() -> Result<(), String> {
     let o = parse_opts()?;
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
@@ -256,6 +282,14 @@ fn run() -> Result<(), String> {
     let (p50, p99) = cni_add_latency(&lab, o.adds)?;
     println!();
     println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);
+    drop(lab);
+    let (ms, entries) = policy_import_latency(&bins, o.policy_endpoints)?;
+    println!(
+        "policy import to maps written on {} endpoints: {ms:.0} ms ({entries} policy map entries)",
+        o.policy_endpoints
+    );
+    let lab = NodeLab::up(NodeLabConfig::new(&format!("cbm{}", token()), 2, bins.clone()))
+        .map_err(|e| e.to_string())?;
     let (rss, restart) = agent_footprint(&lab)?;
     println!(
         "agent: RSS {:.1} MiB with {} pods; kill -9 and restart to API ready: {:.0} ms",
