@@ -25,6 +25,7 @@ use crate::target::Target;
 pub enum Kind {
     Drop,
     Trace,
+    PolicyVerdict,
 }
 
 #[derive(Args)]
@@ -115,7 +116,9 @@ fn line(ev: &Event, args: &MonitorArgs, ifnames: &HashMap<u32, String>) -> Optio
                 )
             })
         }
-        Event::Drop(d) if args.kind != Some(Kind::Trace) && related(d.hdr.source, d.dst_id) => {
+        Event::Drop(d)
+            if args.kind.is_none_or(|k| k == Kind::Drop) && related(d.hdr.source, d.dst_id) =>
+        {
             let reason = drop::reason_name(d.hdr.subtype);
             Some(if args.json {
                 json!({
@@ -143,6 +146,37 @@ fn line(ev: &Event, args: &MonitorArgs, ifnames: &HashMap<u32, String>) -> Optio
                     d.line,
                     d.src_identity,
                     d.dst_identity,
+                )
+            })
+        }
+        Event::PolicyVerdict(v)
+            if args.kind.is_none_or(|k| k == Kind::PolicyVerdict) && related(v.hdr.source, 0) =>
+        {
+            let ingress = v.dir == ciliate_common::policy::DIR_INGRESS;
+            let action =
+                if v.verdict == ciliate_common::event::VERDICT_ALLOWED { "allow" } else { "deny" };
+            let matched = ciliate_common::policy::match_name(v.match_type);
+            Some(if args.json {
+                json!({
+                    "type": "policy-verdict",
+                    "endpoint": v.hdr.source,
+                    "flow": format!("{:#x}", v.hdr.hash),
+                    "remote_identity": v.remote_identity,
+                    "proto": v.proto,
+                    "ingress": ingress,
+                    "action": action,
+                    "match": matched,
+                    "summary": pkt,
+                })
+                .to_string()
+            } else {
+                format!(
+                    "Policy verdict log: flow {:#x} local EP ID {}, remote ID {}, proto {}, {}, action {action}, match {matched}, {pkt}",
+                    v.hdr.hash,
+                    v.hdr.source,
+                    v.remote_identity,
+                    v.proto,
+                    if ingress { "ingress" } else { "egress" },
                 )
             })
         }

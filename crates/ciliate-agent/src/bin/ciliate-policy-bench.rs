@@ -25,7 +25,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let (n_rules, n_ids, n_eps) = (arg("--rules", 1000), arg("--identities", 10000), arg("--endpoints", 100));
+    let (n_rules, n_ids, n_eps) =
+        (arg("--rules", 1000), arg("--identities", 10000), arg("--endpoints", 100));
     // Identities: app=a<i % 1000>, tier=t<i % 7>, namespace ns<i % 10>.
     let ids: BTreeMap<u32, Vec<String>> = (0..n_ids)
         .map(|i| {

@@ -42,7 +42,9 @@ fn parse_opts() -> Result<Opts, String> {
             "--runs" => o.runs = val("--runs")?.min(20) as usize,
             "--seconds" => o.seconds = val("--seconds")?.min(30),
             "--adds" => o.adds = val("--adds")?.min(200) as usize,
-            "--policy-endpoints" => o.policy_endpoints = val("--policy-endpoints")?.min(250) as usize,
+            "--policy-endpoints" => {
+                o.policy_endpoints = val("--policy-endpoints")?.min(250) as usize
+            }
             other => {
                 return Err(format!(
                     "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N] [--policy-endpoints N]"
