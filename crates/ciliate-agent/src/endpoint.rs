@@ -75,6 +75,8 @@ pub trait Datapath: Send {
 pub struct MemoryDatapath {
     pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
     pub policies: BTreeMap<u16, Resolved>,
+    /// Policy writes per endpoint.
+    pub syncs: BTreeMap<u16, usize>,
     pub cidrs: BTreeMap<Prefix, u32>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
@@ -100,6 +102,7 @@ impl Datapath for MemoryDatapath {
         Ok(())
     }
     fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
+        *self.syncs.entry(endpoint_id).or_default() += 1;
         if *policy == Resolved::default() {
             self.policies.remove(&endpoint_id);
         } else {
@@ -243,7 +246,9 @@ impl<D: Datapath> Endpoints<D> {
             )));
         }
         let id = self.free_id()?;
+        let known_before = self.identities.allocated();
         let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
+        let new_identity = self.identities.allocated() > known_before;
         let mut ep = Endpoint {
             id,
             container_id: req.container_id,
@@ -274,8 +279,28 @@ impl<D: Datapath> Endpoints<D> {
             return Err(e);
         }
         self.endpoints.insert(id, ep.clone());
-        // Its identity may be new: every endpoint's peers may change.
-        self.regenerate()?;
+        // The new endpoint's own policy; and when its identity is new, the
+        // policy of the endpoints whose rules may now name it as a peer
+        // (the selector cache at endpoint granularity: nobody else changes).
+        let mut affected = vec![id];
+        if new_identity {
+            let labels = label_set(&ep.labels);
+            let peering = crate::policy::rules_peering(&self.policy.rules, &labels);
+            for other in self.endpoints.values() {
+                let l = label_set(&other.labels);
+                if peering.iter().any(|r| {
+                    r.spec
+                        .endpoint_selector
+                        .as_ref()
+                        .is_some_and(|s| s.matches(&l, r.namespace.as_deref()))
+                }) {
+                    affected.push(other.id);
+                }
+            }
+        }
+        affected.sort();
+        affected.dedup();
+        self.regenerate_only(&affected)?;
         self.get(id)
     }
 
@@ -327,9 +352,17 @@ impl<D: Datapath> Endpoints<D> {
         self.datapath
             .sync_cidrs(&cidrs)
             .map_err(|e| internal(format!("writing CIDR identities: {e}")))?;
+        let all: Vec<u16> = self.endpoints.keys().copied().collect();
+        self.regenerate_only(&all)
+    }
+
+    /// Re-resolve and write the policy of the endpoints `which` only (the
+    /// policy and its CIDRs unchanged).
+    pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
         let ids: BTreeMap<u32, Vec<String>> =
             self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
-        let eps: Vec<Endpoint> = self.list();
+        let eps: Vec<Endpoint> =
+            which.iter().filter_map(|id| self.endpoints.get(id).cloned()).collect();
         for mut ep in eps {
             if ep.container_id == HOST_CONTAINER {
                 continue;
@@ -638,6 +671,38 @@ mod tests {
         assert_eq!(n.gc(&[]).unwrap(), Vec::<u16>::new());
         assert_eq!(n.restore().unwrap(), 0);
         assert_eq!(n.list(), vec![host]);
+    }
+
+    #[test]
+    fn a_new_pod_regenerates_only_the_endpoints_whose_rules_can_name_it() {
+        let mut n = node();
+        let policy = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
+        n.import_policy(crate::policy::parse(policy).unwrap()).unwrap();
+        let r = request(&mut n, "db", "db");
+        let db = n.create(r).unwrap();
+        let r = request(&mut n, "web", "web");
+        n.create(r).unwrap();
+        assert!(
+            n.datapath.policies[&db.id].rules.iter().all(|x| x.identity == 1),
+            "no api pod yet"
+        );
+        // A new identity that db's rule selects: db is regenerated and now
+        // allows it.
+        let r = request(&mut n, "api", "api");
+        let api = n.create(r).unwrap();
+        assert!(n.datapath.policies[&db.id].rules.iter().any(|x| x.identity == api.identity));
+        // Counting writes: a second web pod (identity known) touches nobody else.
+        let before = n.datapath.syncs.clone();
+        let r = request(&mut n, "web2", "web");
+        let web2 = n.create(r).unwrap();
+        let touched: Vec<u16> = n
+            .datapath
+            .syncs
+            .iter()
+            .filter(|(ep, c)| before.get(ep) != Some(c))
+            .map(|(ep, _)| *ep)
+            .collect();
+        assert_eq!(touched, vec![web2.id]);
     }
 
     #[test]

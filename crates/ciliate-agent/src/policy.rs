@@ -1172,3 +1172,27 @@ pub fn selectors(rules: &[Rule], ids: &BTreeMap<u32, Vec<String>>) -> Vec<Select
     }
     out
 }
+
+/// The rules whose peers may include a new identity with `labels`: their
+/// endpoint selectors, entities ("cluster", "all") or an L4-only rule. The
+/// endpoints these rules select are the only ones a new identity changes.
+pub fn rules_peering<'a>(rules: &'a [Rule], labels: &[String]) -> Vec<&'a Rule> {
+    rules
+        .iter()
+        .filter(|r| {
+            let ns = r.namespace.as_deref();
+            [&r.spec.ingress, &r.spec.ingress_deny, &r.spec.egress, &r.spec.egress_deny]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|pr| {
+                    let sel = pr.from_endpoints.iter().chain(pr.to_endpoints.iter()).flatten();
+                    let ents = pr.from_entities.iter().chain(pr.to_entities.iter()).flatten();
+                    sel.clone().any(|s| {
+                        s.match_labels.is_empty() && s.match_expressions.is_empty()
+                            || s.matches(labels, ns)
+                    }) || ents.into_iter().any(|e| e == "cluster" || e == "all")
+                })
+        })
+        .collect()
+}
