@@ -18,7 +18,7 @@ use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
 use crate::{
     identity::{Identities, label_set},
     ipam::{Cidr, Ipam},
-    policy::{Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve},
+    policy::{NamedPorts, Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve_named},
     store,
 };
 
@@ -226,6 +226,17 @@ impl<D: Datapath> Endpoints<D> {
         if parse_mac(&req.mac).is_none() {
             return bad(format!("mac {:?} is not a MAC address", req.mac));
         }
+        for (name, p) in &req.named_ports {
+            if !crate::policy::valid_port_name(name) {
+                return bad(format!("named port {name:?}: 1-15 lowercase letters, digits and '-'"));
+            }
+            if p.protocol != "TCP" && p.protocol != "UDP" {
+                return bad(format!(
+                    "named port {name}: protocol {} is not TCP or UDP",
+                    p.protocol
+                ));
+            }
+        }
         match self.ipam.owner(req.ip) {
             Some(o) if o == req.container_id => {}
             Some(o) => {
@@ -261,6 +272,7 @@ impl<D: Datapath> Endpoints<D> {
             mac: req.mac.to_lowercase(),
             labels: req.labels,
             pod_name: req.pod_name,
+            named_ports: req.named_ports,
             identity,
             state: "ready".into(),
             ingress_enforcement: "Disabled".into(),
@@ -323,6 +335,7 @@ impl<D: Datapath> Endpoints<D> {
             mac: String::new(),
             labels: [("reserved:host".to_string(), String::new())].into(),
             pod_name: String::new(),
+            named_ports: BTreeMap::new(),
             identity: ciliate_common::identity::HOST,
             state: "ready".into(),
             ingress_enforcement: "Disabled".into(),
@@ -356,6 +369,27 @@ impl<D: Datapath> Endpoints<D> {
         self.regenerate_only(&all)
     }
 
+    /// The named ports a rule of `ep` may mean: its own (ingress) and every
+    /// endpoint's by identity (egress).
+    pub fn named_ports_for(&self, ep: &Endpoint) -> NamedPorts {
+        let conv = |m: &BTreeMap<String, ciliate_api::models::NamedPort>| {
+            m.iter()
+                .map(|(n, p)| (n.clone(), vec![(p.port, if p.protocol == "UDP" { 17 } else { 6 })]))
+                .collect::<BTreeMap<String, Vec<(u16, u8)>>>()
+        };
+        let mut by_identity: BTreeMap<u32, BTreeMap<String, Vec<(u16, u8)>>> = BTreeMap::new();
+        for other in self.endpoints.values() {
+            let slot = by_identity.entry(other.identity).or_default();
+            for (n, ports) in conv(&other.named_ports) {
+                let v = slot.entry(n).or_default();
+                v.extend(ports);
+                v.sort();
+                v.dedup();
+            }
+        }
+        NamedPorts { own: conv(&ep.named_ports), by_identity }
+    }
+
     /// Re-resolve and write the policy of the endpoints `which` only (the
     /// policy and its CIDRs unchanged).
     pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
@@ -367,7 +401,8 @@ impl<D: Datapath> Endpoints<D> {
             if ep.container_id == HOST_CONTAINER {
                 continue;
             }
-            let r = resolve(&self.policy.rules, ep.id, &label_set(&ep.labels), &ids);
+            let named = self.named_ports_for(&ep);
+            let r = resolve_named(&self.policy.rules, ep.id, &label_set(&ep.labels), &ids, &named);
             self.datapath
                 .sync_policy(ep.id, &r)
                 .map_err(|e| internal(format!("writing the policy of endpoint {}: {e}", ep.id)))?;
@@ -426,6 +461,13 @@ impl<D: Datapath> Endpoints<D> {
         // Spare identities for label sets nobody has yet.
         let (src, src_labels) = peer(&r.src, "src", u32::MAX - 1)?;
         let (dst, dst_labels) = peer(&r.dst, "dst", u32::MAX - 2)?;
+        let named = |p: &ciliate_api::models::TracePeer| match p
+            .endpoint
+            .and_then(|id| self.endpoints.get(&id))
+        {
+            Some(ep) => self.named_ports_for(ep),
+            None => NamedPorts::default(),
+        };
         Ok(crate::policy::trace(
             &self.policy.rules,
             (src, &src_labels),
@@ -433,6 +475,7 @@ impl<D: Datapath> Endpoints<D> {
             proto,
             r.dport,
             &ids,
+            (&named(&r.src), &named(&r.dst)),
         ))
     }
 
@@ -578,6 +621,7 @@ mod tests {
             mac: "0A:00:00:00:00:01".into(),
             labels: [("app".to_string(), app.to_string())].into(),
             pod_name: String::new(),
+            named_ports: BTreeMap::new(),
         }
     }
 

@@ -150,5 +150,6 @@ pub fn ensure_health_endpoint<D: Datapath>(
         mac,
         labels: [("reserved:health".to_string(), String::new())].into(),
         pod_name: String::new(),
+        named_ports: Default::default(),
     })
 }

@@ -666,6 +666,33 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
 /// An inclusive port range; `None` for every port.
 pub type Ports = Option<(u16, u16)>;
 
+/// A named port (IANA service name rules): 1-15 lowercase letters, digits
+/// and '-', with a letter, no '-' at either end.
+pub fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The named ports a resolution may use: the endpoint's own (for its
+/// ingress rules) and every identity's (for egress rules to it).
+#[derive(Clone, Debug, Default)]
+pub struct NamedPorts {
+    pub own: BTreeMap<String, Vec<(u16, u8)>>,
+    pub by_identity: BTreeMap<u32, BTreeMap<String, Vec<(u16, u8)>>>,
+}
+
+/// The port name of a `ports` entry, if it names one.
+fn port_name(p: &PortProtocol) -> Option<&str> {
+    match &p.port {
+        serde_yaml::Value::String(s) if s.parse::<u32>().is_err() => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// (protocols, ports) of one `ports` entry.
 fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {
     let protos = match p.protocol.as_deref().unwrap_or("ANY") {
@@ -681,9 +708,15 @@ fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {
         }
         serde_yaml::Value::String(s) => match s.parse() {
             Ok(v) => v,
+            Err(_) if valid_port_name(s) => {
+                if p.end_port.is_some() {
+                    return Err(format!("port {s:?}: a named port takes no endPort"));
+                }
+                return Ok((protos, None));
+            }
             Err(_) => {
                 return Err(format!(
-                    "port {s:?}: named ports are not supported yet; give a number"
+                    "port {s:?} is neither a number nor a port name (lowercase letters, digits, '-')"
                 ));
             }
         },
@@ -778,7 +811,18 @@ pub fn resolve(
     labels: &[String],
     identities: &BTreeMap<u32, Vec<String>>,
 ) -> Resolved {
-    resolve_with(rules, endpoint_id, labels, identities, true)
+    resolve_with(rules, endpoint_id, labels, identities, true, &NamedPorts::default())
+}
+
+/// [`resolve`] with the named ports rules may name.
+pub fn resolve_named(
+    rules: &[Rule],
+    endpoint_id: u16,
+    labels: &[String],
+    identities: &BTreeMap<u32, Vec<String>>,
+    named: &NamedPorts,
+) -> Resolved {
+    resolve_with(rules, endpoint_id, labels, identities, true, named)
 }
 
 fn resolve_with(
@@ -787,6 +831,7 @@ fn resolve_with(
     labels: &[String],
     identities: &BTreeMap<u32, Vec<String>>,
     allow_localhost: bool,
+    named: &NamedPorts,
 ) -> Resolved {
     let mut out = Resolved::default();
     let mut denies: Vec<PolicyRule> = Vec::new();
@@ -824,12 +869,36 @@ fn resolve_with(
                         .iter()
                         .flatten()
                         .flat_map(|p| p.ports.iter())
+                        .filter(|p| port_name(p).is_none())
                         .filter_map(|p| port_spec(p).ok())
                         .flat_map(|(protos, range)| protos.into_iter().map(move |pr| (pr, range)))
                         .chain(icmps)
                         .collect(),
                 };
+                // Named ports: the endpoint's own for ingress, each peer's
+                // for egress.
+                let names: Vec<(&str, Vec<u8>)> = pr
+                    .to_ports
+                    .iter()
+                    .flatten()
+                    .flat_map(|p| p.ports.iter())
+                    .filter_map(|p| Some((port_name(p)?, port_spec(p).ok()?.0)))
+                    .collect();
                 for identity in peers {
+                    let table = if dir == DIR_INGRESS {
+                        Some(&named.own)
+                    } else {
+                        named.by_identity.get(&identity)
+                    };
+                    let mut ports = ports.clone();
+                    for (name, protos) in &names {
+                        for (port, proto) in table.and_then(|t| t.get(*name)).into_iter().flatten()
+                        {
+                            if protos.contains(proto) {
+                                ports.push((*proto, Some((*port, *port))));
+                            }
+                        }
+                    }
                     for (proto, range) in &ports {
                         let blocks: Vec<Option<(u16, u16)>> = match range {
                             None => vec![None],
@@ -986,6 +1055,7 @@ fn matching(r: &PolicyRule, identity: u32, proto: u8, port: u16) -> bool {
 /// One direction, decided as the datapath decides it (see
 /// `ciliate_common::policy`) from the rules of `rules` that select the
 /// endpoint with `labels`, for a peer with identity `peer`.
+#[allow(clippy::too_many_arguments, reason = "one direction of a trace: all of it is input")]
 fn trace_direction(
     rules: &[Rule],
     dir: u8,
@@ -994,8 +1064,9 @@ fn trace_direction(
     proto: u8,
     port: u16,
     ids: &BTreeMap<u32, Vec<String>>,
+    named: &NamedPorts,
 ) -> DirectionTrace {
-    let all = resolve(rules, 0, labels, ids);
+    let all = resolve_with(rules, 0, labels, ids, true, named);
     let enforced = if dir == DIR_INGRESS { all.ingress_enforced } else { all.egress_enforced };
     if !enforced {
         return DirectionTrace {
@@ -1009,7 +1080,7 @@ fn trace_direction(
         let mut out: Vec<String> = rules
             .iter()
             .filter(|r| {
-                resolve_with(std::slice::from_ref(*r), 0, labels, ids, false)
+                resolve_with(std::slice::from_ref(*r), 0, labels, ids, false, named)
                     .rules
                     .iter()
                     .any(|x| x.dir == dir && x.deny == deny && matching(x, peer, proto, port))
@@ -1049,6 +1120,9 @@ fn trace_direction(
 }
 
 /// Trace `src` → `dst` (each an identity with its labels) on `proto`/`port`.
+/// `named`: the named ports of the source's and the destination's
+/// resolution (see [`NamedPorts`]).
+#[allow(clippy::too_many_arguments, reason = "a trace: all of it is input")]
 pub fn trace(
     rules: &[Rule],
     src: (u32, &[String]),
@@ -1056,6 +1130,7 @@ pub fn trace(
     proto: u8,
     port: u16,
     identities: &BTreeMap<u32, Vec<String>>,
+    named: (&NamedPorts, &NamedPorts),
 ) -> Trace {
     let mut ids = identities.clone();
     ids.insert(src.0, src.1.to_vec());
@@ -1072,12 +1147,12 @@ pub fn trace(
         rules: vec![],
     };
     let egress = if is_endpoint(src.0) {
-        trace_direction(rules, DIR_EGRESS, src.1, dst.0, proto, port, &ids)
+        trace_direction(rules, DIR_EGRESS, src.1, dst.0, proto, port, &ids, named.0)
     } else {
         open()
     };
     let ingress = if is_endpoint(dst.0) {
-        trace_direction(rules, DIR_INGRESS, dst.1, src.0, proto, port, &ids)
+        trace_direction(rules, DIR_INGRESS, dst.1, src.0, proto, port, &ids, named.1)
     } else {
         open()
     };

@@ -60,6 +60,17 @@ pub struct EndpointCreate {
     /// not part of the identity).
     #[serde(default)]
     pub pod_name: String,
+    /// The pod's named ports (`http` → 80/TCP), for policies that name ports.
+    #[serde(default)]
+    pub named_ports: BTreeMap<String, NamedPort>,
+}
+
+/// A named container port.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamedPort {
+    pub port: u16,
+    /// "TCP" or "UDP".
+    pub protocol: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +87,8 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub pod_name: String,
+    #[serde(default)]
+    pub named_ports: BTreeMap<String, NamedPort>,
     pub identity: u32,
     /// "ready", or what went wrong.
     pub state: String,

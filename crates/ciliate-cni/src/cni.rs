@@ -5,7 +5,9 @@ use std::{collections::HashMap, path::PathBuf};
 use ciliate_api::{
     Client, ClientError,
     client::method,
-    models::{Endpoint, EndpointCreate, GcRequest, GcResult, IpamAllocation, IpamRequest},
+    models::{
+        Endpoint, EndpointCreate, GcRequest, GcResult, IpamAllocation, IpamRequest, NamedPort,
+    },
 };
 use ciliate_datapath::node::{
     PodLink, addresses_in, create_pod_link, delete_device, device_exists, lxc_name,
@@ -54,6 +56,7 @@ struct Conf {
     socket: PathBuf,
     mtu: u32,
     labels: Vec<(String, String)>,
+    named_ports: std::collections::BTreeMap<String, NamedPort>,
     raw: Value,
 }
 
@@ -123,7 +126,33 @@ fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
             labels.push((k.clone(), v.to_owned()));
         }
     }
-    Ok(Conf { version, socket, mtu, labels, raw })
+    // `args.namedPorts`: {"http": 80} or {"dns": {"port": 53, "protocol": "UDP"}}
+    // (the pod's container ports, which a runtime without Kubernetes knows).
+    let mut named_ports = std::collections::BTreeMap::new();
+    if let Some(map) = args.and_then(|a| a.get("namedPorts")) {
+        let map = map
+            .as_object()
+            .ok_or_else(|| err(code::INVALID_CONFIG, "args.namedPorts is not an object", ""))?;
+        for (name, v) in map {
+            let (port, proto) = match v {
+                Value::Number(n) => (n.as_u64(), "TCP".to_owned()),
+                Value::Object(o) => (
+                    o.get("port").and_then(Value::as_u64),
+                    o.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_owned(),
+                ),
+                _ => (None, String::new()),
+            };
+            let port = port.filter(|p| (1..=65535).contains(p)).ok_or_else(|| {
+                err(
+                    code::INVALID_CONFIG,
+                    format!("args.namedPorts.{name}: a port from 1 to 65535"),
+                    "",
+                )
+            })?;
+            named_ports.insert(name.clone(), NamedPort { port: port as u16, protocol: proto });
+        }
+    }
+    Ok(Conf { version, socket, mtu, labels, named_ports, raw })
 }
 
 struct Env<'a> {
@@ -258,6 +287,7 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
             mac: mac.clone(),
             labels,
             pod_name,
+            named_ports: conf.named_ports.clone(),
         };
         client
             .call::<Endpoint>(method::PUT, "/v1/endpoint", Some(&req))

@@ -142,3 +142,40 @@ spec:
     assert_eq!(id, ciliate_common::identity::WORLD, "back to the world");
     assert!(reaches(&lab, &p1.ns, "tcp", ip("198.51.100.1")));
 }
+
+#[test]
+fn a_named_port_means_the_port_the_pod_declared() {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let lab = NodeLab::up(NodeLabConfig::new(&format!("clt{}", token()), 1, bins)).unwrap();
+    // pod2 declares its echo port by name through the CNI configuration.
+    let ns = Netns::create(&format!("{}-pod2", lab.config.lab)).unwrap();
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&lab.cni_config(&[("app", "server")])).unwrap();
+    conf["args"]["namedPorts"] = serde_json::json!({"echo": ECHO_PORT});
+    let (out, ok) =
+        lab.cni("ADD", ns.name(), &ns.path().display().to_string(), &conf.to_string()).unwrap();
+    assert!(ok, "{out}");
+    let server_ip: std::net::Ipv4Addr = {
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        r["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").parse().unwrap()
+    };
+    let echo = lab.config.bins.echo.to_string_lossy().into_owned();
+    drop(ns.spawn_detached(&[&echo, "serve", &ECHO_PORT.to_string()]).unwrap());
+    drop(ns.spawn_detached(&[&echo, "serve", "8"]).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: named, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - toPorts: [{ports: [{port: echo, protocol: TCP}]}]
+"#;
+    import(&lab, policy).unwrap();
+    let client = &lab.pods[0];
+    assert!(reaches(&lab, &client.ns, "tcp", server_ip), "port 7 is \"echo\"");
+    let other = client.ns.exec(&[&echo, "tcp", &format!("{server_ip}:8"), "x"]);
+    assert!(other.is_err(), "port 8 has no name the policy allows");
+}

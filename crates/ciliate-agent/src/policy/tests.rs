@@ -145,7 +145,8 @@ fn bad_policies_are_refused_with_a_clear_message() {
         (base("  endpointSelector: {matchExpressions: [{key: a, operator: Near}]}"), "operator Near"),
         (base("  endpointSelector: {matchExpressions: [{key: a, operator: In}]}"), "needs values"),
         (base("  endpointSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}"), "takes no values"),
-        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: \"http\"}]}]}]"), "named ports"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: \"Http_X\"}]}]}]"), "neither a number nor a port name"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: \"http\", endPort: 90}]}]}]"), "takes no endPort"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 70000}]}]}]"), "over 65535"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 90, endPort: 80}]}]}]"), "endPort 80"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80, protocol: SCTPX}]}]}]"), "protocol SCTPX"),
@@ -212,16 +213,48 @@ fn trace_says_what_decides_and_why() {
     let rules = parse(WEB_ALLOWS_FRONTEND).unwrap();
     let ids = identities();
     let (web, fe, fe_other) = (ids[&256].clone(), ids[&257].clone(), ids[&258].clone());
-    let t = trace(&rules, (257, &fe), (256, &web), 6, 80, &ids);
+    let t = trace(
+        &rules,
+        (257, &fe),
+        (256, &web),
+        6,
+        80,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
     assert_eq!(t.verdict, "ALLOWED");
     assert_eq!(t.ingress.rules, ["CiliumNetworkPolicy/shop/web"]);
     assert!(!t.egress.enforced);
-    let t = trace(&rules, (257, &fe), (256, &web), 6, 81, &ids);
+    let t = trace(
+        &rules,
+        (257, &fe),
+        (256, &web),
+        6,
+        81,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
     assert_eq!((t.verdict.as_str(), t.ingress.reason.contains("default deny")), ("DENIED", true));
-    let t = trace(&rules, (258, &fe_other), (256, &web), 6, 80, &ids);
+    let t = trace(
+        &rules,
+        (258, &fe_other),
+        (256, &web),
+        6,
+        80,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
     assert_eq!(t.verdict, "DENIED", "another namespace's frontend");
     let host = vec!["reserved:host".to_string()];
-    let t = trace(&rules, (reserved::HOST, &host), (256, &web), 6, 9999, &ids);
+    let t = trace(
+        &rules,
+        (reserved::HOST, &host),
+        (256, &web),
+        6,
+        9999,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
     assert_eq!(
         (t.verdict.as_str(), t.ingress.rules.as_slice()),
         ("ALLOWED", &["allow-localhost".to_string()][..])
@@ -290,7 +323,10 @@ spec:
             "only kubernetes.io/metadata.name",
         ),
         (allow_all.replace("ingress: [{}]", "ingress: [{from: [{}]}]"), "empty peer"),
-        (allow_all.replace("ingress: [{}]", "ingress: [{ports: [{port: http}]}]"), "named ports"),
+        (
+            allow_all.replace("ingress: [{}]", "ingress: [{ports: [{port: Http_X}]}]"),
+            "neither a number nor a port name",
+        ),
         (allow_all.replace("podSelector: {}", "podSelectr: {}"), "field podSelectr"),
     ] {
         let e = parse(&bad).unwrap_err().to_string();
@@ -322,4 +358,40 @@ fn selectors_list_what_each_selects_now() {
     let roles: Vec<(&str, Vec<u32>)> =
         sels.iter().map(|s| (s.role.as_str(), s.identities.clone())).collect();
     assert_eq!(roles, vec![("endpointSelector", vec![256]), ("fromEndpoints", vec![257])]);
+}
+
+#[test]
+fn named_ports_resolve_to_the_endpoints_own_ports_and_the_peers_ports() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: n, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: http, protocol: TCP}]}]
+  egress:
+  - toEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: dns}]}]
+"#;
+    let rules = parse(text).unwrap();
+    let named = NamedPorts {
+        own: [("http".to_string(), vec![(8080, 6)])].into(),
+        by_identity: [(257, [("dns".to_string(), vec![(53, 17)])].into())].into(),
+    };
+    let r = resolve_named(&rules, 1, &labels("web", "shop"), &identities(), &named);
+    let got: BTreeSet<(u8, u32, u8, Ports)> = r
+        .rules
+        .iter()
+        .filter(|x| x.identity == 257)
+        .map(|x| (x.dir, x.identity, x.proto, x.ports))
+        .collect();
+    assert_eq!(
+        got,
+        [(DIR_INGRESS, 257, 6, Some((8080, 8080))), (DIR_EGRESS, 257, 17, Some((53, 53)))].into()
+    );
+    // Without the endpoint's named ports the rule allows nothing.
+    let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
+    assert!(r.rules.iter().all(|x| x.identity != 257));
 }
