@@ -1,9 +1,6 @@
 //! `ciliate lab up|down|status`: local labs on network namespaces.
 
-use std::path::Path;
-
 use anyhow::Context as _;
-use ciliate_datapath::bpffs::DEFAULT_ROOT;
 use ciliate_lab::{
     netns,
     node::{self, Binaries, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
@@ -57,7 +54,7 @@ fn say(msg: impl AsRef<str>) {
 }
 
 fn up(name: &str, pods: usize) -> anyhow::Result<()> {
-    let removed = node::down(name, Path::new(DEFAULT_ROOT))?;
+    let removed = node::down(name)?;
     if !removed.is_empty() {
         say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
     }
@@ -130,7 +127,7 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
 }
 
 fn down(name: &str) -> anyhow::Result<()> {
-    let removed = node::down(name, Path::new(DEFAULT_ROOT))?;
+    let removed = node::down(name)?;
     if removed.is_empty() {
         say(format!("no lab named {name}"));
     } else {

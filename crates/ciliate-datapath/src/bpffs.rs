@@ -45,6 +45,66 @@ pub fn ensure_mounted(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Unmount whatever is mounted at `path` (lazily: pins still open elsewhere
+/// go when their last user does). Not mounted is fine.
+pub fn unmount(path: &Path) -> Result<()> {
+    if !is_bpffs(path) {
+        return Ok(());
+    }
+    let err =
+        |source| DatapathError::Io { what: "unmounting bpffs at", path: path.to_owned(), source };
+    let target = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    // SAFETY: umount2(2) on a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// A bpffs of its own, mounted at a directory this guard creates, and
+/// unmounted and removed when it is dropped (pinned maps and links inside
+/// go with it). Tests and labs use one so they never leave pins behind in
+/// the machine's `/sys/fs/bpf`.
+#[derive(Debug)]
+pub struct PrivateBpffs {
+    pub root: PathBuf,
+    keep: bool,
+}
+
+impl PrivateBpffs {
+    pub fn mount(root: &Path) -> Result<Self> {
+        ensure_mounted(root)?;
+        Ok(Self { root: root.to_owned(), keep: false })
+    }
+
+    /// Leave it mounted when this guard goes (a kept lab).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Unmount and remove the directory now.
+    pub fn remove(root: &Path) -> Result<()> {
+        unmount(root)?;
+        match std::fs::remove_dir(root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DatapathError::Io {
+                what: "removing bpffs mount point",
+                path: root.to_owned(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = Self::remove(&self.root);
+        }
+    }
+}
+
 /// The pin directory of one node: `<root>/ciliate/<node>`.
 #[derive(Clone, Debug)]
 pub struct NodePins {

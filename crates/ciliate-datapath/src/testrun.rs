@@ -46,11 +46,17 @@ pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun
     Ok(TcRun { verdict: res.return_value as i32, packet: out })
 }
 
-/// A pin directory of its own for one test, removed when dropped (also when
-/// the test panics), so tests run in parallel and twice in a row.
+/// A bpffs and a pin directory of its own for one test, unmounted and
+/// removed when dropped (also when the test panics), so tests run in
+/// parallel and twice in a row and leave nothing in `/sys/fs/bpf`.
 pub struct ScratchNode {
     pub pins: crate::bpffs::NodePins,
+    /// The test's bpffs; unmounted in `drop`.
+    mount: Option<crate::bpffs::PrivateBpffs>,
 }
+
+/// Where scratch nodes mount their bpffs.
+pub const SCRATCH_ROOT: &str = "/run/ciliate/test-bpffs";
 
 impl ScratchNode {
     pub fn new(tag: &str) -> Result<Self> {
@@ -65,11 +71,10 @@ impl ScratchNode {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let pins = crate::bpffs::NodePins::create(
-            std::path::Path::new(crate::bpffs::DEFAULT_ROOT),
-            &name,
-        )?;
-        Ok(Self { pins })
+        let root = std::path::Path::new(SCRATCH_ROOT).join(&name);
+        let mount = crate::bpffs::PrivateBpffs::mount(&root)?;
+        let pins = crate::bpffs::NodePins::create(&root, &name)?;
+        Ok(Self { pins, mount: Some(mount) })
     }
 }
 
@@ -96,6 +101,11 @@ impl ScratchNode {
 
 impl Drop for ScratchNode {
     fn drop(&mut self) {
-        let _ = self.pins.remove();
+        drop(self.mount.take());
+        // The parents too, when nothing else uses them (remove_dir refuses
+        // a non-empty directory).
+        let root = std::path::Path::new(SCRATCH_ROOT);
+        let _ = std::fs::remove_dir(root);
+        let _ = std::fs::remove_dir(root.parent().unwrap_or(root));
     }
 }

@@ -27,7 +27,7 @@ use std::{
 };
 
 use ciliate_api::{Client, models::Endpoint};
-use ciliate_datapath::{aya_reexport::TcAttachType, bpffs::DEFAULT_ROOT, loader};
+use ciliate_datapath::{aya_reexport::TcAttachType, bpffs::PrivateBpffs, loader};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -89,7 +89,6 @@ pub struct NodeLabConfig {
     pub pod_cidr: Ipv4Addr,
     pub pod_cidr_len: u8,
     pub mtu: u32,
-    pub bpffs_root: PathBuf,
     pub bins: Binaries,
 }
 
@@ -101,7 +100,6 @@ impl NodeLabConfig {
             pod_cidr: Ipv4Addr::new(10, 200, 0, 0),
             pod_cidr_len: 24,
             mtu: 1500,
-            bpffs_root: PathBuf::from(DEFAULT_ROOT),
             bins,
         }
     }
@@ -168,7 +166,23 @@ pub struct NodeLab {
     pub pins_dir: PathBuf,
     pub socket: PathBuf,
     pub work_dir: PathBuf,
+    /// The lab's own bpffs (`<work_dir>/bpffs`): its pins never touch the
+    /// machine's `/sys/fs/bpf`, and unmounting it removes them all.
+    bpffs: Option<PrivateBpffs>,
     keep: bool,
+}
+
+/// Remove `/run/ciliate/labs` and `/run/ciliate` when nothing is left in
+/// them (remove_dir refuses a non-empty directory).
+fn remove_empty_state_dirs() {
+    let labs = Path::new(STATE_DIR);
+    let _ = std::fs::remove_dir(labs);
+    let _ = std::fs::remove_dir(labs.parent().unwrap_or(labs));
+}
+
+/// The bpffs mount point of lab `lab`.
+fn bpffs_root(lab: &str) -> PathBuf {
+    PathBuf::from(STATE_DIR).join(lab).join("bpffs")
 }
 
 impl NodeLab {
@@ -177,16 +191,19 @@ impl NodeLab {
         let node_name = format!("{}-node1", config.lab);
         let node = Netns::create(&node_name)?;
         let work_dir = PathBuf::from(STATE_DIR).join(&config.lab);
+        let root = bpffs_root(&config.lab);
+        let _ = PrivateBpffs::remove(&root);
         let _ = std::fs::remove_dir_all(&work_dir);
-        std::fs::create_dir_all(&work_dir)
-            .map_err(|e| LabError::Invalid(format!("creating {}: {e}", work_dir.display())))?;
+        let bpffs = PrivateBpffs::mount(&root)
+            .map_err(|source| LabError::Datapath { ns: node_name.clone(), source })?;
         let mut lab = Self {
             pods: Vec::new(),
-            pins_dir: config.bpffs_root.join("ciliate").join(&node_name),
+            pins_dir: root.join("ciliate").join(&node_name),
             socket: work_dir.join("agent.sock"),
             node,
             config,
             work_dir,
+            bpffs: Some(bpffs),
             keep: false,
         };
         lab.start_agent()?;
@@ -220,7 +237,7 @@ impl NodeLab {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--bpffs")
-            .arg(&self.config.bpffs_root)
+            .arg(bpffs_root(&self.config.lab))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)
             .stderr(log);
@@ -370,6 +387,9 @@ impl NodeLab {
         save_state(&state)?;
         self.keep = true;
         self.node.keep();
+        if let Some(b) = &mut self.bpffs {
+            b.keep();
+        }
         for p in &mut self.pods {
             p.ns.keep();
         }
@@ -389,8 +409,10 @@ impl Drop for NodeLab {
             if netns::exists(&health) {
                 let _ = Netns::adopt(&health).delete();
             }
-            let _ = std::fs::remove_dir_all(&self.pins_dir);
+            // Unmounting the lab's bpffs removes every pin in it.
+            drop(self.bpffs.take());
             let _ = std::fs::remove_dir_all(&self.work_dir);
+            remove_empty_state_dirs();
         }
     }
 }
@@ -443,9 +465,9 @@ pub fn list_states() -> Vec<LabState> {
 }
 
 /// Remove lab `lab`: its namespaces (also ones a crashed `up` left without a
-/// state file), its pinned maps and links, and its state file. Returns the
+/// state file), its bpffs (pinned maps and links) and its state. Returns the
 /// namespaces removed.
-pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
+pub fn down(lab: &str) -> Result<Vec<String>> {
     let prefix = format!("{lab}-");
     let mut removed = Vec::new();
     let mut names: Vec<String> =
@@ -457,16 +479,11 @@ pub fn down(lab: &str, bpffs_root: &std::path::Path) -> Result<Vec<String>> {
         Netns::adopt(&n).delete()?;
         removed.push(n);
     }
-    let pins_root = bpffs_root.join("ciliate");
-    if let Ok(dir) = std::fs::read_dir(&pins_root) {
-        for e in dir.flatten() {
-            if e.file_name().to_str().is_some_and(|n| is_lab_ns(n, &prefix)) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
+    PrivateBpffs::remove(&bpffs_root(lab))
+        .map_err(|source| LabError::Datapath { ns: lab.to_owned(), source })?;
     let _ = std::fs::remove_file(state_path(lab));
     let _ = std::fs::remove_dir_all(PathBuf::from(STATE_DIR).join(lab));
+    remove_empty_state_dirs();
     Ok(removed)
 }
 

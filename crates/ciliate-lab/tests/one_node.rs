@@ -199,7 +199,7 @@ fn a_kept_lab_is_recorded_and_removed_by_down() {
     assert_eq!(node::load_state(&name).unwrap().as_ref(), Some(&state));
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());
-    let removed = node::down(&name, std::path::Path::new("/sys/fs/bpf")).unwrap();
+    let removed = node::down(&name).unwrap();
     assert_eq!(removed.len(), 4, "two pods, the node, its health namespace: {removed:?}");
     assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
     assert!(!state.pins_dir.exists());
