@@ -10,6 +10,7 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ciliate_api::models::{Endpoint, EndpointCreate};
@@ -18,9 +19,18 @@ use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
 use crate::{
     identity::{Identities, label_set},
     ipam::{Cidr, Ipam},
-    policy::{NamedPorts, Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve_named},
+    policy::{
+        NamedPorts, PortNames, Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve_named,
+    },
     store,
 };
+
+/// An endpoint's named ports in the form resolution uses.
+fn port_names(m: &BTreeMap<String, ciliate_api::models::NamedPort>) -> PortNames {
+    m.iter()
+        .map(|(n, p)| (n.clone(), vec![(p.port, if p.protocol == "UDP" { 17 } else { 6 })]))
+        .collect()
+}
 
 /// The policy in force, persisted in the state directory.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -369,25 +379,20 @@ impl<D: Datapath> Endpoints<D> {
         self.regenerate_only(&all)
     }
 
-    /// The named ports a rule of `ep` may mean: its own (ingress) and every
-    /// endpoint's by identity (egress).
-    pub fn named_ports_for(&self, ep: &Endpoint) -> NamedPorts {
-        let conv = |m: &BTreeMap<String, ciliate_api::models::NamedPort>| {
-            m.iter()
-                .map(|(n, p)| (n.clone(), vec![(p.port, if p.protocol == "UDP" { 17 } else { 6 })]))
-                .collect::<BTreeMap<String, Vec<(u16, u8)>>>()
-        };
-        let mut by_identity: BTreeMap<u32, BTreeMap<String, Vec<(u16, u8)>>> = BTreeMap::new();
+    /// Every endpoint's named ports by identity: what egress rules' port
+    /// names mean (computed once per regeneration, shared by all endpoints).
+    fn named_ports_by_identity(&self) -> Arc<BTreeMap<u32, PortNames>> {
+        let mut by_identity: BTreeMap<u32, PortNames> = BTreeMap::new();
         for other in self.endpoints.values() {
             let slot = by_identity.entry(other.identity).or_default();
-            for (n, ports) in conv(&other.named_ports) {
+            for (n, ports) in port_names(&other.named_ports) {
                 let v = slot.entry(n).or_default();
                 v.extend(ports);
                 v.sort();
                 v.dedup();
             }
         }
-        NamedPorts { own: conv(&ep.named_ports), by_identity }
+        Arc::new(by_identity)
     }
 
     /// Re-resolve and write the policy of the endpoints `which` only (the
@@ -395,13 +400,15 @@ impl<D: Datapath> Endpoints<D> {
     pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
         let ids: BTreeMap<u32, Vec<String>> =
             self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+        let by_identity = self.named_ports_by_identity();
         let eps: Vec<Endpoint> =
             which.iter().filter_map(|id| self.endpoints.get(id).cloned()).collect();
         for mut ep in eps {
             if ep.container_id == HOST_CONTAINER {
                 continue;
             }
-            let named = self.named_ports_for(&ep);
+            let named =
+                NamedPorts { own: port_names(&ep.named_ports), by_identity: by_identity.clone() };
             let r = resolve_named(&self.policy.rules, ep.id, &label_set(&ep.labels), &ids, &named);
             self.datapath
                 .sync_policy(ep.id, &r)
@@ -461,12 +468,14 @@ impl<D: Datapath> Endpoints<D> {
         // Spare identities for label sets nobody has yet.
         let (src, src_labels) = peer(&r.src, "src", u32::MAX - 1)?;
         let (dst, dst_labels) = peer(&r.dst, "dst", u32::MAX - 2)?;
-        let named = |p: &ciliate_api::models::TracePeer| match p
-            .endpoint
-            .and_then(|id| self.endpoints.get(&id))
-        {
-            Some(ep) => self.named_ports_for(ep),
-            None => NamedPorts::default(),
+        let by_identity = self.named_ports_by_identity();
+        let named = |p: &ciliate_api::models::TracePeer| NamedPorts {
+            own: p
+                .endpoint
+                .and_then(|id| self.endpoints.get(&id))
+                .map(|ep| port_names(&ep.named_ports))
+                .unwrap_or_default(),
+            by_identity: by_identity.clone(),
         };
         Ok(crate::policy::trace(
             &self.policy.rules,

@@ -15,19 +15,7 @@ use crate::store::{self, StoreError};
 /// Labels of an endpoint as `source:key=value`, sorted: the identity key.
 pub type LabelSet = Vec<String>;
 
-/// `{"app": "web"}` → `["k8s:app=web"]`; keys that already carry a source
-/// (`reserved:host`, `k8s:…`) keep it.
-pub fn label_set(labels: &BTreeMap<String, String>) -> LabelSet {
-    let mut out: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            let k = if k.contains(':') { k.clone() } else { format!("k8s:{k}") };
-            if v.is_empty() { k } else { format!("{k}={v}") }
-        })
-        .collect();
-    out.sort();
-    out
-}
+pub use ciliate_api::models::label_set;
 
 #[derive(Default, Serialize, Deserialize)]
 struct Persisted {

@@ -12,7 +12,9 @@ use ciliate_api::models::{Endpoint, EndpointCreate};
 
 use ciliate_common::ipcache::IpcacheEntry;
 use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
-use ciliate_datapath::maps::{IpcacheMap, PolicyMap};
+use std::collections::BTreeMap;
+
+use ciliate_datapath::maps::{IpcacheMap, PolicyEntries, PolicyMap};
 
 use crate::{
     endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER},
@@ -21,6 +23,15 @@ use crate::{
 
 pub struct KernelDatapath {
     pub pins: NodePins,
+    /// The policy map and what it holds per endpoint, read once (on the
+    /// first policy write) and kept in step by every write after.
+    policy: Option<(PolicyMap, BTreeMap<u16, PolicyEntries>)>,
+}
+
+impl KernelDatapath {
+    pub fn new(pins: NodePins) -> Self {
+        Self { pins, policy: None }
+    }
 }
 
 impl Datapath for KernelDatapath {
@@ -60,8 +71,14 @@ impl Datapath for KernelDatapath {
         let rules: Vec<_> = policy.rules.iter().cloned().collect();
         let enforced =
             [(DIR_INGRESS, policy.ingress_enforced), (DIR_EGRESS, policy.egress_enforced)];
-        PolicyMap::from_pin_dir(&self.pins.dir)
-            .and_then(|mut m| m.sync_endpoint(endpoint_id, &enforced, &rules))
+        if self.policy.is_none() {
+            let map = PolicyMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+            let held = map.entries_by_endpoint().map_err(|e| e.to_string())?;
+            self.policy = Some((map, held));
+        }
+        let Some((map, held)) = &mut self.policy else { unreachable!("set above") };
+        let written = held.entry(endpoint_id).or_default();
+        map.sync_endpoint(endpoint_id, &enforced, &rules, written)
             .map(drop)
             .map_err(|e| e.to_string())
     }

@@ -677,12 +677,16 @@ pub fn valid_port_name(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Port name → (port, protocol) pairs.
+pub type PortNames = BTreeMap<String, Vec<(u16, u8)>>;
+
 /// The named ports a resolution may use: the endpoint's own (for its
-/// ingress rules) and every identity's (for egress rules to it).
+/// ingress rules) and every identity's (for egress rules to it; shared
+/// between the endpoints of one regeneration).
 #[derive(Clone, Debug, Default)]
 pub struct NamedPorts {
-    pub own: BTreeMap<String, Vec<(u16, u8)>>,
-    pub by_identity: BTreeMap<u32, BTreeMap<String, Vec<(u16, u8)>>>,
+    pub own: PortNames,
+    pub by_identity: std::sync::Arc<BTreeMap<u32, PortNames>>,
 }
 
 /// The port name of a `ports` entry, if it names one.

@@ -4,6 +4,21 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
+/// An endpoint's labels as identity labels: `{"app": "web"}` →
+/// `["k8s:app=web"]`, sorted; keys that already carry a source
+/// (`reserved:host`, `k8s:…`) keep it.
+pub fn label_set(labels: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let k = if k.contains(':') { k.clone() } else { format!("k8s:{k}") };
+            if v.is_empty() { k } else { format!("{k}={v}") }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// `{"message": ...}`: every error response.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {

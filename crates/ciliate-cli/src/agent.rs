@@ -53,15 +53,7 @@ pub enum EndpointCommand {
 
 /// `k8s:app=web` style labels of an endpoint, sorted.
 fn endpoint_labels(e: &Endpoint) -> Vec<String> {
-    let mut l: Vec<String> = e
-        .labels
-        .iter()
-        .map(|(k, v)| {
-            let k = if k.contains(':') { k.clone() } else { format!("k8s:{k}") };
-            if v.is_empty() { k } else { format!("{k}={v}") }
-        })
-        .collect();
-    l.sort();
+    let mut l = ciliate_api::models::label_set(&e.labels);
     if l.is_empty() {
         l.push("no labels".into());
     }

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::{
-    table::{Output, Table},
+    table::{Output, Table, proto_name},
     target::Target,
 };
 
@@ -198,15 +198,6 @@ struct CtRow {
     source_identity: u32,
 }
 
-fn proto_name(p: u8) -> &'static str {
-    match p {
-        6 => "TCP",
-        17 => "UDP",
-        1 => "ICMP",
-        _ => "OTHER",
-    }
-}
-
 fn ct_flag_names(flags: u16) -> String {
     let names: Vec<&str> = [
         (ct::F_RX_CLOSING, "RxClosing"),
@@ -225,7 +216,7 @@ fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
         .dump()?
         .into_iter()
         .map(|(k, e)| CtRow {
-            proto: proto_name(k.proto),
+            proto: proto_name(k.proto).unwrap_or("OTHER"),
             direction: if k.dir == ct::DIR_EGRESS { "OUT" } else { "IN" },
             source: format!("{}:{}", Ipv4Addr::from(k.saddr), u16::from_be(k.sport)),
             destination: format!("{}:{}", Ipv4Addr::from(k.daddr), u16::from_be(k.dport)),

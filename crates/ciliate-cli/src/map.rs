@@ -44,16 +44,14 @@ const MAPS: &[(&str, &str)] = &[
     (metrics::MAP_NAME, "metrics"),
 ];
 
-fn count(dir: &Path, name: &str) -> anyhow::Result<usize> {
+/// Entries of map `name`; `tcp_ct`: how many of the conntrack entries
+/// (`ct_total`) are TCP, read once for both tables.
+fn count(dir: &Path, name: &str, tcp_ct: usize, ct_total: usize) -> anyhow::Result<usize> {
     Ok(match name {
         n if n == endpoint::MAP_NAME => LxcMap::from_pin_dir(dir)?.dump()?.len(),
         n if n == ipcache::MAP_NAME => IpcacheMap::from_pin_dir(dir)?.dump()?.len(),
-        n if n == ct::TCP_MAP_NAME => {
-            CtMaps::from_pin_dir(dir)?.dump()?.iter().filter(|(k, _)| k.proto == 6).count()
-        }
-        n if n == ct::ANY_MAP_NAME => {
-            CtMaps::from_pin_dir(dir)?.dump()?.iter().filter(|(k, _)| k.proto != 6).count()
-        }
+        n if n == ct::TCP_MAP_NAME => tcp_ct,
+        n if n == ct::ANY_MAP_NAME => ct_total - tcp_ct,
         _ => MetricsMap::from_pin_dir(dir)?.dump()?.len(),
     })
 }
@@ -63,9 +61,11 @@ impl MapCommand {
         let dir = t.pin_dir()?;
         match self {
             MapCommand::List { output } => {
+                let ct = CtMaps::from_pin_dir(&dir)?.dump()?;
+                let tcp = ct.iter().filter(|(k, _)| k.proto == 6).count();
                 let mut rows = Vec::new();
                 for (name, _) in MAPS {
-                    let entries = count(&dir, name)
+                    let entries = count(&dir, name, tcp, ct.len())
                         .with_context(|| format!("reading {name} in {}", dir.display()))?;
                     rows.push(MapRow { name, entries });
                 }

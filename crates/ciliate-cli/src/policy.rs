@@ -232,12 +232,10 @@ struct PolicyRow {
 }
 
 fn proto_name(p: u8) -> String {
-    match p {
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        1 => "ICMP".into(),
-        0 => "ANY".into(),
-        p => p.to_string(),
+    match (p, crate::table::proto_name(p)) {
+        (0, _) => "ANY".into(),
+        (_, Some(n)) => n.into(),
+        (p, None) => p.to_string(),
     }
 }
 
@@ -255,9 +253,13 @@ pub fn bpf_policy_get(t: &Target, endpoint: u16, output: Output) -> anyhow::Resu
             .map(|i| i.labels.join(" "))
             .unwrap_or_else(|| format!("identity {id}"))
     };
-    let map = PolicyMap::from_pin_dir(&dir)?;
+    let entries: Vec<_> = PolicyMap::from_pin_dir(&dir)?
+        .dump()?
+        .into_iter()
+        .filter(|(k, _, _)| k.endpoint_id == endpoint)
+        .collect();
     let mut rows = Vec::new();
-    for (k, len, e) in map.dump()?.into_iter().filter(|(k, _, _)| k.endpoint_id == endpoint) {
+    for &(k, len, e) in &entries {
         if e.flags & F_MARKER != 0 {
             continue;
         }
@@ -290,10 +292,9 @@ pub fn bpf_policy_get(t: &Target, endpoint: u16, output: Output) -> anyhow::Resu
             packets: e.packets,
         });
     }
-    let enforced: Vec<&str> = map
-        .dump()?
-        .into_iter()
-        .filter(|(k, _, e)| k.endpoint_id == endpoint && e.flags & F_MARKER != 0)
+    let enforced: Vec<&str> = entries
+        .iter()
+        .filter(|(_, _, e)| e.flags & F_MARKER != 0)
         .map(|(k, _, _)| if k.dir == policy::DIR_INGRESS { "ingress" } else { "egress" })
         .collect();
     if let Output::Json = output {

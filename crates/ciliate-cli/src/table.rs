@@ -7,6 +7,16 @@ pub enum Output {
     Json,
 }
 
+/// The name of an IP protocol number the datapath handles.
+pub fn proto_name(p: u8) -> Option<&'static str> {
+    match p {
+        6 => Some("TCP"),
+        17 => Some("UDP"),
+        1 => Some("ICMP"),
+        _ => None,
+    }
+}
+
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,

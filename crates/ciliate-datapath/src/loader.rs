@@ -43,24 +43,30 @@ pub fn load_with<'a>(
     Ok(Loaded { name: object.name, ebpf })
 }
 
+/// Load embedded object `name` with `cfg` as its configuration global
+/// `symbol`.
+fn load_configured<T: aya::Pod>(
+    pins: &NodePins,
+    name: &str,
+    symbol: &'static str,
+    cfg: &T,
+) -> Result<Loaded> {
+    let object = objects::by_name(name).expect("every object this crate names is built");
+    load_with(object, pins, |l| {
+        l.override_global(symbol, cfg, true);
+    })
+}
+
 /// Load the lxc object for one endpoint with its configuration block.
 pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
-    let mut cfg = *cfg;
-    cfg.flags |= ENDPOINT_F_CONFIGURED;
-    let object = objects::by_name("lxc").expect("the lxc object is always built");
-    load_with(object, pins, |l| {
-        l.override_global(ENDPOINT_CONFIG_SYMBOL, &cfg, true);
-    })
+    let cfg = EndpointConfig { flags: cfg.flags | ENDPOINT_F_CONFIGURED, ..*cfg };
+    load_configured(pins, "lxc", ENDPOINT_CONFIG_SYMBOL, &cfg)
 }
 
 /// Load the host object (programs of `ciliate_host`) with its configuration.
 pub fn load_host(pins: &NodePins, cfg: &HostConfig) -> Result<Loaded> {
-    let mut cfg = *cfg;
-    cfg.flags |= ENDPOINT_F_CONFIGURED;
-    let object = objects::by_name("host").expect("the host object is always built");
-    load_with(object, pins, |l| {
-        l.override_global(HOST_CONFIG_SYMBOL, &cfg, true);
-    })
+    let cfg = HostConfig { flags: cfg.flags | ENDPOINT_F_CONFIGURED, ..*cfg };
+    load_configured(pins, "host", HOST_CONFIG_SYMBOL, &cfg)
 }
 
 /// What the verifier reported for one loaded program.

@@ -369,6 +369,9 @@ impl PolicyRule {
     }
 }
 
+/// The policy map entries of one endpoint: (key, prefix length) → value.
+pub type PolicyEntries = std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry>;
+
 /// `CILIATE_POLICY`: every endpoint's policy (reading rules:
 /// `ciliate_common::policy`).
 pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
@@ -420,18 +423,22 @@ impl PolicyMap {
     }
 
     /// Make the map hold exactly `rules` for `endpoint_id`, with the
-    /// directions in `enforced` (`(policy::DIR_*, on)`) enforced. Only what
-    /// changes is written, so traffic that a change does not touch is not
-    /// disturbed; rules go in before a direction is enforced and out after
-    /// it stops being enforced. Returns (written, removed) entries.
+    /// directions in `enforced` (`(policy::DIR_*, on)`) enforced. `written`
+    /// is what the map holds for the endpoint now (from
+    /// [`PolicyMap::entries_by_endpoint`], or a previous call); it is updated
+    /// to the new content, so a caller syncing many endpoints reads the map
+    /// once, not once per endpoint. Only what changes is written, so
+    /// traffic that a change does not touch is not disturbed; rules go in
+    /// before a direction is enforced and out after it stops being
+    /// enforced. Returns (written, removed) entries.
     pub fn sync_endpoint(
         &mut self,
         endpoint_id: u16,
         enforced: &[(u8, bool)],
         rules: &[PolicyRule],
+        written: &mut PolicyEntries,
     ) -> Result<(usize, usize)> {
-        let mut desired: std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry> =
-            std::collections::BTreeMap::new();
+        let mut desired = PolicyEntries::new();
         for r in rules {
             let entry = PolicyEntry {
                 flags: if r.deny { policy::F_DENY } else { 0 },
@@ -449,39 +456,43 @@ impl PolicyMap {
                 desired.insert((k.data(), k.prefix_len()), marker);
             }
         }
-        let existing: std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry> = self
-            .dump()?
-            .into_iter()
-            .filter(|(k, _, _)| k.endpoint_id == endpoint_id)
-            .map(|(k, len, v)| ((k, len), v))
-            .collect();
         let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
         let same =
             |a: &PolicyEntry, b: &PolicyEntry| a.flags == b.flags && a.match_type == b.match_type;
-        let mut written = 0;
+        let mut added = 0;
         // Rules, then markers.
         for markers in [false, true] {
             for ((k, len), v) in desired.iter().filter(|(_, v)| is_marker(v) == markers) {
-                if existing.get(&(*k, *len)).is_some_and(|e| same(e, v)) {
+                if written.get(&(*k, *len)).is_some_and(|e| same(e, v)) {
                     continue;
                 }
                 self.0
                     .insert(&Key::new(*len, *k), *v, 0)
                     .map_err(map_err("writing a rule into", policy::MAP_NAME))?;
-                written += 1;
+                added += 1;
             }
         }
         let mut removed = 0;
         // Markers, then rules.
         for markers in [true, false] {
-            for ((k, len), _) in existing.iter().filter(|(_, v)| is_marker(v) == markers) {
+            for ((k, len), _) in written.iter().filter(|(_, v)| is_marker(v) == markers) {
                 if !desired.contains_key(&(*k, *len)) {
                     ignore_missing(self.0.remove(&Key::new(*len, *k)), policy::MAP_NAME)?;
                     removed += 1;
                 }
             }
         }
-        Ok((written, removed))
+        *written = desired;
+        Ok((added, removed))
+    }
+
+    /// What the map holds, by endpoint.
+    pub fn entries_by_endpoint(&self) -> Result<std::collections::BTreeMap<u16, PolicyEntries>> {
+        let mut out: std::collections::BTreeMap<u16, PolicyEntries> = Default::default();
+        for (k, len, v) in self.dump()? {
+            out.entry(k.endpoint_id).or_default().insert((k, len), v);
+        }
+        Ok(out)
     }
 
     /// Every entry: key, prefix length, value.

@@ -29,7 +29,7 @@ pub enum Via {
 }
 
 /// Deliver the IPv4 packet in `ctx` (tuple `t`, sent by `src_identity`) to
-/// local endpoint `ep`.
+/// local endpoint `ep`. The caller has checked its TTL ([`check_ttl`]).
 #[inline(always)]
 pub fn to_endpoint(
     ctx: &TcContext,
@@ -39,7 +39,6 @@ pub fn to_endpoint(
     via: Via,
     trace_all: bool,
 ) -> Result<i32, Drop> {
-    check_ttl(ctx)?;
     let tracked = policy::track_and_enforce(
         ctx,
         t,
@@ -69,33 +68,30 @@ pub fn to_endpoint(
 }
 
 /// A packet we would forward with a TTL reaching 0 is dropped as `INVALID`
-/// (as Cilium; no ICMP time-exceeded is sent). Checked before conntrack so
-/// such a packet leaves no connection behind.
+/// (as Cilium; no ICMP time-exceeded is sent). Callers of [`to_endpoint`]
+/// check it with the header they parsed, before conntrack, so such a packet
+/// leaves no connection behind.
 #[inline(always)]
-pub fn check_ttl(ctx: &TcContext) -> Result<(), Drop> {
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(drop!(INVALID))?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*ip).ttl } <= 1 {
+pub fn check_ttl(ttl: u8) -> Result<(), Drop> {
+    if ttl <= 1 {
         return Err(drop!(INVALID));
     }
     Ok(())
 }
 
 /// Rewrite the MACs and decrement the TTL (with an incremental header
-/// checksum update, RFC 1624). See [`check_ttl`].
+/// checksum update, RFC 1624), on a packet whose TTL was checked.
 #[inline(always)]
 pub fn l3_hop(ctx: &TcContext, src_mac: &[u8; 6], dst_mac: &[u8; 6]) -> Result<(), Drop> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(drop!(INVALID))?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(drop!(INVALID))?;
     // SAFETY: bounds checked by ptr_at.
     let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
-    if ip.ttl <= 1 {
-        return Err(drop!(INVALID));
-    }
     eth.src = *src_mac;
     eth.dst = *dst_mac;
     let old = (u16::from(ip.ttl) << 8) | u16::from(ip.proto);
-    ip.ttl -= 1;
+    // Callers checked the TTL (check_ttl): this cannot wrap.
+    ip.ttl = ip.ttl.wrapping_sub(1);
     let new = old - 0x0100;
     let mut sum = u32::from(!u16::from_be(ip.check)) + u32::from(!old) + u32::from(new);
     sum = (sum & 0xffff) + (sum >> 16);

@@ -43,3 +43,21 @@ macro_rules! drop {
         $crate::Drop::new($reason, line!())
     };
 }
+
+/// What every program object (one per `src/bin` file) needs besides its
+/// programs: a panic handler (never reached: the verifier proves it) and a
+/// GPL-compatible license.
+#[macro_export]
+macro_rules! program_object {
+    () => {
+        #[cfg(not(test))]
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            loop {}
+        }
+
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    };
+}

@@ -117,21 +117,24 @@ impl Netns {
     /// Start a long-running process inside the namespace. It is killed when
     /// the namespace is dropped.
     pub fn spawn(&self, args: &[&str]) -> Result<Child> {
-        let (program, rest) =
-            args.split_first().ok_or_else(|| LabError::Invalid("empty command".into()))?;
-        let mut cmd = self.command(program);
-        cmd.args(rest).stdin(Stdio::null());
-        cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
+        self.spawn_with(args, false)
     }
 
     /// Like [`Netns::spawn`], with stdin, stdout and stderr on /dev/null: for
     /// servers that outlive the command that started them (so they hold no
     /// pipe of their parent's open).
     pub fn spawn_detached(&self, args: &[&str]) -> Result<Child> {
+        self.spawn_with(args, true)
+    }
+
+    fn spawn_with(&self, args: &[&str], detached: bool) -> Result<Child> {
         let (program, rest) =
             args.split_first().ok_or_else(|| LabError::Invalid("empty command".into()))?;
         let mut cmd = self.command(program);
-        cmd.args(rest).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(rest).stdin(Stdio::null());
+        if detached {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
         cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
     }
 

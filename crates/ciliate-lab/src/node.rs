@@ -363,6 +363,37 @@ impl NodeLab {
         self.config.router_ip()
     }
 
+    /// Does an echo client in `from` get its answer from `to:port` over
+    /// `proto` ("tcp" or "udp") within `timeout_ms` (`None`: the client's
+    /// default, 3 s)?
+    pub fn reaches(
+        &self,
+        from: &Netns,
+        proto: &str,
+        to: Ipv4Addr,
+        port: u16,
+        timeout_ms: Option<u64>,
+    ) -> bool {
+        let mut cmd = from.command(&self.config.bins.echo.to_string_lossy());
+        if let Some(ms) = timeout_ms {
+            cmd.env("CILIATE_ECHO_TIMEOUT_MS", ms.to_string());
+        }
+        cmd.args([proto, &format!("{to}:{port}"), "x"]).stdin(Stdio::null());
+        cmd.output().is_ok_and(|o| o.status.success())
+    }
+
+    /// Pids of the agent processes running in the node.
+    pub fn agent_pids(&self) -> Vec<i32> {
+        self.node
+            .pids()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "ciliate-agent")
+            })
+            .collect()
+    }
+
     /// The tcx ingress programs on a pod's lxc device.
     pub fn lxc_programs(&self, lxc: &str) -> Result<Vec<String>> {
         attached_programs(self.node.name(), lxc)

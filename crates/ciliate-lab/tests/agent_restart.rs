@@ -11,17 +11,6 @@ use ciliate_lab::{
     node::{Binaries, ECHO_PORT, NodeLab, NodeLabConfig},
 };
 
-fn agent_pids(lab: &NodeLab) -> Vec<i32> {
-    lab.node
-        .pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "ciliate-agent")
-        })
-        .collect()
-}
-
 #[test]
 fn a_stream_survives_kill_9_of_the_agent_and_endpoints_are_restored() {
     let bins = Binaries::beside_current_exe().unwrap();
@@ -36,12 +25,12 @@ fn a_stream_survives_kill_9_of_the_agent_and_endpoints_are_restored() {
     let stream = std::thread::spawn(move || stream);
 
     std::thread::sleep(Duration::from_millis(800));
-    let pids = agent_pids(&lab);
+    let pids = lab.agent_pids();
     assert_eq!(pids.len(), 1, "one agent runs in the node");
     // SAFETY: kill(2) on the lab's own agent.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(agent_pids(&lab).is_empty(), "the agent is dead");
+    assert!(lab.agent_pids().is_empty(), "the agent is dead");
     lab.start_agent().unwrap();
 
     let out = stream.join().unwrap().unwrap();

@@ -33,8 +33,7 @@ spec:
 "#;
 
 fn reaches(lab: &NodeLab, from: &Netns, proto: &str, to: std::net::Ipv4Addr) -> bool {
-    let bin = lab.config.bins.echo.to_string_lossy().into_owned();
-    from.exec(&[&bin, proto, &format!("{to}:{ECHO_PORT}"), "x"]).is_ok()
+    lab.reaches(from, proto, to, ECHO_PORT, None)
 }
 
 fn import(lab: &NodeLab, text: &str) -> Result<PolicyChange, String> {

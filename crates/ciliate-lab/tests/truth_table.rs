@@ -134,9 +134,7 @@ fn two_hundred_cases_agree_between_the_oracle_trace_and_traffic() {
     assert_eq!(change.rules, 5);
 
     let reaches = |from: &Netns, proto: &str, to: std::net::Ipv4Addr, port: u16| {
-        let mut cmd = from.command(&echo);
-        cmd.env("CILIATE_ECHO_TIMEOUT_MS", "400").args([proto, &format!("{to}:{port}"), "x"]);
-        cmd.output().is_ok_and(|o| o.status.success())
+        lab.reaches(from, proto, to, port, Some(400))
     };
     let trace = |src: TracePeer, dst: &P<'_>, proto: &str, port: u16| {
         let req = TraceRequest {

@@ -65,7 +65,7 @@ fn run() -> anyhow::Result<()> {
     log(format!("{} is {}, from-host attached", node::HOST_DEV, setup.router));
     let pin_dir = pins.dir.display().to_string();
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval);
-    let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath { pins })
+    let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;

@@ -378,7 +378,9 @@ spec:
     let rules = parse(text).unwrap();
     let named = NamedPorts {
         own: [("http".to_string(), vec![(8080, 6)])].into(),
-        by_identity: [(257, [("dns".to_string(), vec![(53, 17)])].into())].into(),
+        by_identity: std::sync::Arc::new(
+            [(257, [("dns".to_string(), vec![(53, 17)])].into())].into(),
+        ),
     };
     let r = resolve_named(&rules, 1, &labels("web", "shop"), &identities(), &named);
     let got: BTreeSet<(u8, u32, u8, Ports)> = r

@@ -70,18 +70,11 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     if ep.flags & ENDPOINT_F_HOST != 0 {
         return Ok(verdict::OK);
     }
+    deliver::check_ttl(ip.ttl)?;
     let t = ct::tuple(ctx, &ip)?;
     let src_identity = lookup::identity_of(ip.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     deliver::to_endpoint(ctx, &ep, src_identity, &t, Via::Egress, trace_all)
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+ciliate_ebpf::program_object!();

@@ -103,7 +103,7 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     let t = ct::tuple(ctx, &ip)?;
     let local = lookup::local_endpoint(ip.daddr).filter(|ep| ep.flags & ENDPOINT_F_HOST == 0);
     if local.is_some() {
-        deliver::check_ttl(ctx)?;
+        deliver::check_ttl(ip.ttl)?;
     }
     // The destination's identity: a local endpoint's is in its lxc entry;
     // anything else asks the ipcache (one LPM lookup saved per local packet).
@@ -136,12 +136,4 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     Ok(verdict::OK)
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+ciliate_ebpf::program_object!();

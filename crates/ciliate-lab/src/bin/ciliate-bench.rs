@@ -156,15 +156,7 @@ fn cni_add_latency(lab: &NodeLab, n: usize) -> Result<(f64, f64), String> {
 /// The agent's resident memory (MiB) and the time from a kill -9 to its
 /// successor answering the API (ms, restore included).
 fn agent_footprint(lab: &NodeLab) -> Result<(f64, f64), String> {
-    let agent = lab
-        .node
-        .pids()
-        .into_iter()
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "ciliate-agent")
-        })
-        .ok_or("no agent process in the node")?;
+    let agent = *lab.agent_pids().first().ok_or("no agent process in the node")?;
     let status =
         std::fs::read_to_string(format!("/proc/{agent}/status")).map_err(|e| e.to_string())?;
     let kib: f64 = status
