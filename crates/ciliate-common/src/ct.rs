@@ -11,6 +11,11 @@
 //!
 //! Both ends of a same-node connection therefore have an entry each.
 //!
+//! A connection to a service has one more entry, `{T, SERVICE}` with `T`
+//! naming the frontend, that pins it to its backend; the connection is
+//! tracked under the translated tuple, and the entry of the side that
+//! translated carries the reverse-NAT index its replies need.
+//!
 //! Ports are stored in network byte order, as read from the packet. For ICMP
 //! echo the identifier stands in `dport` of a request and in `sport` of a
 //! reply, so that a reply's reverse tuple is its request's tuple.
@@ -22,6 +27,10 @@ pub const MAX_ENTRIES_ANY: u32 = 262_144;
 
 pub const DIR_EGRESS: u8 = 1;
 pub const DIR_INGRESS: u8 = 2;
+/// A service flow as its client addressed it (destination: the frontend).
+/// The entry pins the flow to `backend_id`; the connection itself is
+/// tracked under the translated tuple in the usual directions.
+pub const DIR_SERVICE: u8 = 3;
 
 /// Lookup results; also the `ct_state` of trace events (Cilium's trace
 /// reasons: 0 is "new").
@@ -94,5 +103,8 @@ pub struct CtEntry {
     pub tx_flags_seen: u8,
     pub rx_flags_seen: u8,
     pub _pad: [u8; 2],
+    /// The backend of a `DIR_SERVICE` entry, 0 otherwise.
+    pub backend_id: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);

@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod event;
 pub mod identity;
 pub mod ipcache;
+pub mod lb;
 pub mod metrics;
 pub mod policy;
 pub mod trace;
@@ -44,6 +45,15 @@ mod pod {
         crate::ipcache::IpcacheEntry,
         crate::ipcache::IpcacheKey,
         crate::event::PolicyVerdictNotify,
+        crate::lb::AffinityKey,
+        crate::lb::AffinityValue,
+        crate::lb::LbBackend,
+        crate::lb::LbKey,
+        crate::lb::LbService,
+        crate::lb::RevNat,
+        crate::lb::SockRevNatKey,
+        crate::lb::SockRevNatValue,
+        crate::lb::SrcRangeKey,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
         crate::policy::PolicyEntry,

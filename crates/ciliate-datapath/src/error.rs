@@ -56,6 +56,8 @@ pub enum DatapathError {
     BadPolicy { rule: String, reason: String },
     #[error("prefix {prefix}: {reason}")]
     BadPrefix { prefix: String, reason: String },
+    #[error("{what}: {reason}")]
+    BadValue { what: String, reason: String },
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("test run of {program}: output buffer of {size} bytes too small")]

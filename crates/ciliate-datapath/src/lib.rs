@@ -5,6 +5,7 @@
 //! - [`loader`]: loading an object with its load-time configuration,
 //!   attaching to devices, pinning links so forwarding survives restarts.
 //! - [`maps`]: typed map wrappers that speak domain types.
+//! - [`lbmaps`]: the service (load-balancer) maps.
 //! - [`events`]: decoding of ring-buffer events.
 //! - [`packet`]: packet builders and parsers with correct checksums
 //!   (tests, the lab and benchmarks).
@@ -13,6 +14,7 @@
 pub mod bpffs;
 pub mod error;
 pub mod events;
+pub mod lbmaps;
 pub mod loader;
 pub mod maps;
 pub mod node;

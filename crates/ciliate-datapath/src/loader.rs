@@ -69,6 +69,12 @@ pub fn load_host(pins: &NodePins, cfg: &HostConfig) -> Result<Loaded> {
     load_configured(pins, "host", HOST_CONFIG_SYMBOL, &cfg)
 }
 
+/// Load the socket-LB object (no configuration: it only reads the maps).
+pub fn load_sock(pins: &NodePins) -> Result<Loaded> {
+    let object = objects::by_name("sock").expect("every object this crate names is built");
+    load_with(object, pins, |_| {})
+}
+
 /// What the verifier reported for one loaded program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifierCost {

@@ -20,7 +20,10 @@ use crate::{
     loader::Loaded,
 };
 
-fn map_err(action: &str, map: &str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+pub(crate) fn map_err(
+    action: &str,
+    map: &str,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let (action, map) = (action.to_owned(), map.to_owned());
     move |source| DatapathError::Map { action, map, source: Box::new(source) }
 }
@@ -107,7 +110,7 @@ impl EventRing {
 }
 
 /// Open pinned map `name` of a node as the wrapper type `T`.
-fn open_pinned<T>(dir: &Path, name: &str, kind: fn(MapData) -> Map) -> Result<T>
+pub(crate) fn open_pinned<T>(dir: &Path, name: &str, kind: fn(MapData) -> Map) -> Result<T>
 where
     T: TryFrom<Map, Error = MapError>,
 {
@@ -115,7 +118,7 @@ where
 }
 
 /// `Ok(())` for a delete of something already gone.
-fn ignore_missing(r: Result<(), MapError>, name: &str) -> Result<()> {
+pub(crate) fn ignore_missing(r: Result<(), MapError>, name: &str) -> Result<()> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -283,6 +286,22 @@ impl CtMaps {
             }
         }
         Ok(removed)
+    }
+
+    /// The backends that service flows (`DIR_SERVICE` entries not yet
+    /// expired at `now`) are pinned to: a backend that left its service is
+    /// kept in the backends map until no flow uses it.
+    pub fn service_backends(&self, now: u32) -> Result<std::collections::BTreeSet<u32>> {
+        let mut out = std::collections::BTreeSet::new();
+        for (map, name) in [(&self.tcp, ct::TCP_MAP_NAME), (&self.any, ct::ANY_MAP_NAME)] {
+            for item in map.iter() {
+                let (k, e) = item.map_err(map_err("iterating", name))?;
+                if k.dir == ct::DIR_SERVICE && e.expires >= now {
+                    out.insert(e.backend_id);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every entry of both tables, TCP first, each ordered by key.

@@ -7,6 +7,10 @@ pub static LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/l
 /// Programs on the node's router device `ciliate_host`: from-host.
 pub static HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host"));
 
+/// Socket load balancing on cgroup v2: connect4, sendmsg4, recvmsg4,
+/// getpeername4.
+pub static SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock"));
+
 /// An embedded object and its name (the eBPF crate's bin name).
 #[derive(Clone, Copy, Debug)]
 pub struct Object {
@@ -16,8 +20,11 @@ pub struct Object {
 
 /// Every object the eBPF crate builds. The verifier budget test loads each.
 pub fn all() -> &'static [Object] {
-    static ALL: &[Object] =
-        &[Object { name: "lxc", bytes: LXC }, Object { name: "host", bytes: HOST }];
+    static ALL: &[Object] = &[
+        Object { name: "lxc", bytes: LXC },
+        Object { name: "host", bytes: HOST },
+        Object { name: "sock", bytes: SOCK },
+    ];
     ALL
 }
 
@@ -30,4 +37,8 @@ pub fn by_name(name: &str) -> Option<&'static Object> {
 pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
     pub const FROM_HOST: &str = "from_host";
+    pub const FROM_NETDEV: &str = "from_netdev";
+    /// The socket-LB programs (each knows its cgroup attach type).
+    pub const SOCK: [&str; 4] =
+        ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
 }

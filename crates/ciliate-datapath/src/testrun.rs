@@ -94,6 +94,9 @@ impl ScratchNode {
     pub fn policy(&self) -> Result<crate::maps::PolicyMap> {
         crate::maps::PolicyMap::from_pin_dir(&self.pins.dir)
     }
+    pub fn lb(&self) -> Result<crate::lbmaps::LbMaps> {
+        crate::lbmaps::LbMaps::from_pin_dir(&self.pins.dir)
+    }
     pub fn ct(&self) -> Result<crate::maps::CtMaps> {
         crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
     }

@@ -63,6 +63,7 @@ fn every_program_loads_within_half_the_verifier_limit() {
         let mut loaded = match object.name {
             "lxc" => loader::load_endpoint(&node.pins, &lxc_config()).unwrap(),
             "host" => loader::load_host(&node.pins, &host_config()).unwrap(),
+            "sock" => loader::load_sock(&node.pins).unwrap(),
             other => panic!("object {other}: add its configuration to this test"),
         };
         let costs = loaded.load_all().unwrap_or_else(|e| panic!("{e}"));

@@ -6,8 +6,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext};
 use ciliate_common::{
     ct::{
-        CT_ESTABLISHED, CT_NEW, CT_REPLY, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, F_RX_CLOSING,
-        F_SEEN_NON_SYN, F_TX_CLOSING, LIFETIME_CLOSE, LIFETIME_NONTCP, LIFETIME_SYN, LIFETIME_TCP,
+        CT_ESTABLISHED, CT_NEW, CT_REPLY, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, DIR_SERVICE,
+        F_RX_CLOSING, F_SEEN_NON_SYN, F_TX_CLOSING, LIFETIME_CLOSE, LIFETIME_NONTCP, LIFETIME_SYN,
+        LIFETIME_TCP,
     },
     drop::{CT_CREATE_FAILED, CT_INVALID_HDR, CT_UNKNOWN_PROTO, FRAG_NOSUPPORT},
 };
@@ -37,6 +38,8 @@ pub struct Tuple {
     pub key: CtKey4,
     pub tcp_flags: u8,
     pub policy_port: u16,
+    /// Offset of the L4 header in the frame (for NAT rewrites).
+    pub l4_off: u32,
 }
 
 #[repr(C)]
@@ -115,7 +118,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
         }
         _ => return Err(drop!(CT_UNKNOWN_PROTO)),
     }
-    Ok(Tuple { key, tcp_flags, policy_port })
+    Ok(Tuple { key, tcp_flags, policy_port, l4_off: l4 as u32 })
 }
 
 #[inline(always)]
@@ -157,6 +160,9 @@ pub struct Tracked {
     /// default): a new connection, the first packet of the reply direction,
     /// or a TCP SYN/FIN/RST not seen before in this direction.
     pub report: bool,
+    /// The entry's reverse-NAT index (0: none). A reply that finds one is
+    /// translated back to that frontend (`lb::rev_nat`).
+    pub rev_nat_index: u16,
 }
 
 const REPORT_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
@@ -196,7 +202,7 @@ pub fn lookup(t: &Tuple, dir: u8, len: u32) -> Option<Tracked> {
         e.tx_flags_seen |= t.tcp_flags;
         e.flags |= non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
         e.expires = now + lifetime(proto, e.flags);
-        return Some(Tracked { state: CT_ESTABLISHED, report });
+        return Some(Tracked { state: CT_ESTABLISHED, report, rev_nat_index: 0 });
     }
 
     let other = if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
@@ -210,13 +216,20 @@ pub fn lookup(t: &Tuple, dir: u8, len: u32) -> Option<Tracked> {
     e.rx_flags_seen |= t.tcp_flags;
     e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
     e.expires = now + lifetime(proto, e.flags);
-    Some(Tracked { state: CT_REPLY, report })
+    Some(Tracked { state: CT_REPLY, report, rev_nat_index: e.rev_nat_index })
 }
 
 /// Create (or, for a reopened connection, replace) the entry of a new
-/// connection opened by `src_identity` in direction `dir`.
+/// connection opened by `src_identity` in direction `dir`; `rev_nat` is the
+/// reverse-NAT index its replies need (0: none).
 #[inline(always)]
-pub fn create(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<Tracked, Drop> {
+pub fn create(
+    t: &Tuple,
+    dir: u8,
+    len: u32,
+    src_identity: u32,
+    rev_nat: u16,
+) -> Result<Tracked, Drop> {
     let proto = t.key.proto;
     let non_syn =
         if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
@@ -230,12 +243,56 @@ pub fn create(t: &Tuple, dir: u8, len: u32, src_identity: u32) -> Result<Tracked
         rx_bytes: 0,
         expires: now_secs() + lifetime(proto, flags),
         src_identity,
-        rev_nat_index: 0,
+        rev_nat_index: rev_nat,
         flags,
         tx_flags_seen: t.tcp_flags,
         rx_flags_seen: 0,
         _pad: [0; 2],
+        backend_id: 0,
+        _pad2: 0,
     };
     table(proto).insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
-    Ok(Tracked { state: CT_NEW, report: true })
+    Ok(Tracked { state: CT_NEW, report: true, rev_nat_index: 0 })
+}
+
+/// The backend a service flow (tuple `t` naming the frontend) is pinned
+/// to, refreshing its entry; `None` for a new flow, or a SYN on a closed
+/// one (which chooses again).
+#[inline(always)]
+pub fn service_backend(t: &Tuple) -> Option<u32> {
+    let mut key = t.key;
+    key.dir = DIR_SERVICE;
+    let e = table(key.proto).get_ptr_mut(key)?;
+    // SAFETY: a map value; concurrent updates only race on counters.
+    let e = unsafe { &mut *e };
+    let both = F_TX_CLOSING | F_RX_CLOSING;
+    if t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.flags & both != 0 {
+        return None;
+    }
+    if key.proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 {
+        e.flags |= F_SEEN_NON_SYN;
+    }
+    e.flags |= closing_flags(t.tcp_flags, F_TX_CLOSING, both);
+    e.tx_packets += 1;
+    e.expires = now_secs() + lifetime(key.proto, e.flags);
+    Some(e.backend_id)
+}
+
+/// Pin the service flow `t` to `backend_id` of frontend `rev_nat`.
+#[inline(always)]
+pub fn service_pin(t: &Tuple, backend_id: u32, rev_nat: u16) -> Result<(), Drop> {
+    let mut key = t.key;
+    key.dir = DIR_SERVICE;
+    let flags =
+        if key.proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
+    let entry = CtEntry {
+        tx_packets: 1,
+        expires: now_secs() + lifetime(key.proto, flags),
+        rev_nat_index: rev_nat,
+        flags,
+        tx_flags_seen: t.tcp_flags,
+        backend_id,
+        ..CtEntry::default()
+    };
+    table(key.proto).insert(key, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))
 }

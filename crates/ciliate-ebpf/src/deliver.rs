@@ -7,12 +7,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ciliate_common::{
-    ct::DIR_INGRESS, drop::INVALID, endpoint::EndpointInfo, metrics::DIR_INGRESS as METRIC_INGRESS,
-    policy::DIR_INGRESS as POLICY_INGRESS, trace::TO_LXC,
+    ct::{CT_REPLY, DIR_INGRESS},
+    drop::INVALID,
+    endpoint::EndpointInfo,
+    metrics::DIR_INGRESS as METRIC_INGRESS,
+    policy::DIR_INGRESS as POLICY_INGRESS,
+    trace::TO_LXC,
 };
 
 use crate::{
-    Drop, ct, drop,
+    Drop, ct, drop, lb,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
     policy,
     trace::{TraceCtx, trace_or_count},
@@ -30,14 +34,19 @@ pub enum Via {
 
 /// Deliver the IPv4 packet in `ctx` (tuple `t`, sent by `src_identity`) to
 /// local endpoint `ep`. The caller has checked its TTL ([`check_ttl`]).
+/// `rev_nat` is the reverse-NAT index of a flow the caller translated
+/// (NodePort: the backend's replies are translated back on their way out);
+/// a reply that finds one in the endpoint's view is translated here.
+#[allow(clippy::too_many_arguments, reason = "one call per hook, all by name")]
 #[inline(always)]
 pub fn to_endpoint(
     ctx: &TcContext,
     ep: &EndpointInfo,
     src_identity: u32,
-    t: &ct::Tuple,
+    t: &mut ct::Tuple,
     via: Via,
     trace_all: bool,
+    rev_nat: u16,
 ) -> Result<i32, Drop> {
     let tracked = policy::track_and_enforce(
         ctx,
@@ -47,7 +56,11 @@ pub fn to_endpoint(
         ep.endpoint_id,
         src_identity,
         src_identity,
+        rev_nat,
     )?;
+    if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
+        lb::rev_nat(ctx, t, tracked.rev_nat_index)?;
+    }
     l3_hop(ctx, &ep.node_mac, &ep.mac)?;
     let who = TraceCtx {
         src_identity,

@@ -6,6 +6,7 @@ pub mod arp;
 pub mod ct;
 pub mod deliver;
 pub mod drop;
+pub mod lb;
 pub mod lookup;
 pub mod maps;
 pub mod packet;

@@ -10,6 +10,10 @@ use ciliate_common::{
     ct::{CtEntry, CtKey4, MAX_ENTRIES_ANY, MAX_ENTRIES_TCP},
     endpoint::{self, EndpointInfo, EndpointKey},
     ipcache::{self, IpcacheEntry, IpcacheKey},
+    lb::{
+        self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MaglevTable, RevNat,
+        SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    },
     metrics::{MAX_ENTRIES, MetricsKey, MetricsValue},
     policy::{self, PolicyEntry, PolicyKey},
 };
@@ -45,6 +49,38 @@ pub static CILIATE_CT4_ANY: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX
 #[map(name = "CILIATE_POLICY")]
 pub static CILIATE_POLICY: LpmTrie<PolicyKey, PolicyEntry> =
     LpmTrie::pinned(policy::MAX_ENTRIES, 0);
+
+/// Frontends and their backend slots. See `ciliate_common::lb`.
+#[map(name = "CILIATE_LB4_SERVICES")]
+pub static CILIATE_LB4_SERVICES: HashMap<LbKey, LbService> = HashMap::pinned(lb::MAX_SERVICES, 0);
+
+/// Backend ID → address, port, state.
+#[map(name = "CILIATE_LB4_BACKENDS")]
+pub static CILIATE_LB4_BACKENDS: HashMap<u32, LbBackend> = HashMap::pinned(lb::MAX_BACKENDS, 0);
+
+/// Reverse-NAT index → frontend.
+#[map(name = "CILIATE_LB4_REVNAT")]
+pub static CILIATE_LB4_REVNAT: HashMap<u16, RevNat> = HashMap::pinned(lb::MAX_REVNAT, 0);
+
+/// sessionAffinity ClientIP: (client, frontend) → backend.
+#[map(name = "CILIATE_LB4_AFFINITY")]
+pub static CILIATE_LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(lb::MAX_AFFINITY, 0);
+
+/// Reverse-NAT index → Maglev lookup table (not preallocated: a table is
+/// 64 KiB and only Maglev frontends have one).
+#[map(name = "CILIATE_LB4_MAGLEV")]
+pub static CILIATE_LB4_MAGLEV: HashMap<u16, MaglevTable> =
+    HashMap::pinned(lb::MAX_MAGLEV, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// loadBalancerSourceRanges: (frontend, client prefix) → allowed.
+#[map(name = "CILIATE_LB4_SRC_RANGE")]
+pub static CILIATE_LB4_SRC_RANGE: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(lb::MAX_SRC_RANGES, 0);
+
+/// Sockets the socket hooks translated: (cookie, backend) → frontend.
+#[map(name = "CILIATE_LB4_SOCK_REVNAT")]
+pub static CILIATE_LB4_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::pinned(lb::MAX_SOCK_REVNAT, 0);
 
 /// Add one packet of `len` bytes to the (reason, dir) counter.
 #[inline(always)]

@@ -157,7 +157,9 @@ pub fn enforce(
 /// connection up in `ct_dir` (`ct::DIR_*`), apply the endpoint's policy for
 /// `policy_dir` against `remote` by conntrack state (see the module
 /// comment), and create the connection of an allowed new packet with
-/// `opener` (the packet's source identity) as its opener.
+/// `opener` (the packet's source identity) as its opener and `rev_nat` as
+/// the reverse-NAT index its replies need (0: none).
+#[allow(clippy::too_many_arguments, reason = "one call per hook, all by name")]
 #[inline(always)]
 pub fn track_and_enforce(
     ctx: &TcContext,
@@ -167,6 +169,7 @@ pub fn track_and_enforce(
     endpoint_id: u16,
     remote: u32,
     opener: u32,
+    rev_nat: u16,
 ) -> Result<crate::ct::Tracked, Drop> {
     let len = ctx.len();
     match crate::ct::lookup(t, ct_dir, len) {
@@ -178,7 +181,7 @@ pub fn track_and_enforce(
         }
         None => {
             enforce(ctx, endpoint_id, policy_dir, remote, t, true)?;
-            crate::ct::create(t, ct_dir, len, opener)
+            crate::ct::create(t, ct_dir, len, opener, rev_nat)
         }
     }
 }

@@ -5,15 +5,19 @@
 //! addresses are `host`, 1), then the destination endpoint's ingress stage
 //! and a redirect out of its lxc device. Packets for addresses that are no
 //! local endpoint continue on `ciliate_host` unchanged.
+//!
+//! from-netdev (tc ingress of the native devices): NodePort and other
+//! external frontends (see [`from_netdev`]).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ciliate_common::{
     config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, HostConfig},
-    drop::NO_CONFIG,
+    drop::{NO_CONFIG, UNROUTABLE},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_HOST,
+    lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
     metrics::DIR_INGRESS as METRIC_INGRESS,
 };
 use ciliate_ebpf::{
@@ -21,7 +25,7 @@ use ciliate_ebpf::{
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
-    lookup,
+    lb, lookup,
     packet::{self, ETH_P_IP},
     verdict,
 };
@@ -71,10 +75,77 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
         return Ok(verdict::OK);
     }
     deliver::check_ttl(ip.ttl)?;
-    let t = ct::tuple(ctx, &ip)?;
+    let mut t = ct::tuple(ctx, &ip)?;
     let src_identity = lookup::identity_of(ip.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &t, Via::Egress, trace_all)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Egress, trace_all, 0)
 }
+
+/// from-netdev (tc ingress of the node's native devices): a packet from
+/// outside addressed to a NodePort, ExternalIP, LoadBalancer or HostPort
+/// frontend is balanced here: backend chosen, DNAT, and delivered straight
+/// into the backend's pod with the frontend's reverse-NAT index on its
+/// conntrack entry, so the backend's replies are translated back in its
+/// from-container. Everything else goes on to the stack untouched.
+#[classifier]
+pub fn from_netdev(ctx: TcContext) -> i32 {
+    // SAFETY: a plain read of a global the loader initialised.
+    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
+    match try_from_netdev(&ctx, &cfg) {
+        Ok(v) => v,
+        Err(d) => {
+            let who = DropCtx {
+                src_identity: ciliate_common::identity::WORLD,
+                dst_identity: 0,
+                dst_id: 0,
+                source: 0,
+                dir: METRIC_INGRESS,
+                file: FILE_HOST,
+            };
+            send_drop_notify(&ctx, &who, d)
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+    if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
+        return Ok(verdict::OK);
+    }
+    let eth = packet::eth(ctx)?;
+    // SAFETY: bounds checked by packet::eth.
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(verdict::OK);
+    }
+    let Ok(ip) = packet::ipv4(ctx) else { return Ok(verdict::OK) };
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    if ip.proto != ct::IPPROTO_TCP && ip.proto != ct::IPPROTO_UDP {
+        return Ok(verdict::OK);
+    }
+    let mut t = ct::tuple(ctx, &ip)?;
+    let Some(svc) = lb::frontend(&t) else { return Ok(verdict::OK) };
+    if svc.flags & EXTERNAL_FRONTENDS == 0 {
+        // A ClusterIP is not reachable from outside the cluster.
+        return Ok(verdict::OK);
+    }
+    let sel = lb::select(&t, &svc)?;
+    let Some(ep) = lookup::local_endpoint(sel.backend.addr) else {
+        // A backend on another node needs SNAT to this node (the
+        // multi-node issue); until then it is unreachable from here.
+        return Err(drop!(UNROUTABLE));
+    };
+    if ep.flags & ENDPOINT_F_HOST != 0 {
+        return Err(drop!(UNROUTABLE));
+    }
+    deliver::check_ttl(ip.ttl)?;
+    lb::dnat(ctx, &mut t, &sel)?;
+    let src_identity = lookup::identity_of(ip.saddr);
+    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, svc.rev_nat_index)
+}
+
+const EXTERNAL_FRONTENDS: u16 =
+    SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER | SVC_F_HOST_PORT;
 
 ciliate_ebpf::program_object!();

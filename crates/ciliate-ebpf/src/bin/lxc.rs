@@ -2,8 +2,10 @@
 //!
 //! from-container (tc ingress of the lxc device: packets leaving the pod):
 //! - ARP: answered with the lxc device's MAC (`arp`);
-//! - IPv4: source check, the destination's identity (lxc map or ipcache),
-//!   conntrack (egress view) and egress policy, then
+//! - IPv4: source check, services (a packet to a frontend is DNATed to a
+//!   backend: `lb`), the destination's identity (lxc map or ipcache),
+//!   conntrack (egress view) and egress policy, reverse NAT of a reply to
+//!   a translated flow, then
 //!   - to another endpoint of this node: its ingress stage and a redirect
 //!     into its namespace (`deliver`),
 //!   - anywhere else (the host, the world): the node's stack;
@@ -14,10 +16,11 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use ciliate_common::{
     config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, EndpointConfig},
-    ct::DIR_EGRESS,
+    ct::{CT_REPLY, DIR_EGRESS},
     drop::{INVALID_SIP, NO_CONFIG, UNKNOWN_L3},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
+    lb::HAIRPIN_LOOPBACK,
     metrics::DIR_EGRESS as METRIC_EGRESS,
     policy::DIR_EGRESS as POLICY_EGRESS,
     trace::TO_STACK,
@@ -29,6 +32,7 @@ use ciliate_ebpf::{
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
+    lb::{self, Side},
     lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
     policy,
@@ -100,8 +104,22 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     if ip.saddr != cfg.ipv4 {
         return Err(drop!(INVALID_SIP));
     }
-    let t = ct::tuple(ctx, &ip)?;
-    let local = lookup::local_endpoint(ip.daddr).filter(|ep| ep.flags & ENDPOINT_F_HOST == 0);
+    let mut t = ct::tuple(ctx, &ip)?;
+    // Services: a packet to a frontend goes to its backend (DNAT), and a
+    // pod that is its own service's backend is reached from the hairpin
+    // loopback (its own address would be a martian to it).
+    let mut rev_nat = 0;
+    if let Some(svc) = lb::frontend(&t) {
+        let sel = lb::select(&t, &svc)?;
+        lb::dnat(ctx, &mut t, &sel)?;
+        rev_nat = svc.rev_nat_index;
+        if t.key.daddr == cfg.ipv4 {
+            lb::set_addr(ctx, &mut t, Side::Src, HAIRPIN_LOOPBACK)?;
+        }
+    }
+    // A reply to a hairpin flow goes back to this endpoint.
+    let to = if t.key.daddr == HAIRPIN_LOOPBACK { cfg.ipv4 } else { t.key.daddr };
+    let local = lookup::local_endpoint(to).filter(|ep| ep.flags & ENDPOINT_F_HOST == 0);
     if local.is_some() {
         deliver::check_ttl(ip.ttl)?;
     }
@@ -109,7 +127,7 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     // anything else asks the ipcache (one LPM lookup saved per local packet).
     let dst_identity = match &local {
         Some(ep) => ep.identity,
-        None => lookup::identity_of(ip.daddr),
+        None => lookup::identity_of(to),
     };
     let tracked = policy::track_and_enforce(
         ctx,
@@ -119,10 +137,16 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         cfg.endpoint_id,
         dst_identity,
         cfg.identity,
+        rev_nat,
     )?;
+    if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
+        // A backend's reply to a flow translated before it arrived here
+        // (NodePort): its source becomes the frontend again.
+        lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
+    }
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     if let Some(ep) = local {
-        return deliver::to_endpoint(ctx, &ep, cfg.identity, &t, Via::Peer, trace_all);
+        return deliver::to_endpoint(ctx, &ep, cfg.identity, &mut t, Via::Peer, trace_all, 0);
     }
     let who = TraceCtx {
         src_identity: cfg.identity,
