@@ -23,6 +23,8 @@ use crate::endpoint::{Datapath, EndpointError, Endpoints};
 
 pub struct Server<D: Datapath> {
     pub state: Mutex<Endpoints<D>>,
+    /// Locked after `state` when both are needed (shared with the GC).
+    pub services: Arc<Mutex<crate::services::Services>>,
     pub node: String,
     pub pin_dir: String,
     pub started: Instant,
@@ -82,16 +84,34 @@ impl<D: Datapath> Server<D> {
             ("GET", "endpoint", None) => json(200, &st.list()),
             ("GET", "endpoint", Some(id)) => json(200, &st.get(parse_id(id)?).map_err(from_err)?),
             ("PUT", "endpoint", None) => {
-                json(201, &st.create(body(req, "endpoint")?).map_err(from_err)?)
+                let ep = st.create(body(req, "endpoint")?).map_err(from_err)?;
+                self.endpoints_changed(&st);
+                json(201, &ep)
             }
             ("DELETE", "endpoint", Some(id)) => {
-                json(200, &st.delete(parse_id(id)?).map_err(from_err)?)
+                let ep = st.delete(parse_id(id)?).map_err(from_err)?;
+                self.endpoints_changed(&st);
+                json(200, &ep)
             }
             ("DELETE", "endpoint", None) => {
                 let c = req
                     .query("container-id")
                     .ok_or_else(|| error(400, "container-id is required"))?;
-                json(200, &st.delete_container(c).map_err(from_err)?)
+                let r = st.delete_container(c).map_err(from_err)?;
+                self.endpoints_changed(&st);
+                json(200, &r)
+            }
+            ("GET", "service", None) => json(200, &self.services().list()),
+            ("GET", "service", Some(id)) => {
+                json(200, &self.services().get(parse_service_id(id)?).map_err(svc_err)?)
+            }
+            ("PUT", "service", None) => {
+                let spec = body(req, "service")?;
+                let local = local_ips(&st);
+                json(200, &self.services().update(spec, &local).map_err(svc_err)?)
+            }
+            ("DELETE", "service", Some(id)) => {
+                json(200, &self.services().delete(parse_service_id(id)?).map_err(svc_err)?)
             }
             ("POST", "ipam", None) => {
                 let r: IpamRequest = body(req, "ipam request")?;
@@ -149,12 +169,41 @@ impl<D: Datapath> Server<D> {
                 let (removed, revision) = st.delete_policy(&labels).map_err(from_err)?;
                 json(200, &PolicyChange { revision, rules: removed })
             }
-            (_, "healthz" | "status" | "endpoint" | "ipam" | "identity" | "gc" | "policy", _) => {
-                error(405, format!("{m} /v1/{path} is not supported"))
-            }
+            (
+                _,
+                "healthz" | "status" | "endpoint" | "ipam" | "identity" | "gc" | "policy"
+                | "service",
+                _,
+            ) => error(405, format!("{m} /v1/{path} is not supported")),
             _ => error(404, format!("no route {m} {}", req.path)),
         })
     }
+}
+
+impl<D: Datapath> Server<D> {
+    fn services(&self) -> std::sync::MutexGuard<'_, crate::services::Services> {
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Services with a Local traffic policy follow this node's endpoints.
+    fn endpoints_changed(&self, st: &Endpoints<D>) {
+        if let Err(e) = self.services().refresh_local(&local_ips(st)) {
+            eprintln!("[ciliate-agent] refreshing Local services: {e}");
+        }
+    }
+}
+
+/// This node's endpoint addresses.
+pub fn local_ips<D: Datapath>(st: &Endpoints<D>) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    st.list().iter().map(|e| e.ip).collect()
+}
+
+fn svc_err(e: crate::services::ServiceError) -> Response {
+    error(e.status(), e.to_string())
+}
+
+fn parse_service_id(s: &str) -> Result<u16, Response> {
+    s.parse().map_err(|_| error(400, format!("service ID {s:?} is not a number")))
 }
 
 fn parse_id(s: &str) -> Result<u16, Response> {
@@ -196,8 +245,16 @@ mod tests {
     fn server() -> Server<MemoryDatapath> {
         let st = Endpoints::open("10.9.0.0/24".parse().unwrap(), None, MemoryDatapath::default())
             .unwrap();
+        let svcs = crate::services::Services::open(
+            None,
+            Box::new(crate::services::MemoryLb::default()),
+            vec![],
+            Default::default(),
+        )
+        .unwrap();
         Server {
             state: Mutex::new(st),
+            services: Arc::new(Mutex::new(svcs)),
             node: "n1".into(),
             pin_dir: "/x".into(),
             started: Instant::now(),
@@ -285,6 +342,23 @@ mod tests {
             ("DELETE", "/v1/ipam/10.9.0.50", "", 404, "not allocated"),
             ("DELETE", "/v1/endpoint", "", 400, "container-id is required"),
             ("GET", "/v1/identity/999", "", 404, "identity 999 not found"),
+            ("GET", "/v1/service/9", "", 404, "service 9 not found"),
+            ("GET", "/v1/service/x", "", 400, "not a number"),
+            ("PUT", "/v1/service", r#"{"id":1}"#, 400, "missing field `frontend`"),
+            (
+                "PUT",
+                "/v1/service",
+                r#"{"id":1,"frontend":{"ip":"10.96.0.1","port":80},"color":1}"#,
+                400,
+                "unknown field `color`",
+            ),
+            (
+                "PUT",
+                "/v1/service",
+                r#"{"id":1,"frontend":{"ip":"0.0.0.0","port":80}}"#,
+                400,
+                "only for NodePort",
+            ),
         ] {
             let (st, body) = call(&s, m, p, b);
             assert_eq!(st, status, "{m} {p}: {body}");

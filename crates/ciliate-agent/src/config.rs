@@ -38,8 +38,26 @@ pub struct Flags {
     /// Seconds between conntrack garbage collections [default: 30]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
+    /// Native devices (comma-separated): from-netdev serves NodePort and other external
+    /// frontends on them, and their addresses are the node's [default: none]
+    #[arg(long, env = "CILIATE_DEVICES", value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Socket load balancing on cgroup v2 (connect/sendmsg/recvmsg/getpeername) [default: true]
+    #[arg(long, env = "CILIATE_SOCKET_LB", num_args = 1)]
+    pub socket_lb: Option<bool>,
+    /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]
+    #[arg(long, env = "CILIATE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Backend selection for new flows: "random" or "maglev" [default: random]
+    #[arg(long, env = "CILIATE_LB_ALGORITHM")]
+    pub lb_algorithm: Option<String>,
+    /// A YAML or JSON list of services (as `ciliate service update` takes them) applied at
+    /// start
+    #[arg(long, env = "CILIATE_SERVICES")]
+    pub services: Option<PathBuf>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
-    /// ct_gc_interval, monitor_aggregation
+    /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// services
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -55,6 +73,11 @@ struct FileConfig {
     enable_health: Option<bool>,
     ct_gc_interval: Option<u64>,
     monitor_aggregation: Option<String>,
+    devices: Option<Vec<String>>,
+    socket_lb: Option<bool>,
+    cgroup_root: Option<PathBuf>,
+    lb_algorithm: Option<String>,
+    services: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +91,12 @@ pub struct Config {
     pub ct_gc_interval: u64,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
+    pub devices: Vec<String>,
+    pub socket_lb: bool,
+    /// None: the cgroup v2 root the agent finds or mounts.
+    pub cgroup_root: Option<PathBuf>,
+    pub lb_algorithm: ciliate_api::models::LbAlgorithm,
+    pub services: Option<PathBuf>,
 }
 
 fn hostname() -> String {
@@ -120,6 +149,20 @@ impl Flags {
                 0 => anyhow::bail!("ct_gc_interval must be at least 1 second"),
                 n => n,
             },
+            devices: self.devices.or(file.devices).unwrap_or_default(),
+            socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
+            cgroup_root: self.cgroup_root.or(file.cgroup_root),
+            lb_algorithm: match self
+                .lb_algorithm
+                .or(file.lb_algorithm)
+                .as_deref()
+                .unwrap_or("random")
+            {
+                "random" => ciliate_api::models::LbAlgorithm::Random,
+                "maglev" => ciliate_api::models::LbAlgorithm::Maglev,
+                other => anyhow::bail!("lb algorithm {other:?}: \"random\" or \"maglev\""),
+            },
+            services: self.services.or(file.services),
             node,
             pod_cidr,
         })

@@ -170,3 +170,73 @@ pub fn ensure_health_endpoint<D: Datapath>(
         named_ports: Default::default(),
     })
 }
+
+/// The node's load-balancer maps, opened on first use.
+pub struct KernelLb {
+    pub pin_dir: std::path::PathBuf,
+    maps: Option<ciliate_datapath::lbmaps::LbMaps>,
+}
+
+impl KernelLb {
+    pub fn new(pin_dir: std::path::PathBuf) -> Self {
+        Self { pin_dir, maps: None }
+    }
+
+    fn maps(&mut self) -> Result<&mut ciliate_datapath::lbmaps::LbMaps, String> {
+        if self.maps.is_none() {
+            let m = ciliate_datapath::lbmaps::LbMaps::from_pin_dir(&self.pin_dir)
+                .map_err(|e| e.to_string())?;
+            self.maps = Some(m);
+        }
+        Ok(self.maps.as_mut().expect("set above"))
+    }
+}
+
+impl crate::services::LbDatapath for KernelLb {
+    fn upsert_backend(
+        &mut self,
+        id: u32,
+        b: &ciliate_datapath::lbmaps::Backend,
+    ) -> Result<(), String> {
+        self.maps()?.upsert_backend(id, b).map_err(|e| e.to_string())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), String> {
+        self.maps()?.remove_backend(id).map_err(|e| e.to_string())
+    }
+    fn write_frontend(
+        &mut self,
+        fe: &ciliate_datapath::lbmaps::Frontend,
+        w: &crate::services::FrontendWrite,
+    ) -> Result<(), String> {
+        let m = self.maps()?;
+        let idx = w.master.rev_nat_index;
+        let e = |e: ciliate_datapath::DatapathError| e.to_string();
+        m.upsert_revnat(idx, fe).map_err(e)?;
+        match &w.maglev {
+            Some(t) => m.set_maglev(idx, t).map_err(e)?,
+            None => m.remove_maglev(idx).map_err(e)?,
+        }
+        m.set_src_ranges(idx, &w.ranges).map_err(e)?;
+        m.write_frontend(fe, &w.master, &w.slots).map_err(e)
+    }
+    fn remove_frontend(
+        &mut self,
+        fe: &ciliate_datapath::lbmaps::Frontend,
+        rev_nat_index: u16,
+    ) -> Result<(), String> {
+        let m = self.maps()?;
+        let e = |e: ciliate_datapath::DatapathError| e.to_string();
+        m.remove_frontend(fe).map_err(e)?;
+        m.remove_maglev(rev_nat_index).map_err(e)?;
+        m.set_src_ranges(rev_nat_index, &[]).map_err(e)?;
+        m.remove_revnat(rev_nat_index).map_err(e)
+    }
+    fn pinned_backends(&self) -> Result<std::collections::BTreeSet<u32>, String> {
+        let ct = ciliate_datapath::maps::CtMaps::from_pin_dir(&self.pin_dir)
+            .map_err(|e| e.to_string())?;
+        ct.service_backends(ciliate_datapath::maps::monotonic_secs()).map_err(|e| e.to_string())
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`identity`]: labels → numeric identity, persisted.
 //! - [`endpoint`]: endpoint create / delete / restore / GC, through the
 //!   [`endpoint::Datapath`] trait (the kernel, or memory in tests).
+//! - [`services`]: services and their load-balancer maps.
 //! - [`api`]: the HTTP routes of `ciliate_api` on the agent's unix socket.
 //! - [`config`]: flags, environment and an optional JSON file.
 
@@ -17,4 +18,5 @@ pub mod identity;
 pub mod ipam;
 pub mod kernel;
 pub mod policy;
+pub mod services;
 pub mod store;

@@ -167,3 +167,179 @@ pub struct TraceRequest {
     /// Destination port (ICMP: the ICMP type).
     pub dport: u16,
 }
+
+/// How a service is reached (Cilium's service types).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServiceKind {
+    #[default]
+    ClusterIP,
+    NodePort,
+    ExternalIPs,
+    LoadBalancer,
+    HostPort,
+}
+
+impl ServiceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIPs => "ExternalIPs",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::HostPort => "HostPort",
+        }
+    }
+}
+
+/// A backend's state (Cilium's): only active backends get new flows;
+/// terminating ones keep their established flows.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    Terminating,
+    Quarantined,
+    Maintenance,
+}
+
+impl BackendState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Terminating => "terminating",
+            Self::Quarantined => "quarantined",
+            Self::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// Backend selection for new flows.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    #[default]
+    Random,
+    Maglev,
+}
+
+/// An address, port and protocol: `10.96.0.10:80/TCP`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct L4Addr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// "TCP" or "UDP".
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+}
+
+fn tcp() -> Protocol {
+    Protocol::TCP
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    TCP,
+    UDP,
+}
+
+impl Protocol {
+    pub fn number(&self) -> u8 {
+        match self {
+            Self::TCP => 6,
+            Self::UDP => 17,
+        }
+    }
+}
+
+impl std::fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{:?}", self.ip, self.port, self.protocol)
+    }
+}
+
+impl std::str::FromStr for L4Addr {
+    type Err = String;
+    /// `IP:port` or `IP:port/TCP|UDP` (TCP when not given).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (hp, proto) = match s.split_once('/') {
+            Some((hp, p)) => (hp, p),
+            None => (s, "TCP"),
+        };
+        let protocol = match proto.to_ascii_uppercase().as_str() {
+            "TCP" => Protocol::TCP,
+            "UDP" => Protocol::UDP,
+            other => return Err(format!("{s:?}: protocol {other:?} is not TCP or UDP")),
+        };
+        let (ip, port) =
+            hp.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected IP:port[/TCP|UDP]"))?;
+        let ip = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
+        let port = port.parse().map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        Ok(Self { ip, port, protocol })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+/// `PUT /v1/service`: create or replace service `id`. One service is one
+/// frontend (as `cilium service update`); a NodePort or HostPort frontend
+/// with address 0.0.0.0 stands for every address of the node's devices.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub id: u16,
+    pub frontend: L4Addr,
+    #[serde(default)]
+    pub kind: ServiceKind,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    /// sessionAffinity ClientIP with this timeout in seconds.
+    #[serde(default)]
+    pub affinity_timeout: Option<u32>,
+    /// externalTrafficPolicy (NodePort, LoadBalancer, ExternalIPs) or
+    /// internalTrafficPolicy (ClusterIP) Local: only this node's backends.
+    #[serde(default)]
+    pub traffic_policy_local: bool,
+    /// loadBalancerSourceRanges, as CIDRs.
+    #[serde(default)]
+    pub source_ranges: Vec<String>,
+    /// The agent's default (`--lb-algorithm`) when not given.
+    #[serde(default)]
+    pub algorithm: Option<LbAlgorithm>,
+    /// `namespace/name`, for display.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A frontend the agent wrote for a service (NodePort: one per node
+/// address), with its reverse-NAT index.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrontendStatus {
+    pub address: L4Addr,
+    pub rev_nat_index: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub id: u32,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub state: BackendState,
+    /// Given a slot (active, and local when the traffic policy says so).
+    pub selectable: bool,
+}
+
+/// `GET /v1/service[/<id>]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Service {
+    pub spec: ServiceSpec,
+    pub frontends: Vec<FrontendStatus>,
+    pub backends: Vec<BackendStatus>,
+    pub algorithm: LbAlgorithm,
+}

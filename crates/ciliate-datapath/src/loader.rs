@@ -167,26 +167,32 @@ impl Loaded {
             name: device.into(),
             reason: format!("tcx link of {name} is not an fd link: {e}"),
         })?;
-        let dir = pin.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
-            what: "creating link pin directory",
-            path: dir.to_owned(),
-            source,
-        })?;
-        let mut old = pin.as_os_str().to_owned();
-        old.push("_old");
-        let old = std::path::PathBuf::from(old);
-        let had_old = std::fs::rename(pin, &old).is_ok();
-        link.pin(pin).map_err(|source| DatapathError::Pin {
-            what: format!("link of {name} on {device}"),
-            path: pin.to_owned(),
-            source: Box::new(source),
-        })?;
-        if had_old {
-            let _ = std::fs::remove_file(&old);
-        }
-        Ok(())
+        replace_pin(link, pin, name)
     }
+}
+
+/// Pin `link` (of program `name`) at `pin`, replacing what was pinned
+/// there only once the new pin exists.
+pub fn replace_pin(link: FdLink, pin: &Path, name: &str) -> Result<()> {
+    let dir = pin.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+        what: "creating link pin directory",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut old = pin.as_os_str().to_owned();
+    old.push("_old");
+    let old = std::path::PathBuf::from(old);
+    let had_old = std::fs::rename(pin, &old).is_ok();
+    link.pin(pin).map_err(|source| DatapathError::Pin {
+        what: format!("link of {name}"),
+        path: pin.to_owned(),
+        source: Box::new(source),
+    })?;
+    if had_old {
+        let _ = std::fs::remove_file(&old);
+    }
+    Ok(())
 }
 
 /// Names of the tcx programs attached to `device` (in the calling thread's

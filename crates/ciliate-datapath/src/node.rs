@@ -24,7 +24,7 @@ use crate::{
     error::{DatapathError, Result},
     loader,
     maps::{IpcacheMap, LxcMap},
-    objects::programs::{FROM_CONTAINER, FROM_HOST},
+    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, SOCK},
 };
 
 pub const HOST_DEV: &str = "ciliate_host";
@@ -32,9 +32,10 @@ pub const NET_DEV: &str = "ciliate_net";
 /// Link pin names, per device.
 pub const FROM_HOST_PIN: &str = "from-host";
 pub const FROM_CONTAINER_PIN: &str = "from-container";
+pub const FROM_NETDEV_PIN: &str = "from-netdev";
 
 /// The node's addressing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostSetup {
     pub pod_cidr: Ipv4Addr,
     pub pod_cidr_len: u8,
@@ -42,6 +43,9 @@ pub struct HostSetup {
     pub router: Ipv4Addr,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
+    /// The native devices: from-netdev (NodePort and other external
+    /// frontends) is attached to each, and their addresses are the node's.
+    pub devices: Vec<String>,
 }
 
 fn trace_flags(trace_all: bool) -> u32 {
@@ -112,10 +116,23 @@ pub fn device_exists(dev: &str) -> bool {
     Command::new("ip").args(["link", "show", "dev", dev]).output().is_ok_and(|o| o.status.success())
 }
 
+/// The IPv4 addresses of `dev` in the calling thread's namespace.
+pub fn device_addrs(dev: &str) -> Result<Vec<Ipv4Addr>> {
+    let out = ip(dev, &["-o", "-4", "addr", "show", "dev", dev])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let w = l.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+            w.split('/').next()?.parse().ok()
+        })
+        .collect())
+}
+
 /// Create (or keep) the router devices and routes, load and attach
-/// from-host, and seed the maps with the host endpoint and the ipcache's
-/// world and host entries.
-pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<()> {
+/// from-host (and from-netdev on each native device), and seed the maps
+/// with the host endpoint and the ipcache's world and host entries.
+/// Returns the node's addresses: those of the native devices.
+pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
     sysctl("net.ipv4.ip_forward", "1")?;
     sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -147,12 +164,75 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<()> {
     let entry = |identity| IpcacheEntry { identity, ..Default::default() };
     ipc.upsert(Ipv4Addr::UNSPECIFIED, 0, &entry(identity::WORLD))?;
     ipc.upsert(s.router, 32, &entry(identity::HOST))?;
+    let mut node_ips = Vec::new();
+    for dev in &s.devices {
+        for a in device_addrs(dev)? {
+            ipc.upsert(a, 32, &entry(identity::HOST))?;
+            LxcMap::from_pin_dir(&pins.dir)?.upsert(a, &host_ep)?;
+            node_ips.push(a);
+        }
+    }
     host.attach_tc(
         FROM_HOST,
         HOST_DEV,
         TcAttachType::Egress,
         &pins.link_path(HOST_DEV, FROM_HOST_PIN),
-    )
+    )?;
+    for dev in &s.devices {
+        host.attach_tc(
+            FROM_NETDEV,
+            dev,
+            TcAttachType::Ingress,
+            &pins.link_path(dev, FROM_NETDEV_PIN),
+        )?;
+    }
+    Ok(node_ips)
+}
+
+/// Attach the socket-LB programs to the cgroup v2 directory `cgroup` (its
+/// whole subtree), pinning their links under the node's `links/` so they
+/// outlive the agent. Re-attaching (a restarted agent) attaches the new
+/// links before the old pins go.
+pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
+    use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+    let mut sock = loader::load_sock(pins)?;
+    let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+        what: "opening cgroup",
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    for name in SOCK {
+        let prog: &mut CgroupSockAddr = sock
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::NoProgram {
+                object: "sock".into(),
+                program: name.into(),
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program("expecting a cgroup sock_addr program", name, e))?;
+        prog.load().map_err(|e| DatapathError::program("loading (object sock)", name, e))?;
+        let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
+            DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
+        })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
+        let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
+            name: cgroup.display().to_string(),
+            reason: format!("cgroup link of {name} is not an fd link: {e}"),
+        })?;
+        let pin = pins.link_path("cgroup", name);
+        loader::replace_pin(link, &pin, name)?;
+    }
+    Ok(())
+}
+
+/// Detach the socket-LB programs (their pinned links go).
+pub fn detach_sock_lb(pins: &NodePins) {
+    for name in SOCK {
+        let _ = std::fs::remove_file(pins.link_path("cgroup", name));
+    }
 }
 
 /// One endpoint as the datapath needs it.

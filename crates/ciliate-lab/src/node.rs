@@ -39,6 +39,77 @@ use crate::{
 pub const STATE_DIR: &str = "/run/ciliate/labs";
 /// Port of the echo server in lab pods.
 pub const ECHO_PORT: u16 = 7;
+/// The node's address on its native device `eth0`, and the external host
+/// ("the world") on the other end of it.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 2);
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 100);
+/// The node's native device.
+pub const NODE_DEV: &str = "eth0";
+
+/// Where the cgroup v2 hierarchy is (the unified mount of a hybrid host,
+/// or the root of a pure v2 one).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    for p in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let c = std::ffi::CString::new(p).expect("no NUL");
+        // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+        let ok = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+        };
+        if ok {
+            return Ok(p.into());
+        }
+    }
+    Err(LabError::Invalid("no cgroup v2 hierarchy at /sys/fs/cgroup[/unified]".into()))
+}
+
+/// The cgroup of lab `lab`: the node's socket LB is attached to it and the
+/// lab's processes (pods' clients, host clients) run in it, so the lab's
+/// services never translate a socket of the machine or of another lab.
+fn cgroup_dir(lab: &str) -> Result<PathBuf> {
+    Ok(cgroup2_root()?.join(format!("ciliate-lab-{lab}")))
+}
+
+/// Remove a lab cgroup: its processes are killed first (rmdir refuses a
+/// populated cgroup).
+fn remove_cgroup(dir: &Path) {
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        for pid in &pids {
+            // SAFETY: kill(2) on a pid; failure (already gone) is fine.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Make `cmd`'s process join the cgroup `dir` before it runs.
+pub fn in_cgroup(cmd: &mut Command, dir: &Path) {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("no NUL in a cgroup path");
+    // SAFETY: between fork and exec only open/write/close are called, on
+    // memory prepared before the fork: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// The programs a lab runs.
 #[derive(Clone, Debug)]
@@ -90,6 +161,10 @@ pub struct NodeLabConfig {
     pub pod_cidr_len: u8,
     pub mtu: u32,
     pub bins: Binaries,
+    /// Socket load balancing in the node (the agent's `--socket-lb`).
+    pub socket_lb: bool,
+    /// A services file for the agent's `--services`.
+    pub services: Option<PathBuf>,
 }
 
 impl NodeLabConfig {
@@ -101,6 +176,8 @@ impl NodeLabConfig {
             pod_cidr_len: 24,
             mtu: 1500,
             bins,
+            socket_lb: true,
+            services: None,
         }
     }
 
@@ -134,6 +211,17 @@ pub struct LabState {
     pub agent_socket: PathBuf,
     pub agent_log: PathBuf,
     pub pods: Vec<PodState>,
+    /// The external host ("the world") and the node's address it sees.
+    #[serde(default)]
+    pub external_ns: String,
+    #[serde(default = "node_ip")]
+    pub node_ip: Ipv4Addr,
+    #[serde(default)]
+    pub cgroup: PathBuf,
+}
+
+fn node_ip() -> Ipv4Addr {
+    NODE_IP
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -161,8 +249,12 @@ pub struct NodeLab {
     // Field order is drop order: pods before the node (whose guard kills
     // the agent).
     pub pods: Vec<Pod>,
+    /// The external host, joined to the node's `eth0`.
+    pub external: Netns,
     pub node: Netns,
     pub config: NodeLabConfig,
+    /// The lab's cgroup (see [`cgroup_dir`]); removed on drop.
+    pub cgroup: PathBuf,
     pub pins_dir: PathBuf,
     pub socket: PathBuf,
     pub work_dir: PathBuf,
@@ -196,8 +288,20 @@ impl NodeLab {
         let _ = std::fs::remove_dir_all(&work_dir);
         let bpffs = PrivateBpffs::mount(&root)
             .map_err(|source| LabError::Datapath { ns: node_name.clone(), source })?;
+        let cgroup = cgroup_dir(&config.lab)?;
+        remove_cgroup(&cgroup);
+        std::fs::create_dir_all(&cgroup)
+            .map_err(|e| LabError::Invalid(format!("creating {}: {e}", cgroup.display())))?;
+        let external = Netns::create(&format!("{}-ext1", config.lab))?;
+        netns::veth(&node, NODE_DEV, &external, "eth0")?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", NODE_DEV])?;
+        external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        let cidr = format!("{}/{}", config.pod_cidr, config.pod_cidr_len);
+        external.ip(&["route", "add", &cidr, "via", &NODE_IP.to_string()])?;
         let mut lab = Self {
             pods: Vec::new(),
+            external,
+            cgroup,
             pins_dir: root.join("ciliate").join(&node_name),
             socket: work_dir.join("agent.sock"),
             node,
@@ -238,9 +342,15 @@ impl NodeLab {
             .arg(&self.socket)
             .arg("--bpffs")
             .arg(bpffs_root(&self.config.lab))
+            .args(["--devices", NODE_DEV, "--socket-lb", &self.config.socket_lb.to_string()])
+            .arg("--cgroup-root")
+            .arg(&self.cgroup)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)
             .stderr(log);
+        if let Some(f) = &self.config.services {
+            cmd.arg("--services").arg(f);
+        }
         cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -374,12 +484,26 @@ impl NodeLab {
         port: u16,
         timeout_ms: Option<u64>,
     ) -> bool {
-        let mut cmd = from.command(&self.config.bins.echo.to_string_lossy());
+        let mut cmd = self.echo(from);
         if let Some(ms) = timeout_ms {
             cmd.env("CILIATE_ECHO_TIMEOUT_MS", ms.to_string());
         }
         cmd.args([proto, &format!("{to}:{port}"), "x"]).stdin(Stdio::null());
         cmd.output().is_ok_and(|o| o.status.success())
+    }
+
+    /// A `ciliate-echo` command run in namespace `ns` inside the lab's
+    /// cgroup (so the node's socket LB sees its sockets).
+    pub fn echo(&self, ns: &Netns) -> Command {
+        let mut cmd = ns.command(&self.config.bins.echo.to_string_lossy());
+        in_cgroup(&mut cmd, &self.cgroup);
+        cmd
+    }
+
+    /// Run `ciliate-echo <args>` in `ns` (in the lab's cgroup): stdout, or
+    /// an error with stderr.
+    pub fn run_echo(&self, ns: &Netns, args: &[&str]) -> Result<String> {
+        netns::run(self.echo(ns).args(args).stdin(Stdio::null()))
     }
 
     /// Pids of the agent processes running in the node.
@@ -408,6 +532,9 @@ impl NodeLab {
             agent_socket: self.socket.clone(),
             agent_log: self.agent_log(),
             pods: self.pods.iter().map(|p| p.state.clone()).collect(),
+            external_ns: self.external.name().to_owned(),
+            node_ip: NODE_IP,
+            cgroup: self.cgroup.clone(),
         }
     }
 
@@ -418,6 +545,7 @@ impl NodeLab {
         save_state(&state)?;
         self.keep = true;
         self.node.keep();
+        self.external.keep();
         if let Some(b) = &mut self.bpffs {
             b.keep();
         }
@@ -437,9 +565,12 @@ impl Drop for NodeLab {
             let health = format!("{}-health", self.node.name());
             let node = std::mem::replace(&mut self.node, Netns::existing(""));
             let _ = node.delete();
+            let ext = std::mem::replace(&mut self.external, Netns::existing(""));
+            let _ = ext.delete();
             if netns::exists(&health) {
                 let _ = Netns::adopt(&health).delete();
             }
+            remove_cgroup(&self.cgroup);
             // Unmounting the lab's bpffs removes every pin in it.
             drop(self.bpffs.take());
             let _ = std::fs::remove_dir_all(&self.work_dir);
@@ -510,6 +641,9 @@ pub fn down(lab: &str) -> Result<Vec<String>> {
         Netns::adopt(&n).delete()?;
         removed.push(n);
     }
+    if let Ok(cg) = cgroup_dir(lab) {
+        remove_cgroup(&cg);
+    }
     PrivateBpffs::remove(&bpffs_root(lab))
         .map_err(|source| LabError::Datapath { ns: lab.to_owned(), source })?;
     let _ = std::fs::remove_file(state_path(lab));
@@ -518,13 +652,13 @@ pub fn down(lab: &str) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// `<lab>-node<N>`, its health namespace `<lab>-node<N>-health`, or
-/// `<lab>-pod<N>` (and not another lab whose name merely starts with this
+/// `<lab>-node<N>`, its health namespace `<lab>-node<N>-health`,
+/// `<lab>-pod<N>` or `<lab>-ext<N>` (and not another lab whose name merely starts with this
 /// one's).
 fn is_lab_ns(name: &str, prefix: &str) -> bool {
     let name = name.strip_suffix("-health").filter(|n| n.contains("-node")).unwrap_or(name);
     name.strip_prefix(prefix).is_some_and(|rest| {
-        ["node", "pod"].iter().any(|k| {
+        ["node", "pod", "ext"].iter().any(|k| {
             rest.strip_prefix(k)
                 .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
         })

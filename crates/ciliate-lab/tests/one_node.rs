@@ -175,15 +175,18 @@ fn without_the_program_the_gateway_is_not_answered() {
 
 #[test]
 fn dropping_the_lab_removes_namespaces_agent_and_pins() {
-    let (nss, pins, socket) = {
+    let (nss, pins, socket, cgroup) = {
         let lab = lab(2);
         let s = lab.state();
         let mut nss: Vec<String> = s.pods.iter().map(|p| p.ns.clone()).collect();
         nss.push(format!("{}-health", s.node_ns));
         assert!(exists(&nss[nss.len() - 1]), "the agent made its health namespace");
         nss.push(s.node_ns);
-        (nss, s.pins_dir, s.agent_socket)
+        nss.push(s.external_ns);
+        assert!(s.cgroup.exists());
+        (nss, s.pins_dir, s.agent_socket, s.cgroup)
     };
+    assert!(!cgroup.exists(), "{} leaked", cgroup.display());
     for ns in &nss {
         assert!(!exists(ns), "{ns} leaked");
     }
@@ -200,8 +203,9 @@ fn a_kept_lab_is_recorded_and_removed_by_down() {
     assert!(exists(&state.node_ns));
     assert!(state.pins_dir.join("links").exists());
     let removed = node::down(&name).unwrap();
-    assert_eq!(removed.len(), 4, "two pods, the node, its health namespace: {removed:?}");
+    assert_eq!(removed.len(), 5, "two pods, the node, its health and external host: {removed:?}");
     assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
+    assert!(!state.cgroup.exists(), "{} leaked", state.cgroup.display());
     assert!(!state.pins_dir.exists());
     assert_eq!(node::load_state(&name).unwrap(), None);
 }

@@ -13,7 +13,8 @@ use ciliate_agent::{
     api::{self, Server},
     config::Flags,
     endpoint::Endpoints,
-    kernel::{KernelDatapath, ensure_cgroup2, ensure_health_endpoint},
+    kernel::{KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
+    services::{self, Services},
 };
 use ciliate_datapath::{
     bpffs::NodePins,
@@ -34,8 +35,9 @@ fn main() {
 }
 
 /// Conntrack garbage collection: every `interval` seconds, delete the
-/// entries whose lifetime ran out.
-fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64) {
+/// entries whose lifetime ran out, then the retired backends no flow is
+/// pinned to any more.
+fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64, services: Arc<Mutex<Services>>) {
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(interval));
@@ -43,6 +45,12 @@ fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64) {
                 Ok(0) => {}
                 Ok(n) => log(format!("conntrack GC removed {n} expired entries")),
                 Err(e) => log(format!("conntrack GC: {e}")),
+            }
+            let mut svcs = services.lock().unwrap_or_else(|e| e.into_inner());
+            match svcs.release_retired() {
+                Ok(0) => {}
+                Ok(n) => log(format!("released {n} retired backends")),
+                Err(e) => log(format!("releasing retired backends: {e}")),
             }
         }
     });
@@ -60,11 +68,30 @@ fn run() -> anyhow::Result<()> {
         pod_cidr_len: cfg.pod_cidr.len,
         router: cfg.pod_cidr.router(),
         trace_all: cfg.trace_all,
+        devices: cfg.devices.clone(),
     };
-    node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
-    log(format!("{} is {}, from-host attached", node::HOST_DEV, setup.router));
+    let node_ips =
+        node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
+    log(format!(
+        "{} is {}, from-host attached; devices {:?} (node addresses {node_ips:?})",
+        node::HOST_DEV,
+        setup.router,
+        cfg.devices
+    ));
+    if cfg.socket_lb {
+        let root = cfg.cgroup_root.clone().unwrap_or(cgroup.clone());
+        node::attach_sock_lb(&pins, &root)
+            .with_context(|| format!("attaching socket LB to {}", root.display()))?;
+        log(format!("socket LB attached to {}", root.display()));
+    } else {
+        node::detach_sock_lb(&pins);
+    }
     let pin_dir = pins.dir.display().to_string();
-    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval);
+    let lb = Box::new(KernelLb::new(pins.dir.clone()));
+    let services = Services::open(Some(&cfg.state_dir), lb, node_ips, cfg.lb_algorithm)
+        .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
+    let services = Arc::new(Mutex::new(services));
+    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
@@ -76,8 +103,30 @@ fn run() -> anyhow::Result<()> {
         let h = ensure_health_endpoint(&mut eps, &cfg.node).map_err(|e| anyhow::anyhow!("{e}"))?;
         log(format!("health endpoint {} at {} in {}", h.id, h.ip, h.netns));
     }
-    let server =
-        Arc::new(Server { state: Mutex::new(eps), node: cfg.node, pin_dir, started, restored });
+    {
+        let local = api::local_ips(&eps);
+        let mut svcs = services.lock().unwrap_or_else(|e| e.into_inner());
+        let n = svcs.restore(&local).map_err(|e| anyhow::anyhow!("restoring services: {e}"))?;
+        if let Some(file) = &cfg.services {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading services {}", file.display()))?;
+            let specs = services::parse_file(&text)
+                .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
+            for spec in specs {
+                svcs.update(spec, &local)
+                    .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
+            }
+        }
+        log(format!("restored {n} services; {} in force", svcs.list().len()));
+    }
+    let server = Arc::new(Server {
+        state: Mutex::new(eps),
+        services,
+        node: cfg.node,
+        pin_dir,
+        started,
+        restored,
+    });
     log(format!("serving the API on {}", cfg.socket.display()));
     api::serve(server, &cfg.socket).with_context(|| format!("serving on {}", cfg.socket.display()))
 }

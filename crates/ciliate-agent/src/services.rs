@@ -1,0 +1,728 @@
+//! Services: the desired state (one service = one frontend, as
+//! `cilium service update`), its validation, backend IDs and reverse-NAT
+//! indexes, Maglev tables, and the writes to the load-balancer maps
+//! through [`LbDatapath`] (the kernel's maps, or memory in tests).
+//!
+//! A service update never leaves its frontend without backends: backends
+//! are written first, then each frontend (slots, then the master entry,
+//! then the slots it no longer has), and only then are frontends the
+//! service lost removed. A backend no service names any more is *retired*:
+//! it stays in the backends map while conntrack still pins a flow to it
+//! ([`Services::release_retired`], run after each conntrack GC), so a
+//! backend change never moves or breaks an established flow.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ciliate_api::models::{
+    BackendState, BackendStatus, FrontendStatus, L4Addr, LbAlgorithm, Service, ServiceKind,
+    ServiceSpec,
+};
+use ciliate_common::lb::{
+    self, BACKEND_ACTIVE, BACKEND_MAINTENANCE, BACKEND_QUARANTINED, BACKEND_TERMINATING, LbService,
+    MAGLEV_TABLE_SIZE,
+};
+use ciliate_datapath::lbmaps::{Backend, Frontend};
+use serde::{Deserialize, Serialize};
+
+use crate::store;
+
+/// The NodePort range (Kubernetes' default).
+pub const NODE_PORT_MIN: u16 = 30000;
+pub const NODE_PORT_MAX: u16 = 32767;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service {id}: {reason}")]
+    Invalid { id: u16, reason: String },
+    #[error("service {0} not found")]
+    NotFound(u16),
+    #[error("service {id}: frontend {frontend} belongs to service {owner}")]
+    Conflict { id: u16, frontend: L4Addr, owner: u16 },
+    #[error("service {id}: writing the datapath: {reason}")]
+    Datapath { id: u16, reason: String },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+impl ServiceError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Invalid { .. } => 400,
+            Self::NotFound(_) => 404,
+            Self::Conflict { .. } => 409,
+            Self::Datapath { .. } | Self::Store(_) => 500,
+        }
+    }
+}
+
+/// What a frontend write carries besides its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendWrite {
+    pub master: LbService,
+    pub slots: Vec<u32>,
+    /// The Maglev table of a Maglev frontend.
+    pub maglev: Option<Vec<u32>>,
+    /// loadBalancerSourceRanges (network, length).
+    pub ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// The load-balancer maps as the agent writes them.
+pub trait LbDatapath: Send {
+    fn upsert_backend(&mut self, id: u32, b: &Backend) -> Result<(), String>;
+    fn remove_backend(&mut self, id: u32) -> Result<(), String>;
+    /// Write frontend `fe` (reverse NAT, Maglev table and source ranges
+    /// first, then its slots and master entry).
+    fn write_frontend(&mut self, fe: &Frontend, w: &FrontendWrite) -> Result<(), String>;
+    /// Remove frontend `fe` and everything of its reverse-NAT index.
+    fn remove_frontend(&mut self, fe: &Frontend, rev_nat_index: u16) -> Result<(), String>;
+    /// The backends conntrack still pins a live flow to.
+    fn pinned_backends(&self) -> Result<BTreeSet<u32>, String>;
+    /// For tests that look into a [`MemoryLb`].
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// The load-balancer maps in memory, for tests.
+#[derive(Default)]
+pub struct MemoryLb {
+    pub backends: BTreeMap<u32, Backend>,
+    pub frontends: BTreeMap<Frontend, FrontendWrite>,
+    pub pinned: BTreeSet<u32>,
+    /// Every write, in order, for tests of the ordering.
+    pub log: Vec<String>,
+}
+
+impl LbDatapath for MemoryLb {
+    fn upsert_backend(&mut self, id: u32, b: &Backend) -> Result<(), String> {
+        self.log.push(format!("backend+ {id}"));
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), String> {
+        self.log.push(format!("backend- {id}"));
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn write_frontend(&mut self, fe: &Frontend, w: &FrontendWrite) -> Result<(), String> {
+        self.log.push(format!("frontend+ {}:{}", fe.addr, fe.port));
+        self.frontends.insert(*fe, w.clone());
+        Ok(())
+    }
+    fn remove_frontend(&mut self, fe: &Frontend, _: u16) -> Result<(), String> {
+        self.log.push(format!("frontend- {}:{}", fe.addr, fe.port));
+        self.frontends.remove(fe);
+        Ok(())
+    }
+    fn pinned_backends(&self) -> Result<BTreeSet<u32>, String> {
+        Ok(self.pinned.clone())
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// What is persisted in `services.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    services: BTreeMap<u16, ServiceSpec>,
+    /// The frontends written for each service, with their reverse-NAT
+    /// indexes.
+    frontends: BTreeMap<u16, Vec<FrontendStatus>>,
+    /// Backend ID → address (one ID per address, shared by services).
+    backends: BTreeMap<u32, L4Addr>,
+    /// Backends no service names, kept while flows are pinned to them.
+    retired: BTreeSet<u32>,
+}
+
+pub struct Services {
+    state: State,
+    path: Option<PathBuf>,
+    pub datapath: Box<dyn LbDatapath>,
+    /// The node's addresses: where a 0.0.0.0 NodePort/HostPort frontend is.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub default_algorithm: LbAlgorithm,
+}
+
+fn kind_flag(k: ServiceKind) -> u16 {
+    match k {
+        ServiceKind::ClusterIP => lb::SVC_F_CLUSTER_IP,
+        ServiceKind::NodePort => lb::SVC_F_NODE_PORT,
+        ServiceKind::ExternalIPs => lb::SVC_F_EXTERNAL_IP,
+        ServiceKind::LoadBalancer => lb::SVC_F_LOAD_BALANCER,
+        ServiceKind::HostPort => lb::SVC_F_HOST_PORT,
+    }
+}
+
+fn state_code(s: BackendState) -> u8 {
+    match s {
+        BackendState::Active => BACKEND_ACTIVE,
+        BackendState::Terminating => BACKEND_TERMINATING,
+        BackendState::Quarantined => BACKEND_QUARANTINED,
+        BackendState::Maintenance => BACKEND_MAINTENANCE,
+    }
+}
+
+fn parse_range(id: u16, s: &str) -> Result<(Ipv4Addr, u8), ServiceError> {
+    let bad = |reason: String| ServiceError::Invalid { id, reason };
+    let (net, len) = s.split_once('/').unwrap_or((s, "32"));
+    let net: Ipv4Addr = net.parse().map_err(|_| bad(format!("source range {s:?}: bad address")))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| bad(format!("source range {s:?}: bad prefix length")))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+    if u32::from(net) & !mask != 0 {
+        return Err(bad(format!("source range {s:?}: host bits set")));
+    }
+    Ok((net, len))
+}
+
+/// Check everything about `spec` that does not depend on other services.
+pub fn validate(spec: &ServiceSpec) -> Result<(), ServiceError> {
+    let id = spec.id;
+    let bad = |reason: String| Err(ServiceError::Invalid { id, reason });
+    if id == 0 {
+        return bad("ID 0 is reserved; use 1-65535".into());
+    }
+    let fe = &spec.frontend;
+    if fe.port == 0 {
+        return bad(format!("frontend {fe}: port 0"));
+    }
+    let wildcard = fe.ip.is_unspecified();
+    match spec.kind {
+        ServiceKind::NodePort if !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&fe.port) => {
+            return bad(format!(
+                "frontend {fe}: a NodePort must be in {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+            ));
+        }
+        ServiceKind::NodePort | ServiceKind::HostPort => {}
+        k if wildcard => {
+            return bad(format!(
+                "frontend {fe}: 0.0.0.0 is only for NodePort and HostPort, not {}",
+                k.name()
+            ));
+        }
+        _ => {}
+    }
+    let mut seen = BTreeSet::new();
+    for b in &spec.backends {
+        if b.port == 0 {
+            return bad(format!("backend {}:0: port 0", b.ip));
+        }
+        if b.ip.is_unspecified() || b.ip.is_broadcast() || b.ip.is_multicast() {
+            return bad(format!("backend {}:{}: not a unicast address", b.ip, b.port));
+        }
+        if !seen.insert((b.ip, b.port)) {
+            return bad(format!("backend {}:{} is listed twice", b.ip, b.port));
+        }
+    }
+    if let Some(t) = spec.affinity_timeout {
+        if t == 0 || t > 86400 {
+            return bad(format!("affinity timeout {t}s: 1-86400 seconds"));
+        }
+    }
+    if !spec.source_ranges.is_empty()
+        && !matches!(spec.kind, ServiceKind::LoadBalancer | ServiceKind::NodePort)
+    {
+        return bad(format!(
+            "source ranges apply to LoadBalancer and NodePort, not {}",
+            spec.kind.name()
+        ));
+    }
+    for r in &spec.source_ranges {
+        parse_range(id, r)?;
+    }
+    Ok(())
+}
+
+/// FNV-1a (64 bit) with a seed: the backend hashes of Maglev. The same on
+/// every node, so every node builds the same table.
+fn fnv(seed: u64, s: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The Maglev lookup table (Eisenbud et al., 2016) of `backends` (ID and
+/// a stable name each) with `m` entries (a prime): every backend gets
+/// ⌊m/n⌋ or ⌈m/n⌉ entries, and removing one of n backends moves only about
+/// 1/n of the entries. Independent of the order of `backends`.
+pub fn maglev_table(backends: &[(u32, String)], m: usize) -> Vec<u32> {
+    let mut table = vec![0u32; m];
+    if backends.is_empty() {
+        return table;
+    }
+    let mut bs: Vec<&(u32, String)> = backends.iter().collect();
+    bs.sort_by(|a, b| a.1.cmp(&b.1));
+    let m64 = m as u64;
+    let perm: Vec<(u64, u64)> = bs
+        .iter()
+        .map(|(_, name)| (fnv(0, name) % m64, fnv(0x5bd1_e995, name) % (m64 - 1) + 1))
+        .collect();
+    let mut next = vec![0u64; bs.len()];
+    let mut filled = vec![false; m];
+    let mut n = 0;
+    loop {
+        for (i, (id, _)) in bs.iter().enumerate() {
+            let (offset, skip) = perm[i];
+            let mut c = ((offset + next[i] * skip) % m64) as usize;
+            while filled[c] {
+                next[i] += 1;
+                c = ((offset + next[i] * skip) % m64) as usize;
+            }
+            table[c] = *id;
+            filled[c] = true;
+            next[i] += 1;
+            n += 1;
+            if n == m {
+                return table;
+            }
+        }
+    }
+}
+
+fn proto(a: &L4Addr) -> u8 {
+    a.protocol.number()
+}
+
+impl Services {
+    /// Open the services of `state_dir` (none without one).
+    pub fn open(
+        state_dir: Option<&Path>,
+        datapath: Box<dyn LbDatapath>,
+        node_ips: Vec<Ipv4Addr>,
+        default_algorithm: LbAlgorithm,
+    ) -> Result<Self, ServiceError> {
+        let path = state_dir.map(|d| d.join("services.json"));
+        let state = match &path {
+            Some(p) => store::load(p)?.unwrap_or_default(),
+            None => State::default(),
+        };
+        Ok(Self { state, path, datapath, node_ips, default_algorithm })
+    }
+
+    fn save(&self) -> Result<(), ServiceError> {
+        match &self.path {
+            Some(p) => Ok(store::save(p, &self.state)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Write every service again (a restarted agent: the maps are pinned
+    /// and already hold them, so this rewrites the same values).
+    pub fn restore(&mut self, local: &BTreeSet<Ipv4Addr>) -> Result<usize, ServiceError> {
+        let specs: Vec<ServiceSpec> = self.state.services.values().cloned().collect();
+        for s in &specs {
+            self.update(s.clone(), local)?;
+        }
+        Ok(specs.len())
+    }
+
+    pub fn list(&self) -> Vec<Service> {
+        self.state.services.keys().filter_map(|id| self.get(*id).ok()).collect()
+    }
+
+    pub fn get(&self, id: u16) -> Result<Service, ServiceError> {
+        let spec = self.state.services.get(&id).ok_or(ServiceError::NotFound(id))?;
+        let ids: BTreeMap<L4Addr, u32> =
+            self.state.backends.iter().map(|(id, a)| (*a, *id)).collect();
+        let backends = spec
+            .backends
+            .iter()
+            .map(|b| {
+                let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
+                BackendStatus {
+                    id: ids.get(&a).copied().unwrap_or(0),
+                    ip: b.ip,
+                    port: b.port,
+                    state: b.state,
+                    selectable: b.state == BackendState::Active,
+                }
+            })
+            .collect();
+        Ok(Service {
+            spec: spec.clone(),
+            frontends: self.state.frontends.get(&id).cloned().unwrap_or_default(),
+            backends,
+            algorithm: spec.algorithm.unwrap_or(self.default_algorithm),
+        })
+    }
+
+    /// The frontend addresses of `spec` (a 0.0.0.0 NodePort or HostPort:
+    /// one per node address).
+    fn expand(&self, spec: &ServiceSpec) -> Result<Vec<L4Addr>, ServiceError> {
+        let fe = spec.frontend;
+        if !fe.ip.is_unspecified() {
+            return Ok(vec![fe]);
+        }
+        if self.node_ips.is_empty() {
+            return Err(ServiceError::Invalid {
+                id: spec.id,
+                reason: format!(
+                    "frontend {fe} stands for the node's addresses, and the node has none \
+                     (start the agent with --devices)"
+                ),
+            });
+        }
+        Ok(self.node_ips.iter().map(|ip| L4Addr { ip: *ip, ..fe }).collect())
+    }
+
+    fn backend_id(&mut self, a: L4Addr) -> u32 {
+        if let Some((id, _)) = self.state.backends.iter().find(|(_, b)| **b == a) {
+            return *id;
+        }
+        let id = (1..).find(|i| !self.state.backends.contains_key(i)).unwrap_or(u32::MAX);
+        self.state.backends.insert(id, a);
+        id
+    }
+
+    /// Create or replace service `spec.id`. `local` are this node's
+    /// endpoint addresses (for the Local traffic policies). Validation
+    /// comes first: a refused update changes nothing.
+    pub fn update(
+        &mut self,
+        spec: ServiceSpec,
+        local: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Service, ServiceError> {
+        validate(&spec)?;
+        let id = spec.id;
+        let addrs = self.expand(&spec)?;
+        for a in &addrs {
+            for (other, fes) in &self.state.frontends {
+                if *other != id && fes.iter().any(|f| f.address == *a) {
+                    return Err(ServiceError::Conflict { id, frontend: *a, owner: *other });
+                }
+            }
+        }
+        let ranges =
+            spec.source_ranges.iter().map(|r| parse_range(id, r)).collect::<Result<Vec<_>, _>>()?;
+        let dp = |reason: String| ServiceError::Datapath { id, reason };
+
+        // Reverse-NAT indexes: kept for frontends the service had, new
+        // ones for the others.
+        let old = self.state.frontends.get(&id).cloned().unwrap_or_default();
+        let mut used: BTreeSet<u16> =
+            self.state.frontends.values().flatten().map(|f| f.rev_nat_index).collect();
+        let mut frontends = Vec::new();
+        for a in &addrs {
+            let idx = match old.iter().find(|f| f.address == *a) {
+                Some(f) => f.rev_nat_index,
+                None => {
+                    let i = (1..=u16::MAX).find(|i| !used.contains(i)).ok_or_else(|| {
+                        ServiceError::Invalid { id, reason: "no reverse-NAT index left".into() }
+                    })?;
+                    used.insert(i);
+                    i
+                }
+            };
+            frontends.push(FrontendStatus { address: *a, rev_nat_index: idx });
+        }
+
+        // 1. Backends.
+        let mut slots = Vec::new();
+        let mut named = Vec::new();
+        for b in &spec.backends {
+            let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
+            let bid = self.backend_id(a);
+            self.state.retired.remove(&bid);
+            let raw =
+                Backend { addr: b.ip, port: b.port, proto: proto(&a), state: state_code(b.state) };
+            self.datapath.upsert_backend(bid, &raw).map_err(dp)?;
+            let selectable = b.state == BackendState::Active
+                && (!spec.traffic_policy_local || local.contains(&b.ip));
+            if selectable {
+                slots.push(bid);
+                named.push((bid, format!("{}:{}", b.ip, b.port)));
+            }
+        }
+
+        // 2. Frontends.
+        let algorithm = spec.algorithm.unwrap_or(self.default_algorithm);
+        let maglev =
+            (algorithm == LbAlgorithm::Maglev).then(|| maglev_table(&named, MAGLEV_TABLE_SIZE));
+        let mut flags = kind_flag(spec.kind);
+        if spec.affinity_timeout.is_some() {
+            flags |= lb::SVC_F_AFFINITY;
+        }
+        if !ranges.is_empty() {
+            flags |= lb::SVC_F_SRC_RANGES;
+        }
+        if maglev.is_some() {
+            flags |= lb::SVC_F_MAGLEV;
+        }
+        if spec.traffic_policy_local {
+            flags |= lb::SVC_F_LOCAL;
+        }
+        for f in &frontends {
+            let master = LbService {
+                rev_nat_index: f.rev_nat_index,
+                flags,
+                affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+                ..Default::default()
+            };
+            let w = FrontendWrite {
+                master,
+                slots: slots.clone(),
+                maglev: maglev.clone(),
+                ranges: ranges.clone(),
+            };
+            let fe =
+                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
+            self.datapath.write_frontend(&fe, &w).map_err(dp)?;
+        }
+
+        // 3. Frontends the service no longer has.
+        for f in old.iter().filter(|f| !addrs.contains(&f.address)) {
+            let fe =
+                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
+            self.datapath.remove_frontend(&fe, f.rev_nat_index).map_err(dp)?;
+        }
+
+        self.state.services.insert(id, spec);
+        self.state.frontends.insert(id, frontends);
+        self.retire_unnamed();
+        self.save()?;
+        self.get(id)
+    }
+
+    /// Delete service `id`: its frontends go; its backends retire.
+    pub fn delete(&mut self, id: u16) -> Result<Service, ServiceError> {
+        let svc = self.get(id)?;
+        for f in &svc.frontends {
+            let fe =
+                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
+            self.datapath
+                .remove_frontend(&fe, f.rev_nat_index)
+                .map_err(|reason| ServiceError::Datapath { id, reason })?;
+        }
+        self.state.services.remove(&id);
+        self.state.frontends.remove(&id);
+        self.retire_unnamed();
+        self.save()?;
+        Ok(svc)
+    }
+
+    /// Mark the backends no service names as retired.
+    fn retire_unnamed(&mut self) {
+        let named: BTreeSet<L4Addr> = self
+            .state
+            .services
+            .values()
+            .flat_map(|s| {
+                s.backends.iter().map(|b| L4Addr {
+                    ip: b.ip,
+                    port: b.port,
+                    protocol: s.frontend.protocol,
+                })
+            })
+            .collect();
+        for (id, a) in &self.state.backends {
+            if !named.contains(a) {
+                self.state.retired.insert(*id);
+            }
+        }
+    }
+
+    /// Remove the retired backends no flow is pinned to any more; returns
+    /// how many went.
+    pub fn release_retired(&mut self) -> Result<usize, String> {
+        if self.state.retired.is_empty() {
+            return Ok(0);
+        }
+        let pinned = self.datapath.pinned_backends()?;
+        let free: Vec<u32> =
+            self.state.retired.iter().filter(|id| !pinned.contains(id)).copied().collect();
+        for id in &free {
+            self.datapath.remove_backend(*id)?;
+            self.state.retired.remove(id);
+            self.state.backends.remove(id);
+        }
+        self.save().map_err(|e| e.to_string())?;
+        Ok(free.len())
+    }
+
+    /// Rewrite the services with a Local traffic policy after this node's
+    /// endpoints changed.
+    pub fn refresh_local(&mut self, local: &BTreeSet<Ipv4Addr>) -> Result<(), ServiceError> {
+        let specs: Vec<ServiceSpec> =
+            self.state.services.values().filter(|s| s.traffic_policy_local).cloned().collect();
+        for s in specs {
+            self.update(s, local)?;
+        }
+        Ok(())
+    }
+
+    /// The retired backends (for status and tests).
+    pub fn retired(&self) -> Vec<u32> {
+        self.state.retired.iter().copied().collect()
+    }
+}
+
+/// Parse a services file: a YAML or JSON list of service specs.
+pub fn parse_file(text: &str) -> Result<Vec<ServiceSpec>, String> {
+    serde_yaml::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciliate_api::models::{BackendSpec, Protocol};
+
+    fn spec(id: u16, fe: &str, backends: &[(&str, u16)]) -> ServiceSpec {
+        ServiceSpec {
+            id,
+            frontend: fe.parse().unwrap(),
+            kind: ServiceKind::ClusterIP,
+            backends: backends
+                .iter()
+                .map(|(ip, port)| BackendSpec {
+                    ip: ip.parse().unwrap(),
+                    port: *port,
+                    state: BackendState::Active,
+                })
+                .collect(),
+            affinity_timeout: None,
+            traffic_policy_local: false,
+            source_ranges: vec![],
+            algorithm: None,
+            name: String::new(),
+        }
+    }
+
+    fn services() -> Services {
+        Services::open(
+            None,
+            Box::new(MemoryLb::default()),
+            vec!["192.168.1.2".parse().unwrap()],
+            LbAlgorithm::Random,
+        )
+        .unwrap()
+    }
+
+    fn mem(s: &mut Services) -> &mut MemoryLb {
+        s.datapath.as_any_mut().downcast_mut().unwrap()
+    }
+
+    #[test]
+    fn maglev_spreads_evenly_and_a_removal_moves_about_one_nth() {
+        let m = 16381;
+        let names: Vec<(u32, String)> = (1..=5).map(|i| (i, format!("10.0.0.{i}:80"))).collect();
+        let t = maglev_table(&names, m);
+        for (id, _) in &names {
+            let n = t.iter().filter(|x| **x == *id).count();
+            assert!(n == m / 5 || n == m / 5 + 1, "backend {id}: {n} entries");
+        }
+        // Order of the input does not matter.
+        let mut rev = names.clone();
+        rev.reverse();
+        assert_eq!(maglev_table(&rev, m), t);
+        // Remove backend 3: its entries move, and few others do.
+        let fewer: Vec<_> = names.iter().filter(|(id, _)| *id != 3).cloned().collect();
+        let t2 = maglev_table(&fewer, m);
+        let moved = t.iter().zip(&t2).filter(|(a, b)| a != b && **a != 3).count();
+        let changed = t.iter().zip(&t2).filter(|(a, b)| a != b).count();
+        assert!(changed < m * 2 / 5, "{changed} of {m} entries changed (expect about 1/5)");
+        assert!(moved < m / 10, "{moved} entries of surviving backends moved");
+        assert!(t2.iter().all(|x| *x != 3 && *x != 0));
+    }
+
+    #[test]
+    fn updates_write_backends_then_frontends_and_validate_first() {
+        let mut s = services();
+        let local = BTreeSet::new();
+        let svc = s
+            .update(spec(1, "10.96.0.10:80", &[("10.0.0.1", 8080), ("10.0.0.2", 8080)]), &local)
+            .unwrap();
+        assert_eq!(svc.frontends.len(), 1);
+        assert_eq!(mem(&mut s).log, ["backend+ 1", "backend+ 2", "frontend+ 10.96.0.10:80"]);
+        let fe = mem(&mut s).frontends.values().next().unwrap().clone();
+        assert_eq!(fe.slots, [1, 2]);
+        assert_eq!(fe.master.flags, lb::SVC_F_CLUSTER_IP);
+
+        // Refused updates leave everything as it was.
+        for (bad, needle) in [
+            (spec(0, "10.96.0.10:80", &[]), "ID 0"),
+            (spec(2, "10.96.0.10:80", &[]), "belongs to service 1"),
+            (spec(2, "10.96.0.11:0", &[]), "port 0"),
+            (spec(2, "0.0.0.0:80", &[]), "only for NodePort"),
+            (spec(2, "10.96.0.11:80", &[("10.0.0.1", 1), ("10.0.0.1", 1)]), "twice"),
+            (
+                ServiceSpec { kind: ServiceKind::NodePort, ..spec(2, "0.0.0.0:80", &[]) },
+                "30000-32767",
+            ),
+            (
+                ServiceSpec {
+                    source_ranges: vec!["10.0.0.1/8".into()],
+                    kind: ServiceKind::LoadBalancer,
+                    ..spec(2, "1.2.3.4:80", &[])
+                },
+                "host bits",
+            ),
+            (
+                ServiceSpec { affinity_timeout: Some(0), ..spec(2, "10.96.0.12:80", &[]) },
+                "affinity",
+            ),
+        ] {
+            let before = mem(&mut s).log.len();
+            let e = s.update(bad, &local).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert_eq!(mem(&mut s).log.len(), before, "a refused update wrote: {e}");
+        }
+    }
+
+    #[test]
+    fn a_removed_backend_retires_until_no_flow_is_pinned_to_it() {
+        let mut s = services();
+        let local = BTreeSet::new();
+        s.update(spec(1, "10.96.0.10:80", &[("10.0.0.1", 8080), ("10.0.0.2", 8080)]), &local)
+            .unwrap();
+        s.update(spec(1, "10.96.0.10:80", &[("10.0.0.2", 8080)]), &local).unwrap();
+        assert_eq!(s.retired(), [1]);
+        assert!(mem(&mut s).backends.contains_key(&1), "kept while it may carry flows");
+        mem(&mut s).pinned.insert(1);
+        assert_eq!(s.release_retired().unwrap(), 0);
+        mem(&mut s).pinned.clear();
+        assert_eq!(s.release_retired().unwrap(), 1);
+        assert!(!mem(&mut s).backends.contains_key(&1));
+        // A terminating backend stays in the map but has no slot.
+        let mut t = spec(1, "10.96.0.10:80", &[("10.0.0.2", 8080), ("10.0.0.3", 8080)]);
+        t.backends[0].state = BackendState::Terminating;
+        s.update(t, &local).unwrap();
+        let fe = mem(&mut s).frontends.values().next().unwrap().clone();
+        assert_eq!(fe.slots.len(), 1);
+        assert_eq!(
+            mem(&mut s).backends.values().filter(|b| b.state == BACKEND_TERMINATING).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn nodeport_expands_to_node_addresses_and_local_policy_filters_backends() {
+        let mut s = services();
+        let mut np = spec(3, "0.0.0.0:30080", &[("10.0.0.1", 80), ("10.0.0.9", 80)]);
+        np.kind = ServiceKind::NodePort;
+        np.traffic_policy_local = true;
+        np.frontend.protocol = Protocol::UDP;
+        let local: BTreeSet<Ipv4Addr> = ["10.0.0.1".parse().unwrap()].into();
+        let svc = s.update(np, &local).unwrap();
+        assert_eq!(svc.frontends[0].address.to_string(), "192.168.1.2:30080/UDP");
+        let fe = mem(&mut s).frontends.values().next().unwrap().clone();
+        assert_eq!(fe.slots, [1], "only the local backend");
+        assert_ne!(fe.master.flags & lb::SVC_F_LOCAL, 0);
+        let mut mg = spec(4, "10.96.0.20:80", &[("10.0.0.1", 80)]);
+        mg.algorithm = Some(LbAlgorithm::Maglev);
+        let bid = s.update(mg, &local).unwrap().backends[0].id;
+        assert_eq!(bid, 3, "an address with another protocol is another backend");
+        let w = mem(&mut s).frontends.iter().find(|(f, _)| f.port == 80).unwrap().1.clone();
+        assert!(w.maglev.as_ref().is_some_and(|t| t.iter().all(|x| *x == bid)));
+        assert_eq!(s.delete(4).unwrap().spec.id, 4);
+        assert!(matches!(s.delete(4), Err(ServiceError::NotFound(4))));
+    }
+}
