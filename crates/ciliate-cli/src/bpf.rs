@@ -32,6 +32,9 @@ pub enum BpfCommand {
     /// An endpoint's policy map entries
     #[command(subcommand)]
     Policy(PolicyGet),
+    /// The load-balancer maps: frontends, backend slots, Maglev tables
+    #[command(subcommand)]
+    Lb(crate::service::LbCommand),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +84,7 @@ impl BpfCommand {
             BpfCommand::Policy(PolicyGet::Get { endpoint, output }) => {
                 return crate::policy::bpf_policy_get(t, endpoint, output);
             }
+            BpfCommand::Lb(c) => return c.run(&t.pin_dir()?),
         };
         list(&t.pin_dir()?, kind, output)
     }
@@ -135,7 +139,7 @@ pub fn list(dir: &Path, kind: &str, output: Output) -> anyhow::Result<()> {
 }
 
 /// Print `rows` as JSON, or as a table through `row`.
-fn emit<T: Serialize>(
+pub(crate) fn emit<T: Serialize>(
     rows: &[T],
     output: Output,
     header: &[&str],
@@ -196,6 +200,7 @@ struct CtRow {
     flags: u16,
     rev_nat: u16,
     source_identity: u32,
+    backend_id: u32,
 }
 
 fn ct_flag_names(flags: u16) -> String {
@@ -217,7 +222,11 @@ fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
         .into_iter()
         .map(|(k, e)| CtRow {
             proto: proto_name(k.proto).unwrap_or("OTHER"),
-            direction: if k.dir == ct::DIR_EGRESS { "OUT" } else { "IN" },
+            direction: match k.dir {
+                ct::DIR_EGRESS => "OUT",
+                ct::DIR_SERVICE => "SVC",
+                _ => "IN",
+            },
             source: format!("{}:{}", Ipv4Addr::from(k.saddr), u16::from_be(k.sport)),
             destination: format!("{}:{}", Ipv4Addr::from(k.daddr), u16::from_be(k.dport)),
             expires: e.expires,
@@ -230,6 +239,7 @@ fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
             flags: e.flags,
             rev_nat: e.rev_nat_index,
             source_identity: e.src_identity,
+            backend_id: e.backend_id,
         })
         .collect();
     if let Output::Json = output {
@@ -239,7 +249,7 @@ fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
     for r in rows {
         println!(
             "{} {} {} -> {} expires={} TxPackets={} TxBytes={} RxPackets={} RxBytes={} \
-             TxFlagsSeen={:#04x} RxFlagsSeen={:#04x} Flags={:#06x} [ {} ] RevNAT={} SourceSecurityID={}",
+             TxFlagsSeen={:#04x} RxFlagsSeen={:#04x} Flags={:#06x} [ {} ] RevNAT={} SourceSecurityID={} BackendID={}",
             r.proto,
             r.direction,
             r.source,
@@ -254,7 +264,8 @@ fn ct_list(dir: &Path, output: Output) -> anyhow::Result<()> {
             r.flags,
             ct_flag_names(r.flags),
             r.rev_nat,
-            r.source_identity
+            r.source_identity,
+            r.backend_id
         );
     }
     Ok(())

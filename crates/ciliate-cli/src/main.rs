@@ -7,6 +7,7 @@ mod lab;
 mod map;
 mod monitor;
 mod policy;
+mod service;
 mod table;
 mod target;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Network policy: import, get, delete, wait
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Services (kube-proxy replacement): update, list, get, delete
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
     /// The node's BPF maps
     #[command(subcommand)]
     Map(map::MapCommand),
@@ -67,6 +71,7 @@ impl Command {
             Command::Endpoint(c) => c.run(t),
             Command::Identity(c) => c.run(t),
             Command::Policy(c) => c.run(t),
+            Command::Service(c) => c.run(t),
             Command::Map(c) => c.run(t),
             Command::Bpf(c) => c.run(t),
             Command::Monitor(a) => monitor::run(t, &a),

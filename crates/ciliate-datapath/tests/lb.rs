@@ -237,8 +237,15 @@ fn nodeport_from_outside_reaches_a_local_backend_and_the_reply_leaves_as_the_nod
     assert_eq!(out.verdict, verdict::REDIRECT, "{:?}", drops(&mut n));
     assert_eq!(ends(&parsed(&out)), ((CLIENT, 50000), (B.ip, 8080)));
     let reply = n.send_b(&B.send(CLIENT, &tcp(8080, 50000, tcp_flags::SYN | tcp_flags::ACK)));
-    assert_eq!(reply.verdict, verdict::OK, "to the stack");
+    // Translated back, and not handed to the stack (which would see its
+    // own address as the source): redirected by a FIB lookup, which in a
+    // test run (no such device here) ends as unroutable. The lab test
+    // covers the real forwarding.
     assert_eq!(ends(&parsed(&reply)), ((NODE_IP, 30080), (CLIENT, 50000)));
+    assert_ne!(reply.verdict, verdict::OK, "a NodePort reply went to the stack");
+    if reply.verdict == verdict::SHOT {
+        assert_eq!(drops(&mut n), [drop::UNROUTABLE]);
+    }
 
     let cip = Node::run(&mut n.host, FROM_NETDEV, &from_outside(VIP, 50001, 80, tcp_flags::SYN));
     assert_eq!(cip.verdict, verdict::OK);

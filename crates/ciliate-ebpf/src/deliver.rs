@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use ciliate_common::{
     ct::{CT_REPLY, DIR_INGRESS},
-    drop::INVALID,
+    drop::{INVALID, UNROUTABLE},
     endpoint::EndpointInfo,
     metrics::DIR_INGRESS as METRIC_INGRESS,
     policy::DIR_INGRESS as POLICY_INGRESS,
@@ -78,6 +78,46 @@ pub fn to_endpoint(
             Via::Egress => bpf_redirect(ep.ifindex, 0),
         }
     } as i32)
+}
+
+/// Send the IPv4 packet with tuple `t`, which arrived on `ifindex`, out of
+/// the device the node's FIB routes it to, as the stack would (MACs from
+/// the neighbour table, TTL - 1) but without entering the stack: a reply
+/// translated back to a node address (NodePort) would be a martian there.
+/// The caller checked the TTL. Without a route: `UNROUTABLE`.
+#[inline(always)]
+pub fn fib_redirect(ctx: &TcContext, t: &ct::Tuple, ifindex: u32) -> Result<i32, Drop> {
+    use aya_ebpf::{
+        EbpfContext,
+        bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+        helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    };
+    // SAFETY: a plain C struct; all-zero is its "unset" value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = t.key.proto;
+    p.sport = t.key.sport;
+    p.dport = t.key.dport;
+    p.__bindgen_anon_1.tot_len = (ctx.len() as u16).saturating_sub(ETH_HLEN as u16);
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(t.key.saddr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(t.key.daddr);
+    // SAFETY: the helper reads and fills `p`, whose size it is given.
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    let out = p.ifindex;
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        l3_hop(ctx, &p.smac, &p.dmac)?;
+        // SAFETY: plain helper call; the result is the tc verdict.
+        return Ok(unsafe { bpf_redirect(out, 0) } as i32);
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        l3_hop(ctx, &p.smac, &p.dmac)?;
+        // SAFETY: as above; the kernel resolves the neighbour.
+        return Ok(unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) } as i32);
+    }
+    Err(drop!(UNROUTABLE))
 }
 
 /// A packet we would forward with a TTL reaching 0 is dropped as `INVALID`

@@ -23,7 +23,7 @@ use ciliate_common::{
     lb::HAIRPIN_LOOPBACK,
     metrics::DIR_EGRESS as METRIC_EGRESS,
     policy::DIR_EGRESS as POLICY_EGRESS,
-    trace::TO_STACK,
+    trace::{TO_NETWORK, TO_STACK},
 };
 use ciliate_ebpf::{
     Drop,
@@ -139,9 +139,11 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         cfg.identity,
         rev_nat,
     )?;
-    if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
-        // A backend's reply to a flow translated before it arrived here
-        // (NodePort): its source becomes the frontend again.
+    // A backend's reply to a flow translated before it arrived here
+    // (NodePort): its source becomes the frontend again, a node address the
+    // stack would take for a martian, so it leaves through the FIB.
+    let rev_nat = tracked.state == CT_REPLY && tracked.rev_nat_index != 0;
+    if rev_nat {
         lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
     }
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
@@ -156,6 +158,11 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         ct_state: tracked.state,
         dir: METRIC_EGRESS,
     };
+    if rev_nat {
+        deliver::check_ttl(ip.ttl)?;
+        trace_or_count(ctx, TO_NETWORK, &who, cfg.ifindex, tracked.report, trace_all);
+        return deliver::fib_redirect(ctx, &t, cfg.ifindex);
+    }
     trace_or_count(ctx, TO_STACK, &who, cfg.ifindex, tracked.report, trace_all);
     Ok(verdict::OK)
 }

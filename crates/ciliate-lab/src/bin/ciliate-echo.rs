@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! ciliate-echo serve [PORT]                 # TCP and UDP echo on PORT (default 7)
+//! ciliate-echo serve PORT NAME              # TCP and UDP: answer every request with NAME
 //! ciliate-echo tcp IP:PORT MESSAGE          # prints the echoed reply
 //! ciliate-echo udp IP:PORT MESSAGE
+//! ciliate-echo names IP:PORT COUNT          # COUNT TCP connections: "<name> <n>" per answer
 //! ciliate-echo stream IP:PORT SECONDS       # keeps one TCP connection busy, prints round trips
 //! ciliate-echo rr IP:PORT SECONDS           # 1-byte request/response on one connection: "<n>/s"
 //! ciliate-echo crr IP:PORT SECONDS          # connect, 1-byte request/response, close: "<n>/s"
 //! ```
 //! Clients give up after 3 seconds (`CILIATE_ECHO_TIMEOUT_MS`) and exit non-zero.
+//! `tcp` and `udp` also fail when the answer does not come from the address
+//! they sent to (getpeername, recvfrom): a service must look like itself.
 
 use std::{
     io::{Read, Write},
@@ -50,8 +54,55 @@ fn serve(port: u16) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Answer every TCP connection and UDP datagram on `port` with `name`.
+fn serve_name(port: u16, name: String) -> std::io::Result<()> {
+    let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    let udp = UdpSocket::bind(("0.0.0.0", port))?;
+    let n = name.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(n.as_bytes(), peer);
+        }
+    });
+    for conn in tcp.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            if conn.read(&mut buf).is_ok_and(|n| n > 0) {
+                let _ = conn.write_all(name.as_bytes());
+            }
+        });
+    }
+    Ok(())
+}
+
+fn not_from(what: &str, got: SocketAddr, want: SocketAddr) -> std::io::Error {
+    std::io::Error::other(format!("{what} is {got}, not {want}"))
+}
+
+/// `count` connections to a `serve PORT NAME` service: how many answers
+/// each name gave.
+fn names(addr: SocketAddr, count: u32) -> std::io::Result<String> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+        s.set_read_timeout(Some(timeout()))?;
+        s.write_all(b"?")?;
+        let mut name = String::new();
+        s.read_to_string(&mut name)?;
+        *seen.entry(name).or_insert(0u32) += 1;
+    }
+    Ok(seen.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("\n"))
+}
+
 fn tcp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+    let peer = s.peer_addr()?;
+    if peer != addr {
+        return Err(not_from("the peer", peer, addr));
+    }
     s.set_read_timeout(Some(timeout()))?;
     s.write_all(msg.as_bytes())?;
     let mut buf = vec![0u8; msg.len()];
@@ -64,7 +115,10 @@ fn udp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     s.set_read_timeout(Some(timeout()))?;
     s.send_to(msg.as_bytes(), addr)?;
     let mut buf = [0u8; 65536];
-    let (n, _) = s.recv_from(&mut buf)?;
+    let (n, from) = s.recv_from(&mut buf)?;
+    if from != addr {
+        return Err(not_from("the reply's source", from, addr));
+    }
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
@@ -130,6 +184,16 @@ fn main() -> ExitCode {
             Ok(p) => serve(p).map(|()| String::new()).map_err(|e| e.to_string()),
             Err(e) => Err(format!("bad port {port:?}: {e}")),
         },
+        ["serve", port, name] => match port.parse() {
+            Ok(p) => {
+                serve_name(p, name.to_string()).map(|()| String::new()).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("bad port {port:?}: {e}")),
+        },
+        ["names", a, count] => match count.parse() {
+            Ok(c) => addr(a).and_then(|a| names(a, c).map_err(|e| format!("names {a}: {e}"))),
+            Err(e) => Err(format!("bad count {count:?}: {e}")),
+        },
         ["tcp", a, msg] => {
             addr(a).and_then(|a| tcp_echo(a, msg).map_err(|e| format!("tcp {a}: {e}")))
         }
@@ -149,8 +213,8 @@ fn main() -> ExitCode {
             }),
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
-        _ => Err("usage: ciliate-echo serve [PORT] | tcp|udp IP:PORT MESSAGE \
-                  | stream|rr|crr IP:PORT SECONDS"
+        _ => Err("usage: ciliate-echo serve [PORT [NAME]] | tcp|udp IP:PORT MESSAGE \
+                  | names IP:PORT COUNT | stream|rr|crr IP:PORT SECONDS"
             .into()),
     };
     match result {

@@ -1,0 +1,255 @@
+//! Services end to end on the lab (agent API → LB maps → datapath, real
+//! traffic): ClusterIP over TCP and UDP from pods with socket LB (inside the
+//! lab's cgroup) and per packet (outside it, or with socket LB off), from
+//! the host, NodePort from the external host, hairpin, ClientIP affinity,
+//! the spread over three backends, and an established flow that outlives
+//! the removal of its backend. Every pod runs `ciliate-echo serve 8080
+//! <pod name>`, so an answer names the backend. Needs root; CI runs as root.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use ciliate_api::{
+    client::method,
+    models::{BackendSpec, BackendState, L4Addr, Service, ServiceKind, ServiceSpec},
+};
+use ciliate_common::ct::DIR_SERVICE;
+use ciliate_datapath::{lbmaps::LbMaps, maps::CtMaps};
+use ciliate_lab::{
+    Netns,
+    names::token,
+    netns,
+    node::{Binaries, ECHO_PORT, EXTERNAL_IP, NODE_IP, NodeLab, NodeLabConfig},
+};
+
+const NAME_PORT: u16 = 8080;
+
+fn up(pods: usize, socket_lb: bool) -> NodeLab {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let mut cfg = NodeLabConfig::new(&format!("clt{}", token()), pods, bins);
+    cfg.socket_lb = socket_lb;
+    let lab = NodeLab::up(cfg).unwrap();
+    let echo = lab.config.bins.echo.to_string_lossy().into_owned();
+    for p in &lab.pods {
+        drop(
+            p.ns.spawn_detached(&[&echo, "serve", &NAME_PORT.to_string(), &p.state.name]).unwrap(),
+        );
+    }
+    for p in &lab.pods {
+        for port in [ECHO_PORT, NAME_PORT] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let sport = format!(":{port}");
+            while p.ns.exec(&["ss", "-Hltn", "sport", "=", &sport]).unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "server {port} in {} not up", p.state.name);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    lab
+}
+
+fn spec(id: u16, frontend: &str, backends: &[(Ipv4Addr, u16)]) -> ServiceSpec {
+    ServiceSpec {
+        id,
+        frontend: frontend.parse().unwrap(),
+        kind: ServiceKind::ClusterIP,
+        backends: backends
+            .iter()
+            .map(|(ip, port)| BackendSpec { ip: *ip, port: *port, state: BackendState::Active })
+            .collect(),
+        affinity_timeout: None,
+        traffic_policy_local: false,
+        source_ranges: vec![],
+        algorithm: None,
+        name: format!("default/svc{id}"),
+    }
+}
+
+fn update(lab: &NodeLab, s: &ServiceSpec) -> Service {
+    lab.client().call(method::PUT, "/v1/service", Some(s)).unwrap()
+}
+
+/// `ciliate-echo <args>` in `ns`; in the lab's cgroup (socket LB applies)
+/// or not (only the per-packet path can translate).
+fn echo(lab: &NodeLab, ns: &Netns, in_cgroup: bool, args: &[&str]) -> Result<String, String> {
+    let r = if in_cgroup {
+        lab.run_echo(ns, args)
+    } else {
+        let mut cmd = ns.command(&lab.config.bins.echo.to_string_lossy());
+        netns::run(cmd.args(args).stdin(Stdio::null()))
+    };
+    r.map(|s| s.trim().to_owned()).map_err(|e| e.to_string())
+}
+
+/// How many of `n` TCP connections to `to` each backend answered.
+fn names(lab: &NodeLab, ns: &Netns, in_cgroup: bool, to: &str, n: u32) -> BTreeMap<String, u32> {
+    let out = echo(lab, ns, in_cgroup, &["names", to, &n.to_string()]).unwrap();
+    out.lines()
+        .map(|l| {
+            let (name, count) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), count.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Service-pinned (per-packet) flows from `client` in conntrack.
+fn service_flows_from(lab: &NodeLab, client: Ipv4Addr) -> usize {
+    let ct = CtMaps::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
+    ct.iter().filter(|(k, _)| k.dir == DIR_SERVICE && Ipv4Addr::from(k.saddr) == client).count()
+}
+
+#[test]
+fn clusterip_from_pods_and_host_through_socket_lb_and_per_packet() {
+    let lab = up(3, true);
+    let (p1, p2, p3) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let backends = [(p2.state.ip, NAME_PORT), (p3.state.ip, NAME_PORT)];
+    update(&lab, &spec(1, "10.96.0.10:80/TCP", &backends));
+    update(&lab, &spec(2, "10.96.0.10:53/UDP", &backends));
+    let valid = ["pod2", "pod3"];
+
+    // Socket LB: connect() already goes to a backend, getpeername and
+    // recvfrom still show the service, and no packet needed translating.
+    let n = names(&lab, &p1.ns, true, "10.96.0.10:80", 10);
+    assert_eq!(n.values().sum::<u32>(), 10);
+    assert!(n.keys().all(|k| valid.contains(&k.as_str())), "{n:?}");
+    for _ in 0..5 {
+        let a = echo(&lab, &p1.ns, true, &["udp", "10.96.0.10:53", "q"]).unwrap();
+        assert!(valid.contains(&a.as_str()), "{a}");
+        // tcp fails if getpeername shows anything but the service.
+        echo(&lab, &p1.ns, true, &["tcp", "10.96.0.10:80", "q"]).unwrap();
+    }
+    assert_eq!(service_flows_from(&lab, p1.state.ip), 0, "socket LB left work to tc");
+
+    // The host (a process of the node in the lab's cgroup) reaches it too.
+    let n = names(&lab, &lab.node, true, "10.96.0.10:80", 4);
+    assert_eq!(n.values().sum::<u32>(), 4, "{n:?}");
+
+    // Outside the cgroup no socket hook runs: from-container translates
+    // each packet (TCP and UDP), and replies come back from the service.
+    let n = names(&lab, &p1.ns, false, "10.96.0.10:80", 10);
+    assert_eq!(n.values().sum::<u32>(), 10);
+    let a = echo(&lab, &p1.ns, false, &["udp", "10.96.0.10:53", "q"]).unwrap();
+    assert!(valid.contains(&a.as_str()), "{a}");
+    assert!(service_flows_from(&lab, p1.state.ip) >= 11, "per-packet LB did not pin flows");
+
+    // A frontend without backends: refused at connect (socket LB) and
+    // dropped as "no service" per packet.
+    update(&lab, &spec(3, "10.96.0.12:80/TCP", &[]));
+    assert!(echo(&lab, &p1.ns, true, &["names", "10.96.0.12:80", "1"]).is_err());
+    let mut cmd = p1.ns.command(&lab.config.bins.echo.to_string_lossy());
+    cmd.env("CILIATE_ECHO_TIMEOUT_MS", "300").args(["names", "10.96.0.12:80", "1"]);
+    assert!(netns::run(cmd.stdin(Stdio::null())).is_err());
+}
+
+#[test]
+fn with_socket_lb_off_every_client_goes_through_the_per_packet_path() {
+    let lab = up(2, false);
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    update(&lab, &spec(1, "10.96.0.10:80/TCP", &[(p2.state.ip, NAME_PORT)]));
+    update(&lab, &spec(2, "10.96.0.10:53/UDP", &[(p2.state.ip, NAME_PORT)]));
+    assert_eq!(names(&lab, &p1.ns, true, "10.96.0.10:80", 3)["pod2"], 3);
+    assert_eq!(echo(&lab, &p1.ns, true, &["udp", "10.96.0.10:53", "q"]).unwrap(), "pod2");
+    assert_eq!(service_flows_from(&lab, p1.state.ip), 4);
+    // No socket-LB link is pinned.
+    let links: Vec<String> = std::fs::read_dir(lab.pins_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!links.iter().any(|l| l.starts_with("cgroup_")), "{links:?}");
+}
+
+#[test]
+fn nodeport_from_the_external_host_and_hairpin() {
+    let lab = up(2, true);
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    let mut np = spec(1, "0.0.0.0:30080/TCP", &[(p2.state.ip, NAME_PORT)]);
+    np.kind = ServiceKind::NodePort;
+    let svc = update(&lab, &np);
+    assert_eq!(svc.frontends[0].address, format!("{NODE_IP}:30080/TCP").parse::<L4Addr>().unwrap());
+    let to = format!("{NODE_IP}:30080");
+    assert_eq!(names(&lab, &lab.external, false, &to, 5)["pod2"], 5);
+    // The backend saw the external host's own address (no SNAT for a local
+    // backend), and its reply went back translated to the node's address
+    // (the client checks getpeername; conntrack holds the flow).
+    let ct = CtMaps::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
+    assert!(ct.iter().any(|(k, e)| Ipv4Addr::from(k.saddr) == EXTERNAL_IP
+        && Ipv4Addr::from(k.daddr) == p2.state.ip
+        && e.rev_nat_index == svc.frontends[0].rev_nat_index));
+    // UDP NodePort too.
+    let mut np_udp = spec(2, "0.0.0.0:30053/UDP", &[(p2.state.ip, NAME_PORT)]);
+    np_udp.kind = ServiceKind::NodePort;
+    update(&lab, &np_udp);
+    let to = format!("{NODE_IP}:30053");
+    assert_eq!(echo(&lab, &lab.external, false, &["udp", &to, "q"]).unwrap(), "pod2");
+
+    // Hairpin: pod1 reaches a service whose only backend is itself, per
+    // packet (through the hairpin loopback) and through socket LB.
+    update(&lab, &spec(3, "10.96.0.20:80/TCP", &[(p1.state.ip, NAME_PORT)]));
+    assert_eq!(names(&lab, &p1.ns, false, "10.96.0.20:80", 3)["pod1"], 3);
+    assert_eq!(names(&lab, &p1.ns, true, "10.96.0.20:80", 3)["pod1"], 3);
+}
+
+#[test]
+fn affinity_spread_and_an_established_flow_that_outlives_its_backend() {
+    let lab = up(4, true);
+    let client = &lab.pods[3];
+    let backends: Vec<(Ipv4Addr, u16)> =
+        lab.pods[..3].iter().map(|p| (p.state.ip, NAME_PORT)).collect();
+
+    // Random selection over 3 backends: 3,000 connections, each backend
+    // within ±10% of 1,000 (a binomial's sd is 26: a 3.9 sd margin).
+    update(&lab, &spec(1, "10.96.0.10:80/TCP", &backends));
+    let n = names(&lab, &client.ns, true, "10.96.0.10:80", 3000);
+    assert_eq!(n.len(), 3, "{n:?}");
+    for (name, c) in &n {
+        assert!((900..=1100).contains(c), "{name}: {c} of 3000 ({n:?})");
+    }
+
+    // ClientIP affinity: every connection of the client to one backend
+    // (decided per packet, where the client's address is known).
+    let mut aff = spec(2, "10.96.0.11:80/TCP", &backends);
+    aff.affinity_timeout = Some(60);
+    update(&lab, &aff);
+    for in_cgroup in [true, false] {
+        let n = names(&lab, &client.ns, in_cgroup, "10.96.0.11:80", 30);
+        assert_eq!(n.len(), 1, "affinity broken: {n:?}");
+    }
+
+    // An established flow keeps its backend when the service loses it;
+    // new flows go to the new backend; the old one is released once the
+    // flow is gone.
+    let (b1, b2) = (lab.pods[0].state.ip, lab.pods[1].state.ip);
+    update(&lab, &spec(3, "10.96.0.12:7/TCP", &[(b1, ECHO_PORT)]));
+    let echo_bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    let mut cmd = client.ns.command(&echo_bin);
+    cmd.args(["stream", "10.96.0.12:7", "3"]).stdin(Stdio::null());
+    let stream = std::thread::spawn(move || cmd.output().unwrap());
+    std::thread::sleep(Duration::from_millis(800));
+    update(&lab, &spec(3, "10.96.0.12:7/TCP", &[(b2, ECHO_PORT)]));
+    echo(&lab, &client.ns, false, &["tcp", "10.96.0.12:7", "hello"]).unwrap();
+    let out = stream.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the established flow broke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ct = CtMaps::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
+    let to = |ip: Ipv4Addr| {
+        ct.iter().any(|(k, _)| {
+            k.dir == 1
+                && Ipv4Addr::from(k.daddr) == ip
+                && u16::from_be(k.dport) == ECHO_PORT
+                && Ipv4Addr::from(k.saddr) == client.state.ip
+        })
+    };
+    assert!(to(b1) && to(b2), "the stream on b1 and the new flow on b2");
+    let maps = LbMaps::from_pin_dir(&lab.pins_dir).unwrap();
+    assert!(
+        maps.backends().unwrap().values().any(|b| b.addr == b1 && b.port == ECHO_PORT),
+        "the removed backend left the map while a flow was pinned to it"
+    );
+}
