@@ -1,9 +1,13 @@
 //! `ciliate lab up|down|status`: local labs on network namespaces.
 
 use anyhow::Context as _;
+use ciliate_api::{
+    client::method,
+    models::{BackendSpec, BackendState, Service, ServiceKind, ServiceSpec},
+};
 use ciliate_lab::{
     netns,
-    node::{self, Binaries, ECHO_PORT, LabState, NodeLab, NodeLabConfig},
+    node::{self, Binaries, ECHO_PORT, EXTERNAL_IP, LabState, NODE_IP, NodeLab, NodeLabConfig},
 };
 use clap::Subcommand;
 
@@ -53,6 +57,14 @@ fn say(msg: impl AsRef<str>) {
     println!("[lab] {}", msg.as_ref());
 }
 
+/// The lab's echo service.
+const CLUSTER_IP: &str = "10.96.0.10";
+const NODE_PORT: u16 = 30007;
+
+fn result(ok: bool) -> String {
+    if ok { "ok" } else { "FAILED" }.into()
+}
+
 fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     let removed = node::down(name)?;
     if !removed.is_empty() {
@@ -76,6 +88,42 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
             p.state.lxc_mac
         ));
     }
+    // Services: the echo servers behind a ClusterIP (TCP and UDP) and a
+    // NodePort on the node's address.
+    let backends: Vec<BackendSpec> = lab
+        .pods
+        .iter()
+        .map(|p| BackendSpec { ip: p.state.ip, port: ECHO_PORT, state: BackendState::Active })
+        .collect();
+    let services = [
+        (1, format!("{CLUSTER_IP}:{ECHO_PORT}/TCP"), ServiceKind::ClusterIP),
+        (2, format!("{CLUSTER_IP}:{ECHO_PORT}/UDP"), ServiceKind::ClusterIP),
+        (3, format!("0.0.0.0:{NODE_PORT}/TCP"), ServiceKind::NodePort),
+    ];
+    for (id, fe, kind) in services {
+        let spec = ServiceSpec {
+            id,
+            frontend: fe.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+            kind,
+            backends: backends.clone(),
+            affinity_timeout: None,
+            traffic_policy_local: false,
+            source_ranges: vec![],
+            algorithm: None,
+            name: "default/echo".into(),
+        };
+        let svc: Service = lab
+            .client()
+            .call(method::PUT, "/v1/service", Some(&spec))
+            .with_context(|| format!("creating service {id}"))?;
+        let fes: Vec<String> = svc.frontends.iter().map(|f| f.address.to_string()).collect();
+        say(format!(
+            "service {id} ({}) {} → {} backends",
+            kind.name(),
+            fes.join(", "),
+            backends.len()
+        ));
+    }
     // Give the echo servers a moment to listen.
     std::thread::sleep(std::time::Duration::from_millis(200));
     say(
@@ -96,7 +144,7 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let ok = ns.exec(&args).is_ok();
         failed += usize::from(!ok);
-        t.row(vec![from.into(), to, kind.into(), if ok { "ok" } else { "FAILED" }.into()]);
+        t.row(vec![from.into(), to, kind.into(), result(ok)]);
     };
     let gw = lab.router_ip().to_string();
     for (i, p) in lab.pods.iter().enumerate() {
@@ -113,6 +161,28 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
         let to = format!("{} {}", p.state.name, p.state.ip);
         check("host", &lab.node, to, p.state.ip.to_string(), "tcp");
     }
+    // Services: through socket LB (the lab's cgroup) and the external host.
+    let cip = format!("service {CLUSTER_IP}:{ECHO_PORT}");
+    for p in &lab.pods {
+        for proto in ["tcp", "udp"] {
+            let ok =
+                lab.run_echo(&p.ns, &[proto, &format!("{CLUSTER_IP}:{ECHO_PORT}"), "svc"]).is_ok();
+            failed += usize::from(!ok);
+            t.row(vec![p.state.name.clone(), cip.clone(), proto.into(), result(ok)]);
+        }
+    }
+    let ok = lab.run_echo(&lab.node, &["tcp", &format!("{CLUSTER_IP}:{ECHO_PORT}"), "svc"]).is_ok();
+    failed += usize::from(!ok);
+    t.row(vec!["host".into(), cip, "tcp".into(), result(ok)]);
+    let np = format!("{NODE_IP}:{NODE_PORT}");
+    let ok = lab.run_echo(&lab.external, &["tcp", &np, "svc"]).is_ok();
+    failed += usize::from(!ok);
+    t.row(vec![
+        format!("external {EXTERNAL_IP}"),
+        format!("NodePort {np}"),
+        "tcp".into(),
+        result(ok),
+    ]);
     print!("{}", t.render());
     let state = lab.keep()?;
     anyhow::ensure!(
@@ -120,8 +190,8 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
         "{failed} connectivity checks failed; the lab is left up for inspection"
     );
     say(format!(
-        "lab {} is up: enter a pod with `ip netns exec {} bash`; look at the datapath with `ciliate bpf ct list`, `ciliate bpf endpoint list`; remove it with `ciliate lab down --name {}`",
-        state.lab, state.pods[0].ns, state.lab
+        "lab {} is up: enter a pod with `ip netns exec {} bash`; look at the datapath with `ciliate bpf ct list`, `ciliate bpf endpoint list`, `ciliate service list`, `ciliate bpf lb list`; the external host is {}; remove it with `ciliate lab down --name {}`",
+        state.lab, state.pods[0].ns, state.external_ns, state.lab
     ));
     Ok(())
 }

@@ -253,3 +253,59 @@ fn affinity_spread_and_an_established_flow_that_outlives_its_backend() {
         "the removed backend left the map while a flow was pinned to it"
     );
 }
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn services_come_from_a_file_and_the_state_dir_and_survive_a_restart() {
+    // The file names the first pod's address: IPAM gives the health
+    // endpoint 10.200.0.2 at start and the first pod 10.200.0.3.
+    let file = TempFile(std::env::temp_dir().join(format!("ciliate-svc-{}.yaml", token())));
+    std::fs::write(
+        &file.0,
+        "- id: 1\n  frontend: {ip: 10.96.0.10, port: 80, protocol: TCP}\n  \
+         backends: [{ip: 10.200.0.3, port: 8080}]\n  name: default/from-file\n",
+    )
+    .unwrap();
+    let bins = Binaries::beside_current_exe().unwrap();
+    let mut cfg = NodeLabConfig::new(&format!("clt{}", token()), 2, bins);
+    cfg.services = Some(file.0.clone());
+    let lab = NodeLab::up(cfg).unwrap();
+    let echo_bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    for p in &lab.pods {
+        drop(
+            p.ns.spawn_detached(&[&echo_bin, "serve", &NAME_PORT.to_string(), &p.state.name])
+                .unwrap(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lab.pods[0].state.ip, Ipv4Addr::new(10, 200, 0, 3), "IPAM order changed");
+    assert_eq!(names(&lab, &lab.node, true, "10.96.0.10:80", 2)["pod1"], 2);
+    update(&lab, &spec(2, "10.96.0.11:80/TCP", &[(lab.pods[1].state.ip, NAME_PORT)]));
+
+    // kill -9: the pinned maps and links keep serving; the restarted agent
+    // has both services (the file's again, the API's from its state).
+    let pids = lab.agent_pids();
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.agent_pids().is_empty());
+    assert_eq!(names(&lab, &lab.pods[0].ns, false, "10.96.0.11:80", 2)["pod2"], 2);
+    lab.start_agent().unwrap();
+    let svcs: Vec<Service> = lab.client().get("/v1/service").unwrap();
+    let ids: Vec<u16> = svcs.iter().map(|s| s.spec.id).collect();
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(names(&lab, &lab.node, true, "10.96.0.11:80", 2)["pod2"], 2);
+    // A bad update is refused and changes nothing.
+    let bad = spec(2, "10.96.0.11:0/TCP", &[]);
+    let e = lab.client().call::<Service>(method::PUT, "/v1/service", Some(&bad)).unwrap_err();
+    assert!(e.to_string().contains("port 0"), "{e}");
+    assert_eq!(names(&lab, &lab.node, true, "10.96.0.11:80", 1)["pod2"], 1);
+}
