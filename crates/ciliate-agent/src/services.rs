@@ -124,22 +124,93 @@ impl LbDatapath for MemoryLb {
     }
 }
 
-/// What is persisted in `services.json`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct State {
-    services: BTreeMap<u16, ServiceSpec>,
-    /// The frontends written for each service, with their reverse-NAT
-    /// indexes.
-    frontends: BTreeMap<u16, Vec<FrontendStatus>>,
-    /// Backend ID → address (one ID per address, shared by services).
+/// One service as persisted in `services/<id>.json`: what was asked, and
+/// what was allocated for it (reverse-NAT indexes and backend IDs must
+/// stay the same across restarts: conntrack entries carry them).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    spec: ServiceSpec,
+    frontends: Vec<FrontendStatus>,
+    /// This service's backends by ID.
     backends: BTreeMap<u32, L4Addr>,
-    /// Backends no service names, kept while flows are pinned to them.
-    retired: BTreeSet<u32>,
+}
+
+/// The services and the indexes that keep an update's cost independent
+/// of how many services exist.
+#[derive(Default)]
+struct State {
+    records: BTreeMap<u16, Record>,
+    /// Frontend → the service that has it.
+    fe_owner: BTreeMap<L4Addr, u16>,
+    rev_used: BTreeSet<u16>,
+    backend_by_addr: BTreeMap<L4Addr, u32>,
+    /// Backend → the services that name it.
+    refs: BTreeMap<u32, BTreeSet<u16>>,
+    /// Backends no service names, kept while flows are pinned to them
+    /// (persisted in `services/retired.json`).
+    retired: BTreeMap<u32, L4Addr>,
+    /// Where the search for a free index / ID starts.
+    next_rev: u16,
+    next_backend: u32,
+}
+
+impl State {
+    fn index(&mut self, r: &Record) {
+        let id = r.spec.id;
+        for f in &r.frontends {
+            self.fe_owner.insert(f.address, id);
+            self.rev_used.insert(f.rev_nat_index);
+        }
+        for (bid, a) in &r.backends {
+            self.backend_by_addr.insert(*a, *bid);
+            self.refs.entry(*bid).or_default().insert(id);
+        }
+    }
+
+    fn unindex(&mut self, r: &Record) {
+        let id = r.spec.id;
+        for f in &r.frontends {
+            self.fe_owner.remove(&f.address);
+            self.rev_used.remove(&f.rev_nat_index);
+        }
+        for bid in r.backends.keys() {
+            if let Some(set) = self.refs.get_mut(bid) {
+                set.remove(&id);
+            }
+        }
+    }
+
+    fn alloc_rev(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            self.next_rev = self.next_rev.wrapping_add(1).max(1);
+            if self.rev_used.insert(self.next_rev) {
+                return Some(self.next_rev);
+            }
+        }
+        None
+    }
+
+    /// The backend ID of `a`, allocated when new.
+    fn backend_id(&mut self, a: L4Addr) -> u32 {
+        if let Some(id) = self.backend_by_addr.get(&a) {
+            return *id;
+        }
+        loop {
+            self.next_backend = self.next_backend.wrapping_add(1).max(1);
+            let id = self.next_backend;
+            if !self.refs.contains_key(&id) && !self.retired.contains_key(&id) {
+                self.backend_by_addr.insert(a, id);
+                self.refs.insert(id, BTreeSet::new());
+                return id;
+            }
+        }
+    }
 }
 
 pub struct Services {
     state: State,
-    path: Option<PathBuf>,
+    /// `<state dir>/services`: one file per service, plus `retired.json`.
+    dir: Option<PathBuf>,
     pub datapath: Box<dyn LbDatapath>,
     /// The node's addresses: where a 0.0.0.0 NodePort/HostPort frontend is.
     pub node_ips: Vec<Ipv4Addr>,
@@ -300,17 +371,38 @@ impl Services {
         node_ips: Vec<Ipv4Addr>,
         default_algorithm: LbAlgorithm,
     ) -> Result<Self, ServiceError> {
-        let path = state_dir.map(|d| d.join("services.json"));
-        let state = match &path {
-            Some(p) => store::load(p)?.unwrap_or_default(),
-            None => State::default(),
-        };
-        Ok(Self { state, path, datapath, node_ips, default_algorithm })
+        let dir = state_dir.map(|d| d.join("services"));
+        let mut state = State::default();
+        if let Some(dir) = &dir {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+                Err(_) => Vec::new(),
+            };
+            for path in entries {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                if stem.parse::<u16>().is_ok() && path.extension().is_some_and(|e| e == "json") {
+                    if let Some(r) = store::load::<Record>(&path)? {
+                        state.index(&r);
+                        state.records.insert(r.spec.id, r);
+                    }
+                }
+            }
+            state.retired = store::load(&dir.join("retired.json"))?.unwrap_or_default();
+            for (id, a) in &state.retired {
+                state.backend_by_addr.entry(*a).or_insert(*id);
+            }
+        }
+        Ok(Self { state, dir, datapath, node_ips, default_algorithm })
     }
 
-    fn save(&self) -> Result<(), ServiceError> {
-        match &self.path {
-            Some(p) => Ok(store::save(p, &self.state)?),
+    fn save_record(&self, id: u16) -> Result<(), ServiceError> {
+        let (Some(dir), Some(r)) = (&self.dir, self.state.records.get(&id)) else { return Ok(()) };
+        Ok(store::save(&dir.join(format!("{id}.json")), r)?)
+    }
+
+    fn save_retired(&self) -> Result<(), ServiceError> {
+        match &self.dir {
+            Some(dir) => Ok(store::save(&dir.join("retired.json"), &self.state.retired)?),
             None => Ok(()),
         }
     }
@@ -318,7 +410,7 @@ impl Services {
     /// Write every service again (a restarted agent: the maps are pinned
     /// and already hold them, so this rewrites the same values).
     pub fn restore(&mut self, local: &BTreeSet<Ipv4Addr>) -> Result<usize, ServiceError> {
-        let specs: Vec<ServiceSpec> = self.state.services.values().cloned().collect();
+        let specs: Vec<ServiceSpec> = self.state.records.values().map(|r| r.spec.clone()).collect();
         for s in &specs {
             self.update(s.clone(), local)?;
         }
@@ -326,20 +418,19 @@ impl Services {
     }
 
     pub fn list(&self) -> Vec<Service> {
-        self.state.services.keys().filter_map(|id| self.get(*id).ok()).collect()
+        self.state.records.keys().filter_map(|id| self.get(*id).ok()).collect()
     }
 
     pub fn get(&self, id: u16) -> Result<Service, ServiceError> {
-        let spec = self.state.services.get(&id).ok_or(ServiceError::NotFound(id))?;
-        let ids: BTreeMap<L4Addr, u32> =
-            self.state.backends.iter().map(|(id, a)| (*a, *id)).collect();
+        let r = self.state.records.get(&id).ok_or(ServiceError::NotFound(id))?;
+        let spec = &r.spec;
         let backends = spec
             .backends
             .iter()
             .map(|b| {
                 let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
                 BackendStatus {
-                    id: ids.get(&a).copied().unwrap_or(0),
+                    id: self.state.backend_by_addr.get(&a).copied().unwrap_or(0),
                     ip: b.ip,
                     port: b.port,
                     state: b.state,
@@ -349,7 +440,7 @@ impl Services {
             .collect();
         Ok(Service {
             spec: spec.clone(),
-            frontends: self.state.frontends.get(&id).cloned().unwrap_or_default(),
+            frontends: r.frontends.clone(),
             backends,
             algorithm: spec.algorithm.unwrap_or(self.default_algorithm),
         })
@@ -374,15 +465,6 @@ impl Services {
         Ok(self.node_ips.iter().map(|ip| L4Addr { ip: *ip, ..fe }).collect())
     }
 
-    fn backend_id(&mut self, a: L4Addr) -> u32 {
-        if let Some((id, _)) = self.state.backends.iter().find(|(_, b)| **b == a) {
-            return *id;
-        }
-        let id = (1..).find(|i| !self.state.backends.contains_key(i)).unwrap_or(u32::MAX);
-        self.state.backends.insert(id, a);
-        id
-    }
-
     /// Create or replace service `spec.id`. `local` are this node's
     /// endpoint addresses (for the Local traffic policies). Validation
     /// comes first: a refused update changes nothing.
@@ -391,14 +473,33 @@ impl Services {
         spec: ServiceSpec,
         local: &BTreeSet<Ipv4Addr>,
     ) -> Result<Service, ServiceError> {
+        let id = spec.id;
+        let old = self.state.records.get(&id).cloned();
+        let r = self.apply(spec, local);
+        if r.is_err() && !self.state.records.contains_key(&id) {
+            // Keep the service in force as it was.
+            if let Some(o) = old {
+                self.state.index(&o);
+                self.state.records.insert(id, o);
+            }
+        }
+        r
+    }
+
+    fn apply(
+        &mut self,
+        spec: ServiceSpec,
+        local: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Service, ServiceError> {
         validate(&spec)?;
         let id = spec.id;
         let addrs = self.expand(&spec)?;
         for a in &addrs {
-            for (other, fes) in &self.state.frontends {
-                if *other != id && fes.iter().any(|f| f.address == *a) {
-                    return Err(ServiceError::Conflict { id, frontend: *a, owner: *other });
+            match self.state.fe_owner.get(a) {
+                Some(owner) if *owner != id => {
+                    return Err(ServiceError::Conflict { id, frontend: *a, owner: *owner });
                 }
+                _ => {}
             }
         }
         let ranges =
@@ -407,20 +508,23 @@ impl Services {
 
         // Reverse-NAT indexes: kept for frontends the service had, new
         // ones for the others.
-        let old = self.state.frontends.get(&id).cloned().unwrap_or_default();
-        let mut used: BTreeSet<u16> =
-            self.state.frontends.values().flatten().map(|f| f.rev_nat_index).collect();
+        let old = self.state.records.remove(&id);
+        if let Some(o) = &old {
+            self.state.unindex(o);
+        }
         let mut frontends = Vec::new();
         for a in &addrs {
-            let idx = match old.iter().find(|f| f.address == *a) {
-                Some(f) => f.rev_nat_index,
-                None => {
-                    let i = (1..=u16::MAX).find(|i| !used.contains(i)).ok_or_else(|| {
-                        ServiceError::Invalid { id, reason: "no reverse-NAT index left".into() }
-                    })?;
-                    used.insert(i);
-                    i
-                }
+            let kept = old
+                .as_ref()
+                .and_then(|o| o.frontends.iter().find(|f| f.address == *a))
+                .map(|f| f.rev_nat_index)
+                .filter(|i| self.state.rev_used.insert(*i));
+            let idx = match kept {
+                Some(i) => i,
+                None => self.state.alloc_rev().ok_or_else(|| ServiceError::Invalid {
+                    id,
+                    reason: "no reverse-NAT index left".into(),
+                })?,
             };
             frontends.push(FrontendStatus { address: *a, rev_nat_index: idx });
         }
@@ -428,10 +532,13 @@ impl Services {
         // 1. Backends.
         let mut slots = Vec::new();
         let mut named = Vec::new();
+        let mut mine = BTreeMap::new();
+        let mut retired_changed = false;
         for b in &spec.backends {
             let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
-            let bid = self.backend_id(a);
-            self.state.retired.remove(&bid);
+            let bid = self.state.backend_id(a);
+            mine.insert(bid, a);
+            retired_changed |= self.state.retired.remove(&bid).is_some();
             let raw =
                 Backend { addr: b.ip, port: b.port, proto: proto(&a), state: state_code(b.state) };
             self.datapath.upsert_backend(bid, &raw).map_err(dp)?;
@@ -473,22 +580,28 @@ impl Services {
                 maglev: maglev.clone(),
                 ranges: ranges.clone(),
             };
-            let fe =
-                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
-            self.datapath.write_frontend(&fe, &w).map_err(dp)?;
+            self.datapath.write_frontend(&frontend(&f.address), &w).map_err(dp)?;
         }
 
         // 3. Frontends the service no longer has.
-        for f in old.iter().filter(|f| !addrs.contains(&f.address)) {
-            let fe =
-                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
-            self.datapath.remove_frontend(&fe, f.rev_nat_index).map_err(dp)?;
+        if let Some(o) = &old {
+            for f in o.frontends.iter().filter(|f| !addrs.contains(&f.address)) {
+                self.datapath
+                    .remove_frontend(&frontend(&f.address), f.rev_nat_index)
+                    .map_err(dp)?;
+            }
         }
 
-        self.state.services.insert(id, spec);
-        self.state.frontends.insert(id, frontends);
-        self.retire_unnamed();
-        self.save()?;
+        let record = Record { spec, frontends, backends: mine };
+        self.state.index(&record);
+        self.state.records.insert(id, record);
+        if let Some(o) = &old {
+            retired_changed |= self.retire_unnamed(o.backends.iter());
+        }
+        self.save_record(id)?;
+        if retired_changed {
+            self.save_retired()?;
+        }
         self.get(id)
     }
 
@@ -496,38 +609,36 @@ impl Services {
     pub fn delete(&mut self, id: u16) -> Result<Service, ServiceError> {
         let svc = self.get(id)?;
         for f in &svc.frontends {
-            let fe =
-                Frontend { addr: f.address.ip, port: f.address.port, proto: proto(&f.address) };
             self.datapath
-                .remove_frontend(&fe, f.rev_nat_index)
+                .remove_frontend(&frontend(&f.address), f.rev_nat_index)
                 .map_err(|reason| ServiceError::Datapath { id, reason })?;
         }
-        self.state.services.remove(&id);
-        self.state.frontends.remove(&id);
-        self.retire_unnamed();
-        self.save()?;
+        let r = self.state.records.remove(&id).expect("get found it");
+        self.state.unindex(&r);
+        if self.retire_unnamed(r.backends.iter()) {
+            self.save_retired()?;
+        }
+        if let Some(dir) = &self.dir {
+            store::remove(&dir.join(format!("{id}.json")))?;
+        }
         Ok(svc)
     }
 
-    /// Mark the backends no service names as retired.
-    fn retire_unnamed(&mut self) {
-        let named: BTreeSet<L4Addr> = self
-            .state
-            .services
-            .values()
-            .flat_map(|s| {
-                s.backends.iter().map(|b| L4Addr {
-                    ip: b.ip,
-                    port: b.port,
-                    protocol: s.frontend.protocol,
-                })
-            })
-            .collect();
-        for (id, a) in &self.state.backends {
-            if !named.contains(a) {
-                self.state.retired.insert(*id);
+    /// Retire those of `backends` no service names any more; whether any
+    /// was.
+    fn retire_unnamed<'a>(
+        &mut self,
+        backends: impl Iterator<Item = (&'a u32, &'a L4Addr)>,
+    ) -> bool {
+        let mut any = false;
+        for (id, a) in backends {
+            if self.state.refs.get(id).is_none_or(|s| s.is_empty()) {
+                self.state.refs.remove(id);
+                self.state.retired.insert(*id, *a);
+                any = true;
             }
         }
+        any
     }
 
     /// Remove the retired backends no flow is pinned to any more; returns
@@ -537,22 +648,36 @@ impl Services {
             return Ok(0);
         }
         let pinned = self.datapath.pinned_backends()?;
-        let free: Vec<u32> =
-            self.state.retired.iter().filter(|id| !pinned.contains(id)).copied().collect();
-        for id in &free {
+        let free: Vec<(u32, L4Addr)> = self
+            .state
+            .retired
+            .iter()
+            .filter(|(id, _)| !pinned.contains(id))
+            .map(|(id, a)| (*id, *a))
+            .collect();
+        for (id, a) in &free {
             self.datapath.remove_backend(*id)?;
             self.state.retired.remove(id);
-            self.state.backends.remove(id);
+            if self.state.backend_by_addr.get(a) == Some(id) {
+                self.state.backend_by_addr.remove(a);
+            }
         }
-        self.save().map_err(|e| e.to_string())?;
+        if !free.is_empty() {
+            self.save_retired().map_err(|e| e.to_string())?;
+        }
         Ok(free.len())
     }
 
     /// Rewrite the services with a Local traffic policy after this node's
     /// endpoints changed.
     pub fn refresh_local(&mut self, local: &BTreeSet<Ipv4Addr>) -> Result<(), ServiceError> {
-        let specs: Vec<ServiceSpec> =
-            self.state.services.values().filter(|s| s.traffic_policy_local).cloned().collect();
+        let specs: Vec<ServiceSpec> = self
+            .state
+            .records
+            .values()
+            .filter(|r| r.spec.traffic_policy_local)
+            .map(|r| r.spec.clone())
+            .collect();
         for s in specs {
             self.update(s, local)?;
         }
@@ -561,8 +686,12 @@ impl Services {
 
     /// The retired backends (for status and tests).
     pub fn retired(&self) -> Vec<u32> {
-        self.state.retired.iter().copied().collect()
+        self.state.retired.keys().copied().collect()
     }
+}
+
+fn frontend(a: &L4Addr) -> Frontend {
+    Frontend { addr: a.ip, port: a.port, proto: proto(a) }
 }
 
 /// Parse a services file: a YAML or JSON list of service specs.
@@ -701,6 +830,31 @@ mod tests {
             mem(&mut s).backends.values().filter(|b| b.state == BACKEND_TERMINATING).count(),
             1
         );
+    }
+
+    #[test]
+    fn services_persist_with_their_indexes_and_backend_ids() {
+        let dir = std::env::temp_dir().join(format!("ciliate-svc-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let open = || {
+            Services::open(Some(&dir), Box::new(MemoryLb::default()), vec![], LbAlgorithm::Random)
+                .unwrap()
+        };
+        let local = BTreeSet::new();
+        let mut s = open();
+        let a = s.update(spec(1, "10.96.0.10:80", &[("10.0.0.1", 80)]), &local).unwrap();
+        let b = s.update(spec(2, "10.96.0.11:80", &[("10.0.0.2", 80)]), &local).unwrap();
+        s.update(spec(3, "10.96.0.12:80", &[("10.0.0.3", 80)]), &local).unwrap();
+        s.delete(3).unwrap();
+        drop(s);
+        let mut s = open();
+        assert_eq!(s.list(), [a.clone(), b]);
+        assert_eq!(s.retired(), [3], "the deleted service's backend is retired");
+        // A new service gets fresh indexes, not those in use.
+        let c = s.update(spec(4, "10.96.0.13:80", &[("10.0.0.1", 80)]), &local).unwrap();
+        assert_eq!(c.backends[0].id, a.backends[0].id, "same address, same backend");
+        assert!(c.frontends[0].rev_nat_index > 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
