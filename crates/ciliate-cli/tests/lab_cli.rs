@@ -15,6 +15,15 @@ fn ciliate(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `s` with every run of blanks made one space (table columns move as
+/// their widest cell changes).
+fn squash(s: &str) -> String {
+    s.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Removes the lab even if an assertion fails half-way.
 struct Down(String);
 impl Drop for Down {
@@ -29,10 +38,17 @@ fn lab_up_status_metrics_down() {
     let _guard = Down(name.clone());
     let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--pods", "2"]);
     assert!(ok, "lab up failed: {out}{err}");
-    assert!(out.contains("pod1   gateway 10.200.0.1   ping    ok"), "{out}");
+    let sq = squash(&out);
+    assert!(sq.contains("pod1 gateway 10.200.0.1 ping ok"), "{out}");
     // 10.200.0.2 is the health endpoint's; pods follow.
-    assert!(out.contains("pod1   pod2 10.200.0.4      tcp     ok"), "{out}");
-    assert!(out.contains("host   pod2 10.200.0.4      tcp     ok"), "{out}");
+    assert!(sq.contains("pod1 pod2 10.200.0.4 tcp ok"), "{out}");
+    assert!(sq.contains("host pod2 10.200.0.4 tcp ok"), "{out}");
+    // The lab's echo service: from pods (TCP, UDP), the host, and the
+    // external host through the NodePort.
+    assert!(sq.contains("service 1 (ClusterIP) 10.96.0.10:7/TCP → 2 backends"), "{out}");
+    assert!(sq.contains("pod2 service 10.96.0.10:7 udp ok"), "{out}");
+    assert!(sq.contains("host service 10.96.0.10:7 tcp ok"), "{out}");
+    assert!(sq.contains("external 192.168.200.100 NodePort 192.168.200.2:30007 tcp ok"), "{out}");
     assert!(!out.contains("FAILED"), "{out}");
 
     // Idempotent: a second `up` replaces the first.
@@ -60,13 +76,17 @@ fn lab_up_status_metrics_down() {
     // the conntrack list the connections the checks opened.
     let (ok, out, err) = ciliate(&["bpf", "endpoint", "list", "--lab", &name]);
     assert!(ok, "{err}");
-    assert!(out.contains("10.200.0.1:0   (localhost)"), "{out}");
-    assert!(out.contains("10.200.0.2:0   id=2     sec_id=4"), "health: {out}");
-    assert!(out.contains("10.200.0.3:0   id=3     sec_id=256"), "{out}");
+    let sq = squash(&out);
+    assert!(sq.contains("10.200.0.1:0 (localhost)"), "{out}");
+    assert!(sq.contains("192.168.200.2:0 (localhost)"), "the node's address: {out}");
+    assert!(sq.contains("10.200.0.2:0 id=2 sec_id=4"), "health: {out}");
+    assert!(sq.contains("10.200.0.3:0 id=3 sec_id=256"), "{out}");
     let (ok, out, err) = ciliate(&["bpf", "ipcache", "list", "--lab", &name]);
     assert!(ok, "{err}");
-    assert!(out.contains("0.0.0.0/0           identity=2 (reserved:world)"), "{out}");
-    assert!(out.contains("10.200.0.4/32       identity=257"), "{out}");
+    let sq = squash(&out);
+    assert!(sq.contains("0.0.0.0/0 identity=2 (reserved:world)"), "{out}");
+    assert!(sq.contains("10.200.0.4/32 identity=257"), "{out}");
+    assert!(sq.contains("192.168.200.2/32 identity=1 (reserved:host)"), "{out}");
     let (ok, out, err) = ciliate(&["bpf", "ct", "list", "--lab", &name, "-o", "json"]);
     assert!(ok, "{err}");
     let ct: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -140,7 +160,11 @@ fn agent_commands_and_monitor_on_a_lab() {
 
     let maps = run(&["map", "list"]);
     let lxc_row = maps.lines().find(|l| l.starts_with("CILIATE_LXC")).unwrap_or_default();
-    assert_eq!(lxc_row.split_whitespace().nth(1), Some("4"), "host, health, two pods: {maps}");
+    assert_eq!(
+        lxc_row.split_whitespace().nth(1),
+        Some("5"),
+        "host (router and node address), health, two pods: {maps}"
+    );
     let (ok, _, err) = ciliate(&["map", "get", "nosuchmap", "--lab", &name]);
     assert!(!ok && err.contains("no map named nosuchmap"), "{err}");
     assert!(run(&["map", "get", "CILIATE_IPCACHE"]).contains("reserved:world"));
@@ -197,6 +221,72 @@ fn agent_commands_and_monitor_on_a_lab() {
     assert!(run(&["policy", "delete", "--all"]).contains("(1 rules deleted)"));
     let (ok, _, err) = ciliate(&["policy", "delete", "--lab", &name]);
     assert!(!ok && err.contains("--all"), "{err}");
+
+    // Services: the lab's, then one made, listed, seen in the maps, deleted.
+    let list = squash(&run(&["service", "list"]));
+    assert!(list.contains("1 10.96.0.10:7/TCP ClusterIP 1 => 10.200.0.3:7/TCP (active)"), "{list}");
+    assert!(list.contains("192.168.200.2:30007/TCP NodePort"), "{list}");
+    let out = run(&[
+        "service",
+        "update",
+        "--id",
+        "9",
+        "--frontend",
+        "10.96.0.99:80",
+        "--backends",
+        "10.200.0.3:7,10.200.0.4:7",
+        "--states",
+        "active,terminating",
+        "--lb-algorithm",
+        "maglev",
+    ]);
+    assert!(out.contains("Updated service 9 with frontends 10.96.0.99:80/TCP"), "{out}");
+    let got = squash(&run(&["service", "get", "9"]));
+    assert!(got.contains("2 => 10.200.0.4:7/TCP (terminating)"), "{got}");
+    let lb = squash(&run(&["bpf", "lb", "list"]));
+    assert!(lb.contains("10.96.0.99:80/TCP 0.0.0.0:0 (4) (0) [ClusterIP, Maglev]"), "{lb}");
+    assert!(lb.contains("10.200.0.3:7/TCP (4) (1)"), "{lb}");
+    assert!(!lb.contains("(4) (2)"), "a terminating backend got a slot: {lb}");
+    let mg = squash(&run(&["bpf", "lb", "maglev", "list"]));
+    assert!(mg.contains("4 1: 16381"), "one active backend owns the whole table: {mg}");
+    assert!(run(&["service", "delete", "9"]).contains("Deleted service 9"));
+    for (args, needle) in [
+        (vec!["service", "get", "999"], "service 999 not found"),
+        (vec!["service", "update", "--id", "5", "--frontend", "10.96.0.5"], "expected IP:port"),
+        (
+            vec![
+                "service",
+                "update",
+                "--id",
+                "5",
+                "--frontend",
+                "10.96.0.5:80",
+                "--backends",
+                "10.0.0.1:80",
+                "--states",
+                "active,active",
+            ],
+            "2 states for 1 backends",
+        ),
+        (
+            vec![
+                "service",
+                "update",
+                "--id",
+                "5",
+                "--frontend",
+                "10.96.0.10:7",
+                "--backends",
+                "10.0.0.1:80",
+            ],
+            "belongs to service 1",
+        ),
+    ] {
+        let mut full = args.clone();
+        full.extend_from_slice(&lab);
+        let (ok, _, err) = ciliate(&full);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
 
     // The monitor sees the traffic of the lab-up checks, in Cilium's format.
     let mon = run(&[

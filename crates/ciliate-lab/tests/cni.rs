@@ -189,8 +189,9 @@ fn fifty_concurrent_adds_then_dels_leave_nothing_behind() {
     assert_eq!(ips.len(), N, "every pod got its own address");
     assert_eq!(endpoints(&lab).len(), N);
     assert_eq!(lxc_devices(&lab).len(), N);
-    // Plus the host and the health endpoints.
-    assert_eq!(LxcMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap().len(), N + 2);
+    // Plus the host (its router IP and its address on eth0) and the
+    // health endpoint.
+    assert_eq!(LxcMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap().len(), N + 3);
     // One identity for all: the same labels.
     let ids: std::collections::BTreeSet<u32> = endpoints(&lab).iter().map(|e| e.identity).collect();
     assert_eq!(ids.len(), 1);
@@ -214,14 +215,16 @@ fn fifty_concurrent_adds_then_dels_leave_nothing_behind() {
     let health_ip = health(&lab).ip;
     assert_eq!(
         lxc.iter().map(|(ip, _)| *ip).collect::<Vec<_>>(),
-        [Ipv4Addr::new(10, 200, 0, 1), health_ip]
+        [Ipv4Addr::new(10, 200, 0, 1), health_ip, ciliate_lab::node::NODE_IP]
     );
     let ipc = IpcacheMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
-    assert_eq!(ipc.len(), 3, "only world, host and health remain: {ipc:?}");
+    assert_eq!(ipc.len(), 4, "only world, host (router, node address) and health remain: {ipc:?}");
     let links: Vec<_> = std::fs::read_dir(lab.pins_dir.join("links"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(links.len(), 2, "only from-host and the health endpoint stay: {links:?}");
+    // from-host, from-netdev, the health endpoint's from-container and the
+    // four socket-LB links.
+    assert_eq!(links.len(), 7, "only the node's and the health endpoint's stay: {links:?}");
 }

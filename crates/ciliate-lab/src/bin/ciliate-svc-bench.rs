@@ -343,39 +343,40 @@ fn run() -> Result<(), String> {
     println!("[svc-bench] measuring the anchor (direct veth)");
     let anchor = measure(&o, &format!("192.0.2.2:{PORT}"), &|args| echo_in(&a, &bins, args))?;
 
-    let ipt = routed(&format!("{tag}i"), &bins)?;
-    let nft = routed(&format!("{tag}n"), &bins)?;
-    let lab = NodeLab::up(NodeLabConfig::new(&tag, 2, bins.clone())).map_err(e)?;
-    let (client, server) = (&lab.pods[0], &lab.pods[1]);
-    client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(e)?;
-    echo_server(&server.ns, &bins)?;
-
     let mut rows = Vec::new();
-    let mut created = 0;
     for &n in &o.counts {
+        // Fresh namespaces, maps and kernel conntrack for every count, so
+        // what earlier runs left behind does not weigh on later ones.
+        let t = format!("{tag}{n}");
         let target = format!("{}:80", vip(n - 1));
 
-        // Ciliate: services n..created added through the API.
-        println!(
-            "[svc-bench] {n} services: Ciliate (creating {} through the API)",
-            n.saturating_sub(created)
-        );
-        let start = Instant::now();
-        for i in created..n {
+        // Ciliate: n services created through the API.
+        println!("[svc-bench] {n} services: Ciliate (creating them through the API)");
+        let lab = NodeLab::up(NodeLabConfig::new(&t, 2, bins.clone())).map_err(e)?;
+        let (client, server) = (&lab.pods[0], &lab.pods[1]);
+        client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(e)?;
+        echo_server(&server.ns, &bins)?;
+        let put = |i: usize| {
             lab.client()
                 .call::<Service>(method::PUT, "/v1/service", Some(&spec(i, server.state.ip)))
+                .map_err(e)
+        };
+        let start = Instant::now();
+        for i in 0..n {
+            put(i)?;
+        }
+        let per = start.elapsed().as_secs_f64() * 1000.0 / n as f64;
+        // Adding one more: median of 5 (add, then delete again).
+        let mut adds = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            put(n)?;
+            adds.push(t0.elapsed().as_secs_f64() * 1000.0);
+            lab.client()
+                .call::<Service>(method::DELETE, &format!("/v1/service/{}", n + 1), None::<&()>)
                 .map_err(e)?;
         }
-        let per = start.elapsed().as_secs_f64() * 1000.0 / (n - created).max(1) as f64;
-        created = n;
-        let t = Instant::now();
-        lab.client()
-            .call::<Service>(method::PUT, "/v1/service", Some(&spec(n, server.state.ip)))
-            .map_err(e)?;
-        let add_ms = t.elapsed().as_secs_f64() * 1000.0;
-        lab.client()
-            .call::<Service>(method::DELETE, &format!("/v1/service/{}", n + 1), None::<&()>)
-            .map_err(e)?;
+        let add_ms = median(adds);
         let rss = lab.agent_pids().first().map(|p| rss_mib(*p)).unwrap_or(0.0);
         println!("[svc-bench]   {per:.2} ms per service created; agent RSS {rss:.1} MiB");
         let sock = |args: &[&str]| {
@@ -388,19 +389,22 @@ fn run() -> Result<(), String> {
         let tc = |args: &[&str]| echo_in(&client.ns, &bins, args);
         let (rr, crr) = measure(&o, &target, &tc)?;
         rows.push(Row { variant: "ciliate tc LB".into(), services: n, rr, crr, add_ms });
+        drop(lab);
 
         // iptables, as kube-proxy writes it.
         println!("[svc-bench] {n} services: kube-proxy iptables");
+        let ipt = routed(&format!("{t}i"), &bins)?;
         let load = feed(&ipt.router, "iptables-restore", &[], &iptables_ruleset(n))?;
         let add = feed(&ipt.router, "iptables-restore", &["--noflush"], &iptables_add_one(n))?;
         println!("[svc-bench]   full restore {:.0} ms", load.as_secs_f64() * 1000.0);
         let (rr, crr) = measure(&o, &target, &|args| echo_in(&ipt.client, &bins, args))?;
         let add_ms = add.as_secs_f64() * 1000.0;
         rows.push(Row { variant: "kube-proxy iptables".into(), services: n, rr, crr, add_ms });
+        drop(ipt);
 
         // nftables, as kube-proxy's nftables mode writes it.
         println!("[svc-bench] {n} services: kube-proxy nftables");
-        let _ = nft.router.exec(&["nft", "delete", "table", "ip", "kube-proxy"]);
+        let nft = routed(&format!("{t}n"), &bins)?;
         let load = feed(&nft.router, "nft", &["-f", "-"], &nft_ruleset(n))?;
         let add = feed(&nft.router, "nft", &["-f", "-"], &nft_add_one(n))?;
         println!("[svc-bench]   full load {:.0} ms", load.as_secs_f64() * 1000.0);
