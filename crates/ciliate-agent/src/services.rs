@@ -291,10 +291,10 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), ServiceError> {
             return bad(format!("backend {}:{} is listed twice", b.ip, b.port));
         }
     }
-    if let Some(t) = spec.affinity_timeout {
-        if t == 0 || t > 86400 {
-            return bad(format!("affinity timeout {t}s: 1-86400 seconds"));
-        }
+    if let Some(t) = spec.affinity_timeout
+        && (t == 0 || t > 86400)
+    {
+        return bad(format!("affinity timeout {t}s: 1-86400 seconds"));
     }
     if !spec.source_ranges.is_empty()
         && !matches!(spec.kind, ServiceKind::LoadBalancer | ServiceKind::NodePort)
@@ -380,11 +380,12 @@ impl Services {
             };
             for path in entries {
                 let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-                if stem.parse::<u16>().is_ok() && path.extension().is_some_and(|e| e == "json") {
-                    if let Some(r) = store::load::<Record>(&path)? {
-                        state.index(&r);
-                        state.records.insert(r.spec.id, r);
-                    }
+                if stem.parse::<u16>().is_ok()
+                    && path.extension().is_some_and(|e| e == "json")
+                    && let Some(r) = store::load::<Record>(&path)?
+                {
+                    state.index(&r);
+                    state.records.insert(r.spec.id, r);
                 }
             }
             state.retired = store::load(&dir.join("retired.json"))?.unwrap_or_default();

@@ -88,6 +88,19 @@ fn remove_cgroup(dir: &Path) {
     }
 }
 
+/// Wait up to 5 s until something in `ns` listens on TCP `port`.
+pub fn wait_listening(ns: &Netns, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sport = format!(":{port}");
+    while ns.exec(&["ss", "-Hltn", "sport", "=", &sport])?.is_empty() {
+        if Instant::now() > deadline {
+            return Err(LabError::Invalid(format!("nothing listens on {port} in {}", ns.name())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Make `cmd`'s process join the cgroup `dir` before it runs.
 pub fn in_cgroup(cmd: &mut Command, dir: &Path) {
     use std::os::unix::{ffi::OsStrExt, process::CommandExt};

@@ -31,12 +31,7 @@ pub fn lab(pods: usize) -> NodeLab {
     let lab = NodeLab::up(NodeLabConfig::new(&lab_name(), pods, bins)).unwrap();
     // The echo servers were just started: wait until each listens.
     for p in &lab.pods {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let port = format!(":{ECHO_PORT}");
-        while p.ns.exec(&["ss", "-Hltn", "sport", "=", &port]).unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "echo server in {} did not start", p.state.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        node::wait_listening(&p.ns, ECHO_PORT).unwrap();
     }
     lab
 }

@@ -6,12 +6,7 @@
 //! the removal of its backend. Every pod runs `ciliate-echo serve 8080
 //! <pod name>`, so an answer names the backend. Needs root; CI runs as root.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Stdio, time::Duration};
 
 use ciliate_api::{
     client::method,
@@ -23,7 +18,7 @@ use ciliate_lab::{
     Netns,
     names::token,
     netns,
-    node::{Binaries, ECHO_PORT, EXTERNAL_IP, NODE_IP, NodeLab, NodeLabConfig},
+    node::{Binaries, ECHO_PORT, EXTERNAL_IP, NODE_IP, NodeLab, NodeLabConfig, wait_listening},
 };
 
 const NAME_PORT: u16 = 8080;
@@ -41,12 +36,7 @@ fn up(pods: usize, socket_lb: bool) -> NodeLab {
     }
     for p in &lab.pods {
         for port in [ECHO_PORT, NAME_PORT] {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let sport = format!(":{port}");
-            while p.ns.exec(&["ss", "-Hltn", "sport", "=", &sport]).unwrap().is_empty() {
-                assert!(Instant::now() < deadline, "server {port} in {} not up", p.state.name);
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_listening(&p.ns, port).unwrap();
         }
     }
     lab

@@ -39,20 +39,21 @@ static HOST_CONFIG: HostConfig =
 pub fn from_host(ctx: TcContext) -> i32 {
     // SAFETY: a plain read of a global the loader initialised.
     let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
-    match try_from_host(&ctx, &cfg) {
-        Ok(v) => v,
-        Err(d) => {
-            let who = DropCtx {
-                src_identity: ciliate_common::identity::HOST,
-                dst_identity: 0,
-                dst_id: 0,
-                source: 0,
-                dir: METRIC_INGRESS,
-                file: FILE_HOST,
-            };
-            send_drop_notify(&ctx, &who, d)
-        }
-    }
+    try_from_host(&ctx, &cfg).unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
+}
+
+/// Report drop `d` of a packet from `src_identity` arriving at the node.
+#[inline(always)]
+fn drop_from(ctx: &TcContext, src_identity: u32, d: Drop) -> i32 {
+    let who = DropCtx {
+        src_identity,
+        dst_identity: 0,
+        dst_id: 0,
+        source: 0,
+        dir: METRIC_INGRESS,
+        file: FILE_HOST,
+    };
+    send_drop_notify(ctx, &who, d)
 }
 
 #[inline(always)]
@@ -91,20 +92,8 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 pub fn from_netdev(ctx: TcContext) -> i32 {
     // SAFETY: a plain read of a global the loader initialised.
     let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
-    match try_from_netdev(&ctx, &cfg) {
-        Ok(v) => v,
-        Err(d) => {
-            let who = DropCtx {
-                src_identity: ciliate_common::identity::WORLD,
-                dst_identity: 0,
-                dst_id: 0,
-                source: 0,
-                dir: METRIC_INGRESS,
-                file: FILE_HOST,
-            };
-            send_drop_notify(&ctx, &who, d)
-        }
-    }
+    try_from_netdev(&ctx, &cfg)
+        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::WORLD, d))
 }
 
 #[inline(always)]

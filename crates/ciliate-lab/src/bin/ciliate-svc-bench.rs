@@ -6,6 +6,7 @@
 //!   with DNAT, as kube-proxy writes them) in a router namespace;
 //! - kube-proxy-shaped nftables (the `service-ips` verdict map, per-service
 //!   and per-endpoint chains of kube-proxy's nftables mode);
+//!
 //! each with 10, 1,000 and 10,000 services present (the client reaches the
 //! last one created), plus the time to add one more service. Every number
 //! is also printed as a ratio to two namespaces on a direct veth pair
@@ -33,7 +34,7 @@ use ciliate_lab::{
     Netns,
     names::token,
     netns::veth,
-    node::{Binaries, NodeLab, NodeLabConfig, in_cgroup},
+    node::{Binaries, NodeLab, NodeLabConfig, in_cgroup, wait_listening},
 };
 
 const PORT: u16 = 9000;
@@ -122,14 +123,7 @@ fn echo_in(ns: &Netns, bins: &Binaries, args: &[&str]) -> Command {
 fn echo_server(ns: &Netns, bins: &Binaries) -> Result<(), String> {
     let echo = bins.echo.to_string_lossy();
     drop(ns.spawn_detached(&["taskset", "-c", "0", &echo, "serve", &PORT.to_string()]).map_err(e)?);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ns.exec(&["ss", "-Hltn", "sport", "=", &format!(":{PORT}")]).map_err(e)?.is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!("echo server in {} did not start", ns.name()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    wait_listening(ns, PORT).map_err(e)
 }
 
 /// Run `program args` in `ns` with `input` on stdin; the time it took.
