@@ -8,6 +8,7 @@
 //! - [`endpoint`]: endpoint create / delete / restore / GC, through the
 //!   [`endpoint::Datapath`] trait (the kernel, or memory in tests).
 //! - [`services`]: services and their load-balancer maps.
+//! - [`kvstore`]: the cluster's shared state (local file or etcd).
 //! - [`api`]: the HTTP routes of `ciliate_api` on the agent's unix socket.
 //! - [`config`]: flags, environment and an optional JSON file.
 
@@ -17,6 +18,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod ipam;
 pub mod kernel;
+pub mod kvstore;
 pub mod policy;
 pub mod services;
 pub mod store;
