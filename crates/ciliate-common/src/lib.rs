@@ -19,6 +19,8 @@ pub mod identity;
 pub mod ipcache;
 pub mod lb;
 pub mod metrics;
+pub mod nat;
+pub mod node;
 pub mod policy;
 pub mod trace;
 
@@ -54,6 +56,8 @@ mod pod {
         crate::lb::SockRevNatKey,
         crate::lb::SockRevNatValue,
         crate::lb::SrcRangeKey,
+        crate::nat::NatEntry,
+        crate::node::NodeConfig,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
         crate::policy::PolicyEntry,

@@ -6,6 +6,7 @@
 //!   attaching to devices, pinning links so forwarding survives restarts.
 //! - [`maps`]: typed map wrappers that speak domain types.
 //! - [`lbmaps`]: the service (load-balancer) maps.
+//! - [`nodemaps`]: the node configuration and masquerading maps.
 //! - [`events`]: decoding of ring-buffer events.
 //! - [`packet`]: packet builders and parsers with correct checksums
 //!   (tests, the lab and benchmarks).
@@ -18,6 +19,7 @@ pub mod lbmaps;
 pub mod loader;
 pub mod maps;
 pub mod node;
+pub mod nodemaps;
 pub mod objects;
 pub mod packet;
 pub mod testrun;

@@ -57,10 +57,13 @@ fn load_configured<T: aya::Pod>(
     })
 }
 
-/// Load the lxc object for one endpoint with its configuration block.
+/// Load the lxc object for one endpoint with its configuration block, its
+/// tail-call programs loaded and in its call map.
 pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
     let cfg = EndpointConfig { flags: cfg.flags | ENDPOINT_F_CONFIGURED, ..*cfg };
-    load_configured(pins, "lxc", ENDPOINT_CONFIG_SYMBOL, &cfg)
+    let mut l = load_configured(pins, "lxc", ENDPOINT_CONFIG_SYMBOL, &cfg)?;
+    l.fill_calls(objects::programs::LXC_CALLS_MAP, &objects::programs::LXC_CALLS)?;
+    Ok(l)
 }
 
 /// Load the host object (programs of `ciliate_host`) with its configuration.
@@ -101,6 +104,8 @@ impl Loaded {
                 )
             };
             match prog {
+                // Tail-call targets are loaded with their object already.
+                Program::SchedClassifier(p) if p.fd().is_ok() => {}
                 Program::SchedClassifier(p) => p.load().map_err(err)?,
                 Program::Xdp(p) => p.load().map_err(err)?,
                 Program::CgroupSockAddr(p) => p.load().map_err(err)?,
@@ -123,6 +128,72 @@ impl Loaded {
         }
         out.sort_by(|a, b| a.program.cmp(&b.program));
         Ok(out)
+    }
+
+    /// Load the tc programs `names` and put each at its index in the
+    /// object's program array `map`.
+    pub fn fill_calls(&mut self, map: &str, names: &[&str]) -> Result<()> {
+        let mut fds = Vec::new();
+        for name in names {
+            let fd = self
+                .classifier(name)?
+                .fd()
+                .map_err(|source| DatapathError::program("reading the fd of", *name, source))?;
+            fds.push(fd.try_clone().map_err(|source| DatapathError::Io {
+                what: "cloning the fd of program",
+                path: (*name).into(),
+                source,
+            })?);
+        }
+        let object = self.name;
+        let m = self
+            .ebpf
+            .map_mut(map)
+            .ok_or_else(|| DatapathError::NoMap { object: object.into(), map: map.into() })?;
+        let mut calls =
+            aya::maps::ProgramArray::try_from(m).map_err(|source| DatapathError::Map {
+                action: "opening".into(),
+                map: map.into(),
+                source: Box::new(source),
+            })?;
+        for (i, fd) in fds.iter().enumerate() {
+            calls.set(i as u32, fd, 0).map_err(|source| DatapathError::Map {
+                action: format!("setting call {i} of"),
+                map: map.into(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Pin map `name` of this object at `path` (replacing what is there):
+    /// a program array empties when its last holder in user space goes, so
+    /// the calls of an attached program must stay pinned.
+    pub fn pin_map(&mut self, name: &str, path: &Path) -> Result<()> {
+        let object = self.name;
+        let m = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| DatapathError::NoMap { object: object.into(), map: name.into() })?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+                what: "creating map pin directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let _ = std::fs::remove_file(path);
+        let data = match m {
+            aya::maps::Map::ProgramArray(d) => d,
+            _ => {
+                return Err(DatapathError::NoMap { object: object.into(), map: name.into() });
+            }
+        };
+        data.pin(path).map_err(|source| DatapathError::Pin {
+            what: format!("map {name}"),
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// The tc program `name`, loaded into the kernel.

@@ -24,7 +24,7 @@ use crate::{
     error::{DatapathError, Result},
     loader,
     maps::{IpcacheMap, LxcMap},
-    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, SOCK},
+    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, LXC_CALLS_MAP, SOCK},
 };
 
 pub const HOST_DEV: &str = "ciliate_host";
@@ -287,9 +287,16 @@ pub fn attach_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<Attached> {
         flags: trace_flags(ep.trace_all),
     };
     let mut loaded = loader::load_endpoint(pins, &cfg)?;
+    // The tail calls first: they must outlive this process once attached.
+    loaded.pin_map(LXC_CALLS_MAP, &calls_path(pins, &ep.lxc))?;
     let pin = pins.link_path(&ep.lxc, FROM_CONTAINER_PIN);
     loaded.attach_tc(FROM_CONTAINER, &ep.lxc, TcAttachType::Ingress, &pin)?;
     Ok(Attached { lxc_mac, ifindex })
+}
+
+/// Where the tail-call map of the endpoint on `lxc` is pinned.
+fn calls_path(pins: &NodePins, lxc: &str) -> std::path::PathBuf {
+    pins.dir.join("calls").join(lxc)
 }
 
 /// Remove the endpoint from the maps and detach its program (by removing
@@ -303,6 +310,7 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
             return Err(DatapathError::Io { what: "removing link pin", path: pin, source });
         }
     }
+    let _ = std::fs::remove_file(calls_path(pins, lxc));
     LxcMap::from_pin_dir(&pins.dir)?.remove(ip)?;
     IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
 }

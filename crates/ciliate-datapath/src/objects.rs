@@ -36,8 +36,14 @@ pub fn by_name(name: &str) -> Option<&'static Object> {
 /// Program names (the `#[classifier]` function names) in each object.
 pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
+    /// from-container's tail calls, in the order of their index in the
+    /// object's `CILIATE_LXC_CALLS`.
+    pub const LXC_CALLS: [&str; 2] = ["lxc_to_network", "lxc_to_overlay"];
+    pub const LXC_CALLS_MAP: &str = "CILIATE_LXC_CALLS";
     pub const FROM_HOST: &str = "from_host";
     pub const FROM_NETDEV: &str = "from_netdev";
+    pub const TO_NETDEV: &str = "to_netdev";
+    pub const FROM_OVERLAY: &str = "from_overlay";
     /// The socket-LB programs (each knows its cgroup attach type).
     pub const SOCK: [&str; 4] =
         ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];

@@ -97,6 +97,12 @@ impl ScratchNode {
     pub fn lb(&self) -> Result<crate::lbmaps::LbMaps> {
         crate::lbmaps::LbMaps::from_pin_dir(&self.pins.dir)
     }
+    pub fn node_config(&self) -> Result<crate::nodemaps::NodeConfigMap> {
+        crate::nodemaps::NodeConfigMap::from_pin_dir(&self.pins.dir)
+    }
+    pub fn nat(&self) -> Result<crate::nodemaps::NatMap> {
+        crate::nodemaps::NatMap::from_pin_dir(&self.pins.dir)
+    }
     pub fn ct(&self) -> Result<crate::maps::CtMaps> {
         crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
     }

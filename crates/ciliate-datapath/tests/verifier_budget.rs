@@ -5,8 +5,8 @@
 //!
 //! The counts are recorded in `verifier-budget.txt` beside this crate's
 //! Cargo.toml. The test fails when a program is missing from the file or
-//! the file names a program that no longer exists; drift in the counts is
-//! printed. `CILIATE_BLESS=1 cargo test --test verifier_budget` rewrites it.
+//! the file names a program that no longer exists, and when a count grew
+//! by more than 20%; smaller drift is printed. `CILIATE_BLESS=1 cargo test --test verifier_budget` rewrites it.
 //! Needs root; CI runs as root.
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -95,6 +95,12 @@ fn every_program_loads_within_half_the_verifier_limit() {
     let recorded = parse_record(&std::fs::read_to_string(record_path()).unwrap_or_default());
     for (k, v) in &measured {
         match recorded.get(k) {
+            // A program that grew by more than a fifth is a regression to
+            // look at (then bless); smaller drift is only reported.
+            Some(r) if u64::from(*v) * 5 > u64::from(*r) * 6 => panic!(
+                "{k}: {v} processed instructions, {r} recorded: more than 20% growth \
+                 (rerun with CILIATE_BLESS=1 if it is meant)"
+            ),
             Some(r) if r != v => println!("verifier count drift: {k}: recorded {r}, now {v}"),
             Some(_) => {}
             None => panic!(

@@ -69,6 +69,7 @@ pub fn to_endpoint(
         source: ep.endpoint_id,
         ct_state: tracked.state,
         dir: METRIC_INGRESS,
+        tunnel: [0; 4],
     };
     trace_or_count(ctx, TO_LXC, &who, ep.ifindex, tracked.report, trace_all);
     // SAFETY: plain helper calls; the result is the tc verdict.

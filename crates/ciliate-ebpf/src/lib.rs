@@ -9,9 +9,11 @@ pub mod drop;
 pub mod lb;
 pub mod lookup;
 pub mod maps;
+pub mod nat;
 pub mod packet;
 pub mod policy;
 pub mod trace;
+pub mod tunnel;
 
 /// tc verdicts (`TC_ACT_*`).
 pub mod verdict {

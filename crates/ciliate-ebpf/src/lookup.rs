@@ -5,7 +5,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use ciliate_common::{
     endpoint::{EndpointInfo, EndpointKey},
     identity,
-    ipcache::{IpcacheKey, STATIC_PREFIX},
+    ipcache::{IpcacheEntry, IpcacheKey, STATIC_PREFIX},
 };
 
 use crate::maps::{CILIATE_IPCACHE, CILIATE_LXC};
@@ -17,6 +17,17 @@ pub fn identity_of(ip: [u8; 4]) -> u32 {
     match CILIATE_IPCACHE.get(&key) {
         Some(e) => e.identity,
         None => identity::WORLD,
+    }
+}
+
+/// The ipcache entry of `ip` (identity and tunnel endpoint); `world`
+/// with no tunnel endpoint when no prefix covers it.
+#[inline(always)]
+pub fn ipcache(ip: [u8; 4]) -> IpcacheEntry {
+    let key = Key::new(STATIC_PREFIX + 32, IpcacheKey::v4(ip));
+    match CILIATE_IPCACHE.get(&key) {
+        Some(e) => *e,
+        None => IpcacheEntry { identity: identity::WORLD, ..IpcacheEntry::default() },
     }
 }
 

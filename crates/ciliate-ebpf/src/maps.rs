@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use ciliate_common::{
     ct::{CtEntry, CtKey4, MAX_ENTRIES_ANY, MAX_ENTRIES_TCP},
@@ -15,6 +15,8 @@ use ciliate_common::{
         SockRevNatKey, SockRevNatValue, SrcRangeKey,
     },
     metrics::{MAX_ENTRIES, MetricsKey, MetricsValue},
+    nat::NatEntry,
+    node::NodeConfig,
     policy::{self, PolicyEntry, PolicyKey},
 };
 
@@ -81,6 +83,21 @@ pub static CILIATE_LB4_SRC_RANGE: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(lb:
 #[map(name = "CILIATE_LB4_SOCK_REVNAT")]
 pub static CILIATE_LB4_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::pinned(lb::MAX_SOCK_REVNAT, 0);
+
+/// The node's runtime configuration. See `ciliate_common::node`.
+#[map(name = "CILIATE_NODE")]
+pub static CILIATE_NODE: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// Masquerading. See `ciliate_common::nat`.
+#[map(name = "CILIATE_SNAT4")]
+pub static CILIATE_SNAT4: LruHashMap<CtKey4, NatEntry> =
+    LruHashMap::pinned(ciliate_common::nat::MAX_ENTRIES, 0);
+
+/// The node configuration (all zero before the agent wrote it).
+#[inline(always)]
+pub fn node_config() -> NodeConfig {
+    CILIATE_NODE.get(0).copied().unwrap_or_default()
+}
 
 /// Add one packet of `len` bytes to the (reason, dir) counter.
 #[inline(always)]

@@ -19,6 +19,8 @@ pub struct TraceCtx {
     pub source: u16,
     pub ct_state: u8,
     pub dir: u8,
+    /// See `TraceNotify::tunnel_endpoint`.
+    pub tunnel: [u8; 4],
 }
 
 /// A forwarded packet: a trace event when `report` (see
@@ -52,6 +54,8 @@ pub fn send_trace_notify(ctx: &TcContext, point: u8, who: &TraceCtx, ifindex: u3
         _pad: 0,
         ifindex,
         orig_ip: [0; 16],
+        tunnel_endpoint: who.tunnel,
+        _pad2: [0; 4],
         data: [0; CAPTURE_LEN],
     };
     ev.hdr.len_cap = capture(ctx, &mut ev.data);

@@ -6,8 +6,10 @@
 //! and a redirect out of its lxc device. Packets for addresses that are no
 //! local endpoint continue on `ciliate_host` unchanged.
 //!
-//! from-netdev (tc ingress of the native devices): NodePort and other
-//! external frontends (see [`from_netdev`]).
+//! from-netdev (tc ingress of the native devices): replies to masqueraded
+//! flows, NodePort and other external frontends (see [`from_netdev`]);
+//! to-netdev (tc egress of the native devices): masquerading;
+//! from-overlay (tc ingress of `ciliate_vxlan`): pods of other nodes.
 #![no_std]
 #![no_main]
 
@@ -19,15 +21,16 @@ use ciliate_common::{
     event::FILE_HOST,
     lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
     metrics::DIR_INGRESS as METRIC_INGRESS,
+    node::NODE_F_MASQUERADE,
 };
 use ciliate_ebpf::{
     Drop, ct,
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
-    lb, lookup,
+    lb, lookup, maps, nat,
     packet::{self, ETH_P_IP},
-    verdict,
+    tunnel, verdict,
 };
 
 /// Set by the loader; see `ciliate_common::config::HostConfig`.
@@ -109,10 +112,21 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     let Ok(ip) = packet::ipv4(ctx) else { return Ok(verdict::OK) };
     // SAFETY: validated by packet::ipv4; copied before any packet change.
     let ip = unsafe { *ip };
+    let node = maps::node_config();
+    if ip.daddr == node.node_ip && ip.proto == ct::IPPROTO_ICMP {
+        // An echo reply to a masqueraded ping: back to its pod (the stack
+        // routes it to the pod CIDR and from-host delivers it).
+        let mut t = ct::tuple(ctx, &ip)?;
+        nat::rev_snat(ctx, &mut t)?;
+        return Ok(verdict::OK);
+    }
     if ip.proto != ct::IPPROTO_TCP && ip.proto != ct::IPPROTO_UDP {
         return Ok(verdict::OK);
     }
     let mut t = ct::tuple(ctx, &ip)?;
+    if ip.daddr == node.node_ip && nat::rev_snat(ctx, &mut t)? {
+        return Ok(verdict::OK);
+    }
     let Some(svc) = lb::frontend(&t) else { return Ok(verdict::OK) };
     if svc.flags & EXTERNAL_FRONTENDS == 0 {
         // A ClusterIP is not reachable from outside the cluster.
@@ -132,6 +146,76 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     let src_identity = lookup::identity_of(ip.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, svc.rev_nat_index)
+}
+
+/// to-netdev (tc egress of the native devices): masquerading. A packet of
+/// a local pod leaving the cluster (destination outside the cluster CIDR)
+/// leaves with the node's address (`nat`). Anything else is untouched.
+#[classifier]
+pub fn to_netdev(ctx: TcContext) -> i32 {
+    try_to_netdev(&ctx).unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
+}
+
+#[inline(always)]
+fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
+    let node = maps::node_config();
+    if node.flags & NODE_F_MASQUERADE == 0 {
+        return Ok(verdict::OK);
+    }
+    let eth = packet::eth(ctx)?;
+    // SAFETY: bounds checked by packet::eth.
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(verdict::OK);
+    }
+    let Ok(ip) = packet::ipv4(ctx) else { return Ok(verdict::OK) };
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    if node.in_cluster(ip.daddr) || !node.in_cluster(ip.saddr) {
+        return Ok(verdict::OK);
+    }
+    let Some(ep) = lookup::local_endpoint(ip.saddr) else { return Ok(verdict::OK) };
+    if ep.flags & ENDPOINT_F_HOST != 0 {
+        return Ok(verdict::OK);
+    }
+    let Ok(mut t) = ct::tuple(ctx, &ip) else { return Ok(verdict::OK) };
+    nat::snat(ctx, &mut t, node.node_ip)?;
+    Ok(verdict::OK)
+}
+
+/// from-overlay (tc ingress of `ciliate_vxlan`): a packet from a pod of
+/// another node, whose identity is the VNI, goes through the destination
+/// endpoint's ingress stage (policy by that identity) into its pod; what
+/// is for no local endpoint goes on to the stack.
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    // SAFETY: a plain read of a global the loader initialised.
+    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
+    try_from_overlay(&ctx, &cfg)
+        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::WORLD, d))
+}
+
+#[inline(always)]
+fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+    if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
+        return Err(drop!(NO_CONFIG));
+    }
+    let eth = packet::eth(ctx)?;
+    // SAFETY: bounds checked by packet::eth.
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(verdict::OK);
+    }
+    let (identity, _node) = tunnel::source(ctx)?;
+    let ip = packet::ipv4(ctx)?;
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    let Some(ep) = lookup::local_endpoint(ip.daddr) else { return Ok(verdict::OK) };
+    if ep.flags & ENDPOINT_F_HOST != 0 {
+        return Ok(verdict::OK);
+    }
+    deliver::check_ttl(ip.ttl)?;
+    let mut t = ct::tuple(ctx, &ip)?;
+    let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
+    deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0)
 }
 
 const EXTERNAL_FRONTENDS: u16 =

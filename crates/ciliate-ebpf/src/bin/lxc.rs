@@ -8,22 +8,30 @@
 //!   a translated flow, then
 //!   - to another endpoint of this node: its ingress stage and a redirect
 //!     into its namespace (`deliver`),
-//!   - anywhere else (the host, the world): the node's stack;
+//!   - a pod of another node in tunnel mode: the overlay (tail call
+//!     `lxc_to_overlay`); a NodePort reply: out through the FIB (tail call
+//!     `lxc_to_network`),
+//!   - anywhere else (the host, the world, native routing): the stack;
 //! - anything else: dropped with its reason.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, map},
+    maps::ProgramArray,
+    programs::TcContext,
+};
 use ciliate_common::{
     config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, EndpointConfig},
     ct::{CT_REPLY, DIR_EGRESS},
-    drop::{INVALID_SIP, NO_CONFIG, UNKNOWN_L3},
+    drop::{INVALID_SIP, MISSED_TAIL_CALL, NO_CONFIG, UNKNOWN_L3},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
     lb::HAIRPIN_LOOPBACK,
     metrics::DIR_EGRESS as METRIC_EGRESS,
+    node::ROUTING_TUNNEL,
     policy::DIR_EGRESS as POLICY_EGRESS,
-    trace::{TO_NETWORK, TO_STACK},
+    trace::{TO_NETWORK, TO_OVERLAY, TO_STACK},
 };
 use ciliate_ebpf::{
     Drop,
@@ -37,7 +45,7 @@ use ciliate_ebpf::{
     packet::{self, ETH_P_ARP, ETH_P_IP},
     policy,
     trace::{TraceCtx, trace_or_count},
-    verdict,
+    tunnel, verdict,
 };
 
 /// This endpoint's configuration, set by the loader (see
@@ -64,17 +72,7 @@ pub fn from_container(ctx: TcContext) -> i32 {
     let cfg = config();
     match try_from_container(&ctx, &cfg) {
         Ok(v) => v,
-        Err(d) => {
-            let who = DropCtx {
-                src_identity: cfg.identity,
-                dst_identity: 0,
-                dst_id: 0,
-                source: cfg.endpoint_id,
-                dir: METRIC_EGRESS,
-                file: FILE_LXC,
-            };
-            send_drop_notify(&ctx, &who, d)
-        }
+        Err(d) => send_drop_notify(&ctx, &egress_drop(&cfg), d),
     }
 }
 
@@ -139,16 +137,23 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         cfg.identity,
         rev_nat,
     )?;
-    // A backend's reply to a flow translated before it arrived here
-    // (NodePort): its source becomes the frontend again, a node address the
-    // stack would take for a martian, so it leaves through the FIB.
-    let rev_nat = tracked.state == CT_REPLY && tracked.rev_nat_index != 0;
-    if rev_nat {
-        lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
-    }
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
+    // A backend's reply to a flow translated before it arrived here
+    // (NodePort, from outside: never for a local endpoint): its source
+    // becomes the frontend again, a node address the stack would take for
+    // a martian, so it leaves through the FIB (tail call).
+    if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
+        lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
+        hand_over(ctx, dst_identity, tracked.state, tracked.report, trace_all, CALL_TO_NETWORK);
+        return Err(drop!(MISSED_TAIL_CALL));
+    }
     if let Some(ep) = local {
         return deliver::to_endpoint(ctx, &ep, cfg.identity, &mut t, Via::Peer, trace_all, 0);
+    }
+    // A pod of another node in tunnel mode: the overlay (tail call; without
+    // the program, the stack as in native routing).
+    if ciliate_ebpf::maps::node_config().routing == ROUTING_TUNNEL {
+        hand_over(ctx, dst_identity, tracked.state, tracked.report, trace_all, CALL_TO_OVERLAY);
     }
     let who = TraceCtx {
         src_identity: cfg.identity,
@@ -157,14 +162,116 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         source: cfg.endpoint_id,
         ct_state: tracked.state,
         dir: METRIC_EGRESS,
+        tunnel: [0; 4],
     };
-    if rev_nat {
-        deliver::check_ttl(ip.ttl)?;
-        trace_or_count(ctx, TO_NETWORK, &who, cfg.ifindex, tracked.report, trace_all);
-        return deliver::fib_redirect(ctx, &t, cfg.ifindex);
-    }
     trace_or_count(ctx, TO_STACK, &who, cfg.ifindex, tracked.report, trace_all);
     Ok(verdict::OK)
+}
+
+/// Tail calls of from-container (their index in `CILIATE_LXC_CALLS`).
+const CALL_TO_NETWORK: u32 = 0;
+const CALL_TO_OVERLAY: u32 = 1;
+
+/// This object's tail-call targets; not pinned: every endpoint's object
+/// has its own, filled by the loader.
+#[map(name = "CILIATE_LXC_CALLS")]
+static CILIATE_LXC_CALLS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Tail-call `index`, leaving in `cb` what the callee reports with. Returns
+/// only when the call failed.
+#[inline(always)]
+fn hand_over(
+    ctx: &TcContext,
+    dst_identity: u32,
+    state: u8,
+    report: bool,
+    trace_all: bool,
+    index: u32,
+) {
+    let flags = u32::from(report) | u32::from(trace_all) << 1;
+    // SAFETY: the context of a tc program; cb is free for programs.
+    unsafe {
+        let skb = ctx.skb.skb;
+        (*skb).cb[0] = dst_identity;
+        (*skb).cb[1] = u32::from(state) | flags << 8;
+        CILIATE_LXC_CALLS.tail_call(ctx, index);
+    }
+}
+
+/// What from-container left in `cb` for its tail calls: the destination
+/// identity, the conntrack state, and the "report" / "trace all" bits.
+#[inline(always)]
+fn handed_over(ctx: &TcContext, cfg: &EndpointConfig, tunnel: [u8; 4]) -> (TraceCtx, bool, bool) {
+    // SAFETY: the context of a tc program.
+    let (dst_identity, state) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    let who = TraceCtx {
+        src_identity: cfg.identity,
+        dst_identity,
+        dst_id: 0,
+        source: cfg.endpoint_id,
+        ct_state: state as u8,
+        dir: METRIC_EGRESS,
+        tunnel,
+    };
+    (who, state & 1 << 8 != 0, state & 1 << 9 != 0)
+}
+
+/// The IPv4 tuple of the packet in `ctx` and its TTL, re-read by a tail
+/// call (from-container checked it already).
+#[inline(always)]
+fn reparse(ctx: &TcContext) -> Result<(ct::Tuple, u8), Drop> {
+    let ip = packet::ipv4(ctx)?;
+    // SAFETY: validated by packet::ipv4; copied before any packet change.
+    let ip = unsafe { *ip };
+    Ok((ct::tuple(ctx, &ip)?, ip.ttl))
+}
+
+/// Tail call of from-container: a backend's reply to a NodePort flow,
+/// translated back to the frontend (a node address the stack would take
+/// for a martian), leaves through the FIB.
+#[classifier]
+pub fn lxc_to_network(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let r = reparse(&ctx).and_then(|(t, ttl)| {
+        deliver::check_ttl(ttl)?;
+        let (who, report, trace_all) = handed_over(&ctx, &cfg, [0; 4]);
+        trace_or_count(&ctx, TO_NETWORK, &who, cfg.ifindex, report, trace_all);
+        deliver::fib_redirect(&ctx, &t, cfg.ifindex)
+    });
+    r.unwrap_or_else(|d| send_drop_notify(&ctx, &egress_drop(&cfg), d))
+}
+
+/// Tail call of from-container in tunnel mode: a packet for a pod of
+/// another node (its ipcache entry names the node) goes through the
+/// overlay with this endpoint's identity as the VNI; anything else goes to
+/// the stack.
+#[classifier]
+pub fn lxc_to_overlay(ctx: TcContext) -> i32 {
+    let cfg = config();
+    let r = reparse(&ctx).and_then(|(t, _)| {
+        let (who, report, trace_all) = handed_over(&ctx, &cfg, [0; 4]);
+        let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
+        if remote == [0; 4] {
+            trace_or_count(&ctx, TO_STACK, &who, cfg.ifindex, report, trace_all);
+            return Ok(verdict::OK);
+        }
+        let node = ciliate_ebpf::maps::node_config();
+        let who = TraceCtx { tunnel: remote, ..who };
+        trace_or_count(&ctx, TO_OVERLAY, &who, node.tunnel_ifindex, report, trace_all);
+        tunnel::encap(&ctx, remote, cfg.identity, node.tunnel_ifindex)
+    });
+    r.unwrap_or_else(|d| send_drop_notify(&ctx, &egress_drop(&cfg), d))
+}
+
+fn egress_drop(cfg: &EndpointConfig) -> DropCtx {
+    DropCtx {
+        src_identity: cfg.identity,
+        dst_identity: 0,
+        dst_id: 0,
+        source: cfg.endpoint_id,
+        dir: METRIC_EGRESS,
+        file: FILE_LXC,
+    }
 }
 
 ciliate_ebpf::program_object!();

@@ -1,0 +1,51 @@
+//! The node's runtime configuration for the datapath (`CILIATE_NODE`, an
+//! array of one): how it reaches other nodes and whether it masquerades.
+//! Unlike the per-endpoint load-time block it can change without reloading
+//! programs (a node joining the cluster, the tunnel device recreated).
+
+pub const MAP_NAME: &str = "CILIATE_NODE";
+
+/// Other nodes' pods are reached through the VXLAN device (`tunnel_ifindex`).
+pub const ROUTING_TUNNEL: u8 = 1;
+/// Other nodes' pods are reached through the stack's routes to their pod
+/// CIDRs (auto-direct-node-routes).
+pub const ROUTING_NATIVE: u8 = 2;
+
+/// Masquerade pod traffic that leaves the cluster (BPF SNAT to `node_ip`
+/// on the native devices).
+pub const NODE_F_MASQUERADE: u8 = 1 << 0;
+
+/// The VXLAN port (Cilium's, not IANA's 4789).
+pub const VXLAN_PORT: u16 = 8472;
+/// The overlay device.
+pub const TUNNEL_DEV: &str = "ciliate_vxlan";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's address on its native device: the masquerade address
+    /// and the underlay source of tunnel packets.
+    pub node_ip: [u8; 4],
+    /// Never masqueraded (the cluster's pod CIDR pool).
+    pub cluster_cidr: [u8; 4],
+    pub cluster_cidr_len: u8,
+    /// `ROUTING_*`; 0 before the agent configured it (no tunnel).
+    pub routing: u8,
+    /// `NODE_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
+    pub tunnel_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+
+impl NodeConfig {
+    /// Is `ip` inside the cluster CIDR?
+    pub const fn in_cluster(&self, ip: [u8; 4]) -> bool {
+        let len = self.cluster_cidr_len as u32;
+        if len == 0 {
+            return false;
+        }
+        let mask = if len >= 32 { u32::MAX } else { !(u32::MAX >> len) };
+        (u32::from_be_bytes(ip) & mask) == (u32::from_be_bytes(self.cluster_cidr) & mask)
+    }
+}

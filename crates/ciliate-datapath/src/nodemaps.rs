@@ -1,0 +1,92 @@
+//! The node configuration map (`CILIATE_NODE`) and the masquerading map
+//! (`CILIATE_SNAT4`); layouts in `ciliate_common::node` and `::nat`.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use ciliate_common::{
+    ct::CtKey4,
+    nat::{self, NatEntry},
+    node::{self, NodeConfig},
+};
+
+use crate::{
+    error::Result,
+    maps::{map_err, open_pinned},
+};
+
+/// `CILIATE_NODE`: one entry.
+pub struct NodeConfigMap(Array<MapData, NodeConfig>);
+
+impl NodeConfigMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, node::MAP_NAME, Map::Array).map(Self)
+    }
+
+    pub fn get(&self) -> Result<NodeConfig> {
+        self.0.get(&0, 0).map_err(map_err("reading", node::MAP_NAME))
+    }
+
+    pub fn set(&mut self, cfg: &NodeConfig) -> Result<()> {
+        self.0.set(0, cfg, 0).map_err(map_err("writing", node::MAP_NAME))
+    }
+}
+
+/// One masquerading entry, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NatRow {
+    /// "OUT" (original → translated) or "IN" (reply → pod).
+    pub direction: &'static str,
+    pub proto: u8,
+    pub source: String,
+    pub destination: String,
+    /// What the OUT entry's source becomes, or the IN entry's destination.
+    pub translated: String,
+    pub created: u32,
+}
+
+/// `CILIATE_SNAT4`.
+pub struct NatMap(HashMap<MapData, CtKey4, NatEntry>);
+
+fn ep(a: [u8; 4], port: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(a), u16::from_be(port))
+}
+
+impl NatMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, nat::MAP_NAME, Map::LruHashMap).map(Self)
+    }
+
+    pub fn get(&self, key: &CtKey4) -> Result<Option<NatEntry>> {
+        match self.0.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", nat::MAP_NAME)(e)),
+        }
+    }
+
+    /// Every entry, OUT before IN, each ordered by key.
+    pub fn dump(&self) -> Result<Vec<(CtKey4, NatEntry)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            out.push(item.map_err(map_err("iterating", nat::MAP_NAME))?);
+        }
+        out.sort_by_key(|(k, _)| (k.dir, *k));
+        Ok(out)
+    }
+
+    pub fn rows(&self) -> Result<Vec<NatRow>> {
+        Ok(self
+            .dump()?
+            .into_iter()
+            .map(|(k, e)| NatRow {
+                direction: if k.dir == nat::DIR_OUT { "OUT" } else { "IN" },
+                proto: k.proto,
+                source: ep(k.saddr, k.sport),
+                destination: ep(k.daddr, k.dport),
+                translated: ep(e.addr, e.port),
+                created: e.created,
+            })
+            .collect())
+    }
+}
