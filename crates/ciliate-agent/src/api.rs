@@ -29,6 +29,11 @@ pub struct Server<D: Datapath> {
     pub pin_dir: String,
     pub started: Instant,
     pub restored: usize,
+    /// The cluster's store (`node list`, `kvstore get|list`).
+    pub kv: Arc<dyn crate::kvstore::KvStore>,
+    /// Written by the cluster sync.
+    pub kv_status: Arc<Mutex<crate::cluster::KvStatus>>,
+    pub routing: crate::cluster::Routing,
 }
 
 fn json<T: Serialize>(status: u16, v: &T) -> Response {
@@ -79,8 +84,44 @@ impl<D: Datapath> Server<D> {
                     pin_dir: self.pin_dir.clone(),
                     uptime: self.started.elapsed().as_secs(),
                     restored_endpoints: self.restored,
+                    kvstore: self.kv_text(),
+                    cluster_nodes: self.kv_status().nodes,
+                    routing: format!("{:?}", self.routing).to_lowercase(),
                 },
             ),
+            ("GET", "node", None) => {
+                let nodes: Vec<crate::cluster::NodeRecord> = self
+                    .kv
+                    .list(crate::kvstore::NODES)
+                    .map_err(|e| error(503, e.to_string()))?
+                    .into_iter()
+                    .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+                    .collect();
+                json(200, &nodes)
+            }
+            ("GET", "kvstore", None) => {
+                let text = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
+                let pairs: Vec<ciliate_api::models::KvPair> =
+                    match (req.query("key"), req.query("prefix")) {
+                        (Some(k), _) => {
+                            match self.kv.get(k).map_err(|e| error(503, e.to_string()))? {
+                                Some(v) => vec![ciliate_api::models::KvPair {
+                                    key: k.into(),
+                                    value: text(v),
+                                }],
+                                None => return Err(error(404, format!("key {k:?} not found"))),
+                            }
+                        }
+                        (None, p) => self
+                            .kv
+                            .list(p.unwrap_or(""))
+                            .map_err(|e| error(503, e.to_string()))?
+                            .into_iter()
+                            .map(|(key, v)| ciliate_api::models::KvPair { key, value: text(v) })
+                            .collect(),
+                    };
+                json(200, &pairs)
+            }
             ("GET", "endpoint", None) => json(200, &st.list()),
             ("GET", "endpoint", Some(id)) => json(200, &st.get(parse_id(id)?).map_err(from_err)?),
             ("PUT", "endpoint", None) => {
@@ -181,6 +222,22 @@ impl<D: Datapath> Server<D> {
 }
 
 impl<D: Datapath> Server<D> {
+    fn kv_status(&self) -> crate::cluster::KvStatus {
+        self.kv_status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// "local /path: ok", "etcd host:port: failing for 12s (…), retrying".
+    fn kv_text(&self) -> String {
+        let st = self.kv_status();
+        match (&st.error, st.ok) {
+            (Some(e), _) => {
+                format!("{}: failing for {}s ({e}), retrying", st.store, st.failing_for)
+            }
+            (None, true) => format!("{}: ok", st.store),
+            (None, false) => format!("{}: connecting", st.store),
+        }
+    }
+
     fn services(&self) -> std::sync::MutexGuard<'_, crate::services::Services> {
         self.services.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -204,6 +261,31 @@ fn svc_err(e: crate::services::ServiceError) -> Response {
 
 fn parse_service_id(s: &str) -> Result<u16, Response> {
     s.parse().map_err(|_| error(400, format!("service ID {s:?} is not a number")))
+}
+
+/// The node's endpoints and identities, for the cluster sync.
+impl<D: Datapath + 'static> crate::cluster::LocalState for Server<D> {
+    fn endpoints(&self) -> Vec<(std::net::Ipv4Addr, u32)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.list()
+            .into_iter()
+            .filter(|e| e.identity != ciliate_common::identity::HOST)
+            .map(|e| (e.ip, e.identity))
+            .collect()
+    }
+
+    fn learn_identities(&self, ids: Vec<(u32, Vec<String>)>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match st.identities.learn(ids) {
+            Ok(true) => {
+                if let Err(e) = st.regenerate() {
+                    eprintln!("[ciliate-agent] regenerating policy after new identities: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("[ciliate-agent] saving learned identities: {e}"),
+        }
+    }
 }
 
 fn parse_id(s: &str) -> Result<u16, Response> {
@@ -255,6 +337,9 @@ mod tests {
         Server {
             state: Mutex::new(st),
             services: Arc::new(Mutex::new(svcs)),
+            kv: Arc::new(crate::kvstore::LocalStore::open(None).unwrap()),
+            kv_status: Default::default(),
+            routing: Default::default(),
             node: "n1".into(),
             pin_dir: "/x".into(),
             started: Instant::now(),

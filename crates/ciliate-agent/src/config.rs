@@ -55,9 +55,34 @@ pub struct Flags {
     /// start
     #[arg(long, env = "CILIATE_SERVICES")]
     pub services: Option<PathBuf>,
+    /// The cluster's store: "local" (a file, shared by the nodes of one machine) or "etcd"
+    /// [default: local]
+    #[arg(long, env = "CILIATE_KVSTORE")]
+    pub kvstore: Option<String>,
+    /// The local store's file [default: <state dir>/kvstore.json]
+    #[arg(long, env = "CILIATE_KVSTORE_PATH")]
+    pub kvstore_path: Option<PathBuf>,
+    /// etcd endpoints, host:port,... (with --kvstore etcd)
+    #[arg(long, env = "CILIATE_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// Cluster-pool IPAM: the cluster's pod CIDR pool; this node claims a CIDR from it when
+    /// --pod-cidr is not given [default: none]
+    #[arg(long, env = "CILIATE_CLUSTER_POOL")]
+    pub cluster_pool: Option<String>,
+    /// Prefix length of each node's CIDR from the cluster pool [default: 24]
+    #[arg(long, env = "CILIATE_CLUSTER_POOL_MASK")]
+    pub cluster_pool_mask: Option<u8>,
+    /// How pods of other nodes are reached: "tunnel" (VXLAN) or "native" (routes)
+    /// [default: tunnel]
+    #[arg(long, env = "CILIATE_ROUTING")]
+    pub routing: Option<String>,
+    /// Masquerade pod traffic that leaves the cluster (BPF SNAT on --devices) [default: true]
+    #[arg(long, env = "CILIATE_MASQUERADE", num_args = 1)]
+    pub masquerade: Option<bool>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
-    /// services
+    /// services, kvstore, kvstore_path, etcd_endpoints, cluster_pool, cluster_pool_mask,
+    /// routing, masquerade
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -78,6 +103,13 @@ struct FileConfig {
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
+    kvstore: Option<String>,
+    kvstore_path: Option<PathBuf>,
+    etcd_endpoints: Option<String>,
+    cluster_pool: Option<String>,
+    cluster_pool_mask: Option<u8>,
+    routing: Option<String>,
+    masquerade: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +129,20 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
     pub services: Option<PathBuf>,
+    pub kvstore: KvConfig,
+    /// With a cluster pool and no --pod-cidr, the pod CIDR is claimed at
+    /// start (`pod_cidr` is then only the default).
+    pub cluster_pool: Option<(Cidr, u8)>,
+    pub pod_cidr_given: bool,
+    pub routing: crate::cluster::Routing,
+    pub masquerade: bool,
+}
+
+/// Which store, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvConfig {
+    Local(PathBuf),
+    Etcd(String),
 }
 
 fn hostname() -> String {
@@ -122,13 +168,56 @@ impl Flags {
         if node.is_empty() || node.contains('/') || node.len() > 64 {
             anyhow::bail!("node name {node:?}: 1-64 characters, no '/'");
         }
-        let cidr = self.pod_cidr.or(file.pod_cidr).unwrap_or_else(|| "10.200.0.0/24".into());
+        let given = self.pod_cidr.or(file.pod_cidr);
+        let pod_cidr_given = given.is_some();
+        let cidr = given.unwrap_or_else(|| "10.200.0.0/24".into());
         let pod_cidr: Cidr = cidr.parse()?;
+        let state_dir = self
+            .state_dir
+            .clone()
+            .or(file.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/ciliate/{node}")));
+        let kvstore = match self.kvstore.or(file.kvstore).as_deref().unwrap_or("local") {
+            "local" => KvConfig::Local(
+                self.kvstore_path
+                    .or(file.kvstore_path)
+                    .unwrap_or_else(|| state_dir.join("kvstore.json")),
+            ),
+            "etcd" => {
+                let eps = self.etcd_endpoints.or(file.etcd_endpoints).ok_or_else(|| {
+                    anyhow::anyhow!("kvstore etcd needs --etcd-endpoints host:port[,...]")
+                })?;
+                crate::kvstore::Etcd::new(&eps).map_err(|e| anyhow::anyhow!(e))?;
+                KvConfig::Etcd(eps)
+            }
+            other => anyhow::bail!("kvstore {other:?}: \"local\" or \"etcd\""),
+        };
+        let mask = self.cluster_pool_mask.or(file.cluster_pool_mask).unwrap_or(24);
+        let cluster_pool = match self.cluster_pool.or(file.cluster_pool) {
+            Some(p) => {
+                let pool: Cidr = p.parse()?;
+                if mask < pool.len || mask > 30 {
+                    anyhow::bail!("cluster pool mask /{mask} does not fit in {pool}");
+                }
+                Some((pool, mask))
+            }
+            None => None,
+        };
+        let routing = self
+            .routing
+            .or(file.routing)
+            .as_deref()
+            .unwrap_or("tunnel")
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        let masquerade = self.masquerade.or(file.masquerade).unwrap_or(true);
         Ok(Config {
-            state_dir: self
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(format!("/var/lib/ciliate/{node}"))),
+            state_dir,
+            kvstore,
+            cluster_pool,
+            pod_cidr_given,
+            routing,
+            masquerade,
             socket: self
                 .socket
                 .or(file.socket)

@@ -26,6 +26,10 @@ pub struct Identities {
     by_labels: BTreeMap<LabelSet, u32>,
     by_id: BTreeMap<u32, LabelSet>,
     path: Option<PathBuf>,
+    /// The cluster's store: cluster identities are allocated there, so
+    /// every node gives the same labels the same identity. Without it
+    /// (tests), allocation is local.
+    pub cluster: Option<std::sync::Arc<dyn crate::kvstore::KvStore>>,
 }
 
 impl Identities {
@@ -35,7 +39,7 @@ impl Identities {
             None => Persisted::default(),
         };
         let by_labels = p.ids.iter().map(|(id, l)| (l.clone(), *id)).collect();
-        Ok(Self { by_labels, by_id: p.ids, path })
+        Ok(Self { by_labels, by_id: p.ids, path, cluster: None })
     }
 
     /// The identity of `labels`, allocating the lowest free cluster
@@ -53,10 +57,23 @@ impl Identities {
         if let Some(id) = self.by_labels.get(labels) {
             return Ok(*id);
         }
-        let mut id = reserved::MIN_CLUSTER;
-        while self.by_id.contains_key(&id) {
-            id += 1;
-        }
+        let id = match &self.cluster {
+            Some(kv) => {
+                crate::cluster::allocate_identity(kv.as_ref(), labels, reserved::MIN_CLUSTER)
+                    .map_err(|e| StoreError {
+                        what: "allocating an identity in",
+                        path: kv.describe().into(),
+                        reason: e.to_string(),
+                    })?
+            }
+            None => {
+                let mut id = reserved::MIN_CLUSTER;
+                while self.by_id.contains_key(&id) {
+                    id += 1;
+                }
+                id
+            }
+        };
         self.by_id.insert(id, labels.clone());
         self.by_labels.insert(labels.clone(), id);
         if let Some(p) = &self.path {
@@ -91,6 +108,24 @@ impl Identities {
             return Err(e);
         }
         Ok(id)
+    }
+
+    /// Remember cluster identities allocated elsewhere (other nodes);
+    /// whether any was new.
+    pub fn learn(&mut self, ids: Vec<(u32, LabelSet)>) -> Result<bool, StoreError> {
+        let mut new = false;
+        for (id, labels) in ids {
+            if self.by_id.contains_key(&id) || self.by_labels.contains_key(&labels) {
+                continue;
+            }
+            self.by_id.insert(id, labels.clone());
+            self.by_labels.insert(labels, id);
+            new = true;
+        }
+        if new && let Some(p) = &self.path {
+            store::save(p, &Persisted { ids: self.by_id.clone() })?;
+        }
+        Ok(new)
     }
 
     pub fn get(&self, id: u32) -> Option<Identity> {

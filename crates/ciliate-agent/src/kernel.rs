@@ -240,3 +240,77 @@ impl crate::services::LbDatapath for KernelLb {
         self
     }
 }
+
+/// Cluster membership in the node's maps and routes.
+pub struct KernelCluster {
+    pub pin_dir: std::path::PathBuf,
+    pub routing: crate::cluster::Routing,
+    /// The native device routes to other nodes go through.
+    pub device: Option<String>,
+}
+
+impl KernelCluster {
+    fn ipcache(&self) -> Result<IpcacheMap, String> {
+        IpcacheMap::from_pin_dir(&self.pin_dir).map_err(|e| e.to_string())
+    }
+
+    fn ip_route(&self, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(["route"])
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip route {}: {e}", args.join(" ")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip route {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl crate::cluster::ClusterDatapath for KernelCluster {
+    fn upsert_remote_ip(&mut self, r: &crate::cluster::IpRecord) -> Result<(), String> {
+        let e = IpcacheEntry {
+            identity: r.identity,
+            tunnel_endpoint: r.host_ip.octets(),
+            ..Default::default()
+        };
+        self.ipcache()?.upsert(r.ip, 32, &e).map_err(|e| e.to_string())
+    }
+    fn remove_remote_ip(&mut self, ip: Ipv4Addr) -> Result<(), String> {
+        self.ipcache()?.remove(ip, 32).map_err(|e| e.to_string())
+    }
+    fn upsert_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
+        let e =
+            IpcacheEntry { identity: ciliate_common::identity::REMOTE_NODE, ..Default::default() };
+        self.ipcache()?.upsert(n.ip, 32, &e).map_err(|e| e.to_string())?;
+        if self.routing == crate::cluster::Routing::Native {
+            let cidr = n.cidr().ok_or_else(|| format!("node {}: bad pod CIDR", n.name))?;
+            let (c, via) = (cidr.to_string(), n.ip.to_string());
+            let mut args = vec!["replace", c.as_str(), "via", via.as_str()];
+            if let Some(d) = &self.device {
+                args.extend(["dev", d.as_str()]);
+            }
+            self.ip_route(&args)?;
+        }
+        Ok(())
+    }
+    fn remove_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
+        self.ipcache()?.remove(n.ip, 32).map_err(|e| e.to_string())?;
+        if self.routing == crate::cluster::Routing::Native
+            && let Some(cidr) = n.cidr()
+        {
+            let c = cidr.to_string();
+            // Gone already is fine.
+            let _ = self.ip_route(&["del", c.as_str()]);
+        }
+        Ok(())
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}

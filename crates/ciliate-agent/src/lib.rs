@@ -9,10 +9,12 @@
 //!   [`endpoint::Datapath`] trait (the kernel, or memory in tests).
 //! - [`services`]: services and their load-balancer maps.
 //! - [`kvstore`]: the cluster's shared state (local file or etcd).
+//! - [`cluster`]: cluster-pool IPAM, node registration, the cluster ipcache.
 //! - [`api`]: the HTTP routes of `ciliate_api` on the agent's unix socket.
 //! - [`config`]: flags, environment and an optional JSON file.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod identity;

@@ -40,6 +40,22 @@ pub struct Status {
     pub uptime: u64,
     /// Endpoints restored from the state directory at start.
     pub restored_endpoints: usize,
+    /// The cluster's store and its health, e.g. "etcd 192.168.200.1:2379: ok".
+    #[serde(default)]
+    pub kvstore: String,
+    /// Nodes in the cluster (this one included), as last read from the store.
+    #[serde(default)]
+    pub cluster_nodes: usize,
+    /// "tunnel" or "native".
+    #[serde(default)]
+    pub routing: String,
+}
+
+/// `GET /v1/kvstore`: a key and its value (as text).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KvPair {
+    pub key: String,
+    pub value: String,
 }
 
 /// `POST /v1/ipam`: allocate one address for `owner` (a container ID).

@@ -17,6 +17,7 @@ use ciliate_common::{
     endpoint::{ENDPOINT_F_HOST, EndpointInfo},
     identity,
     ipcache::IpcacheEntry,
+    node::{NODE_F_MASQUERADE, NodeConfig, ROUTING_TUNNEL, TUNNEL_DEV, VXLAN_PORT},
 };
 
 use crate::{
@@ -24,7 +25,10 @@ use crate::{
     error::{DatapathError, Result},
     loader,
     maps::{IpcacheMap, LxcMap},
-    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, LXC_CALLS_MAP, SOCK},
+    nodemaps::NodeConfigMap,
+    objects::programs::{
+        FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, LXC_CALLS_MAP, SOCK, TO_NETDEV,
+    },
 };
 
 pub const HOST_DEV: &str = "ciliate_host";
@@ -33,6 +37,8 @@ pub const NET_DEV: &str = "ciliate_net";
 pub const FROM_HOST_PIN: &str = "from-host";
 pub const FROM_CONTAINER_PIN: &str = "from-container";
 pub const FROM_NETDEV_PIN: &str = "from-netdev";
+pub const TO_NETDEV_PIN: &str = "to-netdev";
+pub const FROM_OVERLAY_PIN: &str = "from-overlay";
 
 /// The node's addressing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +50,16 @@ pub struct HostSetup {
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
     /// The native devices: from-netdev (NodePort and other external
-    /// frontends) is attached to each, and their addresses are the node's.
+    /// frontends, replies to masqueraded flows) and to-netdev
+    /// (masquerading) are attached to each, and their addresses are the
+    /// node's.
     pub devices: Vec<String>,
+    /// `ciliate_common::node::ROUTING_*`: with `ROUTING_TUNNEL` the VXLAN
+    /// device is created and from-overlay attached to it.
+    pub routing: u8,
+    pub masquerade: bool,
+    /// Never masqueraded: the cluster's pod CIDR pool.
+    pub cluster_cidr: (Ipv4Addr, u8),
 }
 
 fn trace_flags(trace_all: bool) -> u32 {
@@ -172,6 +186,29 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
             node_ips.push(a);
         }
     }
+    let mut tunnel_ifindex = 0;
+    if s.routing == ROUTING_TUNNEL {
+        if !device_exists(TUNNEL_DEV) {
+            let port = VXLAN_PORT.to_string();
+            ip(
+                TUNNEL_DEV,
+                &["link", "add", TUNNEL_DEV, "type", "vxlan", "external", "dstport", &port],
+            )?;
+        }
+        ip(TUNNEL_DEV, &["link", "set", TUNNEL_DEV, "up"])?;
+        sysctl(&format!("net.ipv4.conf.{TUNNEL_DEV}.rp_filter"), "0")?;
+        tunnel_ifindex = link_info(TUNNEL_DEV)?.1;
+    }
+    let node_cfg = NodeConfig {
+        node_ip: node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+        cluster_cidr: s.cluster_cidr.0.octets(),
+        cluster_cidr_len: s.cluster_cidr.1,
+        routing: s.routing,
+        flags: if s.masquerade && !node_ips.is_empty() { NODE_F_MASQUERADE } else { 0 },
+        _pad: 0,
+        tunnel_ifindex,
+    };
+    NodeConfigMap::from_pin_dir(&pins.dir)?.set(&node_cfg)?;
     host.attach_tc(
         FROM_HOST,
         HOST_DEV,
@@ -179,12 +216,18 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         &pins.link_path(HOST_DEV, FROM_HOST_PIN),
     )?;
     for dev in &s.devices {
+        sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
         host.attach_tc(
             FROM_NETDEV,
             dev,
             TcAttachType::Ingress,
             &pins.link_path(dev, FROM_NETDEV_PIN),
         )?;
+        host.attach_tc(TO_NETDEV, dev, TcAttachType::Egress, &pins.link_path(dev, TO_NETDEV_PIN))?;
+    }
+    if s.routing == ROUTING_TUNNEL {
+        let pin = pins.link_path(TUNNEL_DEV, FROM_OVERLAY_PIN);
+        host.attach_tc(FROM_OVERLAY, TUNNEL_DEV, TcAttachType::Ingress, &pin)?;
     }
     Ok(node_ips)
 }

@@ -201,6 +201,16 @@ fn traffic_inside_the_cluster_and_of_the_node_itself_is_not_masqueraded() {
     );
     assert_eq!(ends(&parsed(&out)).0, (NODE_IP, 40000));
     assert!(n.node.nat().unwrap().dump().unwrap().is_empty());
+    // A reply of a connection opened from outside (delivered to A through
+    // from-host) keeps A's address.
+    let eth = Eth { dst: HOST_MAC, src: [0x0e, 0, 0, 0, 0, 1] };
+    let inbound =
+        packet::ipv4_frame(&eth, &Ip4::new(WORLD_HOST, A.ip), &tcp(50000, 80, tcp_flags::SYN));
+    assert_eq!(n.send_host(&inbound).verdict, verdict::REDIRECT);
+    let reply = leaving(&A, WORLD_HOST, &tcp(80, 50000, tcp_flags::SYN | tcp_flags::ACK));
+    let out = Node::run(&mut n.host, TO_NETDEV, &reply);
+    assert_eq!(ends(&parsed(&out)).0, (A.ip, 80), "a reply was masqueraded");
+    assert!(n.node.nat().unwrap().dump().unwrap().is_empty());
     // With masquerading off nothing is translated.
     n.node.node_config().unwrap().set(&node_cfg(ROUTING_TUNNEL, 0)).unwrap();
     let out = Node::run(

@@ -255,6 +255,14 @@ pub fn create(
     Ok(Tracked { state: CT_NEW, report: true, rev_nat_index: 0 })
 }
 
+/// Is the packet `t` (leaving an endpoint) a reply of a connection opened
+/// towards that endpoint from outside? Read only: nothing is accounted.
+#[inline(always)]
+pub fn is_reply_to_inbound(t: &Tuple) -> bool {
+    let rev = t.key.reverse(DIR_INGRESS);
+    table(t.key.proto).get_ptr(rev).is_some()
+}
+
 /// The backend a service flow (tuple `t` naming the frontend) is pinned
 /// to, refreshing its entry; `None` for a new flow, or a SYN on a closed
 /// one (which chooses again).

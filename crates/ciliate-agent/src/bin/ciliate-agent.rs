@@ -11,9 +11,12 @@ use std::{
 use anyhow::Context as _;
 use ciliate_agent::{
     api::{self, Server},
+    cluster::{self, ClusterSync, NodeRecord, Routing},
     config::Flags,
+    config::KvConfig,
     endpoint::Endpoints,
-    kernel::{KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
+    kernel::{KernelCluster, KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
+    kvstore::{Etcd, KvStore, LocalStore},
     services::{self, Services},
 };
 use ciliate_datapath::{
@@ -57,9 +60,38 @@ fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64, services: Arc<Mutex<Servi
 }
 
 fn run() -> anyhow::Result<()> {
-    let cfg = Flags::parse().resolve()?;
+    let mut cfg = Flags::parse().resolve()?;
     let started = Instant::now();
-    log(format!("node {} pod CIDR {} state {}", cfg.node, cfg.pod_cidr, cfg.state_dir.display()));
+    // The cluster's store first: the pod CIDR may come from it.
+    let kv: Arc<dyn KvStore> = match &cfg.kvstore {
+        KvConfig::Local(path) => {
+            Arc::new(LocalStore::open(Some(path.clone())).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        KvConfig::Etcd(eps) => Arc::new(Etcd::new(eps).map_err(|e| anyhow::anyhow!(e))?),
+    };
+    if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
+        // The store may be briefly away at start: retry for a while.
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        cfg.pod_cidr = loop {
+            match cluster::claim_pod_cidr(kv.as_ref(), &cfg.node, pool, mask) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    log(format!("claiming a pod CIDR from {pool}: {e}; retrying"));
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Err(e) => anyhow::bail!("claiming a pod CIDR from {pool}: {e}"),
+            }
+        };
+        log(format!("claimed pod CIDR {} from the cluster pool {pool}", cfg.pod_cidr));
+    }
+    log(format!(
+        "node {} pod CIDR {} state {} kvstore {} routing {:?}",
+        cfg.node,
+        cfg.pod_cidr,
+        cfg.state_dir.display(),
+        kv.describe(),
+        cfg.routing
+    ));
     let pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
     let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
     log(format!("bpffs {}, cgroup v2 {}", pins.dir.display(), cgroup.display()));
@@ -69,6 +101,15 @@ fn run() -> anyhow::Result<()> {
         router: cfg.pod_cidr.router(),
         trace_all: cfg.trace_all,
         devices: cfg.devices.clone(),
+        routing: match cfg.routing {
+            Routing::Tunnel => ciliate_common::node::ROUTING_TUNNEL,
+            Routing::Native => ciliate_common::node::ROUTING_NATIVE,
+        },
+        masquerade: cfg.masquerade,
+        cluster_cidr: match cfg.cluster_pool {
+            Some((pool, _)) => (pool.net, pool.len),
+            None => (cfg.pod_cidr.net, cfg.pod_cidr.len),
+        },
     };
     let node_ips =
         node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
@@ -88,13 +129,14 @@ fn run() -> anyhow::Result<()> {
     }
     let pin_dir = pins.dir.display().to_string();
     let lb = Box::new(KernelLb::new(pins.dir.clone()));
-    let services = Services::open(Some(&cfg.state_dir), lb, node_ips, cfg.lb_algorithm)
+    let services = Services::open(Some(&cfg.state_dir), lb, node_ips.clone(), cfg.lb_algorithm)
         .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
     let services = Arc::new(Mutex::new(services));
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
+    eps.identities.cluster = Some(kv.clone());
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
     log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
     let host = eps.ensure_host(setup.router).map_err(|e| anyhow::anyhow!("host endpoint: {e}"))?;
@@ -119,14 +161,39 @@ fn run() -> anyhow::Result<()> {
         }
         log(format!("restored {n} services; {} in force", svcs.list().len()));
     }
+    let health_ip = eps.by_container(ciliate_agent::endpoint::HEALTH_CONTAINER).map(|e| e.ip);
+    let kv_status = Arc::new(Mutex::new(Default::default()));
     let server = Arc::new(Server {
         state: Mutex::new(eps),
         services,
-        node: cfg.node,
+        kv: kv.clone(),
+        kv_status: kv_status.clone(),
+        routing: cfg.routing,
+        node: cfg.node.clone(),
         pin_dir,
         started,
         restored,
     });
+    if let Some(node_ip) = node_ips.first().copied() {
+        let me = NodeRecord {
+            name: cfg.node.clone(),
+            ip: node_ip,
+            pod_cidr: cfg.pod_cidr.to_string(),
+            routing: cfg.routing,
+            health_ip,
+        };
+        let dp = Box::new(KernelCluster {
+            pin_dir: std::path::PathBuf::from(&server.pin_dir),
+            routing: cfg.routing,
+            device: cfg.devices.first().cloned(),
+        });
+        let mut sync = ClusterSync::new(kv.clone(), me, dp, server.clone());
+        sync.status = kv_status;
+        std::thread::spawn(move || sync.run(log));
+        log(format!("cluster sync through {} as {node_ip}", kv.describe()));
+    } else {
+        log("no --devices: the node has no address to join a cluster with; running alone");
+    }
     log(format!("serving the API on {}", cfg.socket.display()));
     api::serve(server, &cfg.socket).with_context(|| format!("serving on {}", cfg.socket.display()))
 }

@@ -150,7 +150,8 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 
 /// to-netdev (tc egress of the native devices): masquerading. A packet of
 /// a local pod leaving the cluster (destination outside the cluster CIDR)
-/// leaves with the node's address (`nat`). Anything else is untouched.
+/// leaves with the node's address (`nat`); a reply of a connection opened
+/// towards the pod from outside does not. Anything else is untouched.
 #[classifier]
 pub fn to_netdev(ctx: TcContext) -> i32 {
     try_to_netdev(&ctx).unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
@@ -178,6 +179,10 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
         return Ok(verdict::OK);
     }
     let Ok(mut t) = ct::tuple(ctx, &ip) else { return Ok(verdict::OK) };
+    // Replies to connections opened from outside keep the pod's address.
+    if ct::is_reply_to_inbound(&t) {
+        return Ok(verdict::OK);
+    }
     nat::snat(ctx, &mut t, node.node_ip)?;
     Ok(verdict::OK)
 }
