@@ -73,7 +73,7 @@ fn cgroup_dir(lab: &str) -> Result<PathBuf> {
 
 /// Remove a lab cgroup: its processes are killed first (rmdir refuses a
 /// populated cgroup).
-fn remove_cgroup(dir: &Path) {
+pub(crate) fn remove_cgroup(dir: &Path) {
     for _ in 0..50 {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         let pids: Vec<i32> = procs.split_whitespace().filter_map(|p| p.parse().ok()).collect();
@@ -279,7 +279,7 @@ pub struct NodeLab {
 
 /// Remove `/run/ciliate/labs` and `/run/ciliate` when nothing is left in
 /// them (remove_dir refuses a non-empty directory).
-fn remove_empty_state_dirs() {
+pub(crate) fn remove_empty_state_dirs() {
     let labs = Path::new(STATE_DIR);
     let _ = std::fs::remove_dir(labs);
     let _ = std::fs::remove_dir(labs.parent().unwrap_or(labs));
@@ -288,6 +288,145 @@ fn remove_empty_state_dirs() {
 /// The bpffs mount point of lab `lab`.
 fn bpffs_root(lab: &str) -> PathBuf {
     PathBuf::from(STATE_DIR).join(lab).join("bpffs")
+}
+
+/// Start `ciliate-agent` in node namespace `ns` (through `nsenter --net`,
+/// see the module comment) as node `ns.name()` on device `eth0`, with
+/// `socket`, logging to `log`, plus `args`; wait until it answers.
+pub fn spawn_agent(
+    ns: &Netns,
+    bins: &Binaries,
+    socket: &Path,
+    log: &Path,
+    args: &[std::ffi::OsString],
+) -> Result<()> {
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| LabError::Invalid(format!("agent log: {e}")))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path().display()))
+        .arg(&bins.agent)
+        .args(["--node", ns.name(), "--devices", NODE_DEV])
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)
+        .stderr(logf);
+    cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if Client::new(socket).get::<serde_json::Value>("/v1/healthz").is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(LabError::Invalid(format!("the agent did not come up; its log:\n{log}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One node of a lab as its pods see it: its namespace, agent socket,
+/// the CNI plugin, and the pods' MTU.
+pub struct NodeHandle<'a> {
+    pub ns: &'a Netns,
+    pub bins: &'a Binaries,
+    pub socket: &'a Path,
+    pub mtu: u32,
+    /// Prefix of pod namespaces.
+    pub lab: &'a str,
+}
+
+impl NodeHandle<'_> {
+    pub fn client(&self) -> Client {
+        Client::new(self.socket)
+    }
+
+    /// The network configuration the lab hands to the CNI plugin.
+    pub fn cni_config(&self, labels: &[(&str, &str)]) -> String {
+        let labels: serde_json::Map<String, serde_json::Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "ciliate",
+            "type": "ciliate-cni",
+            "agent_socket": self.socket,
+            "mtu": self.mtu,
+            "args": {"labels": labels},
+        })
+        .to_string()
+    }
+
+    /// Run the CNI plugin in the node namespace for a pod of Kubernetes
+    /// namespace `namespace`: (stdout, success).
+    pub fn cni_in(
+        &self,
+        command: &str,
+        container: &str,
+        netns: &str,
+        config: &str,
+        namespace: &str,
+    ) -> Result<(String, bool)> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.path().display()))
+            .arg(&self.bins.cni)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.bins.cni.parent().unwrap_or(Path::new("/")))
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={container}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child =
+            cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(config.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), out.status.success()))
+    }
+
+    /// Create a pod namespace named `<lab>-<name>`, add it through the CNI
+    /// plugin with `labels` in Kubernetes namespace `namespace`, and start
+    /// its echo server.
+    pub fn add_pod_in(&self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> Result<Pod> {
+        let ns = Netns::create(&format!("{}-{name}", self.lab))?;
+        let container = ns.name().to_owned();
+        let netns = ns.path().display().to_string();
+        let (out, ok) =
+            self.cni_in("ADD", &container, &netns, &self.cni_config(labels), namespace)?;
+        if !ok {
+            return Err(LabError::Invalid(format!("CNI ADD of {name} failed: {out}")));
+        }
+        let eps: Vec<Endpoint> =
+            self.client().get("/v1/endpoint").map_err(|e| LabError::Invalid(e.to_string()))?;
+        let ep = eps
+            .into_iter()
+            .find(|e| e.container_id == container)
+            .ok_or_else(|| LabError::Invalid(format!("no endpoint for {container} after ADD")))?;
+        let echo = self.bins.echo.to_string_lossy().into_owned();
+        // Children of the guard: killed with the namespace.
+        drop(ns.spawn_detached(&[&echo, "serve", &ECHO_PORT.to_string()])?);
+        let state = PodState {
+            name: name.to_owned(),
+            ns: container.clone(),
+            container_id: container,
+            ip: ep.ip,
+            lxc: ep.host_ifname,
+            lxc_mac: ep.host_mac,
+            mac: ep.mac,
+            endpoint_id: ep.id,
+            identity: ep.identity,
+        };
+        Ok(Pod { state, ns })
+    }
 }
 
 impl NodeLab {
@@ -339,44 +478,26 @@ impl NodeLab {
     /// Start (or restart) the agent in the node namespace and wait until it
     /// answers.
     pub fn start_agent(&self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.agent_log())
-            .map_err(|e| LabError::Invalid(format!("agent log: {e}")))?;
         let cidr = format!("{}/{}", self.config.pod_cidr, self.config.pod_cidr_len);
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.node.path().display()))
-            .arg(&self.config.bins.agent)
-            .args(["--node", self.node.name(), "--pod-cidr", &cidr])
-            .arg("--state-dir")
-            .arg(self.work_dir.join("state"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--bpffs")
-            .arg(bpffs_root(&self.config.lab))
-            .args(["--devices", NODE_DEV, "--socket-lb", &self.config.socket_lb.to_string()])
-            .arg("--cgroup-root")
-            .arg(&self.cgroup)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)
-            .stderr(log);
+        let mut args: Vec<std::ffi::OsString> = vec!["--pod-cidr".into(), cidr.into()];
+        args.extend(["--state-dir".into(), self.work_dir.join("state").into_os_string()]);
+        args.extend(["--bpffs".into(), bpffs_root(&self.config.lab).into_os_string()]);
+        args.extend(["--socket-lb".into(), self.config.socket_lb.to_string().into()]);
+        args.extend(["--cgroup-root".into(), self.cgroup.clone().into_os_string()]);
         if let Some(f) = &self.config.services {
-            cmd.arg("--services").arg(f);
+            args.extend(["--services".into(), f.clone().into_os_string()]);
         }
-        cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if Client::new(&self.socket).get::<serde_json::Value>("/v1/healthz").is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.agent_log()).unwrap_or_default();
-                return Err(LabError::Invalid(format!(
-                    "the agent did not come up; its log:\n{log}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        spawn_agent(&self.node, &self.config.bins, &self.socket, &self.agent_log(), &args)
+    }
+
+    /// How to reach this lab's node: agent socket, CNI, pods.
+    pub fn handle(&self) -> NodeHandle<'_> {
+        NodeHandle {
+            ns: &self.node,
+            bins: &self.config.bins,
+            socket: &self.socket,
+            mtu: self.config.mtu,
+            lab: &self.config.lab,
         }
     }
 
@@ -386,17 +507,7 @@ impl NodeLab {
 
     /// The network configuration the lab hands to the CNI plugin.
     pub fn cni_config(&self, labels: &[(&str, &str)]) -> String {
-        let labels: serde_json::Map<String, serde_json::Value> =
-            labels.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
-        serde_json::json!({
-            "cniVersion": "1.1.0",
-            "name": "ciliate",
-            "type": "ciliate-cni",
-            "agent_socket": self.socket,
-            "mtu": self.config.mtu,
-            "args": {"labels": labels},
-        })
-        .to_string()
+        self.handle().cni_config(labels)
     }
 
     /// Run the CNI plugin in the node namespace for a pod of Kubernetes
@@ -408,7 +519,7 @@ impl NodeLab {
         netns: &str,
         config: &str,
     ) -> Result<(String, bool)> {
-        self.cni_in(command, container, netns, config, "default")
+        self.handle().cni_in(command, container, netns, config, "default")
     }
 
     /// [`NodeLab::cni`] for a pod of Kubernetes namespace `namespace`.
@@ -420,66 +531,18 @@ impl NodeLab {
         config: &str,
         namespace: &str,
     ) -> Result<(String, bool)> {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.node.path().display()))
-            .arg(&self.config.bins.cni)
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", self.config.bins.cni.parent().unwrap_or(Path::new("/")))
-            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={container}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child =
-            cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(config.as_bytes());
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
-        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), out.status.success()))
+        self.handle().cni_in(command, container, netns, config, namespace)
     }
 
     /// Create a pod namespace named `<lab>-<name>`, add it through the CNI
     /// plugin with `labels`, and start its echo server.
     pub fn add_pod(&self, name: &str, labels: &[(&str, &str)]) -> Result<Pod> {
-        self.add_pod_in(name, "default", labels)
+        self.handle().add_pod_in(name, "default", labels)
     }
 
     /// [`NodeLab::add_pod`] in Kubernetes namespace `namespace`.
     pub fn add_pod_in(&self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> Result<Pod> {
-        let ns = Netns::create(&format!("{}-{name}", self.config.lab))?;
-        let container = ns.name().to_owned();
-        let netns = ns.path().display().to_string();
-        let (out, ok) =
-            self.cni_in("ADD", &container, &netns, &self.cni_config(labels), namespace)?;
-        if !ok {
-            return Err(LabError::Invalid(format!("CNI ADD of {name} failed: {out}")));
-        }
-        let eps: Vec<Endpoint> =
-            self.client().get("/v1/endpoint").map_err(|e| LabError::Invalid(e.to_string()))?;
-        let ep = eps
-            .into_iter()
-            .find(|e| e.container_id == container)
-            .ok_or_else(|| LabError::Invalid(format!("no endpoint for {container} after ADD")))?;
-        let echo = self.config.bins.echo.to_string_lossy().into_owned();
-        // Children of the guard: killed with the namespace.
-        drop(ns.spawn_detached(&[&echo, "serve", &ECHO_PORT.to_string()])?);
-        let state = PodState {
-            name: name.to_owned(),
-            ns: container.clone(),
-            container_id: container,
-            ip: ep.ip,
-            lxc: ep.host_ifname,
-            lxc_mac: ep.host_mac,
-            mac: ep.mac,
-            endpoint_id: ep.id,
-            identity: ep.identity,
-        };
-        Ok(Pod { state, ns })
+        self.handle().add_pod_in(name, namespace, labels)
     }
 
     pub fn router_ip(&self) -> Ipv4Addr {
@@ -657,6 +720,7 @@ pub fn down(lab: &str) -> Result<Vec<String>> {
     if let Ok(cg) = cgroup_dir(lab) {
         remove_cgroup(&cg);
     }
+    crate::cluster::remove_cgroups(lab);
     PrivateBpffs::remove(&bpffs_root(lab))
         .map_err(|source| LabError::Datapath { ns: lab.to_owned(), source })?;
     let _ = std::fs::remove_file(state_path(lab));
@@ -671,7 +735,7 @@ pub fn down(lab: &str) -> Result<Vec<String>> {
 fn is_lab_ns(name: &str, prefix: &str) -> bool {
     let name = name.strip_suffix("-health").filter(|n| n.contains("-node")).unwrap_or(name);
     name.strip_prefix(prefix).is_some_and(|rest| {
-        ["node", "pod", "ext"].iter().any(|k| {
+        ["node", "pod", "ext", "ul"].iter().any(|k| {
             rest.strip_prefix(k)
                 .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
         })

@@ -4,6 +4,7 @@
 //! ```text
 //! ciliate-echo serve [PORT]                 # TCP and UDP echo on PORT (default 7)
 //! ciliate-echo serve PORT NAME              # TCP and UDP: answer every request with NAME
+//!                                           # (NAME "@peer": with the client's address)
 //! ciliate-echo tcp IP:PORT MESSAGE          # prints the echoed reply
 //! ciliate-echo udp IP:PORT MESSAGE
 //! ciliate-echo names IP:PORT COUNT          # COUNT TCP connections: "<name> <n>" per answer
@@ -62,7 +63,7 @@ fn serve_name(port: u16, name: String) -> std::io::Result<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 65536];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(n.as_bytes(), peer);
+            let _ = udp.send_to(answer(&n, peer).as_bytes(), peer);
         }
     });
     for conn in tcp.incoming() {
@@ -71,11 +72,18 @@ fn serve_name(port: u16, name: String) -> std::io::Result<()> {
         std::thread::spawn(move || {
             let mut buf = [0u8; 64];
             if conn.read(&mut buf).is_ok_and(|n| n > 0) {
-                let _ = conn.write_all(name.as_bytes());
+                let peer = conn.peer_addr().map(|p| answer(&name, p)).unwrap_or_default();
+                let _ = conn.write_all(peer.as_bytes());
             }
         });
     }
     Ok(())
+}
+
+/// The answer of a name server: its name, or with the name `@peer` the
+/// address the request came from (what the server sees of its client).
+fn answer(name: &str, peer: SocketAddr) -> String {
+    if name == "@peer" { peer.ip().to_string() } else { name.to_owned() }
 }
 
 fn not_from(what: &str, got: SocketAddr, want: SocketAddr) -> std::io::Error {

@@ -1,0 +1,392 @@
+//! The multi-node lab: N node namespaces joined by an underlay bridge, an
+//! external host ("the world") on the same underlay, a store shared by the
+//! agents (the local store's file, or an etcd started for the lab in the
+//! underlay namespace), an agent per node with a pod CIDR from the cluster
+//! pool, and pods spread over the nodes through the real CNI plugin.
+//!
+//! ```text
+//!  <lab>-node1 eth0 192.168.200.2 ─┐
+//!  <lab>-node2 eth0 192.168.200.3 ─┤  <lab>-ul1: br0 192.168.200.1 (etcd :2379)
+//!  ...                             ├─
+//!  <lab>-ext1  eth0 192.168.200.100┘  (no route to the pods: the world)
+//! ```
+
+use std::{
+    ffi::OsString,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use ciliate_api::{Client, models::Status};
+use ciliate_datapath::bpffs::PrivateBpffs;
+
+use crate::{
+    error::{LabError, Result},
+    netns::{self, Netns},
+    node::{self, Binaries, NodeHandle, Pod, STATE_DIR, cgroup2_root, spawn_agent, wait_listening},
+};
+
+pub const UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 1);
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 100);
+pub const CLUSTER_POOL: &str = "10.200.0.0/16";
+pub const ETCD_PORT: u16 = 2379;
+
+/// The address of node `i` (1-based) on the underlay.
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 200, 1 + i as u8)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// The local store's file, shared by the lab's agents.
+    Local,
+    /// An etcd in the underlay namespace.
+    Etcd,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterLabConfig {
+    pub lab: String,
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// "tunnel" or "native".
+    pub routing: String,
+    pub store: Store,
+    pub bins: Binaries,
+    pub socket_lb: bool,
+}
+
+impl ClusterLabConfig {
+    pub fn new(lab: &str, nodes: usize, pods_per_node: usize, bins: Binaries) -> Self {
+        Self {
+            lab: lab.into(),
+            nodes,
+            pods_per_node,
+            routing: "tunnel".into(),
+            store: Store::Local,
+            bins,
+            socket_lb: true,
+        }
+    }
+
+    pub fn mtu(&self) -> u32 {
+        // VXLAN adds 50 bytes on a 1500-byte underlay.
+        if self.routing == "tunnel" { 1450 } else { 1500 }
+    }
+}
+
+pub struct ClusterNode {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub socket: PathBuf,
+    pub work_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub pins_dir: PathBuf,
+}
+
+impl ClusterNode {
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+    pub fn log(&self) -> PathBuf {
+        self.work_dir.join("agent.log")
+    }
+}
+
+pub struct ClusterPod {
+    pub pod: Pod,
+    /// Index into [`ClusterLab::nodes`].
+    pub node: usize,
+}
+
+/// A running multi-node lab; dropping it removes everything it made.
+pub struct ClusterLab {
+    // Drop order: pods, nodes (agents), external, underlay (etcd).
+    pub pods: Vec<ClusterPod>,
+    pub nodes: Vec<ClusterNode>,
+    pub external: Netns,
+    pub underlay: Netns,
+    pub config: ClusterLabConfig,
+    pub work_dir: PathBuf,
+    bpffs: Option<PrivateBpffs>,
+}
+
+fn bpffs_root(lab: &str) -> PathBuf {
+    PathBuf::from(STATE_DIR).join(lab).join("bpffs")
+}
+
+fn cgroup_of(lab: &str, i: usize) -> Result<PathBuf> {
+    Ok(cgroup2_root()?.join(format!("ciliate-lab-{lab}-node{i}")))
+}
+
+impl ClusterLab {
+    pub fn up(config: ClusterLabConfig) -> Result<Self> {
+        node::NodeLabConfig::validate(&config.lab, config.nodes * config.pods_per_node)?;
+        if !(1..=8).contains(&config.nodes) {
+            return Err(LabError::Invalid(format!("{} nodes: 1 to 8", config.nodes)));
+        }
+        if config.routing != "tunnel" && config.routing != "native" {
+            return Err(LabError::Invalid(format!(
+                "routing {:?}: tunnel or native",
+                config.routing
+            )));
+        }
+        let lab = config.lab.clone();
+        let work_dir = PathBuf::from(STATE_DIR).join(&lab);
+        let root = bpffs_root(&lab);
+        let _ = PrivateBpffs::remove(&root);
+        let _ = std::fs::remove_dir_all(&work_dir);
+        let bpffs = PrivateBpffs::mount(&root)
+            .map_err(|source| LabError::Datapath { ns: lab.clone(), source })?;
+        let underlay = Netns::create(&format!("{lab}-ul1"))?;
+        // A fixed MAC: a bridge otherwise takes the lowest MAC of its ports
+        // and changes it as nodes join, and the neighbours' ARP entries
+        // for the underlay address (etcd) go stale.
+        underlay.ip(&["link", "add", "br0", "address", "02:00:c0:a8:c8:01", "type", "bridge"])?;
+        underlay.ip(&["addr", "add", &format!("{UNDERLAY_IP}/24"), "dev", "br0"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let external = Netns::create(&format!("{lab}-ext1"))?;
+        netns::veth(&external, "eth0", &underlay, "x1")?;
+        underlay.ip(&["link", "set", "x1", "master", "br0"])?;
+        external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        let mut this = Self {
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            external,
+            underlay,
+            config,
+            work_dir,
+            bpffs: Some(bpffs),
+        };
+        if this.config.store == Store::Etcd {
+            this.start_etcd()?;
+        }
+        for i in 1..=this.config.nodes {
+            let ns = Netns::create(&format!("{lab}-node{i}"))?;
+            let dev = format!("n{i}");
+            netns::veth(&ns, node::NODE_DEV, &this.underlay, &dev)?;
+            this.underlay.ip(&["link", "set", &dev, "master", "br0"])?;
+            ns.ip(&["addr", "add", &format!("{}/24", node_ip(i)), "dev", node::NODE_DEV])?;
+            let node_dir = this.work_dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir)
+                .map_err(|e| LabError::Invalid(format!("{}: {e}", node_dir.display())))?;
+            let cgroup = cgroup_of(&lab, i)?;
+            std::fs::create_dir_all(&cgroup)
+                .map_err(|e| LabError::Invalid(format!("creating {}: {e}", cgroup.display())))?;
+            let pins_dir = root.join("ciliate").join(ns.name());
+            this.nodes.push(ClusterNode {
+                ip: node_ip(i),
+                socket: node_dir.join("agent.sock"),
+                work_dir: node_dir,
+                cgroup,
+                pins_dir,
+                ns,
+            });
+            this.start_agent(i - 1)?;
+        }
+        let mut k = 0;
+        for n in 0..this.config.nodes {
+            for _ in 0..this.config.pods_per_node {
+                k += 1;
+                let name = format!("pod{k}");
+                let pod = this.handle(n).add_pod_in(&name, "default", &[("app", &name)])?;
+                this.pods.push(ClusterPod { pod, node: n });
+            }
+        }
+        this.wait_converged(Duration::from_secs(20))?;
+        Ok(this)
+    }
+
+    fn start_etcd(&self) -> Result<()> {
+        let dir = self.work_dir.join("etcd");
+        let client = format!("http://{UNDERLAY_IP}:{ETCD_PORT}");
+        let args: Vec<String> = vec![
+            "etcd".into(),
+            "--name".into(),
+            "lab".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            "http://127.0.0.1:2380".into(),
+            "--initial-advertise-peer-urls".into(),
+            "http://127.0.0.1:2380".into(),
+            "--initial-cluster".into(),
+            "lab=http://127.0.0.1:2380".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // A child of the underlay's guard: killed with the namespace.
+        drop(self.underlay.spawn_detached(&args)?);
+        wait_listening(&self.underlay, ETCD_PORT)
+    }
+
+    /// Stop the lab's etcd (every process of the underlay namespace).
+    pub fn stop_etcd(&self) {
+        for pid in self.underlay.pids() {
+            // SAFETY: kill(2) on a process of the lab's own namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.underlay.pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start the lab's etcd again (same data directory).
+    pub fn restart_etcd(&self) -> Result<()> {
+        self.start_etcd()
+    }
+
+    /// Start (or restart) the agent of node `n` (0-based).
+    pub fn start_agent(&self, n: usize) -> Result<()> {
+        let node = &self.nodes[n];
+        let mut args: Vec<OsString> = vec![
+            "--state-dir".into(),
+            node.work_dir.join("state").into(),
+            "--bpffs".into(),
+            bpffs_root(&self.config.lab).into(),
+            "--cgroup-root".into(),
+            node.cgroup.clone().into(),
+            "--socket-lb".into(),
+            self.config.socket_lb.to_string().into(),
+            "--cluster-pool".into(),
+            CLUSTER_POOL.into(),
+            "--routing".into(),
+            self.config.routing.clone().into(),
+        ];
+        match self.config.store {
+            Store::Local => args.extend([
+                "--kvstore".into(),
+                "local".into(),
+                "--kvstore-path".into(),
+                self.work_dir.join("kvstore.json").into(),
+            ]),
+            Store::Etcd => args.extend([
+                "--kvstore".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                format!("{UNDERLAY_IP}:{ETCD_PORT}").into(),
+            ]),
+        }
+        spawn_agent(&node.ns, &self.config.bins, &node.socket, &node.log(), &args)
+    }
+
+    /// Pids of the agent of node `n`.
+    pub fn agent_pids(&self, n: usize) -> Vec<i32> {
+        self.nodes[n]
+            .ns
+            .pids()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "ciliate-agent")
+            })
+            .collect()
+    }
+
+    pub fn handle(&self, n: usize) -> NodeHandle<'_> {
+        NodeHandle {
+            ns: &self.nodes[n].ns,
+            bins: &self.config.bins,
+            socket: &self.nodes[n].socket,
+            mtu: self.config.mtu(),
+            lab: &self.config.lab,
+        }
+    }
+
+    /// Wait until every node's agent counts every node.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let counts: Vec<usize> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    n.client().get::<Status>("/v1/status").map(|s| s.cluster_nodes).unwrap_or(0)
+                })
+                .collect();
+            if counts.iter().all(|c| *c == self.nodes.len()) {
+                // One more round for the endpoints' ipcache entries.
+                std::thread::sleep(Duration::from_millis(1200));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Invalid(format!(
+                    "the nodes did not find each other: {counts:?} of {}",
+                    self.nodes.len()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A `ciliate-echo` command in `ns`, in node `n`'s cgroup when given.
+    pub fn echo(&self, ns: &Netns, cgroup_of_node: Option<usize>) -> std::process::Command {
+        let mut cmd = ns.command(&self.config.bins.echo.to_string_lossy());
+        if let Some(n) = cgroup_of_node {
+            node::in_cgroup(&mut cmd, &self.nodes[n].cgroup);
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run `ciliate-echo <args>` in `ns`: stdout, or an error with stderr.
+    pub fn run_echo(
+        &self,
+        ns: &Netns,
+        cgroup_of_node: Option<usize>,
+        args: &[&str],
+    ) -> Result<String> {
+        netns::run(self.echo(ns, cgroup_of_node).args(args))
+    }
+}
+
+impl Drop for ClusterLab {
+    fn drop(&mut self) {
+        self.pods.clear();
+        for n in self.nodes.drain(..) {
+            let health = format!("{}-health", n.ns.name());
+            let _ = n.ns.delete();
+            if netns::exists(&health) {
+                let _ = Netns::adopt(&health).delete();
+            }
+            node::remove_cgroup(&n.cgroup);
+        }
+        let ext = std::mem::replace(&mut self.external, Netns::existing(""));
+        let _ = ext.delete();
+        let ul = std::mem::replace(&mut self.underlay, Netns::existing(""));
+        let _ = ul.delete();
+        drop(self.bpffs.take());
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+        node::remove_empty_state_dirs();
+    }
+}
+
+/// Remove the cgroups of every node of lab `lab` (a kept cluster lab).
+pub fn remove_cgroups(lab: &str) {
+    let Ok(root) = cgroup2_root() else { return };
+    let prefix = format!("ciliate-lab-{lab}-node");
+    if let Ok(dir) = std::fs::read_dir(&root) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix(&prefix).is_some_and(|n| n.chars().all(|c| c.is_ascii_digit())) {
+                node::remove_cgroup(&e.path());
+            }
+        }
+    }
+}
+
+/// The pins directory of node `n` (0-based) of lab `lab`.
+pub fn pins_dir(lab: &str, n: usize) -> PathBuf {
+    bpffs_root(lab).join("ciliate").join(format!("{lab}-node{}", n + 1))
+}
+
+/// Paths a cluster lab uses, for tests of its cleanup.
+pub fn work_dir(lab: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(lab)
+}
