@@ -28,7 +28,10 @@ pub struct NatEntry {
     pub addr: [u8; 4],
     /// Network byte order.
     pub port: u16,
-    pub _pad: u16,
+    /// For a NodePort flow to a backend on another node (SNATed to this
+    /// node): the frontend's reverse-NAT index, so the reply is translated
+    /// back to the frontend too. 0 for masquerading.
+    pub rev_nat_index: u16,
     /// Monotonic seconds of creation (for listing; the LRU evicts).
     pub created: u32,
 }

@@ -220,3 +220,32 @@ fn traffic_inside_the_cluster_and_of_the_node_itself_is_not_masqueraded() {
     );
     assert_eq!(ends(&parsed(&out)).0, (A.ip, 40002));
 }
+
+#[test]
+fn nodeport_to_a_backend_on_another_node_is_snated_and_the_reply_translated_back() {
+    use ciliate_common::lb::{BACKEND_ACTIVE, LbService, SVC_F_NODE_PORT};
+    use ciliate_datapath::lbmaps::{Backend, Frontend};
+    let mut n = node("cl-np-remote", ROUTING_TUNNEL, NODE_F_MASQUERADE);
+    let mut lb = n.node.lb().unwrap();
+    let fe = Frontend { addr: NODE_IP, port: 30080, proto: 6 };
+    lb.upsert_backend(
+        1,
+        &Backend { addr: REMOTE_POD, port: 8080, proto: 6, state: BACKEND_ACTIVE },
+    )
+    .unwrap();
+    lb.upsert_revnat(5, &fe).unwrap();
+    let master = LbService { rev_nat_index: 5, flags: SVC_F_NODE_PORT, ..Default::default() };
+    lb.write_frontend(&fe, &master, &[1]).unwrap();
+
+    let syn = arriving(WORLD_HOST, &tcp(50000, 30080, tcp_flags::SYN));
+    let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
+    assert_eq!(out.verdict, verdict::REDIRECT, "into the overlay: {:?}", n.events.drain());
+    let ((src, sport), dst) = ends(&parsed(&out));
+    assert_eq!((src, dst), (NODE_IP, (REMOTE_POD, 8080)), "SNAT to the node, DNAT to the backend");
+
+    let reply = arriving(REMOTE_POD, &tcp(8080, sport, tcp_flags::SYN | tcp_flags::ACK));
+    let back = Node::run(&mut n.host, FROM_NETDEV, &reply);
+    assert_eq!(ends(&parsed(&back)), ((NODE_IP, 30080), (WORLD_HOST, 50000)));
+    // Sent back out through the FIB (unroutable in a test run).
+    assert_ne!(back.verdict, verdict::OK, "the reply went to the stack");
+}

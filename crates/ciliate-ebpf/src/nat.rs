@@ -47,6 +47,7 @@ pub fn snat(
     ctx: &aya_ebpf::programs::TcContext,
     t: &mut Tuple,
     node_ip: [u8; 4],
+    rev_nat: u16,
 ) -> Result<(), Drop> {
     let proto = t.key.proto;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
@@ -57,7 +58,7 @@ pub fn snat(
     // SAFETY: copied out at once.
     let port = match unsafe { CILIATE_SNAT4.get(out).copied() } {
         Some(e) => e.port,
-        None => allocate(t, node_ip, &out)?,
+        None => allocate(t, node_ip, &out, rev_nat)?,
     };
     set_addr(ctx, t, Side::Src, node_ip)?;
     if proto != IPPROTO_ICMP {
@@ -67,8 +68,13 @@ pub fn snat(
 }
 
 #[inline(always)]
-fn allocate(t: &Tuple, node_ip: [u8; 4], out: &CtKey4) -> Result<u16, Drop> {
-    let back = NatEntry { addr: t.key.saddr, port: t.key.sport, _pad: 0, created: now_secs() };
+fn allocate(t: &Tuple, node_ip: [u8; 4], out: &CtKey4, rev_nat: u16) -> Result<u16, Drop> {
+    let back = NatEntry {
+        addr: t.key.saddr,
+        port: t.key.sport,
+        rev_nat_index: rev_nat,
+        created: now_secs(),
+    };
     let range = u32::from(PORT_MAX - PORT_MIN) + 1;
     let h = ciliate_common::lb::flow_hash(
         t.key.saddr,
@@ -93,22 +99,23 @@ fn allocate(t: &Tuple, node_ip: [u8; 4], out: &CtKey4) -> Result<u16, Drop> {
         }
     }
     let port = chosen.ok_or(drop!(NAT_NO_MAPPING))?;
-    let there = NatEntry { addr: node_ip, port, _pad: 0, created: back.created };
+    let there = NatEntry { addr: node_ip, port, rev_nat_index: rev_nat, created: back.created };
     CILIATE_SNAT4.insert(*out, there, 0).map_err(|_| drop!(NAT_NO_MAPPING))?;
     Ok(port)
 }
 
-/// Translate a reply of a masqueraded flow back to its pod; `false` when
-/// `t` is no such reply.
+/// Translate a reply of a SNATed flow back to its origin; `None` when `t`
+/// is no such reply, else the frontend's reverse-NAT index of a NodePort
+/// flow (0 for masquerading), which the caller applies as well.
 #[inline(always)]
-pub fn rev_snat(ctx: &aya_ebpf::programs::TcContext, t: &mut Tuple) -> Result<bool, Drop> {
+pub fn rev_snat(ctx: &aya_ebpf::programs::TcContext, t: &mut Tuple) -> Result<Option<u16>, Drop> {
     let mut k = t.key;
     k.dir = DIR_IN;
     // SAFETY: copied out at once.
-    let Some(e) = (unsafe { CILIATE_SNAT4.get(k).copied() }) else { return Ok(false) };
+    let Some(e) = (unsafe { CILIATE_SNAT4.get(k).copied() }) else { return Ok(None) };
     set_addr(ctx, t, Side::Dst, e.addr)?;
     if t.key.proto != IPPROTO_ICMP {
         set_port(ctx, t, Side::Dst, e.port)?;
     }
-    Ok(true)
+    Ok(Some(e.rev_nat_index))
 }

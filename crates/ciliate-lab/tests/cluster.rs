@@ -55,6 +55,23 @@ fn external_peer_server(lab: &ClusterLab) {
     wait_listening(&lab.external, 9000).unwrap();
 }
 
+/// A NodePort on node1 whose only backend is pod2, on node2, reached from
+/// the external host.
+fn nodeport_to_the_other_node(lab: &ClusterLab) {
+    let backend = lab.pods[1].pod.state.ip;
+    let spec = serde_json::json!({
+        "id": 1, "frontend": {"ip": "0.0.0.0", "port": 30080}, "kind": "NodePort",
+        "backends": [{"ip": backend, "port": ECHO_PORT}],
+    });
+    let _: serde_json::Value =
+        lab.nodes[0].client().call(method::PUT, "/v1/service", Some(&spec)).unwrap();
+    let to = format!("{}:30080", node_ip(1));
+    let got = lab.run_echo(&lab.external, None, &["tcp", &to, "np"]).unwrap();
+    assert_eq!(got.trim(), "np");
+    let got = lab.run_echo(&lab.external, None, &["udp", &to, "np"]);
+    assert!(got.is_err(), "a TCP service answered UDP");
+}
+
 fn cross_node_traffic_works(lab: &ClusterLab) {
     // pod1 is on node1, pod2 on node2 (one pod per node).
     assert_ne!(lab.pods[0].node, lab.pods[1].node);
@@ -69,6 +86,9 @@ fn cross_node_traffic_works(lab: &ClusterLab) {
 fn tunnel_mode_carries_identities_and_masquerades_to_the_world() {
     let lab = up(2, 1, "tunnel", Store::Local);
     cross_node_traffic_works(&lab);
+    // (Before the policy below: the backend sees the SNATed flow as
+    // remote-node, which that policy does not allow.)
+    nodeport_to_the_other_node(&lab);
 
     // Each node got its own pod CIDR from the cluster pool, and both nodes
     // know pod1's identity; node2 reaches it through node1.
@@ -119,6 +139,7 @@ fn native_routing_with_etcd_survives_an_outage_and_a_node_leaving() {
     assert_eq!((st.cluster_nodes, st.routing.as_str()), (2, "native"));
     external_peer_server(&lab);
     assert_eq!(seen_from_outside(&lab, 0), format!("{} 1", node_ip(1)));
+    nodeport_to_the_other_node(&lab);
 
     // etcd goes away for 10 s: an established flow keeps going, status
     // says so, and after etcd returns a new pod is known cluster-wide.

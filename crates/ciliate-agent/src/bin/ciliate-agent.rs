@@ -162,10 +162,8 @@ fn run() -> anyhow::Result<()> {
         log(format!("restored {n} services; {} in force", svcs.list().len()));
     }
     let health_ip = eps.by_container(ciliate_agent::endpoint::HEALTH_CONTAINER).map(|e| e.ip);
-    let kv_status = Arc::new(Mutex::new(cluster::KvStatus {
-        store: kv.describe(),
-        ..Default::default()
-    }));
+    let kv_status =
+        Arc::new(Mutex::new(cluster::KvStatus { store: kv.describe(), ..Default::default() }));
     let server = Arc::new(Server {
         state: Mutex::new(eps),
         services,

@@ -21,7 +21,7 @@ use ciliate_common::{
     event::FILE_HOST,
     lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
     metrics::DIR_INGRESS as METRIC_INGRESS,
-    node::NODE_F_MASQUERADE,
+    node::{NODE_F_MASQUERADE, ROUTING_TUNNEL},
 };
 use ciliate_ebpf::{
     Drop, ct,
@@ -124,8 +124,20 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
         return Ok(verdict::OK);
     }
     let mut t = ct::tuple(ctx, &ip)?;
-    if ip.daddr == node.node_ip && nat::rev_snat(ctx, &mut t)? {
-        return Ok(verdict::OK);
+    if ip.daddr == node.node_ip {
+        match nat::rev_snat(ctx, &mut t)? {
+            // A reply to a masqueraded pod: the stack routes it to the pod.
+            Some(0) => return Ok(verdict::OK),
+            // A backend's reply to a NodePort flow this node SNATed to it:
+            // back to the client from the frontend, through the FIB (the
+            // stack would take the node's own address for a martian).
+            Some(rev) => {
+                lb::rev_nat(ctx, &mut t, rev)?;
+                deliver::check_ttl(ip.ttl)?;
+                return deliver::fib_redirect(ctx, &t, ingress_ifindex(ctx));
+            }
+            None => {}
+        }
     }
     let Some(svc) = lb::frontend(&t) else { return Ok(verdict::OK) };
     if svc.flags & EXTERNAL_FRONTENDS == 0 {
@@ -134,9 +146,7 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     }
     let sel = lb::select(&t, &svc)?;
     let Some(ep) = lookup::local_endpoint(sel.backend.addr) else {
-        // A backend on another node needs SNAT to this node (the
-        // multi-node issue); until then it is unreachable from here.
-        return Err(drop!(UNROUTABLE));
+        return to_remote_backend(ctx, &mut t, &sel, svc.rev_nat_index, &node, ip.ttl);
     };
     if ep.flags & ENDPOINT_F_HOST != 0 {
         return Err(drop!(UNROUTABLE));
@@ -183,7 +193,7 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
     if ct::is_reply_to_inbound(&t) {
         return Ok(verdict::OK);
     }
-    nat::snat(ctx, &mut t, node.node_ip)?;
+    nat::snat(ctx, &mut t, node.node_ip, 0)?;
     Ok(verdict::OK)
 }
 
@@ -221,6 +231,43 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     let mut t = ct::tuple(ctx, &ip)?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0)
+}
+
+/// The device a packet came in on.
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context of a tc program.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// A NodePort (or other external frontend) flow whose backend is on
+/// another node: DNAT to the backend and SNAT to this node (so the reply
+/// comes back here to be translated), then through the overlay to the
+/// backend's node (tunnel mode; the VNI says remote-node, which the SNATed
+/// source is) or out through the FIB (native routing).
+#[inline(always)]
+fn to_remote_backend(
+    ctx: &TcContext,
+    t: &mut ct::Tuple,
+    sel: &lb::Selected,
+    rev_nat: u16,
+    node: &ciliate_common::node::NodeConfig,
+    ttl: u8,
+) -> Result<i32, Drop> {
+    if node.node_ip == [0; 4] {
+        return Err(drop!(UNROUTABLE));
+    }
+    deliver::check_ttl(ttl)?;
+    lb::dnat(ctx, t, sel)?;
+    nat::snat(ctx, t, node.node_ip, rev_nat)?;
+    if node.routing == ROUTING_TUNNEL {
+        let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
+        if remote != [0; 4] {
+            let id = ciliate_common::identity::REMOTE_NODE;
+            return tunnel::encap(ctx, remote, id, node.tunnel_ifindex);
+        }
+    }
+    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx))
 }
 
 const EXTERNAL_FRONTENDS: u16 =
