@@ -287,7 +287,18 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
     fn upsert_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
         let e =
             IpcacheEntry { identity: ciliate_common::identity::REMOTE_NODE, ..Default::default() };
-        self.ipcache()?.upsert(n.ip, 32, &e).map_err(|e| e.to_string())?;
+        let mut ipc = self.ipcache()?;
+        ipc.upsert(n.ip, 32, &e).map_err(|e| e.to_string())?;
+        // The node's pod CIDR with the node as tunnel endpoint (Cilium's
+        // tunnel map): pods not yet in the ipcache are still reached.
+        if let Some(cidr) = n.cidr() {
+            let t = IpcacheEntry {
+                identity: ciliate_common::identity::WORLD,
+                tunnel_endpoint: n.ip.octets(),
+                ..Default::default()
+            };
+            ipc.upsert(cidr.net, cidr.len, &t).map_err(|e| e.to_string())?;
+        }
         if self.routing == crate::cluster::Routing::Native {
             let cidr = n.cidr().ok_or_else(|| format!("node {}: bad pod CIDR", n.name))?;
             let (c, via) = (cidr.to_string(), n.ip.to_string());
@@ -300,7 +311,11 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         Ok(())
     }
     fn remove_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
-        self.ipcache()?.remove(n.ip, 32).map_err(|e| e.to_string())?;
+        let mut ipc = self.ipcache()?;
+        ipc.remove(n.ip, 32).map_err(|e| e.to_string())?;
+        if let Some(cidr) = n.cidr() {
+            ipc.remove(cidr.net, cidr.len).map_err(|e| e.to_string())?;
+        }
         if self.routing == crate::cluster::Routing::Native
             && let Some(cidr) = n.cidr()
         {

@@ -24,7 +24,8 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let rows = [
-        ("KVStore", "Disabled (local store)".to_owned()),
+        ("KVStore", if s.kvstore.is_empty() { "Disabled".to_owned() } else { s.kvstore.clone() }),
+        ("Cluster", format!("{} nodes, routing {}", s.cluster_nodes, s.routing)),
         ("Node", s.node.clone()),
         ("Ciliate", format!("Ok   {} (up {}s)", s.version, s.uptime)),
         ("API", client.socket().display().to_string()),

@@ -35,6 +35,12 @@ pub enum BpfCommand {
     /// The load-balancer maps: frontends, backend slots, Maglev tables
     #[command(subcommand)]
     Lb(crate::service::LbCommand),
+    /// Pod CIDRs of other nodes → tunnel endpoint
+    #[command(subcommand)]
+    Tunnel(ListCommand),
+    /// The masquerading (SNAT) map
+    #[command(subcommand)]
+    Nat(ListCommand),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +91,12 @@ impl BpfCommand {
                 return crate::policy::bpf_policy_get(t, endpoint, output);
             }
             BpfCommand::Lb(c) => return c.run(&t.pin_dir()?),
+            BpfCommand::Tunnel(ListCommand::List { output }) => {
+                return crate::cluster::tunnel_list(&t.pin_dir()?, output);
+            }
+            BpfCommand::Nat(ListCommand::List { output }) => {
+                return crate::cluster::nat_list(&t.pin_dir()?, output);
+            }
         };
         list(&t.pin_dir()?, kind, output)
     }

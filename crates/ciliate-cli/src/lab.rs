@@ -19,14 +19,25 @@ pub use crate::table::Output;
 
 #[derive(Subcommand)]
 pub enum LabCommand {
-    /// Bring up a one-node lab with pods (replaces a lab of the same name)
+    /// Bring up a lab: nodes with pods, services and checks (replaces a lab of the same name)
     Up {
         /// Lab name: prefix of its namespaces (<name>-node1, <name>-pod1, ...)
         #[arg(long, default_value = DEFAULT_LAB)]
         name: String,
-        /// Number of pods
+        /// Number of pods (per node with --nodes above 1)
         #[arg(long, default_value_t = 3)]
         pods: usize,
+        /// Number of nodes: above 1, nodes on an underlay bridge with an external host and a
+        /// shared store
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// How nodes reach each other's pods (with --nodes above 1): tunnel or native
+        #[arg(long, default_value = "tunnel")]
+        routing: String,
+        /// The cluster's store (with --nodes above 1): local (a file the agents share) or
+        /// etcd (started for the lab)
+        #[arg(long, default_value = "local")]
+        kvstore: String,
     },
     /// Remove a lab: its namespaces, pinned maps and links
     Down {
@@ -46,22 +57,66 @@ pub enum LabCommand {
 impl LabCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            LabCommand::Up { name, pods } => up(&name, pods),
+            LabCommand::Up { name, pods, nodes: 1, .. } => up(&name, pods),
+            LabCommand::Up { name, pods, nodes, routing, kvstore } => {
+                crate::lab_cluster::up(&name, nodes, pods, &routing, &kvstore)
+            }
             LabCommand::Down { name } => down(&name),
             LabCommand::Status { name, output } => status(name.as_deref(), output),
         }
     }
 }
 
-fn say(msg: impl AsRef<str>) {
+pub fn say(msg: impl AsRef<str>) {
     println!("[lab] {}", msg.as_ref());
 }
 
 /// The lab's echo service.
-const CLUSTER_IP: &str = "10.96.0.10";
-const NODE_PORT: u16 = 30007;
+pub const CLUSTER_IP: &str = "10.96.0.10";
+pub const NODE_PORT: u16 = 30007;
 
-fn result(ok: bool) -> String {
+/// Declare the lab's echo service on the agent of `client`: ClusterIP
+/// 10.96.0.10:7 over TCP and UDP and NodePort 30007, backends `ips`:7.
+pub fn echo_services(
+    client: &ciliate_api::Client,
+    ips: &[std::net::Ipv4Addr],
+) -> anyhow::Result<()> {
+    let backends: Vec<BackendSpec> = ips
+        .iter()
+        .map(|ip| BackendSpec { ip: *ip, port: ECHO_PORT, state: BackendState::Active })
+        .collect();
+    let services = [
+        (1, format!("{CLUSTER_IP}:{ECHO_PORT}/TCP"), ServiceKind::ClusterIP),
+        (2, format!("{CLUSTER_IP}:{ECHO_PORT}/UDP"), ServiceKind::ClusterIP),
+        (3, format!("0.0.0.0:{NODE_PORT}/TCP"), ServiceKind::NodePort),
+    ];
+    for (id, fe, kind) in services {
+        let spec = ServiceSpec {
+            id,
+            frontend: fe.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+            kind,
+            backends: backends.clone(),
+            affinity_timeout: None,
+            traffic_policy_local: false,
+            source_ranges: vec![],
+            algorithm: None,
+            name: "default/echo".into(),
+        };
+        let svc: Service = client
+            .call(method::PUT, "/v1/service", Some(&spec))
+            .with_context(|| format!("creating service {id}"))?;
+        let fes: Vec<String> = svc.frontends.iter().map(|f| f.address.to_string()).collect();
+        say(format!(
+            "service {id} ({}) {} → {} backends",
+            kind.name(),
+            fes.join(", "),
+            backends.len()
+        ));
+    }
+    Ok(())
+}
+
+pub fn result(ok: bool) -> String {
     if ok { "ok" } else { "FAILED" }.into()
 }
 
@@ -90,40 +145,8 @@ fn up(name: &str, pods: usize) -> anyhow::Result<()> {
     }
     // Services: the echo servers behind a ClusterIP (TCP and UDP) and a
     // NodePort on the node's address.
-    let backends: Vec<BackendSpec> = lab
-        .pods
-        .iter()
-        .map(|p| BackendSpec { ip: p.state.ip, port: ECHO_PORT, state: BackendState::Active })
-        .collect();
-    let services = [
-        (1, format!("{CLUSTER_IP}:{ECHO_PORT}/TCP"), ServiceKind::ClusterIP),
-        (2, format!("{CLUSTER_IP}:{ECHO_PORT}/UDP"), ServiceKind::ClusterIP),
-        (3, format!("0.0.0.0:{NODE_PORT}/TCP"), ServiceKind::NodePort),
-    ];
-    for (id, fe, kind) in services {
-        let spec = ServiceSpec {
-            id,
-            frontend: fe.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-            kind,
-            backends: backends.clone(),
-            affinity_timeout: None,
-            traffic_policy_local: false,
-            source_ranges: vec![],
-            algorithm: None,
-            name: "default/echo".into(),
-        };
-        let svc: Service = lab
-            .client()
-            .call(method::PUT, "/v1/service", Some(&spec))
-            .with_context(|| format!("creating service {id}"))?;
-        let fes: Vec<String> = svc.frontends.iter().map(|f| f.address.to_string()).collect();
-        say(format!(
-            "service {id} ({}) {} → {} backends",
-            kind.name(),
-            fes.join(", "),
-            backends.len()
-        ));
-    }
+    let ips: Vec<_> = lab.pods.iter().map(|p| p.state.ip).collect();
+    echo_services(&lab.client(), &ips)?;
     // Give the echo servers a moment to listen.
     std::thread::sleep(std::time::Duration::from_millis(200));
     say(

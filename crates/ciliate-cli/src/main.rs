@@ -3,7 +3,9 @@
 
 mod agent;
 mod bpf;
+mod cluster;
 mod lab;
+mod lab_cluster;
 mod map;
 mod monitor;
 mod policy;
@@ -51,6 +53,12 @@ enum Command {
     /// Services (kube-proxy replacement): update, list, get, delete
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// The nodes of the cluster
+    #[command(subcommand)]
+    Node(cluster::NodeCommand),
+    /// The cluster's key-value store (local or etcd), for debugging
+    #[command(subcommand)]
+    Kvstore(cluster::KvstoreCommand),
     /// The node's BPF maps
     #[command(subcommand)]
     Map(map::MapCommand),
@@ -72,6 +80,8 @@ impl Command {
             Command::Identity(c) => c.run(t),
             Command::Policy(c) => c.run(t),
             Command::Service(c) => c.run(t),
+            Command::Node(c) => c.run(t),
+            Command::Kvstore(c) => c.run(t),
             Command::Map(c) => c.run(t),
             Command::Bpf(c) => c.run(t),
             Command::Monitor(a) => monitor::run(t, &a),

@@ -103,6 +103,41 @@ fn lab_up_status_metrics_down() {
 }
 
 #[test]
+fn a_two_node_lab_with_its_cluster_commands() {
+    let name = format!("clt{}", token());
+    let _guard = Down(name.clone());
+    let (ok, out, err) = ciliate(&["lab", "up", "--name", &name, "--nodes", "2", "--pods", "2"]);
+    assert!(ok, "lab up failed: {out}{err}");
+    let sq = squash(&out);
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(sq.contains("pod2 pod3 10.200.1.3 (node2) tcp (policy: denied) ok"), "{out}");
+    assert!(sq.contains("pod1 pod3 10.200.1.3 tcp (policy: allowed) ok"), "{out}");
+    assert!(sq.contains("pod4 pod1 10.200.0.3 (node1) tcp ok"), "{out}");
+    assert!(sq.contains("world 192.168.200.100 (as 192.168.200.3) tcp ok"), "{out}");
+    let lab = ["--lab", name.as_str()];
+    let run = |args: &[&str]| {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&lab);
+        let (ok, out, err) = ciliate(&full);
+        assert!(ok, "ciliate {args:?} failed: {err}");
+        squash(&out)
+    };
+    let nodes = run(&["node", "list"]);
+    assert!(nodes.contains(&format!("{name}-node2 192.168.200.3 10.200.1.0/24 tunnel")), "{nodes}");
+    let tunnel = run(&["bpf", "tunnel", "list"]);
+    assert!(tunnel.contains("10.200.1.0/24 192.168.200.3:0"), "{tunnel}");
+    let nat = run(&["bpf", "nat", "list"]);
+    assert!(nat.contains("-> 192.168.200.100:9000 XLATE_SRC 192.168.200.2:"), "{nat}");
+    let kv = run(&["kvstore", "list", "ciliate/state/nodes"]);
+    assert!(kv.contains(&format!("ciliate/state/nodes/v1/{name}-node1")), "{kv}");
+    let st = run(&["status"]);
+    assert!(st.contains("Cluster: 2 nodes, routing tunnel"), "{st}");
+    let (ok, out, _) = ciliate(&["lab", "down", "--name", &name]);
+    assert!(ok && out.contains(&format!("{name}-ul1")), "{out}");
+    assert!(!netns::list().iter().any(|n| n.starts_with(&format!("{name}-"))));
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_reason() {
     let (ok, _, err) = ciliate(&["lab", "up", "--name", "no spaces allowed", "--pods", "1"]);
     assert!(!ok);

@@ -111,6 +111,7 @@ pub struct ClusterLab {
     pub config: ClusterLabConfig,
     pub work_dir: PathBuf,
     bpffs: Option<PrivateBpffs>,
+    keep: bool,
 }
 
 fn bpffs_root(lab: &str) -> PathBuf {
@@ -159,6 +160,7 @@ impl ClusterLab {
             config,
             work_dir,
             bpffs: Some(bpffs),
+            keep: false,
         };
         if this.config.store == Store::Etcd {
             this.start_etcd()?;
@@ -346,8 +348,64 @@ impl ClusterLab {
     }
 }
 
+impl ClusterLab {
+    /// What `ciliate lab status|down` and `--lab` need: node1 as the lab's
+    /// node, every node in `nodes`.
+    pub fn state(&self) -> node::LabState {
+        let n1 = &self.nodes[0];
+        node::LabState {
+            lab: self.config.lab.clone(),
+            node_ns: n1.ns.name().to_owned(),
+            pins_dir: n1.pins_dir.clone(),
+            router_ip: n1
+                .client()
+                .get::<Status>("/v1/status")
+                .map(|s| s.router_ip)
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            agent_socket: n1.socket.clone(),
+            agent_log: n1.log(),
+            pods: self.pods.iter().map(|p| p.pod.state.clone()).collect(),
+            external_ns: self.external.name().to_owned(),
+            node_ip: n1.ip,
+            cgroup: n1.cgroup.clone(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| node::LabNodeState {
+                    ns: n.ns.name().to_owned(),
+                    ip: n.ip,
+                    agent_socket: n.socket.clone(),
+                    pins_dir: n.pins_dir.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Leave the lab running after this guard is gone and record its state.
+    pub fn keep(mut self) -> Result<node::LabState> {
+        let state = self.state();
+        node::save_state(&state)?;
+        self.keep = true;
+        for p in &mut self.pods {
+            p.pod.ns.keep();
+        }
+        for n in &mut self.nodes {
+            n.ns.keep();
+        }
+        self.external.keep();
+        self.underlay.keep();
+        if let Some(b) = &mut self.bpffs {
+            b.keep();
+        }
+        Ok(state)
+    }
+}
+
 impl Drop for ClusterLab {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         self.pods.clear();
         for n in self.nodes.drain(..) {
             let health = format!("{}-health", n.ns.name());

@@ -231,6 +231,17 @@ pub struct LabState {
     pub node_ip: Ipv4Addr,
     #[serde(default)]
     pub cgroup: PathBuf,
+    /// Every node of a multi-node lab (the fields above are node1's).
+    #[serde(default)]
+    pub nodes: Vec<LabNodeState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabNodeState {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub agent_socket: PathBuf,
+    pub pins_dir: PathBuf,
 }
 
 fn node_ip() -> Ipv4Addr {
@@ -611,6 +622,7 @@ impl NodeLab {
             external_ns: self.external.name().to_owned(),
             node_ip: NODE_IP,
             cgroup: self.cgroup.clone(),
+            nodes: Vec::new(),
         }
     }
 
@@ -666,7 +678,7 @@ fn state_path(lab: &str) -> PathBuf {
     PathBuf::from(STATE_DIR).join(format!("{lab}.json"))
 }
 
-fn save_state(state: &LabState) -> Result<()> {
+pub(crate) fn save_state(state: &LabState) -> Result<()> {
     let path = state_path(&state.lab);
     let err = |reason: String| LabError::State { path: path.display().to_string(), reason };
     std::fs::create_dir_all(STATE_DIR).map_err(|e| err(e.to_string()))?;

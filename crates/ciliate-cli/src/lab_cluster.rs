@@ -1,0 +1,155 @@
+//! `ciliate lab up --nodes N`: the multi-node lab, its services and policy,
+//! and the checks that show them working.
+
+use anyhow::Context as _;
+use ciliate_api::{client::method, models::PolicyImport};
+use ciliate_lab::{
+    cluster::{ClusterLab, ClusterLabConfig, EXTERNAL_IP, Store, node_ip},
+    node::{self, Binaries, ECHO_PORT, wait_listening},
+};
+
+use crate::{
+    lab::{CLUSTER_IP, NODE_PORT, echo_services, result, say},
+    table::Table,
+};
+
+/// Only pod1 (node1) may reach pod3 (node2) on TCP 7: the receiving node
+/// decides by the identity the packet carries.
+const POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: pod3-from-pod1, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: pod3}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: pod1}}]
+    toPorts: [{ports: [{port: "7", protocol: TCP}]}]
+"#;
+
+pub fn up(
+    name: &str,
+    nodes: usize,
+    pods: usize,
+    routing: &str,
+    kvstore: &str,
+) -> anyhow::Result<()> {
+    let removed = node::down(name)?;
+    if !removed.is_empty() {
+        say(format!("removed the previous lab {name} ({} namespaces)", removed.len()));
+    }
+    let store = match kvstore {
+        "local" => Store::Local,
+        "etcd" => Store::Etcd,
+        other => anyhow::bail!("kvstore {other:?}: local or etcd"),
+    };
+    let bins = Binaries::beside_current_exe()?;
+    let echo = bins.echo.to_string_lossy().into_owned();
+    let mut cfg = ClusterLabConfig::new(name, nodes, pods, bins);
+    cfg.routing = routing.into();
+    cfg.store = store;
+    say(format!(
+        "creating {nodes} nodes on an underlay ({routing} routing, {kvstore} kvstore{}), \
+         an external host, {pods} pods per node through ciliate-cni",
+        if store == Store::Etcd { ", etcd in the underlay namespace" } else { "" }
+    ));
+    let lab = ClusterLab::up(cfg).with_context(|| format!("bringing up lab {name}"))?;
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let st: ciliate_api::models::Status = n.client().get("/v1/status")?;
+        say(format!(
+            "node {} {}: pod CIDR {}, kvstore {}",
+            n.ns.name(),
+            node_ip(i + 1),
+            st.pod_cidr,
+            st.kvstore
+        ));
+    }
+    for p in &lab.pods {
+        let s = &p.pod.state;
+        say(format!("pod {} ({}) on node{}: identity {}", s.name, s.ip, p.node + 1, s.identity));
+        wait_listening(&p.pod.ns, ECHO_PORT)?;
+    }
+    // Services on every node (backends on all nodes), a policy on every
+    // node, and the external host's "who are you" server.
+    let policy = lab.pods.len() >= 3;
+    // pod3, which the policy protects, is no backend of the echo service.
+    let ips: Vec<_> = lab
+        .pods
+        .iter()
+        .filter(|p| !policy || p.pod.state.name != "pod3")
+        .map(|p| p.pod.state.ip)
+        .collect();
+    for n in &lab.nodes {
+        echo_services(&n.client(), &ips)?;
+    }
+    if policy {
+        for n in &lab.nodes {
+            let _: serde_json::Value = n
+                .client()
+                .call(method::PUT, "/v1/policy", Some(&PolicyImport { text: POLICY.into() }))
+                .context("importing the lab's policy")?;
+        }
+        say("policy: only pod1 reaches pod3 (TCP 7), on every node");
+    }
+    drop(lab.external.spawn_detached(&[&echo, "serve", "9000", "@peer"])?);
+    wait_listening(&lab.external, 9000)?;
+
+    say(
+        "checking: pods across nodes (ping, TCP, UDP), the ClusterIP, the world (masqueraded), the NodePort from outside, the policy",
+    );
+    let mut t = Table::new(&["FROM", "TO", "CHECK", "RESULT"]);
+    let mut failed = 0;
+    let mut row = |t: &mut Table, from: String, to: String, check: &str, ok: bool| {
+        failed += usize::from(!ok);
+        t.row(vec![from, to, check.into(), result(ok)]);
+    };
+    for (i, p) in lab.pods.iter().enumerate() {
+        let next = &lab.pods[(i + 1) % lab.pods.len()];
+        let (from, ip) = (p.pod.state.name.clone(), next.pod.state.ip);
+        let to = format!("{} {ip} (node{})", next.pod.state.name, next.node + 1);
+        let denied = policy && next.pod.state.name == "pod3" && p.pod.state.name != "pod1";
+        let ping = p.pod.ns.exec(&["ping", "-c", "1", "-W", "2", &ip.to_string()]).is_ok();
+        row(&mut t, from.clone(), to.clone(), "ping", ping || denied);
+        for proto in ["tcp", "udp"] {
+            let ok =
+                lab.run_echo(&p.pod.ns, None, &[proto, &format!("{ip}:{ECHO_PORT}"), "x"]).is_ok();
+            if denied && proto == "tcp" {
+                row(&mut t, from.clone(), to.clone(), "tcp (policy: denied)", !ok);
+            } else if !denied {
+                row(&mut t, from.clone(), to.clone(), proto, ok);
+            }
+        }
+        let cip = format!("{CLUSTER_IP}:{ECHO_PORT}");
+        for proto in ["tcp", "udp"] {
+            let ok = lab.run_echo(&p.pod.ns, Some(p.node), &[proto, &cip, "svc"]).is_ok();
+            row(&mut t, from.clone(), format!("service {cip}"), proto, ok);
+        }
+        let seen = lab.run_echo(&p.pod.ns, None, &["names", &format!("{EXTERNAL_IP}:9000"), "1"]);
+        let want = format!("{} 1", node_ip(p.node + 1));
+        let ok = seen.as_ref().is_ok_and(|s| s.trim() == want);
+        row(&mut t, from, format!("world {EXTERNAL_IP} (as {})", node_ip(p.node + 1)), "tcp", ok);
+    }
+    if policy {
+        let (p1, p3) = (&lab.pods[0].pod, &lab.pods[2].pod);
+        let to = format!("{} {}", p3.state.name, p3.state.ip);
+        let ok = lab
+            .run_echo(&p1.ns, None, &["tcp", &format!("{}:{ECHO_PORT}", p3.state.ip), "x"])
+            .is_ok();
+        row(&mut t, p1.state.name.clone(), to, "tcp (policy: allowed)", ok);
+    }
+    let np = format!("{}:{NODE_PORT}", node_ip(1));
+    for _ in 0..3 {
+        let ok = lab.run_echo(&lab.external, None, &["tcp", &np, "np"]).is_ok();
+        row(&mut t, format!("external {EXTERNAL_IP}"), format!("NodePort {np}"), "tcp", ok);
+    }
+    print!("{}", t.render());
+    let state = lab.keep()?;
+    anyhow::ensure!(failed == 0, "{failed} checks failed; the lab is left up for inspection");
+    say(format!(
+        "lab {} is up: `ciliate node list`, `ciliate bpf tunnel list`, `ciliate bpf nat list`, \
+         `ciliate kvstore list`, `ciliate service list` talk to node1 (--socket {} for another); \
+         remove it with `ciliate lab down --name {}`",
+        state.lab,
+        state.nodes.last().map(|n| n.agent_socket.display().to_string()).unwrap_or_default(),
+        state.lab
+    ));
+    Ok(())
+}
