@@ -6,12 +6,14 @@
 //! - [`names`]: names unique per run, short enough for device names.
 //! - [`node`]: the one-node topology (a node namespace with `ciliate_host`
 //!   and pods on veth pairs behind the from-container program).
+//! - [`bench`]: measurement helpers of the benchmarks.
 //! - [`cluster`]: the multi-node topology (nodes on an underlay bridge, an
 //!   external host, a shared store or etcd).
 //!
 //! Nothing here touches the root namespace's devices, routes or sysctls:
 //! every device is created inside, or moved into, a namespace of the lab.
 
+pub mod bench;
 pub mod cluster;
 pub mod error;
 pub mod names;

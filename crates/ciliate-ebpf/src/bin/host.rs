@@ -90,7 +90,10 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 /// frontend is balanced here: backend chosen, DNAT, and delivered straight
 /// into the backend's pod with the frontend's reverse-NAT index on its
 /// conntrack entry, so the backend's replies are translated back in its
-/// from-container. Everything else goes on to the stack untouched.
+/// from-container (or, for a backend on another node, SNATed and sent
+/// there). Replies to masqueraded flows are translated back; a packet for
+/// a pod of this node goes straight into it. Everything else goes on to
+/// the stack untouched.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
     // SAFETY: a plain read of a global the loader initialised.
@@ -126,8 +129,8 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     let mut t = ct::tuple(ctx, &ip)?;
     if ip.daddr == node.node_ip {
         match nat::rev_snat(ctx, &mut t)? {
-            // A reply to a masqueraded pod: the stack routes it to the pod.
-            Some(0) => return Ok(verdict::OK),
+            // A reply to a masqueraded pod: delivered below.
+            Some(0) => {}
             // A backend's reply to a NodePort flow this node SNATed to it:
             // back to the client from the frontend, through the FIB (the
             // stack would take the node's own address for a martian).
@@ -139,23 +142,32 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
             None => {}
         }
     }
-    let Some(svc) = lb::frontend(&t) else { return Ok(verdict::OK) };
-    if svc.flags & EXTERNAL_FRONTENDS == 0 {
-        // A ClusterIP is not reachable from outside the cluster.
+    // External frontends (a ClusterIP is not reachable from outside).
+    let mut rev_nat = 0;
+    if let Some(svc) = lb::frontend(&t)
+        && svc.flags & EXTERNAL_FRONTENDS != 0
+    {
+        let sel = lb::select(&t, &svc)?;
+        match lookup::local_endpoint(sel.backend.addr) {
+            None => return to_remote_backend(ctx, &mut t, &sel, svc.rev_nat_index, &node, ip.ttl),
+            Some(ep) if ep.flags & ENDPOINT_F_HOST != 0 => return Err(drop!(UNROUTABLE)),
+            Some(_) => {}
+        }
+        deliver::check_ttl(ip.ttl)?;
+        lb::dnat(ctx, &mut t, &sel)?;
+        rev_nat = svc.rev_nat_index;
+    }
+    // A pod of this node (a service's backend, a pod of another node in
+    // native routing, a reply to a masqueraded flow, the world): straight
+    // into it, without the stack.
+    let Some(ep) = lookup::local_endpoint(t.key.daddr) else { return Ok(verdict::OK) };
+    if ep.flags & ENDPOINT_F_HOST != 0 {
         return Ok(verdict::OK);
     }
-    let sel = lb::select(&t, &svc)?;
-    let Some(ep) = lookup::local_endpoint(sel.backend.addr) else {
-        return to_remote_backend(ctx, &mut t, &sel, svc.rev_nat_index, &node, ip.ttl);
-    };
-    if ep.flags & ENDPOINT_F_HOST != 0 {
-        return Err(drop!(UNROUTABLE));
-    }
     deliver::check_ttl(ip.ttl)?;
-    lb::dnat(ctx, &mut t, &sel)?;
-    let src_identity = lookup::identity_of(ip.saddr);
+    let src_identity = lookup::identity_of(t.key.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, svc.rev_nat_index)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, rev_nat)
 }
 
 /// to-netdev (tc egress of the native devices): masquerading. A packet of

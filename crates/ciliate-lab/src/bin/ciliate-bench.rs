@@ -12,13 +12,12 @@
 use std::time::{Duration, Instant};
 
 use ciliate_lab::{
-    Netns,
+    Netns, bench,
+    bench::servers,
     names::token,
     netns::veth,
     node::{Binaries, NodeLab, NodeLabConfig},
 };
-
-const PORT: &str = "9000";
 
 struct Opts {
     runs: usize,
@@ -62,66 +61,8 @@ struct Variant<'a> {
     server_ip: String,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn per_second(out: &str) -> f64 {
-    out.trim().trim_end_matches("/s").parse().unwrap_or(0.0)
-}
-
 fn measure(v: &Variant<'_>, bins: &Binaries, o: &Opts) -> Result<[f64; 3], String> {
-    let echo = bins.echo.to_string_lossy();
-    let target = format!("{}:{PORT}", v.server_ip);
-    let secs = o.seconds.to_string();
-    let mut rr = Vec::new();
-    let mut crr = Vec::new();
-    let mut tput = Vec::new();
-    for _ in 0..o.runs {
-        let out = v
-            .client
-            .exec(&["taskset", "-c", "0", &echo, "rr", &target, &secs])
-            .map_err(|e| e.to_string())?;
-        rr.push(per_second(&out));
-        let out = v
-            .client
-            .exec(&["taskset", "-c", "0", &echo, "crr", &target, &secs])
-            .map_err(|e| e.to_string())?;
-        crr.push(per_second(&out));
-        let out = v
-            .client
-            .exec(&["iperf3", "-c", &v.server_ip, "-t", &secs, "-J"])
-            .map_err(|e| e.to_string())?;
-        let j: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| format!("iperf3 output: {e}"))?;
-        tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
-    }
-    Ok([median(rr), median(crr), median(tput)])
-}
-
-/// Start the servers of a variant in `ns`: the echo server pinned to core
-/// 0 and an iperf3 server. They die with the namespace.
-fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
-    let echo = bins.echo.to_string_lossy();
-    drop(
-        ns.spawn_detached(&["taskset", "-c", "0", &echo, "serve", PORT])
-            .map_err(|e| e.to_string())?,
-    );
-    drop(ns.spawn_detached(&["iperf3", "-s"]).map_err(|e| e.to_string())?);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ns
-        .exec(&["ss", "-Hltn", "sport", "=", &format!(":{PORT}")])
-        .map_err(|e| e.to_string())?
-        .is_empty()
-        || ns.exec(&["ss", "-Hltn", "sport", "=", ":5201"]).map_err(|e| e.to_string())?.is_empty()
-    {
-        if Instant::now() > deadline {
-            return Err(format!("servers in {} did not start", ns.name()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    bench::measure(v.client, &v.server_ip, bins, o.runs, o.seconds)
 }
 
 fn sh(ns: &Netns, args: &[&str]) -> Result<(), String> {
@@ -255,24 +196,9 @@ fn run() -> Result<(), String> {
         println!("[bench] measuring {}", v.name);
         rows.push((v.name, measure(v, &bins, &o)?));
     }
-    let anchor = rows[0].1;
     println!();
-    println!(
-        "{:<22} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
-        "VARIANT", "RR/s", "ratio", "CONN/s", "ratio", "Gbit/s", "ratio"
-    );
-    for (name, [rr, crr, tput]) in &rows {
-        println!(
-            "{:<22} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
-            name,
-            rr,
-            rr / anchor[0],
-            crr,
-            crr / anchor[1],
-            tput,
-            tput / anchor[2]
-        );
-    }
+    let rows: Vec<(String, [f64; 3])> = rows.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+    bench::print_table(&rows);
     let (p50, p99) = cni_add_latency(&lab, o.adds)?;
     println!();
     println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);

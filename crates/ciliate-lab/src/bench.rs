@@ -1,0 +1,96 @@
+//! What the benchmarks share: servers in a namespace, and the median
+//! request/response rate, connection rate and throughput of a client,
+//! pinned with its server to core 0 (a 2-vCPU VM: cross-CPU wake-ups would
+//! hide the datapath's cost).
+
+use std::time::{Duration, Instant};
+
+use crate::{Netns, node::Binaries};
+
+/// The port of the benchmarks' echo server.
+pub const PORT: &str = "9000";
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn per_second(out: &str) -> f64 {
+    out.trim().trim_end_matches("/s").parse().unwrap_or(0.0)
+}
+
+/// Median over `runs` of 1-byte request/response per second, connections
+/// per second and iperf3 Gbit/s from `client` to `server_ip`, each run
+/// `seconds` long.
+pub fn measure(
+    client: &Netns,
+    server_ip: &str,
+    bins: &Binaries,
+    runs: usize,
+    seconds: u64,
+) -> Result<[f64; 3], String> {
+    let echo = bins.echo.to_string_lossy();
+    let target = format!("{server_ip}:{PORT}");
+    let secs = seconds.to_string();
+    let (mut rr, mut crr, mut tput) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        for (mode, out) in [("rr", &mut rr), ("crr", &mut crr)] {
+            let o = client
+                .exec(&["taskset", "-c", "0", &echo, mode, &target, &secs])
+                .map_err(|e| e.to_string())?;
+            out.push(per_second(&o));
+        }
+        let o = client
+            .exec(&["iperf3", "-c", server_ip, "-t", &secs, "-J"])
+            .map_err(|e| e.to_string())?;
+        let j: serde_json::Value =
+            serde_json::from_str(&o).map_err(|e| format!("iperf3 output: {e}"))?;
+        tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+    }
+    Ok([median(rr), median(crr), median(tput)])
+}
+
+/// Start the servers of a variant in `ns`: the echo server pinned to core
+/// 0 and an iperf3 server. They die with the namespace.
+pub fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
+    let echo = bins.echo.to_string_lossy();
+    drop(
+        ns.spawn_detached(&["taskset", "-c", "0", &echo, "serve", PORT])
+            .map_err(|e| e.to_string())?,
+    );
+    drop(ns.spawn_detached(&["iperf3", "-s"]).map_err(|e| e.to_string())?);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ns
+        .exec(&["ss", "-Hltn", "sport", "=", &format!(":{PORT}")])
+        .map_err(|e| e.to_string())?
+        .is_empty()
+        || ns.exec(&["ss", "-Hltn", "sport", "=", ":5201"]).map_err(|e| e.to_string())?.is_empty()
+    {
+        if Instant::now() > deadline {
+            return Err(format!("servers in {} did not start", ns.name()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Print the rows with their ratios to the first one (the anchor).
+pub fn print_table(rows: &[(String, [f64; 3])]) {
+    let Some((_, anchor)) = rows.first() else { return };
+    println!(
+        "{:<26} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
+        "VARIANT", "RR/s", "ratio", "CONN/s", "ratio", "Gbit/s", "ratio"
+    );
+    for (name, [rr, crr, tput]) in rows {
+        println!(
+            "{:<26} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
+            name,
+            rr,
+            rr / anchor[0],
+            crr,
+            crr / anchor[1],
+            tput,
+            tput / anchor[2]
+        );
+    }
+}
