@@ -21,7 +21,7 @@ use ciliate_common::{
     event::FILE_HOST,
     lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
     metrics::DIR_INGRESS as METRIC_INGRESS,
-    node::{NODE_F_MASQUERADE, ROUTING_TUNNEL},
+    node::{NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
 };
 use ciliate_ebpf::{
     Drop, ct,
@@ -128,6 +128,10 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     }
     let mut t = ct::tuple(ctx, &ip)?;
     if ip.daddr == node.node_ip {
+        // Overlay traffic goes to the VXLAN socket (and from-overlay).
+        if ip.proto == ct::IPPROTO_UDP && t.key.dport == VXLAN_PORT.to_be() {
+            return Ok(verdict::OK);
+        }
         match nat::rev_snat(ctx, &mut t)? {
             // A reply to a masqueraded pod: delivered below.
             Some(0) => {}
