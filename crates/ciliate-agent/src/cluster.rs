@@ -173,10 +173,10 @@ pub fn claim_pod_cidr(kv: &dyn KvStore, node: &str, pool: Cidr, mask: u8) -> Res
 pub fn allocate_identity(kv: &dyn KvStore, labels: &[String], min: u32) -> Result<u32, KvError> {
     let value_key = format!("{}{}", crate::kvstore::IDENTITY_VALUES, labels.join(";"));
     for _ in 0..64 {
-        if let Some(v) = kv.get(&value_key)? {
-            if let Ok(id) = String::from_utf8_lossy(&v).parse() {
-                return Ok(id);
-            }
+        if let Some(v) = kv.get(&value_key)?
+            && let Ok(id) = String::from_utf8_lossy(&v).parse()
+        {
+            return Ok(id);
         }
         let used: BTreeSet<u32> = kv
             .list(IDENTITY_IDS)?
@@ -303,10 +303,10 @@ impl ClusterSync {
         // The other nodes.
         let mut nodes = BTreeMap::new();
         for (_, v) in kv.list(NODES).map_err(e)? {
-            if let Ok(n) = serde_json::from_slice::<NodeRecord>(&v) {
-                if n.name != self.me.name {
-                    nodes.insert(n.name.clone(), n);
-                }
+            if let Ok(n) = serde_json::from_slice::<NodeRecord>(&v)
+                && n.name != self.me.name
+            {
+                nodes.insert(n.name.clone(), n);
             }
         }
         for (name, n) in &nodes {
@@ -328,10 +328,11 @@ impl ClusterSync {
         // The other nodes' endpoints.
         let mut ips = BTreeMap::new();
         for (_, v) in kv.list(IPS).map_err(e)? {
-            if let Ok(r) = serde_json::from_slice::<IpRecord>(&v) {
-                if r.node != self.me.name && !mine.contains_key(&r.ip) {
-                    ips.insert(r.ip, r);
-                }
+            if let Ok(r) = serde_json::from_slice::<IpRecord>(&v)
+                && r.node != self.me.name
+                && !mine.contains_key(&r.ip)
+            {
+                ips.insert(r.ip, r);
             }
         }
         for (ip, r) in &ips {
@@ -352,10 +353,10 @@ impl ClusterSync {
             let Some(id) = k.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            if self.known_ids.insert(id) {
-                if let Ok(labels) = serde_json::from_slice::<Vec<String>>(&v) {
-                    new.push((id, labels));
-                }
+            if self.known_ids.insert(id)
+                && let Ok(labels) = serde_json::from_slice::<Vec<String>>(&v)
+            {
+                new.push((id, labels));
             }
         }
         if !new.is_empty() {

@@ -94,3 +94,22 @@ pub fn ipv4(ctx: &TcContext) -> Result<*mut Ipv4Hdr, Drop> {
     }
     Ok(ip)
 }
+
+/// The IPv4 header of an IPv4 frame, copied; `None` for any other
+/// ethertype (left to the stack). A runt frame is `UNSUPPORTED_L2`; a
+/// broken IPv4 header is `INVALID`, or `None` with `lenient` (traffic from
+/// outside that is not ours to judge).
+#[inline(always)]
+pub fn ipv4_of(ctx: &TcContext, lenient: bool) -> Result<Option<Ipv4Hdr>, Drop> {
+    let eth = eth(ctx)?;
+    // SAFETY: bounds checked by eth.
+    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
+        return Ok(None);
+    }
+    match ipv4(ctx) {
+        // SAFETY: validated by ipv4; copied before any packet change.
+        Ok(ip) => Ok(Some(unsafe { *ip })),
+        Err(_) if lenient => Ok(None),
+        Err(d) => Err(d),
+    }
+}

@@ -280,15 +280,7 @@ impl ClusterLab {
 
     /// Pids of the agent of node `n`.
     pub fn agent_pids(&self, n: usize) -> Vec<i32> {
-        self.nodes[n]
-            .ns
-            .pids()
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "ciliate-agent")
-            })
-            .collect()
+        node::agent_pids_in(&self.nodes[n].ns)
     }
 
     pub fn handle(&self, n: usize) -> NodeHandle<'_> {

@@ -88,6 +88,17 @@ pub(crate) fn remove_cgroup(dir: &Path) {
     }
 }
 
+/// Pids of the `ciliate-agent` processes in namespace `ns`.
+pub fn agent_pids_in(ns: &Netns) -> Vec<i32> {
+    ns.pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "ciliate-agent")
+        })
+        .collect()
+}
+
 /// Wait up to 5 s until something in `ns` listens on TCP `port`.
 pub fn wait_listening(ns: &Netns, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -595,14 +606,7 @@ impl NodeLab {
 
     /// Pids of the agent processes running in the node.
     pub fn agent_pids(&self) -> Vec<i32> {
-        self.node
-            .pids()
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "ciliate-agent")
-            })
-            .collect()
+        agent_pids_in(&self.node)
     }
 
     /// The tcx ingress programs on a pod's lxc device.

@@ -28,9 +28,7 @@ use ciliate_ebpf::{
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
-    lb, lookup, maps, nat,
-    packet::{self, ETH_P_IP},
-    tunnel, verdict,
+    lb, lookup, maps, nat, packet, tunnel, verdict,
 };
 
 /// Set by the loader; see `ciliate_common::config::HostConfig`.
@@ -64,14 +62,7 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Err(drop!(NO_CONFIG));
     }
-    let eth = packet::eth(ctx)?;
-    // SAFETY: bounds checked by packet::eth.
-    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
-        return Ok(verdict::OK);
-    }
-    let ip = packet::ipv4(ctx)?;
-    // SAFETY: validated by packet::ipv4; copied before any packet change.
-    let ip = unsafe { *ip };
+    let Some(ip) = packet::ipv4_of(ctx, false)? else { return Ok(verdict::OK) };
     let Some(ep) = lookup::local_endpoint(ip.daddr) else {
         return Ok(verdict::OK);
     };
@@ -107,14 +98,7 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Ok(verdict::OK);
     }
-    let eth = packet::eth(ctx)?;
-    // SAFETY: bounds checked by packet::eth.
-    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
-        return Ok(verdict::OK);
-    }
-    let Ok(ip) = packet::ipv4(ctx) else { return Ok(verdict::OK) };
-    // SAFETY: validated by packet::ipv4; copied before any packet change.
-    let ip = unsafe { *ip };
+    let Some(ip) = packet::ipv4_of(ctx, true)? else { return Ok(verdict::OK) };
     let node = maps::node_config();
     if ip.daddr == node.node_ip && ip.proto == ct::IPPROTO_ICMP {
         // An echo reply to a masqueraded ping: back to its pod (the stack
@@ -189,14 +173,7 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
     if node.flags & NODE_F_MASQUERADE == 0 {
         return Ok(verdict::OK);
     }
-    let eth = packet::eth(ctx)?;
-    // SAFETY: bounds checked by packet::eth.
-    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
-        return Ok(verdict::OK);
-    }
-    let Ok(ip) = packet::ipv4(ctx) else { return Ok(verdict::OK) };
-    // SAFETY: validated by packet::ipv4; copied before any packet change.
-    let ip = unsafe { *ip };
+    let Some(ip) = packet::ipv4_of(ctx, true)? else { return Ok(verdict::OK) };
     if node.in_cluster(ip.daddr) || !node.in_cluster(ip.saddr) {
         return Ok(verdict::OK);
     }
@@ -230,15 +207,8 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Err(drop!(NO_CONFIG));
     }
-    let eth = packet::eth(ctx)?;
-    // SAFETY: bounds checked by packet::eth.
-    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
-        return Ok(verdict::OK);
-    }
+    let Some(ip) = packet::ipv4_of(ctx, false)? else { return Ok(verdict::OK) };
     let (identity, _node) = tunnel::source(ctx)?;
-    let ip = packet::ipv4(ctx)?;
-    // SAFETY: validated by packet::ipv4; copied before any packet change.
-    let ip = unsafe { *ip };
     let Some(ep) = lookup::local_endpoint(ip.daddr) else { return Ok(verdict::OK) };
     if ep.flags & ENDPOINT_F_HOST != 0 {
         return Ok(verdict::OK);
