@@ -462,6 +462,41 @@ mod tests {
     }
 
     #[test]
+    fn two_nodes_allocating_at_once_never_share_an_identity() {
+        let path = std::env::temp_dir().join(format!("ciliate-ids-{}.json", std::process::id()));
+        let handles: Vec<_> = (0..2)
+            .map(|node| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let kv = LocalStore::open(Some(path)).unwrap();
+                    (0..20)
+                        .map(|i| {
+                            // Half the label sets are shared by both nodes.
+                            let l = if i % 2 == 0 {
+                                format!("shared{i}")
+                            } else {
+                                format!("n{node}-{i}")
+                            };
+                            (l.clone(), allocate_identity(&kv, &[l], 256).unwrap())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut by_labels = BTreeMap::new();
+        for h in handles {
+            for (l, id) in h.join().unwrap() {
+                let prev = by_labels.insert(l.clone(), id);
+                assert!(prev.is_none_or(|p| p == id), "{l} got {prev:?} and {id}");
+            }
+        }
+        let ids: BTreeSet<u32> = by_labels.values().copied().collect();
+        assert_eq!(ids.len(), by_labels.len(), "two label sets share an identity");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("lock"));
+    }
+
+    #[test]
     fn cluster_pool_cidrs_and_identities_are_unique_across_nodes() {
         let kv = LocalStore::open(None).unwrap();
         let pool: Cidr = "10.200.0.0/16".parse().unwrap();

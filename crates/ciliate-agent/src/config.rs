@@ -79,10 +79,13 @@ pub struct Flags {
     /// Masquerade pod traffic that leaves the cluster (BPF SNAT on --devices) [default: true]
     #[arg(long, env = "CILIATE_MASQUERADE", num_args = 1)]
     pub masquerade: Option<bool>,
+    /// Destinations never masqueraded besides the cluster pool: CIDR,... [default: none]
+    #[arg(long, env = "CILIATE_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    pub non_masquerade_cidrs: Option<Vec<String>>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, cluster_pool, cluster_pool_mask,
-    /// routing, masquerade
+    /// routing, masquerade, non_masquerade_cidrs
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -110,6 +113,7 @@ struct FileConfig {
     cluster_pool_mask: Option<u8>,
     routing: Option<String>,
     masquerade: Option<bool>,
+    non_masquerade_cidrs: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +140,7 @@ pub struct Config {
     pub pod_cidr_given: bool,
     pub routing: crate::cluster::Routing,
     pub masquerade: bool,
+    pub non_masquerade: Vec<Cidr>,
 }
 
 /// Which store, and where.
@@ -211,6 +216,15 @@ impl Flags {
             .parse()
             .map_err(|e: String| anyhow::anyhow!(e))?;
         let masquerade = self.masquerade.or(file.masquerade).unwrap_or(true);
+        let non_masquerade = self
+            .non_masquerade_cidrs
+            .or(file.non_masquerade_cidrs)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                c.parse::<Cidr>().map_err(|e| anyhow::anyhow!("non-masquerade CIDR {c:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Config {
             state_dir,
             kvstore,
@@ -218,6 +232,7 @@ impl Flags {
             pod_cidr_given,
             routing,
             masquerade,
+            non_masquerade,
             socket: self
                 .socket
                 .or(file.socket)

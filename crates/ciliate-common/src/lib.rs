@@ -58,6 +58,7 @@ mod pod {
         crate::lb::SrcRangeKey,
         crate::nat::NatEntry,
         crate::node::NodeConfig,
+        crate::node::NoMasqKey,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
         crate::policy::PolicyEntry,

@@ -15,6 +15,18 @@ pub const ROUTING_NATIVE: u8 = 2;
 /// on the native devices).
 pub const NODE_F_MASQUERADE: u8 = 1 << 0;
 
+/// Destinations never masqueraded besides the cluster CIDR (LPM of
+/// [`NoMasqKey`] → 1): `--non-masquerade-cidrs`.
+pub const NOMASQ_MAP: &str = "CILIATE_NOMASQ";
+pub const NOMASQ_MAX: u32 = 1024;
+
+/// The LPM data part of a non-masquerade key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoMasqKey {
+    pub addr: [u8; 4],
+}
+
 /// The VXLAN port (Cilium's, not IANA's 4789).
 pub const VXLAN_PORT: u16 = 8472;
 /// The overlay device.

@@ -60,6 +60,8 @@ pub struct HostSetup {
     pub masquerade: bool,
     /// Never masqueraded: the cluster's pod CIDR pool.
     pub cluster_cidr: (Ipv4Addr, u8),
+    /// Never masqueraded either (`--non-masquerade-cidrs`).
+    pub non_masquerade: Vec<(Ipv4Addr, u8)>,
 }
 
 fn trace_flags(trace_all: bool) -> u32 {
@@ -208,6 +210,7 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         _pad: 0,
         tunnel_ifindex,
     };
+    crate::nodemaps::NoMasqMap::from_pin_dir(&pins.dir)?.set(&s.non_masquerade)?;
     NodeConfigMap::from_pin_dir(&pins.dir)?.set(&node_cfg)?;
     host.attach_tc(
         FROM_HOST,

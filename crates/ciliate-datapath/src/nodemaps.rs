@@ -32,6 +32,35 @@ impl NodeConfigMap {
     }
 }
 
+/// `CILIATE_NOMASQ`: destinations never masqueraded.
+pub struct NoMasqMap(aya::maps::LpmTrie<MapData, ciliate_common::node::NoMasqKey, u8>);
+
+impl NoMasqMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, node::NOMASQ_MAP, Map::LpmTrie).map(Self)
+    }
+
+    /// Make the map exactly `cidrs` (new ones first, then the stale).
+    pub fn set(&mut self, cidrs: &[(Ipv4Addr, u8)]) -> Result<()> {
+        use aya::maps::lpm_trie::Key;
+        let key = |(a, l): &(Ipv4Addr, u8)| {
+            Key::new(u32::from(*l), ciliate_common::node::NoMasqKey { addr: a.octets() })
+        };
+        let mut old = Vec::new();
+        for k in self.0.keys() {
+            let k = k.map_err(map_err("iterating", node::NOMASQ_MAP))?;
+            old.push((Ipv4Addr::from(k.data().addr), k.prefix_len() as u8));
+        }
+        for c in cidrs {
+            self.0.insert(&key(c), 1, 0).map_err(map_err("inserting into", node::NOMASQ_MAP))?;
+        }
+        for c in old.iter().filter(|c| !cidrs.contains(c)) {
+            crate::maps::ignore_missing(self.0.remove(&key(c)), node::NOMASQ_MAP)?;
+        }
+        Ok(())
+    }
+}
+
 /// One masquerading entry, as listed.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NatRow {

@@ -100,6 +100,9 @@ impl ScratchNode {
     pub fn node_config(&self) -> Result<crate::nodemaps::NodeConfigMap> {
         crate::nodemaps::NodeConfigMap::from_pin_dir(&self.pins.dir)
     }
+    pub fn no_masq(&self) -> Result<crate::nodemaps::NoMasqMap> {
+        crate::nodemaps::NoMasqMap::from_pin_dir(&self.pins.dir)
+    }
     pub fn nat(&self) -> Result<crate::nodemaps::NatMap> {
         crate::nodemaps::NatMap::from_pin_dir(&self.pins.dir)
     }

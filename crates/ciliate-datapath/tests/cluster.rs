@@ -199,6 +199,16 @@ fn traffic_inside_the_cluster_and_of_the_node_itself_is_not_masqueraded() {
     );
     assert_eq!(ends(&parsed(&out)).0, (NODE_IP, 40000));
     assert!(n.node.nat().unwrap().dump().unwrap().is_empty());
+    // A configured non-masquerade CIDR is left alone too.
+    n.node.no_masq().unwrap().set(&[(Ipv4Addr::new(192, 0, 2, 0), 24)]).unwrap();
+    let out = Node::run(
+        &mut n.host,
+        TO_NETDEV,
+        &leaving(&A, WORLD_HOST, &tcp(40001, 80, tcp_flags::SYN)),
+    );
+    assert_eq!(ends(&parsed(&out)).0, (A.ip, 40001), "192.0.2.0/24 is not masqueraded");
+    n.node.no_masq().unwrap().set(&[]).unwrap();
+    assert!(n.node.nat().unwrap().dump().unwrap().is_empty());
     // A reply of a connection opened from outside (delivered to A through
     // from-host) keeps A's address.
     let eth = Eth { dst: HOST_MAC, src: [0x0e, 0, 0, 0, 0, 1] };

@@ -93,6 +93,18 @@ pub static CILIATE_NODE: Array<NodeConfig> = Array::pinned(1, 0);
 pub static CILIATE_SNAT4: LruHashMap<CtKey4, NatEntry> =
     LruHashMap::pinned(ciliate_common::nat::MAX_ENTRIES, 0);
 
+/// Destinations never masqueraded. See `ciliate_common::node`.
+#[map(name = "CILIATE_NOMASQ")]
+pub static CILIATE_NOMASQ: LpmTrie<ciliate_common::node::NoMasqKey, u8> =
+    LpmTrie::pinned(ciliate_common::node::NOMASQ_MAX, 0);
+
+/// Is `ip` in one of the non-masquerade CIDRs?
+#[inline(always)]
+pub fn no_masquerade(ip: [u8; 4]) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(32, ciliate_common::node::NoMasqKey { addr: ip });
+    CILIATE_NOMASQ.get(&key).is_some()
+}
+
 /// The node configuration (all zero before the agent wrote it).
 #[inline(always)]
 pub fn node_config() -> NodeConfig {

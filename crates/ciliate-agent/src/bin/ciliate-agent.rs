@@ -106,6 +106,7 @@ fn run() -> anyhow::Result<()> {
             Routing::Native => ciliate_common::node::ROUTING_NATIVE,
         },
         masquerade: cfg.masquerade,
+        non_masquerade: cfg.non_masquerade.iter().map(|c| (c.net, c.len)).collect(),
         cluster_cidr: match cfg.cluster_pool {
             Some((pool, _)) => (pool.net, pool.len),
             None => (cfg.pod_cidr.net, cfg.pod_cidr.len),

@@ -159,7 +159,8 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 }
 
 /// to-netdev (tc egress of the native devices): masquerading. A packet of
-/// a local pod leaving the cluster (destination outside the cluster CIDR)
+/// a local pod leaving the cluster (destination outside the cluster CIDR
+/// and the non-masquerade CIDRs)
 /// leaves with the node's address (`nat`); a reply of a connection opened
 /// towards the pod from outside does not. Anything else is untouched.
 #[classifier]
@@ -174,7 +175,7 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
         return Ok(verdict::OK);
     }
     let Some(ip) = packet::ipv4_of(ctx, true)? else { return Ok(verdict::OK) };
-    if node.in_cluster(ip.daddr) || !node.in_cluster(ip.saddr) {
+    if node.in_cluster(ip.daddr) || !node.in_cluster(ip.saddr) || maps::no_masquerade(ip.daddr) {
         return Ok(verdict::OK);
     }
     let Some(ep) = lookup::local_endpoint(ip.saddr) else { return Ok(verdict::OK) };
