@@ -191,12 +191,17 @@ fn affinity_spread_and_an_established_flow_that_outlives_its_backend() {
         lab.pods[..3].iter().map(|p| (p.state.ip, NAME_PORT)).collect();
 
     // Random selection over 3 backends: 3,000 connections, each backend
-    // within ±10% of 1,000 (a binomial's sd is 26: a 3.9 sd margin).
+    // within ±10% of 1,000. A binomial's sd is 26, so a fair selection
+    // misses that margin once in ~7,000 samples (seen once in CI): a miss
+    // is measured again, and only two misses in a row (~1 in 50 million
+    // for a fair selection) fail.
     update(&lab, &spec(1, "10.96.0.10:80/TCP", &backends));
-    let n = names(&lab, &client.ns, true, "10.96.0.10:80", 3000);
-    assert_eq!(n.len(), 3, "{n:?}");
-    for (name, c) in &n {
-        assert!((900..=1100).contains(c), "{name}: {c} of 3000 ({n:?})");
+    let fair =
+        |n: &BTreeMap<String, u32>| n.len() == 3 && n.values().all(|c| (900..=1100).contains(c));
+    let first = names(&lab, &client.ns, true, "10.96.0.10:80", 3000);
+    if !fair(&first) {
+        let second = names(&lab, &client.ns, true, "10.96.0.10:80", 3000);
+        assert!(fair(&second), "spread outside ±10% twice: {first:?}, then {second:?}");
     }
 
     // ClientIP affinity: every connection of the client to one backend
