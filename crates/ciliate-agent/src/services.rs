@@ -215,6 +215,9 @@ pub struct Services {
     /// The node's addresses: where a 0.0.0.0 NodePort/HostPort frontend is.
     pub node_ips: Vec<Ipv4Addr>,
     pub default_algorithm: LbAlgorithm,
+    /// The cluster's pod CIDR: pods' addresses are never frontends (the
+    /// datapath skips the services lookup for them).
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 fn kind_flag(k: ServiceKind) -> u16 {
@@ -393,7 +396,7 @@ impl Services {
                 state.backend_by_addr.entry(*a).or_insert(*id);
             }
         }
-        Ok(Self { state, dir, datapath, node_ips, default_algorithm })
+        Ok(Self { state, dir, datapath, node_ips, default_algorithm, cluster_cidr: None })
     }
 
     fn save_record(&self, id: u16) -> Result<(), ServiceError> {
@@ -494,6 +497,18 @@ impl Services {
     ) -> Result<Service, ServiceError> {
         validate(&spec)?;
         let id = spec.id;
+        if let Some((net, len)) = self.cluster_cidr {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            if u32::from(spec.frontend.ip) & mask == u32::from(net) & mask && len > 0 {
+                return Err(ServiceError::Invalid {
+                    id,
+                    reason: format!(
+                        "frontend {} is inside the cluster's pod CIDR {net}/{len}",
+                        spec.frontend
+                    ),
+                });
+            }
+        }
         let addrs = self.expand(&spec)?;
         for a in &addrs {
             match self.state.fe_owner.get(a) {

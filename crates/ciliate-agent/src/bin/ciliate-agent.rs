@@ -132,6 +132,8 @@ fn run() -> anyhow::Result<()> {
     let lb = Box::new(KernelLb::new(pins.dir.clone()));
     let services = Services::open(Some(&cfg.state_dir), lb, node_ips.clone(), cfg.lb_algorithm)
         .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
+    let mut services = services;
+    services.cluster_cidr = Some(setup.cluster_cidr);
     let services = Arc::new(Mutex::new(services));
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))

@@ -106,8 +106,12 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     // Services: a packet to a frontend goes to its backend (DNAT), and a
     // pod that is its own service's backend is reached from the hairpin
     // loopback (its own address would be a martian to it).
+    // Pods' addresses (the cluster CIDR) are never frontends: their
+    // packets skip the services lookup (pod-to-pod's fast path; an array
+    // read instead of a hash lookup).
     let mut rev_nat = 0;
-    if let Some(svc) = lb::frontend(&t) {
+    let to_pod = ciliate_ebpf::maps::node_config().in_cluster(t.key.daddr);
+    if !to_pod && let Some(svc) = lb::frontend(&t) {
         let sel = lb::select(&t, &svc)?;
         lb::dnat(ctx, &mut t, &sel)?;
         rev_nat = svc.rev_nat_index;
