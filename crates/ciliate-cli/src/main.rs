@@ -39,7 +39,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The agent's state: node, pod CIDR, endpoints, identities, IPAM
+    /// The agent's state: kvstore, cluster, node, pod CIDR, endpoints, identities, IPAM
     Status(agent::StatusArgs),
     /// Endpoints of the node
     #[command(subcommand)]
@@ -67,7 +67,7 @@ enum Command {
     Bpf(bpf::BpfCommand),
     /// Datapath events as they happen: traces and drops
     Monitor(monitor::MonitorArgs),
-    /// Local labs on network namespaces: a node with pods behind the datapath
+    /// Local labs on network namespaces: nodes with pods, services and policy
     #[command(subcommand)]
     Lab(lab::LabCommand),
 }
