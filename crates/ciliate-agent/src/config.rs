@@ -79,13 +79,16 @@ pub struct Flags {
     /// Masquerade pod traffic that leaves the cluster (BPF SNAT on --devices) [default: true]
     #[arg(long, env = "CILIATE_MASQUERADE", num_args = 1)]
     pub masquerade: Option<bool>,
+    /// The NodePort range, MIN-MAX [default: 30000-32767]
+    #[arg(long, env = "CILIATE_NODE_PORT_RANGE")]
+    pub node_port_range: Option<String>,
     /// Destinations never masqueraded besides the cluster pool: CIDR,... [default: none]
     #[arg(long, env = "CILIATE_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub non_masquerade_cidrs: Option<Vec<String>>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, cluster_pool, cluster_pool_mask,
-    /// routing, masquerade, non_masquerade_cidrs
+    /// routing, masquerade, non_masquerade_cidrs, node_port_range
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -114,6 +117,7 @@ struct FileConfig {
     routing: Option<String>,
     masquerade: Option<bool>,
     non_masquerade_cidrs: Option<Vec<String>>,
+    node_port_range: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +145,7 @@ pub struct Config {
     pub routing: crate::cluster::Routing,
     pub masquerade: bool,
     pub non_masquerade: Vec<Cidr>,
+    pub node_port_range: (u16, u16),
 }
 
 /// Which store, and where.
@@ -233,6 +238,21 @@ impl Flags {
             routing,
             masquerade,
             non_masquerade,
+            node_port_range: match self.node_port_range.or(file.node_port_range) {
+                None => crate::services::NODE_PORT_RANGE,
+                Some(r) => {
+                    let bad = || anyhow::anyhow!("node port range {r:?}: MIN-MAX, 1 <= MIN <= MAX");
+                    let (a, b) = r.split_once('-').ok_or_else(bad)?;
+                    let (a, b): (u16, u16) = (
+                        a.trim().parse().map_err(|_| bad())?,
+                        b.trim().parse().map_err(|_| bad())?,
+                    );
+                    if a == 0 || a > b {
+                        return Err(bad());
+                    }
+                    (a, b)
+                }
+            },
             socket: self
                 .socket
                 .or(file.socket)
@@ -302,5 +322,35 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("host bits"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_named() {
+        let bad = |f: Flags, needle: &str| {
+            let e = f.resolve().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        };
+        bad(Flags { kvstore: Some("zookeeper".into()), ..Default::default() }, "zookeeper");
+        bad(Flags { kvstore: Some("etcd".into()), ..Default::default() }, "--etcd-endpoints");
+        bad(Flags { routing: Some("overlay".into()), ..Default::default() }, "tunnel");
+        bad(Flags { node_port_range: Some("9-2".into()), ..Default::default() }, "MIN-MAX");
+        bad(
+            Flags {
+                cluster_pool: Some("10.0.0.0/16".into()),
+                cluster_pool_mask: Some(8),
+                ..Default::default()
+            },
+            "does not fit",
+        );
+        let c = Flags {
+            node_port_range: Some("31000-31010".into()),
+            non_masquerade_cidrs: Some(vec!["192.0.2.0/24".into()]),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.node_port_range, (31000, 31010));
+        assert_eq!(c.non_masquerade[0].to_string(), "192.0.2.0/24");
+        assert_eq!(c.routing, crate::cluster::Routing::Tunnel);
     }
 }

@@ -30,9 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::store;
 
-/// The NodePort range (Kubernetes' default).
-pub const NODE_PORT_MIN: u16 = 30000;
-pub const NODE_PORT_MAX: u16 = 32767;
+/// The NodePort range by default (Kubernetes'); `--node-port-range`.
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -218,6 +217,8 @@ pub struct Services {
     /// The cluster's pod CIDR: pods' addresses are never frontends (the
     /// datapath skips the services lookup for them).
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// The NodePort range.
+    pub node_ports: (u16, u16),
 }
 
 fn kind_flag(k: ServiceKind) -> u16 {
@@ -255,8 +256,10 @@ fn parse_range(id: u16, s: &str) -> Result<(Ipv4Addr, u8), ServiceError> {
     Ok((net, len))
 }
 
-/// Check everything about `spec` that does not depend on other services.
-pub fn validate(spec: &ServiceSpec) -> Result<(), ServiceError> {
+/// Check everything about `spec` that does not depend on other services,
+/// NodePorts against `node_ports`.
+pub fn validate(spec: &ServiceSpec, node_ports: (u16, u16)) -> Result<(), ServiceError> {
+    let (np_min, np_max) = node_ports;
     let id = spec.id;
     let bad = |reason: String| Err(ServiceError::Invalid { id, reason });
     if id == 0 {
@@ -268,10 +271,8 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), ServiceError> {
     }
     let wildcard = fe.ip.is_unspecified();
     match spec.kind {
-        ServiceKind::NodePort if !(NODE_PORT_MIN..=NODE_PORT_MAX).contains(&fe.port) => {
-            return bad(format!(
-                "frontend {fe}: a NodePort must be in {NODE_PORT_MIN}-{NODE_PORT_MAX}"
-            ));
+        ServiceKind::NodePort if !(np_min..=np_max).contains(&fe.port) => {
+            return bad(format!("frontend {fe}: a NodePort must be in {np_min}-{np_max}"));
         }
         ServiceKind::NodePort | ServiceKind::HostPort => {}
         k if wildcard => {
@@ -396,7 +397,15 @@ impl Services {
                 state.backend_by_addr.entry(*a).or_insert(*id);
             }
         }
-        Ok(Self { state, dir, datapath, node_ips, default_algorithm, cluster_cidr: None })
+        Ok(Self {
+            state,
+            dir,
+            datapath,
+            node_ips,
+            default_algorithm,
+            cluster_cidr: None,
+            node_ports: NODE_PORT_RANGE,
+        })
     }
 
     fn save_record(&self, id: u16) -> Result<(), ServiceError> {
@@ -495,7 +504,7 @@ impl Services {
         spec: ServiceSpec,
         local: &BTreeSet<Ipv4Addr>,
     ) -> Result<Service, ServiceError> {
-        validate(&spec)?;
+        validate(&spec, self.node_ports)?;
         let id = spec.id;
         if let Some((net, len)) = self.cluster_cidr {
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
@@ -871,6 +880,18 @@ mod tests {
         assert_eq!(c.backends[0].id, a.backends[0].id, "same address, same backend");
         assert!(c.frontends[0].rev_nat_index > 2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_node_port_range_is_configurable() {
+        let mut s = services();
+        s.node_ports = (31000, 31010);
+        let mut np = spec(5, "0.0.0.0:30080", &[]);
+        np.kind = ServiceKind::NodePort;
+        let e = s.update(np.clone(), &BTreeSet::new()).unwrap_err().to_string();
+        assert!(e.contains("31000-31010"), "{e}");
+        np.frontend.port = 31005;
+        assert!(s.update(np, &BTreeSet::new()).is_ok());
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
     let mut services = services;
     services.cluster_cidr = Some(setup.cluster_cidr);
+    services.node_ports = cfg.node_port_range;
     let services = Arc::new(Mutex::new(services));
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
