@@ -215,19 +215,21 @@ pub struct ClusterSync {
 }
 
 impl ClusterSync {
+    /// A sync that reports into `status` (shared with the API).
     pub fn new(
         kv: Arc<dyn KvStore>,
         me: NodeRecord,
         datapath: Box<dyn ClusterDatapath>,
         local: Arc<dyn LocalState>,
+        status: Arc<Mutex<KvStatus>>,
     ) -> Self {
-        let status = KvStatus { store: kv.describe(), ..Default::default() };
+        status.lock().unwrap_or_else(|e| e.into_inner()).store = kv.describe();
         Self {
             kv,
             me,
             datapath,
             local,
-            status: Arc::new(Mutex::new(status)),
+            status,
             lease: None,
             published: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -427,7 +429,13 @@ mod tests {
     }
 
     fn sync(kv: &Arc<LocalStore>, me: NodeRecord, eps: &Arc<Eps>) -> ClusterSync {
-        ClusterSync::new(kv.clone(), me, Box::new(MemoryCluster::default()), eps.clone())
+        ClusterSync::new(
+            kv.clone(),
+            me,
+            Box::new(MemoryCluster::default()),
+            eps.clone(),
+            Default::default(),
+        )
     }
 
     #[test]

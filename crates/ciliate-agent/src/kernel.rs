@@ -253,23 +253,6 @@ impl KernelCluster {
     fn ipcache(&self) -> Result<IpcacheMap, String> {
         IpcacheMap::from_pin_dir(&self.pin_dir).map_err(|e| e.to_string())
     }
-
-    fn ip_route(&self, args: &[&str]) -> Result<(), String> {
-        let out = std::process::Command::new("ip")
-            .args(["route"])
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip route {}: {e}", args.join(" ")))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip route {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
 }
 
 impl crate::cluster::ClusterDatapath for KernelCluster {
@@ -306,7 +289,7 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
             if let Some(d) = &self.device {
                 args.extend(["dev", d.as_str()]);
             }
-            self.ip_route(&args)?;
+            node::route(&args).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -321,7 +304,7 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         {
             let c = cidr.to_string();
             // Gone already is fine.
-            let _ = self.ip_route(&["del", c.as_str()]);
+            let _ = node::route(&["del", c.as_str()]);
         }
         Ok(())
     }

@@ -114,7 +114,7 @@ impl LocalData {
 impl LocalStore {
     pub fn open(path: Option<PathBuf>) -> Result<Self, KvError> {
         let s = Self { path, mem: Mutex::new(LocalData::default()) };
-        s.with(|_| false)?;
+        s.with(|_| ((), false))?;
         Ok(s)
     }
 
@@ -123,16 +123,13 @@ impl LocalStore {
         KvError::Local { path, reason: reason.to_string() }
     }
 
-    /// Run `f` on the data under the lock; save when it (or expiry)
-    /// changed something.
-    fn with<R>(&self, f: impl FnOnce(&mut LocalData) -> R) -> Result<R, KvError>
-    where
-        R: Changed,
-    {
+    /// Run `f` on the data under the lock; `f` returns its result and
+    /// whether it changed the data, which is then saved (as after expiry).
+    fn with<R>(&self, f: impl FnOnce(&mut LocalData) -> (R, bool)) -> Result<R, KvError> {
         let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         let Some(path) = &self.path else {
             mem.expire();
-            return Ok(f(&mut mem));
+            return Ok(f(&mut mem).0);
         };
         use std::os::fd::AsRawFd;
         if let Some(dir) = path.parent() {
@@ -151,36 +148,11 @@ impl LocalStore {
         let mut data: LocalData =
             crate::store::load(path).map_err(|e| self.err(e))?.unwrap_or_default();
         let expired = data.expire();
-        let r = f(&mut data);
-        if expired || r.changed() {
+        let (r, changed) = f(&mut data);
+        if expired || changed {
             crate::store::save(path, &data).map_err(|e| self.err(e))?;
         }
         Ok(r)
-    }
-}
-
-/// Whether an operation's result means the data changed.
-trait Changed {
-    fn changed(&self) -> bool;
-}
-impl Changed for bool {
-    fn changed(&self) -> bool {
-        *self
-    }
-}
-impl<T> Changed for Option<T> {
-    fn changed(&self) -> bool {
-        false
-    }
-}
-impl Changed for Vec<(String, Vec<u8>)> {
-    fn changed(&self) -> bool {
-        false
-    }
-}
-impl Changed for i64 {
-    fn changed(&self) -> bool {
-        true
     }
 }
 
@@ -196,54 +168,55 @@ impl KvStore for LocalStore {
         }
     }
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.with(|d| d.kvs.get(key).map(|v| v.value.clone().into_bytes()))
+        self.with(|d| (d.kvs.get(key).map(|v| v.value.clone().into_bytes()), false))
     }
     fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
         self.with(|d| {
-            d.kvs
+            let found = d
+                .kvs
                 .range(prefix.to_owned()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| (k.clone(), v.value.clone().into_bytes()))
-                .collect()
+                .collect();
+            (found, false)
         })
     }
     fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
         self.with(|d| {
             let v = LocalValue { value: text(value), lease };
             let old = d.kvs.insert(key.to_owned(), v);
-            old.is_none_or(|o| o.value != text(value) || o.lease != lease)
+            ((), old.is_none_or(|o| o.value != text(value) || o.lease != lease))
         })
-        .map(drop)
     }
     fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
         self.with(|d| {
             if kvs.iter().any(|(k, _)| d.kvs.contains_key(*k)) {
-                return false;
+                return (false, false);
             }
             for (k, v) in kvs {
                 d.kvs.insert((*k).to_owned(), LocalValue { value: text(v), lease });
             }
-            true
+            (true, true)
         })
     }
     fn delete(&self, key: &str) -> Result<(), KvError> {
-        self.with(|d| d.kvs.remove(key).is_some()).map(drop)
+        self.with(|d| ((), d.kvs.remove(key).is_some()))
     }
     fn grant(&self, ttl: i64) -> Result<i64, KvError> {
         self.with(|d| {
             d.next_lease += 1;
             let id = d.next_lease;
             d.leases.insert(id, (now_ms() + ttl.max(1) as u64 * 1000, ttl));
-            id
+            (id, true)
         })
     }
     fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
         self.with(|d| match d.leases.get_mut(&lease) {
             Some((exp, ttl)) => {
                 *exp = now_ms() + (*ttl).max(1) as u64 * 1000;
-                true
+                (true, true)
             }
-            None => false,
+            None => (false, false),
         })
     }
 }

@@ -77,8 +77,8 @@ pub struct TraceNotify {
     pub ifindex: u32,
     /// Original (pre-NAT) source address, IPv4 in the first 4 bytes.
     pub orig_ip: [u8; 16],
-    /// The node a packet to the overlay is sent to (`TO_OVERLAY`), or the
-    /// node it came from (`FROM_OVERLAY`); zero otherwise.
+    /// The node a packet to the overlay is sent to (`TO_OVERLAY`); zero
+    /// otherwise.
     pub tunnel_endpoint: [u8; 4],
     pub _pad2: [u8; 4],
     pub data: [u8; CAPTURE_LEN],

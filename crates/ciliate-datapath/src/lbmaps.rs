@@ -153,18 +153,6 @@ impl LbMaps {
         ignore_missing(self.revnat.remove(&index), lb::REVNAT_MAP)
     }
 
-    pub fn revnats(&self) -> Result<BTreeMap<u16, Frontend>> {
-        let mut out = BTreeMap::new();
-        for item in self.revnat.iter() {
-            let (k, v) = item.map_err(map_err("iterating", lb::REVNAT_MAP))?;
-            out.insert(
-                k,
-                Frontend { addr: Ipv4Addr::from(v.addr), port: u16::from_be(v.port), proto: 0 },
-            );
-        }
-        Ok(out)
-    }
-
     /// Write frontend `fe` with `master` and one slot per backend ID, with
     /// no moment at which a reader finds it without backends: the new slots
     /// first, then the master entry with the new count, then the slots past

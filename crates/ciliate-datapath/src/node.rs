@@ -85,6 +85,14 @@ fn ip(dev: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `ip route <args>` in the calling thread's namespace (routes to other
+/// nodes' pod CIDRs).
+pub fn route(args: &[&str]) -> Result<()> {
+    let mut full = vec!["route"];
+    full.extend_from_slice(args);
+    ip("route", &full).map(drop)
+}
+
 /// Set a sysctl of the calling thread's network namespace.
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -51,7 +51,6 @@ pub fn frontend(t: &Tuple) -> Option<LbService> {
 /// The backend chosen for a flow.
 #[derive(Clone, Copy)]
 pub struct Selected {
-    pub backend_id: u32,
     pub backend: LbBackend,
 }
 
@@ -79,6 +78,13 @@ pub fn choose(svc: &LbService, t: &Tuple, key: &LbKey) -> u32 {
         let h = flow_hash(k.saddr, k.daddr, k.sport, k.dport, k.proto);
         return maglev_backend(svc.rev_nat_index, u64::from(h));
     }
+    random_slot(svc, key)
+}
+
+/// The backend in a random slot of frontend `key` (slot 0: `svc`, with at
+/// least one slot); 0 when the slot is gone.
+#[inline(always)]
+pub fn random_slot(svc: &LbService, key: &LbKey) -> u32 {
     // SAFETY: plain helper call.
     let r = unsafe { bpf_get_prandom_u32() };
     let slot = (r % u32::from(svc.count)) as u16 + 1;
@@ -131,7 +137,7 @@ pub fn select(t: &Tuple, svc: &LbService) -> Result<Selected, Drop> {
     }
     if let Some(id) = ct::service_backend(t) {
         if let Some(b) = backend(id) {
-            return Ok(Selected { backend_id: id, backend: b });
+            return Ok(Selected { backend: b });
         }
     }
     let key =
@@ -160,7 +166,7 @@ pub fn select(t: &Tuple, svc: &LbService) -> Result<Selected, Drop> {
         // A full map only loses the affinity of this client.
         let _ = CILIATE_LB4_AFFINITY.insert(aff_key, v, 0);
     }
-    Ok(Selected { backend_id: id, backend: b })
+    Ok(Selected { backend: b })
 }
 
 /// Where an address or port sits.

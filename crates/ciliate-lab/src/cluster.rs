@@ -14,7 +14,7 @@
 use std::{
     ffi::OsString,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -429,14 +429,4 @@ pub fn remove_cgroups(lab: &str) {
             }
         }
     }
-}
-
-/// The pins directory of node `n` (0-based) of lab `lab`.
-pub fn pins_dir(lab: &str, n: usize) -> PathBuf {
-    bpffs_root(lab).join("ciliate").join(format!("{lab}-node{}", n + 1))
-}
-
-/// Paths a cluster lab uses, for tests of its cleanup.
-pub fn work_dir(lab: &str) -> PathBuf {
-    Path::new(STATE_DIR).join(lab)
 }

@@ -192,8 +192,7 @@ fn run() -> anyhow::Result<()> {
             routing: cfg.routing,
             device: cfg.devices.first().cloned(),
         });
-        let mut sync = ClusterSync::new(kv.clone(), me, dp, server.clone());
-        sync.status = kv_status;
+        let sync = ClusterSync::new(kv.clone(), me, dp, server.clone(), kv_status);
         std::thread::spawn(move || sync.run(log));
         log(format!("cluster sync through {} as {node_ip}", kv.describe()));
     } else {

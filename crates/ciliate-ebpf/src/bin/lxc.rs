@@ -205,7 +205,7 @@ fn hand_over(
 /// What from-container left in `cb` for its tail calls: the destination
 /// identity, the conntrack state, and the "report" / "trace all" bits.
 #[inline(always)]
-fn handed_over(ctx: &TcContext, cfg: &EndpointConfig, tunnel: [u8; 4]) -> (TraceCtx, bool, bool) {
+fn handed_over(ctx: &TcContext, cfg: &EndpointConfig) -> (TraceCtx, bool, bool) {
     // SAFETY: the context of a tc program.
     let (dst_identity, state) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
     let who = TraceCtx {
@@ -215,7 +215,7 @@ fn handed_over(ctx: &TcContext, cfg: &EndpointConfig, tunnel: [u8; 4]) -> (Trace
         source: cfg.endpoint_id,
         ct_state: state as u8,
         dir: METRIC_EGRESS,
-        tunnel,
+        tunnel: [0; 4],
     };
     (who, state & 1 << 8 != 0, state & 1 << 9 != 0)
 }
@@ -238,7 +238,7 @@ pub fn lxc_to_network(ctx: TcContext) -> i32 {
     let cfg = config();
     let r = reparse(&ctx).and_then(|(t, ttl)| {
         deliver::check_ttl(ttl)?;
-        let (who, report, trace_all) = handed_over(&ctx, &cfg, [0; 4]);
+        let (who, report, trace_all) = handed_over(&ctx, &cfg);
         trace_or_count(&ctx, TO_NETWORK, &who, cfg.ifindex, report, trace_all);
         deliver::fib_redirect(&ctx, &t, cfg.ifindex)
     });
@@ -253,7 +253,7 @@ pub fn lxc_to_network(ctx: TcContext) -> i32 {
 pub fn lxc_to_overlay(ctx: TcContext) -> i32 {
     let cfg = config();
     let r = reparse(&ctx).and_then(|(t, _)| {
-        let (who, report, trace_all) = handed_over(&ctx, &cfg, [0; 4]);
+        let (who, report, trace_all) = handed_over(&ctx, &cfg);
         let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
         if remote == [0; 4] {
             trace_or_count(&ctx, TO_STACK, &who, cfg.ifindex, report, trace_all);

@@ -20,10 +20,7 @@ use aya_ebpf::{
 use ciliate_common::lb::{
     LbKey, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_SRC_RANGES, SockRevNatKey, SockRevNatValue,
 };
-use ciliate_ebpf::{
-    lb,
-    maps::{CILIATE_LB4_SERVICES, CILIATE_LB4_SOCK_REVNAT},
-};
+use ciliate_ebpf::{lb, maps::CILIATE_LB4_SOCK_REVNAT};
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -74,12 +71,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let id = if svc.flags & SVC_F_MAGLEV != 0 {
         lb::maglev_backend(svc.rev_nat_index, cookie)
     } else {
-        // SAFETY: plain helper call.
-        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
-        let slot = (r % u32::from(svc.count)) as u16 + 1;
-        let key = LbKey { addr, dport: port, slot, proto, _pad: [0; 3] };
-        // SAFETY: copied out at once.
-        unsafe { CILIATE_LB4_SERVICES.get(key).map(|s| s.backend_id).unwrap_or(0) }
+        lb::random_slot(&svc, &LbKey { addr, dport: port, slot: 0, proto, _pad: [0; 3] })
     };
     let Some(b) = lb::backend(id) else { return REJECT };
     let key = SockRevNatKey { cookie, addr: b.addr, port: b.port, _pad: 0 };
