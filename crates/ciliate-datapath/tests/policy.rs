@@ -34,6 +34,8 @@ struct Outcome {
     run: TcRun,
     verdicts: Vec<(u8, u8)>,
     drops: Vec<u8>,
+    /// (source, destination) identity of each drop event.
+    drop_ids: Vec<(u32, u32)>,
 }
 
 fn send(n: &mut Node, from_a: bool, dport: u16, flags: u8) -> Outcome {
@@ -45,14 +47,18 @@ fn send(n: &mut Node, from_a: bool, dport: u16, flags: u8) -> Outcome {
     let run = if from_a { n.send_a(&pkt) } else { n.send_b(&pkt) };
     let mut verdicts = Vec::new();
     let mut drops = Vec::new();
+    let mut drop_ids = Vec::new();
     for e in n.events.drain() {
         match e {
             Event::PolicyVerdict(v) => verdicts.push((v.verdict, v.match_type)),
-            Event::Drop(d) => drops.push(d.hdr.subtype),
+            Event::Drop(d) => {
+                drops.push(d.hdr.subtype);
+                drop_ids.push((d.src_identity, d.dst_identity));
+            }
             _ => {}
         }
     }
-    Outcome { run, verdicts, drops }
+    Outcome { run, verdicts, drops, drop_ids }
 }
 
 fn policy(n: &Node) -> PolicyMap {
@@ -74,6 +80,7 @@ fn egress_allows_what_a_rule_names_and_drops_the_rest_as_policy_denied() {
     assert_eq!(no.run.verdict, verdict::SHOT);
     assert_eq!(no.verdicts, [(VERDICT_DENIED, policy::MATCH_NONE)]);
     assert_eq!(no.drops, [drop::POLICY]);
+    assert_eq!(no.drop_ids, [(A.identity, B.identity)], "the drop names both sides");
     // A denied packet leaves no connection behind.
     let ct = n.node.ct().unwrap().dump().unwrap();
     assert!(ct.iter().all(|(k, _)| k.dport != 81u16.to_be()), "{ct:?}");
@@ -147,6 +154,17 @@ fn replies_pass_a_deny_all_ingress_and_new_connections_do_not() {
     // B opening its own connection to A is new: dropped.
     let b_new = B.send(A.ip, &tcp(5555, 22, tcp_flags::SYN));
     assert_eq!(n.send_b(&b_new).verdict, verdict::SHOT);
+    // An ingress policy drop names the sender and the receiver.
+    let ids: Vec<(u32, u32)> = n
+        .events
+        .drain()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Drop(d) => Some((d.src_identity, d.dst_identity)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, [(B.identity, A.identity)]);
 }
 
 #[test]

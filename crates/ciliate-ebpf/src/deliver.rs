@@ -54,10 +54,11 @@ pub fn to_endpoint(
         DIR_INGRESS,
         POLICY_INGRESS,
         ep.endpoint_id,
-        src_identity,
+        ep.identity,
         src_identity,
         rev_nat,
-    )?;
+    )
+    .map_err(|d| d.with_identities(src_identity, ep.identity))?;
     if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
         lb::rev_nat(ctx, t, tracked.rev_nat_index)?;
     }

@@ -27,8 +27,8 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     maps::count(d.reason, who.dir, len);
     let mut ev = DropNotify {
         hdr: event_header(ctx, KIND_DROP, d.reason, who.source),
-        src_identity: who.src_identity,
-        dst_identity: who.dst_identity,
+        src_identity: if d.src_identity != 0 { d.src_identity } else { who.src_identity },
+        dst_identity: if d.dst_identity != 0 { d.dst_identity } else { who.dst_identity },
         dst_id: who.dst_id,
         // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },

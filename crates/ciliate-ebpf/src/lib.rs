@@ -25,17 +25,35 @@ pub mod verdict {
 /// A drop: the reason code from `ciliate_common::drop` plus where it came
 /// from. Every error path of a program returns one of these, and the program
 /// entry hands it to [`drop::send_drop_notify`], the one drop helper.
+/// Where the stage that dropped knew better than the program entry who was
+/// involved (a policy drop knows both sides; a packet from the overlay
+/// carries its sender's identity), it says so in `src_identity` /
+/// `dst_identity`; 0 leaves it to the entry's [`drop::DropCtx`].
 #[derive(Clone, Copy)]
 pub struct Drop {
     pub reason: u8,
     pub ext_error: i8,
     pub line: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
 }
 
 impl Drop {
     #[inline(always)]
     pub const fn new(reason: u8, line: u32) -> Self {
-        Self { reason, ext_error: 0, line: line as u16 }
+        Self { reason, ext_error: 0, line: line as u16, src_identity: 0, dst_identity: 0 }
+    }
+
+    /// The same drop, with the identities not yet known filled in.
+    #[inline(always)]
+    pub const fn with_identities(mut self, src: u32, dst: u32) -> Self {
+        if self.src_identity == 0 {
+            self.src_identity = src;
+        }
+        if self.dst_identity == 0 {
+            self.dst_identity = dst;
+        }
+        self
     }
 }
 

@@ -16,7 +16,9 @@ use ciliate_common::{
     event::{
         CAPTURE_LEN, KIND_POLICY_VERDICT, PolicyVerdictNotify, VERDICT_ALLOWED, VERDICT_DENIED,
     },
-    policy::{ANY_IDENTITY, F_DENY, F_MARKER, MATCH_NONE, PREFIX_FULL, PolicyEntry, PolicyKey},
+    policy::{
+        ANY_IDENTITY, DIR_EGRESS, F_DENY, F_MARKER, MATCH_NONE, PREFIX_FULL, PolicyEntry, PolicyKey,
+    },
 };
 
 use crate::{
@@ -131,13 +133,15 @@ pub fn send_verdict(ctx: &TcContext, source: u16, dir: u8, remote: u32, t: &Tupl
     let _ = CILIATE_EVENTS.output::<PolicyVerdictNotify>(&ev, 0);
 }
 
-/// The policy stage of a packet: `Ok(())` to go on, or the drop.
-/// `new` is whether conntrack found no connection for it.
+/// The policy stage of a packet: `Ok(())` to go on, or the drop, which
+/// names both sides (`local`: the endpoint's identity, `remote`: its
+/// peer's). `new` is whether conntrack found no connection for it.
 #[inline(always)]
 pub fn enforce(
     ctx: &TcContext,
     endpoint_id: u16,
     dir: u8,
+    local: u32,
     remote: u32,
     t: &Tuple,
     new: bool,
@@ -146,19 +150,21 @@ pub fn enforce(
     if new {
         send_verdict(ctx, endpoint_id, dir, remote, t, d);
     }
+    let (src, dst) = if dir == DIR_EGRESS { (local, remote) } else { (remote, local) };
     match d {
-        Decision::Denied { .. } => Err(drop!(POLICY_DENY)),
-        Decision::NotAllowed if new => Err(drop!(POLICY)),
+        Decision::Denied { .. } => Err(drop!(POLICY_DENY).with_identities(src, dst)),
+        Decision::NotAllowed if new => Err(drop!(POLICY).with_identities(src, dst)),
         _ => Ok(()),
     }
 }
 
-/// Conntrack and policy for one packet of endpoint `endpoint_id`: look the
-/// connection up in `ct_dir` (`ct::DIR_*`), apply the endpoint's policy for
-/// `policy_dir` against `remote` by conntrack state (see the module
-/// comment), and create the connection of an allowed new packet with
-/// `opener` (the packet's source identity) as its opener and `rev_nat` as
-/// the reverse-NAT index its replies need (0: none).
+/// Conntrack and policy for one packet of endpoint `endpoint_id` (whose
+/// identity is `local`): look the connection up in `ct_dir` (`ct::DIR_*`),
+/// apply the endpoint's policy for `policy_dir` against `remote` by
+/// conntrack state (see the module comment), and create the connection of
+/// an allowed new packet, opened by the packet's source (`local` for
+/// egress, `remote` for ingress), with `rev_nat` as the reverse-NAT index
+/// its replies need (0: none).
 #[allow(clippy::too_many_arguments, reason = "one call per hook, all by name")]
 #[inline(always)]
 pub fn track_and_enforce(
@@ -167,20 +173,21 @@ pub fn track_and_enforce(
     ct_dir: u8,
     policy_dir: u8,
     endpoint_id: u16,
+    local: u32,
     remote: u32,
-    opener: u32,
     rev_nat: u16,
 ) -> Result<crate::ct::Tracked, Drop> {
     let len = ctx.len();
     match crate::ct::lookup(t, ct_dir, len) {
         Some(tracked) => {
             if tracked.state == ciliate_common::ct::CT_ESTABLISHED {
-                enforce(ctx, endpoint_id, policy_dir, remote, t, false)?;
+                enforce(ctx, endpoint_id, policy_dir, local, remote, t, false)?;
             }
             Ok(tracked)
         }
         None => {
-            enforce(ctx, endpoint_id, policy_dir, remote, t, true)?;
+            enforce(ctx, endpoint_id, policy_dir, local, remote, t, true)?;
+            let opener = if policy_dir == DIR_EGRESS { local } else { remote };
             crate::ct::create(t, ct_dir, len, opener, rev_nat)
         }
     }

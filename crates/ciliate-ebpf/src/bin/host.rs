@@ -216,8 +216,10 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     if ep.flags & ENDPOINT_F_HOST != 0 {
         return Ok(verdict::OK);
     }
-    deliver::check_ttl(ip.ttl)?;
-    let mut t = ct::tuple(ctx, &ip)?;
+    // Whatever drops it from here, the sender is the identity in the VNI.
+    let sent = |d: Drop| d.with_identities(identity, ep.identity);
+    deliver::check_ttl(ip.ttl).map_err(sent)?;
+    let mut t = ct::tuple(ctx, &ip).map_err(sent)?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0)
 }

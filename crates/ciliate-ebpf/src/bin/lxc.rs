@@ -137,8 +137,8 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         DIR_EGRESS,
         POLICY_EGRESS,
         cfg.endpoint_id,
-        dst_identity,
         cfg.identity,
+        dst_identity,
         rev_nat,
     )?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
