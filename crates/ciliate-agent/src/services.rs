@@ -43,6 +43,9 @@ pub enum ServiceError {
     Conflict { id: u16, frontend: L4Addr, owner: u16 },
     #[error("service {id}: writing the datapath: {reason}")]
     Datapath { id: u16, reason: String },
+    /// A map cannot hold the update; nothing was written.
+    #[error("service {id}: {reason}")]
+    Full { id: u16, reason: String },
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }
@@ -53,6 +56,7 @@ impl ServiceError {
             Self::Invalid { .. } => 400,
             Self::NotFound(_) => 404,
             Self::Conflict { .. } => 409,
+            Self::Full { .. } => 507,
             Self::Datapath { .. } | Self::Store(_) => 500,
         }
     }
@@ -92,10 +96,26 @@ pub struct MemoryLb {
     pub pinned: BTreeSet<u32>,
     /// Every write, in order, for tests of the ordering.
     pub log: Vec<String>,
+    /// Fail the write after this many more succeeded.
+    pub fail_after: Option<usize>,
+}
+
+impl MemoryLb {
+    fn fail(&mut self) -> Result<(), String> {
+        match &mut self.fail_after {
+            Some(0) => Err("injected failure".into()),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl LbDatapath for MemoryLb {
     fn upsert_backend(&mut self, id: u32, b: &Backend) -> Result<(), String> {
+        self.fail()?;
         self.log.push(format!("backend+ {id}"));
         self.backends.insert(id, *b);
         Ok(())
@@ -106,6 +126,7 @@ impl LbDatapath for MemoryLb {
         Ok(())
     }
     fn write_frontend(&mut self, fe: &Frontend, w: &FrontendWrite) -> Result<(), String> {
+        self.fail()?;
         self.log.push(format!("frontend+ {}:{}", fe.addr, fe.port));
         self.frontends.insert(*fe, w.clone());
         Ok(())
@@ -132,6 +153,10 @@ struct Record {
     frontends: Vec<FrontendStatus>,
     /// This service's backends by ID.
     backends: BTreeMap<u32, L4Addr>,
+    /// Entries its frontends take in the services map (a master entry
+    /// and one per slot each), as last written.
+    #[serde(default)]
+    entries: usize,
 }
 
 /// The services and the indexes that keep an update's cost independent
@@ -151,6 +176,23 @@ struct State {
     /// Where the search for a free index / ID starts.
     next_rev: u16,
     next_backend: u32,
+    /// Entries the services' frontends take in the services map.
+    entries: usize,
+    /// Frontends with a Maglev table.
+    maglev_frontends: usize,
+}
+
+/// A service in the maps: its backends (ID, value), and each frontend
+/// with its write.
+type Writes = (Vec<(u32, Backend)>, Vec<(Frontend, FrontendWrite)>);
+
+/// What a service update allocated in [`State`], to give back if the
+/// update fails.
+#[derive(Default)]
+struct Undo {
+    revs: Vec<u16>,
+    backends: Vec<(u32, L4Addr)>,
+    unretired: Vec<(u32, L4Addr)>,
 }
 
 impl State {
@@ -163,6 +205,10 @@ impl State {
         for (bid, a) in &r.backends {
             self.backend_by_addr.insert(*a, *bid);
             self.refs.entry(*bid).or_default().insert(id);
+        }
+        self.entries += r.entries;
+        if r.spec.algorithm == Some(LbAlgorithm::Maglev) {
+            self.maglev_frontends += r.frontends.len();
         }
     }
 
@@ -177,6 +223,27 @@ impl State {
                 set.remove(&id);
             }
         }
+        self.entries -= r.entries.min(self.entries);
+        if r.spec.algorithm == Some(LbAlgorithm::Maglev) {
+            self.maglev_frontends -= r.frontends.len().min(self.maglev_frontends);
+        }
+    }
+
+    /// Give back what a failed update allocated.
+    fn undo(&mut self, u: Undo) {
+        for i in u.revs {
+            self.rev_used.remove(&i);
+        }
+        for (id, a) in u.backends {
+            self.refs.remove(&id);
+            if self.backend_by_addr.get(&a) == Some(&id) {
+                self.backend_by_addr.remove(&a);
+            }
+        }
+        for (id, a) in u.unretired {
+            self.retired.insert(id, a);
+            self.backend_by_addr.insert(a, id);
+        }
     }
 
     fn alloc_rev(&mut self) -> Option<u16> {
@@ -189,8 +256,8 @@ impl State {
         None
     }
 
-    /// The backend ID of `a`, allocated when new.
-    fn backend_id(&mut self, a: L4Addr) -> u32 {
+    /// The backend ID of `a`, allocated when new (and noted in `undo`).
+    fn backend_id(&mut self, a: L4Addr, undo: &mut Undo) -> u32 {
         if let Some(id) = self.backend_by_addr.get(&a) {
             return *id;
         }
@@ -200,6 +267,7 @@ impl State {
             if !self.refs.contains_key(&id) && !self.retired.contains_key(&id) {
                 self.backend_by_addr.insert(a, id);
                 self.refs.insert(id, BTreeSet::new());
+                undo.backends.push((id, a));
                 return id;
             }
         }
@@ -479,27 +547,11 @@ impl Services {
     }
 
     /// Create or replace service `spec.id`. `local` are this node's
-    /// endpoint addresses (for the Local traffic policies). Validation
-    /// comes first: a refused update changes nothing.
+    /// endpoint addresses (for the Local traffic policies). All or
+    /// nothing: validation and a capacity check come first (a refused
+    /// update writes nothing), and a map write or save that fails midway
+    /// is undone, in the maps and in the agent's record.
     pub fn update(
-        &mut self,
-        spec: ServiceSpec,
-        local: &BTreeSet<Ipv4Addr>,
-    ) -> Result<Service, ServiceError> {
-        let id = spec.id;
-        let old = self.state.records.get(&id).cloned();
-        let r = self.apply(spec, local);
-        if r.is_err() && !self.state.records.contains_key(&id) {
-            // Keep the service in force as it was.
-            if let Some(o) = old {
-                self.state.index(&o);
-                self.state.records.insert(id, o);
-            }
-        }
-        r
-    }
-
-    fn apply(
         &mut self,
         spec: ServiceSpec,
         local: &BTreeSet<Ipv4Addr>,
@@ -527,20 +579,125 @@ impl Services {
                 _ => {}
             }
         }
-        let ranges =
-            spec.source_ranges.iter().map(|r| parse_range(id, r)).collect::<Result<Vec<_>, _>>()?;
-        let dp = |reason: String| ServiceError::Datapath { id, reason };
-
-        // Reverse-NAT indexes: kept for frontends the service had, new
-        // ones for the others.
-        let old = self.state.records.remove(&id);
+        let old = self.state.records.get(&id).cloned();
+        self.check_capacity(&spec, &addrs, local, old.as_ref())?;
         if let Some(o) = &old {
+            self.state.records.remove(&id);
             self.state.unindex(o);
         }
+        let mut undo = Undo::default();
+        let result = self
+            .allocate(spec, &addrs, old.as_ref(), &mut undo)
+            .and_then(|record| self.write(record, old.as_ref(), local));
+        match result {
+            Ok(retired_changed) => {
+                if retired_changed || !undo.unretired.is_empty() {
+                    self.save_retired()?;
+                }
+                self.get(id)
+            }
+            Err(e) => {
+                self.state.undo(undo);
+                if let Some(o) = old {
+                    self.state.index(&o);
+                    self.state.records.insert(id, o);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuse, before anything is written, an update the maps cannot
+    /// hold: new backends in the backends map, its frontends' master and
+    /// slot entries in the services map (at their fullest: new slots go in
+    /// before old ones go), Maglev tables.
+    fn check_capacity(
+        &self,
+        spec: &ServiceSpec,
+        addrs: &[L4Addr],
+        local: &BTreeSet<Ipv4Addr>,
+        old: Option<&Record>,
+    ) -> Result<(), ServiceError> {
+        let full = |map: &str, needed: usize, in_use: usize, capacity: u32| {
+            Err(ServiceError::Full {
+                id: spec.id,
+                reason: format!(
+                    "map {map} would need {needed} entries and holds {capacity} ({in_use} in use); nothing was written"
+                ),
+            })
+        };
+        let new_backends = spec
+            .backends
+            .iter()
+            .filter(|b| {
+                let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
+                !self.state.backend_by_addr.contains_key(&a)
+            })
+            .count();
+        let in_use = self.state.refs.len() + self.state.retired.len();
+        if in_use + new_backends > lb::MAX_BACKENDS as usize {
+            return full("ciliate_lb4_backends", in_use + new_backends, in_use, lb::MAX_BACKENDS);
+        }
+        let slots = spec
+            .backends
+            .iter()
+            .filter(|b| {
+                b.state == BackendState::Active
+                    && (!spec.traffic_policy_local || local.contains(&b.ip))
+            })
+            .count();
+        let per_frontend_old = old.map_or(0, |o| o.entries / o.frontends.len().max(1));
+        let grow: usize = addrs
+            .iter()
+            .map(|a| {
+                let had = if old.is_some_and(|o| o.frontends.iter().any(|f| f.address == *a)) {
+                    per_frontend_old
+                } else {
+                    0
+                };
+                (1 + slots).saturating_sub(had)
+            })
+            .sum();
+        if self.state.entries + grow > lb::MAX_SERVICES as usize {
+            return full(
+                "ciliate_lb4_services",
+                self.state.entries + grow,
+                self.state.entries,
+                lb::MAX_SERVICES,
+            );
+        }
+        let algorithm = spec.algorithm.unwrap_or(self.default_algorithm);
+        if algorithm == LbAlgorithm::Maglev {
+            let had = old
+                .filter(|o| o.spec.algorithm == Some(LbAlgorithm::Maglev))
+                .map_or(0, |o| o.frontends.len());
+            let needed = self.state.maglev_frontends + addrs.len().saturating_sub(had);
+            if needed > lb::MAX_MAGLEV as usize {
+                return full(
+                    "ciliate_lb4_maglev",
+                    needed,
+                    self.state.maglev_frontends,
+                    lb::MAX_MAGLEV,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The record of `spec`: reverse-NAT indexes kept for the frontends
+    /// the service had and new ones for the others, backend IDs (new ones
+    /// noted in `undo`).
+    fn allocate(
+        &mut self,
+        spec: ServiceSpec,
+        addrs: &[L4Addr],
+        old: Option<&Record>,
+        undo: &mut Undo,
+    ) -> Result<Record, ServiceError> {
+        let id = spec.id;
         let mut frontends = Vec::new();
-        for a in &addrs {
+        for a in addrs {
             let kept = old
-                .as_ref()
                 .and_then(|o| o.frontends.iter().find(|f| f.address == *a))
                 .map(|f| f.rev_nat_index)
                 .filter(|i| self.state.rev_used.insert(*i));
@@ -551,31 +708,41 @@ impl Services {
                     reason: "no reverse-NAT index left".into(),
                 })?,
             };
+            undo.revs.push(idx);
             frontends.push(FrontendStatus { address: *a, rev_nat_index: idx });
         }
-
-        // 1. Backends.
-        let mut slots = Vec::new();
-        let mut named = Vec::new();
-        let mut mine = BTreeMap::new();
-        let mut retired_changed = false;
+        let mut backends = BTreeMap::new();
         for b in &spec.backends {
             let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
-            let bid = self.state.backend_id(a);
-            mine.insert(bid, a);
-            retired_changed |= self.state.retired.remove(&bid).is_some();
+            let bid = self.state.backend_id(a, undo);
+            if let Some(addr) = self.state.retired.remove(&bid) {
+                undo.unretired.push((bid, addr));
+            }
+            backends.insert(bid, a);
+        }
+        Ok(Record { spec, frontends, backends, entries: 0 })
+    }
+
+    /// What the maps hold for `r`: its backends, and each frontend's write.
+    fn writes_of(&self, r: &Record, local: &BTreeSet<Ipv4Addr>) -> Writes {
+        let spec = &r.spec;
+        let by_addr: BTreeMap<&L4Addr, u32> = r.backends.iter().map(|(id, a)| (a, *id)).collect();
+        let mut backends = Vec::new();
+        let mut slots = Vec::new();
+        let mut named = Vec::new();
+        for b in &spec.backends {
+            let a = L4Addr { ip: b.ip, port: b.port, protocol: spec.frontend.protocol };
+            let Some(&bid) = by_addr.get(&a) else { continue };
             let raw =
                 Backend { addr: b.ip, port: b.port, proto: proto(&a), state: state_code(b.state) };
-            self.datapath.upsert_backend(bid, &raw).map_err(dp)?;
-            let selectable = b.state == BackendState::Active
-                && (!spec.traffic_policy_local || local.contains(&b.ip));
-            if selectable {
+            backends.push((bid, raw));
+            if b.state == BackendState::Active
+                && (!spec.traffic_policy_local || local.contains(&b.ip))
+            {
                 slots.push(bid);
                 named.push((bid, format!("{}:{}", b.ip, b.port)));
             }
         }
-
-        // 2. Frontends.
         let algorithm = spec.algorithm.unwrap_or(self.default_algorithm);
         let maglev =
             (algorithm == LbAlgorithm::Maglev).then(|| maglev_table(&named, MAGLEV_TABLE_SIZE));
@@ -583,7 +750,7 @@ impl Services {
         if spec.affinity_timeout.is_some() {
             flags |= lb::SVC_F_AFFINITY;
         }
-        if !ranges.is_empty() {
+        if !spec.source_ranges.is_empty() {
             flags |= lb::SVC_F_SRC_RANGES;
         }
         if maglev.is_some() {
@@ -592,42 +759,101 @@ impl Services {
         if spec.traffic_policy_local {
             flags |= lb::SVC_F_LOCAL;
         }
-        for f in &frontends {
-            let master = LbService {
-                rev_nat_index: f.rev_nat_index,
-                flags,
-                affinity_timeout: spec.affinity_timeout.unwrap_or(0),
-                ..Default::default()
-            };
-            let w = FrontendWrite {
-                master,
-                slots: slots.clone(),
-                maglev: maglev.clone(),
-                ranges: ranges.clone(),
-            };
-            self.datapath.write_frontend(&frontend(&f.address), &w).map_err(dp)?;
-        }
+        let ranges: Vec<(Ipv4Addr, u8)> =
+            spec.source_ranges.iter().filter_map(|x| parse_range(spec.id, x).ok()).collect();
+        let frontends = r
+            .frontends
+            .iter()
+            .map(|f| {
+                let master = LbService {
+                    rev_nat_index: f.rev_nat_index,
+                    flags,
+                    affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+                    ..Default::default()
+                };
+                let w = FrontendWrite {
+                    master,
+                    slots: slots.clone(),
+                    maglev: maglev.clone(),
+                    ranges: ranges.clone(),
+                };
+                (frontend(&f.address), w)
+            })
+            .collect();
+        (backends, frontends)
+    }
 
-        // 3. Frontends the service no longer has.
-        if let Some(o) = &old {
-            for f in o.frontends.iter().filter(|f| !addrs.contains(&f.address)) {
-                self.datapath
-                    .remove_frontend(&frontend(&f.address), f.rev_nat_index)
-                    .map_err(dp)?;
+    /// Write `record` (replacing `old`) into the maps in an order that
+    /// never leaves a frontend without backends, then record and save it.
+    /// A failure puts the maps back as `old` had them. Returns whether
+    /// the retired backends changed.
+    fn write(
+        &mut self,
+        mut record: Record,
+        old: Option<&Record>,
+        local: &BTreeSet<Ipv4Addr>,
+    ) -> Result<bool, ServiceError> {
+        let id = record.spec.id;
+        let (backends, frontends) = self.writes_of(&record, local);
+        let lost: Vec<&FrontendStatus> = old
+            .map(|o| o.frontends.iter().filter(|f| !record.frontends.contains(f)).collect())
+            .unwrap_or_default();
+        let written = (|| -> Result<(), String> {
+            // 1. Backends, 2. frontends, 3. frontends the service lost.
+            for (bid, raw) in &backends {
+                self.datapath.upsert_backend(*bid, raw)?;
+            }
+            for (fe, w) in &frontends {
+                self.datapath.write_frontend(fe, w)?;
+            }
+            for f in &lost {
+                self.datapath.remove_frontend(&frontend(&f.address), f.rev_nat_index)?;
+            }
+            Ok(())
+        })();
+        record.entries = frontends.iter().map(|(_, w)| 1 + w.slots.len()).sum();
+        let saved =
+            written.map_err(|reason| ServiceError::Datapath { id, reason }).and_then(|()| {
+                self.state.index(&record);
+                self.state.records.insert(id, record.clone());
+                self.save_record(id).inspect_err(|_| {
+                    self.state.records.remove(&id);
+                    self.state.unindex(&record);
+                })
+            });
+        if let Err(e) = saved {
+            self.unwrite(&record, old, local);
+            return Err(e);
+        }
+        Ok(old.is_some_and(|o| self.retire_unnamed(o.backends.iter())))
+    }
+
+    /// Put the maps back as `old` had them after `record` was (partly)
+    /// written: frontends only `record` has go, `old`'s are written again,
+    /// backends only `record` names go (unless some other service or a
+    /// pinned flow has them), `old`'s are written again. Best effort.
+    fn unwrite(&mut self, record: &Record, old: Option<&Record>, local: &BTreeSet<Ipv4Addr>) {
+        let had = |f: &FrontendStatus| old.is_some_and(|o| o.frontends.contains(f));
+        for f in record.frontends.iter().filter(|f| !had(f)) {
+            let _ = self.datapath.remove_frontend(&frontend(&f.address), f.rev_nat_index);
+        }
+        if let Some(o) = old {
+            let (backends, frontends) = self.writes_of(o, local);
+            for (bid, raw) in &backends {
+                let _ = self.datapath.upsert_backend(*bid, raw);
+            }
+            for (fe, w) in &frontends {
+                let _ = self.datapath.write_frontend(fe, w);
             }
         }
-
-        let record = Record { spec, frontends, backends: mine };
-        self.state.index(&record);
-        self.state.records.insert(id, record);
-        if let Some(o) = &old {
-            retired_changed |= self.retire_unnamed(o.backends.iter());
+        for bid in record.backends.keys() {
+            let elsewhere = old.is_some_and(|o| o.backends.contains_key(bid))
+                || self.state.refs.get(bid).is_some_and(|s| !s.is_empty())
+                || self.state.retired.contains_key(bid);
+            if !elsewhere {
+                let _ = self.datapath.remove_backend(*bid);
+            }
         }
-        self.save_record(id)?;
-        if retired_changed {
-            self.save_retired()?;
-        }
-        self.get(id)
     }
 
     /// Delete service `id`: its frontends go; its backends retire.
@@ -915,5 +1141,63 @@ mod tests {
         assert!(w.maglev.as_ref().is_some_and(|t| t.iter().all(|x| *x == bid)));
         assert_eq!(s.delete(4).unwrap().spec.id, 4);
         assert!(matches!(s.delete(4), Err(ServiceError::NotFound(4))));
+    }
+
+    fn many(n: u32) -> Vec<(String, u16)> {
+        (0..n).map(|i| (Ipv4Addr::from(0x0a01_0000 + i).to_string(), 80)).collect()
+    }
+
+    fn spec_of(id: u16, fe: &str, backends: &[(String, u16)]) -> ServiceSpec {
+        let b: Vec<(&str, u16)> = backends.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
+        spec(id, fe, &b)
+    }
+
+    #[test]
+    fn an_update_the_maps_cannot_hold_is_refused_before_any_write() {
+        let mut s = services();
+        s.update(spec(1, "10.96.0.1:80/TCP", &[("10.0.0.1", 80)]), &BTreeSet::new()).unwrap();
+        let e =
+            s.update(spec_of(2, "10.96.0.2:80/TCP", &many(70_000)), &BTreeSet::new()).unwrap_err();
+        assert_eq!(e.status(), 507, "{e}");
+        assert!(e.to_string().contains("ciliate_lb4_backends"), "{e}");
+        let lb = mem(&mut s);
+        assert_eq!(lb.backends.len(), 1, "no orphan backends");
+        assert_eq!(lb.frontends.len(), 1);
+        assert_eq!(s.list().len(), 1);
+        // A later service with a new backend still goes in.
+        s.update(spec(3, "10.96.0.3:80/TCP", &[("10.0.0.9", 80)]), &BTreeSet::new()).unwrap();
+        // Slots: 2 frontends of 40,000 backends each do not fit the
+        // services map (65,536), whatever the backends map says.
+        let b = many(40_000);
+        s.update(spec_of(4, "10.96.0.4:80/TCP", &b), &BTreeSet::new()).unwrap();
+        let e = s.update(spec_of(5, "10.96.0.5:80/TCP", &b), &BTreeSet::new()).unwrap_err();
+        assert!(e.to_string().contains("ciliate_lb4_services"), "{e}");
+        assert!(s.get(5).is_err());
+    }
+
+    #[test]
+    fn a_write_that_fails_midway_leaves_the_service_as_it_was() {
+        let mut s = services();
+        let before = spec(1, "10.96.0.1:80/TCP", &[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+        s.update(before.clone(), &BTreeSet::new()).unwrap();
+        let (backends, frontends) = {
+            let lb = mem(&mut s);
+            (lb.backends.clone(), lb.frontends.clone())
+        };
+        let svc = s.get(1).unwrap();
+        // The new version adds two backends; the third write fails.
+        mem(&mut s).fail_after = Some(2);
+        let after = spec(1, "10.96.0.1:80/TCP", &[("10.0.0.3", 80), ("10.0.0.4", 80)]);
+        let e = s.update(after.clone(), &BTreeSet::new()).unwrap_err();
+        assert_eq!(e.status(), 500, "{e}");
+        mem(&mut s).fail_after = None;
+        let lb = mem(&mut s);
+        assert_eq!(lb.backends, backends, "new backends removed");
+        assert_eq!(lb.frontends, frontends, "the frontend as it was");
+        assert_eq!(s.get(1).unwrap(), svc, "the agent's record as it was");
+        assert!(s.retired().is_empty());
+        // And the same update goes through once writes work.
+        s.update(after, &BTreeSet::new()).unwrap();
+        assert_eq!(s.get(1).unwrap().backends.len(), 2);
     }
 }
