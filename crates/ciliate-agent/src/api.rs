@@ -122,8 +122,10 @@ impl<D: Datapath> Server<D> {
                     };
                 json(200, &pairs)
             }
-            ("GET", "endpoint", None) => json(200, &st.list()),
-            ("GET", "endpoint", Some(id)) => json(200, &st.get(parse_id(id)?).map_err(from_err)?),
+            ("GET", "endpoint", None) => json(200, &st.list_checked()),
+            ("GET", "endpoint", Some(id)) => {
+                json(200, &st.get_checked(parse_id(id)?).map_err(from_err)?)
+            }
             ("PUT", "endpoint", None) => {
                 let ep = st.create(body(req, "endpoint")?).map_err(from_err)?;
                 self.endpoints_changed(&st);
@@ -138,7 +140,7 @@ impl<D: Datapath> Server<D> {
                 let c = req
                     .query("container-id")
                     .ok_or_else(|| error(400, "container-id is required"))?;
-                let r = st.delete_container(c).map_err(from_err)?;
+                let r = st.delete_container(c, req.query("host-ifname")).map_err(from_err)?;
                 self.endpoints_changed(&st);
                 json(200, &r)
             }
@@ -165,7 +167,7 @@ impl<D: Datapath> Server<D> {
             ("DELETE", "ipam", Some(ip)) => {
                 let ip =
                     ip.parse().map_err(|_| error(400, format!("{ip:?} is not an IPv4 address")))?;
-                st.ipam.release(ip).map_err(|e| error(404, e.to_string()))?;
+                st.release_ip(ip).map_err(from_err)?;
                 json(200, &serde_json::json!({"released": ip}))
             }
             ("GET", "identity", None) => json(200, &st.identities.list()),
@@ -186,8 +188,7 @@ impl<D: Datapath> Server<D> {
             }
             ("GET", "policy", None) => json(200, &st.policy),
             ("GET", "policy", Some("selectors")) => {
-                let ids = st.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
-                json(200, &crate::policy::selectors(&st.policy.rules, &ids))
+                json(200, &crate::policy::selectors(&st.policy.rules, &st.identities.view()))
             }
             ("POST", "policy", Some("trace")) => {
                 let r: TraceRequest = body(req, "trace request")?;

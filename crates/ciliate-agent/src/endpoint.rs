@@ -7,20 +7,25 @@
 //! creating leaves no endpoint behind and no half-written state.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use ciliate_api::models::{Endpoint, EndpointCreate};
-use ciliate_datapath::node::{Attached, EndpointSpec, format_mac, parse_mac};
+use ciliate_api::models::{Endpoint, EndpointCreate, check_labels};
+use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS, PolicyEntry, PolicyKey};
+use ciliate_datapath::{
+    DatapathError,
+    maps::{PolicyEntries, PolicyWriter, policy_entries, sync_policy_batch},
+    node::{Attached, EndpointSpec, format_mac, parse_mac},
+};
 
 use crate::{
     identity::{Identities, label_set},
     ipam::{Cidr, Ipam},
     policy::{
-        NamedPorts, PortNames, Prefix, Resolved, Rule, cidr_label, referenced_cidrs, resolve_named,
+        IdView, NamedPorts, PortNames, Prefix, Resolved, Rule, referenced_cidrs, resolve_named,
     },
     store,
 };
@@ -48,6 +53,9 @@ pub enum EndpointError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A map cannot hold the change; nothing was changed.
+    #[error("{0}")]
+    Full(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -58,6 +66,7 @@ impl EndpointError {
             EndpointError::BadRequest(_) => 400,
             EndpointError::NotFound(_) => 404,
             EndpointError::Conflict(_) => 409,
+            EndpointError::Full(_) => 507,
             EndpointError::Internal(_) => 500,
         }
     }
@@ -67,29 +76,113 @@ fn internal(e: impl std::fmt::Display) -> EndpointError {
     EndpointError::Internal(e.to_string())
 }
 
+/// A failed policy write, said with what it was for; a full map is
+/// [`EndpointError::Full`].
+fn policy_err(what: &str, e: DatapathError) -> EndpointError {
+    match e {
+        e @ DatapathError::MapFull { .. } => EndpointError::Full(format!("{what}: {e}")),
+        e => EndpointError::Internal(format!("{what}: {e}")),
+    }
+}
+
 /// The datapath side of endpoints.
 pub trait Datapath: Send {
     fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String>;
     fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String>;
-    /// Make the endpoint's policy in the datapath exactly `policy`.
-    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String>;
+    /// Make the policy of each endpoint of `batch` exactly its `Resolved`
+    /// (an empty one: no entries at all), as one change: when the map
+    /// cannot hold it nothing is written, and a write that fails midway is
+    /// undone (see `ciliate_datapath::maps::sync_policy_batch`).
+    fn sync_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError>;
+    /// Endpoint IDs that have entries in the policy map.
+    fn policy_holders(&mut self) -> Result<BTreeSet<u16>, String>;
     /// Make the ipcache's CIDR entries (local identities) exactly `cidrs`,
     /// never overwriting an entry of an endpoint or the host.
     fn sync_cidrs(&mut self, cidrs: &BTreeMap<Prefix, u32>) -> Result<(), String>;
     /// Does the host-side device still exist?
     fn device_exists(&self, lxc: &str) -> bool;
+    /// Remove what an endpoint that never came to be may have left for
+    /// device `lxc` (its pins; the lxc and ipcache entries of `ip`, the
+    /// address its container was given).
+    fn clear_leftovers(&mut self, ip: Option<Ipv4Addr>, lxc: &str) -> Result<(), String>;
+    /// Remove datapath pieces (pins) of devices no endpoint in `keep` has;
+    /// returns the devices cleaned.
+    fn sweep(&mut self, keep: &[&str]) -> Result<Vec<String>, String>;
+    /// Is the datapath of `ep` in place (its device, its program attached
+    /// to it, its lxc and ipcache entries, its policy enforcement)? The
+    /// reason when it is not.
+    fn check(&mut self, ep: &Endpoint) -> Result<(), String>;
+}
+
+/// The policy entries of a resolution.
+fn entries_of(endpoint_id: u16, r: &Resolved) -> Result<PolicyEntries, DatapathError> {
+    let rules: Vec<_> = r.rules.iter().cloned().collect();
+    let enforced = [(DIR_INGRESS, r.ingress_enforced), (DIR_EGRESS, r.egress_enforced)];
+    policy_entries(endpoint_id, &enforced, &rules)
+}
+
+/// Policy entries in memory, with a write that fails on demand.
+#[derive(Default)]
+pub struct MemoryPolicyMap {
+    pub entries: BTreeMap<(PolicyKey, u32), PolicyEntry>,
+    /// Fail the write after this many more succeeded.
+    pub fail_after: Option<usize>,
+}
+
+impl PolicyWriter for MemoryPolicyMap {
+    fn insert_entry(
+        &mut self,
+        key: &(PolicyKey, u32),
+        value: PolicyEntry,
+    ) -> Result<(), DatapathError> {
+        match &mut self.fail_after {
+            Some(0) => {
+                return Err(DatapathError::BadValue {
+                    what: "memory policy map".into(),
+                    reason: "injected failure".into(),
+                });
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        self.entries.insert(*key, value);
+        Ok(())
+    }
+    fn remove_entry(&mut self, key: &(PolicyKey, u32)) -> Result<(), DatapathError> {
+        self.entries.remove(key);
+        Ok(())
+    }
 }
 
 /// A datapath in memory: what is attached, for tests.
-#[derive(Default)]
 pub struct MemoryDatapath {
     pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
+    /// The resolved policy of each endpoint, as last written.
     pub policies: BTreeMap<u16, Resolved>,
     /// Policy writes per endpoint.
     pub syncs: BTreeMap<u16, usize>,
+    pub map: MemoryPolicyMap,
+    pub held: BTreeMap<u16, PolicyEntries>,
+    pub policy_capacity: usize,
     pub cidrs: BTreeMap<Prefix, u32>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
+}
+
+impl Default for MemoryDatapath {
+    fn default() -> Self {
+        Self {
+            attached: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            map: MemoryPolicyMap::default(),
+            held: BTreeMap::new(),
+            policy_capacity: ciliate_common::policy::MAX_ENTRIES as usize,
+            cidrs: BTreeMap::new(),
+            devices: Vec::new(),
+            fail_next_attach: None,
+        }
+    }
 }
 
 impl Datapath for MemoryDatapath {
@@ -111,17 +204,50 @@ impl Datapath for MemoryDatapath {
         self.cidrs = cidrs.clone();
         Ok(())
     }
-    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
-        *self.syncs.entry(endpoint_id).or_default() += 1;
-        if *policy == Resolved::default() {
-            self.policies.remove(&endpoint_id);
-        } else {
-            self.policies.insert(endpoint_id, policy.clone());
+    fn sync_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError> {
+        let entries = batch
+            .iter()
+            .map(|(id, r)| Ok((*id, entries_of(*id, r)?)))
+            .collect::<Result<Vec<_>, DatapathError>>()?;
+        sync_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
+        for (id, r) in batch {
+            *self.syncs.entry(*id).or_default() += 1;
+            if *r == Resolved::default() {
+                self.policies.remove(id);
+            } else {
+                self.policies.insert(*id, r.clone());
+            }
         }
         Ok(())
     }
+    fn policy_holders(&mut self) -> Result<BTreeSet<u16>, String> {
+        Ok(self.held.keys().copied().collect())
+    }
     fn device_exists(&self, lxc: &str) -> bool {
         self.devices.iter().any(|d| d == lxc)
+    }
+    fn clear_leftovers(&mut self, ip: Option<Ipv4Addr>, _lxc: &str) -> Result<(), String> {
+        if let Some(ip) = ip {
+            self.attached.remove(&ip);
+        }
+        Ok(())
+    }
+    fn sweep(&mut self, keep: &[&str]) -> Result<Vec<String>, String> {
+        let gone: Vec<Ipv4Addr> = self
+            .attached
+            .iter()
+            .filter(|(_, s)| !keep.contains(&s.lxc.as_str()))
+            .map(|(ip, _)| *ip)
+            .collect();
+        Ok(gone.into_iter().filter_map(|ip| self.attached.remove(&ip).map(|s| s.lxc)).collect())
+    }
+    fn check(&mut self, ep: &Endpoint) -> Result<(), String> {
+        match self.attached.get(&ep.ip) {
+            Some(s) if s.lxc == ep.host_ifname && self.device_exists(&ep.host_ifname) => Ok(()),
+            Some(s) if s.lxc != ep.host_ifname => Err(format!("attached to {}", s.lxc)),
+            Some(_) => Err(format!("host device {} is gone", ep.host_ifname)),
+            None => Err("no program attached".into()),
+        }
     }
 }
 
@@ -147,6 +273,9 @@ pub struct Endpoints<D: Datapath> {
     /// Monitor aggregation "none" for the endpoints' programs.
     pub trace_all: bool,
     pub policy: PolicyState,
+    /// The cluster's pod CIDRs: a CIDR identity outside them is also the
+    /// world (`reserved:world`). The node's pod CIDR unless told more.
+    pub cluster_cidrs: Vec<Prefix>,
 }
 
 impl<D: Datapath> Endpoints<D> {
@@ -175,6 +304,7 @@ impl<D: Datapath> Endpoints<D> {
             state_dir: state_dir.map(Path::to_owned),
             datapath,
             trace_all: false,
+            cluster_cidrs: vec![(cidr.net, cidr.len)],
             policy: match state_dir {
                 Some(d) => {
                     store::load(&d.join("policy.json")).map_err(internal)?.unwrap_or_default()
@@ -206,6 +336,32 @@ impl<D: Datapath> Endpoints<D> {
             .ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))
     }
 
+    /// `ep` with its state as the datapath has it now: a "ready" endpoint
+    /// whose program, device or map entries are not in place is
+    /// "not-ready: <why>".
+    fn checked(&mut self, mut ep: Endpoint) -> Endpoint {
+        if ep.state == "ready"
+            && ep.container_id != HOST_CONTAINER
+            && let Err(why) = self.datapath.check(&ep)
+        {
+            ep.state = format!("not-ready: {why}");
+        }
+        ep
+    }
+
+    /// Every endpoint, with its state checked against the datapath (what
+    /// the API shows).
+    pub fn list_checked(&mut self) -> Vec<Endpoint> {
+        let eps = self.list();
+        eps.into_iter().map(|e| self.checked(e)).collect()
+    }
+
+    /// [`Endpoints::get`] with its state checked against the datapath.
+    pub fn get_checked(&mut self, id: u16) -> Result<Endpoint, EndpointError> {
+        let ep = self.get(id)?;
+        Ok(self.checked(ep))
+    }
+
     pub fn by_container(&self, container_id: &str) -> Option<&Endpoint> {
         self.endpoints.values().find(|e| e.container_id == container_id)
     }
@@ -224,8 +380,18 @@ impl<D: Datapath> Endpoints<D> {
     }
 
     /// Create an endpoint for a pod whose veth the CNI plugin set up.
-    /// Repeating the same request returns the existing endpoint.
+    /// Labels of the agent's own sources (`reserved:`, `cidr:`, …) are
+    /// refused: only the agent gives reserved identities. Repeating the
+    /// same request re-attaches the endpoint (a retried CNI ADD may have
+    /// rebuilt the pod's device) and returns it.
     pub fn create(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+        check_labels(&req.labels).map_err(EndpointError::BadRequest)?;
+        self.create_any(req)
+    }
+
+    /// [`Endpoints::create`] for the agent's own endpoints (the health
+    /// endpoint carries `reserved:health`).
+    pub(crate) fn create_any(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
         let bad = |m: String| Err(EndpointError::BadRequest(m));
         if req.container_id.is_empty() {
             return bad("container_id is empty".into());
@@ -257,9 +423,21 @@ impl<D: Datapath> Endpoints<D> {
             }
             None => return bad(format!("{} is not allocated (POST /v1/ipam first)", req.ip)),
         }
+        // Nobody else's device or address: an endpoint cannot be pointed
+        // at another pod's datapath.
+        if let Some(other) = self.endpoints.values().find(|e| {
+            e.container_id != req.container_id
+                && (e.host_ifname == req.host_ifname || e.ip == req.ip)
+        }) {
+            return Err(EndpointError::Conflict(format!(
+                "{} / {} belongs to endpoint {} (container {})",
+                req.host_ifname, req.ip, other.id, other.container_id
+            )));
+        }
         if let Some(ep) = self.by_container(&req.container_id) {
             if ep.ip == req.ip && ep.host_ifname == req.host_ifname {
-                return Ok(ep.clone());
+                let ep = ep.clone();
+                return self.reattach(ep, &req.mac);
             }
             return Err(EndpointError::Conflict(format!(
                 "container {} already has endpoint {} ({} on {})",
@@ -270,7 +448,7 @@ impl<D: Datapath> Endpoints<D> {
         let known_before = self.identities.allocated();
         let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
         let new_identity = self.identities.allocated() > known_before;
-        let mut ep = Endpoint {
+        let ep = Endpoint {
             id,
             container_id: req.container_id,
             netns: req.netns,
@@ -288,22 +466,11 @@ impl<D: Datapath> Endpoints<D> {
             ingress_enforcement: "Disabled".into(),
             egress_enforcement: "Disabled".into(),
         };
-        let attached = self.datapath.attach(&self.spec(&ep)?).map_err(|e| {
-            EndpointError::Internal(format!(
-                "attaching endpoint {id} ({} on {}): {e}",
-                ep.ip, ep.host_ifname
-            ))
-        })?;
-        ep.host_ifindex = attached.ifindex;
-        ep.host_mac = format_mac(&attached.lxc_mac);
-        if let Err(e) = self.persist(&ep) {
-            let _ = self.datapath.detach(ep.ip, &ep.host_ifname);
-            return Err(e);
-        }
-        self.endpoints.insert(id, ep.clone());
-        // The new endpoint's own policy; and when its identity is new, the
-        // policy of the endpoints whose rules may now name it as a peer
-        // (the selector cache at endpoint granularity: nobody else changes).
+        let spec = self.spec(&ep)?;
+        // The policy goes in before the endpoint is routable: its own, and
+        // when its identity is new, that of the endpoints whose rules may
+        // now name it as a peer (the selector cache at endpoint
+        // granularity: nobody else changes).
         let mut affected = vec![id];
         if new_identity {
             let labels = label_set(&ep.labels);
@@ -322,8 +489,59 @@ impl<D: Datapath> Endpoints<D> {
         }
         affected.sort();
         affected.dedup();
-        self.regenerate_only(&affected)?;
+        self.endpoints.insert(id, ep);
+        let ids = self.identities.view();
+        let batch = self.resolve_batch(&self.policy.rules, &affected, &ids);
+        if let Err(e) = self.datapath.sync_policies(&batch) {
+            self.endpoints.remove(&id);
+            return Err(policy_err(&format!("writing the policy of endpoint {id}"), e));
+        }
+        let undo = |this: &mut Self| {
+            this.endpoints.remove(&id);
+            // Best effort; a leftover would be removed by the next
+            // regeneration (entries of unknown endpoints go).
+            let _ = this.datapath.sync_policies(&[(id, Resolved::default())]);
+        };
+        let attached = match self.datapath.attach(&spec) {
+            Ok(a) => a,
+            Err(e) => {
+                undo(self);
+                return Err(EndpointError::Internal(format!(
+                    "attaching endpoint {id} ({} on {}): {e}",
+                    spec.ip, spec.lxc
+                )));
+            }
+        };
+        let mut ep = self.endpoints[&id].clone();
+        ep.host_ifindex = attached.ifindex;
+        ep.host_mac = format_mac(&attached.lxc_mac);
+        if let Err(e) = self.persist(&ep) {
+            let _ = self.datapath.detach(ep.ip, &ep.host_ifname);
+            undo(self);
+            return Err(e);
+        }
+        self.endpoints.insert(id, ep);
+        self.note_enforcement(&batch)?;
         self.get(id)
+    }
+
+    /// Attach endpoint `ep` again (a repeated ADD: the pod's device may be
+    /// new, with a new MAC), keeping its ID, identity and policy.
+    fn reattach(&mut self, mut ep: Endpoint, mac: &str) -> Result<Endpoint, EndpointError> {
+        ep.mac = mac.to_lowercase();
+        let spec = self.spec(&ep)?;
+        let attached = self.datapath.attach(&spec).map_err(|e| {
+            EndpointError::Internal(format!(
+                "re-attaching endpoint {} ({} on {}): {e}",
+                ep.id, ep.ip, ep.host_ifname
+            ))
+        })?;
+        ep.host_ifindex = attached.ifindex;
+        ep.host_mac = format_mac(&attached.lxc_mac);
+        ep.state = "ready".into();
+        self.persist(&ep)?;
+        self.endpoints.insert(ep.id, ep.clone());
+        Ok(ep)
     }
 
     /// The host endpoint (identity 1, the node itself, reached through
@@ -362,21 +580,23 @@ impl<D: Datapath> Endpoints<D> {
         })
     }
 
-    /// Resolve the policy in force for every endpoint and write it into the
-    /// datapath (only what changed is written). Endpoint enforcement columns
-    /// follow.
-    pub fn regenerate(&mut self) -> Result<(), EndpointError> {
-        // CIDRs first: their local identities must exist (and be in the
-        // ipcache) before rules name them.
-        let mut cidrs = BTreeMap::new();
-        for p in referenced_cidrs(&self.policy.rules) {
-            cidrs.insert(p, self.identities.allocate_local(&cidr_label(p)).map_err(internal)?);
+    /// Release address `ip` (`DELETE /v1/ipam/<ip>`): refused while an
+    /// endpoint holds it, so no two endpoints ever share an address.
+    pub fn release_ip(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+        if let Some(ep) = self.endpoints.values().find(|e| e.ip == ip) {
+            return Err(EndpointError::Conflict(format!(
+                "{ip} is held by endpoint {} (container {}): delete the endpoint instead",
+                ep.id, ep.container_id
+            )));
         }
-        self.datapath
-            .sync_cidrs(&cidrs)
-            .map_err(|e| internal(format!("writing CIDR identities: {e}")))?;
-        let all: Vec<u16> = self.endpoints.keys().copied().collect();
-        self.regenerate_only(&all)
+        self.ipam.release(ip).map_err(|e| EndpointError::NotFound(e.to_string()))
+    }
+
+    /// Resolve the policy in force for every endpoint and write it into the
+    /// datapath (only what changed is written); entries of endpoints that
+    /// no longer exist go. Endpoint enforcement columns follow.
+    pub fn regenerate(&mut self) -> Result<(), EndpointError> {
+        self.commit_policy(self.policy.clone(), false)
     }
 
     /// Every endpoint's named ports by identity: what egress rules' port
@@ -395,25 +615,32 @@ impl<D: Datapath> Endpoints<D> {
         Arc::new(by_identity)
     }
 
-    /// Re-resolve and write the policy of the endpoints `which` only (the
-    /// policy and its CIDRs unchanged).
-    pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
-        let ids: BTreeMap<u32, Vec<String>> =
-            self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+    /// The policy of the endpoints `which` under `rules`: an ID that is no
+    /// endpoint (any more) gets none, so its entries go; the host endpoint
+    /// has no policy of its own and is left out.
+    fn resolve_batch(&self, rules: &[Rule], which: &[u16], ids: &IdView) -> Vec<(u16, Resolved)> {
         let by_identity = self.named_ports_by_identity();
-        let eps: Vec<Endpoint> =
-            which.iter().filter_map(|id| self.endpoints.get(id).cloned()).collect();
-        for mut ep in eps {
-            if ep.container_id == HOST_CONTAINER {
-                continue;
-            }
-            let named =
-                NamedPorts { own: port_names(&ep.named_ports), by_identity: by_identity.clone() };
-            let r = resolve_named(&self.policy.rules, ep.id, &label_set(&ep.labels), &ids, &named);
-            self.datapath
-                .sync_policy(ep.id, &r)
-                .map_err(|e| internal(format!("writing the policy of endpoint {}: {e}", ep.id)))?;
-            let mode = |on: bool| if on { "Enabled" } else { "Disabled" }.to_owned();
+        which
+            .iter()
+            .filter_map(|id| match self.endpoints.get(id) {
+                Some(ep) if ep.container_id == HOST_CONTAINER => None,
+                Some(ep) => {
+                    let named = NamedPorts {
+                        own: port_names(&ep.named_ports),
+                        by_identity: by_identity.clone(),
+                    };
+                    Some((ep.id, resolve_named(rules, ep.id, &label_set(&ep.labels), ids, &named)))
+                }
+                None => Some((*id, Resolved::default())),
+            })
+            .collect()
+    }
+
+    /// Record the enforcement columns of the endpoints of a written batch.
+    fn note_enforcement(&mut self, batch: &[(u16, Resolved)]) -> Result<(), EndpointError> {
+        let mode = |on: bool| if on { "Enabled" } else { "Disabled" }.to_owned();
+        for (id, r) in batch {
+            let Some(mut ep) = self.endpoints.get(id).cloned() else { continue };
             let (i, e) = (mode(r.ingress_enforced), mode(r.egress_enforced));
             if ep.ingress_enforcement != i || ep.egress_enforcement != e {
                 ep.ingress_enforcement = i;
@@ -425,13 +652,93 @@ impl<D: Datapath> Endpoints<D> {
         Ok(())
     }
 
+    /// Re-resolve and write the policy of the endpoints `which` only (the
+    /// policy and its CIDRs unchanged).
+    pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
+        let ids = self.identities.view();
+        let batch = self.resolve_batch(&self.policy.rules, which, &ids);
+        self.datapath.sync_policies(&batch).map_err(|e| policy_err("writing policy", e))?;
+        self.note_enforcement(&batch)
+    }
+
+    /// Put `next` in force, all or nothing: the CIDR identities it names
+    /// (allocated, in the ipcache), every endpoint's policy (checked to fit
+    /// before anything is written; undone if a write fails), then the saved
+    /// policy (`save`). Any failure leaves the policy in force, the
+    /// identities and the maps as they were. Then the CIDR identities no
+    /// rule names any more are released.
+    fn commit_policy(&mut self, next: PolicyState, save: bool) -> Result<(), EndpointError> {
+        let old_cidrs = referenced_cidrs(&self.policy.rules);
+        let new_cidrs = referenced_cidrs(&next.rules);
+        let cluster = self.cluster_cidrs.clone();
+        let in_cluster = |p: Prefix| cluster.iter().any(|c| crate::policy::contains(*c, p));
+        let wanted: Vec<(Prefix, bool)> = new_cidrs.iter().map(|p| (*p, in_cluster(*p))).collect();
+        // The CIDRs of both policies are in the ipcache while the maps change.
+        self.identities.allocate_locals(&wanted).map_err(internal)?;
+        let mut which: Vec<u16> = self.endpoints.keys().copied().collect();
+        let stale = self.datapath.policy_holders().map_err(internal)?;
+        which.extend(stale.into_iter().filter(|id| !self.endpoints.contains_key(id)));
+        let result = self
+            .datapath
+            .sync_cidrs(self.identities.locals())
+            .map_err(|e| internal(format!("writing CIDR identities: {e}")))
+            .and_then(|()| {
+                let ids = self.identities.view();
+                let batch = self.resolve_batch(&next.rules, &which, &ids);
+                self.datapath
+                    .sync_policies(&batch)
+                    .map_err(|e| policy_err("writing the policy of the endpoints", e))?;
+                Ok(batch)
+            })
+            .and_then(|batch| {
+                if save && let Err(e) = self.save_policy(&next) {
+                    // Back to the policy in force (its resolution fits: it
+                    // was written before).
+                    let ids = self.identities.view();
+                    let old = self.resolve_batch(&self.policy.rules, &which, &ids);
+                    let _ = self.datapath.sync_policies(&old);
+                    return Err(e);
+                }
+                Ok(batch)
+            });
+        let batch = match result {
+            Ok(b) => b,
+            Err(e) => {
+                // New CIDR identities go again, and with them anything that
+                // named them.
+                if let Ok(gone) = self.identities.release_locals_except(&old_cidrs)
+                    && !gone.is_empty()
+                {
+                    let ids = self.identities.view();
+                    let old = self.resolve_batch(&self.policy.rules, &which, &ids);
+                    let _ = self.datapath.sync_policies(&old);
+                }
+                let _ = self.datapath.sync_cidrs(self.identities.locals());
+                return Err(e);
+            }
+        };
+        self.policy = next;
+        self.note_enforcement(&batch)?;
+        // CIDRs no rule names any more: their identities are released and
+        // their ipcache entries removed, after the maps stopped naming them
+        // (resolved again without them, which writes only what differs).
+        let gone = self.identities.release_locals_except(&new_cidrs).map_err(internal)?;
+        if !gone.is_empty() {
+            let ids = self.identities.view();
+            let batch = self.resolve_batch(&self.policy.rules, &which, &ids);
+            self.datapath.sync_policies(&batch).map_err(|e| policy_err("writing policy", e))?;
+        }
+        self.datapath
+            .sync_cidrs(self.identities.locals())
+            .map_err(|e| internal(format!("removing CIDR identities: {e}")))
+    }
+
     /// `policy trace`: see [`crate::policy::trace`].
     pub fn trace(
         &self,
         r: &ciliate_api::models::TraceRequest,
     ) -> Result<crate::policy::Trace, EndpointError> {
-        let ids: BTreeMap<u32, Vec<String>> =
-            self.identities.list().into_iter().map(|i| (i.id, i.labels)).collect();
+        let ids = self.identities.view();
         let peer = |p: &ciliate_api::models::TracePeer,
                     side: &str,
                     spare: u32|
@@ -442,10 +749,10 @@ impl<D: Datapath> Endpoints<D> {
                     let ep = self.get(id)?;
                     Ok((
                         ep.identity,
-                        ids.get(&ep.identity).cloned().unwrap_or_else(|| label_set(&ep.labels)),
+                        ids.get(ep.identity).cloned().unwrap_or_else(|| label_set(&ep.labels)),
                     ))
                 }
-                (None, Some(id), None) => ids.get(&id).map(|l| (id, l.clone())).ok_or_else(|| {
+                (None, Some(id), None) => ids.get(id).map(|l| (id, l.clone())).ok_or_else(|| {
                     EndpointError::NotFound(format!("{side}: identity {id} not found"))
                 }),
                 (None, None, Some(labels)) if !labels.is_empty() => {
@@ -496,34 +803,32 @@ impl<D: Datapath> Endpoints<D> {
     }
 
     /// Add `rules` (replacing the rules of the same documents, as `kubectl
-    /// apply` does), bump the revision and regenerate. Returns the revision.
+    /// apply` does), bump the revision and regenerate, all or nothing.
+    /// Returns the revision.
     pub fn import_policy(&mut self, rules: Vec<Rule>) -> Result<u64, EndpointError> {
         let sources: Vec<&String> = rules.iter().map(|r| &r.source).collect();
         let mut next = self.policy.clone();
         next.rules.retain(|r| !sources.contains(&&r.source));
         next.rules.extend(rules.iter().cloned());
         next.revision += 1;
-        self.save_policy(&next)?;
-        self.policy = next;
-        self.regenerate()?;
+        self.commit_policy(next, true)?;
         Ok(self.policy.revision)
     }
 
     /// Delete the rules carrying every label in `labels` (all rules when
-    /// `labels` is empty). Returns (removed, revision).
+    /// `labels` is empty), all or nothing. Returns (removed, revision).
     pub fn delete_policy(&mut self, labels: &[String]) -> Result<(usize, u64), EndpointError> {
         let mut next = self.policy.clone();
         let before = next.rules.len();
         next.rules.retain(|r| !labels.iter().all(|l| r.labels.contains(l)));
         let removed = before - next.rules.len();
         next.revision += 1;
-        self.save_policy(&next)?;
-        self.policy = next;
-        self.regenerate()?;
+        self.commit_policy(next, true)?;
         Ok((removed, self.policy.revision))
     }
 
-    /// Delete endpoint `id`: detach it, release its address, forget it.
+    /// Delete endpoint `id`: detach it, remove its policy entries, release
+    /// its address, forget it.
     pub fn delete(&mut self, id: u16) -> Result<Endpoint, EndpointError> {
         let ep = self.get(id)?;
         if ep.container_id == HOST_CONTAINER {
@@ -534,6 +839,9 @@ impl<D: Datapath> Endpoints<D> {
         self.datapath
             .detach(ep.ip, &ep.host_ifname)
             .map_err(|e| internal(format!("detaching endpoint {id}: {e}")))?;
+        self.datapath
+            .sync_policies(&[(id, Resolved::default())])
+            .map_err(|e| policy_err(&format!("removing the policy of endpoint {id}"), e))?;
         let _ = self.ipam.release_owner(&ep.container_id);
         if let Some(p) = self.ep_path(id) {
             store::remove(&p).map_err(internal)?;
@@ -543,14 +851,34 @@ impl<D: Datapath> Endpoints<D> {
     }
 
     /// Delete the endpoint of `container_id` if there is one, and release
-    /// its address either way (a CNI DEL after a failed ADD). Idempotent.
+    /// its address either way (a CNI DEL after a failed ADD). `host_ifname`
+    /// (the device the plugin would have made): an ADD cut short may have
+    /// left datapath pieces for it without an endpoint; they go too, unless
+    /// the device belongs to some endpoint. Idempotent.
     pub fn delete_container(
         &mut self,
         container_id: &str,
+        host_ifname: Option<&str>,
     ) -> Result<Option<Endpoint>, EndpointError> {
         let ep = match self.by_container(container_id).map(|e| e.id) {
             Some(id) => Some(self.delete(id)?),
-            None => None,
+            None => {
+                if let Some(lxc) = host_ifname
+                    && !lxc.is_empty()
+                    && !self.endpoints.values().any(|e| e.host_ifname == lxc)
+                {
+                    // Only this container's own address, never another's.
+                    let ip = self
+                        .ipam
+                        .allocations()
+                        .find(|(_, o)| o.as_str() == container_id)
+                        .map(|(ip, _)| *ip);
+                    self.datapath
+                        .clear_leftovers(ip, lxc)
+                        .map_err(|e| internal(format!("removing leftovers of {lxc}: {e}")))?;
+                }
+                None
+            }
         };
         self.ipam.release_owner(container_id).map_err(internal)?;
         Ok(ep)
@@ -580,8 +908,12 @@ impl<D: Datapath> Endpoints<D> {
                 }
             }
         }
-        // Addresses whose owner has no endpoint (an ADD that died half-way)
-        // stay allocated until a DEL or GC names their container.
+        // Pins of devices no endpoint has (an ADD that died half-way) go;
+        // their addresses stay allocated until a DEL or GC names their
+        // container.
+        let keep: Vec<String> = self.endpoints.values().map(|e| e.host_ifname.clone()).collect();
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        self.datapath.sweep(&keep).map_err(|e| internal(format!("sweeping leftovers: {e}")))?;
         Ok(restored)
     }
 
@@ -651,7 +983,7 @@ mod tests {
         assert!(!n.datapath.attached.contains_key(&ep.ip));
         assert_eq!(n.ipam.owner(ep.ip), None);
         assert_eq!(n.get(ep.id).unwrap_err().status(), 404);
-        assert_eq!(n.delete_container("c1").unwrap(), None, "deleting again is fine");
+        assert_eq!(n.delete_container("c1", None).unwrap(), None, "deleting again is fine");
     }
 
     #[test]
@@ -770,5 +1102,161 @@ mod tests {
         assert_eq!(removed, vec![2]);
         assert_eq!(n.list().len(), 1);
         assert_eq!(n.ipam.used(), 1);
+    }
+
+    const SELECT_C1: &str = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p1}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
+
+    /// A policy selecting app=web with `n` single-port TCP rules.
+    fn many_ports(n: u32) -> Vec<Rule> {
+        let ports: Vec<String> =
+            (1..=n).map(|p| format!("{{port: \"{p}\", protocol: TCP}}")).collect();
+        crate::policy::parse(&format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{toPorts: [{{ports: [{}]}}]}}]\n",
+            ports.join(", ")
+        ))
+        .unwrap()
+    }
+
+    fn map_entries(n: &Endpoints<MemoryDatapath>) -> BTreeMap<(PolicyKey, u32), PolicyEntry> {
+        n.datapath.map.entries.clone()
+    }
+
+    #[test]
+    fn a_policy_that_does_not_fit_is_refused_and_nothing_changes() {
+        let mut n = node();
+        n.datapath.policy_capacity = 100;
+        let r = request(&mut n, "c1", "web");
+        n.create(r).unwrap();
+        n.import_policy(crate::policy::parse(SELECT_C1).unwrap()).unwrap();
+        let (before, policy) = (map_entries(&n), n.policy.clone());
+        let e = n.import_policy(many_ports(200)).unwrap_err();
+        assert_eq!(e.status(), 507, "{e}");
+        assert!(e.to_string().contains("ciliate_policy") && e.to_string().contains("100"), "{e}");
+        assert_eq!(n.policy, policy, "the policy in force is unchanged");
+        assert_eq!(map_entries(&n), before, "the map is unchanged");
+        // A new pod selected by the policy still gets in.
+        let r = request(&mut n, "c2", "web");
+        n.create(r).unwrap();
+        // And a policy that fits goes in.
+        n.import_policy(many_ports(20)).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_fails_midway_is_undone_whole() {
+        let mut n = node();
+        for c in ["c1", "c2", "c3"] {
+            let r = request(&mut n, c, "web");
+            n.create(r).unwrap();
+        }
+        n.import_policy(crate::policy::parse(SELECT_C1).unwrap()).unwrap();
+        let (before, policy) = (map_entries(&n), n.policy.clone());
+        // Fail after the first endpoint's entries went in.
+        n.datapath.map.fail_after = Some(15);
+        let e = n.import_policy(many_ports(10)).unwrap_err();
+        assert_eq!(e.status(), 500);
+        assert!(e.to_string().contains("undone"), "{e}");
+        n.datapath.map.fail_after = None;
+        assert_eq!(map_entries(&n), before, "rolled back to the entries before");
+        assert_eq!(n.policy, policy);
+        let held: usize = n.datapath.held.values().map(|w| w.len()).sum();
+        assert_eq!(held, before.len(), "the agent's view and the map agree");
+        // Delete removes everything it wrote.
+        n.import_policy(many_ports(10)).unwrap();
+        n.delete_policy(&[]).unwrap();
+        assert!(map_entries(&n).is_empty(), "{:?}", map_entries(&n));
+    }
+
+    #[test]
+    fn deleted_endpoints_leave_no_policy_entries_and_stale_ones_are_removed() {
+        let mut n = node();
+        n.import_policy(crate::policy::parse(SELECT_C1).unwrap()).unwrap();
+        for i in 0..30 {
+            let c = format!("c{i}");
+            let r = request(&mut n, &c, "web");
+            let ep = n.create(r).unwrap();
+            assert!(n.datapath.held.contains_key(&ep.id));
+            n.delete(ep.id).unwrap();
+        }
+        assert!(map_entries(&n).is_empty(), "30 ADD/DEL cycles left entries behind");
+        // Entries of an endpoint the agent does not know (an older agent's
+        // leftovers) go at the next regeneration.
+        let r = request(&mut n, "c1", "web");
+        let ep = n.create(r).unwrap();
+        let ghost = crate::policy::resolve(
+            &n.policy.rules,
+            77,
+            &label_set(&ep.labels),
+            &n.identities.view(),
+        );
+        n.datapath.sync_policies(&[(77, ghost)]).unwrap();
+        n.regenerate().unwrap();
+        assert_eq!(n.datapath.held.keys().copied().collect::<Vec<_>>(), vec![ep.id]);
+    }
+
+    #[test]
+    fn pods_cannot_claim_reserved_labels_but_the_agent_can() {
+        let mut n = node();
+        for key in ["reserved:host", "reserved:world", "reserved:health", "cidr:10.0.0.0/8"] {
+            let mut r = request(&mut n, "c1", "x");
+            r.labels = [(key.to_string(), String::new())].into();
+            let e = n.create(r).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        assert!(n.list().is_empty());
+        let mut r = request(&mut n, "health", "x");
+        r.labels = [("reserved:health".to_string(), String::new())].into();
+        assert_eq!(n.create_any(r).unwrap().identity, ciliate_common::identity::HEALTH);
+    }
+
+    #[test]
+    fn a_repeated_create_reattaches_and_nobody_takes_anothers_device_or_address() {
+        let mut n = node();
+        let r = request(&mut n, "c1", "web");
+        let ep = n.create(r.clone()).unwrap();
+        n.datapath.attached.clear(); // the plugin rebuilt the device
+        assert!(n.list_checked()[0].state.starts_with("not-ready"), "{:?}", n.list_checked());
+        let again = n.create(EndpointCreate { mac: "0a:00:00:00:00:02".into(), ..r }).unwrap();
+        assert_eq!((again.id, again.identity), (ep.id, ep.identity));
+        assert!(n.datapath.attached.contains_key(&ep.ip), "attached again");
+        assert_eq!(n.list_checked()[0].state, "ready");
+        // Another container naming c1's device, or its address.
+        let mut other = request(&mut n, "c2", "web");
+        other.host_ifname = ep.host_ifname.clone();
+        let e = n.create(other).unwrap_err();
+        assert_eq!(e.status(), 409, "{e}");
+        // The address of a live endpoint cannot be released.
+        let e = n.release_ip(ep.ip).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(e.to_string().contains("held by endpoint"), "{e}");
+        assert_eq!(n.ipam.owner(ep.ip), Some("c1"));
+    }
+
+    #[test]
+    fn cidr_identities_go_with_the_last_policy_that_names_them() {
+        let mut n = node();
+        let cidr = |name: &str, c: &str| {
+            crate::policy::parse(&format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: {name}, labels: {{p: {name}}}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  egress: [{{toCIDR: [{c}]}}]\n"
+            ))
+            .unwrap()
+        };
+        let r = request(&mut n, "c1", "web");
+        n.create(r).unwrap();
+        n.import_policy(cidr("a", "192.0.2.0/24")).unwrap();
+        n.import_policy(cidr("b", "192.0.2.0/24")).unwrap();
+        n.import_policy(cidr("c", "198.51.100.0/24")).unwrap();
+        assert_eq!(n.datapath.cidrs.len(), 2);
+        let id = n.datapath.cidrs[&crate::policy::parse_cidr("192.0.2.0/24").unwrap()];
+        assert!(n.identities.get(id).unwrap().labels.contains(&"reserved:world".to_string()));
+        n.delete_policy(&["k8s:p=a".into()]).unwrap();
+        assert_eq!(n.datapath.cidrs.len(), 2, "b still names it");
+        n.delete_policy(&["k8s:p=b".into()]).unwrap();
+        assert_eq!(n.datapath.cidrs.len(), 1);
+        assert!(n.identities.get(id).is_none(), "identity {id} released");
+        assert!(
+            map_entries(&n).keys().all(|(k, _)| k.identity != id),
+            "no entry names the released identity"
+        );
     }
 }

@@ -4,13 +4,16 @@
 //! (Identities are never released here; GC of unused identities comes with
 //! the kvstore, where several nodes share them.)
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use ciliate_api::models::Identity;
 use ciliate_common::identity as reserved;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{self, StoreError};
+use crate::{
+    policy::{IdView, Prefix, cidr_labels, parse_cidr},
+    store::{self, StoreError},
+};
 
 /// Labels of an endpoint as `source:key=value`, sorted: the identity key.
 pub type LabelSet = Vec<String>;
@@ -25,6 +28,10 @@ struct Persisted {
 pub struct Identities {
     by_labels: BTreeMap<LabelSet, u32>,
     by_id: BTreeMap<u32, LabelSet>,
+    /// Local (CIDR) identities by the prefix they stand for.
+    local: BTreeMap<Prefix, u32>,
+    /// [`Identities::view`], built on first use after a change.
+    view: std::sync::OnceLock<Arc<IdView>>,
     path: Option<PathBuf>,
     /// The cluster's store: cluster identities are allocated there, so
     /// every node gives the same labels the same identity. Without it
@@ -39,7 +46,27 @@ impl Identities {
             None => Persisted::default(),
         };
         let by_labels = p.ids.iter().map(|(id, l)| (l.clone(), *id)).collect();
-        Ok(Self { by_labels, by_id: p.ids, path, cluster: None })
+        // A local identity stands for the longest prefix its labels name.
+        let local = p
+            .ids
+            .iter()
+            .filter(|(id, _)| **id & reserved::LOCAL_FLAG != 0)
+            .filter_map(|(id, labels)| {
+                let longest = labels
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("cidr:").and_then(|c| parse_cidr(c).ok()))
+                    .max_by_key(|p| p.1)?;
+                Some((longest, *id))
+            })
+            .collect();
+        Ok(Self {
+            by_labels,
+            by_id: p.ids,
+            local,
+            view: std::sync::OnceLock::new(),
+            path,
+            cluster: None,
+        })
     }
 
     /// The identity of `labels`, allocating the lowest free cluster
@@ -76,38 +103,111 @@ impl Identities {
         };
         self.by_id.insert(id, labels.clone());
         self.by_labels.insert(labels.clone(), id);
-        if let Some(p) = &self.path {
-            let saved = store::save(p, &Persisted { ids: self.by_id.clone() });
-            if let Err(e) = saved {
-                self.by_id.remove(&id);
-                self.by_labels.remove(labels);
-                return Err(e);
-            }
+        self.view = std::sync::OnceLock::new();
+        if let Err(e) = self.save() {
+            self.by_id.remove(&id);
+            self.by_labels.remove(labels);
+            self.view = std::sync::OnceLock::new();
+            return Err(e);
         }
         Ok(id)
     }
 
-    /// The local (CIDR) identity of `label` (`cidr:10.0.0.0/8`): bit 24
-    /// set, allocated once, persisted like the others.
-    pub fn allocate_local(&mut self, label: &str) -> Result<u32, StoreError> {
-        let labels = vec![label.to_owned()];
-        if let Some(id) = self.by_labels.get(&labels) {
-            return Ok(*id);
+    /// The local (CIDR) identities of `prefixes` (`(prefix, in the
+    /// cluster)`): bit 24 set, one per prefix, labelled by
+    /// [`cidr_labels`]; allocated when new, relabelled when their labels
+    /// changed (an older state, or a new cluster CIDR). Saved once for the
+    /// whole batch, so naming 10,000 CIDRs costs one write.
+    pub fn allocate_locals(
+        &mut self,
+        prefixes: &[(Prefix, bool)],
+    ) -> Result<BTreeMap<Prefix, u32>, StoreError> {
+        let before = (self.by_id.clone(), self.by_labels.clone(), self.local.clone());
+        let mut out = BTreeMap::new();
+        let mut changed = false;
+        let mut next = reserved::LOCAL_FLAG | 1;
+        for &(p, in_cluster) in prefixes {
+            let labels = cidr_labels(p, in_cluster);
+            let id = match self.local.get(&p) {
+                Some(&id) => {
+                    if self.by_id.get(&id) != Some(&labels) {
+                        if let Some(old) = self.by_id.insert(id, labels.clone()) {
+                            self.by_labels.remove(&old);
+                        }
+                        self.by_labels.insert(labels, id);
+                        changed = true;
+                    }
+                    id
+                }
+                None => {
+                    while self.by_id.contains_key(&next) {
+                        next += 1;
+                    }
+                    self.by_id.insert(next, labels.clone());
+                    self.by_labels.insert(labels, next);
+                    self.local.insert(p, next);
+                    changed = true;
+                    next
+                }
+            };
+            out.insert(p, id);
         }
-        let mut id = reserved::LOCAL_FLAG | 1;
-        while self.by_id.contains_key(&id) {
-            id += 1;
+        if changed {
+            self.view = std::sync::OnceLock::new();
+            if let Err(e) = self.save() {
+                (self.by_id, self.by_labels, self.local) = before;
+                return Err(e);
+            }
         }
-        self.by_id.insert(id, labels.clone());
-        self.by_labels.insert(labels.clone(), id);
-        if let Some(p) = &self.path
-            && let Err(e) = store::save(p, &Persisted { ids: self.by_id.clone() })
-        {
-            self.by_id.remove(&id);
-            self.by_labels.remove(&labels);
+        Ok(out)
+    }
+
+    /// Release every local (CIDR) identity whose prefix is not in `keep`
+    /// (no policy names it any more). Returns the released identities.
+    pub fn release_locals_except(
+        &mut self,
+        keep: &std::collections::BTreeSet<Prefix>,
+    ) -> Result<Vec<u32>, StoreError> {
+        let gone: Vec<(Prefix, u32)> =
+            self.local.iter().filter(|(p, _)| !keep.contains(p)).map(|(p, id)| (*p, *id)).collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let before = (self.by_id.clone(), self.by_labels.clone(), self.local.clone());
+        for (p, id) in &gone {
+            self.local.remove(p);
+            if let Some(labels) = self.by_id.remove(id) {
+                self.by_labels.remove(&labels);
+            }
+        }
+        self.view = std::sync::OnceLock::new();
+        if let Err(e) = self.save() {
+            (self.by_id, self.by_labels, self.local) = before;
             return Err(e);
         }
-        Ok(id)
+        Ok(gone.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Local (CIDR) identities by prefix.
+    pub fn locals(&self) -> &BTreeMap<Prefix, u32> {
+        &self.local
+    }
+
+    /// Every identity's labels, reserved ones included, indexed for
+    /// resolution; shared until the identities change.
+    pub fn view(&self) -> Arc<IdView> {
+        self.view
+            .get_or_init(|| {
+                Arc::new(IdView::new(self.list().into_iter().map(|i| (i.id, i.labels)).collect()))
+            })
+            .clone()
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        match &self.path {
+            Some(p) => store::save(p, &Persisted { ids: self.by_id.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// Remember cluster identities allocated elsewhere (other nodes);
@@ -122,8 +222,9 @@ impl Identities {
             self.by_labels.insert(labels, id);
             new = true;
         }
-        if new && let Some(p) = &self.path {
-            store::save(p, &Persisted { ids: self.by_id.clone() })?;
+        if new {
+            self.view = std::sync::OnceLock::new();
+            self.save()?;
         }
         Ok(new)
     }

@@ -14,7 +14,9 @@ use ciliate_common::ipcache::IpcacheEntry;
 use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
 use std::collections::BTreeMap;
 
-use ciliate_datapath::maps::{IpcacheMap, PolicyEntries, PolicyMap};
+use ciliate_datapath::maps::{
+    IpcacheMap, LxcMap, PolicyEntries, PolicyMap, policy_entries, sync_policy_batch,
+};
 
 use crate::{
     endpoint::{Datapath, EndpointError, Endpoints, HEALTH_CONTAINER},
@@ -44,6 +46,25 @@ impl Datapath for KernelDatapath {
     fn device_exists(&self, lxc: &str) -> bool {
         node::device_exists(lxc)
     }
+    fn clear_leftovers(&mut self, ip: Option<Ipv4Addr>, lxc: &str) -> Result<(), String> {
+        match ip {
+            Some(ip) => node::detach_endpoint(&self.pins, ip, lxc).map_err(|e| e.to_string()),
+            None => {
+                node::unpin_endpoint(&self.pins, lxc);
+                Ok(())
+            }
+        }
+    }
+    fn sweep(&mut self, keep: &[&str]) -> Result<Vec<String>, String> {
+        let gone: Vec<String> = node::pinned_endpoint_devices(&self.pins.dir)
+            .into_iter()
+            .filter(|d| !keep.contains(&d.as_str()))
+            .collect();
+        for d in &gone {
+            node::unpin_endpoint(&self.pins, d);
+        }
+        Ok(gone)
+    }
     fn sync_cidrs(
         &mut self,
         cidrs: &std::collections::BTreeMap<Prefix, u32>,
@@ -67,20 +88,104 @@ impl Datapath for KernelDatapath {
         }
         Ok(())
     }
-    fn sync_policy(&mut self, endpoint_id: u16, policy: &Resolved) -> Result<(), String> {
-        let rules: Vec<_> = policy.rules.iter().cloned().collect();
-        let enforced =
-            [(DIR_INGRESS, policy.ingress_enforced), (DIR_EGRESS, policy.egress_enforced)];
+    fn sync_policies(
+        &mut self,
+        batch: &[(u16, Resolved)],
+    ) -> Result<(), ciliate_datapath::DatapathError> {
+        let entries = batch
+            .iter()
+            .map(|(id, r)| {
+                let rules: Vec<_> = r.rules.iter().cloned().collect();
+                let enforced = [(DIR_INGRESS, r.ingress_enforced), (DIR_EGRESS, r.egress_enforced)];
+                Ok((*id, policy_entries(*id, &enforced, &rules)?))
+            })
+            .collect::<Result<Vec<_>, ciliate_datapath::DatapathError>>()?;
+        let (map, held) = self.policy_map()?;
+        sync_policy_batch(map, held, &entries, POLICY_CAPACITY).map(drop)
+    }
+    fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
+        let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
+        Ok(held.keys().copied().collect())
+    }
+    fn check(&mut self, ep: &Endpoint) -> Result<(), String> {
+        let ifindex = ifindex_of(&ep.host_ifname)
+            .ok_or_else(|| format!("host device {} is gone", ep.host_ifname))?;
+        if ifindex != ep.host_ifindex {
+            return Err(format!(
+                "host device {} was replaced (ifindex {ifindex}, attached to {})",
+                ep.host_ifname, ep.host_ifindex
+            ));
+        }
+        let link = self.pins.link_path(&ep.host_ifname, node::FROM_CONTAINER_PIN);
+        if !link.exists() {
+            return Err(format!("from-container is not attached to {}", ep.host_ifname));
+        }
+        let lxc = LxcMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+        match lxc.get(ep.ip).map_err(|e| e.to_string())? {
+            Some(i) if i.ifindex == ifindex && i.identity == ep.identity => {}
+            Some(i) => {
+                return Err(format!(
+                    "lxc entry of {} says ifindex {} identity {}",
+                    ep.ip, i.ifindex, i.identity
+                ));
+            }
+            None => return Err(format!("no lxc entry for {}", ep.ip)),
+        }
+        let ipc = IpcacheMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+        match ipc.lookup(ep.ip).map_err(|e| e.to_string())? {
+            Some(e) if e.identity == ep.identity => {}
+            other => {
+                return Err(format!(
+                    "ipcache says identity {} for {}",
+                    other.map_or(0, |e| e.identity),
+                    ep.ip
+                ));
+            }
+        }
+        let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
+        let markers = held.get(&ep.id).map_or(Default::default(), |w| {
+            w.iter()
+                .filter(|(_, v)| v.flags & ciliate_common::policy::F_MARKER != 0)
+                .map(|((k, _), _)| k.dir)
+                .collect::<std::collections::BTreeSet<u8>>()
+        });
+        for (dir, name, column) in [
+            (DIR_INGRESS, "ingress", &ep.ingress_enforcement),
+            (DIR_EGRESS, "egress", &ep.egress_enforcement),
+        ] {
+            if markers.contains(&dir) != (column == "Enabled") {
+                return Err(format!("{name} policy enforcement is not as resolved ({column})"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Entries the policy map holds at most.
+const POLICY_CAPACITY: usize = ciliate_common::policy::MAX_ENTRIES as usize;
+
+/// The ifindex of `dev` in the agent's network namespace.
+fn ifindex_of(dev: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(dev).ok()?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+impl KernelDatapath {
+    /// The policy map and what it holds per endpoint, read once (on first
+    /// use) and kept in step by every write after.
+    fn policy_map(
+        &mut self,
+    ) -> Result<(&mut PolicyMap, &mut BTreeMap<u16, PolicyEntries>), ciliate_datapath::DatapathError>
+    {
         if self.policy.is_none() {
-            let map = PolicyMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
-            let held = map.entries_by_endpoint().map_err(|e| e.to_string())?;
+            let map = PolicyMap::from_pin_dir(&self.pins.dir)?;
+            let held = map.entries_by_endpoint()?;
             self.policy = Some((map, held));
         }
         let Some((map, held)) = &mut self.policy else { unreachable!("set above") };
-        let written = held.entry(endpoint_id).or_default();
-        map.sync_endpoint(endpoint_id, &enforced, &rules, written)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        Ok((map, held))
     }
 }
 
@@ -158,7 +263,7 @@ pub fn ensure_health_endpoint<D: Datapath>(
         mtu: 1500,
     };
     let mac = node::create_pod_link(&link).map_err(|e| internal(e.to_string()))?;
-    eps.create(EndpointCreate {
+    eps.create_any(EndpointCreate {
         container_id: HEALTH_CONTAINER.into(),
         netns,
         ifname: "eth0".into(),

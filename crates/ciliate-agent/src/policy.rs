@@ -184,6 +184,106 @@ pub fn cidr_label(p: Prefix) -> String {
     format!("cidr:{}/{}", p.0, p.1)
 }
 
+/// The label every identity outside the cluster carries.
+pub const WORLD_LABEL: &str = "reserved:world";
+
+/// `p` with its host bits cleared, at length `len` (≤ `p.1`).
+fn truncate(p: Prefix, len: u8) -> Prefix {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+    (std::net::Ipv4Addr::from(u32::from(p.0) & mask), len)
+}
+
+/// The labels of the local identity of prefix `p`, as Cilium gives them:
+/// `cidr:` for `p` and for every prefix that contains it (so a selector
+/// names it by any of them), and `reserved:world` when `p` lies outside
+/// the cluster (`in_cluster`), so `world` and every rule about the world
+/// still select an address once some policy names its CIDR.
+pub fn cidr_labels(p: Prefix, in_cluster: bool) -> Vec<String> {
+    let mut out: Vec<String> = (0..=p.1).rev().map(|len| cidr_label(truncate(p, len))).collect();
+    if !in_cluster {
+        out.push(WORLD_LABEL.to_owned());
+    }
+    out.sort();
+    out
+}
+
+/// The identities a resolution chooses peers from: every identity's
+/// labels, and the local (CIDR) identities indexed by each prefix their
+/// labels name and by `reserved:world`, so a CIDR or `world` peer costs a
+/// lookup instead of a scan of every identity.
+#[derive(Clone, Debug, Default)]
+pub struct IdView {
+    labels: BTreeMap<u32, Vec<String>>,
+    by_prefix: BTreeMap<Prefix, Vec<u32>>,
+    world: Vec<u32>,
+}
+
+impl IdView {
+    pub fn new(labels: BTreeMap<u32, Vec<String>>) -> Self {
+        let mut v = Self::default();
+        for (id, l) in labels {
+            v.insert(id, l);
+        }
+        v
+    }
+
+    /// Add identity `id` (a no-op for one already present). Only local
+    /// identities are indexed by prefix: a `cidr:` label on anything else
+    /// selects nothing.
+    pub fn insert(&mut self, id: u32, labels: Vec<String>) {
+        if self.labels.contains_key(&id) {
+            return;
+        }
+        if id & reserved::LOCAL_FLAG != 0 {
+            for l in &labels {
+                if let Some(p) = l.strip_prefix("cidr:").and_then(|c| parse_cidr(c).ok()) {
+                    self.by_prefix.entry(p).or_default().push(id);
+                } else if l == WORLD_LABEL {
+                    self.world.push(id);
+                }
+            }
+        }
+        self.labels.insert(id, labels);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &Vec<String>)> {
+        self.labels.iter()
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.labels.keys().copied()
+    }
+
+    pub fn get(&self, id: u32) -> Option<&Vec<String>> {
+        self.labels.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Local identities whose labels name prefix `p`: those of `p` and of
+    /// every prefix inside it.
+    fn in_prefix(&self, p: Prefix) -> &[u32] {
+        self.by_prefix.get(&p).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Local identities outside the cluster.
+    fn world(&self) -> &[u32] {
+        &self.world
+    }
+}
+
+impl From<BTreeMap<u32, Vec<String>>> for IdView {
+    fn from(labels: BTreeMap<u32, Vec<String>>) -> Self {
+        Self::new(labels)
+    }
+}
+
 impl PeerRule {
     /// (CIDR, excepts) of this rule's CIDR peers; unparsable ones were
     /// refused by validation.
@@ -240,6 +340,44 @@ pub struct RuleSpec {
     pub egress_deny: Option<Vec<PeerRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Cilium 1.15's `enableDefaultDeny`: a direction set to `false` is
+    /// not put into default deny by this rule (its allows add to whatever
+    /// else is allowed; its denies still deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_default_deny: Option<DefaultDeny>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultDeny {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<bool>,
+}
+
+impl RuleSpec {
+    /// Does this rule have rules in `dir` (a non-empty allow or deny list,
+    /// as Cilium counts them: `ingress: []` is no rule), and does it put
+    /// the direction into default deny?
+    pub fn direction(&self, dir: u8) -> (bool, bool) {
+        let (allow, deny, dd) = if dir == DIR_INGRESS {
+            (
+                &self.ingress,
+                &self.ingress_deny,
+                self.enable_default_deny.as_ref().and_then(|d| d.ingress),
+            )
+        } else {
+            (
+                &self.egress,
+                &self.egress_deny,
+                self.enable_default_deny.as_ref().and_then(|d| d.egress),
+            )
+        };
+        let has = allow.as_ref().is_some_and(|l| !l.is_empty())
+            || deny.as_ref().is_some_and(|l| !l.is_empty());
+        (has, has && dd.unwrap_or(true))
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -288,23 +426,36 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
             continue;
         }
         if value.get("apiVersion").and_then(|v| v.as_str()) == Some("networking.k8s.io/v1") {
-            let d: K8sDocument = serde_yaml::from_value(value).map_err(|e| {
-                PolicyError(format!("document {}: {}", i + 1, unsupported(&e.to_string())))
-            })?;
+            let d: K8sDocument = from_value(value, i + 1)?;
             let d =
                 k8s_to_cilium(d).map_err(|e| PolicyError(format!("document {}: {e}", i + 1)))?;
             rules.extend(validate_document(d, i + 1)?);
             continue;
         }
-        let d: Document = serde_yaml::from_value(value).map_err(|e| {
-            PolicyError(format!("document {}: {}", i + 1, unsupported(&e.to_string())))
-        })?;
+        let d: Document = from_value(value, i + 1)?;
         rules.extend(validate_document(d, i + 1)?);
     }
     if rules.is_empty() {
         return err("no policy in the input");
     }
     Ok(rules)
+}
+
+/// Document `n` as `T`; an error names the field it is about
+/// (`spec.enableDefaultDeny.ingress: invalid type …`).
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    n: usize,
+) -> Result<T, PolicyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = unsupported(&e.into_inner().to_string());
+        PolicyError(if path == "." {
+            format!("document {n}: {inner}")
+        } else {
+            format!("document {n}: {path}: {inner}")
+        })
+    })
 }
 
 /// Kubernetes NetworkPolicy (networking.k8s.io/v1).
@@ -489,18 +640,22 @@ fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
         }
         Ok(out)
     };
+    // A policy type without rules isolates the pod in that direction:
+    // `[{}]` (a rule that allows nothing), since Cilium counts an empty
+    // list as no rule at all.
+    let direction = |ingress: bool| -> Result<Option<Vec<PeerRule>>, String> {
+        let (name, rules) =
+            if ingress { ("Ingress", &d.spec.ingress) } else { ("Egress", &d.spec.egress) };
+        if !types.iter().any(|t| t == name) {
+            return Ok(None);
+        }
+        let converted = convert(rules, ingress)?;
+        Ok(Some(if converted.is_empty() { vec![PeerRule::default()] } else { converted }))
+    };
     let spec = RuleSpec {
         endpoint_selector: Some(d.spec.pod_selector.clone()),
-        ingress: if types.iter().any(|t| t == "Ingress") {
-            Some(convert(&d.spec.ingress, true)?)
-        } else {
-            None
-        },
-        egress: if types.iter().any(|t| t == "Egress") {
-            Some(convert(&d.spec.egress, false)?)
-        } else {
-            None
-        },
+        ingress: direction(true)?,
+        egress: direction(false)?,
         ..Default::default()
     };
     Ok(Document {
@@ -666,16 +821,7 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
 /// An inclusive port range; `None` for every port.
 pub type Ports = Option<(u16, u16)>;
 
-/// A named port (IANA service name rules): 1-15 lowercase letters, digits
-/// and '-', with a letter, no '-' at either end.
-pub fn valid_port_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().any(|b| b.is_ascii_lowercase())
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+pub use ciliate_api::models::valid_port_name;
 
 /// Port name → (port, protocol) pairs.
 pub type PortNames = BTreeMap<String, Vec<(u16, u8)>>;
@@ -813,7 +959,7 @@ pub fn resolve(
     rules: &[Rule],
     endpoint_id: u16,
     labels: &[String],
-    identities: &BTreeMap<u32, Vec<String>>,
+    identities: &IdView,
 ) -> Resolved {
     resolve_with(rules, endpoint_id, labels, identities, true, &NamedPorts::default())
 }
@@ -823,7 +969,7 @@ pub fn resolve_named(
     rules: &[Rule],
     endpoint_id: u16,
     labels: &[String],
-    identities: &BTreeMap<u32, Vec<String>>,
+    identities: &IdView,
     named: &NamedPorts,
 ) -> Resolved {
     resolve_with(rules, endpoint_id, labels, identities, true, named)
@@ -833,32 +979,34 @@ fn resolve_with(
     rules: &[Rule],
     endpoint_id: u16,
     labels: &[String],
-    identities: &BTreeMap<u32, Vec<String>>,
-    allow_localhost: bool,
+    identities: &IdView,
+    implicit: bool,
     named: &NamedPorts,
 ) -> Resolved {
     let mut out = Resolved::default();
     let mut denies: Vec<PolicyRule> = Vec::new();
     let mut allows: Vec<PolicyRule> = Vec::new();
+    // Per direction: does some selecting rule put it into default deny?
+    let (mut ingress_dd, mut egress_dd) = (false, false);
     for rule in rules {
         let ns = rule.namespace.as_deref();
         let selects = rule.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns));
         if !selects {
             continue;
         }
+        let (has_in, dd_in) = rule.spec.direction(DIR_INGRESS);
+        let (has_eg, dd_eg) = rule.spec.direction(DIR_EGRESS);
+        out.ingress_enforced |= has_in;
+        out.egress_enforced |= has_eg;
+        ingress_dd |= dd_in;
+        egress_dd |= dd_eg;
         for (list, dir, deny) in [
             (&rule.spec.ingress, DIR_INGRESS, false),
             (&rule.spec.ingress_deny, DIR_INGRESS, true),
             (&rule.spec.egress, DIR_EGRESS, false),
             (&rule.spec.egress_deny, DIR_EGRESS, true),
         ] {
-            let Some(list) = list else { continue };
-            if dir == DIR_INGRESS {
-                out.ingress_enforced = true;
-            } else {
-                out.egress_enforced = true;
-            }
-            for pr in list {
+            for pr in list.iter().flatten() {
                 let peers = peers_of(pr, ns, identities);
                 let icmps = pr
                     .icmps
@@ -930,32 +1078,42 @@ fn resolve_with(
             }
         }
     }
-    // As Cilium's allow-localhost (the default in Kubernetes): the node may
-    // always reach its endpoints (health checks, probes), unless a deny
-    // names the host.
-    if out.ingress_enforced && allow_localhost {
-        allows.push(PolicyRule {
-            endpoint_id,
-            dir: DIR_INGRESS,
-            identity: reserved::HOST,
-            proto: ANY_PROTO,
-            ports: None,
-            deny: false,
-        });
+    if implicit {
+        for (dir, enforced, dd) in [
+            (DIR_INGRESS, out.ingress_enforced, ingress_dd),
+            (DIR_EGRESS, out.egress_enforced, egress_dd),
+        ] {
+            // Only rules with `enableDefaultDeny: false` in this direction:
+            // enforced (their denies apply), but everything else passes,
+            // as Cilium's added allow-all.
+            if enforced && !dd {
+                allows.push(allow_all(endpoint_id, dir, ANY_IDENTITY));
+            }
+        }
+        // As Cilium's allow-localhost (the default in Kubernetes): the node
+        // may always reach its endpoints (health checks, probes), unless a
+        // deny names the host.
+        if out.ingress_enforced {
+            allows.push(allow_all(endpoint_id, DIR_INGRESS, reserved::HOST));
+        }
     }
     // Within one identity the longest prefix wins in the datapath: leave out
     // an allow that a deny of the same identity and direction covers.
+    let mut by_peer: BTreeMap<(u8, u32), Vec<&PolicyRule>> = BTreeMap::new();
+    for d in &denies {
+        by_peer.entry((d.dir, d.identity)).or_default().push(d);
+    }
     let covered = |a: &PolicyRule| {
-        denies.iter().any(|d| {
-            d.dir == a.dir
-                && d.identity == a.identity
-                && (d.proto == ANY_PROTO
+        by_peer.get(&(a.dir, a.identity)).is_some_and(|ds| {
+            ds.iter().any(|d| {
+                d.proto == ANY_PROTO
                     || (d.proto == a.proto
                         && match (d.ports, a.ports) {
                             (None, _) => true,
                             (Some(_), None) => false,
                             (Some((ds, de)), Some((as_, ae))) => ds <= as_ && ae <= de,
-                        }))
+                        })
+            })
         })
     };
     let kept: Vec<PolicyRule> = allows.into_iter().filter(|a| !covered(a)).collect();
@@ -964,14 +1122,15 @@ fn resolve_with(
     out
 }
 
+/// Allow everything from (or to) `identity` in `dir`.
+fn allow_all(endpoint_id: u16, dir: u8, identity: u32) -> PolicyRule {
+    PolicyRule { endpoint_id, dir, identity, proto: ANY_PROTO, ports: None, deny: false }
+}
+
 /// The identities a peer rule names: its endpoint selectors matched
 /// against the known identities, its entities; any identity when it names
 /// no peer but ports (an L4-only rule); none for an empty rule (`{}`).
-fn peers_of(
-    pr: &PeerRule,
-    ns: Option<&str>,
-    identities: &BTreeMap<u32, Vec<String>>,
-) -> BTreeSet<u32> {
+fn peers_of(pr: &PeerRule, ns: Option<&str>, identities: &IdView) -> BTreeSet<u32> {
     let selectors = pr.from_endpoints.as_ref().or(pr.to_endpoints.as_ref());
     let entities = pr.from_entities.as_ref().or(pr.to_entities.as_ref());
     let mut out = BTreeSet::new();
@@ -980,8 +1139,8 @@ fn peers_of(
             // `{}` in a clusterwide policy: every endpoint.
             out.extend(
                 identities
-                    .keys()
-                    .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0),
+                    .ids()
+                    .filter(|id| *id >= reserved::MIN_CLUSTER && *id & reserved::LOCAL_FLAG == 0),
             );
             continue;
         }
@@ -991,30 +1150,28 @@ fn peers_of(
         match e.as_str() {
             "cluster" => out.extend(
                 identities
-                    .keys()
-                    .filter(|id| **id != reserved::WORLD && **id & reserved::LOCAL_FLAG == 0),
+                    .ids()
+                    .filter(|id| *id != reserved::WORLD && *id & reserved::LOCAL_FLAG == 0),
             ),
+            // The world is also every CIDR identity outside the cluster: an
+            // address does not leave the world because a policy named it.
+            "world" => {
+                out.insert(reserved::WORLD);
+                out.extend(identities.world());
+            }
             e => out.extend(entity_identities(e).unwrap_or_default()),
         }
     }
-    // A CIDR selects the local identities of every prefix inside it (its
-    // own included) that no except covers; 0.0.0.0/0 is also the world.
+    // A CIDR selects the local identities whose labels name it (its own and
+    // those of every prefix inside it) that no except names; 0.0.0.0/0 is
+    // also the world.
     for (cidr, excepts) in pr.cidrs() {
         if cidr.1 == 0 {
             out.insert(reserved::WORLD);
         }
-        for (id, labels) in identities {
-            let Some(p) = labels
-                .iter()
-                .find_map(|l| l.strip_prefix("cidr:"))
-                .and_then(|c| parse_cidr(c).ok())
-            else {
-                continue;
-            };
-            if contains(cidr, p) && !excepts.iter().any(|e| contains(*e, p)) {
-                out.insert(*id);
-            }
-        }
+        let excluded: BTreeSet<u32> =
+            excepts.iter().flat_map(|e| identities.in_prefix(*e)).copied().collect();
+        out.extend(identities.in_prefix(cidr).iter().filter(|id| !excluded.contains(id)));
     }
     if selectors.is_none()
         && entities.is_none()
@@ -1067,7 +1224,7 @@ fn trace_direction(
     peer: u32,
     proto: u8,
     port: u16,
-    ids: &BTreeMap<u32, Vec<String>>,
+    ids: &IdView,
     named: &NamedPorts,
 ) -> DirectionTrace {
     let all = resolve_with(rules, 0, labels, ids, true, named);
@@ -1104,15 +1261,41 @@ fn trace_direction(
         };
     }
     if all.rules.iter().any(|x| x.dir == dir && !x.deny && matching(x, peer, proto, port)) {
-        let mut allows = hits(false);
-        if allows.is_empty() && peer == reserved::HOST && dir == DIR_INGRESS {
-            allows.push("allow-localhost".into());
+        let allows = hits(false);
+        if !allows.is_empty() {
+            return DirectionTrace {
+                enforced,
+                verdict: "allowed".into(),
+                reason: "an allow rule matches".into(),
+                rules: allows,
+            };
         }
+        // Allowed by what the agent adds: allow-localhost, or the allow-all
+        // of a direction no rule puts into default deny.
+        let dd = rules.iter().any(|r| {
+            let ns = r.namespace.as_deref();
+            r.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns))
+                && r.spec.direction(dir).1
+        });
+        let (reason, rules) = if !dd {
+            let off: Vec<String> = rules
+                .iter()
+                .filter(|r| {
+                    let ns = r.namespace.as_deref();
+                    r.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns))
+                        && r.spec.direction(dir).0
+                })
+                .map(|r| r.source.clone())
+                .collect();
+            ("no rule puts this direction into default deny (enableDefaultDeny: false)", off)
+        } else {
+            ("the host may always reach its endpoints", vec!["allow-localhost".to_owned()])
+        };
         return DirectionTrace {
             enforced,
             verdict: "allowed".into(),
-            reason: "an allow rule matches".into(),
-            rules: allows,
+            reason: reason.into(),
+            rules,
         };
     }
     DirectionTrace {
@@ -1133,12 +1316,19 @@ pub fn trace(
     dst: (u32, &[String]),
     proto: u8,
     port: u16,
-    identities: &BTreeMap<u32, Vec<String>>,
+    identities: &IdView,
     named: (&NamedPorts, &NamedPorts),
 ) -> Trace {
-    let mut ids = identities.clone();
-    ids.insert(src.0, src.1.to_vec());
-    ids.insert(dst.0, dst.1.to_vec());
+    // Peers given by labels nobody has yet join a copy of the identities.
+    let known = |p: (u32, &[String])| identities.get(p.0).is_some();
+    let ids = if known(src) && known(dst) {
+        std::borrow::Cow::Borrowed(identities)
+    } else {
+        let mut ids = identities.clone();
+        ids.insert(src.0, src.1.to_vec());
+        ids.insert(dst.0, dst.1.to_vec());
+        std::borrow::Cow::Owned(ids)
+    };
     // Only endpoints have policy: a peer that is not one (world, host, a
     // CIDR) enforces nothing on its side.
     let is_endpoint = |id: u32| {
@@ -1182,7 +1372,7 @@ pub struct SelectorUse {
 }
 
 /// Every selector of `rules` with the identities it selects among `ids`.
-pub fn selectors(rules: &[Rule], ids: &BTreeMap<u32, Vec<String>>) -> Vec<SelectorUse> {
+pub fn selectors(rules: &[Rule], ids: &IdView) -> Vec<SelectorUse> {
     let mut out = Vec::new();
     let text = |s: &Selector| serde_json::to_string(s).unwrap_or_default();
     for r in rules {

@@ -19,6 +19,41 @@ pub fn label_set(labels: &BTreeMap<String, String>) -> Vec<String> {
     out
 }
 
+/// Label sources only the agent gives: `reserved` (host, world, health…),
+/// `cidr` and `fqdn` (the identities of addresses outside the cluster),
+/// `cilium-generated`; and `any`, a selector's wildcard rather than a
+/// source.
+pub const AGENT_SOURCES: [&str; 5] = ["reserved", "cidr", "fqdn", "cilium-generated", "any"];
+
+/// Check labels a pod asks for (CNI, API): keys are non-empty, and none
+/// is of a source only the agent gives (a pod labelled `reserved:host`
+/// would get the host's identity). The error names the label.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    for k in labels.keys() {
+        let (source, key) = k.split_once(':').unwrap_or(("k8s", k.as_str()));
+        if key.is_empty() {
+            return Err(format!("label {k:?}: the key is empty"));
+        }
+        if AGENT_SOURCES.contains(&source) {
+            return Err(format!(
+                "label {k:?}: the {source:?} source is the agent's own; a pod cannot carry it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A named port (IANA service name rules): 1-15 lowercase letters, digits
+/// and '-', with a letter, no '-' at either end.
+pub fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// `{"message": ...}`: every error response.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {

@@ -21,7 +21,9 @@ use crate::{
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Import policy documents (YAML or JSON; CiliumNetworkPolicy,
-    /// CiliumClusterwideNetworkPolicy). A file with any error changes nothing.
+    /// CiliumClusterwideNetworkPolicy, Kubernetes NetworkPolicy). All or
+    /// nothing: a file with any error, or a policy the maps cannot hold,
+    /// changes nothing.
     Import { file: std::path::PathBuf },
     /// The rules in force and the policy revision
     Get {

@@ -7,6 +7,7 @@ use ciliate_api::{
     client::method,
     models::{
         Endpoint, EndpointCreate, GcRequest, GcResult, IpamAllocation, IpamRequest, NamedPort,
+        check_labels, valid_port_name,
     },
 };
 use ciliate_datapath::node::{
@@ -41,13 +42,23 @@ fn err(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniErro
     CniError { code, msg: msg.into(), details: details.into() }
 }
 
-/// The agent's answer as a CNI error: unreachable → try again later.
+/// The agent's answer as a CNI error: an agent that is down, went away
+/// mid-request or is not ready yet → try again later; a request it
+/// refused → invalid configuration; anything else → I/O failure.
 fn agent_err(what: &str) -> impl FnOnce(ClientError) -> CniError + '_ {
-    move |e| match e {
+    move |e| match &e {
         ClientError::Unreachable { .. } => {
             err(code::TRY_AGAIN, format!("{what}: agent unreachable"), e.to_string())
         }
-        e => err(code::IO_FAILURE, format!("{what} failed"), e.to_string()),
+        ClientError::Http(_) | ClientError::Api { status: 503, .. } => err(
+            code::TRY_AGAIN,
+            format!("{what}: the agent went away or is not ready"),
+            e.to_string(),
+        ),
+        ClientError::Api { status: 400, message } => {
+            err(code::INVALID_CONFIG, format!("{what}: {message}"), e.to_string())
+        }
+        _ => err(code::IO_FAILURE, format!("{what} failed"), e.to_string()),
     }
 }
 
@@ -149,9 +160,27 @@ fn parse_conf(stdin: &str) -> Result<Conf, CniError> {
                     "",
                 )
             })?;
+            if !valid_port_name(name) {
+                return Err(err(
+                    code::INVALID_CONFIG,
+                    format!(
+                        "args.namedPorts.{name}: a port name is 1-15 lowercase letters, digits and '-'"
+                    ),
+                    "",
+                ));
+            }
+            if proto != "TCP" && proto != "UDP" {
+                return Err(err(
+                    code::INVALID_CONFIG,
+                    format!("args.namedPorts.{name}: protocol {proto} is not TCP or UDP"),
+                    "",
+                ));
+            }
             named_ports.insert(name.clone(), NamedPort { port: port as u16, protocol: proto });
         }
     }
+    let as_map: std::collections::BTreeMap<String, String> = labels.iter().cloned().collect();
+    check_labels(&as_map).map_err(|e| err(code::INVALID_CONFIG, e, ""))?;
     Ok(Conf { version, socket, mtu, labels, named_ports, raw })
 }
 
@@ -252,6 +281,13 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
             "",
         ));
     }
+    if same_namespace(&netns, "/proc/self/ns/net") {
+        return Err(err(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {netns} is the node's own network namespace, not a pod's"),
+            "",
+        ));
+    }
     let args = env.cni_args()?;
     let mut labels: std::collections::BTreeMap<String, String> =
         conf.labels.iter().cloned().collect();
@@ -269,6 +305,19 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
         .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: container.clone() }))
         .map_err(agent_err("allocating an address"))?;
     let lxc = lxc_name(&container, &ifname);
+    // A repeated ADD (the runtime retries after a timeout): a pod whose
+    // endpoint is whole keeps it untouched and gets the same result; a
+    // broken one is rebuilt below.
+    let eps: Vec<Endpoint> = client.get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
+    if let Some(ep) = eps.iter().find(|e| e.container_id == container)
+        && ep.netns == netns
+        && ep.ifname == ifname
+        && ep.ip == alloc.ip
+        && ep.state == "ready"
+        && let Some(mac) = pod_mac_with(&netns, &ifname, ep)
+    {
+        return Ok(result_json(conf, ep, &mac, &alloc));
+    }
     let link = PodLink {
         netns: &netns,
         ifname: &ifname,
@@ -307,6 +356,26 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
     }
 }
 
+/// Is the namespace at `a` the one at `b`? (Same device and inode.)
+fn same_namespace(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// The MAC of the pod's interface when it carries the endpoint's address
+/// and is the one the endpoint knows.
+fn pod_mac_with(netns: &str, ifname: &str, ep: &Endpoint) -> Option<String> {
+    let addrs = addresses_in(netns, ifname).ok()?;
+    if !addrs.contains(&format!("inet {}/32", ep.ip)) {
+        return None;
+    }
+    let mac = ciliate_datapath::node::mac_in(netns, ifname).ok()?;
+    (mac.eq_ignore_ascii_case(&ep.mac)).then_some(mac)
+}
+
 fn result_json(conf: &Conf, ep: &Endpoint, mac: &str, alloc: &IpamAllocation) -> String {
     let gw = alloc.gateway.to_string();
     let mut ip = json!({"address": format!("{}/32", alloc.ip), "gateway": gw, "interface": 1});
@@ -329,11 +398,17 @@ fn result_json(conf: &Conf, ep: &Endpoint, mac: &str, alloc: &IpamAllocation) ->
 fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     let (container, ifname) = attachment(env)?;
     let client = Client::new(&conf.socket);
-    let target = format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(&container));
+    let lxc = lxc_name(&container, &ifname);
+    // The host device is named too: an ADD cut short (the agent killed
+    // mid-way) may have left datapath pieces for it without an endpoint.
+    let target = format!(
+        "/v1/endpoint?container-id={}&host-ifname={lxc}",
+        ciliate_api::http::escape(&container)
+    );
     client
         .call::<Value>(method::DELETE, &target, None::<&()>)
         .map_err(agent_err("deleting the endpoint"))?;
-    delete_device(&lxc_name(&container, &ifname)).map_err(io_err("deleting the host device"))
+    delete_device(&lxc).map_err(io_err("deleting the host device"))
 }
 
 fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
@@ -361,6 +436,21 @@ fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
         return Err(err(
             code::CHECK_FAILED,
             format!("host device {} is missing", ep.host_ifname),
+            "",
+        ));
+    }
+    // The pod's interface is the one the endpoint was made for (not a
+    // rebuilt one the datapath knows nothing of).
+    let mac = ciliate_datapath::node::mac_in(netns, &ifname).map_err(|e| {
+        err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.to_string())
+    })?;
+    if !mac.eq_ignore_ascii_case(&ep.mac) {
+        return Err(err(
+            code::CHECK_FAILED,
+            format!(
+                "{ifname} in {netns} has MAC {mac}, endpoint {} was made for {}",
+                ep.id, ep.mac
+            ),
             "",
         ));
     }
@@ -412,6 +502,52 @@ mod tests {
 
     const CONF: &str = r#"{"cniVersion":"1.1.0","name":"ciliate","type":"ciliate-cni","agent_socket":"/nonexistent/agent.sock"}"#;
 
+    /// A stand-in for a pod's namespace file: it exists and is not the
+    /// plugin's own namespace (the plugin stops before using it).
+    fn pod_ns() -> String {
+        let p = std::env::temp_dir().join(format!("ciliate-cni-test-ns-{}", std::process::id()));
+        std::fs::write(&p, b"").unwrap();
+        p.display().to_string()
+    }
+
+    fn add_env(netns: &str) -> HashMap<String, String> {
+        env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", netns),
+        ])
+    }
+
+    fn message_of(out: &(String, i32)) -> String {
+        serde_json::from_str::<Value>(&out.0).unwrap()["msg"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn the_plugins_own_namespace_is_no_pods() {
+        let out = run(&add_env("/proc/self/ns/net"), CONF);
+        assert_eq!(code_of(&out), 4);
+        assert!(message_of(&out).contains("node's own network namespace"), "{}", out.0);
+    }
+
+    #[test]
+    fn reserved_labels_and_bad_port_names_are_invalid_configuration() {
+        let ns = pod_ns();
+        for (args, needle) in [
+            (r#"{"labels":{"reserved:host":""}}"#, "reserved:host"),
+            (r#"{"labels":{"reserved:world":""}}"#, "reserved:world"),
+            (r#"{"cni":{"labels":[{"key":"reserved:health","value":""}]}}"#, "reserved:health"),
+            (r#"{"labels":{"cidr:10.0.0.0/8":""}}"#, "cidr:10.0.0.0/8"),
+            (r#"{"namedPorts":{"Http_X":80}}"#, "Http_X"),
+            (r#"{"namedPorts":{"dns":{"port":53,"protocol":"SCTP"}}}"#, "protocol SCTP"),
+        ] {
+            let conf = CONF.replace("}", &format!(r#","args":{args}}}"#));
+            let out = run(&add_env(&ns), &conf);
+            assert_eq!(code_of(&out), 7, "{args}: {}", out.0);
+            assert!(message_of(&out).contains(needle), "{args}: {}", out.0);
+        }
+    }
+
     #[test]
     fn version_lists_the_supported_versions() {
         let (out, rc) = run(&env(&[("CNI_COMMAND", "VERSION")]), "");
@@ -452,25 +588,22 @@ mod tests {
         ];
         assert_eq!(code_of(&run(&env(&gone), CONF)), 3);
         assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "FLY")]), CONF)), 4);
+        let ns = pod_ns();
         let bad_args = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c"),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_NETNS", ns.as_str()),
             ("CNI_ARGS", "novalue"),
         ];
-        assert_eq!(code_of(&run(&env(&bad_args), CONF)), 4);
+        let out = run(&env(&bad_args), CONF);
+        assert_eq!(code_of(&out), 4);
+        assert!(message_of(&out).contains("CNI_ARGS"), "{}", out.0);
     }
 
     #[test]
     fn an_unreachable_agent_is_status_50_and_try_again_for_add() {
         assert_eq!(code_of(&run(&env(&[("CNI_COMMAND", "STATUS")]), CONF)), 50);
-        let add = [
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c"),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_NETNS", "/proc/self/ns/net"),
-        ];
-        assert_eq!(code_of(&run(&env(&add), CONF)), 11);
+        assert_eq!(code_of(&run(&add_env(&pod_ns()), CONF)), 11);
     }
 }

@@ -58,6 +58,16 @@ pub enum DatapathError {
     BadPrefix { prefix: String, reason: String },
     #[error("{what}: {reason}")]
     BadValue { what: String, reason: String },
+    #[error(
+        "map {map} is too small for this change: it would need {needed} entries at its fullest, and holds {capacity} ({in_use} in use now); nothing was written"
+    )]
+    MapFull { map: String, needed: usize, in_use: usize, capacity: usize },
+    #[error("{what}: {source}; what it had written was undone")]
+    RolledBack {
+        what: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("test run of {program}: output buffer of {size} bytes too small")]

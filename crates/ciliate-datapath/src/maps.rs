@@ -391,6 +391,171 @@ impl PolicyRule {
 /// The policy map entries of one endpoint: (key, prefix length) → value.
 pub type PolicyEntries = std::collections::BTreeMap<(PolicyKey, u32), PolicyEntry>;
 
+/// The entries that hold `rules` for `endpoint_id` with the directions in
+/// `enforced` (`(policy::DIR_*, on)`) enforced: each rule's keys and one
+/// marker per enforced direction. A bad rule is an error naming it.
+pub fn policy_entries(
+    endpoint_id: u16,
+    enforced: &[(u8, bool)],
+    rules: &[PolicyRule],
+) -> Result<PolicyEntries> {
+    let mut desired = PolicyEntries::new();
+    for r in rules {
+        let entry = PolicyEntry {
+            flags: if r.deny { policy::F_DENY } else { 0 },
+            match_type: r.match_type(),
+            ..Default::default()
+        };
+        for k in r.keys()? {
+            desired.insert((k.data(), k.prefix_len()), entry);
+        }
+    }
+    let marker = PolicyEntry { flags: policy::F_MARKER, ..Default::default() };
+    for (dir, on) in enforced {
+        if *on {
+            let k = marker_key(endpoint_id, *dir);
+            desired.insert((k.data(), k.prefix_len()), marker);
+        }
+    }
+    Ok(desired)
+}
+
+/// Check that the map (of `capacity` entries, holding `held`) can take
+/// `batch` (endpoint → its new entries) written in order, each endpoint's
+/// additions before its removals: the most entries it holds at any moment
+/// must fit. Returns that number.
+pub fn plan_policy(
+    held: &std::collections::BTreeMap<u16, PolicyEntries>,
+    batch: &[(u16, PolicyEntries)],
+    capacity: usize,
+) -> Result<usize> {
+    let in_use: usize = held.values().map(|w| w.len()).sum();
+    let (mut now, mut peak) = (in_use, in_use);
+    let empty = PolicyEntries::new();
+    for (ep, desired) in batch {
+        let written = held.get(ep).unwrap_or(&empty);
+        now += desired.keys().filter(|k| !written.contains_key(k)).count();
+        peak = peak.max(now);
+        now -= written.keys().filter(|k| !desired.contains_key(k)).count();
+    }
+    if peak > capacity {
+        return Err(DatapathError::MapFull {
+            map: policy::MAP_NAME.to_lowercase(),
+            needed: peak,
+            in_use,
+            capacity,
+        });
+    }
+    Ok(peak)
+}
+
+/// Where policy entries are written: the kernel's map ([`PolicyMap`]), or
+/// memory in the agent's tests; [`sync_policy_batch`] works on either.
+pub trait PolicyWriter {
+    fn insert_entry(&mut self, key: &(PolicyKey, u32), value: PolicyEntry) -> Result<()>;
+    /// Removing an entry that is not there is fine.
+    fn remove_entry(&mut self, key: &(PolicyKey, u32)) -> Result<()>;
+}
+
+impl PolicyWriter for PolicyMap {
+    fn insert_entry(&mut self, (k, len): &(PolicyKey, u32), value: PolicyEntry) -> Result<()> {
+        self.0
+            .insert(&Key::new(*len, *k), value, 0)
+            .map_err(map_err("writing a rule into", policy::MAP_NAME))
+    }
+    fn remove_entry(&mut self, (k, len): &(PolicyKey, u32)) -> Result<()> {
+        ignore_missing(self.0.remove(&Key::new(*len, *k)), policy::MAP_NAME)
+    }
+}
+
+/// Make one endpoint's entries (`written`, kept true after every single
+/// write) exactly `desired`. Additions (rules, then markers) go before
+/// removals (markers, then rules), so traffic a change does not touch is
+/// not disturbed and a direction is enforced only once its rules are in;
+/// `removals_first` reverses the order, for a rollback into a full map.
+/// Returns (written, removed) entries.
+pub fn apply_entries<W: PolicyWriter>(
+    w: &mut W,
+    desired: &PolicyEntries,
+    written: &mut PolicyEntries,
+    removals_first: bool,
+) -> Result<(usize, usize)> {
+    let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
+    let same =
+        |a: &PolicyEntry, b: &PolicyEntry| a.flags == b.flags && a.match_type == b.match_type;
+    let (mut added, mut removed) = (0, 0);
+    for adding in if removals_first { [false, true] } else { [true, false] } {
+        if adding {
+            for markers in [false, true] {
+                for (k, v) in desired.iter().filter(|(_, v)| is_marker(v) == markers) {
+                    if written.get(k).is_some_and(|e| same(e, v)) {
+                        continue;
+                    }
+                    w.insert_entry(k, *v)?;
+                    written.insert(*k, *v);
+                    added += 1;
+                }
+            }
+        } else {
+            for markers in [true, false] {
+                let gone: Vec<(PolicyKey, u32)> = written
+                    .iter()
+                    .filter(|(k, v)| is_marker(v) == markers && !desired.contains_key(k))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone {
+                    w.remove_entry(&k)?;
+                    written.remove(&k);
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok((added, removed))
+}
+
+/// Write the policies of several endpoints as one change. `held` is what
+/// the map holds, by endpoint (kept true). The change is planned first
+/// ([`plan_policy`]): when the map could not hold it at its fullest moment,
+/// nothing is written ([`DatapathError::MapFull`]). When a write fails
+/// midway, every endpoint touched goes back to what it held before
+/// ([`DatapathError::RolledBack`]). Returns (written, removed) entries.
+pub fn sync_policy_batch<W: PolicyWriter>(
+    w: &mut W,
+    held: &mut std::collections::BTreeMap<u16, PolicyEntries>,
+    batch: &[(u16, PolicyEntries)],
+    capacity: usize,
+) -> Result<(usize, usize)> {
+    plan_policy(held, batch, capacity)?;
+    let mut before: Vec<(u16, PolicyEntries)> = Vec::new();
+    let (mut added, mut removed) = (0, 0);
+    for (ep, desired) in batch {
+        let written = held.entry(*ep).or_default();
+        before.push((*ep, written.clone()));
+        match apply_entries(w, desired, written, false) {
+            Ok((a, r)) => {
+                added += a;
+                removed += r;
+            }
+            Err(e) => {
+                for (ep, old) in before.iter().rev() {
+                    let written = held.entry(*ep).or_default();
+                    // Best effort: `held` stays true to the map whatever
+                    // happens, and the error says what failed.
+                    let _ = apply_entries(w, old, written, true);
+                }
+                held.retain(|_, w| !w.is_empty());
+                return Err(DatapathError::RolledBack {
+                    what: format!("writing the policy of endpoint {ep}"),
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
+    held.retain(|_, w| !w.is_empty());
+    Ok((added, removed))
+}
+
 /// `CILIATE_POLICY`: every endpoint's policy (reading rules:
 /// `ciliate_common::policy`).
 pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
@@ -444,12 +609,12 @@ impl PolicyMap {
     /// Make the map hold exactly `rules` for `endpoint_id`, with the
     /// directions in `enforced` (`(policy::DIR_*, on)`) enforced. `written`
     /// is what the map holds for the endpoint now (from
-    /// [`PolicyMap::entries_by_endpoint`], or a previous call); it is updated
-    /// to the new content, so a caller syncing many endpoints reads the map
-    /// once, not once per endpoint. Only what changes is written, so
-    /// traffic that a change does not touch is not disturbed; rules go in
-    /// before a direction is enforced and out after it stops being
-    /// enforced. Returns (written, removed) entries.
+    /// [`PolicyMap::entries_by_endpoint`], or a previous call); it follows
+    /// every single write, so it stays true even when a write fails midway.
+    /// Only what changes is written, so traffic that a change does not
+    /// touch is not disturbed; rules go in before a direction is enforced
+    /// and out after it stops being enforced. Returns (written, removed)
+    /// entries.
     pub fn sync_endpoint(
         &mut self,
         endpoint_id: u16,
@@ -457,52 +622,8 @@ impl PolicyMap {
         rules: &[PolicyRule],
         written: &mut PolicyEntries,
     ) -> Result<(usize, usize)> {
-        let mut desired = PolicyEntries::new();
-        for r in rules {
-            let entry = PolicyEntry {
-                flags: if r.deny { policy::F_DENY } else { 0 },
-                match_type: r.match_type(),
-                ..Default::default()
-            };
-            for k in r.keys()? {
-                desired.insert((k.data(), k.prefix_len()), entry);
-            }
-        }
-        let marker = PolicyEntry { flags: policy::F_MARKER, ..Default::default() };
-        for (dir, on) in enforced {
-            if *on {
-                let k = marker_key(endpoint_id, *dir);
-                desired.insert((k.data(), k.prefix_len()), marker);
-            }
-        }
-        let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
-        let same =
-            |a: &PolicyEntry, b: &PolicyEntry| a.flags == b.flags && a.match_type == b.match_type;
-        let mut added = 0;
-        // Rules, then markers.
-        for markers in [false, true] {
-            for ((k, len), v) in desired.iter().filter(|(_, v)| is_marker(v) == markers) {
-                if written.get(&(*k, *len)).is_some_and(|e| same(e, v)) {
-                    continue;
-                }
-                self.0
-                    .insert(&Key::new(*len, *k), *v, 0)
-                    .map_err(map_err("writing a rule into", policy::MAP_NAME))?;
-                added += 1;
-            }
-        }
-        let mut removed = 0;
-        // Markers, then rules.
-        for markers in [true, false] {
-            for ((k, len), _) in written.iter().filter(|(_, v)| is_marker(v) == markers) {
-                if !desired.contains_key(&(*k, *len)) {
-                    ignore_missing(self.0.remove(&Key::new(*len, *k)), policy::MAP_NAME)?;
-                    removed += 1;
-                }
-            }
-        }
-        *written = desired;
-        Ok((added, removed))
+        let desired = policy_entries(endpoint_id, enforced, rules)?;
+        apply_entries(self, &desired, written, false)
     }
 
     /// What the map holds, by endpoint.

@@ -369,6 +369,32 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
     IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
 }
 
+/// Remove the pins of the endpoint on `lxc` (its link, which detaches its
+/// program, and its tail-call map), whatever is there.
+pub fn unpin_endpoint(pins: &NodePins, lxc: &str) {
+    let _ = std::fs::remove_file(pins.link_path(lxc, FROM_CONTAINER_PIN));
+    let _ = std::fs::remove_file(calls_path(pins, lxc));
+}
+
+/// Devices that have endpoint pins (a from-container link or a tail-call
+/// map) in the node's pin directory.
+pub fn pinned_endpoint_devices(pins_dir: &std::path::Path) -> Vec<String> {
+    let names = |dir: std::path::PathBuf| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    };
+    let suffix = format!("_{FROM_CONTAINER_PIN}");
+    let mut out: Vec<String> = names(pins_dir.join("links"))
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
+        .chain(names(pins_dir.join("calls")))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// `lxc` + 11 hex digits of a stable hash of an attachment (container ID
 /// and interface name): the host-side device of an endpoint.
 pub fn lxc_name(container: &str, ifname: &str) -> String {
@@ -444,12 +470,17 @@ pub fn create_pod_link(l: &PodLink<'_>) -> Result<String> {
     ip_in(l.netns, &["route", "add", &gw, "dev", l.ifname, "scope", "link"])?;
     ip_in(l.netns, &["route", "add", "default", "via", &gw, "dev", l.ifname, "mtu", &mtu])?;
     ip(l.lxc, &["link", "set", l.lxc, "up"])?;
-    let out = ip_in(l.netns, &["-o", "link", "show", "dev", l.ifname])?;
+    mac_in(l.netns, l.ifname)
+}
+
+/// The MAC address of `ifname` in the namespace at `netns`.
+pub fn mac_in(netns: &str, ifname: &str) -> Result<String> {
+    let out = ip_in(netns, &["-o", "link", "show", "dev", ifname])?;
     out.split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
         .map(str::to_owned)
-        .ok_or_else(|| device_err(l.ifname, format!("no MAC address in {out:?}")))
+        .ok_or_else(|| device_err(ifname, format!("no MAC address in {out:?}")))
 }
 
 /// The IPv4 addresses of `ifname` in the namespace at `netns`.

@@ -140,6 +140,7 @@ fn run() -> anyhow::Result<()> {
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
+    eps.cluster_cidrs = vec![setup.cluster_cidr];
     eps.identities.cluster = Some(kv.clone());
     let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
     log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
@@ -149,6 +150,9 @@ fn run() -> anyhow::Result<()> {
         let h = ensure_health_endpoint(&mut eps, &cfg.node).map_err(|e| anyhow::anyhow!("{e}"))?;
         log(format!("health endpoint {} at {} in {}", h.id, h.ip, h.netns));
     }
+    // The policy in force, written again where the maps differ (entries
+    // of endpoints gone while no agent ran go too).
+    eps.regenerate().map_err(|e| anyhow::anyhow!("writing the policy in force: {e}"))?;
     {
         let local = api::local_ips(&eps);
         let mut svcs = services.lock().unwrap_or_else(|e| e.into_inner());

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use ciliate_agent::policy::{Rule, parse, resolve};
+use ciliate_agent::policy::{IdView, Rule, parse, resolve};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -53,12 +53,12 @@ fn main() {
     let t = Instant::now();
     let rules: Vec<Rule> = parse(&text).expect("generated policy parses");
     let parse_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let view = IdView::new(ids.clone());
     let t = Instant::now();
     let mut entries = 0;
-    for (n, (id, labels)) in ids.iter().take(n_eps).enumerate() {
-        let r = resolve(&rules, n as u16 + 1, labels, &ids);
+    for (n, labels) in ids.values().take(n_eps).enumerate() {
+        let r = resolve(&rules, n as u16 + 1, labels, &view);
         entries += r.rules.len();
-        let _ = id;
     }
     let resolve_ms = t.elapsed().as_secs_f64() * 1000.0;
     println!(

@@ -27,7 +27,11 @@ fn labels(app: &str, ns: &str) -> Vec<String> {
     l
 }
 
-fn identities() -> BTreeMap<u32, Vec<String>> {
+fn identities() -> IdView {
+    identity_map().into()
+}
+
+fn identity_map() -> BTreeMap<u32, Vec<String>> {
     let mut ids: BTreeMap<u32, Vec<String>> = (1..=8)
         .filter_map(|id| reserved::reserved_name(id).map(|n| (id, vec![format!("reserved:{n}")])))
         .collect();
@@ -159,6 +163,8 @@ fn bad_policies_are_refused_with_a_clear_message() {
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: Ping}]}]}]"), "not a known ICMPv4 type"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "field rules"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: [1]}]}]}]"), "is not a number"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  enableDefaultDeny: {ingress: maybe}"), "spec.enableDefaultDeny.ingress: invalid type"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  enableDefaultDeny: {sideways: true}"), "field sideways"),
         (format!("{}\n---\nnot: a policy", WEB_ALLOWS_FRONTEND), "document 2"),
     ];
     assert!(cases.len() >= 20);
@@ -186,13 +192,14 @@ spec:
     let want: BTreeSet<Prefix> =
         [parse_cidr("10.0.0.0/8").unwrap(), parse_cidr("10.1.0.0/16").unwrap()].into();
     assert_eq!(cidrs, want, "0.0.0.0/0 is the world, not a CIDR identity");
-    let mut ids = identities();
+    let mut ids = identity_map();
     let (eight, sixteen, other) =
         (reserved::LOCAL_FLAG | 1, reserved::LOCAL_FLAG | 2, reserved::LOCAL_FLAG | 3);
-    ids.insert(eight, vec![cidr_label(parse_cidr("10.0.0.0/8").unwrap())]);
-    ids.insert(sixteen, vec![cidr_label(parse_cidr("10.1.0.0/16").unwrap())]);
+    ids.insert(eight, cidr_labels(parse_cidr("10.0.0.0/8").unwrap(), false));
+    ids.insert(sixteen, cidr_labels(parse_cidr("10.1.0.0/16").unwrap(), false));
     // Another policy's CIDR inside the /8: selected too.
-    ids.insert(other, vec![cidr_label(parse_cidr("10.2.3.0/24").unwrap())]);
+    ids.insert(other, cidr_labels(parse_cidr("10.2.3.0/24").unwrap(), false));
+    let ids = IdView::new(ids);
     let r = resolve(&rules, 1, &labels("web", "shop"), &ids);
     let l3: BTreeSet<u32> =
         r.rules.iter().filter(|x| x.proto == ANY_PROTO).map(|x| x.identity).collect();
@@ -212,7 +219,11 @@ spec:
 fn trace_says_what_decides_and_why() {
     let rules = parse(WEB_ALLOWS_FRONTEND).unwrap();
     let ids = identities();
-    let (web, fe, fe_other) = (ids[&256].clone(), ids[&257].clone(), ids[&258].clone());
+    let (web, fe, fe_other) = (
+        ids.get(256).unwrap().clone(),
+        ids.get(257).unwrap().clone(),
+        ids.get(258).unwrap().clone(),
+    );
     let t = trace(
         &rules,
         (257, &fe),
@@ -396,4 +407,183 @@ spec:
     // Without the endpoint's named ports the rule allows nothing.
     let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
     assert!(r.rules.iter().all(|x| x.identity != 257));
+}
+
+/// Cilium's lockdown example: deny ingress from the world cluster-wide,
+/// allow from everything else.
+const LOCKDOWN: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: external-lockdown}
+spec:
+  endpointSelector: {}
+  ingressDeny:
+  - fromEntities: [world]
+  ingress:
+  - fromEntities: [all]
+"#;
+
+/// The identities plus the CIDR identity some other policy gave
+/// 192.0.2.10/32 (outside the cluster) and one of 10.9.0.0/16 (inside it).
+fn with_cidr_identities() -> (IdView, u32, u32) {
+    let mut ids = identity_map();
+    let (ext, inside) = (reserved::LOCAL_FLAG | 1, reserved::LOCAL_FLAG | 2);
+    ids.insert(ext, cidr_labels(parse_cidr("192.0.2.10/32").unwrap(), false));
+    ids.insert(inside, cidr_labels(parse_cidr("10.9.0.0/16").unwrap(), true));
+    (IdView::new(ids), ext, inside)
+}
+
+#[test]
+fn a_cidr_identity_outside_the_cluster_is_still_the_world() {
+    let labels_of = cidr_labels(parse_cidr("192.0.2.10/32").unwrap(), false);
+    assert_eq!(labels_of.len(), 34, "33 prefixes and reserved:world: {labels_of:?}");
+    assert!(labels_of.contains(&"cidr:192.0.2.0/24".to_string()));
+    assert!(labels_of.contains(&"cidr:0.0.0.0/0".to_string()));
+    assert!(labels_of.contains(&WORLD_LABEL.to_string()));
+    assert!(!cidr_labels(parse_cidr("10.9.0.0/16").unwrap(), true).contains(&WORLD_LABEL.into()));
+
+    let (ids, ext, inside) = with_cidr_identities();
+    let r = resolve(&parse(LOCKDOWN).unwrap(), 1, &labels("web", "shop"), &ids);
+    let denied: BTreeSet<u32> = r.rules.iter().filter(|x| x.deny).map(|x| x.identity).collect();
+    assert_eq!(denied, [reserved::WORLD, ext].into(), "the world deny covers the CIDR identity");
+    // And trace agrees: the external address is denied, named by the deny.
+    let ext_labels = ids.get(ext).unwrap().clone();
+    let t = trace(
+        &parse(LOCKDOWN).unwrap(),
+        (ext, &ext_labels),
+        (256, &labels("web", "shop")),
+        6,
+        80,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
+    assert_eq!(t.verdict, "DENIED");
+    assert_eq!(t.ingress.rules, ["CiliumClusterwideNetworkPolicy/-/external-lockdown"]);
+
+    // An allow from the world allows the CIDR identity too, not the
+    // in-cluster one.
+    let allow = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: w, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEntities: [world]}]\n";
+    let r = resolve(&parse(allow).unwrap(), 1, &labels("web", "shop"), &ids);
+    let allowed: BTreeSet<u32> = r.rules.iter().map(|x| x.identity).collect();
+    assert!(allowed.contains(&ext) && allowed.contains(&reserved::WORLD), "{allowed:?}");
+    assert!(!allowed.contains(&inside), "{allowed:?}");
+}
+
+#[test]
+fn cidr_selectors_match_by_every_containing_prefix() {
+    let (ids, ext, _) = with_cidr_identities();
+    for (cidr, selected) in [
+        ("192.0.2.0/24", true),
+        ("192.0.0.0/8", true),
+        ("192.0.2.10/32", true),
+        ("192.0.3.0/24", false),
+    ] {
+        let text = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: c, namespace: shop}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  egress: [{{toCIDR: [{cidr}]}}]\n"
+        );
+        let r = resolve(&parse(&text).unwrap(), 1, &labels("web", "shop"), &ids);
+        assert_eq!(r.rules.iter().any(|x| x.identity == ext), selected, "toCIDR {cidr}");
+    }
+    // An except names the more specific identity out.
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: c, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress: [{toCIDRSet: [{cidr: 192.0.0.0/8, except: [192.0.2.0/24]}]}]\n";
+    let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &ids);
+    assert!(r.rules.iter().all(|x| x.identity != ext));
+    // A `cidr:` label on an identity that is not a CIDR identity selects
+    // nothing (a pod cannot pose as an address).
+    let mut m = identity_map();
+    m.insert(300, vec!["cidr:192.0.2.10/32".into()]);
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: c, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress: [{toCIDR: [192.0.2.0/24]}]\n";
+    let r = resolve(&parse(text).unwrap(), 1, &labels("web", "shop"), &IdView::new(m));
+    assert!(r.rules.iter().all(|x| x.identity != 300));
+}
+
+#[test]
+fn enable_default_deny_false_enforces_only_denies() {
+    let text = |dd: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: nd, namespace: shop}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  enableDefaultDeny: {dd}\n  ingress: [{{fromEndpoints: [{{matchLabels: {{app: frontend}}}}], toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]}}]\n  ingressDeny: [{{fromEndpoints: [{{matchLabels: {{app: frontend}}}}], toPorts: [{{ports: [{{port: \"22\", protocol: TCP}}]}}]}}]\n  egress: [{{toEndpoints: [{{matchLabels: {{app: frontend}}}}]}}]\n"
+        )
+    };
+    let rules = parse(&text("{ingress: false, egress: false}")).unwrap();
+    let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && r.egress_enforced, "denies still apply");
+    let any_allows: Vec<u8> = r
+        .rules
+        .iter()
+        .filter(|x| x.identity == ANY_IDENTITY && !x.deny && x.proto == ANY_PROTO)
+        .map(|x| x.dir)
+        .collect();
+    assert_eq!(any_allows, vec![DIR_INGRESS, DIR_EGRESS], "everything else passes");
+    assert!(r.rules.iter().any(|x| x.deny && x.identity == 257 && x.ports == Some((22, 22))));
+    let ids = identities();
+    let (web, fe) = (labels("web", "shop"), ids.get(257).unwrap().clone());
+    let tr = |port, rules: &[Rule]| {
+        trace(
+            rules,
+            (258, ids.get(258).unwrap()),
+            (256, &web),
+            6,
+            port,
+            &ids,
+            (&NamedPorts::default(), &NamedPorts::default()),
+        )
+    };
+    let t = tr(9999, &rules);
+    assert_eq!(t.verdict, "ALLOWED", "{t:?}");
+    assert!(t.ingress.reason.contains("enableDefaultDeny"), "{}", t.ingress.reason);
+    let deny = trace(
+        &rules,
+        (257, &fe),
+        (256, &web),
+        6,
+        22,
+        &ids,
+        (&NamedPorts::default(), &NamedPorts::default()),
+    );
+    assert_eq!(deny.verdict, "DENIED");
+
+    // Only ingress off: egress is default deny as usual.
+    let r = resolve(
+        &parse(&text("{ingress: false}")).unwrap(),
+        1,
+        &labels("web", "shop"),
+        &identities(),
+    );
+    assert!(!r.rules.iter().any(|x| x.dir == DIR_EGRESS && x.identity == ANY_IDENTITY));
+
+    // Another policy with default deny on the same endpoint wins: no
+    // allow-all, and port 9999 from another namespace's frontend is denied.
+    let mut both = rules.clone();
+    both.extend(parse(WEB_ALLOWS_FRONTEND).unwrap());
+    let r = resolve(&both, 1, &labels("web", "shop"), &identities());
+    assert!(!r.rules.iter().any(|x| x.dir == DIR_INGRESS && x.identity == ANY_IDENTITY));
+    assert_eq!(tr(9999, &both).verdict, "DENIED");
+    // A bad value is refused by name.
+}
+
+#[test]
+fn empty_sections_are_no_rules_as_in_cilium() {
+    let doc = |body: &str| {
+        parse(&format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: e, namespace: shop}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n{body}"
+        ))
+        .unwrap()
+    };
+    let r =
+        resolve(&doc("  ingress: []\n  egress: []\n"), 1, &labels("web", "shop"), &identities());
+    assert!(!r.ingress_enforced && !r.egress_enforced && r.rules.is_empty(), "{r:?}");
+    let r = resolve(&doc("  ingress: [{}]\n"), 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced, "one empty rule puts ingress into default deny");
+    let r = resolve(
+        &doc("  ingress: []\n  ingressDeny: [{fromEntities: [world]}]\n"),
+        1,
+        &labels("web", "shop"),
+        &identities(),
+    );
+    assert!(r.ingress_enforced, "a deny list counts");
+    // A Kubernetes policy type without rules still isolates.
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: []\n";
+    let r = resolve(&parse(np).unwrap(), 1, &labels("web", "shop"), &identities());
+    assert!(r.ingress_enforced && r.egress_enforced);
+    assert!(r.rules.iter().all(|x| x.identity == reserved::HOST), "{r:?}");
 }
