@@ -141,6 +141,43 @@ fn policy_import_latency(bins: &Binaries, n: usize) -> Result<(f64, usize), Stri
     Ok((ms, entries))
 }
 
+/// Time of `PUT /v1/policy` for one policy naming `n` CIDRs (distinct /32s
+/// outside the cluster, egress of one pod), for each `n` of `counts` from
+/// none, then (last, as n = 0) of deleting the largest (its CIDR
+/// identities and ipcache entries go).
+fn cidr_import_latency(bins: &Binaries, counts: &[usize]) -> Result<Vec<(usize, f64)>, String> {
+    let lab = NodeLab::up(NodeLabConfig::new(&format!("cbc{}", token()), 1, bins.clone()))
+        .map_err(|e| e.to_string())?;
+    let call = |m: &str, target: &str, text: Option<String>| -> Result<f64, String> {
+        let start = Instant::now();
+        lab.client()
+            .call::<serde_json::Value>(
+                m,
+                target,
+                text.map(|text| ciliate_api::models::PolicyImport { text }).as_ref(),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1000.0)
+    };
+    let (mut out, mut del) = (Vec::new(), 0.0);
+    for &n in counts {
+        let cidrs: Vec<String> = (0..n)
+            .map(|i| format!("\"{}/32\"", std::net::Ipv4Addr::from(0xac10_0000u32 + i as u32)))
+            .collect();
+        let text = format!(
+            "{{\"apiVersion\": \"cilium.io/v2\", \"kind\": \"CiliumNetworkPolicy\", \
+             \"metadata\": {{\"name\": \"cidrs\", \"namespace\": \"default\"}}, \
+             \"spec\": {{\"endpointSelector\": {{\"matchLabels\": {{\"app\": \"pod1\"}}}}, \
+             \"egress\": [{{\"toCIDR\": [{}]}}]}}}}",
+            cidrs.join(", ")
+        );
+        out.push((n, call(ciliate_api::client::method::PUT, "/v1/policy", Some(text))?));
+        del = call(ciliate_api::client::method::DELETE, "/v1/policy?all=true", None)?;
+    }
+    out.push((0, del));
+    Ok(out)
+}
+
 fn run() -> Result<(), String> {
     let o = parse_opts()?;
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
@@ -207,6 +244,14 @@ fn run() -> Result<(), String> {
     println!(
         "policy import to maps written on {} endpoints: {ms:.0} ms ({entries} policy map entries)",
         o.policy_endpoints
+    );
+    let cidr = cidr_import_latency(&bins, &[1000, 2000, 4000, 8000, 10000])?;
+    let (del, grow) = cidr.split_last().ok_or("no CIDR measurement")?;
+    let grow: Vec<String> = grow.iter().map(|(n, ms)| format!("{n}: {ms:.0} ms")).collect();
+    println!(
+        "policy import with N CIDRs (one pod's egress, /32s): {}; deleting it: {:.0} ms",
+        grow.join(", "),
+        del.1
     );
     let lab = NodeLab::up(NodeLabConfig::new(&format!("cbm{}", token()), 2, bins.clone()))
         .map_err(|e| e.to_string())?;
