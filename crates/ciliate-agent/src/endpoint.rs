@@ -477,12 +477,7 @@ impl<D: Datapath> Endpoints<D> {
             let peering = crate::policy::rules_peering(&self.policy.rules, &labels);
             for other in self.endpoints.values() {
                 let l = label_set(&other.labels);
-                if peering.iter().any(|r| {
-                    r.spec
-                        .endpoint_selector
-                        .as_ref()
-                        .is_some_and(|s| s.matches(&l, r.namespace.as_deref()))
-                }) {
+                if peering.iter().any(|r| r.selects(&l)) {
                     affected.push(other.id);
                 }
             }

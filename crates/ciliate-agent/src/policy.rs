@@ -415,6 +415,16 @@ pub struct Rule {
     pub spec: RuleSpec,
 }
 
+impl Rule {
+    /// Does this rule select the endpoint with `labels`?
+    pub fn selects(&self, labels: &[String]) -> bool {
+        self.spec
+            .endpoint_selector
+            .as_ref()
+            .is_some_and(|s| s.matches(labels, self.namespace.as_deref()))
+    }
+}
+
 /// Parse and validate every document in `text`. Nothing is returned unless
 /// all of them are valid.
 pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
@@ -989,11 +999,10 @@ fn resolve_with(
     // Per direction: does some selecting rule put it into default deny?
     let (mut ingress_dd, mut egress_dd) = (false, false);
     for rule in rules {
-        let ns = rule.namespace.as_deref();
-        let selects = rule.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns));
-        if !selects {
+        if !rule.selects(labels) {
             continue;
         }
+        let ns = rule.namespace.as_deref();
         let (has_in, dd_in) = rule.spec.direction(DIR_INGRESS);
         let (has_eg, dd_eg) = rule.spec.direction(DIR_EGRESS);
         out.ingress_enforced |= has_in;
@@ -1272,19 +1281,11 @@ fn trace_direction(
         }
         // Allowed by what the agent adds: allow-localhost, or the allow-all
         // of a direction no rule puts into default deny.
-        let dd = rules.iter().any(|r| {
-            let ns = r.namespace.as_deref();
-            r.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns))
-                && r.spec.direction(dir).1
-        });
+        let dd = rules.iter().any(|r| r.selects(labels) && r.spec.direction(dir).1);
         let (reason, rules) = if !dd {
             let off: Vec<String> = rules
                 .iter()
-                .filter(|r| {
-                    let ns = r.namespace.as_deref();
-                    r.spec.endpoint_selector.as_ref().is_some_and(|s| s.matches(labels, ns))
-                        && r.spec.direction(dir).0
-                })
+                .filter(|r| r.selects(labels) && r.spec.direction(dir).0)
                 .map(|r| r.source.clone())
                 .collect();
             ("no rule puts this direction into default deny (enableDefaultDeny: false)", off)

@@ -52,6 +52,31 @@ fn endpoints(lab: &NodeLab) -> Vec<Endpoint> {
     lab.client().get("/v1/endpoint").unwrap()
 }
 
+/// An endpoint request of container `owner` (its address allocated here)
+/// on device `lxc`, with `labels`.
+fn endpoint_request(
+    lab: &NodeLab,
+    owner: &str,
+    lxc: &str,
+    labels: &[(&str, &str)],
+) -> EndpointCreate {
+    let alloc: IpamAllocation = lab
+        .client()
+        .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: owner.into() }))
+        .unwrap();
+    EndpointCreate {
+        container_id: owner.into(),
+        netns: "/run/netns/none".into(),
+        ifname: "eth0".into(),
+        host_ifname: lxc.into(),
+        ip: alloc.ip,
+        mac: "0a:00:00:00:00:01".into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        pod_name: String::new(),
+        named_ports: Default::default(),
+    }
+}
+
 const LOCKDOWN: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
@@ -135,21 +160,7 @@ fn a_pod_cannot_claim_a_reserved_identity() {
     }
     assert!(endpoints(&lab).iter().all(|e| e.container_id.starts_with("reserved:")));
     // The API refuses it too, naming the label.
-    let alloc: IpamAllocation = lab
-        .client()
-        .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: "evil".into() }))
-        .unwrap();
-    let req = EndpointCreate {
-        container_id: "evil".into(),
-        netns: "/run/netns/none".into(),
-        ifname: "eth0".into(),
-        host_ifname: "lxcevil".into(),
-        ip: alloc.ip,
-        mac: "0a:00:00:00:00:01".into(),
-        labels: [("reserved:host".to_string(), String::new())].into(),
-        pod_name: String::new(),
-        named_ports: Default::default(),
-    };
+    let req = endpoint_request(&lab, "evil", "lxcevil", &[("reserved:host", "")]);
     let e = lab.client().call::<Endpoint>(method::PUT, "/v1/endpoint", Some(&req)).unwrap_err();
     assert!(e.to_string().contains("reserved:host"), "{e}");
     assert_eq!(status_of(e), 400);
@@ -296,21 +307,7 @@ fn no_caller_can_break_another_pod() {
         .unwrap_err();
     assert_eq!(status_of(e), 409);
     // An endpoint naming another pod's host device.
-    let alloc: IpamAllocation = lab
-        .client()
-        .call(method::POST, "/v1/ipam", Some(&IpamRequest { owner: "intruder".into() }))
-        .unwrap();
-    let req = EndpointCreate {
-        container_id: "intruder".into(),
-        netns: "/run/netns/none".into(),
-        ifname: "eth0".into(),
-        host_ifname: p1.state.lxc.clone(),
-        ip: alloc.ip,
-        mac: "0a:00:00:00:00:01".into(),
-        labels: [("app".to_string(), "x".to_string())].into(),
-        pod_name: String::new(),
-        named_ports: Default::default(),
-    };
+    let req = endpoint_request(&lab, "intruder", &p1.state.lxc, &[("app", "x")]);
     let e = lab.client().call::<Endpoint>(method::PUT, "/v1/endpoint", Some(&req)).unwrap_err();
     assert_eq!(status_of(e), 409);
     // An endpoint with an address that is not its own.
