@@ -636,7 +636,7 @@ impl Services {
             .count();
         let in_use = self.state.refs.len() + self.state.retired.len();
         if in_use + new_backends > lb::MAX_BACKENDS as usize {
-            return full("ciliate_lb4_backends", in_use + new_backends, in_use, lb::MAX_BACKENDS);
+            return full(lb::BACKENDS_MAP, in_use + new_backends, in_use, lb::MAX_BACKENDS);
         }
         let slots = spec
             .backends
@@ -660,7 +660,7 @@ impl Services {
             .sum();
         if self.state.entries + grow > lb::MAX_SERVICES as usize {
             return full(
-                "ciliate_lb4_services",
+                lb::SERVICES_MAP,
                 self.state.entries + grow,
                 self.state.entries,
                 lb::MAX_SERVICES,
@@ -674,7 +674,7 @@ impl Services {
             let needed = self.state.maglev_frontends + addrs.len().saturating_sub(had);
             if needed > lb::MAX_MAGLEV as usize {
                 return full(
-                    "ciliate_lb4_maglev",
+                    lb::MAGLEV_MAP,
                     needed,
                     self.state.maglev_frontends,
                     lb::MAX_MAGLEV,

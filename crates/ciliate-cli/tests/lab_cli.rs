@@ -194,7 +194,7 @@ fn agent_commands_and_monitor_on_a_lab() {
     assert!(run(&["identity", "get", "2"]).contains("reserved:world"));
 
     let maps = run(&["map", "list"]);
-    let lxc_row = maps.lines().find(|l| l.starts_with("CILIATE_LXC")).unwrap_or_default();
+    let lxc_row = maps.lines().find(|l| l.starts_with("ciliate_lxc")).unwrap_or_default();
     assert_eq!(
         lxc_row.split_whitespace().nth(1),
         Some("5"),
@@ -202,7 +202,7 @@ fn agent_commands_and_monitor_on_a_lab() {
     );
     let (ok, _, err) = ciliate(&["map", "get", "nosuchmap", "--lab", &name]);
     assert!(!ok && err.contains("no map named nosuchmap"), "{err}");
-    assert!(run(&["map", "get", "CILIATE_IPCACHE"]).contains("reserved:world"));
+    assert!(run(&["map", "get", "ciliate_ipcache"]).contains("reserved:world"));
     let got = run(&["bpf", "ipcache", "get", "10.200.0.4"]);
     assert!(got.contains("10.200.0.4/32") && got.contains("identity=257"), "{got}");
     let got = run(&["bpf", "ipcache", "get", "192.0.2.1"]);

@@ -20,8 +20,8 @@
 //! echo the identifier stands in `dport` of a request and in `sport` of a
 //! reply, so that a reply's reverse tuple is its request's tuple.
 
-pub const TCP_MAP_NAME: &str = "CILIATE_CT4_TCP";
-pub const ANY_MAP_NAME: &str = "CILIATE_CT4_ANY";
+pub const TCP_MAP_NAME: &str = "ciliate_ct4_global";
+pub const ANY_MAP_NAME: &str = "ciliate_ct_any4_global";
 pub const MAX_ENTRIES_TCP: u32 = 524_288;
 pub const MAX_ENTRIES_ANY: u32 = 262_144;
 

@@ -2,7 +2,7 @@
 //! `cilium_lxc`). The datapath uses it for local delivery: the destination's
 //! host-side device, its MACs and its identity.
 
-pub const MAP_NAME: &str = "CILIATE_LXC";
+pub const MAP_NAME: &str = "ciliate_lxc";
 pub const MAX_ENTRIES: u32 = 65536;
 
 pub const FAMILY_IPV4: u8 = 4;

@@ -5,7 +5,7 @@
 //! [`CAPTURE_LEN`] bytes of the packet so the monitor can decode it.
 
 /// Name of the ring buffer map in every eBPF object.
-pub const RINGBUF_NAME: &str = "CILIATE_EVENTS";
+pub const RINGBUF_NAME: &str = "ciliate_events";
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RINGBUF_BYTES: u32 = 256 * 1024;
 

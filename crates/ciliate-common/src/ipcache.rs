@@ -1,7 +1,7 @@
 //! The ipcache: prefix → identity and tunnel endpoint, an LPM trie (Cilium's
 //! `cilium_ipcache`). The datapath asks it "who is this IP?".
 
-pub const MAP_NAME: &str = "CILIATE_IPCACHE";
+pub const MAP_NAME: &str = "ciliate_ipcache";
 pub const MAX_ENTRIES: u32 = 512_000;
 
 /// Bits of [`IpcacheKey`] before the address: they always match, so a

@@ -20,13 +20,13 @@
 //! `ct::DIR_SERVICE` under the tuple that names the frontend (see
 //! `ciliate_common::ct`).
 
-pub const SERVICES_MAP: &str = "CILIATE_LB4_SERVICES";
-pub const BACKENDS_MAP: &str = "CILIATE_LB4_BACKENDS";
-pub const REVNAT_MAP: &str = "CILIATE_LB4_REVNAT";
-pub const AFFINITY_MAP: &str = "CILIATE_LB4_AFFINITY";
-pub const MAGLEV_MAP: &str = "CILIATE_LB4_MAGLEV";
-pub const SRC_RANGE_MAP: &str = "CILIATE_LB4_SRC_RANGE";
-pub const SOCK_REVNAT_MAP: &str = "CILIATE_LB4_SOCK_REVNAT";
+pub const SERVICES_MAP: &str = "ciliate_lb4_services";
+pub const BACKENDS_MAP: &str = "ciliate_lb4_backends";
+pub const REVNAT_MAP: &str = "ciliate_lb4_reverse_nat";
+pub const AFFINITY_MAP: &str = "ciliate_lb4_affinity";
+pub const MAGLEV_MAP: &str = "ciliate_lb4_maglev";
+pub const SRC_RANGE_MAP: &str = "ciliate_lb4_source_range";
+pub const SOCK_REVNAT_MAP: &str = "ciliate_lb4_reverse_sk";
 
 pub const MAX_SERVICES: u32 = 65536;
 pub const MAX_BACKENDS: u32 = 65536;

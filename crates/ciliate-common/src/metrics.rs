@@ -3,7 +3,7 @@
 //! from [`crate::drop`]. Same shape as Cilium's `cilium_metrics`.
 
 /// Name of the map in every eBPF object.
-pub const MAP_NAME: &str = "CILIATE_METRICS";
+pub const MAP_NAME: &str = "ciliate_metrics";
 pub const MAX_ENTRIES: u32 = 1024;
 
 pub const DIR_UNKNOWN: u8 = 0;

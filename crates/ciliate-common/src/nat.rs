@@ -9,7 +9,7 @@
 //! the node address alone tells the replies of different pods apart only
 //! when their identifiers differ, as Cilium's).
 
-pub const MAP_NAME: &str = "CILIATE_SNAT4";
+pub const MAP_NAME: &str = "ciliate_snat_v4_external";
 pub const MAX_ENTRIES: u32 = 131_072;
 
 pub const DIR_OUT: u8 = 1;

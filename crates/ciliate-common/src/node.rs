@@ -3,7 +3,7 @@
 //! Unlike the per-endpoint load-time block it can change without reloading
 //! programs (a node joining the cluster, the tunnel device recreated).
 
-pub const MAP_NAME: &str = "CILIATE_NODE";
+pub const MAP_NAME: &str = "ciliate_node_config";
 
 /// Other nodes' pods are reached through the VXLAN device (`tunnel_ifindex`).
 pub const ROUTING_TUNNEL: u8 = 1;
@@ -17,7 +17,7 @@ pub const NODE_F_MASQUERADE: u8 = 1 << 0;
 
 /// Destinations never masqueraded besides the cluster CIDR (LPM of
 /// [`NoMasqKey`] → 1): `--non-masquerade-cidrs`.
-pub const NOMASQ_MAP: &str = "CILIATE_NOMASQ";
+pub const NOMASQ_MAP: &str = "ciliate_ipmasq_v4";
 pub const NOMASQ_MAX: u32 = 1024;
 
 /// The LPM data part of a non-masquerade key.

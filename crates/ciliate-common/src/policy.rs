@@ -23,7 +23,7 @@
 //! (`PREFIX_FULL`: one port). A port range is written as its covering
 //! prefixes.
 
-pub const MAP_NAME: &str = "CILIATE_POLICY";
+pub const MAP_NAME: &str = "ciliate_policy";
 pub const MAX_ENTRIES: u32 = 65536;
 
 pub const DIR_INGRESS: u8 = 1;

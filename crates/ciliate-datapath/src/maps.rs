@@ -440,7 +440,7 @@ pub fn plan_policy(
     }
     if peak > capacity {
         return Err(DatapathError::MapFull {
-            map: policy::MAP_NAME.to_lowercase(),
+            map: policy::MAP_NAME.into(),
             needed: peak,
             in_use,
             capacity,

@@ -39,7 +39,7 @@ pub mod programs {
     /// from-container's tail calls, in the order of their index in the
     /// object's `CILIATE_LXC_CALLS`.
     pub const LXC_CALLS: [&str; 2] = ["lxc_to_network", "lxc_to_overlay"];
-    pub const LXC_CALLS_MAP: &str = "CILIATE_LXC_CALLS";
+    pub const LXC_CALLS_MAP: &str = "ciliate_calls";
     pub const FROM_HOST: &str = "from_host";
     pub const FROM_NETDEV: &str = "from_netdev";
     pub const TO_NETDEV: &str = "to_netdev";

@@ -21,80 +21,80 @@ use ciliate_common::{
 };
 
 /// Packets and bytes per (reason, direction). See `ciliate_common::metrics`.
-#[map(name = "CILIATE_METRICS")]
+#[map(name = "ciliate_metrics")]
 pub static CILIATE_METRICS: PerCpuHashMap<MetricsKey, MetricsValue> =
     PerCpuHashMap::pinned(MAX_ENTRIES, 0);
 
 /// Drop and trace events. See `ciliate_common::event`.
-#[map(name = "CILIATE_EVENTS")]
+#[map(name = "ciliate_events")]
 pub static CILIATE_EVENTS: RingBuf = RingBuf::pinned(ciliate_common::event::RINGBUF_BYTES, 0);
 
 /// Local endpoints by IP. See `ciliate_common::endpoint`.
-#[map(name = "CILIATE_LXC")]
+#[map(name = "ciliate_lxc")]
 pub static CILIATE_LXC: HashMap<EndpointKey, EndpointInfo> =
     HashMap::pinned(endpoint::MAX_ENTRIES, 0);
 
 /// Prefix → identity. See `ciliate_common::ipcache`.
-#[map(name = "CILIATE_IPCACHE")]
+#[map(name = "ciliate_ipcache")]
 pub static CILIATE_IPCACHE: LpmTrie<IpcacheKey, IpcacheEntry> =
     LpmTrie::pinned(ipcache::MAX_ENTRIES, 0);
 
 /// TCP connections. See `ciliate_common::ct`.
-#[map(name = "CILIATE_CT4_TCP")]
+#[map(name = "ciliate_ct4_global")]
 pub static CILIATE_CT4_TCP: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_TCP, 0);
 
 /// UDP, ICMP and other connections. See `ciliate_common::ct`.
-#[map(name = "CILIATE_CT4_ANY")]
+#[map(name = "ciliate_ct_any4_global")]
 pub static CILIATE_CT4_ANY: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_ANY, 0);
 
 /// Policy of every endpoint of the node. See `ciliate_common::policy`.
-#[map(name = "CILIATE_POLICY")]
+#[map(name = "ciliate_policy")]
 pub static CILIATE_POLICY: LpmTrie<PolicyKey, PolicyEntry> =
     LpmTrie::pinned(policy::MAX_ENTRIES, 0);
 
 /// Frontends and their backend slots. See `ciliate_common::lb`.
-#[map(name = "CILIATE_LB4_SERVICES")]
+#[map(name = "ciliate_lb4_services")]
 pub static CILIATE_LB4_SERVICES: HashMap<LbKey, LbService> = HashMap::pinned(lb::MAX_SERVICES, 0);
 
 /// Backend ID → address, port, state.
-#[map(name = "CILIATE_LB4_BACKENDS")]
+#[map(name = "ciliate_lb4_backends")]
 pub static CILIATE_LB4_BACKENDS: HashMap<u32, LbBackend> = HashMap::pinned(lb::MAX_BACKENDS, 0);
 
 /// Reverse-NAT index → frontend.
-#[map(name = "CILIATE_LB4_REVNAT")]
+#[map(name = "ciliate_lb4_reverse_nat")]
 pub static CILIATE_LB4_REVNAT: HashMap<u16, RevNat> = HashMap::pinned(lb::MAX_REVNAT, 0);
 
 /// sessionAffinity ClientIP: (client, frontend) → backend.
-#[map(name = "CILIATE_LB4_AFFINITY")]
+#[map(name = "ciliate_lb4_affinity")]
 pub static CILIATE_LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(lb::MAX_AFFINITY, 0);
 
 /// Reverse-NAT index → Maglev lookup table (not preallocated: a table is
 /// 64 KiB and only Maglev frontends have one).
-#[map(name = "CILIATE_LB4_MAGLEV")]
+#[map(name = "ciliate_lb4_maglev")]
 pub static CILIATE_LB4_MAGLEV: HashMap<u16, MaglevTable> =
     HashMap::pinned(lb::MAX_MAGLEV, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// loadBalancerSourceRanges: (frontend, client prefix) → allowed.
-#[map(name = "CILIATE_LB4_SRC_RANGE")]
+#[map(name = "ciliate_lb4_source_range")]
 pub static CILIATE_LB4_SRC_RANGE: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(lb::MAX_SRC_RANGES, 0);
 
 /// Sockets the socket hooks translated: (cookie, backend) → frontend.
-#[map(name = "CILIATE_LB4_SOCK_REVNAT")]
+#[map(name = "ciliate_lb4_reverse_sk")]
 pub static CILIATE_LB4_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::pinned(lb::MAX_SOCK_REVNAT, 0);
 
 /// The node's runtime configuration. See `ciliate_common::node`.
-#[map(name = "CILIATE_NODE")]
+#[map(name = "ciliate_node_config")]
 pub static CILIATE_NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// Masquerading. See `ciliate_common::nat`.
-#[map(name = "CILIATE_SNAT4")]
+#[map(name = "ciliate_snat_v4_external")]
 pub static CILIATE_SNAT4: LruHashMap<CtKey4, NatEntry> =
     LruHashMap::pinned(ciliate_common::nat::MAX_ENTRIES, 0);
 
 /// Destinations never masqueraded. See `ciliate_common::node`.
-#[map(name = "CILIATE_NOMASQ")]
+#[map(name = "ciliate_ipmasq_v4")]
 pub static CILIATE_NOMASQ: LpmTrie<ciliate_common::node::NoMasqKey, u8> =
     LpmTrie::pinned(ciliate_common::node::NOMASQ_MAX, 0);
 

@@ -178,7 +178,7 @@ const CALL_TO_OVERLAY: u32 = 1;
 
 /// This object's tail-call targets; not pinned: every endpoint's object
 /// has its own, filled by the loader.
-#[map(name = "CILIATE_LXC_CALLS")]
+#[map(name = "ciliate_calls")]
 static CILIATE_LXC_CALLS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// Tail-call `index`, leaving in `cb` what the callee reports with. Returns
