@@ -25,20 +25,32 @@ use crate::{
 
 pub struct KernelDatapath {
     pub pins: NodePins,
+    /// The node's from-container: loaded and verified once (at start, or
+    /// found pinned by a restarted agent), attached to every endpoint.
+    program: node::EndpointProgram,
     /// The policy map and what it holds per endpoint, read once (on the
     /// first policy write) and kept in step by every write after.
     policy: Option<(PolicyMap, BTreeMap<u16, PolicyEntries>)>,
 }
 
 impl KernelDatapath {
-    pub fn new(pins: NodePins) -> Self {
-        Self { pins, policy: None }
+    /// The node's datapath for endpoints: loads (or finds pinned) the
+    /// node's from-container.
+    pub fn new(pins: NodePins) -> Result<Self, ciliate_datapath::DatapathError> {
+        let program = node::endpoint_program(&pins)?;
+        Ok(Self { pins, program, policy: None })
+    }
+
+    /// Whether the endpoint program was loaded and verified by this agent
+    /// (not found pinned).
+    pub fn verified_now(&self) -> bool {
+        self.program.fresh
     }
 }
 
 impl Datapath for KernelDatapath {
     fn attach(&mut self, spec: &EndpointSpec) -> Result<Attached, String> {
-        node::attach_endpoint(&self.pins, spec).map_err(|e| e.to_string())
+        node::attach_endpoint(&self.pins, &mut self.program, spec).map_err(|e| e.to_string())
     }
     fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String> {
         node::detach_endpoint(&self.pins, ip, lxc).map_err(|e| e.to_string())

@@ -673,12 +673,7 @@ impl Services {
                 .map_or(0, |o| o.frontends.len());
             let needed = self.state.maglev_frontends + addrs.len().saturating_sub(had);
             if needed > lb::MAX_MAGLEV as usize {
-                return full(
-                    lb::MAGLEV_MAP,
-                    needed,
-                    self.state.maglev_frontends,
-                    lb::MAX_MAGLEV,
-                );
+                return full(lb::MAGLEV_MAP, needed, self.state.maglev_frontends, lb::MAX_MAGLEV);
             }
         }
         Ok(())

@@ -1,11 +1,17 @@
-//! Load-time configuration of the per-endpoint programs.
+//! Configuration of the programs.
 //!
-//! Cilium compiles each endpoint's program with its addresses as constants;
-//! Ciliate loads one object per endpoint and sets this block as a global
-//! before load (aya's `EbpfLoader::set_global`), so nothing is recompiled.
+//! Cilium compiles each endpoint's program with its addresses as constants.
+//! Ciliate loads and verifies from-container once per node: each
+//! endpoint's configuration is an entry of [`ENDPOINT_CONFIG_MAP`], keyed by
+//! the ifindex of its host-side device (the device the program runs on),
+//! written before the program is attached there. The node programs take
+//! their [`HostConfig`] as a global set before load.
 
-/// Name of the global in the eBPF object that holds an [`EndpointConfig`].
-pub const ENDPOINT_CONFIG_SYMBOL: &str = "ENDPOINT_CONFIG";
+/// `ciliate_ep_config`: ifindex of an endpoint's host-side device →
+/// [`EndpointConfig`].
+pub const ENDPOINT_CONFIG_MAP: &str = "ciliate_ep_config";
+/// Endpoints a node configures at most.
+pub const ENDPOINT_CONFIG_MAX: u32 = 65536;
 
 /// Identity of the endpoint a from-container program is attached to.
 #[repr(C)]
@@ -26,8 +32,8 @@ pub struct EndpointConfig {
 }
 const _: () = assert!(core::mem::size_of::<EndpointConfig>() == 24);
 
-/// Set on a config that was filled in by user space. A program that finds it
-/// clear was loaded without configuration and drops with `NO_CONFIG`.
+/// Set on a config that was filled in by user space. A program that finds
+/// none (or one without it) for its device drops with `NO_CONFIG`.
 pub const ENDPOINT_F_CONFIGURED: u32 = 1 << 0;
 /// Monitor aggregation "none": a trace event for every forwarded packet.
 /// Without it ("medium", Cilium's default) only new connections, first

@@ -11,9 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
 };
-use ciliate_common::config::{
-    ENDPOINT_CONFIG_SYMBOL, ENDPOINT_F_CONFIGURED, EndpointConfig, HOST_CONFIG_SYMBOL, HostConfig,
-};
+use ciliate_common::config::{ENDPOINT_F_CONFIGURED, HOST_CONFIG_SYMBOL, HostConfig};
 
 use crate::{
     bpffs::NodePins,
@@ -57,11 +55,12 @@ fn load_configured<T: aya::Pod>(
     })
 }
 
-/// Load the lxc object for one endpoint with its configuration block, its
-/// tail-call programs loaded and in its call map.
-pub fn load_endpoint(pins: &NodePins, cfg: &EndpointConfig) -> Result<Loaded> {
-    let cfg = EndpointConfig { flags: cfg.flags | ENDPOINT_F_CONFIGURED, ..*cfg };
-    let mut l = load_configured(pins, "lxc", ENDPOINT_CONFIG_SYMBOL, &cfg)?;
+/// Load the lxc object (the node's from-container and its tail calls, in
+/// the node's pinned call map). It serves every endpoint of the node:
+/// each one's configuration is its entry in `ciliate_ep_config`.
+pub fn load_lxc(pins: &NodePins) -> Result<Loaded> {
+    let object = objects::by_name("lxc").expect("every object this crate names is built");
+    let mut l = load_with(object, pins, |_| {})?;
     l.fill_calls(objects::programs::LXC_CALLS_MAP, &objects::programs::LXC_CALLS)?;
     Ok(l)
 }
@@ -76,6 +75,107 @@ pub fn load_host(pins: &NodePins, cfg: &HostConfig) -> Result<Loaded> {
 pub fn load_sock(pins: &NodePins) -> Result<Loaded> {
     let object = objects::by_name("sock").expect("every object this crate names is built");
     load_with(object, pins, |_| {})
+}
+
+/// FNV-1a (64 bit) over `parts`, in hex: what a node's programs were
+/// loaded from.
+fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The raw bytes of a configuration block.
+fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: `T: Pod` is plain `#[repr(C)]` data with explicit padding;
+    // reading its bytes is reading initialised memory of its size.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// The programs of one object on a node, loaded and verified once and
+/// pinned in `<pins>/progs/<object>-<fingerprint>/<program>`, where the
+/// fingerprint is that of the object's bytes and its configuration: a
+/// restarted agent with the same binary (and configuration) finds them
+/// there and verifies nothing; a new binary loads anew.
+#[derive(Clone, Debug)]
+pub struct NodeObject {
+    pub dir: std::path::PathBuf,
+    /// Loaded (and verified) by this call, not found pinned.
+    pub fresh: bool,
+}
+
+impl NodeObject {
+    /// The pinned tc program `name`.
+    pub fn classifier(&self, name: &str) -> Result<SchedClassifier> {
+        SchedClassifier::from_pin(self.dir.join(name))
+            .map_err(|source| DatapathError::program("opening the pinned", name, source))
+    }
+
+    /// The path of pinned program `name`.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Make sure the programs of `object` (with configuration global `global`,
+/// when it has one) are loaded and pinned for this node; see
+/// [`NodeObject`]. The pins of other versions go (programs still attached
+/// stay loaded through their links until those are replaced).
+pub fn node_object<T: aya::Pod>(
+    pins: &NodePins,
+    object: &str,
+    global: Option<(&'static str, &T)>,
+) -> Result<NodeObject> {
+    let obj = objects::by_name(object).expect("every object this crate names is built");
+    let config = global.map(|(_, c)| bytes_of(c)).unwrap_or(&[]);
+    let progs = pins.dir.join("progs");
+    let dir = progs.join(format!("{object}-{}", fingerprint(&[obj.bytes, config])));
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| DatapathError::Io { what, path, source }
+    };
+    // Complete when every program of the object is pinned there.
+    let pinned = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    let fresh = pinned == 0 || pinned < programs_of(object).len();
+    if fresh {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut loaded = match (object, global) {
+            ("lxc", _) => load_lxc(pins)?,
+            (_, Some((symbol, cfg))) => load_configured(pins, object, symbol, cfg)?,
+            (_, None) => load_with(obj, pins, |_| {})?,
+        };
+        loaded.load_all()?;
+        std::fs::create_dir_all(&dir).map_err(io("creating program pin directory", &dir))?;
+        for (name, prog) in loaded.ebpf.programs_mut() {
+            prog.pin(dir.join(name)).map_err(|source| DatapathError::Pin {
+                what: format!("program {name}"),
+                path: dir.join(name),
+                source: Box::new(source),
+            })?;
+        }
+    }
+    for e in std::fs::read_dir(&progs).into_iter().flatten().flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(&format!("{object}-")) && e.path() != dir {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(NodeObject { dir, fresh })
+}
+
+/// The programs of each object (what [`node_object`] pins).
+fn programs_of(object: &str) -> &'static [&'static str] {
+    use objects::programs::*;
+    match object {
+        "lxc" => &[FROM_CONTAINER, LXC_CALLS[0], LXC_CALLS[1]],
+        "host" => &[FROM_HOST, FROM_NETDEV, TO_NETDEV, FROM_OVERLAY],
+        "sock" => &SOCK,
+        _ => &[],
+    }
 }
 
 /// What the verifier reported for one loaded program.
@@ -214,10 +314,7 @@ impl Loaded {
         Ok(prog)
     }
 
-    /// Attach tc program `name` to `device` (in the calling thread's network
-    /// namespace) through tcx and pin the link at `pin`, replacing what was
-    /// pinned there: the new program is attached before the old link goes,
-    /// so no packet passes unprocessed.
+    /// Attach tc program `name` to `device` (see [`attach_tc`]).
     pub fn attach_tc(
         &mut self,
         name: &str,
@@ -225,21 +322,43 @@ impl Loaded {
         attach: TcAttachType,
         pin: &Path,
     ) -> Result<()> {
-        let prog = self.classifier(name)?;
-        let link_id = prog
-            .attach_with_options(device, attach, TcAttachOptions::TcxOrder(Default::default()))
-            .map_err(|source| {
-                DatapathError::program(format!("attaching to {device} ({attach:?})"), name, source)
-            })?;
-        let link = prog.take_link(link_id).map_err(|source| {
-            DatapathError::program(format!("taking link on {device}"), name, source)
-        })?;
-        let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
-            name: device.into(),
-            reason: format!("tcx link of {name} is not an fd link: {e}"),
-        })?;
-        replace_pin(link, pin, name)
+        attach_tc(self.classifier(name)?, name, device, attach, pin)
     }
+}
+
+/// Attach tc program `prog` (called `name`) to `device` (in the calling
+/// thread's network namespace) through tcx and pin the link at `pin`,
+/// replacing what was pinned there: the new program is attached before the
+/// old link goes, so no packet passes unprocessed.
+pub fn attach_tc(
+    prog: &mut SchedClassifier,
+    name: &str,
+    device: &str,
+    attach: TcAttachType,
+    pin: &Path,
+) -> Result<()> {
+    let link_id = prog
+        .attach_with_options(device, attach, TcAttachOptions::TcxOrder(Default::default()))
+        .map_err(|source| {
+            DatapathError::program(format!("attaching to {device} ({attach:?})"), name, source)
+        })?;
+    let link = prog.take_link(link_id).map_err(|source| {
+        DatapathError::program(format!("taking link on {device}"), name, source)
+    })?;
+    let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
+        name: device.into(),
+        reason: format!("tcx link of {name} is not an fd link: {e}"),
+    })?;
+    replace_pin(link, pin, name)
+}
+
+/// Is program `prog` attached (tcx) to `device` in direction `attach`, with
+/// its link pinned at `pin`? Then attaching it again would change nothing.
+pub fn is_attached(prog: &SchedClassifier, device: &str, attach: TcAttachType, pin: &Path) -> bool {
+    let Ok(id) = prog.info().map(|i| i.id()) else { return false };
+    pin.exists()
+        && SchedClassifier::query_tcx(device, attach)
+            .is_ok_and(|(_, infos)| infos.iter().any(|i| i.id() == id))
 }
 
 /// Pin `link` (of program `name`) at `pin`, replacing what was pinned

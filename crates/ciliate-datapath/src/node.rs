@@ -13,7 +13,7 @@ use std::{net::Ipv4Addr, process::Command};
 
 use aya::programs::TcAttachType;
 use ciliate_common::{
-    config::{EndpointConfig, HostConfig},
+    config::{EndpointConfig, HOST_CONFIG_SYMBOL, HostConfig},
     endpoint::{ENDPOINT_F_HOST, EndpointInfo},
     identity,
     ipcache::IpcacheEntry,
@@ -25,10 +25,8 @@ use crate::{
     error::{DatapathError, Result},
     loader,
     maps::{IpcacheMap, LxcMap},
-    nodemaps::NodeConfigMap,
-    objects::programs::{
-        FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, LXC_CALLS_MAP, SOCK, TO_NETDEV,
-    },
+    nodemaps::{EndpointConfigMap, NodeConfigMap},
+    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SOCK, TO_NETDEV},
 };
 
 pub const HOST_DEV: &str = "ciliate_host";
@@ -175,10 +173,12 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         ifindex,
         router_ip: s.router.octets(),
         mac,
-        flags: trace_flags(s.trace_all),
+        flags: trace_flags(s.trace_all) | ciliate_common::config::ENDPOINT_F_CONFIGURED,
         ..Default::default()
     };
-    let mut host = loader::load_host(pins, &cfg)?;
+    // Loaded and verified once per node (and binary): a restarted agent
+    // finds the programs pinned and re-attaches only what is not attached.
+    let host = loader::node_object(pins, "host", Some((HOST_CONFIG_SYMBOL, &cfg)))?;
     // The maps exist now (the load created or reused them): the host entries
     // go in before the program is attached.
     let host_ep =
@@ -220,27 +220,39 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
     };
     crate::nodemaps::NoMasqMap::from_pin_dir(&pins.dir)?.set(&s.non_masquerade)?;
     NodeConfigMap::from_pin_dir(&pins.dir)?.set(&node_cfg)?;
-    host.attach_tc(
-        FROM_HOST,
-        HOST_DEV,
-        TcAttachType::Egress,
-        &pins.link_path(HOST_DEV, FROM_HOST_PIN),
-    )?;
+    let attach = |prog: &str, dev: &str, dir: TcAttachType, pin: &str| -> Result<()> {
+        let mut p = host.classifier(prog)?;
+        let pin = pins.link_path(dev, pin);
+        if !loader::is_attached(&p, dev, dir, &pin) {
+            loader::attach_tc(&mut p, prog, dev, dir, &pin)?;
+        }
+        Ok(())
+    };
+    attach(FROM_HOST, HOST_DEV, TcAttachType::Egress, FROM_HOST_PIN)?;
     for dev in &s.devices {
         sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
-        host.attach_tc(
-            FROM_NETDEV,
-            dev,
-            TcAttachType::Ingress,
-            &pins.link_path(dev, FROM_NETDEV_PIN),
-        )?;
-        host.attach_tc(TO_NETDEV, dev, TcAttachType::Egress, &pins.link_path(dev, TO_NETDEV_PIN))?;
+        attach(FROM_NETDEV, dev, TcAttachType::Ingress, FROM_NETDEV_PIN)?;
+        attach(TO_NETDEV, dev, TcAttachType::Egress, TO_NETDEV_PIN)?;
     }
     if s.routing == ROUTING_TUNNEL {
-        let pin = pins.link_path(TUNNEL_DEV, FROM_OVERLAY_PIN);
-        host.attach_tc(FROM_OVERLAY, TUNNEL_DEV, TcAttachType::Ingress, &pin)?;
+        attach(FROM_OVERLAY, TUNNEL_DEV, TcAttachType::Ingress, FROM_OVERLAY_PIN)?;
     }
     Ok(node_ips)
+}
+
+/// The node's from-container (one program for every endpoint), loaded and
+/// verified once per node and binary; see [`loader::NodeObject`].
+pub fn endpoint_program(pins: &NodePins) -> Result<EndpointProgram> {
+    let obj = loader::node_object(pins, "lxc", None::<(&str, &HostConfig)>)?;
+    let prog = obj.classifier(FROM_CONTAINER)?;
+    Ok(EndpointProgram { prog, fresh: obj.fresh })
+}
+
+/// The node's from-container, ready to attach to endpoints' devices.
+pub struct EndpointProgram {
+    prog: aya::programs::SchedClassifier,
+    /// Loaded and verified now (not found pinned from an earlier run).
+    pub fresh: bool,
 }
 
 /// Attach the socket-LB programs to the cgroup v2 directory `cgroup` (its
@@ -248,24 +260,36 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
 /// outlive the agent. Re-attaching (a restarted agent) attaches the new
 /// links before the old pins go.
 pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
-    use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
-    let mut sock = loader::load_sock(pins)?;
+    use aya::programs::{
+        CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrAttachType as At,
+        links::FdLink,
+    };
+    let sock = loader::node_object(pins, "sock", None::<(&str, &HostConfig)>)?;
     let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
         what: "opening cgroup",
         path: cgroup.to_owned(),
         source,
     })?;
+    // The cgroup a node's links are on is recorded beside them: the same
+    // programs on the same cgroup need nothing.
+    let marker = pins
+        .dir
+        .join("progs")
+        .join(format!("sockcgroup_{}", cgroup.display().to_string().replace(['/', '.'], "_")));
+    let all_pinned = SOCK.iter().all(|n| pins.link_path("cgroup", n).exists());
+    if !sock.fresh && all_pinned && marker.exists() {
+        return Ok(());
+    }
     for name in SOCK {
-        let prog: &mut CgroupSockAddr = sock
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::NoProgram {
-                object: "sock".into(),
-                program: name.into(),
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::program("expecting a cgroup sock_addr program", name, e))?;
-        prog.load().map_err(|e| DatapathError::program("loading (object sock)", name, e))?;
+        let kind = match name {
+            "sock4_connect" => At::Connect4,
+            "sock4_sendmsg" => At::UDPSendMsg4,
+            "sock4_recvmsg" => At::UDPRecvMsg4,
+            _ => At::GetPeerName4,
+        };
+        let mut prog = CgroupSockAddr::from_pin(sock.path(name), kind)
+            .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
+        let prog = &mut prog;
         let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
             DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
         })?;
@@ -279,7 +303,16 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         let pin = pins.link_path("cgroup", name);
         loader::replace_pin(link, &pin, name)?;
     }
-    Ok(())
+    for e in std::fs::read_dir(pins.dir.join("progs")).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("sockcgroup_") && e.path() != marker {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    std::fs::create_dir_all(&marker).map_err(|source| DatapathError::Io {
+        what: "recording the socket-LB cgroup at",
+        path: marker.clone(),
+        source,
+    })
 }
 
 /// Detach the socket-LB programs (their pinned links go).
@@ -310,14 +343,29 @@ pub struct Attached {
     pub ifindex: u32,
 }
 
-/// Put the endpoint into the lxc map and the ipcache, then load its
-/// from-container with its configuration and attach it to its lxc device.
-pub fn attach_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<Attached> {
+/// Write the endpoint's configuration (by its device's ifindex), its lxc
+/// entry and its ipcache entry, then attach the node's from-container to its
+/// device (unless it is attached there already: a restarted agent). No
+/// program is loaded or verified here.
+pub fn attach_endpoint(
+    pins: &NodePins,
+    prog: &mut EndpointProgram,
+    ep: &EndpointSpec,
+) -> Result<Attached> {
     let (lxc_mac, ifindex) = link_info(&ep.lxc)?;
     // Only the datapath answers ARP on a pod's device (arp_ignore 8): a
     // missing program then shows as an unreachable gateway, not as a pod
     // silently routed by the stack.
     sysctl(&format!("net.ipv4.conf.{}.arp_ignore", ep.lxc), "8")?;
+    let cfg = EndpointConfig {
+        ifindex,
+        identity: ep.identity,
+        ipv4: ep.ip.octets(),
+        endpoint_id: ep.endpoint_id,
+        lxc_mac,
+        flags: trace_flags(ep.trace_all),
+    };
+    EndpointConfigMap::from_pin_dir(&pins.dir)?.set(&cfg)?;
     let info = EndpointInfo {
         ifindex,
         endpoint_id: ep.endpoint_id,
@@ -332,23 +380,15 @@ pub fn attach_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<Attached> {
         32,
         &IpcacheEntry { identity: ep.identity, ..Default::default() },
     )?;
-    let cfg = EndpointConfig {
-        ifindex,
-        identity: ep.identity,
-        ipv4: ep.ip.octets(),
-        endpoint_id: ep.endpoint_id,
-        lxc_mac,
-        flags: trace_flags(ep.trace_all),
-    };
-    let mut loaded = loader::load_endpoint(pins, &cfg)?;
-    // The tail calls first: they must outlive this process once attached.
-    loaded.pin_map(LXC_CALLS_MAP, &calls_path(pins, &ep.lxc))?;
     let pin = pins.link_path(&ep.lxc, FROM_CONTAINER_PIN);
-    loaded.attach_tc(FROM_CONTAINER, &ep.lxc, TcAttachType::Ingress, &pin)?;
+    if !loader::is_attached(&prog.prog, &ep.lxc, TcAttachType::Ingress, &pin) {
+        loader::attach_tc(&mut prog.prog, FROM_CONTAINER, &ep.lxc, TcAttachType::Ingress, &pin)?;
+    }
     Ok(Attached { lxc_mac, ifindex })
 }
 
-/// Where the tail-call map of the endpoint on `lxc` is pinned.
+/// Where an older layout pinned an endpoint's own tail-call map (one object
+/// per endpoint); removed wherever found.
 fn calls_path(pins: &NodePins, lxc: &str) -> std::path::PathBuf {
     pins.dir.join("calls").join(lxc)
 }
@@ -365,7 +405,11 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(calls_path(pins, lxc));
-    LxcMap::from_pin_dir(&pins.dir)?.remove(ip)?;
+    let mut lxc_map = LxcMap::from_pin_dir(&pins.dir)?;
+    if let Some(info) = lxc_map.get(ip)? {
+        EndpointConfigMap::from_pin_dir(&pins.dir)?.remove(info.ifindex)?;
+    }
+    lxc_map.remove(ip)?;
     IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
 }
 

@@ -32,6 +32,41 @@ impl NodeConfigMap {
     }
 }
 
+/// `ciliate_ep_config`: each endpoint's configuration, by the ifindex of
+/// its host-side device (what the node's one from-container reads).
+pub struct EndpointConfigMap(HashMap<MapData, u32, ciliate_common::config::EndpointConfig>);
+
+impl EndpointConfigMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        use ciliate_common::config::ENDPOINT_CONFIG_MAP;
+        open_pinned(dir, ENDPOINT_CONFIG_MAP, Map::HashMap).map(Self)
+    }
+
+    /// Write the configuration of the endpoint on device `ifindex` (marked
+    /// configured).
+    pub fn set(&mut self, cfg: &ciliate_common::config::EndpointConfig) -> Result<()> {
+        use ciliate_common::config::{ENDPOINT_CONFIG_MAP, ENDPOINT_F_CONFIGURED};
+        let cfg = ciliate_common::config::EndpointConfig {
+            flags: cfg.flags | ENDPOINT_F_CONFIGURED,
+            ..*cfg
+        };
+        self.0.insert(cfg.ifindex, cfg, 0).map_err(map_err("writing", ENDPOINT_CONFIG_MAP))
+    }
+
+    pub fn remove(&mut self, ifindex: u32) -> Result<()> {
+        let name = ciliate_common::config::ENDPOINT_CONFIG_MAP;
+        crate::maps::ignore_missing(self.0.remove(&ifindex), name)
+    }
+
+    pub fn get(&self, ifindex: u32) -> Result<Option<ciliate_common::config::EndpointConfig>> {
+        match self.0.get(&ifindex, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", ciliate_common::config::ENDPOINT_CONFIG_MAP)(e)),
+        }
+    }
+}
+
 /// `CILIATE_NOMASQ`: destinations never masqueraded.
 pub struct NoMasqMap(aya::maps::LpmTrie<MapData, ciliate_common::node::NoMasqKey, u8>);
 

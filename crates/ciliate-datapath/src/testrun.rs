@@ -29,10 +29,32 @@ pub mod verdict {
 
 /// Run `prog` (named `name` in errors) once on `packet`.
 pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun> {
+    run(prog, name, packet, None)
+}
+
+/// Run `prog` once on `packet` as if it arrived on device `ifindex` (which
+/// must exist in the calling thread's network namespace: see
+/// [`own_netns_with_devices`]). from-container reads its endpoint's
+/// configuration by that ifindex.
+pub fn run_tc_on(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: u32) -> Result<TcRun> {
+    run(prog, name, packet, Some(ifindex))
+}
+
+/// Size of the kernel's `struct __sk_buff` and the offset of its
+/// `ifindex` (the only field set in a test run's context).
+const SKB_CTX_SIZE: usize = 192;
+const SKB_IFINDEX: usize = 40;
+
+fn run(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: Option<u32>) -> Result<TcRun> {
     let mut out = vec![0u8; packet.len() + HEADROOM];
+    let mut ctx = [0u8; SKB_CTX_SIZE];
+    if let Some(i) = ifindex {
+        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&i.to_ne_bytes());
+    }
     let opts = TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
+        ctx_in: ifindex.map(|_| &ctx[..]),
         repeat: 1,
         ..Default::default()
     };
@@ -44,6 +66,32 @@ pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun
     })?;
     out.truncate(res.data_size_out as usize);
     Ok(TcRun { verdict: res.return_value as i32, packet: out })
+}
+
+/// Move the calling thread into a network namespace of its own (it goes
+/// when the thread ends) holding a veth device with each of `ifindexes`
+/// (their peers: the same plus 100,000), for [`run_tc_on`].
+pub fn own_netns_with_devices(ifindexes: &[u32]) -> Result<()> {
+    let err = |what: String| DatapathError::Device { name: "test netns".into(), reason: what };
+    // SAFETY: unshare(2) of the calling thread's network namespace only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(err(format!("unshare: {}", std::io::Error::last_os_error())));
+    }
+    for i in ifindexes {
+        let (a, b) = (format!("t{i}"), format!("p{i}"));
+        let (ia, ib) = (i.to_string(), (i + 100_000).to_string());
+        // The child runs in this thread's (new) namespace.
+        let out = std::process::Command::new("ip")
+            .args([
+                "link", "add", &a, "index", &ia, "type", "veth", "peer", "name", &b, "index", &ib,
+            ])
+            .output()
+            .map_err(|e| err(format!("running ip: {e}")))?;
+        if !out.status.success() {
+            return Err(err(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+    }
+    Ok(())
 }
 
 /// A bpffs and a pin directory of its own for one test, unmounted and
@@ -108,6 +156,9 @@ impl ScratchNode {
     }
     pub fn ct(&self) -> Result<crate::maps::CtMaps> {
         crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
+    }
+    pub fn endpoint_config(&self) -> Result<crate::nodemaps::EndpointConfigMap> {
+        crate::nodemaps::EndpointConfigMap::from_pin_dir(&self.pins.dir)
     }
 }
 

@@ -15,8 +15,6 @@ use ciliate_common::{
 };
 use ciliate_datapath::{
     events::Event,
-    loader,
-    objects::programs::FROM_CONTAINER,
     packet::{self, Eth, Ip4, L4, tcp_flags},
     testrun::{ScratchNode, verdict},
 };
@@ -91,12 +89,12 @@ fn the_reply_matches_conntrack_in_both_views_then_the_flow_is_established() {
 fn with_trace_all_every_forwarded_packet_is_traced() {
     let node = ScratchNode::new("trace-all").unwrap();
     let cfg = EndpointConfig { flags: ciliate_common::config::ENDPOINT_F_TRACE_ALL, ..A.config() };
-    let mut a = loader::load_endpoint(&node.pins, &cfg).unwrap();
+    let mut a = endpoints(&node, &[cfg]);
     let mut lxc = node.lxc().unwrap();
     lxc.upsert(B.ip, &B.info()).unwrap();
     let mut events = node.events().unwrap();
     for flags in [tcp_flags::SYN, tcp_flags::ACK, tcp_flags::ACK, tcp_flags::ACK] {
-        let out = Node::run(&mut a, FROM_CONTAINER, &A.send(B.ip, &tcp(41000, 80, flags)));
+        let out = Node::from_container(&mut a, A.ifindex, &A.send(B.ip, &tcp(41000, 80, flags)));
         assert_eq!(out.verdict, verdict::REDIRECT);
     }
     let traces = events.drain().into_iter().filter(|e| matches!(e, Event::Trace(_))).count();

@@ -1,16 +1,18 @@
 //! BPF_PROG_TEST_RUN tests of the lxc object (from-container).
 //! Needs root (loads BPF programs); CI runs as root.
 
+mod common;
+
 use std::net::Ipv4Addr;
 
 use ciliate_common::{config::EndpointConfig, drop, metrics, trace};
 use ciliate_datapath::{
     events::Event,
-    loader::{self, Loaded},
+    loader::Loaded,
     maps::{EventRing, MetricsMap},
-    objects::{self, programs::FROM_CONTAINER},
+    objects::programs::FROM_CONTAINER,
     packet::{self, ARPOP_REPLY, Eth, Ip4, L4, tcp_flags},
-    testrun::{ScratchNode, TcRun, run_tc, verdict},
+    testrun::{ScratchNode, TcRun, run_tc, run_tc_on, verdict},
 };
 
 const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x00, 0x00, 0x05];
@@ -38,9 +40,11 @@ struct Harness {
 }
 
 impl Harness {
+    /// The node's from-container with the endpoint of [`cfg`] configured
+    /// for its device.
     fn new(tag: &str) -> Self {
         let node = ScratchNode::new(tag).expect("scratch pin dir (needs root)");
-        let loaded = loader::load_endpoint(&node.pins, &cfg()).expect("load lxc");
+        let loaded = common::endpoints(&node, &[cfg()]);
         Self::with(node, loaded)
     }
 
@@ -53,7 +57,7 @@ impl Harness {
 
     fn run(&mut self, pkt: &[u8]) -> TcRun {
         let prog = self.loaded.classifier(FROM_CONTAINER).unwrap();
-        run_tc(prog, FROM_CONTAINER, pkt).expect("test run")
+        run_tc_on(prog, FROM_CONTAINER, pkt, cfg().ifindex).expect("test run")
     }
 }
 
@@ -163,25 +167,56 @@ fn unknown_l3_is_dropped_with_its_reason() {
 }
 
 #[test]
-fn a_program_loaded_without_configuration_drops_everything() {
-    let node = ScratchNode::new("nocfg").unwrap();
-    let lxc = objects::all().iter().find(|o| o.name == "lxc").unwrap();
-    let loaded = loader::load_with(lxc, &node.pins, |_| {}).unwrap();
-    let mut h = Harness::with(node, loaded);
+fn a_device_without_configuration_drops_everything() {
+    let mut h = Harness::new("nocfg");
+    // The program runs on a device the agent wrote no configuration for.
+    h._node.endpoint_config().unwrap().remove(cfg().ifindex).unwrap();
     expect_drop(&mut h, &packet::arp_request(POD_MAC, POD_IP, GW_IP), drop::NO_CONFIG);
+    // Without ctx (the loopback device) it is the same.
+    let prog = h.loaded.classifier(FROM_CONTAINER).unwrap();
+    let arp = packet::arp_request(POD_MAC, POD_IP, GW_IP);
+    assert_eq!(run_tc(prog, FROM_CONTAINER, &arp).unwrap().verdict, verdict::SHOT);
 }
 
 #[test]
-fn two_endpoints_of_a_node_share_the_metrics_map() {
+fn one_program_serves_every_endpoint_by_its_device() {
     let node = ScratchNode::new("shared").unwrap();
-    let mut a = loader::load_endpoint(&node.pins, &cfg()).unwrap();
-    let mut b =
-        loader::load_endpoint(&node.pins, &EndpointConfig { endpoint_id: 2, ..cfg() }).unwrap();
+    let other = EndpointConfig {
+        ifindex: 43,
+        endpoint_id: 2,
+        identity: 777,
+        ipv4: OTHER_IP.octets(),
+        ..cfg()
+    };
+    let mut lxc = common::endpoints(&node, &[cfg(), other]);
+    let mut events = EventRing::from_pin_dir(&node.pins.dir).unwrap();
     let lldp = packet::ether(&pod_eth(), 0x88cc, &[0u8; 46]);
-    for l in [&mut a, &mut b] {
-        let prog = l.classifier(FROM_CONTAINER).unwrap();
-        assert_eq!(run_tc(prog, FROM_CONTAINER, &lldp).unwrap().verdict, verdict::SHOT);
+    for ifindex in [cfg().ifindex, other.ifindex] {
+        let prog = lxc.classifier(FROM_CONTAINER).unwrap();
+        assert_eq!(run_tc_on(prog, FROM_CONTAINER, &lldp, ifindex).unwrap().verdict, verdict::SHOT);
     }
     let m = MetricsMap::from_pin_dir(&node.pins.dir).unwrap();
     assert_eq!(m.get(drop::UNKNOWN_L3, metrics::DIR_EGRESS).unwrap().packets, 2);
+    // Each drop is its own endpoint's: source endpoint and identity.
+    let who: Vec<(u16, u32)> = events
+        .drain()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Drop(d) => Some((d.hdr.source, d.src_identity)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(who, [(cfg().endpoint_id, cfg().identity), (2, 777)]);
+    // A packet from the second device with the first pod's address is a
+    // spoof there.
+    let syn = L4::Tcp { sport: 1, dport: 22, seq: 1, ack: 0, flags: tcp_flags::SYN, payload: b"" };
+    let spoof = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, GW_IP), &syn);
+    let prog = lxc.classifier(FROM_CONTAINER).unwrap();
+    assert_eq!(
+        run_tc_on(prog, FROM_CONTAINER, &spoof, other.ifindex).unwrap().verdict,
+        verdict::SHOT
+    );
+    assert!(
+        matches!(events.drain().as_slice(), [Event::Drop(d)] if d.hdr.subtype == drop::INVALID_SIP)
+    );
 }

@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use ciliate_common::{
+    config::EndpointConfig,
     ct::{CtEntry, CtKey4, MAX_ENTRIES_ANY, MAX_ENTRIES_TCP},
     endpoint::{self, EndpointInfo, EndpointKey},
     ipcache::{self, IpcacheEntry, IpcacheKey},
@@ -83,6 +84,22 @@ pub static CILIATE_LB4_SRC_RANGE: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(lb:
 #[map(name = "ciliate_lb4_reverse_sk")]
 pub static CILIATE_LB4_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::pinned(lb::MAX_SOCK_REVNAT, 0);
+
+/// Each endpoint's configuration by the ifindex of its host-side device.
+/// See `ciliate_common::config`.
+#[map(name = "ciliate_ep_config")]
+pub static CILIATE_EP_CONFIG: HashMap<u32, EndpointConfig> =
+    HashMap::pinned(ciliate_common::config::ENDPOINT_CONFIG_MAX, 0);
+
+/// The configuration of the endpoint whose host-side device the packet in
+/// `ctx` is on (a copy; `None` when the agent wrote none).
+#[inline(always)]
+pub fn endpoint_config(ctx: &aya_ebpf::programs::TcContext) -> Option<EndpointConfig> {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map value, copied out.
+    unsafe { CILIATE_EP_CONFIG.get(ifindex).copied() }
+}
 
 /// The node's runtime configuration. See `ciliate_common::node`.
 #[map(name = "ciliate_node_config")]

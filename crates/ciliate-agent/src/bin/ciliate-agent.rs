@@ -137,7 +137,12 @@ fn run() -> anyhow::Result<()> {
     services.node_ports = cfg.node_port_range;
     let services = Arc::new(Mutex::new(services));
     spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
-    let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), KernelDatapath::new(pins))
+    let dp = KernelDatapath::new(pins).context("loading the node's from-container")?;
+    log(format!(
+        "from-container {}",
+        if dp.verified_now() { "loaded and verified" } else { "found pinned (not verified again)" }
+    ));
+    let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
     eps.cluster_cidrs = vec![setup.cluster_cidr];

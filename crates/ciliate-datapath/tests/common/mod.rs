@@ -18,7 +18,7 @@ use ciliate_datapath::{
     maps::EventRing,
     objects::programs::{FROM_CONTAINER, FROM_HOST},
     packet::{self, Eth, Ip4, L4},
-    testrun::{ScratchNode, TcRun, run_tc},
+    testrun::{ScratchNode, TcRun, run_tc, run_tc_on},
 };
 
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -81,21 +81,35 @@ pub fn ipcache_entry(identity: u32) -> IpcacheEntry {
     IpcacheEntry { identity, ..Default::default() }
 }
 
-/// A node with pods A and B in the lxc map and the ipcache, their
-/// from-container programs, and the host object.
+/// A node with pods A and B in the lxc map, the ipcache and the endpoint
+/// configuration map, the node's one from-container, and the host object.
+/// The test thread gets a network namespace of its own with devices of A's
+/// and B's ifindexes (a test run's packet comes from one of them).
 pub struct Node {
     pub node: ScratchNode,
-    pub a: Loaded,
-    pub b: Loaded,
+    pub lxc: Loaded,
     pub host: Loaded,
     pub events: EventRing,
+}
+
+/// Load the node's from-container and configure `pods` (their devices made
+/// in the test thread's own network namespace).
+pub fn endpoints(node: &ScratchNode, pods: &[EndpointConfig]) -> Loaded {
+    let ifindexes: Vec<u32> = pods.iter().map(|p| p.ifindex).collect();
+    ciliate_datapath::testrun::own_netns_with_devices(&ifindexes).expect("test devices");
+    let mut lxc = loader::load_lxc(&node.pins).unwrap();
+    lxc.classifier(FROM_CONTAINER).unwrap();
+    let mut cfg = node.endpoint_config().unwrap();
+    for p in pods {
+        cfg.set(p).unwrap();
+    }
+    lxc
 }
 
 impl Node {
     pub fn new(tag: &str) -> Self {
         let node = ScratchNode::new(tag).expect("scratch pin dir (needs root)");
-        let mut a = loader::load_endpoint(&node.pins, &A.config()).unwrap();
-        let mut b = loader::load_endpoint(&node.pins, &B.config()).unwrap();
+        let lxc = endpoints(&node, &[A.config(), B.config()]);
         let host_cfg = HostConfig {
             ifindex: 3,
             router_ip: ROUTER.octets(),
@@ -103,32 +117,35 @@ impl Node {
             ..Default::default()
         };
         let mut host = loader::load_host(&node.pins, &host_cfg).unwrap();
-        a.classifier(FROM_CONTAINER).unwrap();
-        b.classifier(FROM_CONTAINER).unwrap();
         host.classifier(FROM_HOST).unwrap();
-        let mut lxc = node.lxc().unwrap();
-        lxc.upsert(A.ip, &A.info()).unwrap();
-        lxc.upsert(B.ip, &B.info()).unwrap();
+        let mut lxc_map = node.lxc().unwrap();
+        lxc_map.upsert(A.ip, &A.info()).unwrap();
+        lxc_map.upsert(B.ip, &B.info()).unwrap();
         let host_ep =
             EndpointInfo { flags: ENDPOINT_F_HOST, identity: identity::HOST, ..Default::default() };
-        lxc.upsert(ROUTER, &host_ep).unwrap();
+        lxc_map.upsert(ROUTER, &host_ep).unwrap();
         let mut ipc = node.ipcache().unwrap();
         ipc.upsert(Ipv4Addr::UNSPECIFIED, 0, &ipcache_entry(identity::WORLD)).unwrap();
         ipc.upsert(A.ip, 32, &ipcache_entry(A.identity)).unwrap();
         ipc.upsert(B.ip, 32, &ipcache_entry(B.identity)).unwrap();
         ipc.upsert(ROUTER, 32, &ipcache_entry(identity::HOST)).unwrap();
         let events = node.events().unwrap();
-        Self { node, a, b, host, events }
+        Self { node, lxc, host, events }
     }
 
     pub fn run(loaded: &mut Loaded, prog: &str, pkt: &[u8]) -> TcRun {
         run_tc(loaded.classifier(prog).unwrap(), prog, pkt).unwrap()
     }
+    /// Run the node's from-container on `pkt` coming from the device of
+    /// the endpoint configured for `ifindex`.
+    pub fn from_container(lxc: &mut Loaded, ifindex: u32, pkt: &[u8]) -> TcRun {
+        run_tc_on(lxc.classifier(FROM_CONTAINER).unwrap(), FROM_CONTAINER, pkt, ifindex).unwrap()
+    }
     pub fn send_a(&mut self, pkt: &[u8]) -> TcRun {
-        Self::run(&mut self.a, FROM_CONTAINER, pkt)
+        Self::from_container(&mut self.lxc, A.ifindex, pkt)
     }
     pub fn send_b(&mut self, pkt: &[u8]) -> TcRun {
-        Self::run(&mut self.b, FROM_CONTAINER, pkt)
+        Self::from_container(&mut self.lxc, B.ifindex, pkt)
     }
     pub fn send_host(&mut self, pkt: &[u8]) -> TcRun {
         Self::run(&mut self.host, FROM_HOST, pkt)

@@ -48,28 +48,18 @@ use ciliate_ebpf::{
     tunnel, verdict,
 };
 
-/// This endpoint's configuration, set by the loader (see
-/// `ciliate_common::config`). Read through `read_volatile` so the compiler
-/// cannot fold the zero initialiser into the code.
-#[unsafe(no_mangle)]
-static ENDPOINT_CONFIG: EndpointConfig = EndpointConfig {
-    ifindex: 0,
-    identity: 0,
-    ipv4: [0; 4],
-    endpoint_id: 0,
-    lxc_mac: [0; 6],
-    flags: 0,
-};
-
+/// The configuration of the endpoint this packet comes from: the entry of
+/// its device in `ciliate_ep_config` (see `ciliate_common::config`). One
+/// program serves every endpoint of the node; a device the agent wrote no
+/// entry for gets an empty configuration, which drops with `NO_CONFIG`.
 #[inline(always)]
-fn config() -> EndpointConfig {
-    // SAFETY: a plain read of a global the loader initialised.
-    unsafe { core::ptr::read_volatile(&ENDPOINT_CONFIG) }
+fn config(ctx: &TcContext) -> EndpointConfig {
+    ciliate_ebpf::maps::endpoint_config(ctx).unwrap_or_default()
 }
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
-    let cfg = config();
+    let cfg = config(&ctx);
     match try_from_container(&ctx, &cfg) {
         Ok(v) => v,
         Err(d) => send_drop_notify(&ctx, &egress_drop(&cfg), d),
@@ -176,10 +166,10 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
 const CALL_TO_NETWORK: u32 = 0;
 const CALL_TO_OVERLAY: u32 = 1;
 
-/// This object's tail-call targets; not pinned: every endpoint's object
-/// has its own, filled by the loader.
+/// The tail-call targets of the node's from-container, filled by the
+/// loader; pinned, so they stay while no agent runs.
 #[map(name = "ciliate_calls")]
-static CILIATE_LXC_CALLS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+static CILIATE_LXC_CALLS: ProgramArray = ProgramArray::pinned(2, 0);
 
 /// Tail-call `index`, leaving in `cb` what the callee reports with. Returns
 /// only when the call failed.
@@ -235,7 +225,7 @@ fn reparse(ctx: &TcContext) -> Result<(ct::Tuple, u8), Drop> {
 /// for a martian), leaves through the FIB.
 #[classifier]
 pub fn lxc_to_network(ctx: TcContext) -> i32 {
-    let cfg = config();
+    let cfg = config(&ctx);
     let r = reparse(&ctx).and_then(|(t, ttl)| {
         deliver::check_ttl(ttl)?;
         let (who, report, trace_all) = handed_over(&ctx, &cfg);
@@ -251,7 +241,7 @@ pub fn lxc_to_network(ctx: TcContext) -> i32 {
 /// the stack.
 #[classifier]
 pub fn lxc_to_overlay(ctx: TcContext) -> i32 {
-    let cfg = config();
+    let cfg = config(&ctx);
     let r = reparse(&ctx).and_then(|(t, _)| {
         let (who, report, trace_all) = handed_over(&ctx, &cfg);
         let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
