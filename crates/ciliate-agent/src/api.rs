@@ -122,7 +122,20 @@ impl<D: Datapath> Server<D> {
                     };
                 json(200, &pairs)
             }
-            ("GET", "endpoint", None) => json(200, &st.list_checked()),
+            ("GET", "endpoint", None) => match req.query("container-id") {
+                // One container's endpoint (none or one), checked.
+                Some(c) => {
+                    let id = st.by_container(c).map(|e| e.id);
+                    let one: Vec<_> = id
+                        .map(|id| st.get_checked(id))
+                        .transpose()
+                        .map_err(from_err)?
+                        .into_iter()
+                        .collect();
+                    json(200, &one)
+                }
+                None => json(200, &st.list_checked()),
+            },
             ("GET", "endpoint", Some(id)) => {
                 json(200, &st.get_checked(parse_id(id)?).map_err(from_err)?)
             }

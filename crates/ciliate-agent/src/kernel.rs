@@ -61,19 +61,17 @@ impl Datapath for KernelDatapath {
     fn clear_leftovers(&mut self, ip: Option<Ipv4Addr>, lxc: &str) -> Result<(), String> {
         match ip {
             Some(ip) => node::detach_endpoint(&self.pins, ip, lxc).map_err(|e| e.to_string()),
-            None => {
-                node::unpin_endpoint(&self.pins, lxc);
-                Ok(())
-            }
+            None => node::clear_device(&self.pins, lxc).map_err(|e| e.to_string()),
         }
     }
     fn sweep(&mut self, keep: &[&str]) -> Result<Vec<String>, String> {
-        let gone: Vec<String> = node::pinned_endpoint_devices(&self.pins.dir)
+        let gone: Vec<String> = node::endpoint_devices(&self.pins.dir)
+            .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|d| !keep.contains(&d.as_str()))
             .collect();
         for d in &gone {
-            node::unpin_endpoint(&self.pins, d);
+            node::clear_device(&self.pins, d).map_err(|e| e.to_string())?;
         }
         Ok(gone)
     }
@@ -128,8 +126,7 @@ impl Datapath for KernelDatapath {
                 ep.host_ifname, ep.host_ifindex
             ));
         }
-        let link = self.pins.link_path(&ep.host_ifname, node::FROM_CONTAINER_PIN);
-        if !link.exists() {
+        if !node::endpoint_attached(&self.program, &ep.host_ifname).map_err(|e| e.to_string())? {
             return Err(format!("from-container is not attached to {}", ep.host_ifname));
         }
         let lxc = LxcMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
@@ -252,17 +249,11 @@ pub fn ensure_health_endpoint<D: Datapath>(
     let ns = format!("{node}-health");
     let netns = format!("/run/netns/{ns}");
     if !std::path::Path::new(&netns).exists() {
-        let run = |args: &[&str]| {
-            std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .map_err(|e| internal(e.to_string()))?
-                .success()
-                .then_some(())
-                .ok_or_else(|| internal(format!("ip {} failed", args.join(" "))))
-        };
-        run(&["netns", "add", &ns])?;
-        run(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ciliate_datapath::netns::create_named(&ns).map_err(|e| internal(e.to_string()))?;
+        ciliate_datapath::netlink::in_netns(std::path::Path::new(&netns), |nl| {
+            nl.set_up(nl.need("lo")?.index, true)
+        })
+        .map_err(|e| internal(e.to_string()))?;
     }
     let ip = eps.ipam.allocate(HEALTH_CONTAINER).map_err(|e| internal(e.to_string()))?;
     let lxc = node::lxc_name(HEALTH_CONTAINER, node);
@@ -401,12 +392,16 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         }
         if self.routing == crate::cluster::Routing::Native {
             let cidr = n.cidr().ok_or_else(|| format!("node {}: bad pod CIDR", n.name))?;
-            let (c, via) = (cidr.to_string(), n.ip.to_string());
-            let mut args = vec!["replace", c.as_str(), "via", via.as_str()];
-            if let Some(d) = &self.device {
-                args.extend(["dev", d.as_str()]);
-            }
-            node::route(&args).map_err(|e| e.to_string())?;
+            let dev = match &self.device {
+                Some(d) => Some(node::link_info(d).map_err(|e| e.to_string())?.1),
+                None => None,
+            };
+            let r = ciliate_datapath::netlink::Route {
+                gateway: Some(n.ip),
+                dev,
+                ..ciliate_datapath::netlink::Route::to(cidr.net, cidr.len)
+            };
+            node::replace_route(&r).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -419,9 +414,8 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         if self.routing == crate::cluster::Routing::Native
             && let Some(cidr) = n.cidr()
         {
-            let c = cidr.to_string();
             // Gone already is fine.
-            let _ = node::route(&["del", c.as_str()]);
+            let _ = node::del_route(cidr.net, cidr.len);
         }
         Ok(())
     }

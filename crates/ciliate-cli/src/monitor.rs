@@ -186,20 +186,14 @@ fn line(ev: &Event, args: &MonitorArgs, ifnames: &HashMap<u32, String>) -> Optio
 
 /// ifindex → device name in the node's namespace, when known.
 fn interface_names(ns: Option<String>) -> HashMap<u32, String> {
-    let mut cmd = std::process::Command::new("ip");
-    if let Some(ns) = &ns {
-        cmd.args(["-n", ns]);
-    }
-    let Ok(out) = cmd.args(["-o", "link", "show"]).output() else { return HashMap::new() };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(": ");
-            let idx = f.next()?.trim().parse().ok()?;
-            let name = f.next()?.split('@').next()?.to_owned();
-            Some((idx, name))
-        })
-        .collect()
+    let links = |nl: &ciliate_datapath::netlink::Netlink| nl.links();
+    let got = match &ns {
+        Some(ns) => {
+            ciliate_datapath::netlink::in_netns(&ciliate_datapath::netns::path_of(ns), links)
+        }
+        None => ciliate_datapath::netlink::Netlink::here().and_then(|nl| links(&nl)),
+    };
+    got.unwrap_or_default().into_iter().map(|l| (l.index, l.name)).collect()
 }
 
 pub fn run(t: &Target, args: &MonitorArgs) -> anyhow::Result<()> {

@@ -308,7 +308,8 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
     // A repeated ADD (the runtime retries after a timeout): a pod whose
     // endpoint is whole keeps it untouched and gets the same result; a
     // broken one is rebuilt below.
-    let eps: Vec<Endpoint> = client.get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
+    let eps: Vec<Endpoint> =
+        client.get(&endpoint_of(&container)).map_err(agent_err("looking up the endpoint"))?;
     if let Some(ep) = eps.iter().find(|e| e.container_id == container)
         && ep.netns == netns
         && ep.ifname == ifname
@@ -356,6 +357,11 @@ fn add(env: &Env<'_>, conf: &Conf) -> Result<String, CniError> {
     }
 }
 
+/// The API target of `container`'s endpoint (a list of none or one).
+fn endpoint_of(container: &str) -> String {
+    format!("/v1/endpoint?container-id={}", ciliate_api::http::escape(container))
+}
+
 /// Is the namespace at `a` the one at `b`? (Same device and inode.)
 fn same_namespace(a: &str, b: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -369,7 +375,7 @@ fn same_namespace(a: &str, b: &str) -> bool {
 /// and is the one the endpoint knows.
 fn pod_mac_with(netns: &str, ifname: &str, ep: &Endpoint) -> Option<String> {
     let addrs = addresses_in(netns, ifname).ok()?;
-    if !addrs.contains(&format!("inet {}/32", ep.ip)) {
+    if !addrs.contains(&(ep.ip, 32)) {
         return None;
     }
     let mac = ciliate_datapath::node::mac_in(netns, ifname).ok()?;
@@ -414,8 +420,9 @@ fn del(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
 fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     let (container, ifname) = attachment(env)?;
     let netns = env.required("CNI_NETNS")?;
-    let eps: Vec<Endpoint> =
-        Client::new(&conf.socket).get("/v1/endpoint").map_err(agent_err("listing endpoints"))?;
+    let eps: Vec<Endpoint> = Client::new(&conf.socket)
+        .get(&endpoint_of(&container))
+        .map_err(agent_err("looking up the endpoint"))?;
     let ep = eps.iter().find(|e| e.container_id == container).ok_or_else(|| {
         err(code::UNKNOWN_CONTAINER, format!("container {container} has no endpoint"), "")
     })?;
@@ -425,11 +432,11 @@ fn check(env: &Env<'_>, conf: &Conf) -> Result<(), CniError> {
     let addrs = addresses_in(netns, &ifname).map_err(|e| {
         err(code::CHECK_FAILED, format!("interface {ifname} in {netns}"), e.to_string())
     })?;
-    if !addrs.contains(&format!("inet {}/32", ep.ip)) {
+    if !addrs.contains(&(ep.ip, 32)) {
         return Err(err(
             code::CHECK_FAILED,
             format!("{ifname} in {netns} does not have {}/32", ep.ip),
-            addrs,
+            format!("{addrs:?}"),
         ));
     }
     if !device_exists(&ep.host_ifname) {

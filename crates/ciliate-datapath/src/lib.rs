@@ -18,6 +18,8 @@ pub mod events;
 pub mod lbmaps;
 pub mod loader;
 pub mod maps;
+pub mod netlink;
+pub mod netns;
 pub mod node;
 pub mod nodemaps;
 pub mod objects;

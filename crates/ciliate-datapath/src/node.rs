@@ -9,7 +9,7 @@
 //! program is re-attached by attaching the new one before the old pinned
 //! link goes.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::Ipv4Addr;
 
 use aya::programs::TcAttachType;
 use ciliate_common::{
@@ -25,6 +25,7 @@ use crate::{
     error::{DatapathError, Result},
     loader,
     maps::{IpcacheMap, LxcMap},
+    netlink::{self, Netlink, Route, in_netns},
     nodemaps::{EndpointConfigMap, NodeConfigMap},
     objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SOCK, TO_NETDEV},
 };
@@ -66,56 +67,27 @@ fn trace_flags(trace_all: bool) -> u32 {
     if trace_all { ciliate_common::config::ENDPOINT_F_TRACE_ALL } else { 0 }
 }
 
-fn device_err(name: &str, reason: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Device { name: name.into(), reason: reason.to_string() }
-}
-
-/// Run `ip <args>` in the calling thread's namespace.
-fn ip(dev: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| device_err(dev, format!("running ip {}: {e}", args.join(" "))))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(device_err(dev, format!("ip {}: {}", args.join(" "), err.trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `ip route <args>` in the calling thread's namespace (routes to other
+/// Write route `r` in the calling thread's namespace (routes to other
 /// nodes' pod CIDRs).
-pub fn route(args: &[&str]) -> Result<()> {
-    let mut full = vec!["route"];
-    full.extend_from_slice(args);
-    ip("route", &full).map(drop)
+pub fn replace_route(r: &Route) -> Result<()> {
+    Netlink::here()?.replace_route(r)
+}
+
+/// Delete the route to `dst/len` in the calling thread's namespace (none is
+/// fine).
+pub fn del_route(dst: Ipv4Addr, len: u8) -> Result<()> {
+    Netlink::here()?.del_route(dst, len)
 }
 
 /// Set a sysctl of the calling thread's network namespace.
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    std::fs::write(&path, value).map_err(|source| DatapathError::Io {
-        what: "writing sysctl",
-        path: path.into(),
-        source,
-    })
+    netlink::sysctl(key, value)
 }
 
 /// MAC address and ifindex of `dev` in the calling thread's namespace.
 pub fn link_info(dev: &str) -> Result<([u8; 6], u32)> {
-    let out = ip(dev, &["-o", "link", "show", "dev", dev])?;
-    let ifindex = out
-        .split(':')
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| device_err(dev, format!("no ifindex in {out:?}")))?;
-    let mac = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .and_then(parse_mac)
-        .ok_or_else(|| device_err(dev, "no MAC address"))?;
-    Ok((mac, ifindex))
+    let l = Netlink::here()?.need(dev)?;
+    Ok((l.mac, l.index))
 }
 
 /// `aa:bb:cc:dd:ee:ff` → bytes.
@@ -132,22 +104,16 @@ pub fn format_mac(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// Does `dev` exist in the calling thread's namespace? (Asked over netlink
-/// through `ip`: /sys/class/net may show another namespace's devices.)
+/// Does `dev` exist in the calling thread's namespace?
 pub fn device_exists(dev: &str) -> bool {
-    Command::new("ip").args(["link", "show", "dev", dev]).output().is_ok_and(|o| o.status.success())
+    Netlink::here().and_then(|n| n.link(dev)).is_ok_and(|l| l.is_some())
 }
 
 /// The IPv4 addresses of `dev` in the calling thread's namespace.
 pub fn device_addrs(dev: &str) -> Result<Vec<Ipv4Addr>> {
-    let out = ip(dev, &["-o", "-4", "addr", "show", "dev", dev])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let w = l.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
-            w.split('/').next()?.parse().ok()
-        })
-        .collect())
+    let nl = Netlink::here()?;
+    let l = nl.need(dev)?;
+    Ok(nl.addresses(l.index)?.into_iter().map(|(a, _)| a).collect())
 }
 
 /// Create (or keep) the router devices and routes, load and attach
@@ -158,17 +124,20 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
     sysctl("net.ipv4.ip_forward", "1")?;
     sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-    if !device_exists(HOST_DEV) {
-        ip(HOST_DEV, &["link", "add", HOST_DEV, "type", "veth", "peer", "name", NET_DEV])?;
+    let nl = Netlink::here()?;
+    if nl.link(HOST_DEV)?.is_none() {
+        nl.add_veth(HOST_DEV, NET_DEV, 1500, None)?;
     }
-    ip(HOST_DEV, &["link", "set", HOST_DEV, "arp", "off", "up"])?;
-    ip(NET_DEV, &["link", "set", NET_DEV, "arp", "off", "up"])?;
-    let router = s.router.to_string();
-    ip(HOST_DEV, &["addr", "replace", &format!("{router}/32"), "dev", HOST_DEV])?;
-    let cidr = format!("{}/{}", s.pod_cidr, s.pod_cidr_len);
-    ip(HOST_DEV, &["route", "replace", &cidr, "dev", HOST_DEV, "src", &router])?;
-
-    let (mac, ifindex) = link_info(HOST_DEV)?;
+    let host_dev = nl.need(HOST_DEV)?;
+    nl.set_up(host_dev.index, false)?;
+    nl.set_up(nl.need(NET_DEV)?.index, false)?;
+    nl.replace_address(host_dev.index, s.router, 32)?;
+    nl.replace_route(&Route {
+        dev: Some(host_dev.index),
+        src: Some(s.router),
+        ..Route::to(s.pod_cidr, s.pod_cidr_len)
+    })?;
+    let (mac, ifindex) = (host_dev.mac, host_dev.index);
     let cfg = HostConfig {
         ifindex,
         router_ip: s.router.octets(),
@@ -198,16 +167,12 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
     }
     let mut tunnel_ifindex = 0;
     if s.routing == ROUTING_TUNNEL {
-        if !device_exists(TUNNEL_DEV) {
-            let port = VXLAN_PORT.to_string();
-            ip(
-                TUNNEL_DEV,
-                &["link", "add", TUNNEL_DEV, "type", "vxlan", "external", "dstport", &port],
-            )?;
+        if nl.link(TUNNEL_DEV)?.is_none() {
+            nl.add_vxlan_external(TUNNEL_DEV, VXLAN_PORT)?;
         }
-        ip(TUNNEL_DEV, &["link", "set", TUNNEL_DEV, "up"])?;
+        tunnel_ifindex = nl.need(TUNNEL_DEV)?.index;
+        nl.set_up(tunnel_ifindex, true)?;
         sysctl(&format!("net.ipv4.conf.{TUNNEL_DEV}.rp_filter"), "0")?;
-        tunnel_ifindex = link_info(TUNNEL_DEV)?.1;
     }
     let node_cfg = NodeConfig {
         node_ip: node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
@@ -253,6 +218,16 @@ pub struct EndpointProgram {
     prog: aya::programs::SchedClassifier,
     /// Loaded and verified now (not found pinned from an earlier run).
     pub fresh: bool,
+}
+
+impl EndpointProgram {
+    /// The kernel's id of the program.
+    pub fn id(&self) -> Result<u32> {
+        self.prog
+            .info()
+            .map(|i| i.id())
+            .map_err(|e| DatapathError::program("reading the info of", FROM_CONTAINER, e))
+    }
 }
 
 /// Attach the socket-LB programs to the cgroup v2 directory `cgroup` (its
@@ -380,11 +355,24 @@ pub fn attach_endpoint(
         32,
         &IpcacheEntry { identity: ep.identity, ..Default::default() },
     )?;
-    let pin = pins.link_path(&ep.lxc, FROM_CONTAINER_PIN);
-    if !loader::is_attached(&prog.prog, &ep.lxc, TcAttachType::Ingress, &pin) {
-        loader::attach_tc(&mut prog.prog, FROM_CONTAINER, &ep.lxc, TcAttachType::Ingress, &pin)?;
+    // A tc filter (cls_bpf), not a tcx link: see loader::attach_tc_filter.
+    let ours = prog.id()?;
+    let filters = Netlink::here()?.ingress_bpf_filters(ifindex)?;
+    if !filters.iter().any(|(id, _)| *id == ours) {
+        let replace = !filters.is_empty();
+        loader::attach_tc_filter(&mut prog.prog, FROM_CONTAINER, &ep.lxc, replace)?;
     }
+    // An older layout's link pin on the device goes.
+    let _ = std::fs::remove_file(pins.link_path(&ep.lxc, FROM_CONTAINER_PIN));
     Ok(Attached { lxc_mac, ifindex })
+}
+
+/// Is the node's from-container (`prog`) what runs at `lxc`'s ingress?
+pub fn endpoint_attached(prog: &EndpointProgram, lxc: &str) -> Result<bool> {
+    let nl = Netlink::here()?;
+    let Some(dev) = nl.link(lxc)? else { return Ok(false) };
+    let ours = prog.id()?;
+    Ok(nl.ingress_bpf_filters(dev.index)?.iter().any(|(id, _)| *id == ours))
 }
 
 /// Where an older layout pinned an endpoint's own tail-call map (one object
@@ -396,15 +384,8 @@ fn calls_path(pins: &NodePins, lxc: &str) -> std::path::PathBuf {
 /// Remove the endpoint from the maps and detach its program (by removing
 /// its pinned link). Missing pieces are fine: detaching twice is a no-op.
 pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
-    let pin = pins.link_path(lxc, FROM_CONTAINER_PIN);
-    match std::fs::remove_file(&pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(DatapathError::Io { what: "removing link pin", path: pin, source });
-        }
-    }
-    let _ = std::fs::remove_file(calls_path(pins, lxc));
+    loader::detach_tc_filter(lxc)?;
+    unpin_endpoint(pins, lxc);
     let mut lxc_map = LxcMap::from_pin_dir(&pins.dir)?;
     if let Some(info) = lxc_map.get(ip)? {
         EndpointConfigMap::from_pin_dir(&pins.dir)?.remove(info.ifindex)?;
@@ -413,30 +394,46 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
     IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
 }
 
-/// Remove the pins of the endpoint on `lxc` (its link, which detaches its
-/// program, and its tail-call map), whatever is there.
+/// Remove what older layouts pinned for the endpoint on `lxc` (a tcx link,
+/// a tail-call map), whatever is there.
 pub fn unpin_endpoint(pins: &NodePins, lxc: &str) {
     let _ = std::fs::remove_file(pins.link_path(lxc, FROM_CONTAINER_PIN));
     let _ = std::fs::remove_file(calls_path(pins, lxc));
 }
 
-/// Devices that have endpoint pins (a from-container link or a tail-call
-/// map) in the node's pin directory.
-pub fn pinned_endpoint_devices(pins_dir: &std::path::Path) -> Vec<String> {
+/// Detach from-container from `lxc` and remove its older pins (a device
+/// no endpoint has any more).
+pub fn clear_device(pins: &NodePins, lxc: &str) -> Result<()> {
+    loader::detach_tc_filter(lxc)?;
+    unpin_endpoint(pins, lxc);
+    Ok(())
+}
+
+/// Devices (in the calling thread's namespace) that run from-container at
+/// their ingress, or that older layouts pinned endpoint pieces for.
+pub fn endpoint_devices(pins_dir: &std::path::Path) -> Result<Vec<String>> {
     let names = |dir: std::path::PathBuf| -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
             .unwrap_or_default()
     };
     let suffix = format!("_{FROM_CONTAINER_PIN}");
-    let mut out: Vec<String> = names(pins_dir.join("links"))
-        .into_iter()
-        .filter_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
-        .chain(names(pins_dir.join("calls")))
-        .collect();
+    let nl = Netlink::here()?;
+    let mut out: Vec<String> = Vec::new();
+    for l in nl.links()? {
+        if nl.ingress_bpf_filters(l.index)?.iter().any(|(_, n)| n == FROM_CONTAINER) {
+            out.push(l.name);
+        }
+    }
+    out.extend(
+        names(pins_dir.join("links"))
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(&suffix).map(str::to_owned))
+            .chain(names(pins_dir.join("calls"))),
+    );
     out.sort();
     out.dedup();
-    out
+    Ok(out)
 }
 
 /// `lxc` + 11 hex digits of a stable hash of an attachment (container ID
@@ -450,32 +447,14 @@ pub fn lxc_name(container: &str, ifname: &str) -> String {
     format!("lxc{:011x}", h & 0xfff_ffff_ffff)
 }
 
-/// `ip ARGS` inside the network namespace at `netns` (a path), through
-/// nsenter.
-fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg("ip")
-        .args(args)
-        .output()
-        .map_err(|e| device_err(netns, format!("running nsenter ip: {e}")))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(device_err(netns, format!("ip {}: {}", args.join(" "), err.trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Delete `dev` if it exists. A device that vanishes meanwhile (its pod's
 /// namespace is being torn down, which takes the veth pair with it) is
 /// what we wanted.
 pub fn delete_device(dev: &str) -> Result<()> {
-    if !device_exists(dev) {
-        return Ok(());
-    }
-    match ip(dev, &["link", "del", dev]) {
-        Err(_) if !device_exists(dev) => Ok(()),
-        other => other.map(drop),
+    let nl = Netlink::here()?;
+    match nl.link(dev)? {
+        Some(l) => nl.del_link(l.index),
+        None => Ok(()),
     }
 }
 
@@ -493,43 +472,54 @@ pub struct PodLink<'a> {
     pub mtu: u32,
 }
 
-/// Create the veth pair of an endpoint (replacing a leftover one), move
-/// its pod side into the pod's namespace, and give the pod its /32, an
+/// Create the veth pair of an endpoint (replacing a leftover one), its pod
+/// side made directly in the pod's namespace, and give the pod its /32, an
 /// on-link route to the gateway and a default route via it, as Cilium
-/// does. Returns the MAC of the pod's interface.
+/// does; IPv6 is off on the pod's interface (the datapath is IPv4 only, so
+/// its router solicitations would only be drops). All through netlink.
+/// Returns the MAC of the pod's interface.
 pub fn create_pod_link(l: &PodLink<'_>) -> Result<String> {
-    let mtu = l.mtu.to_string();
-    let gw = l.gateway.to_string();
-    // A peer name unique per attachment, so concurrent creations never collide.
-    let tmp = format!("tmp{}", l.lxc.get(3..).unwrap_or(l.lxc));
-    delete_device(l.lxc)?;
-    ip(
-        l.lxc,
-        &["link", "add", l.lxc, "mtu", &mtu, "type", "veth", "peer", "name", &tmp, "mtu", &mtu],
-    )?;
-    ip(l.lxc, &["link", "set", &tmp, "netns", l.netns])?;
-    ip_in(l.netns, &["link", "set", &tmp, "name", l.ifname])?;
-    ip_in(l.netns, &["addr", "add", &format!("{}/32", l.ip), "dev", l.ifname])?;
-    ip_in(l.netns, &["link", "set", l.ifname, "up"])?;
-    ip_in(l.netns, &["route", "add", &gw, "dev", l.ifname, "scope", "link"])?;
-    ip_in(l.netns, &["route", "add", "default", "via", &gw, "dev", l.ifname, "mtu", &mtu])?;
-    ip(l.lxc, &["link", "set", l.lxc, "up"])?;
-    mac_in(l.netns, l.ifname)
+    let netns = std::path::Path::new(l.netns);
+    // A leftover pod side (a retried ADD rebuilding) goes first.
+    in_netns(netns, |nl| match nl.link(l.ifname)? {
+        Some(old) => nl.del_link(old.index),
+        None => Ok(()),
+    })?;
+    let nl = Netlink::here()?;
+    if let Some(old) = nl.link(l.lxc)? {
+        nl.del_link(old.index)?;
+    }
+    nl.add_veth(l.lxc, l.ifname, l.mtu, Some(netns))?;
+    let mac = in_netns(netns, |nl| {
+        let dev = nl.need(l.ifname)?;
+        let _ = netlink::sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", l.ifname), "1");
+        nl.replace_address(dev.index, l.ip, 32)?;
+        nl.set_up(dev.index, true)?;
+        let gw = Route { dev: Some(dev.index), scope_link: true, ..Route::to(l.gateway, 32) };
+        nl.replace_route(&gw)?;
+        nl.replace_route(&Route {
+            gateway: Some(l.gateway),
+            dev: Some(dev.index),
+            mtu: Some(l.mtu),
+            ..Route::to(Ipv4Addr::UNSPECIFIED, 0)
+        })?;
+        Ok(format_mac(&dev.mac))
+    })?;
+    nl.set_up(nl.need(l.lxc)?.index, true)?;
+    Ok(mac)
 }
 
 /// The MAC address of `ifname` in the namespace at `netns`.
 pub fn mac_in(netns: &str, ifname: &str) -> Result<String> {
-    let out = ip_in(netns, &["-o", "link", "show", "dev", ifname])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .map(str::to_owned)
-        .ok_or_else(|| device_err(ifname, format!("no MAC address in {out:?}")))
+    in_netns(std::path::Path::new(netns), |nl| Ok(format_mac(&nl.need(ifname)?.mac)))
 }
 
 /// The IPv4 addresses of `ifname` in the namespace at `netns`.
-pub fn addresses_in(netns: &str, ifname: &str) -> Result<String> {
-    ip_in(netns, &["-o", "-4", "addr", "show", "dev", ifname])
+pub fn addresses_in(netns: &str, ifname: &str) -> Result<Vec<(Ipv4Addr, u8)>> {
+    in_netns(std::path::Path::new(netns), |nl| {
+        let dev = nl.need(ifname)?;
+        nl.addresses(dev.index)
+    })
 }
 
 #[cfg(test)]

@@ -77,19 +77,9 @@ pub fn own_netns_with_devices(ifindexes: &[u32]) -> Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(err(format!("unshare: {}", std::io::Error::last_os_error())));
     }
+    let nl = crate::netlink::Netlink::here()?;
     for i in ifindexes {
-        let (a, b) = (format!("t{i}"), format!("p{i}"));
-        let (ia, ib) = (i.to_string(), (i + 100_000).to_string());
-        // The child runs in this thread's (new) namespace.
-        let out = std::process::Command::new("ip")
-            .args([
-                "link", "add", &a, "index", &ia, "type", "veth", "peer", "name", &b, "index", &ib,
-            ])
-            .output()
-            .map_err(|e| err(format!("running ip: {e}")))?;
-        if !out.status.success() {
-            return Err(err(String::from_utf8_lossy(&out.stderr).into_owned()));
-        }
+        nl.add_veth_indexed(&format!("t{i}"), *i, &format!("p{i}"), i + 100_000)?;
     }
     Ok(())
 }

@@ -122,6 +122,11 @@ fn cgroup_of(lab: &str, i: usize) -> Result<PathBuf> {
     Ok(cgroup2_root()?.join(format!("ciliate-lab-{lab}-node{i}")))
 }
 
+/// Make `dev` (in the underlay) a port of its bridge `br0`.
+fn enslave(underlay: &Netns, dev: &str) -> Result<()> {
+    underlay.netlink(|nl| nl.set_master(nl.need(dev)?.index, nl.need("br0")?.index))
+}
+
 impl ClusterLab {
     pub fn up(config: ClusterLabConfig) -> Result<Self> {
         node::NodeLabConfig::validate(&config.lab, config.nodes * config.pods_per_node)?;
@@ -145,13 +150,16 @@ impl ClusterLab {
         // A fixed MAC: a bridge otherwise takes the lowest MAC of its ports
         // and changes it as nodes join, and the neighbours' ARP entries
         // for the underlay address (etcd) go stale.
-        underlay.ip(&["link", "add", "br0", "address", "02:00:c0:a8:c8:01", "type", "bridge"])?;
-        underlay.ip(&["addr", "add", &format!("{UNDERLAY_IP}/24"), "dev", "br0"])?;
-        underlay.ip(&["link", "set", "br0", "up"])?;
+        underlay.netlink(|nl| {
+            nl.add_bridge("br0", [0x02, 0, 0xc0, 0xa8, 0xc8, 0x01])?;
+            let br = nl.need("br0")?.index;
+            nl.replace_address(br, UNDERLAY_IP, 24)?;
+            nl.set_up(br, true)
+        })?;
         let external = Netns::create(&format!("{lab}-ext1"))?;
         netns::veth(&external, "eth0", &underlay, "x1")?;
-        underlay.ip(&["link", "set", "x1", "master", "br0"])?;
-        external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        enslave(&underlay, "x1")?;
+        external.add_address("eth0", EXTERNAL_IP, 24)?;
         let mut this = Self {
             pods: Vec::new(),
             nodes: Vec::new(),
@@ -169,8 +177,8 @@ impl ClusterLab {
             let ns = Netns::create(&format!("{lab}-node{i}"))?;
             let dev = format!("n{i}");
             netns::veth(&ns, node::NODE_DEV, &this.underlay, &dev)?;
-            this.underlay.ip(&["link", "set", &dev, "master", "br0"])?;
-            ns.ip(&["addr", "add", &format!("{}/24", node_ip(i)), "dev", node::NODE_DEV])?;
+            enslave(&this.underlay, &dev)?;
+            ns.add_address(node::NODE_DEV, node_ip(i), 24)?;
             let node_dir = this.work_dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)
                 .map_err(|e| LabError::Invalid(format!("{}: {e}", node_dir.display())))?;

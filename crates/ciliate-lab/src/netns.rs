@@ -3,12 +3,23 @@
 //! Dropping a [`Netns`] kills every process inside it and deletes it, so a
 //! test that panics leaves nothing behind. [`Netns::keep`] hands the
 //! namespace over to a longer-lived owner (`ciliate lab up`).
+//!
+//! Namespaces, devices, addresses, routes and sysctls go through netlink
+//! (`ciliate_datapath::netlink`/`netns`); processes enter a namespace
+//! between fork and exec. [`Netns::ip`] remains for tests that look at or
+//! change a namespace the way an operator would.
 
 use std::{
     fs::File,
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Stdio},
+};
+
+use ciliate_datapath::{
+    netlink::{Netlink, Route, in_netns},
+    netns,
 };
 
 use crate::error::{LabError, Result};
@@ -59,10 +70,31 @@ impl Netns {
         if name.is_empty() || name.contains('/') || name.len() > 64 {
             return Err(LabError::Invalid(format!("bad namespace name {name:?}")));
         }
-        ip(&["netns", "add", name])?;
+        netns::create_named(name).map_err(|e| dp(name, e))?;
         let ns = Self { name: name.to_owned(), keep: false };
-        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.netlink(|nl| nl.set_up(nl.need("lo")?.index, true))?;
         Ok(ns)
+    }
+
+    /// Run `f` with a netlink connection inside this namespace (on a
+    /// thread that entered it).
+    pub fn netlink<T: Send>(
+        &self,
+        f: impl FnOnce(&Netlink) -> ciliate_datapath::error::Result<T> + Send,
+    ) -> Result<T> {
+        in_netns(&self.path(), f).map_err(|e| dp(&self.name, e))
+    }
+
+    /// Add address `ip/len` to device `dev`.
+    pub fn add_address(&self, dev: &str, ip: Ipv4Addr, len: u8) -> Result<()> {
+        self.netlink(|nl| nl.replace_address(nl.need(dev)?.index, ip, len))
+    }
+
+    /// Route `dst/len` via `gateway`.
+    pub fn add_route_via(&self, dst: Ipv4Addr, len: u8, gateway: Ipv4Addr) -> Result<()> {
+        self.netlink(|nl| {
+            nl.replace_route(&Route { gateway: Some(gateway), ..Route::to(dst, len) })
+        })
     }
 
     /// Take ownership of an existing namespace (to delete it).
@@ -88,10 +120,14 @@ impl Netns {
         self.keep = true;
     }
 
-    /// A command that runs inside the namespace.
+    /// A command that runs inside the namespace (it enters it between fork
+    /// and exec).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        let mut c = Command::new(program);
+        if let Err(e) = netns::enter_on_spawn(&mut c, &self.path()) {
+            // The spawn then fails with this error instead of running outside.
+            c = Command::new(format!("/nonexistent/cannot-enter-{}: {e}", self.name));
+        }
         c
     }
 
@@ -111,7 +147,7 @@ impl Netns {
 
     /// Set a sysctl inside the namespace (never in the root namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(drop)
+        self.netlink(|_| ciliate_datapath::netlink::sysctl(key, value))
     }
 
     /// Start a long-running process inside the namespace. It is killed when
@@ -162,9 +198,7 @@ impl Netns {
 
     /// Pids of the processes inside the namespace.
     pub fn pids(&self) -> Vec<i32> {
-        ip(&["netns", "pids", &self.name])
-            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-            .unwrap_or_default()
+        netns::pids_in(&self.path())
     }
 
     /// Kill everything inside and delete the namespace now.
@@ -185,10 +219,7 @@ impl Netns {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        if !exists(&self.name) {
-            return Ok(());
-        }
-        ip(&["netns", "del", &self.name]).map(drop)
+        netns::delete_named(&self.name).map_err(|e| dp(&self.name, e))
     }
 }
 
@@ -204,20 +235,19 @@ impl Drop for Netns {
 
 /// A veth pair: `a_dev` in `a`, `b_dev` in `b`, both up.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    a.ip(&["link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
-    a.ip(&["link", "set", a_dev, "up"])?;
-    b.ip(&["link", "set", b_dev, "up"])?;
-    Ok(())
+    let b_path = b.path();
+    a.netlink(|nl| {
+        nl.add_veth(a_dev, b_dev, 1500, Some(&b_path))?;
+        nl.set_up(nl.need(a_dev)?.index, true)
+    })?;
+    b.netlink(|nl| nl.set_up(nl.need(b_dev)?.index, true))
 }
 
 /// MAC address and ifindex of `dev` in `ns`.
 pub fn link_info(ns: &Netns, dev: &str) -> Result<([u8; 6], u32)> {
-    let out = ns.ip(&["-j", "link", "show", "dev", dev])?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| LabError::Invalid(format!("ip -j link show {dev}: {e}")))?;
-    let entry = &v[0];
-    let ifindex = entry["ifindex"].as_u64().unwrap_or(0) as u32;
-    let mac = ciliate_datapath::node::parse_mac(entry["address"].as_str().unwrap_or(""))
-        .ok_or_else(|| LabError::Invalid(format!("{dev} has no MAC address")))?;
-    Ok((mac, ifindex))
+    ns.netlink(|nl| nl.need(dev).map(|l| (l.mac, l.index)))
+}
+
+fn dp(ns: &str, source: ciliate_datapath::DatapathError) -> LabError {
+    LabError::Datapath { ns: ns.to_owned(), source }
 }

@@ -9,7 +9,7 @@
 //!                                route 10.200.0.0/24 dev ciliate_host
 //! ```
 //!
-//! The agent is started with `nsenter --net` (not `ip netns exec`, whose
+//! The agent is started in the node's network namespace only (not with `ip netns exec`, whose
 //! private mount namespace would hide its bpffs pins from everyone else).
 //! Each pod's ARP for its gateway is answered by from-container with the
 //! MAC of its own lxc device. Pod → pod: from-container delivers straight
@@ -312,7 +312,7 @@ fn bpffs_root(lab: &str) -> PathBuf {
     PathBuf::from(STATE_DIR).join(lab).join("bpffs")
 }
 
-/// Start `ciliate-agent` in node namespace `ns` (through `nsenter --net`,
+/// Start `ciliate-agent` in node namespace `ns` (entering only its network namespace,
 /// see the module comment) as node `ns.name()` on device `eth0`, with
 /// `socket`, logging to `log`, plus `args`; wait until it answers.
 pub fn spawn_agent(
@@ -327,10 +327,8 @@ pub fn spawn_agent(
         .append(true)
         .open(log)
         .map_err(|e| LabError::Invalid(format!("agent log: {e}")))?;
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.path().display()))
-        .arg(&bins.agent)
-        .args(["--node", ns.name(), "--devices", NODE_DEV])
+    let mut cmd = ns.command(&bins.agent.to_string_lossy());
+    cmd.args(["--node", ns.name(), "--devices", NODE_DEV])
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -392,10 +390,8 @@ impl NodeHandle<'_> {
         config: &str,
         namespace: &str,
     ) -> Result<(String, bool)> {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.ns.path().display()))
-            .arg(&self.bins.cni)
-            .env("CNI_COMMAND", command)
+        let mut cmd = self.ns.command(&self.bins.cni.to_string_lossy());
+        cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container)
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
@@ -468,10 +464,9 @@ impl NodeLab {
             .map_err(|e| LabError::Invalid(format!("creating {}: {e}", cgroup.display())))?;
         let external = Netns::create(&format!("{}-ext1", config.lab))?;
         netns::veth(&node, NODE_DEV, &external, "eth0")?;
-        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", NODE_DEV])?;
-        external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
-        let cidr = format!("{}/{}", config.pod_cidr, config.pod_cidr_len);
-        external.ip(&["route", "add", &cidr, "via", &NODE_IP.to_string()])?;
+        node.add_address(NODE_DEV, NODE_IP, 24)?;
+        external.add_address("eth0", EXTERNAL_IP, 24)?;
+        external.add_route_via(config.pod_cidr, config.pod_cidr_len, NODE_IP)?;
         let mut lab = Self {
             pods: Vec::new(),
             external,
@@ -673,9 +668,12 @@ impl Drop for NodeLab {
 
 /// The tcx ingress programs on device `dev` of namespace `ns`.
 pub fn attached_programs(ns: &str, dev: &str) -> Result<Vec<String>> {
-    Netns::existing(ns)
-        .run(|| loader::tcx_programs(dev, TcAttachType::Ingress))?
-        .map_err(|source| LabError::Datapath { ns: ns.to_owned(), source })
+    Netns::existing(ns).netlink(|nl| {
+        let mut names = loader::tcx_programs(dev, TcAttachType::Ingress)?;
+        let filters = nl.ingress_bpf_filters(nl.need(dev)?.index)?;
+        names.extend(filters.into_iter().map(|(_, n)| n));
+        Ok(names)
+    })
 }
 
 fn state_path(lab: &str) -> PathBuf {

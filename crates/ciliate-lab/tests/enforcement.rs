@@ -287,8 +287,7 @@ fn a_retried_add_leaves_a_working_pod_and_check_verifies_the_datapath() {
     assert_eq!(endpoints(&lab).into_iter().find(|e| e.container_id == id).unwrap().state, "ready");
 
     // The program alone detached: CHECK and the endpoint list say so.
-    let pin = lab.pins_dir.join("links").join(format!("{}_from-container", ep.host_ifname));
-    std::fs::remove_file(pin).unwrap();
+    lab.node.netlink(|_| ciliate_datapath::loader::detach_tc_filter(&ep.host_ifname)).unwrap();
     let (out, ok) = lab.cni("CHECK", &id, &path, &conf).unwrap();
     assert!(!ok, "CHECK passed a pod without its program: {out}");
     assert!(out.contains("from-container"), "{out}");
@@ -367,7 +366,7 @@ fn a_service_too_big_for_the_maps_is_refused_whole() {
 }
 
 /// Item 13: ADDs in flight when the agent is killed fail with "try again"
-/// (11), and DELs after it returns leave no pinned link or call map.
+/// (11), and DELs after it returns leave no endpoint datapath behind.
 #[test]
 fn adds_cut_short_by_kill_9_are_retryable_and_leave_nothing() {
     const N: usize = 20;
@@ -409,12 +408,13 @@ fn adds_cut_short_by_kill_9_are_retryable_and_leave_nothing() {
         let (out, ok) = lab.cni("DEL", ns.name(), &ns.path().display().to_string(), &conf).unwrap();
         assert!(ok, "{out}");
     }
-    let left = ciliate_datapath::node::pinned_endpoint_devices(&lab.pins_dir);
+    let left =
+        lab.node.netlink(|_| ciliate_datapath::node::endpoint_devices(&lab.pins_dir)).unwrap();
     let health = endpoints(&lab)
         .into_iter()
         .find(|e| e.container_id == "reserved:health")
         .unwrap()
         .host_ifname;
-    assert_eq!(left, vec![health], "only the health endpoint's pins stay");
+    assert_eq!(left, vec![health], "only the health endpoint's device runs from-container");
     assert!(endpoints(&lab).iter().all(|e| e.container_id.starts_with("reserved:")));
 }

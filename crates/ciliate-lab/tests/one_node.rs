@@ -57,6 +57,10 @@ fn pods_get_their_own_gateway_mac_and_reach_the_gateway_and_each_other() {
     let routes = p1.ns.ip(&["route", "show"]).unwrap();
     assert!(routes.contains(&format!("default via {gw} dev eth0")), "{routes}");
     assert!(routes.contains(&format!("{gw} dev eth0 scope link")), "{routes}");
+    // IPv6 is off on the pod's interface (the datapath is IPv4 only: its
+    // router solicitations would only be drops).
+    let v6 = p1.ns.exec(&["cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"]).unwrap();
+    assert_eq!(v6.trim(), "1");
 
     p1.ns.exec(&["ping", "-c", "2", "-W", "2", &gw]).unwrap();
     p2.ns.exec(&["ping", "-c", "1", "-W", "2", &gw]).unwrap();
@@ -151,17 +155,15 @@ fn the_host_reaches_pods_through_from_host_with_the_host_identity() {
 #[test]
 fn without_the_program_the_gateway_is_not_answered() {
     // The lxc devices have arp_ignore 8, so only from-container answers ARP
-    // there: detaching it (removing the pinned link, which is what holds
-    // the tcx attachment) must leave the gateway unresolved.
+    // there: detaching it (removing its tc filter) must leave the gateway
+    // unresolved.
     let lab = lab(1);
     let p1 = &lab.pods[0];
-    let link = lab.pins_dir.join("links").join(format!("{}_from-container", p1.state.lxc));
     assert_eq!(lab.lxc_programs(&p1.state.lxc).unwrap(), ["from_container"]);
-    std::fs::remove_file(&link).unwrap();
-    // The kernel releases an unpinned link after an RCU grace period.
+    lab.node.netlink(|_| ciliate_datapath::loader::detach_tc_filter(&p1.state.lxc)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !lab.lxc_programs(&p1.state.lxc).unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "program still attached after unpinning");
+        assert!(Instant::now() < deadline, "program still attached after detaching");
         std::thread::sleep(Duration::from_millis(20));
     }
     let gw = lab.router_ip().to_string();

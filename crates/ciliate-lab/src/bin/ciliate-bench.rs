@@ -9,7 +9,10 @@
 //! ciliate-bench [--runs N] [--seconds S] [--adds N]
 //! ```
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use ciliate_lab::{
     Netns, bench,
@@ -63,10 +66,6 @@ struct Variant<'a> {
 
 fn measure(v: &Variant<'_>, bins: &Binaries, o: &Opts) -> Result<[f64; 3], String> {
     bench::measure(v.client, &v.server_ip, bins, o.runs, o.seconds)
-}
-
-fn sh(ns: &Netns, args: &[&str]) -> Result<(), String> {
-    ns.ip(args).map(drop).map_err(|e| e.to_string())
 }
 
 fn cni_add_latency(lab: &NodeLab, n: usize) -> Result<(f64, f64), String> {
@@ -191,8 +190,8 @@ fn run() -> Result<(), String> {
     let a = Netns::create(&format!("{tag}-a")).map_err(|e| e.to_string())?;
     let b = Netns::create(&format!("{tag}-b")).map_err(|e| e.to_string())?;
     veth(&a, "eth0", &b, "eth0").map_err(|e| e.to_string())?;
-    sh(&a, &["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
-    sh(&b, &["addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
+    a.add_address("eth0", Ipv4Addr::new(192, 0, 2, 1), 24).map_err(|e| e.to_string())?;
+    b.add_address("eth0", Ipv4Addr::new(192, 0, 2, 2), 24).map_err(|e| e.to_string())?;
     servers(&b, &bins)?;
 
     // Routed through a third namespace by the kernel.
@@ -202,12 +201,14 @@ fn run() -> Result<(), String> {
     veth(&c, "eth0", &r, "vc").map_err(|e| e.to_string())?;
     veth(&d, "eth0", &r, "vd").map_err(|e| e.to_string())?;
     r.sysctl("net.ipv4.ip_forward", "1").map_err(|e| e.to_string())?;
-    sh(&r, &["addr", "add", "198.51.100.1/24", "dev", "vc"])?;
-    sh(&r, &["addr", "add", "203.0.113.1/24", "dev", "vd"])?;
-    sh(&c, &["addr", "add", "198.51.100.2/24", "dev", "eth0"])?;
-    sh(&c, &["route", "add", "default", "via", "198.51.100.1"])?;
-    sh(&d, &["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
-    sh(&d, &["route", "add", "default", "via", "203.0.113.1"])?;
+    r.add_address("vc", Ipv4Addr::new(198, 51, 100, 1), 24).map_err(|e| e.to_string())?;
+    r.add_address("vd", Ipv4Addr::new(203, 0, 113, 1), 24).map_err(|e| e.to_string())?;
+    c.add_address("eth0", Ipv4Addr::new(198, 51, 100, 2), 24).map_err(|e| e.to_string())?;
+    c.add_route_via(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(198, 51, 100, 1))
+        .map_err(|e| e.to_string())?;
+    d.add_address("eth0", Ipv4Addr::new(203, 0, 113, 2), 24).map_err(|e| e.to_string())?;
+    d.add_route_via(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(203, 0, 113, 1))
+        .map_err(|e| e.to_string())?;
     servers(&d, &bins)?;
 
     // Ciliate: two pods of a one-node lab.

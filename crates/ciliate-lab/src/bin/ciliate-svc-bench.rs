@@ -330,8 +330,8 @@ fn run() -> Result<(), String> {
     let a = Netns::create(&format!("{tag}-a")).map_err(e)?;
     let b = Netns::create(&format!("{tag}-b")).map_err(e)?;
     veth(&a, "eth0", &b, "eth0").map_err(e)?;
-    a.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"]).map_err(e)?;
-    b.ip(&["addr", "add", "192.0.2.2/24", "dev", "eth0"]).map_err(e)?;
+    a.add_address("eth0", Ipv4Addr::new(192, 0, 2, 1), 24).map_err(e)?;
+    b.add_address("eth0", Ipv4Addr::new(192, 0, 2, 2), 24).map_err(e)?;
     a.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(e)?;
     echo_server(&b, &bins)?;
     println!("[svc-bench] measuring the anchor (direct veth)");
