@@ -31,7 +31,9 @@ use crate::{
 pub const LEASE_TTL: i64 = 15;
 
 /// How a node reaches the pods of the others.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
     #[default]
@@ -51,7 +53,7 @@ impl std::str::FromStr for Routing {
 }
 
 /// A node as registered in the store.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeRecord {
     pub name: String,
     pub ip: Ipv4Addr,
@@ -89,6 +91,19 @@ pub struct KvStatus {
     pub failing_for: u64,
     pub nodes: usize,
     pub remote_ips: usize,
+}
+
+impl KvStatus {
+    /// "local /path: ok", "etcd host:port: failing for 12s (…), retrying".
+    pub fn describe(&self) -> String {
+        match (&self.error, self.ok) {
+            (Some(e), _) => {
+                format!("{}: failing for {}s ({e}), retrying", self.store, self.failing_for)
+            }
+            (None, true) => format!("{}: ok", self.store),
+            (None, false) => format!("{}: connecting", self.store),
+        }
+    }
 }
 
 /// The datapath side of cluster membership.

@@ -85,10 +85,16 @@ pub struct Flags {
     /// Destinations never masqueraded besides the cluster pool: CIDR,... [default: none]
     #[arg(long, env = "CILIATE_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub non_masquerade_cidrs: Option<Vec<String>>,
+    /// Log format: "text" or "json" (one JSON object a line) [default: text]
+    #[arg(long, env = "CILIATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Debug logging (every API request, every datapath change)
+    #[arg(long, env = "CILIATE_DEBUG")]
+    pub debug: bool,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, cluster_pool, cluster_pool_mask,
-    /// routing, masquerade, non_masquerade_cidrs, node_port_range
+    /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -118,10 +124,14 @@ struct FileConfig {
     masquerade: Option<bool>,
     non_masquerade_cidrs: Option<Vec<String>>,
     node_port_range: Option<String>,
+    log_format: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// Logs as JSON lines (else text).
+    pub log_json: bool,
+    pub debug: bool,
     pub node: String,
     pub pod_cidr: Cidr,
     pub state_dir: PathBuf,
@@ -230,7 +240,14 @@ impl Flags {
                 c.parse::<Cidr>().map_err(|e| anyhow::anyhow!("non-masquerade CIDR {c:?}: {e}"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let log_json = match self.log_format.or(file.log_format).as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => anyhow::bail!("log format {other:?}: \"text\" or \"json\""),
+        };
         Ok(Config {
+            log_json,
+            debug: self.debug,
             state_dir,
             kvstore,
             cluster_pool,

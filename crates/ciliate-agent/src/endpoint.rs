@@ -261,18 +261,130 @@ fn is_reserved(container_id: &str) -> bool {
     container_id.starts_with("reserved:")
 }
 
+/// Every endpoint's named ports by identity: what egress rules' port names
+/// mean (computed once per regeneration, shared by all endpoints).
+fn named_ports_by_identity<'a>(
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> Arc<BTreeMap<u32, PortNames>> {
+    let mut by_identity: BTreeMap<u32, PortNames> = BTreeMap::new();
+    for other in endpoints {
+        let slot = by_identity.entry(other.identity).or_default();
+        for (n, ports) in port_names(&other.named_ports) {
+            let v = slot.entry(n).or_default();
+            v.extend(ports);
+            v.sort();
+            v.dedup();
+        }
+    }
+    Arc::new(by_identity)
+}
+
+/// What the endpoint manager publishes for readers (the API, the cluster
+/// sync, metrics): a consistent snapshot taken after a change, never a
+/// lock on the manager's state.
+#[derive(Clone, Debug)]
+pub struct EndpointsView {
+    pub endpoints: imbl::OrdMap<u16, Endpoint>,
+    pub identities: Arc<IdView>,
+    /// Cluster identities allocated (not counting CIDR ones).
+    pub cluster_identities: usize,
+    pub policy: Arc<PolicyState>,
+    pub ipam_cidr: Cidr,
+    pub ipam_used: usize,
+    pub ipam_free: usize,
+    /// How many endpoints the start restored; `None` while it restores.
+    pub restored: Option<usize>,
+}
+
+impl EndpointsView {
+    pub fn get(&self, id: u16) -> Result<&Endpoint, EndpointError> {
+        self.endpoints
+            .get(&id)
+            .ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))
+    }
+
+    pub fn by_container(&self, container_id: &str) -> Option<&Endpoint> {
+        self.endpoints.values().find(|e| e.container_id == container_id)
+    }
+
+    /// `policy trace`: would `r.src` reach `r.dst`? (See
+    /// [`crate::policy::trace`].)
+    pub fn trace(
+        &self,
+        r: &ciliate_api::models::TraceRequest,
+    ) -> Result<crate::policy::Trace, EndpointError> {
+        let ids = &self.identities;
+        let peer = |p: &ciliate_api::models::TracePeer,
+                    side: &str,
+                    spare: u32|
+         -> Result<(u32, Vec<String>), EndpointError> {
+            let bad = |m: String| EndpointError::BadRequest(format!("{side}: {m}"));
+            match (p.endpoint, p.identity, &p.labels) {
+                (Some(id), None, None) => {
+                    let ep = self.get(id)?;
+                    Ok((
+                        ep.identity,
+                        ids.get(ep.identity).cloned().unwrap_or_else(|| label_set(&ep.labels)),
+                    ))
+                }
+                (None, Some(id), None) => ids.get(id).map(|l| (id, l.clone())).ok_or_else(|| {
+                    EndpointError::NotFound(format!("{side}: identity {id} not found"))
+                }),
+                (None, None, Some(labels)) if !labels.is_empty() => {
+                    let mut l = labels.clone();
+                    l.sort();
+                    let known = ids.iter().find(|(_, v)| **v == l).map(|(id, _)| *id);
+                    Ok((known.unwrap_or(spare), l))
+                }
+                _ => Err(bad("give exactly one of endpoint, identity or labels".into())),
+            }
+        };
+        let proto = match r.proto.to_ascii_lowercase().as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" => 1,
+            p => {
+                return Err(EndpointError::BadRequest(format!("protocol {p:?}: tcp, udp or icmp")));
+            }
+        };
+        // Spare identities for label sets nobody has yet.
+        let (src, src_labels) = peer(&r.src, "src", u32::MAX - 1)?;
+        let (dst, dst_labels) = peer(&r.dst, "dst", u32::MAX - 2)?;
+        let by_identity = named_ports_by_identity(self.endpoints.values());
+        let named = |p: &ciliate_api::models::TracePeer| NamedPorts {
+            own: p
+                .endpoint
+                .and_then(|id| self.endpoints.get(&id))
+                .map(|ep| port_names(&ep.named_ports))
+                .unwrap_or_default(),
+            by_identity: by_identity.clone(),
+        };
+        Ok(crate::policy::trace(
+            &self.policy.rules,
+            (src, &src_labels),
+            (dst, &dst_labels),
+            proto,
+            r.dport,
+            ids,
+            (&named(&r.src), &named(&r.dst)),
+        ))
+    }
+}
+
 /// Highest endpoint ID (Cilium's endpoint IDs fit in 12 bits... here 16).
 pub const MAX_ENDPOINT_ID: u16 = 4095;
 
 pub struct Endpoints<D: Datapath> {
     pub ipam: Ipam,
     pub identities: Identities,
-    endpoints: BTreeMap<u16, Endpoint>,
+    endpoints: imbl::OrdMap<u16, Endpoint>,
     state_dir: Option<PathBuf>,
     pub datapath: D,
     /// Monitor aggregation "none" for the endpoints' programs.
     pub trace_all: bool,
-    pub policy: PolicyState,
+    pub policy: Arc<PolicyState>,
+    /// How many endpoints the start restored; `None` while it restores.
+    pub restored: Option<usize>,
     /// The cluster's pod CIDRs: a CIDR identity outside them is also the
     /// world (`reserved:world`). The node's pod CIDR unless told more.
     pub cluster_cidrs: Vec<Prefix>,
@@ -284,7 +396,7 @@ impl<D: Datapath> Endpoints<D> {
         let ipam = Ipam::open(cidr, state_dir.map(|d| d.join("ipam.json"))).map_err(internal)?;
         let identities =
             Identities::open(state_dir.map(|d| d.join("identities.json"))).map_err(internal)?;
-        let mut endpoints = BTreeMap::new();
+        let mut endpoints = imbl::OrdMap::new();
         if let Some(dir) = state_dir {
             let ep_dir = dir.join("endpoints");
             if let Ok(entries) = std::fs::read_dir(&ep_dir) {
@@ -305,12 +417,13 @@ impl<D: Datapath> Endpoints<D> {
             datapath,
             trace_all: false,
             cluster_cidrs: vec![(cidr.net, cidr.len)],
-            policy: match state_dir {
+            restored: Some(0),
+            policy: Arc::new(match state_dir {
                 Some(d) => {
                     store::load(&d.join("policy.json")).map_err(internal)?.unwrap_or_default()
                 }
                 None => PolicyState::default(),
-            },
+            }),
         })
     }
 
@@ -386,6 +499,21 @@ impl<D: Datapath> Endpoints<D> {
     /// rebuilt the pod's device) and returns it.
     pub fn create(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
         check_labels(&req.labels).map_err(EndpointError::BadRequest)?;
+        self.create_any(req)
+    }
+
+    /// [`Endpoints::create`] with the identity of its labels allocated by
+    /// the caller (through the cluster's store: the endpoint manager never
+    /// waits for it), when given.
+    pub fn create_with(
+        &mut self,
+        req: EndpointCreate,
+        identity: Option<(u32, Vec<String>)>,
+    ) -> Result<Endpoint, EndpointError> {
+        check_labels(&req.labels).map_err(EndpointError::BadRequest)?;
+        if let Some((id, labels)) = identity {
+            self.identities.learn(vec![(id, labels)]).map_err(internal)?;
+        }
         self.create_any(req)
     }
 
@@ -591,23 +719,11 @@ impl<D: Datapath> Endpoints<D> {
     /// datapath (only what changed is written); entries of endpoints that
     /// no longer exist go. Endpoint enforcement columns follow.
     pub fn regenerate(&mut self) -> Result<(), EndpointError> {
-        self.commit_policy(self.policy.clone(), false)
+        self.commit_policy((*self.policy).clone(), false)
     }
 
-    /// Every endpoint's named ports by identity: what egress rules' port
-    /// names mean (computed once per regeneration, shared by all endpoints).
     fn named_ports_by_identity(&self) -> Arc<BTreeMap<u32, PortNames>> {
-        let mut by_identity: BTreeMap<u32, PortNames> = BTreeMap::new();
-        for other in self.endpoints.values() {
-            let slot = by_identity.entry(other.identity).or_default();
-            for (n, ports) in port_names(&other.named_ports) {
-                let v = slot.entry(n).or_default();
-                v.extend(ports);
-                v.sort();
-                v.dedup();
-            }
-        }
-        Arc::new(by_identity)
+        named_ports_by_identity(self.endpoints.values())
     }
 
     /// The policy of the endpoints `which` under `rules`: an ID that is no
@@ -712,7 +828,7 @@ impl<D: Datapath> Endpoints<D> {
                 return Err(e);
             }
         };
-        self.policy = next;
+        self.policy = Arc::new(next);
         self.note_enforcement(&batch)?;
         // CIDRs no rule names any more: their identities are released and
         // their ipcache entries removed, after the maps stopped naming them
@@ -728,66 +844,27 @@ impl<D: Datapath> Endpoints<D> {
             .map_err(|e| internal(format!("removing CIDR identities: {e}")))
     }
 
-    /// `policy trace`: see [`crate::policy::trace`].
+    /// `policy trace`: see [`EndpointsView::trace`].
     pub fn trace(
         &self,
         r: &ciliate_api::models::TraceRequest,
     ) -> Result<crate::policy::Trace, EndpointError> {
-        let ids = self.identities.view();
-        let peer = |p: &ciliate_api::models::TracePeer,
-                    side: &str,
-                    spare: u32|
-         -> Result<(u32, Vec<String>), EndpointError> {
-            let bad = |m: String| EndpointError::BadRequest(format!("{side}: {m}"));
-            match (p.endpoint, p.identity, &p.labels) {
-                (Some(id), None, None) => {
-                    let ep = self.get(id)?;
-                    Ok((
-                        ep.identity,
-                        ids.get(ep.identity).cloned().unwrap_or_else(|| label_set(&ep.labels)),
-                    ))
-                }
-                (None, Some(id), None) => ids.get(id).map(|l| (id, l.clone())).ok_or_else(|| {
-                    EndpointError::NotFound(format!("{side}: identity {id} not found"))
-                }),
-                (None, None, Some(labels)) if !labels.is_empty() => {
-                    let mut l = labels.clone();
-                    l.sort();
-                    let known = ids.iter().find(|(_, v)| **v == l).map(|(id, _)| *id);
-                    Ok((known.unwrap_or(spare), l))
-                }
-                _ => Err(bad("give exactly one of endpoint, identity or labels".into())),
-            }
-        };
-        let proto = match r.proto.to_ascii_lowercase().as_str() {
-            "tcp" => 6,
-            "udp" => 17,
-            "icmp" => 1,
-            p => {
-                return Err(EndpointError::BadRequest(format!("protocol {p:?}: tcp, udp or icmp")));
-            }
-        };
-        // Spare identities for label sets nobody has yet.
-        let (src, src_labels) = peer(&r.src, "src", u32::MAX - 1)?;
-        let (dst, dst_labels) = peer(&r.dst, "dst", u32::MAX - 2)?;
-        let by_identity = self.named_ports_by_identity();
-        let named = |p: &ciliate_api::models::TracePeer| NamedPorts {
-            own: p
-                .endpoint
-                .and_then(|id| self.endpoints.get(&id))
-                .map(|ep| port_names(&ep.named_ports))
-                .unwrap_or_default(),
-            by_identity: by_identity.clone(),
-        };
-        Ok(crate::policy::trace(
-            &self.policy.rules,
-            (src, &src_labels),
-            (dst, &dst_labels),
-            proto,
-            r.dport,
-            &ids,
-            (&named(&r.src), &named(&r.dst)),
-        ))
+        self.view().trace(r)
+    }
+
+    /// A snapshot of what readers may see: endpoints, identities, the
+    /// policy in force, IPAM; cheap to make (shared, persistent maps).
+    pub fn view(&self) -> EndpointsView {
+        EndpointsView {
+            endpoints: self.endpoints.clone(),
+            identities: self.identities.view(),
+            cluster_identities: self.identities.allocated(),
+            policy: self.policy.clone(),
+            ipam_cidr: self.ipam.cidr,
+            ipam_used: self.ipam.used(),
+            ipam_free: self.ipam.free(),
+            restored: self.restored,
+        }
     }
 
     fn save_policy(&self, next: &PolicyState) -> Result<(), EndpointError> {
@@ -802,7 +879,7 @@ impl<D: Datapath> Endpoints<D> {
     /// Returns the revision.
     pub fn import_policy(&mut self, rules: Vec<Rule>) -> Result<u64, EndpointError> {
         let sources: Vec<&String> = rules.iter().map(|r| &r.source).collect();
-        let mut next = self.policy.clone();
+        let mut next = (*self.policy).clone();
         next.rules.retain(|r| !sources.contains(&&r.source));
         next.rules.extend(rules.iter().cloned());
         next.revision += 1;
@@ -813,7 +890,7 @@ impl<D: Datapath> Endpoints<D> {
     /// Delete the rules carrying every label in `labels` (all rules when
     /// `labels` is empty), all or nothing. Returns (removed, revision).
     pub fn delete_policy(&mut self, labels: &[String]) -> Result<(usize, u64), EndpointError> {
-        let mut next = self.policy.clone();
+        let mut next = (*self.policy).clone();
         let before = next.rules.len();
         next.rules.retain(|r| !labels.iter().all(|l| r.labels.contains(l)));
         let removed = before - next.rules.len();
@@ -884,6 +961,7 @@ impl<D: Datapath> Endpoints<D> {
     /// endpoint whose device is gone (its pod was removed while the agent
     /// was down) is deleted. Returns how many were restored.
     pub fn restore(&mut self) -> Result<usize, EndpointError> {
+        self.restored = None;
         let mut restored = 0;
         for ep in self.list() {
             if ep.container_id == HOST_CONTAINER {
@@ -909,6 +987,7 @@ impl<D: Datapath> Endpoints<D> {
         let keep: Vec<String> = self.endpoints.values().map(|e| e.host_ifname.clone()).collect();
         let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
         self.datapath.sweep(&keep).map_err(|e| internal(format!("sweeping leftovers: {e}")))?;
+        self.restored = Some(restored);
         Ok(restored)
     }
 

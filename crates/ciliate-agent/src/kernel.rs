@@ -118,6 +118,33 @@ impl Datapath for KernelDatapath {
         Ok(held.keys().copied().collect())
     }
     fn check(&mut self, ep: &Endpoint) -> Result<(), String> {
+        crate::api::Probe::check(&self.probe()?, ep)
+    }
+}
+
+impl KernelDatapath {
+    /// A probe of this node's endpoints, for readers outside the endpoint
+    /// manager.
+    pub fn probe(&self) -> Result<KernelProbe, String> {
+        Ok(KernelProbe {
+            pins_dir: self.pins.dir.clone(),
+            program: self.program.id().map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// Checks an endpoint's datapath read-only: its device (the ifindex it was
+/// attached to), the node's from-container at its ingress, its lxc and
+/// ipcache entries, and its policy enforcement markers. Usable from any
+/// thread while the endpoint manager works.
+pub struct KernelProbe {
+    pins_dir: std::path::PathBuf,
+    /// The node's from-container program id.
+    program: u32,
+}
+
+impl crate::api::Probe for KernelProbe {
+    fn check(&self, ep: &Endpoint) -> Result<(), String> {
         let ifindex = ifindex_of(&ep.host_ifname)
             .ok_or_else(|| format!("host device {} is gone", ep.host_ifname))?;
         if ifindex != ep.host_ifindex {
@@ -126,10 +153,12 @@ impl Datapath for KernelDatapath {
                 ep.host_ifname, ep.host_ifindex
             ));
         }
-        if !node::endpoint_attached(&self.program, &ep.host_ifname).map_err(|e| e.to_string())? {
+        let nl = ciliate_datapath::netlink::Netlink::here().map_err(|e| e.to_string())?;
+        let filters = nl.ingress_bpf_filters(ifindex).map_err(|e| e.to_string())?;
+        if !filters.iter().any(|(id, _)| *id == self.program) {
             return Err(format!("from-container is not attached to {}", ep.host_ifname));
         }
-        let lxc = LxcMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+        let lxc = LxcMap::from_pin_dir(&self.pins_dir).map_err(|e| e.to_string())?;
         match lxc.get(ep.ip).map_err(|e| e.to_string())? {
             Some(i) if i.ifindex == ifindex && i.identity == ep.identity => {}
             Some(i) => {
@@ -140,7 +169,7 @@ impl Datapath for KernelDatapath {
             }
             None => return Err(format!("no lxc entry for {}", ep.ip)),
         }
-        let ipc = IpcacheMap::from_pin_dir(&self.pins.dir).map_err(|e| e.to_string())?;
+        let ipc = IpcacheMap::from_pin_dir(&self.pins_dir).map_err(|e| e.to_string())?;
         match ipc.lookup(ep.ip).map_err(|e| e.to_string())? {
             Some(e) if e.identity == ep.identity => {}
             other => {
@@ -151,18 +180,12 @@ impl Datapath for KernelDatapath {
                 ));
             }
         }
-        let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
-        let markers = held.get(&ep.id).map_or(Default::default(), |w| {
-            w.iter()
-                .filter(|(_, v)| v.flags & ciliate_common::policy::F_MARKER != 0)
-                .map(|((k, _), _)| k.dir)
-                .collect::<std::collections::BTreeSet<u8>>()
-        });
+        let policy = PolicyMap::from_pin_dir(&self.pins_dir).map_err(|e| e.to_string())?;
         for (dir, name, column) in [
             (DIR_INGRESS, "ingress", &ep.ingress_enforcement),
             (DIR_EGRESS, "egress", &ep.egress_enforcement),
         ] {
-            if markers.contains(&dir) != (column == "Enabled") {
+            if policy.enforced(ep.id, dir).map_err(|e| e.to_string())? != (column == "Enabled") {
                 return Err(format!("{name} policy enforcement is not as resolved ({column})"));
             }
         }

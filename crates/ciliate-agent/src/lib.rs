@@ -1,7 +1,9 @@
-//! The Ciliate node agent (ARCHITECTURE.md section 4). One process per node,
-//! no async runtime: a thread per API connection around one state lock,
-//! which keeps the agent small.
+//! The Ciliate node agent (ARCHITECTURE.md section 4). One process per node
+//! on one tokio runtime. Each subsystem owns its state on a thread of its
+//! own, takes commands, and publishes snapshots readers use ([`actor`]):
+//! there is no agent-wide lock.
 //!
+//! - [`actor`]: the subsystem pattern (commands in, snapshots out).
 //! - [`store`]: atomic JSON files in the node's state directory.
 //! - [`ipam`]: pod addresses from the node's pod CIDR, persisted.
 //! - [`identity`]: labels → numeric identity, persisted.
@@ -10,9 +12,11 @@
 //! - [`services`]: services and their load-balancer maps.
 //! - [`kvstore`]: the cluster's shared state (local file or etcd).
 //! - [`cluster`]: cluster-pool IPAM, node registration, the cluster ipcache.
-//! - [`api`]: the HTTP routes of `ciliate_api` on the agent's unix socket.
+//! - [`api`]: the HTTP API (axum) on the agent's unix socket; [`openapi`]
+//!   describes it.
 //! - [`config`]: flags, environment and an optional JSON file.
 
+pub mod actor;
 pub mod api;
 pub mod cluster;
 pub mod config;
@@ -21,6 +25,7 @@ pub mod identity;
 pub mod ipam;
 pub mod kernel;
 pub mod kvstore;
+pub mod openapi;
 pub mod policy;
 pub mod services;
 pub mod store;

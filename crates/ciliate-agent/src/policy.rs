@@ -266,6 +266,25 @@ impl IdView {
         self.labels.is_empty()
     }
 
+    /// The identity with exactly `labels`, if there is one.
+    pub fn find(&self, labels: &[String]) -> Option<u32> {
+        self.labels.iter().find(|(_, l)| l.as_slice() == labels).map(|(id, _)| *id)
+    }
+
+    /// Identity `id` as the API shows it.
+    pub fn identity(&self, id: u32) -> Option<ciliate_api::models::Identity> {
+        self.labels.get(&id).map(|l| ciliate_api::models::Identity {
+            id,
+            labels: l.clone(),
+            reserved: id < reserved::MIN_CLUSTER,
+        })
+    }
+
+    /// Every identity as the API shows it: reserved ones first, by number.
+    pub fn list(&self) -> Vec<ciliate_api::models::Identity> {
+        self.labels.keys().filter_map(|id| self.identity(*id)).collect()
+    }
+
     /// Local identities whose labels name prefix `p`: those of `p` and of
     /// every prefix inside it.
     fn in_prefix(&self, p: Prefix) -> &[u32] {
@@ -1196,7 +1215,7 @@ fn peers_of(pr: &PeerRule, ns: Option<&str>, identities: &IdView) -> BTreeSet<u3
 mod tests;
 
 /// What a packet would meet in one direction, and why.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct DirectionTrace {
     pub enforced: bool,
     /// "allowed" or "denied".
@@ -1208,7 +1227,7 @@ pub struct DirectionTrace {
 }
 
 /// `policy trace`: would `src` reach `dst` on `proto`/`port`?
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Trace {
     pub egress: DirectionTrace,
     pub ingress: DirectionTrace,
@@ -1361,7 +1380,7 @@ pub fn trace(
 
 /// One selector of the policy in force and what it selects now
 /// (`policy selectors`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SelectorUse {
     /// The selector, as JSON text.
     pub selector: String,

@@ -276,6 +276,9 @@ impl State {
 
 pub struct Services {
     state: State,
+    /// What readers see: every service as `get` shows it, kept in step
+    /// with each change (a persistent map: a snapshot is a cheap clone).
+    shown: imbl::OrdMap<u16, Service>,
     /// `<state dir>/services`: one file per service, plus `retired.json`.
     dir: Option<PathBuf>,
     pub datapath: Box<dyn LbDatapath>,
@@ -467,6 +470,7 @@ impl Services {
         }
         Ok(Self {
             state,
+            shown: imbl::OrdMap::new(),
             dir,
             datapath,
             node_ips,
@@ -496,6 +500,11 @@ impl Services {
             self.update(s.clone(), local)?;
         }
         Ok(specs.len())
+    }
+
+    /// Every service as readers see it (a snapshot: a cheap clone).
+    pub fn view(&self) -> imbl::OrdMap<u16, Service> {
+        self.shown.clone()
     }
 
     pub fn list(&self) -> Vec<Service> {
@@ -594,7 +603,9 @@ impl Services {
                 if retired_changed || !undo.unretired.is_empty() {
                     self.save_retired()?;
                 }
-                self.get(id)
+                let svc = self.get(id)?;
+                self.shown.insert(id, svc.clone());
+                Ok(svc)
             }
             Err(e) => {
                 self.state.undo(undo);
@@ -867,6 +878,7 @@ impl Services {
         if let Some(dir) = &self.dir {
             store::remove(&dir.join(format!("{id}.json")))?;
         }
+        self.shown.remove(&id);
         Ok(svc)
     }
 

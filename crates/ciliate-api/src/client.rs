@@ -1,13 +1,16 @@
-//! The API client of the CLI and the CNI plugin.
+//! The API client of the CLI, the CNI plugin and the labs: hyper (HTTP/1.1)
+//! over the agent's unix socket. Blocking calls: each runs on a small
+//! runtime of its own, so callers need none.
 
-use std::{os::unix::net::UnixStream, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, body::Incoming};
+use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{
-    http::{self, HttpError},
-    models::ApiError,
-};
+use crate::models::ApiError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -17,8 +20,9 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the agent: {0}")]
-    Http(#[from] HttpError),
+    /// The connection broke or timed out mid-request (the agent went away).
+    #[error("talking to the agent at {socket}: {reason}")]
+    Transport { socket: String, reason: String },
     #[error("{message}")]
     Api { status: u16, message: String },
     #[error("unexpected answer from the agent to {what}: {reason}")]
@@ -35,46 +39,136 @@ impl Client {
         Self { socket: socket.into(), timeout: Duration::from_secs(30) }
     }
 
+    /// The same client, giving up on a call after `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
     }
 
-    /// Send one request; decode a 2xx body as `T`, anything else as an
-    /// [`ApiError`].
+    fn runtime(&self) -> Result<tokio::runtime::Runtime, ClientError> {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+            ClientError::Transport {
+                socket: self.socket.display().to_string(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// Send one request; a 2xx response's body is decoded as `T`, anything
+    /// else as an [`ApiError`].
     pub fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         target: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
-        let unreachable =
-            |source| ClientError::Unreachable { socket: self.socket.display().to_string(), source };
-        let stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(unreachable)?;
+        let decode =
+            |reason: String| ClientError::Decode { what: format!("{method} {target}"), reason };
         let body = match body {
-            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Decode {
-                what: format!("{method} {target}"),
-                reason: e.to_string(),
-            })?,
+            Some(b) => serde_json::to_vec(b).map_err(|e| decode(e.to_string()))?,
             None => Vec::new(),
         };
-        http::write_request(&stream, method, target, &body)?;
-        let resp = http::read_response(&stream)?;
-        if !(200..300).contains(&resp.status) {
-            let message = serde_json::from_slice::<ApiError>(&resp.body)
+        let rt = self.runtime()?;
+        let (status, bytes) = rt.block_on(async {
+            let resp = self.send(method, target, body).await?;
+            let status = resp.status().as_u16();
+            let bytes = self.timed(resp.into_body().collect()).await?.to_bytes();
+            Ok::<_, ClientError>((status, bytes))
+        })?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&resp.body).into_owned());
-            return Err(ClientError::Api { status: resp.status, message });
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status, message });
         }
-        let body = if resp.body.is_empty() { b"null".to_vec() } else { resp.body };
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
-            what: format!("{method} {target}"),
-            reason: e.to_string(),
-        })
+        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
+        serde_json::from_slice(&bytes).map_err(|e| decode(e.to_string()))
     }
 
     pub fn get<T: DeserializeOwned>(&self, target: &str) -> Result<T, ClientError> {
         self.call(method::GET, target, None::<&()>)
+    }
+
+    /// GET a streaming response and hand every line of it to `f` until `f`
+    /// returns false or the stream ends (the agent's event streams: one
+    /// JSON object a line). No timeout: a stream lasts as long as it lasts.
+    pub fn stream_lines(
+        &self,
+        target: &str,
+        mut f: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), ClientError> {
+        let rt = self.runtime()?;
+        rt.block_on(async {
+            let resp = self.send(method::GET, target, Vec::new()).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if !(200..300).contains(&status) {
+                let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let message = serde_json::from_slice::<ApiError>(&bytes)
+                    .map(|e| e.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(ClientError::Api { status, message });
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| self.transport(e))?;
+                let Ok(data) = frame.into_data() else { continue };
+                pending.extend_from_slice(&data);
+                while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=nl).collect();
+                    if !f(&line[..line.len() - 1]) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn transport(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Transport { socket: self.socket.display().to_string(), reason: e.to_string() }
+    }
+
+    async fn timed<T, E: std::fmt::Display>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| self.transport(e)),
+            Err(_) => Err(self.transport(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    /// Connect, send, and return the response head (its body still to read).
+    async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let socket = self.socket.display().to_string();
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable { socket: socket.clone(), source })?;
+        let (mut sender, conn) = self
+            .timed(hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)))
+            .await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(target)
+            .header(hyper::header::HOST, "ciliate-agent")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Decode {
+                what: format!("{method} {target}"),
+                reason: e.to_string(),
+            })?;
+        self.timed(sender.send_request(req)).await
     }
 }
 

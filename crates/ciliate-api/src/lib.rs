@@ -1,15 +1,15 @@
 //! The agent's API: versioned JSON over HTTP/1.1 on a unix socket.
 //!
-//! - [`models`]: request and response bodies.
-//! - [`http`]: just enough HTTP/1.1 (one request per connection,
-//!   `Content-Length` bodies) for the agent, the CLI and the CNI plugin,
-//!   without an async runtime: the agent stays small.
-//! - [`client`]: the client the CLI and the CNI plugin use.
+//! - [`models`]: request and response bodies (with JSON schemas, from
+//!   which the agent's OpenAPI description is generated).
+//! - [`client`]: the hyper client the CLI, the CNI plugin and the labs use.
+//! - [`http`]: query escaping.
 //!
 //! Paths (all under `/v1`): `GET healthz`, `GET status`, `GET endpoint`,
 //! `GET endpoint/{id}`, `PUT endpoint` (create), `DELETE endpoint/{id}`,
 //! `DELETE endpoint?container-id=…`, `POST ipam` (allocate), `DELETE
-//! ipam/{ip}`, `GET identity`, `GET identity/{id}`, `POST gc`.
+//! ipam/{ip}`, `GET identity`, `GET identity/{id}`, `POST gc`, policy,
+//! services, `GET openapi.json` (the full list, with schemas).
 //! Errors are `{"message": …}` with a 4xx/5xx status; the message names the
 //! object.
 

@@ -55,12 +55,12 @@ pub fn valid_port_name(s: &str) -> bool {
 }
 
 /// `{"message": ...}`: every error response.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct ApiError {
     pub message: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Status {
     pub node: String,
     pub version: String,
@@ -84,22 +84,25 @@ pub struct Status {
     /// "tunnel" or "native".
     #[serde(default)]
     pub routing: String,
+    /// "ok", or "restoring" while the agent restores its endpoints.
+    #[serde(default)]
+    pub state: String,
 }
 
 /// `GET /v1/kvstore`: a key and its value (as text).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct KvPair {
     pub key: String,
     pub value: String,
 }
 
 /// `POST /v1/ipam`: allocate one address for `owner` (a container ID).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct IpamRequest {
     pub owner: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct IpamAllocation {
     pub ip: Ipv4Addr,
     /// The pod's gateway: the node's router IP.
@@ -109,7 +112,7 @@ pub struct IpamAllocation {
 
 /// `PUT /v1/endpoint`: the CNI plugin made the veth pair and configured the
 /// pod side; the agent takes it from here.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct EndpointCreate {
     pub container_id: String,
     /// The pod's network namespace (a path).
@@ -132,14 +135,14 @@ pub struct EndpointCreate {
 }
 
 /// A named container port.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct NamedPort {
     pub port: u16,
     /// "TCP" or "UDP".
     pub protocol: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Endpoint {
     pub id: u16,
     pub container_id: String,
@@ -163,7 +166,7 @@ pub struct Endpoint {
     pub egress_enforcement: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Identity {
     pub id: u32,
     /// `source:key=value`, sorted.
@@ -172,24 +175,24 @@ pub struct Identity {
 }
 
 /// `POST /v1/gc`: remove every endpoint whose container is not listed.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct GcRequest {
     pub valid_container_ids: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct GcResult {
     pub removed: Vec<u16>,
 }
 
 /// `PUT /v1/policy`: policy documents (YAML or JSON) to import.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct PolicyImport {
     pub text: String,
 }
 
 /// The answer to a policy change: the new revision.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct PolicyChange {
     pub revision: u64,
     /// Rules imported or removed.
@@ -198,7 +201,7 @@ pub struct PolicyChange {
 
 /// One side of a `POST /v1/policy/trace`: an endpoint ID, an identity, or
 /// labels (`k8s:app=web`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct TracePeer {
     #[serde(default)]
     pub endpoint: Option<u16>,
@@ -209,7 +212,7 @@ pub struct TracePeer {
 }
 
 /// `POST /v1/policy/trace`: would `src` reach `dst` on `proto`/`dport`?
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct TraceRequest {
     pub src: TracePeer,
     pub dst: TracePeer,
@@ -220,7 +223,19 @@ pub struct TraceRequest {
 }
 
 /// How a service is reached (Cilium's service types).
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+)]
 pub enum ServiceKind {
     #[default]
     ClusterIP,
@@ -244,7 +259,9 @@ impl ServiceKind {
 
 /// A backend's state (Cilium's): only active backends get new flows;
 /// terminating ones keep their established flows.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     #[default]
@@ -266,7 +283,9 @@ impl BackendState {
 }
 
 /// Backend selection for new flows.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LbAlgorithm {
     #[default]
@@ -275,7 +294,19 @@ pub enum LbAlgorithm {
 }
 
 /// An address, port and protocol: `10.96.0.10:80/TCP`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+)]
 pub struct L4Addr {
     pub ip: Ipv4Addr,
     pub port: u16,
@@ -288,7 +319,19 @@ fn tcp() -> Protocol {
     Protocol::TCP
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+)]
 pub enum Protocol {
     TCP,
     UDP,
@@ -330,7 +373,7 @@ impl std::str::FromStr for L4Addr {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct BackendSpec {
     pub ip: Ipv4Addr,
     pub port: u16,
@@ -341,7 +384,7 @@ pub struct BackendSpec {
 /// `PUT /v1/service`: create or replace service `id`. One service is one
 /// frontend (as `cilium service update`); a NodePort or HostPort frontend
 /// with address 0.0.0.0 stands for every address of the node's devices.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub id: u16,
@@ -370,13 +413,13 @@ pub struct ServiceSpec {
 
 /// A frontend the agent wrote for a service (NodePort: one per node
 /// address), with its reverse-NAT index.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct FrontendStatus {
     pub address: L4Addr,
     pub rev_nat_index: u16,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct BackendStatus {
     pub id: u32,
     pub ip: Ipv4Addr,
@@ -387,7 +430,7 @@ pub struct BackendStatus {
 }
 
 /// `GET /v1/service[/<id>]`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Service {
     pub spec: ServiceSpec,
     pub frontends: Vec<FrontendStatus>,

@@ -50,7 +50,7 @@ fn agent_err(what: &str) -> impl FnOnce(ClientError) -> CniError + '_ {
         ClientError::Unreachable { .. } => {
             err(code::TRY_AGAIN, format!("{what}: agent unreachable"), e.to_string())
         }
-        ClientError::Http(_) | ClientError::Api { status: 503, .. } => err(
+        ClientError::Transport { .. } | ClientError::Api { status: 503, .. } => err(
             code::TRY_AGAIN,
             format!("{what}: the agent went away or is not ready"),
             e.to_string(),

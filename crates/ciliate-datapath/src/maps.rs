@@ -578,6 +578,15 @@ impl PolicyMap {
             .map_err(map_err(&format!("enforcing endpoint {endpoint_id} in"), policy::MAP_NAME))
     }
 
+    /// Is `dir` enforced for `endpoint_id` (its marker is in the map)?
+    pub fn enforced(&self, endpoint_id: u16, dir: u8) -> Result<bool> {
+        match self.0.get(&marker_key(endpoint_id, dir), 0) {
+            Ok(e) => Ok(e.flags & policy::F_MARKER != 0),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err("reading", policy::MAP_NAME)(e)),
+        }
+    }
+
     /// Turn enforcement of `dir` off for `endpoint_id` (its rules stay).
     pub fn unenforce(&mut self, endpoint_id: u16, dir: u8) -> Result<()> {
         ignore_missing(self.0.remove(&marker_key(endpoint_id, dir)), policy::MAP_NAME)

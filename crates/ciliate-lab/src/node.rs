@@ -338,7 +338,9 @@ pub fn spawn_agent(
     cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if Client::new(socket).get::<serde_json::Value>("/v1/healthz").is_ok() {
+        // Up and done restoring (healthz says "restoring" until then).
+        let health = Client::new(socket).get::<serde_json::Value>("/v1/healthz");
+        if health.is_ok_and(|h| h["status"] == "ok") {
             return Ok(());
         }
         if Instant::now() > deadline {

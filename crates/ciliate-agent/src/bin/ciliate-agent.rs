@@ -1,20 +1,25 @@
 //! `ciliate-agent`: runs one node (in the network namespace it is started
-//! in). Sets up bpffs, cgroup v2, the router devices and from-host, restores
-//! the endpoints of a previous run (their programs kept forwarding while no
-//! agent ran), then serves the API.
+//! in) on one tokio runtime. Start: the cluster's store, bpffs, cgroup v2,
+//! the router devices and the node programs (verified once per binary),
+//! then the API (serving `healthz`/`status` while endpoints are restored),
+//! the endpoint manager (restore, host and health endpoints, the policy in
+//! force), services, conntrack GC and the cluster sync. SIGTERM or SIGINT
+//! stop it cleanly; the datapath stays (pinned maps, tc filters and links
+//! keep forwarding while no agent runs).
 
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use ciliate_agent::{
-    api::{self, Server},
+    actor::Actor,
+    api::{self, AppState},
     cluster::{self, ClusterSync, NodeRecord, Routing},
-    config::Flags,
-    config::KvConfig,
-    endpoint::Endpoints,
+    config::{Config, Flags, KvConfig},
+    endpoint::{Datapath, Endpoints, EndpointsView},
     kernel::{KernelCluster, KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
     kvstore::{Etcd, KvStore, LocalStore},
     services::{self, Services},
@@ -25,43 +30,71 @@ use ciliate_datapath::{
     node::{self, HostSetup},
 };
 use clap::Parser;
-
-fn log(msg: impl AsRef<str>) {
-    eprintln!("[ciliate-agent] {}", msg.as_ref());
-}
+use tracing::{error, info, warn};
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("ciliate-agent: {e:#}");
+    let cfg = match Flags::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ciliate-agent: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_logs(&cfg);
+    // Few malloc arenas: the blocking pool's threads would otherwise each
+    // keep one, and the memory a burst of requests used never goes back.
+    // SAFETY: mallopt(3) before any thread is started.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_name("ciliate-agent")
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    if let Err(e) = rt.block_on(run(cfg)) {
+        error!("{e:#}");
         std::process::exit(1);
     }
 }
 
-/// Conntrack garbage collection: every `interval` seconds, delete the
-/// entries whose lifetime ran out, then the retired backends no flow is
-/// pinned to any more.
-fn spawn_ct_gc(dir: std::path::PathBuf, interval: u64, services: Arc<Mutex<Services>>) {
-    std::thread::spawn(move || {
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(interval));
-            match CtMaps::from_pin_dir(&dir).and_then(|mut ct| ct.sweep(monotonic_secs())) {
-                Ok(0) => {}
-                Ok(n) => log(format!("conntrack GC removed {n} expired entries")),
-                Err(e) => log(format!("conntrack GC: {e}")),
-            }
-            let mut svcs = services.lock().unwrap_or_else(|e| e.into_inner());
-            match svcs.release_retired() {
-                Ok(0) => {}
-                Ok(n) => log(format!("released {n} retired backends")),
-                Err(e) => log(format!("releasing retired backends: {e}")),
-            }
-        }
-    });
+/// Logs through `tracing`: text or JSON lines on stderr, info (or debug
+/// with `--debug`; `CILIATE_LOG` takes an env-filter directive).
+fn init_logs(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let default =
+        if cfg.debug { "info,ciliate_agent=debug,ciliate_datapath=debug" } else { "info" };
+    let filter = EnvFilter::try_from_env("CILIATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log_json {
+        b.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        b.with_target(false).init();
+    }
 }
 
-fn run() -> anyhow::Result<()> {
-    let mut cfg = Flags::parse().resolve()?;
+/// Run blocking `f` on the runtime's blocking pool.
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> anyhow::Result<R> {
+    tokio::task::spawn_blocking(f).await.context("a blocking task panicked")
+}
+
+/// A watch that turns true on SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    tokio::spawn(async move {
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        info!("{which}: shutting down");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    let shutdown = shutdown_signal()?;
     // The cluster's store first: the pod CIDR may come from it.
     let kv: Arc<dyn KvStore> = match &cfg.kvstore {
         KvConfig::Local(path) => {
@@ -71,30 +104,31 @@ fn run() -> anyhow::Result<()> {
     };
     if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
         // The store may be briefly away at start: retry for a while.
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(60);
         cfg.pod_cidr = loop {
-            match cluster::claim_pod_cidr(kv.as_ref(), &cfg.node, pool, mask) {
+            let (kv, node) = (kv.clone(), cfg.node.clone());
+            match blocking(move || cluster::claim_pod_cidr(kv.as_ref(), &node, pool, mask)).await? {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
-                    log(format!("claiming a pod CIDR from {pool}: {e}; retrying"));
-                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    warn!(subsystem = "cluster", "claiming a pod CIDR from {pool}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => anyhow::bail!("claiming a pod CIDR from {pool}: {e}"),
             }
         };
-        log(format!("claimed pod CIDR {} from the cluster pool {pool}", cfg.pod_cidr));
+        info!(
+            subsystem = "cluster",
+            "claimed pod CIDR {} from the cluster pool {pool}", cfg.pod_cidr
+        );
     }
-    log(format!(
-        "node {} pod CIDR {} state {} kvstore {} routing {:?}",
-        cfg.node,
-        cfg.pod_cidr,
-        cfg.state_dir.display(),
-        kv.describe(),
-        cfg.routing
-    ));
-    let pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
-    let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
-    log(format!("bpffs {}, cgroup v2 {}", pins.dir.display(), cgroup.display()));
+    info!(
+        node = %cfg.node,
+        pod_cidr = %cfg.pod_cidr,
+        state_dir = %cfg.state_dir.display(),
+        kvstore = %kv.describe(),
+        routing = ?cfg.routing,
+        "starting"
+    );
     let setup = HostSetup {
         pod_cidr: cfg.pod_cidr.net,
         pod_cidr_len: cfg.pod_cidr.len,
@@ -112,83 +146,101 @@ fn run() -> anyhow::Result<()> {
             None => (cfg.pod_cidr.net, cfg.pod_cidr.len),
         },
     };
-    let node_ips =
-        node::setup_host(&pins, &setup).context("setting up the router devices and from-host")?;
-    log(format!(
-        "{} is {}, from-host attached; devices {:?} (node addresses {node_ips:?})",
-        node::HOST_DEV,
-        setup.router,
-        cfg.devices
-    ));
-    if cfg.socket_lb {
-        let root = cfg.cgroup_root.clone().unwrap_or(cgroup.clone());
-        node::attach_sock_lb(&pins, &root)
-            .with_context(|| format!("attaching socket LB to {}", root.display()))?;
-        log(format!("socket LB attached to {}", root.display()));
-    } else {
-        node::detach_sock_lb(&pins);
-    }
-    let pin_dir = pins.dir.display().to_string();
-    let lb = Box::new(KernelLb::new(pins.dir.clone()));
-    let services = Services::open(Some(&cfg.state_dir), lb, node_ips.clone(), cfg.lb_algorithm)
-        .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
-    let mut services = services;
-    services.cluster_cidr = Some(setup.cluster_cidr);
-    services.node_ports = cfg.node_port_range;
-    let services = Arc::new(Mutex::new(services));
-    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone());
-    let dp = KernelDatapath::new(pins).context("loading the node's from-container")?;
-    log(format!(
-        "from-container {}",
-        if dp.verified_now() { "loaded and verified" } else { "found pinned (not verified again)" }
-    ));
+    // The node's datapath: devices, maps, the node programs.
+    let (pins, node_ips, dp) = {
+        let (cfg, setup) = (cfg.clone(), setup.clone());
+        blocking(move || -> anyhow::Result<_> {
+            let pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
+            let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
+            let node_ips = node::setup_host(&pins, &setup)
+                .context("setting up the router devices and the node programs")?;
+            if cfg.socket_lb {
+                let root = cfg.cgroup_root.clone().unwrap_or(cgroup.clone());
+                node::attach_sock_lb(&pins, &root)
+                    .with_context(|| format!("attaching socket LB to {}", root.display()))?;
+                info!(subsystem = "services", cgroup = %root.display(), "socket LB attached");
+            } else {
+                node::detach_sock_lb(&pins);
+            }
+            let dp = KernelDatapath::new(pins.clone()).context("loading the node's from-container")?;
+            info!(
+                bpffs = %pins.dir.display(),
+                cgroup = %cgroup.display(),
+                devices = ?cfg.devices,
+                node_ips = ?node_ips,
+                from_container = if dp.verified_now() { "loaded and verified" } else { "found pinned, not verified again" },
+                "datapath ready"
+            );
+            Ok((pins, node_ips, dp))
+        })
+        .await??
+    };
+    let probe = Arc::new(dp.probe().map_err(|e| anyhow::anyhow!(e))?);
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
     eps.cluster_cidrs = vec![setup.cluster_cidr];
-    eps.identities.cluster = Some(kv.clone());
-    let restored = eps.restore().map_err(|e| anyhow::anyhow!("restoring endpoints: {e}"))?;
-    log(format!("restored {restored} endpoints in {:?}", started.elapsed()));
-    let host = eps.ensure_host(setup.router).map_err(|e| anyhow::anyhow!("host endpoint: {e}"))?;
-    log(format!("host endpoint {} (identity {})", host.id, host.identity));
-    if cfg.enable_health {
-        let h = ensure_health_endpoint(&mut eps, &cfg.node).map_err(|e| anyhow::anyhow!("{e}"))?;
-        log(format!("health endpoint {} at {} in {}", h.id, h.ip, h.netns));
-    }
-    // The policy in force, written again where the maps differ (entries
-    // of endpoints gone while no agent ran go too).
-    eps.regenerate().map_err(|e| anyhow::anyhow!("writing the policy in force: {e}"))?;
-    {
-        let local = api::local_ips(&eps);
-        let mut svcs = services.lock().unwrap_or_else(|e| e.into_inner());
-        let n = svcs.restore(&local).map_err(|e| anyhow::anyhow!("restoring services: {e}"))?;
-        if let Some(file) = &cfg.services {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading services {}", file.display()))?;
-            let specs = services::parse_file(&text)
-                .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
-            for spec in specs {
-                svcs.update(spec, &local)
-                    .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
-            }
-        }
-        log(format!("restored {n} services; {} in force", svcs.list().len()));
-    }
-    let health_ip = eps.by_container(ciliate_agent::endpoint::HEALTH_CONTAINER).map(|e| e.ip);
+    eps.restored = None;
+    let endpoints = {
+        let (router, node, health) = (setup.router, cfg.node.clone(), cfg.enable_health);
+        Actor::start(
+            "endpoints",
+            eps,
+            |e| e.view(),
+            move |e| restore_endpoints(e, router, &node, health, started),
+        )
+    };
+    let lb = Box::new(KernelLb::new(pins.dir.clone()));
+    let mut svcs = Services::open(Some(&cfg.state_dir), lb, node_ips.clone(), cfg.lb_algorithm)
+        .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
+    svcs.cluster_cidr = Some(setup.cluster_cidr);
+    svcs.node_ports = cfg.node_port_range;
+    let services: api::ServicesActor = Actor::start("services", svcs, |s| s.view(), |_| {});
     let kv_status =
         Arc::new(Mutex::new(cluster::KvStatus { store: kv.describe(), ..Default::default() }));
-    let server = Arc::new(Server {
-        state: Mutex::new(eps),
-        services,
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = Arc::new(AppState {
+        endpoints: endpoints.clone(),
+        services: services.clone(),
         kv: kv.clone(),
+        cluster_identities: true,
         kv_status: kv_status.clone(),
         routing: cfg.routing,
         node: cfg.node.clone(),
-        pin_dir,
+        pin_dir: pins.dir.display().to_string(),
         started,
-        restored,
+        probe,
+        kv_timeout: Duration::from_secs(10),
+        ready: ready.clone(),
     });
+    let server = {
+        let (socket, shutdown) = (cfg.socket.clone(), shutdown.clone());
+        info!(subsystem = "api", socket = %socket.display(), "serving the API");
+        tokio::spawn(async move {
+            api::serve(api::router(state), &socket, api::Limits::default(), shutdown).await
+        })
+    };
+    // Services once endpoints are restored (Local traffic policies need
+    // this node's endpoints).
+    endpoints.read(|_| ()).await?;
+    let local: std::collections::BTreeSet<_> =
+        endpoints.snapshot().endpoints.values().map(|e| e.ip).collect();
+    let file = cfg.services.clone();
+    let restored = services
+        .write(move |s| restore_services(s, &local, file.as_deref()), |s| s.view())
+        .await??;
+    info!(
+        subsystem = "services",
+        restored,
+        in_force = services.snapshot().len(),
+        "services restored"
+    );
+    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone(), shutdown.clone());
     if let Some(node_ip) = node_ips.first().copied() {
+        let health_ip = endpoints
+            .snapshot()
+            .by_container(ciliate_agent::endpoint::HEALTH_CONTAINER)
+            .map(|e| e.ip);
         let me = NodeRecord {
             name: cfg.node.clone(),
             ip: node_ip,
@@ -197,16 +249,161 @@ fn run() -> anyhow::Result<()> {
             health_ip,
         };
         let dp = Box::new(KernelCluster {
-            pin_dir: std::path::PathBuf::from(&server.pin_dir),
+            pin_dir: pins.dir.clone(),
             routing: cfg.routing,
             device: cfg.devices.first().cloned(),
         });
-        let sync = ClusterSync::new(kv.clone(), me, dp, server.clone(), kv_status);
-        std::thread::spawn(move || sync.run(log));
-        log(format!("cluster sync through {} as {node_ip}", kv.describe()));
+        let local = Arc::new(LocalEndpoints(endpoints.clone()));
+        let sync = ClusterSync::new(kv.clone(), me, dp, local, kv_status);
+        info!(subsystem = "cluster", store = %kv.describe(), node_ip = %node_ip, "cluster sync");
+        std::thread::Builder::new()
+            .name("ciliate-cluster".into())
+            .spawn(move || sync.run(|m| info!(subsystem = "cluster", "{m}")))
+            .context("starting the cluster sync")?;
     } else {
-        log("no --devices: the node has no address to join a cluster with; running alone");
+        warn!("no --devices: the node has no address to join a cluster with; running alone");
     }
-    log(format!("serving the API on {}", cfg.socket.display()));
-    api::serve(server, &cfg.socket).with_context(|| format!("serving on {}", cfg.socket.display()))
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, "agent ready");
+    api::stopped(&mut shutdown.clone()).await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(subsystem = "api", error = %e, "API server"),
+        Err(e) => warn!(subsystem = "api", error = %e, "API server task"),
+    }
+    info!("stopped; the datapath keeps forwarding (maps, filters and links stay)");
+    Ok(())
+}
+
+/// The endpoint manager's start: re-attach what the state directory lists
+/// (the datapath kept forwarding meanwhile), the host and health
+/// endpoints, then the policy in force (entries of endpoints gone while no
+/// agent ran go too).
+fn restore_endpoints<D: Datapath>(
+    e: &mut Endpoints<D>,
+    router: std::net::Ipv4Addr,
+    node: &str,
+    health: bool,
+    started: Instant,
+) {
+    match e.restore() {
+        Ok(n) => info!(
+            subsystem = "endpoint",
+            restored = n,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "endpoints restored"
+        ),
+        Err(err) => error!(subsystem = "endpoint", error = %err, "restoring endpoints"),
+    }
+    match e.ensure_host(router) {
+        Ok(h) => info!(
+            subsystem = "endpoint",
+            endpoint_id = h.id,
+            identity = h.identity,
+            "host endpoint"
+        ),
+        Err(err) => error!(subsystem = "endpoint", error = %err, "host endpoint"),
+    }
+    if health {
+        match ensure_health_endpoint(e, node) {
+            Ok(h) => {
+                info!(subsystem = "endpoint", endpoint_id = h.id, ip = %h.ip, netns = %h.netns, "health endpoint")
+            }
+            Err(err) => error!(subsystem = "endpoint", error = %err, "health endpoint"),
+        }
+    }
+    if let Err(err) = e.regenerate() {
+        error!(subsystem = "policy", error = %err, "writing the policy in force");
+    }
+    if e.restored.is_none() {
+        e.restored = Some(0);
+    }
+}
+
+/// Services from the state directory, then from the services file.
+fn restore_services(
+    s: &mut Services,
+    local: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<usize> {
+    let n = s.restore(local).map_err(|e| anyhow::anyhow!("restoring services: {e}"))?;
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading services {}", file.display()))?;
+        let specs = services::parse_file(&text)
+            .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
+        for spec in specs {
+            s.update(spec, local)
+                .map_err(|e| anyhow::anyhow!("services {}: {e}", file.display()))?;
+        }
+    }
+    Ok(n)
+}
+
+/// Conntrack garbage collection: every `interval` seconds, delete the
+/// entries whose lifetime ran out, then the retired backends no flow is
+/// pinned to any more.
+fn spawn_ct_gc(
+    dir: PathBuf,
+    interval: u64,
+    services: api::ServicesActor,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
+        tick.tick().await;
+        loop {
+            tokio::select! { _ = tick.tick() => {}, _ = api::stopped(&mut shutdown) => return }
+            let d = dir.clone();
+            match tokio::task::spawn_blocking(move || {
+                CtMaps::from_pin_dir(&d).and_then(|mut ct| ct.sweep(monotonic_secs()))
+            })
+            .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(subsystem = "conntrack", removed = n, "conntrack GC"),
+                Ok(Err(e)) => warn!(subsystem = "conntrack", error = %e, "conntrack GC"),
+                Err(e) => warn!(subsystem = "conntrack", error = %e, "conntrack GC task"),
+            }
+            match services.write(|s| s.release_retired(), |s| s.view()).await {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(n)) => {
+                    info!(subsystem = "services", released = n, "retired backends released")
+                }
+                Ok(Err(e)) => {
+                    warn!(subsystem = "services", error = %e, "releasing retired backends")
+                }
+            }
+        }
+    });
+}
+
+/// The node's endpoints and identities as the cluster sync needs them:
+/// read from the endpoint manager's snapshots, learned through commands.
+struct LocalEndpoints<D: Datapath + 'static>(Actor<Endpoints<D>, EndpointsView>);
+
+impl<D: Datapath + 'static> cluster::LocalState for LocalEndpoints<D> {
+    fn endpoints(&self) -> Vec<(std::net::Ipv4Addr, u32)> {
+        self.0
+            .snapshot()
+            .endpoints
+            .values()
+            .filter(|e| e.identity != ciliate_common::identity::HOST)
+            .map(|e| (e.ip, e.identity))
+            .collect()
+    }
+
+    fn learn_identities(&self, ids: Vec<(u32, Vec<String>)>) {
+        let r = self.0.write_blocking(
+            move |e| match e.identities.learn(ids) {
+                Ok(true) => e.regenerate().map_err(|err| err.to_string()),
+                Ok(false) => Ok(()),
+                Err(err) => Err(err.to_string()),
+            },
+            |e| e.view(),
+        );
+        if let Ok(Err(e)) = r {
+            warn!(subsystem = "cluster", error = %e, "learning identities");
+        }
+    }
 }
