@@ -154,6 +154,19 @@ async fn blocking<R: Send + 'static>(
     }
 }
 
+/// Wait for the kvstore's answer `f` at most `timeout` (503 after: a
+/// hung store never hangs a request).
+async fn kv_call<T>(
+    timeout: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, crate::kvstore::KvError>>,
+) -> Result<T, ApiErr> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r.map_err(|e| ApiErr::new(503, format!("{what}: {e}"))),
+        Err(_) => Err(ApiErr::new(503, format!("{what}: no answer within {timeout:?}"))),
+    }
+}
+
 /// The API's routes.
 pub fn router<D: Datapath + 'static>(state: Arc<AppState<D>>) -> Router {
     let no_method = || async { ApiErr::new(405, "method not supported on this path") };
@@ -234,10 +247,7 @@ async fn status<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
 }
 
 async fn nodes<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
-    let kv = st.kv.clone();
-    let list = blocking(st.kv_timeout, "listing nodes", move || kv.list(crate::kvstore::NODES))
-        .await?
-        .map_err(|e| ApiErr::new(503, e.to_string()))?;
+    let list = kv_call(st.kv_timeout, "listing nodes", st.kv.list(crate::kvstore::NODES)).await?;
     let nodes: Vec<crate::cluster::NodeRecord> =
         list.into_iter().filter_map(|(_, v)| serde_json::from_slice(&v).ok()).collect();
     json(200, &nodes)
@@ -248,19 +258,14 @@ async fn kvstore<D: Datapath + 'static>(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let text = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
-    let kv = st.kv.clone();
     if let Some(k) = q.get("key").cloned() {
-        let key = k.clone();
-        let v = blocking(st.kv_timeout, "reading the kvstore", move || kv.get(&key))
+        let v = kv_call(st.kv_timeout, "reading the kvstore", st.kv.get(&k))
             .await?
-            .map_err(|e| ApiErr::new(503, e.to_string()))?
             .ok_or_else(|| ApiErr::new(404, format!("key {k:?} not found")))?;
         return json(200, &vec![ciliate_api::models::KvPair { key: k, value: text(v) }]);
     }
     let prefix = q.get("prefix").cloned().unwrap_or_default();
-    let pairs = blocking(st.kv_timeout, "listing the kvstore", move || kv.list(&prefix))
-        .await?
-        .map_err(|e| ApiErr::new(503, e.to_string()))?;
+    let pairs = kv_call(st.kv_timeout, "listing the kvstore", st.kv.list(&prefix)).await?;
     let pairs: Vec<ciliate_api::models::KvPair> = pairs
         .into_iter()
         .map(|(key, v)| ciliate_api::models::KvPair { key, value: text(v) })
@@ -339,17 +344,9 @@ async fn create_endpoint<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> A
     let identity = match known {
         Some(id) => Some(id),
         None if st.cluster_identities => {
-            let (kv, l) = (st.kv.clone(), labels.clone());
-            let id = blocking(st.kv_timeout, "allocating an identity", move || {
-                crate::cluster::allocate_identity(
-                    kv.as_ref(),
-                    &l,
-                    ciliate_common::identity::MIN_CLUSTER,
-                )
-            })
-            .await?
-            .map_err(|e| ApiErr::new(503, format!("allocating an identity: {e}")))?;
-            Some(id)
+            let min = ciliate_common::identity::MIN_CLUSTER;
+            let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), &labels, min);
+            Some(kv_call(st.kv_timeout, "allocating an identity", alloc).await?)
         }
         None => None,
     };

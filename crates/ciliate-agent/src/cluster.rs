@@ -5,12 +5,15 @@
 //! datapath (ipcache entries with their tunnel endpoint, routes in native
 //! routing) and policy.
 //!
-//! [`ClusterSync::step`] does one round; the agent runs it every second on
-//! a thread. When the store is unreachable the datapath keeps what it has
-//! (nothing is removed on a failed read), the step is retried with backoff
-//! and [`KvStatus`] says so; after the store returns everything converges
-//! (the node and its entries are written again, under a new lease if the
-//! old one expired meanwhile).
+//! [`ClusterSync::run`] follows the store through watches (no polling): the
+//! other nodes, their endpoints and the cluster's identities come in as
+//! they change; this node's record and endpoints go out as they change,
+//! under a lease kept alive every few seconds. When the store is
+//! unreachable the datapath keeps what it has (watches only report
+//! failures, nothing is removed), [`KvStatus`] says so, and after the store
+//! returns everything converges (each watch starts over with a full
+//! listing that is diffed against what is known; the node and its entries
+//! are written again, under a new lease if the old one expired).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,11 +22,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::sync::{mpsc, watch};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
     ipam::Cidr,
-    kvstore::{CIDRS, IDENTITY_IDS, IPS, KvError, KvStore, NODES},
+    kvstore::{CIDRS, IDENTITY_IDS, IPS, KvError, KvStore, NODES, WatchEvent},
 };
 
 /// Seconds a node's lease lives without keepalive: a node that stops is
@@ -148,20 +153,16 @@ impl ClusterDatapath for MemoryCluster {
     }
 }
 
-/// What the sync needs from the node's own state.
-pub trait LocalState: Send + Sync {
-    /// This node's endpoints: address and identity.
-    fn endpoints(&self) -> Vec<(Ipv4Addr, u32)>;
-    /// Identities of the cluster (to select peers in policy); the node
-    /// regenerates its policy when one is new to it.
-    fn learn_identities(&self, ids: Vec<(u32, Vec<String>)>);
-}
-
 /// Claim this node's pod CIDR from the cluster pool `pool` (subnets of
 /// `/mask`): the one it had, or the first free one, atomically.
-pub fn claim_pod_cidr(kv: &dyn KvStore, node: &str, pool: Cidr, mask: u8) -> Result<Cidr, String> {
+pub async fn claim_pod_cidr(
+    kv: &dyn KvStore,
+    node: &str,
+    pool: Cidr,
+    mask: u8,
+) -> Result<Cidr, String> {
     let by_node = format!("{CIDRS}by-node/{node}");
-    if let Some(v) = kv.get(&by_node).map_err(|e| e.to_string())? {
+    if let Some(v) = kv.get(&by_node).await.map_err(|e| e.to_string())? {
         return String::from_utf8_lossy(&v).parse().map_err(|e| format!("{by_node}: {e}"));
     }
     if mask < pool.len || mask > 30 {
@@ -175,7 +176,7 @@ pub fn claim_pod_cidr(kv: &dyn KvStore, node: &str, pool: Cidr, mask: u8) -> Res
         let cidr_text = cidr.to_string();
         let kvs: [(&str, &[u8]); 2] =
             [(key.as_str(), node.as_bytes()), (by_node.as_str(), cidr_text.as_bytes())];
-        if kv.create_all(&kvs, None).map_err(|e| e.to_string())? {
+        if kv.create_all(&kvs, None).await.map_err(|e| e.to_string())? {
             return Ok(cidr);
         }
     }
@@ -185,16 +186,21 @@ pub fn claim_pod_cidr(kv: &dyn KvStore, node: &str, pool: Cidr, mask: u8) -> Res
 /// Allocate the cluster identity of `labels` through the store: the one
 /// it has, or the lowest free one from `min`, created together with its
 /// reverse key in one transaction so two nodes cannot race.
-pub fn allocate_identity(kv: &dyn KvStore, labels: &[String], min: u32) -> Result<u32, KvError> {
+pub async fn allocate_identity(
+    kv: &dyn KvStore,
+    labels: &[String],
+    min: u32,
+) -> Result<u32, KvError> {
     let value_key = format!("{}{}", crate::kvstore::IDENTITY_VALUES, labels.join(";"));
     for _ in 0..64 {
-        if let Some(v) = kv.get(&value_key)?
+        if let Some(v) = kv.get(&value_key).await?
             && let Ok(id) = String::from_utf8_lossy(&v).parse()
         {
             return Ok(id);
         }
         let used: BTreeSet<u32> = kv
-            .list(IDENTITY_IDS)?
+            .list(IDENTITY_IDS)
+            .await?
             .into_iter()
             .filter_map(|(k, _)| k.strip_prefix(IDENTITY_IDS)?.parse().ok())
             .collect();
@@ -204,7 +210,7 @@ pub fn allocate_identity(kv: &dyn KvStore, labels: &[String], min: u32) -> Resul
         let id_text = id.to_string();
         let kvs: [(&str, &[u8]); 2] =
             [(value_key.as_str(), id_text.as_bytes()), (id_key.as_str(), &labels_json)];
-        if kv.create_all(&kvs, None)? {
+        if kv.create_all(&kvs, None).await? {
             return Ok(id);
         }
     }
@@ -214,202 +220,337 @@ pub fn allocate_identity(kv: &dyn KvStore, labels: &[String], min: u32) -> Resul
     })
 }
 
+/// The node in its cluster (see the module comment).
+/// This node's endpoints as published: address → identity.
+pub type LocalIps = watch::Receiver<BTreeMap<Ipv4Addr, u32>>;
+/// Where identities allocated by other nodes are handed on.
+pub type Learned = mpsc::Sender<Vec<(u32, Vec<String>)>>;
+
 pub struct ClusterSync {
     pub kv: Arc<dyn KvStore>,
     pub me: NodeRecord,
-    pub datapath: Box<dyn ClusterDatapath>,
-    pub local: Arc<dyn LocalState>,
+    /// Datapath writes block (maps, netlink): they run on the blocking
+    /// pool, one at a time.
+    pub datapath: Arc<Mutex<Box<dyn ClusterDatapath>>>,
     pub status: Arc<Mutex<KvStatus>>,
-    lease: Option<i64>,
-    /// What this node published, under which lease.
-    published: BTreeMap<Ipv4Addr, (IpRecord, i64)>,
-    nodes: BTreeMap<String, NodeRecord>,
-    remote_ips: BTreeMap<Ipv4Addr, IpRecord>,
-    known_ids: BTreeSet<u32>,
-    failing_since: Option<Instant>,
+    /// Seconds the node's lease lives without keepalive.
+    pub lease_ttl: i64,
+}
+
+/// Failures of the sync's parts, for [`KvStatus`].
+#[derive(Default)]
+struct Health {
+    failing: BTreeMap<&'static str, (Instant, String)>,
 }
 
 impl ClusterSync {
-    /// A sync that reports into `status` (shared with the API).
     pub fn new(
         kv: Arc<dyn KvStore>,
         me: NodeRecord,
         datapath: Box<dyn ClusterDatapath>,
-        local: Arc<dyn LocalState>,
         status: Arc<Mutex<KvStatus>>,
     ) -> Self {
         status.lock().unwrap_or_else(|e| e.into_inner()).store = kv.describe();
-        Self {
-            kv,
-            me,
-            datapath,
-            local,
-            status,
-            lease: None,
-            published: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-            remote_ips: BTreeMap::new(),
-            known_ids: BTreeSet::new(),
-            failing_since: None,
+        Self { kv, me, datapath: Arc::new(Mutex::new(datapath)), status, lease_ttl: LEASE_TTL }
+    }
+
+    /// Run until `shutdown`: this node's endpoints (`mine`: address →
+    /// identity, as the endpoint manager has them) go out; other nodes,
+    /// their endpoints and new identities come in (identities are handed
+    /// to `learned`).
+    pub async fn run(self, mine: LocalIps, learned: Learned, mut shutdown: watch::Receiver<bool>) {
+        let health = Arc::new(Mutex::new(Health::default()));
+        let this = Arc::new(self);
+        tokio::select! {
+            _ = this.clone().publish(mine, health.clone()) => {}
+            _ = this.clone().follow_nodes(health.clone()) => {}
+            _ = this.clone().follow_ips(health.clone()) => {}
+            _ = this.clone().follow_identities(learned, health.clone()) => {}
+            _ = crate::api::stopped(&mut shutdown) => {}
         }
     }
 
-    /// One round, recording the outcome in the status.
-    pub fn step(&mut self) -> Result<(), String> {
-        let r = self.try_step();
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        match &r {
+    /// Record the outcome of part `what` in the status.
+    fn report(&self, health: &Mutex<Health>, what: &'static str, r: Result<(), String>) {
+        let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        let was_ok = h.failing.is_empty();
+        match r {
             Ok(()) => {
-                self.failing_since = None;
+                h.failing.remove(what);
+            }
+            Err(e) => {
+                let since = h.failing.get(what).map_or_else(Instant::now, |(t, _)| *t);
+                h.failing.insert(what, (since, e));
+            }
+        }
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match h.failing.values().min_by_key(|(t, _)| *t) {
+            None => {
+                if !was_ok {
+                    tracing::info!(subsystem = "cluster", store = %st.store, "kvstore is back; state converges");
+                }
                 st.ok = true;
                 st.error = None;
                 st.failing_for = 0;
             }
-            Err(e) => {
-                let since = *self.failing_since.get_or_insert_with(Instant::now);
+            Some((since, e)) => {
+                if was_ok {
+                    tracing::warn!(subsystem = "cluster", error = %e, "kvstore failing; the datapath keeps what it has, retrying");
+                }
                 st.ok = false;
                 st.error = Some(e.clone());
                 st.failing_for = since.elapsed().as_secs();
             }
         }
-        st.nodes = self.nodes.len() + 1;
-        st.remote_ips = self.remote_ips.len();
-        r
     }
 
-    fn try_step(&mut self) -> Result<(), String> {
-        let kv = self.kv.clone();
+    /// Run a datapath change on the blocking pool.
+    async fn datapath<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn ClusterDatapath) -> R + Send + 'static,
+    ) -> R {
+        let dp = self.datapath.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
+            f(dp.as_mut())
+        })
+        .await
+        .expect("a datapath task panicked")
+    }
+
+    /// This node's record and endpoints, under a lease kept alive; written
+    /// again (under a new lease) when the old one is lost.
+    async fn publish(
+        self: Arc<Self>,
+        mut mine: watch::Receiver<BTreeMap<Ipv4Addr, u32>>,
+        health: Arc<Mutex<Health>>,
+    ) {
+        let mut lease: Option<i64> = None;
+        let mut published: BTreeMap<Ipv4Addr, IpRecord> = BTreeMap::new();
+        let mut backoff = Duration::from_millis(200);
+        // Kept alive three times per lease (every 5 s for the 15 s lease).
+        let mut keepalive =
+            tokio::time::interval(Duration::from_millis(self.lease_ttl.max(1) as u64 * 1000 / 3));
+        loop {
+            let now: BTreeMap<Ipv4Addr, u32> = mine.borrow_and_update().clone();
+            let r = self.publish_once(&mut lease, &mut published, &now).await;
+            let failed = r.is_err();
+            self.report(&health, "publishing this node", r);
+            if failed {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
+                continue;
+            }
+            backoff = Duration::from_millis(200);
+            tokio::select! {
+                _ = keepalive.tick() => {
+                    if let Some(l) = lease {
+                        match self.kv.keepalive(l).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::warn!(subsystem = "cluster", "the node's lease expired; registering again");
+                                lease = None;
+                            }
+                            Err(e) => self.report(&health, "publishing this node", Err(e.to_string())),
+                        }
+                    }
+                }
+                r = mine.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        lease: &mut Option<i64>,
+        published: &mut BTreeMap<Ipv4Addr, IpRecord>,
+        mine: &BTreeMap<Ipv4Addr, u32>,
+    ) -> Result<(), String> {
         let e = |e: KvError| e.to_string();
-        // The lease: kept alive, or a new one (the old expired while the
-        // store was away: everything is written again under the new one).
-        let lease = match self.lease {
-            Some(l) if kv.keepalive(l).map_err(e)? => l,
-            _ => {
-                let l = kv.grant(LEASE_TTL).map_err(e)?;
-                self.lease = Some(l);
-                self.published.clear();
+        let l = match *lease {
+            Some(l) => l,
+            None => {
+                let l = self.kv.grant(self.lease_ttl).await.map_err(e)?;
+                let me = serde_json::to_vec(&self.me).unwrap_or_default();
+                self.kv.put(&format!("{NODES}{}", self.me.name), &me, Some(l)).await.map_err(e)?;
+                *lease = Some(l);
+                published.clear();
                 l
             }
         };
-        let me = serde_json::to_vec(&self.me).unwrap_or_default();
-        kv.put(&format!("{NODES}{}", self.me.name), &me, Some(lease)).map_err(e)?;
-
-        // This node's endpoints into the cluster ipcache.
-        let mine: BTreeMap<Ipv4Addr, u32> = self.local.endpoints().into_iter().collect();
-        for (ip, identity) in &mine {
+        for (ip, identity) in mine {
             let r = IpRecord {
                 ip: *ip,
                 identity: *identity,
                 node: self.me.name.clone(),
                 host_ip: self.me.ip,
             };
-            if self.published.get(ip).is_some_and(|(p, l)| *p == r && *l == lease) {
+            if published.get(ip) == Some(&r) {
                 continue;
             }
             let v = serde_json::to_vec(&r).unwrap_or_default();
-            kv.put(&format!("{IPS}{ip}"), &v, Some(lease)).map_err(e)?;
-            self.published.insert(*ip, (r, lease));
+            self.kv.put(&format!("{IPS}{ip}"), &v, Some(l)).await.map_err(e)?;
+            published.insert(*ip, r);
         }
         let gone: Vec<Ipv4Addr> =
-            self.published.keys().filter(|ip| !mine.contains_key(ip)).copied().collect();
+            published.keys().filter(|ip| !mine.contains_key(ip)).copied().collect();
         for ip in gone {
-            kv.delete(&format!("{IPS}{ip}")).map_err(e)?;
-            self.published.remove(&ip);
-        }
-
-        // The other nodes.
-        let mut nodes = BTreeMap::new();
-        for (_, v) in kv.list(NODES).map_err(e)? {
-            if let Ok(n) = serde_json::from_slice::<NodeRecord>(&v)
-                && n.name != self.me.name
-            {
-                nodes.insert(n.name.clone(), n);
-            }
-        }
-        for (name, n) in &nodes {
-            if self.nodes.get(name) != Some(n) {
-                self.datapath.upsert_node(n)?;
-            }
-        }
-        let left: Vec<NodeRecord> = self
-            .nodes
-            .iter()
-            .filter(|(k, _)| !nodes.contains_key(*k))
-            .map(|(_, n)| n.clone())
-            .collect();
-        for n in &left {
-            self.datapath.remove_node(n)?;
-        }
-        self.nodes = nodes;
-
-        // The other nodes' endpoints.
-        let mut ips = BTreeMap::new();
-        for (_, v) in kv.list(IPS).map_err(e)? {
-            if let Ok(r) = serde_json::from_slice::<IpRecord>(&v)
-                && r.node != self.me.name
-                && !mine.contains_key(&r.ip)
-            {
-                ips.insert(r.ip, r);
-            }
-        }
-        for (ip, r) in &ips {
-            if self.remote_ips.get(ip) != Some(r) {
-                self.datapath.upsert_remote_ip(r)?;
-            }
-        }
-        let stale: Vec<Ipv4Addr> =
-            self.remote_ips.keys().filter(|ip| !ips.contains_key(ip)).copied().collect();
-        for ip in stale {
-            self.datapath.remove_remote_ip(ip)?;
-        }
-        self.remote_ips = ips;
-
-        // Identities of the cluster, for policy.
-        let mut new = Vec::new();
-        for (k, v) in kv.list(IDENTITY_IDS).map_err(e)? {
-            let Some(id) = k.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if self.known_ids.insert(id)
-                && let Ok(labels) = serde_json::from_slice::<Vec<String>>(&v)
-            {
-                new.push((id, labels));
-            }
-        }
-        if !new.is_empty() {
-            self.local.learn_identities(new);
+            self.kv.delete(&format!("{IPS}{ip}")).await.map_err(e)?;
+            published.remove(&ip);
         }
         Ok(())
     }
 
-    /// The other nodes as last read.
-    pub fn nodes(&self) -> Vec<NodeRecord> {
-        self.nodes.values().cloned().collect()
-    }
-
-    /// Run forever: a round every second, backing off to 8 s while the
-    /// store fails.
-    pub fn run(mut self, log: impl Fn(String)) {
-        let mut delay = Duration::from_secs(1);
-        let mut was_ok = true;
-        loop {
-            match self.step() {
-                Ok(()) => {
-                    if !was_ok {
-                        log(format!("kvstore {} is back; state converged", self.kv.describe()));
+    /// Follow a prefix: every change arrives as (key, Some(value)) or
+    /// (key, None); a `Sync` (first list, or a resync after the watch was
+    /// lost) is turned into the changes against what was known. The
+    /// watch is re-opened with backoff whenever it ends.
+    fn changes(
+        self: &Arc<Self>,
+        prefix: &'static str,
+        what: &'static str,
+        health: Arc<Mutex<Health>>,
+    ) -> mpsc::Receiver<(String, Option<Vec<u8>>)> {
+        let (tx, rx) = mpsc::channel(1024);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut known: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let mut watch = match me.kv.watch(prefix).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        me.report(&health, what, Err(e.to_string()));
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(8));
+                        continue;
                     }
-                    was_ok = true;
-                    delay = Duration::from_secs(1);
+                };
+                backoff = Duration::from_millis(200);
+                while let Some(ev) = watch.recv().await {
+                    let mut out = Vec::new();
+                    match ev {
+                        WatchEvent::Sync(all) => {
+                            let now: BTreeMap<String, Vec<u8>> = all.into_iter().collect();
+                            for (k, v) in &now {
+                                if known.get(k) != Some(v) {
+                                    out.push((k.clone(), Some(v.clone())));
+                                }
+                            }
+                            out.extend(
+                                known
+                                    .keys()
+                                    .filter(|k| !now.contains_key(*k))
+                                    .map(|k| (k.clone(), None)),
+                            );
+                            known = now;
+                        }
+                        WatchEvent::Put(k, v) => {
+                            known.insert(k.clone(), v.clone());
+                            out.push((k, Some(v)));
+                        }
+                        WatchEvent::Delete(k) => {
+                            known.remove(&k);
+                            out.push((k, None));
+                        }
+                        WatchEvent::Error(e) => {
+                            me.report(&health, what, Err(e));
+                            continue;
+                        }
+                    }
+                    me.report(&health, what, Ok(()));
+                    for c in out {
+                        if tx.send(c).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-                Err(e) => {
-                    if was_ok {
-                        log(format!("kvstore: {e}; the datapath keeps what it has, retrying"));
-                    }
-                    was_ok = false;
-                    delay = (delay * 2).min(Duration::from_secs(8));
+                if tx.is_closed() {
+                    return;
                 }
             }
-            std::thread::sleep(delay);
+        });
+        rx
+    }
+
+    async fn follow_nodes(self: Arc<Self>, health: Arc<Mutex<Health>>) {
+        let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
+        let mut changes = self.changes(NODES, "following nodes", health);
+        while let Some((key, v)) = changes.recv().await {
+            let name = key.strip_prefix(NODES).unwrap_or(&key).to_owned();
+            if name == self.me.name {
+                continue;
+            }
+            match v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok()) {
+                Some(n) if nodes.get(&name) != Some(&n) => {
+                    let c = n.clone();
+                    if let Err(e) = self.datapath(move |dp| dp.upsert_node(&c)).await {
+                        tracing::warn!(subsystem = "cluster", node = %name, error = %e, "adding a node");
+                    }
+                    tracing::info!(subsystem = "cluster", node = %name, ip = %n.ip, pod_cidr = %n.pod_cidr, "node joined");
+                    nodes.insert(name, n);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(n) = nodes.remove(&name) {
+                        if let Err(e) = self.datapath(move |dp| dp.remove_node(&n)).await {
+                            tracing::warn!(subsystem = "cluster", node = %name, error = %e, "removing a node");
+                        }
+                        tracing::info!(subsystem = "cluster", node = %name, "node left");
+                    }
+                }
+            }
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).nodes = nodes.len() + 1;
+        }
+    }
+
+    async fn follow_ips(self: Arc<Self>, health: Arc<Mutex<Health>>) {
+        let mut ips: BTreeMap<Ipv4Addr, IpRecord> = BTreeMap::new();
+        let mut changes = self.changes(IPS, "following endpoints", health);
+        while let Some((key, v)) = changes.recv().await {
+            let Some(ip) = key.strip_prefix(IPS).and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            match v.and_then(|v| serde_json::from_slice::<IpRecord>(&v).ok()) {
+                Some(r) if r.node == self.me.name => {}
+                Some(r) if ips.get(&ip) != Some(&r) => {
+                    let c = r.clone();
+                    if let Err(e) = self.datapath(move |dp| dp.upsert_remote_ip(&c)).await {
+                        tracing::warn!(subsystem = "cluster", %ip, error = %e, "adding a remote endpoint");
+                    }
+                    ips.insert(ip, r);
+                }
+                Some(_) => {}
+                None => {
+                    if ips.remove(&ip).is_some()
+                        && let Err(e) = self.datapath(move |dp| dp.remove_remote_ip(ip)).await
+                    {
+                        tracing::warn!(subsystem = "cluster", %ip, error = %e, "removing a remote endpoint");
+                    }
+                }
+            }
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).remote_ips = ips.len();
+        }
+    }
+
+    async fn follow_identities(
+        self: Arc<Self>,
+        learned: mpsc::Sender<Vec<(u32, Vec<String>)>>,
+        health: Arc<Mutex<Health>>,
+    ) {
+        let mut known: BTreeSet<u32> = BTreeSet::new();
+        let mut changes = self.changes(IDENTITY_IDS, "following identities", health);
+        while let Some((key, v)) = changes.recv().await {
+            let (Some(id), Some(v)) =
+                (key.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()), v)
+            else {
+                continue;
+            };
+            if known.insert(id)
+                && let Ok(labels) = serde_json::from_slice::<Vec<String>>(&v)
+            {
+                let _ = learned.send(vec![(id, labels)]).await;
+            }
         }
     }
 }
@@ -418,16 +559,6 @@ impl ClusterSync {
 mod tests {
     use super::*;
     use crate::kvstore::LocalStore;
-
-    struct Eps(Mutex<Vec<(Ipv4Addr, u32)>>, Mutex<Vec<u32>>);
-    impl LocalState for Eps {
-        fn endpoints(&self) -> Vec<(Ipv4Addr, u32)> {
-            self.0.lock().unwrap().clone()
-        }
-        fn learn_identities(&self, ids: Vec<(u32, Vec<String>)>) {
-            self.1.lock().unwrap().extend(ids.into_iter().map(|(i, _)| i));
-        }
-    }
 
     fn node(name: &str, ip: &str, cidr: &str) -> NodeRecord {
         NodeRecord {
@@ -439,76 +570,110 @@ mod tests {
         }
     }
 
-    fn mem(s: &mut ClusterSync) -> &MemoryCluster {
-        s.datapath.as_any_mut().downcast_mut().unwrap()
+    /// A running sync of node `me` on `kv`: its endpoints' sender, what
+    /// it learned, its datapath and status, and its stop switch.
+    struct Running {
+        mine: watch::Sender<BTreeMap<Ipv4Addr, u32>>,
+        learned: mpsc::Receiver<Vec<(u32, Vec<String>)>>,
+        dp: Arc<Mutex<Box<dyn ClusterDatapath>>>,
+        status: Arc<Mutex<KvStatus>>,
+        stop: watch::Sender<bool>,
     }
 
-    fn sync(kv: &Arc<LocalStore>, me: NodeRecord, eps: &Arc<Eps>) -> ClusterSync {
-        ClusterSync::new(
-            kv.clone(),
+    fn start(kv: &LocalStore, me: NodeRecord, eps: &[(&str, u32)]) -> Running {
+        let mut s = ClusterSync::new(
+            Arc::new(kv.clone()),
             me,
             Box::new(MemoryCluster::default()),
-            eps.clone(),
             Default::default(),
-        )
+        );
+        s.lease_ttl = 1;
+        let (dp, status) = (s.datapath.clone(), s.status.clone());
+        let eps: BTreeMap<Ipv4Addr, u32> =
+            eps.iter().map(|(ip, id)| (ip.parse().unwrap(), *id)).collect();
+        let (mine, mine_rx) = watch::channel(eps);
+        let (learned_tx, learned) = mpsc::channel(64);
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(s.run(mine_rx, learned_tx, stop_rx));
+        Running { mine, learned, dp, status, stop }
     }
 
-    #[test]
-    fn nodes_see_each_other_and_each_others_endpoints_and_a_leaving_node_goes() {
-        let kv = Arc::new(LocalStore::open(None).unwrap());
-        let a_eps =
-            Arc::new(Eps(Mutex::new(vec![("10.200.0.3".parse().unwrap(), 256)]), Mutex::default()));
-        let b_eps =
-            Arc::new(Eps(Mutex::new(vec![("10.200.1.3".parse().unwrap(), 257)]), Mutex::default()));
-        let mut a = sync(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &a_eps);
-        let mut b = sync(&kv, node("b", "192.168.200.3", "10.200.1.0/24"), &b_eps);
-        a.step().unwrap();
-        b.step().unwrap();
-        a.step().unwrap();
-        let seen = mem(&mut a);
-        assert_eq!(seen.nodes.keys().collect::<Vec<_>>(), ["b"]);
-        let r = &seen.ips[&"10.200.1.3".parse::<Ipv4Addr>().unwrap()];
+    fn seen<T>(r: &Running, f: impl FnOnce(&MemoryCluster) -> T) -> T {
+        let mut dp = r.dp.lock().unwrap();
+        f(dp.as_any_mut().downcast_mut().unwrap())
+    }
+
+    /// Wait (up to 5 s) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_see_each_other_and_each_others_endpoints_and_a_leaving_node_goes() {
+        let kv = LocalStore::open(None).unwrap();
+        let a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[("10.200.0.3", 256)]);
+        let b = start(&kv, node("b", "192.168.200.3", "10.200.1.0/24"), &[("10.200.1.3", 257)]);
+        until("a sees b and its endpoint", || {
+            seen(&a, |m| m.nodes.contains_key("b") && m.ips.len() == 1)
+        })
+        .await;
+        let r = seen(&a, |m| m.ips[&"10.200.1.3".parse::<Ipv4Addr>().unwrap()].clone());
         assert_eq!((r.identity, r.host_ip.to_string().as_str()), (257, "192.168.200.3"));
-        assert_eq!(mem(&mut b).ips.len(), 1, "b sees a's endpoint");
-        assert!(a.status.lock().unwrap().ok);
-        assert_eq!(a.status.lock().unwrap().nodes, 2);
-
-        // b's endpoint goes: a forgets it.
-        b_eps.0.lock().unwrap().clear();
-        b.step().unwrap();
-        a.step().unwrap();
-        assert!(mem(&mut a).ips.is_empty());
-        // b stops; its lease is revoked (expires): a removes the node.
-        kv.delete("ciliate/state/nodes/v1/b").unwrap();
-        a.step().unwrap();
-        assert!(mem(&mut a).nodes.is_empty());
+        until("b sees a's endpoint", || seen(&b, |m| m.ips.len() == 1)).await;
+        until("status", || a.status.lock().unwrap().ok && a.status.lock().unwrap().nodes == 2)
+            .await;
+        // A new endpoint on b shows up on a at once (a watch, not a poll).
+        let t = Instant::now();
+        b.mine.send_modify(|m| {
+            m.insert("10.200.1.4".parse().unwrap(), 258);
+        });
+        until("a sees b's new endpoint", || seen(&a, |m| m.ips.len() == 2)).await;
+        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        // b's endpoints go: a forgets them.
+        b.mine.send_modify(|m| m.clear());
+        until("a forgets b's endpoints", || seen(&a, |m| m.ips.is_empty())).await;
+        // b stops; its lease (1 s) expires: a removes the node.
+        b.stop.send(true).unwrap();
+        until("a removes b", || seen(&a, |m| m.nodes.is_empty())).await;
+        drop((a.stop, a.learned));
     }
 
-    #[test]
-    fn two_nodes_allocating_at_once_never_share_an_identity() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identities_of_other_nodes_are_learned() {
+        let kv = LocalStore::open(None).unwrap();
+        let mut a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[]);
+        let id = allocate_identity(&kv, &["k8s:app=x".to_string()], 256).await.unwrap();
+        let got =
+            tokio::time::timeout(Duration::from_secs(3), a.learned.recv()).await.unwrap().unwrap();
+        assert_eq!(got, vec![(id, vec!["k8s:app=x".to_string()])]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_allocating_at_once_never_share_an_identity() {
         let path = std::env::temp_dir().join(format!("ciliate-ids-{}.json", std::process::id()));
         let handles: Vec<_> = (0..2)
             .map(|node| {
                 let path = path.clone();
-                std::thread::spawn(move || {
+                tokio::spawn(async move {
                     let kv = LocalStore::open(Some(path)).unwrap();
-                    (0..20)
-                        .map(|i| {
-                            // Half the label sets are shared by both nodes.
-                            let l = if i % 2 == 0 {
-                                format!("shared{i}")
-                            } else {
-                                format!("n{node}-{i}")
-                            };
-                            (l.clone(), allocate_identity(&kv, &[l], 256).unwrap())
-                        })
-                        .collect::<Vec<_>>()
+                    let mut out = Vec::new();
+                    for i in 0..20 {
+                        // Half the label sets are shared by both nodes.
+                        let l =
+                            if i % 2 == 0 { format!("shared{i}") } else { format!("n{node}-{i}") };
+                        out.push((l.clone(), allocate_identity(&kv, &[l], 256).await.unwrap()));
+                    }
+                    out
                 })
             })
             .collect();
         let mut by_labels = BTreeMap::new();
         for h in handles {
-            for (l, id) in h.join().unwrap() {
+            for (l, id) in h.await.unwrap() {
                 let prev = by_labels.insert(l.clone(), id);
                 assert!(prev.is_none_or(|p| p == id), "{l} got {prev:?} and {id}");
             }
@@ -519,20 +684,24 @@ mod tests {
         let _ = std::fs::remove_file(path.with_extension("lock"));
     }
 
-    #[test]
-    fn cluster_pool_cidrs_and_identities_are_unique_across_nodes() {
+    #[tokio::test]
+    async fn cluster_pool_cidrs_and_identities_are_unique_across_nodes() {
         let kv = LocalStore::open(None).unwrap();
         let pool: Cidr = "10.200.0.0/16".parse().unwrap();
-        let a = claim_pod_cidr(&kv, "a", pool, 24).unwrap();
-        let b = claim_pod_cidr(&kv, "b", pool, 24).unwrap();
+        let a = claim_pod_cidr(&kv, "a", pool, 24).await.unwrap();
+        let b = claim_pod_cidr(&kv, "b", pool, 24).await.unwrap();
         assert_ne!(a, b);
-        assert_eq!(claim_pod_cidr(&kv, "a", pool, 24).unwrap(), a, "a node keeps its CIDR");
-        assert!(claim_pod_cidr(&kv, "c", pool, 8).is_err());
+        assert_eq!(claim_pod_cidr(&kv, "a", pool, 24).await.unwrap(), a, "a node keeps its CIDR");
+        assert!(claim_pod_cidr(&kv, "c", pool, 8).await.is_err());
         let l1 = vec!["k8s:app=web".to_string()];
         let l2 = vec!["k8s:app=db".to_string()];
-        let i1 = allocate_identity(&kv, &l1, 256).unwrap();
-        let i2 = allocate_identity(&kv, &l2, 256).unwrap();
+        let i1 = allocate_identity(&kv, &l1, 256).await.unwrap();
+        let i2 = allocate_identity(&kv, &l2, 256).await.unwrap();
         assert_eq!((i1, i2), (256, 257));
-        assert_eq!(allocate_identity(&kv, &l1, 256).unwrap(), 256, "same labels, same identity");
+        assert_eq!(
+            allocate_identity(&kv, &l1, 256).await.unwrap(),
+            256,
+            "same labels, same identity"
+        );
     }
 }

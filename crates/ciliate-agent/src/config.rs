@@ -65,6 +65,10 @@ pub struct Flags {
     /// etcd endpoints, host:port,... (with --kvstore etcd)
     #[arg(long, env = "CILIATE_ETCD_ENDPOINTS")]
     pub etcd_endpoints: Option<String>,
+    /// etcd configuration file, as Cilium's (YAML: endpoints, trusted-ca-file,
+    /// cert-file, key-file): TLS to etcd (with --kvstore etcd)
+    #[arg(long, env = "CILIATE_ETCD_CONFIG")]
+    pub etcd_config: Option<PathBuf>,
     /// Cluster-pool IPAM: the cluster's pod CIDR pool; this node claims a CIDR from it when
     /// --pod-cidr is not given [default: none]
     #[arg(long, env = "CILIATE_CLUSTER_POOL")]
@@ -93,7 +97,7 @@ pub struct Flags {
     pub debug: bool,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
-    /// services, kvstore, kvstore_path, etcd_endpoints, cluster_pool, cluster_pool_mask,
+    /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -118,6 +122,7 @@ struct FileConfig {
     kvstore: Option<String>,
     kvstore_path: Option<PathBuf>,
     etcd_endpoints: Option<String>,
+    etcd_config: Option<PathBuf>,
     cluster_pool: Option<String>,
     cluster_pool_mask: Option<u8>,
     routing: Option<String>,
@@ -162,7 +167,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvConfig {
     Local(PathBuf),
-    Etcd(String),
+    Etcd(crate::kvstore::EtcdConfig),
 }
 
 fn hostname() -> String {
@@ -204,11 +209,18 @@ impl Flags {
                     .unwrap_or_else(|| state_dir.join("kvstore.json")),
             ),
             "etcd" => {
-                let eps = self.etcd_endpoints.or(file.etcd_endpoints).ok_or_else(|| {
-                    anyhow::anyhow!("kvstore etcd needs --etcd-endpoints host:port[,...]")
-                })?;
-                crate::kvstore::Etcd::new(&eps).map_err(|e| anyhow::anyhow!(e))?;
-                KvConfig::Etcd(eps)
+                let eps = self.etcd_endpoints.or(file.etcd_endpoints);
+                let cfg = self.etcd_config.or(file.etcd_config);
+                KvConfig::Etcd(match (eps, cfg) {
+                    (_, Some(f)) => {
+                        crate::kvstore::EtcdConfig::read(&f).map_err(|e| anyhow::anyhow!(e))?
+                    }
+                    (Some(eps), None) => crate::kvstore::EtcdConfig::plain(&eps)
+                        .map_err(|e| anyhow::anyhow!("--etcd-endpoints: {e}"))?,
+                    (None, None) => anyhow::bail!(
+                        "kvstore etcd needs --etcd-endpoints host:port[,...] or --etcd-config FILE"
+                    ),
+                })
             }
             other => anyhow::bail!("kvstore {other:?}: \"local\" or \"etcd\""),
         };

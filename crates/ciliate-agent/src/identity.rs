@@ -1,8 +1,8 @@
 //! Security identities: a set of labels → a number. The same labels always
 //! get the same identity; cluster identities start at 256 and the reserved
 //! ones (1-8) are Cilium's. Persisted, so identities survive restarts.
-//! (Identities are never released here; GC of unused identities comes with
-//! the kvstore, where several nodes share them.)
+//! (Cluster identities are never released yet; CIDR identities are, with
+//! the last rule that names them.)
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
@@ -33,10 +33,6 @@ pub struct Identities {
     /// [`Identities::view`], built on first use after a change.
     view: std::sync::OnceLock<Arc<IdView>>,
     path: Option<PathBuf>,
-    /// The cluster's store: cluster identities are allocated there, so
-    /// every node gives the same labels the same identity. Without it
-    /// (tests), allocation is local.
-    pub cluster: Option<std::sync::Arc<dyn crate::kvstore::KvStore>>,
 }
 
 impl Identities {
@@ -59,18 +55,12 @@ impl Identities {
                 Some((longest, *id))
             })
             .collect();
-        Ok(Self {
-            by_labels,
-            by_id: p.ids,
-            local,
-            view: std::sync::OnceLock::new(),
-            path,
-            cluster: None,
-        })
+        Ok(Self { by_labels, by_id: p.ids, local, view: std::sync::OnceLock::new(), path })
     }
 
     /// The identity of `labels`, allocating the lowest free cluster
-    /// identity for a new set.
+    /// identity for a new set (in a cluster, the API allocates it through
+    /// the store first and hands it to [`Identities::learn`]).
     /// A set that is exactly one reserved label (`reserved:health`) has
     /// that reserved identity.
     pub fn allocate(&mut self, labels: &LabelSet) -> Result<u32, StoreError> {
@@ -84,23 +74,10 @@ impl Identities {
         if let Some(id) = self.by_labels.get(labels) {
             return Ok(*id);
         }
-        let id = match &self.cluster {
-            Some(kv) => {
-                crate::cluster::allocate_identity(kv.as_ref(), labels, reserved::MIN_CLUSTER)
-                    .map_err(|e| StoreError {
-                        what: "allocating an identity in",
-                        path: kv.describe().into(),
-                        reason: e.to_string(),
-                    })?
-            }
-            None => {
-                let mut id = reserved::MIN_CLUSTER;
-                while self.by_id.contains_key(&id) {
-                    id += 1;
-                }
-                id
-            }
-        };
+        let mut id = reserved::MIN_CLUSTER;
+        while self.by_id.contains_key(&id) {
+            id += 1;
+        }
         self.by_id.insert(id, labels.clone());
         self.by_labels.insert(labels.clone(), id);
         self.view = std::sync::OnceLock::new();

@@ -1,11 +1,17 @@
-//! The cluster's shared state behind one interface, [`KvStore`], with two
-//! implementations:
+//! The cluster's shared state behind one async interface, [`KvStore`], with
+//! two implementations:
 //! - [`LocalStore`]: the embedded default: no server, a JSON file under a
 //!   lock (the node's state directory, or one file shared by the nodes of
-//!   a lab on one machine);
-//! - [`Etcd`]: the etcd v3 API (through etcd's JSON gateway, `/v3/...`,
-//!   over plain HTTP/1.1: no async runtime, no gRPC stack), with leases for
-//!   what must vanish when its node does.
+//!   a lab on one machine); watchers learn of changes through inotify on
+//!   its directory;
+//! - [`Etcd`]: etcd's v3 gRPC API through etcd-client: transactions,
+//!   leases with keepalive, watches; optional TLS (`--etcd-config`).
+//!
+//! Watches ([`KvStore::watch`]) first deliver everything under a prefix
+//! ([`WatchEvent::Sync`]), then each change; after a compaction, a lost
+//! connection or an etcd restart they deliver a new `Sync` with everything
+//! there is (the watcher diffs), then changes again. A watch ends when its
+//! receiver is dropped.
 //!
 //! Keys (Cilium's layout under our own prefix):
 //! - `ciliate/state/nodes/v1/<node>`: a node (leased);
@@ -19,16 +25,13 @@
 //!   the cluster pool.
 
 use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
-use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 pub const NODES: &str = "ciliate/state/nodes/v1/";
 pub const IPS: &str = "ciliate/state/ip/v1/default/";
@@ -46,32 +49,61 @@ pub enum KvError {
     Local { path: String, reason: String },
 }
 
+/// What a watch delivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Everything under the prefix now (first, and again after the watch
+    /// had to start over): keys not in it are gone.
+    Sync(Vec<(String, Vec<u8>)>),
+    Put(String, Vec<u8>),
+    Delete(String),
+    /// The store failed; the watch retries on its own (a `Sync` follows
+    /// once it is back).
+    Error(String),
+}
+
 /// The operations the agent needs from a key-value store.
+#[async_trait::async_trait]
 pub trait KvStore: Send + Sync {
-    /// Where it is, for status: "local" or the etcd endpoints.
+    /// Where it is, for status: "local …" or "etcd …".
     fn describe(&self) -> String;
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError>;
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError>;
     /// Every key under `prefix`, ordered.
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError>;
-    fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError>;
+    async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError>;
     /// Create every key of `kvs` only if none of them exists, atomically.
     /// `Ok(true)` when created.
-    fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError>;
-    fn delete(&self, key: &str) -> Result<(), KvError>;
+    async fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError>;
+    async fn delete(&self, key: &str) -> Result<(), KvError>;
     /// A lease of `ttl` seconds.
-    fn grant(&self, ttl: i64) -> Result<i64, KvError>;
+    async fn grant(&self, ttl: i64) -> Result<i64, KvError>;
     /// Refresh `lease`; `Ok(false)` when it has expired.
-    fn keepalive(&self, lease: i64) -> Result<bool, KvError>;
+    async fn keepalive(&self, lease: i64) -> Result<bool, KvError>;
+    /// Watch every key under `prefix` (see the module comment).
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, KvError>;
 }
+
+/// Events a watch holds before its producer waits.
+const WATCH_QUEUE: usize = 4096;
+
+// ---------------------------------------------------------------------
+// The local store.
 
 /// The local store: a JSON file, read and written under an exclusive lock
 /// (`flock`) for every operation, so the agents of several nodes on one
 /// machine (a lab) can share it with no server. Leases expire like etcd's:
 /// a lease not kept alive for its TTL takes its keys along.
+#[derive(Clone)]
 pub struct LocalStore {
+    inner: Arc<LocalInner>,
+}
+
+struct LocalInner {
     path: Option<PathBuf>,
     /// Without a path: the data in memory.
     mem: Mutex<LocalData>,
+    /// Without a path, watchers are told of changes in-process.
+    changed: tokio::sync::broadcast::Sender<()>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -109,27 +141,45 @@ impl LocalData {
         self.kvs.retain(|_, v| v.lease.is_none_or(|l| !dead.contains(&l)));
         !dead.is_empty() || before != self.kvs.len()
     }
+
+    fn under(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        self.kvs
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.value.clone().into_bytes()))
+            .collect()
+    }
 }
 
 impl LocalStore {
     pub fn open(path: Option<PathBuf>) -> Result<Self, KvError> {
-        let s = Self { path, mem: Mutex::new(LocalData::default()) };
+        let s = Self {
+            inner: Arc::new(LocalInner {
+                path,
+                mem: Mutex::new(LocalData::default()),
+                changed: tokio::sync::broadcast::channel(16).0,
+            }),
+        };
         s.with(|_| ((), false))?;
         Ok(s)
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> KvError {
-        let path = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let path = self.inner.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         KvError::Local { path, reason: reason.to_string() }
     }
 
     /// Run `f` on the data under the lock; `f` returns its result and
     /// whether it changed the data, which is then saved (as after expiry).
     fn with<R>(&self, f: impl FnOnce(&mut LocalData) -> (R, bool)) -> Result<R, KvError> {
-        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(path) = &self.path else {
-            mem.expire();
-            return Ok(f(&mut mem).0);
+        let mut mem = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(path) = &self.inner.path else {
+            let expired = mem.expire();
+            let (r, changed) = f(&mut mem);
+            if expired || changed {
+                let _ = self.inner.changed.send(());
+            }
+            return Ok(r);
         };
         use std::os::fd::AsRawFd;
         if let Some(dir) = path.parent() {
@@ -154,257 +204,514 @@ impl LocalStore {
         }
         Ok(r)
     }
+
+    /// [`LocalStore::with`] off the runtime's workers.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut LocalData) -> (R, bool) + Send + 'static,
+    ) -> Result<R, KvError> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.with(f))
+            .await
+            .map_err(|e| KvError::Local { path: String::new(), reason: e.to_string() })?
+    }
 }
 
 fn text(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
+#[async_trait::async_trait]
 impl KvStore for LocalStore {
     fn describe(&self) -> String {
-        match &self.path {
+        match &self.inner.path {
             Some(p) => format!("local {}", p.display()),
             None => "local (memory)".into(),
         }
     }
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.with(|d| (d.kvs.get(key).map(|v| v.value.clone().into_bytes()), false))
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let key = key.to_owned();
+        self.run(move |d| (d.kvs.get(&key).map(|v| v.value.clone().into_bytes()), false)).await
     }
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
-        self.with(|d| {
-            let found = d
-                .kvs
-                .range(prefix.to_owned()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| (k.clone(), v.value.clone().into_bytes()))
-                .collect();
-            (found, false)
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        let prefix = prefix.to_owned();
+        self.run(move |d| (d.under(&prefix), false)).await
+    }
+    async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
+        let (key, value) = (key.to_owned(), text(value));
+        self.run(move |d| {
+            let old = d.kvs.insert(key, LocalValue { value: value.clone(), lease });
+            ((), old.is_none_or(|o| o.value != value || o.lease != lease))
         })
+        .await
     }
-    fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
-        self.with(|d| {
-            let v = LocalValue { value: text(value), lease };
-            let old = d.kvs.insert(key.to_owned(), v);
-            ((), old.is_none_or(|o| o.value != text(value) || o.lease != lease))
-        })
-    }
-    fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
-        self.with(|d| {
-            if kvs.iter().any(|(k, _)| d.kvs.contains_key(*k)) {
+    async fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
+        let kvs: Vec<(String, String)> =
+            kvs.iter().map(|(k, v)| ((*k).to_owned(), text(v))).collect();
+        self.run(move |d| {
+            if kvs.iter().any(|(k, _)| d.kvs.contains_key(k)) {
                 return (false, false);
             }
             for (k, v) in kvs {
-                d.kvs.insert((*k).to_owned(), LocalValue { value: text(v), lease });
+                d.kvs.insert(k, LocalValue { value: v, lease });
             }
             (true, true)
         })
+        .await
     }
-    fn delete(&self, key: &str) -> Result<(), KvError> {
-        self.with(|d| ((), d.kvs.remove(key).is_some()))
+    async fn delete(&self, key: &str) -> Result<(), KvError> {
+        let key = key.to_owned();
+        self.run(move |d| ((), d.kvs.remove(&key).is_some())).await
     }
-    fn grant(&self, ttl: i64) -> Result<i64, KvError> {
-        self.with(|d| {
+    async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
+        self.run(move |d| {
             d.next_lease += 1;
             let id = d.next_lease;
             d.leases.insert(id, (now_ms() + ttl.max(1) as u64 * 1000, ttl));
             (id, true)
         })
+        .await
     }
-    fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
-        self.with(|d| match d.leases.get_mut(&lease) {
+    async fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
+        // The expiry moves, but no key changes: saved (other nodes read
+        // it), yet nothing a watcher sees.
+        self.run(move |d| match d.leases.get_mut(&lease) {
             Some((exp, ttl)) => {
                 *exp = now_ms() + (*ttl).max(1) as u64 * 1000;
                 (true, true)
             }
             None => (false, false),
         })
+        .await
+    }
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, KvError> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let first = self.list(prefix).await?;
+        let _ = tx.send(WatchEvent::Sync(first.clone())).await;
+        let (s, prefix) = (self.clone(), prefix.to_owned());
+        tokio::spawn(async move { s.watch_loop(prefix, first, tx).await });
+        Ok(rx)
     }
 }
 
-/// etcd through its v3 JSON gateway.
+impl LocalStore {
+    /// Follow the file: on every change of its directory (another agent
+    /// wrote it) or in-process write, read the prefix again and send what
+    /// differs; at least once a second too, which also expires the leases
+    /// of nodes that stopped.
+    async fn watch_loop(
+        &self,
+        prefix: String,
+        mut last: Vec<(String, Vec<u8>)>,
+        tx: mpsc::Sender<WatchEvent>,
+    ) {
+        let mut changed = self.inner.changed.subscribe();
+        let mut files = self.inner.path.as_ref().and_then(|p| dir_events(p).ok());
+        loop {
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                _ = tick => {}
+                _ = changed.recv() => {}
+                _ = async {
+                    match &mut files {
+                        Some(f) => { let _ = f.next_change().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {}
+                _ = tx.closed() => return,
+            }
+            let now = match self.list(&prefix).await {
+                Ok(now) => now,
+                Err(e) => {
+                    if tx.send(WatchEvent::Error(e.to_string())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            for ev in diff(&last, &now) {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            last = now;
+        }
+    }
+}
+
+/// The events that turn `old` into `new` (both ordered by key).
+fn diff(old: &[(String, Vec<u8>)], new: &[(String, Vec<u8>)]) -> Vec<WatchEvent> {
+    let old: BTreeMap<&String, &Vec<u8>> = old.iter().map(|(k, v)| (k, v)).collect();
+    let new_map: BTreeMap<&String, &Vec<u8>> = new.iter().map(|(k, v)| (k, v)).collect();
+    let mut out: Vec<WatchEvent> = new
+        .iter()
+        .filter(|(k, v)| old.get(k) != Some(&v))
+        .map(|(k, v)| WatchEvent::Put(k.clone(), v.clone()))
+        .collect();
+    out.extend(
+        old.keys().filter(|k| !new_map.contains_key(*k)).map(|k| WatchEvent::Delete((*k).clone())),
+    );
+    out
+}
+
+/// Changes of the directory holding `path` (the store renames its new
+/// content into place), through inotify.
+struct DirEvents {
+    stream: inotify::EventStream<Vec<u8>>,
+}
+
+fn dir_events(path: &std::path::Path) -> std::io::Result<DirEvents> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    let ino = inotify::Inotify::init()?;
+    ino.watches().add(dir, inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE)?;
+    Ok(DirEvents { stream: ino.into_event_stream(vec![0u8; 4096])? })
+}
+
+impl DirEvents {
+    async fn next_change(&mut self) -> Option<()> {
+        use futures::StreamExt;
+        self.stream.next().await.map(drop)
+    }
+}
+
+// ---------------------------------------------------------------------
+// etcd.
+
+/// `--etcd-config`: Cilium's etcd configuration file (YAML).
+#[derive(Clone, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `https://host:port` (or `http://`, or `host:port`).
+    pub endpoints: Vec<String>,
+    #[serde(rename = "trusted-ca-file", default)]
+    pub trusted_ca_file: Option<PathBuf>,
+    #[serde(rename = "cert-file", default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(rename = "key-file", default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl EtcdConfig {
+    /// Endpoints given as `host:port[,…]` (plain HTTP).
+    pub fn plain(endpoints: &str) -> Result<Self, String> {
+        let eps: Vec<String> =
+            endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
+        let c = Self { endpoints: eps, ..Default::default() };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Read `--etcd-config`.
+    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("etcd config {}: {e}", path.display()))?;
+        let c: Self = serde_yaml_ng::from_str(&text)
+            .map_err(|e| format!("etcd config {}: {e}", path.display()))?;
+        c.check().map_err(|e| format!("etcd config {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("no etcd endpoints".into());
+        }
+        for e in &self.endpoints {
+            let hostport = e.trim_start_matches("https://").trim_start_matches("http://");
+            let port = hostport
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok());
+            if hostport.is_empty() || port.is_none() {
+                return Err(format!("etcd endpoint {e:?}: not [scheme://]host:port"));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("cert-file and key-file go together".into());
+        }
+        Ok(())
+    }
+
+    fn tls(&self) -> bool {
+        self.trusted_ca_file.is_some() || self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+}
+
+/// etcd through etcd-client (gRPC). Cheap to clone.
+#[derive(Clone)]
 pub struct Etcd {
-    endpoints: Vec<String>,
+    client: etcd_client::Client,
+    described: String,
+    /// Keepalive streams of the leases this store kept alive.
+    keepers: Arc<
+        tokio::sync::Mutex<
+            HashMap<i64, (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+        >,
+    >,
     timeout: Duration,
 }
 
-/// The smallest key after every key that starts with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
+impl Etcd {
+    /// A client of the etcd of `cfg` (it connects lazily: etcd may come up
+    /// later).
+    pub async fn connect(cfg: &EtcdConfig) -> Result<Self, KvError> {
+        let described = format!("etcd {}", cfg.endpoints.join(","));
+        let bad = |reason: String| KvError::Protocol { endpoint: described.clone(), reason };
+        let mut opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let tls = cfg.tls();
+        if tls {
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &cfg.trusted_ca_file {
+                let pem = std::fs::read(ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(pem));
+            }
+            if let (Some(c), Some(k)) = (&cfg.cert_file, &cfg.key_file) {
+                let cert = std::fs::read(c).map_err(|e| bad(format!("{}: {e}", c.display())))?;
+                let key = std::fs::read(k).map_err(|e| bad(format!("{}: {e}", k.display())))?;
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        }
+        let eps: Vec<String> = cfg
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else if tls {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let client = etcd_client::Client::connect(eps, Some(opts)).await.map_err(|e| {
+            KvError::Unreachable { endpoint: described.clone(), reason: e.to_string() }
+        })?;
+        Ok(Self { client, described, keepers: Default::default(), timeout: Duration::from_secs(5) })
+    }
+
+    fn err(&self, e: etcd_client::Error) -> KvError {
+        match e {
+            // A status etcd itself sent (not one tonic made up for a lost
+            // connection).
+            etcd_client::Error::GRpcStatus(s)
+                if !matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                KvError::Protocol {
+                    endpoint: self.described.clone(),
+                    reason: s.message().to_owned(),
+                }
+            }
+            e => KvError::Unreachable { endpoint: self.described.clone(), reason: e.to_string() },
         }
     }
-    vec![0]
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, KvError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(KvError::Unreachable {
+                endpoint: self.described.clone(),
+                reason: format!("no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+
+    /// Everything under `prefix` and the revision it was read at.
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64), KvError> {
+        let mut kv = self.client.kv_client();
+        let r =
+            self.timed(kv.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))).await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        let kvs = r.kvs().iter().map(|kv| (text(kv.key()), kv.value().to_vec())).collect();
+        Ok((kvs, rev))
+    }
+
+    /// Follow `prefix` from revision `rev` on; start over (a new `Sync`)
+    /// after a compaction, a cancelled watch or a lost etcd.
+    async fn watch_loop(self, prefix: String, mut rev: i64, tx: mpsc::Sender<WatchEvent>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut need_sync = false;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            if need_sync {
+                match self.list_at(&prefix).await {
+                    Ok((kvs, r)) => {
+                        rev = r;
+                        if tx.send(WatchEvent::Sync(kvs)).await.is_err() {
+                            return;
+                        }
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        if tx.send(WatchEvent::Error(e.to_string())).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+            let mut wc = self.client.watch_client();
+            let mut stream = match self.timed(wc.watch(prefix.as_str(), Some(opts))).await {
+                Ok(w) => w,
+                Err(e) => {
+                    if tx.send(WatchEvent::Error(e.to_string())).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    need_sync = true;
+                    continue;
+                }
+            };
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    _ = tx.closed() => return,
+                };
+                match msg {
+                    Ok(Some(resp)) => {
+                        if resp.compact_revision() > 0 || resp.canceled() {
+                            // Compacted past what we had: start over.
+                            need_sync = true;
+                            break;
+                        }
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            rev = rev.max(kv.mod_revision());
+                            let e = match ev.event_type() {
+                                etcd_client::EventType::Put => {
+                                    WatchEvent::Put(text(kv.key()), kv.value().to_vec())
+                                }
+                                etcd_client::EventType::Delete => {
+                                    WatchEvent::Delete(text(kv.key()))
+                                }
+                            };
+                            if tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        let why = match msg {
+                            Err(e) => e.to_string(),
+                            _ => "the watch stream ended".into(),
+                        };
+                        if tx.send(WatchEvent::Error(why)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        need_sync = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
-fn b64(v: &[u8]) -> String {
-    B64.encode(v)
-}
-
-fn unb64(v: &Value) -> Vec<u8> {
-    v.as_str().and_then(|s| B64.decode(s).ok()).unwrap_or_default()
-}
-
-/// A gateway integer (int64s travel as strings).
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::String(s) => s.parse().unwrap_or(0),
-        other => other.as_i64().unwrap_or(0),
+#[async_trait::async_trait]
+impl KvStore for Etcd {
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let mut kv = self.client.kv_client();
+        let r = self.timed(kv.get(key, None)).await?;
+        Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+    async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
+        let mut kv = self.client.kv_client();
+        let opts = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+        self.timed(kv.put(key, value, opts)).await.map(drop)
+    }
+    async fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let when: Vec<Compare> =
+            kvs.iter().map(|(k, _)| Compare::create_revision(*k, CompareOp::Equal, 0)).collect();
+        let then: Vec<TxnOp> = kvs
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(*k, *v, lease.map(|l| etcd_client::PutOptions::new().with_lease(l)))
+            })
+            .collect();
+        let mut kv = self.client.kv_client();
+        let r = self.timed(kv.txn(Txn::new().when(when).and_then(then))).await?;
+        Ok(r.succeeded())
+    }
+    async fn delete(&self, key: &str) -> Result<(), KvError> {
+        let mut kv = self.client.kv_client();
+        self.timed(kv.delete(key, None)).await.map(drop)
+    }
+    async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
+        let mut l = self.client.lease_client();
+        Ok(self.timed(l.grant(ttl, None)).await?.id())
+    }
+    async fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
+        let mut keepers = self.keepers.lock().await;
+        if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(lease) {
+            let mut l = self.client.lease_client();
+            slot.insert(self.timed(l.keep_alive(lease)).await?);
+        }
+        let (keeper, stream) = keepers.get_mut(&lease).expect("inserted above");
+        let sent = self.timed(keeper.keep_alive()).await;
+        let answer = match sent {
+            Ok(()) => match tokio::time::timeout(self.timeout, stream.message()).await {
+                Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
+                Ok(Ok(None)) => Err(KvError::Unreachable {
+                    endpoint: self.described.clone(),
+                    reason: "the keepalive stream ended".into(),
+                }),
+                Ok(Err(e)) => Err(self.err(e)),
+                Err(_) => Err(KvError::Unreachable {
+                    endpoint: self.described.clone(),
+                    reason: "no keepalive answer".into(),
+                }),
+            },
+            Err(e) => Err(e),
+        };
+        // A broken or expired keeper is made anew next time.
+        if !matches!(answer, Ok(true)) {
+            keepers.remove(&lease);
+        }
+        answer
+    }
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, KvError> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (kvs, rev) = self.list_at(prefix).await?;
+        let _ = tx.send(WatchEvent::Sync(kvs)).await;
+        tokio::spawn(self.clone().watch_loop(prefix.to_owned(), rev, tx));
+        Ok(rx)
     }
 }
 
 impl Etcd {
-    /// `endpoints`: `host:port` or `http://host:port`, comma-separated.
-    pub fn new(endpoints: &str) -> Result<Self, String> {
-        let eps: Vec<String> = endpoints
-            .split(',')
-            .map(|e| e.trim().trim_start_matches("http://").trim_end_matches('/').to_owned())
-            .filter(|e| !e.is_empty())
-            .collect();
-        if eps.is_empty() {
-            return Err(format!("etcd endpoints {endpoints:?}: none given"));
-        }
-        for e in &eps {
-            if e.starts_with("https://") {
-                return Err(format!("etcd endpoint {e}: TLS is not supported yet"));
-            }
-            if e.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
-                return Err(format!("etcd endpoint {e}: not host:port"));
-            }
-        }
-        Ok(Self { endpoints: eps, timeout: Duration::from_secs(2) })
-    }
-
-    fn call_one(&self, ep: &str, path: &str, body: &Value) -> Result<Value, KvError> {
-        let unreachable = |reason: String| KvError::Unreachable { endpoint: ep.to_owned(), reason };
-        let addr: SocketAddr = ep
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| unreachable("cannot resolve".into()))?;
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout)
-            .map_err(|e| unreachable(e.to_string()))?;
-        s.set_read_timeout(Some(self.timeout)).map_err(|e| unreachable(e.to_string()))?;
-        s.set_write_timeout(Some(self.timeout)).map_err(|e| unreachable(e.to_string()))?;
-        let body = body.to_string();
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {ep}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| unreachable(e.to_string()))?;
-        let proto = |reason: String| KvError::Protocol { endpoint: ep.to_owned(), reason };
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| proto("no HTTP header in the answer".into()))?;
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let mut payload = raw[split + 4..].to_vec();
-        let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            payload = dechunk(&payload);
-        }
-        // A streaming call (keepalive) answers one JSON object per line.
-        let first = payload.split(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap_or(&[]);
-        let v: Value = serde_json::from_slice(first)
-            .map_err(|e| proto(format!("{path}: bad JSON ({e}): {}", text(first))))?;
-        if status != 200 {
-            return Err(proto(format!("{path}: HTTP {status}: {v}")));
-        }
-        Ok(v.get("result").cloned().unwrap_or(v))
-    }
-
-    /// Call `path` on the first endpoint that answers.
-    fn call(&self, path: &str, body: Value) -> Result<Value, KvError> {
-        let mut last = None;
-        for ep in &self.endpoints {
-            match self.call_one(ep, path, &body) {
-                Ok(v) => return Ok(v),
-                Err(e @ KvError::Unreachable { .. }) => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.expect("at least one endpoint"))
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let n = usize::from_str_radix(text(&b[..eol]).trim(), 16).unwrap_or(0);
-        if n == 0 || b.len() < eol + 2 + n {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
-        b = &b[(eol + 4 + n).min(b.len())..];
-    }
-}
-
-fn put_req(key: &str, value: &[u8], lease: Option<i64>) -> Value {
-    let mut r = json!({"key": b64(key.as_bytes()), "value": b64(value)});
-    if let Some(l) = lease {
-        r["lease"] = json!(l.to_string());
-    }
-    r
-}
-
-impl KvStore for Etcd {
-    fn describe(&self) -> String {
-        format!("etcd {}", self.endpoints.join(","))
-    }
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
-        Ok(v["kvs"].as_array().and_then(|a| a.first()).map(|kv| unb64(&kv["value"])))
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
-        let v = self.call(
-            "/v3/kv/range",
-            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix))}),
-        )?;
-        let mut out: Vec<(String, Vec<u8>)> = v["kvs"]
-            .as_array()
-            .map(|a| a.iter().map(|kv| (text(&unb64(&kv["key"])), unb64(&kv["value"]))).collect())
-            .unwrap_or_default();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
-    fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
-        self.call("/v3/kv/put", put_req(key, value, lease)).map(drop)
-    }
-    fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
-        let compare: Vec<Value> = kvs
-            .iter()
-            .map(|(k, _)| {
-                json!({"key": b64(k.as_bytes()), "target": "CREATE", "result": "EQUAL",
-                       "create_revision": "0"})
-            })
-            .collect();
-        let success: Vec<Value> =
-            kvs.iter().map(|(k, v)| json!({"request_put": put_req(k, v, lease)})).collect();
-        let v = self.call("/v3/kv/txn", json!({"compare": compare, "success": success}))?;
-        Ok(v["succeeded"].as_bool().unwrap_or(false))
-    }
-    fn delete(&self, key: &str) -> Result<(), KvError> {
-        self.call("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())})).map(drop)
-    }
-    fn grant(&self, ttl: i64) -> Result<i64, KvError> {
-        let v = self.call("/v3/lease/grant", json!({"TTL": ttl.to_string()}))?;
-        match int(&v["ID"]) {
-            0 => Err(KvError::Protocol {
-                endpoint: self.describe(),
-                reason: format!("lease grant: {v}"),
-            }),
-            id => Ok(id),
-        }
-    }
-    fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
-        let v = self.call("/v3/lease/keepalive", json!({"ID": lease.to_string()}))?;
-        Ok(int(&v["TTL"]) > 0)
+    /// Resume following `prefix` after revision `rev` (what a watch does
+    /// after losing its stream). If etcd compacted past `rev`, the first
+    /// event is a `Sync` with everything under the prefix.
+    pub fn watch_after(&self, prefix: &str, rev: i64) -> mpsc::Receiver<WatchEvent> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        tokio::spawn(self.clone().watch_loop(prefix.to_owned(), rev, tx));
+        rx
     }
 }
 
@@ -412,46 +719,100 @@ impl KvStore for Etcd {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_local_store_creates_atomically_and_lists_by_prefix() {
+    #[tokio::test]
+    async fn the_local_store_creates_atomically_and_lists_by_prefix() {
         let s = LocalStore::open(None).unwrap();
-        assert!(s.create_all(&[("a/1", b"x"), ("b/1", b"y")], None).unwrap());
-        assert!(!s.create_all(&[("a/2", b"z"), ("b/1", b"w")], None).unwrap(), "b/1 exists");
-        assert_eq!(s.get("a/2").unwrap(), None, "nothing of a refused create is written");
-        s.put("a/3", b"q", None).unwrap();
-        let l: Vec<String> = s.list("a/").unwrap().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(l, ["a/1", "a/3"]);
-        s.delete("a/1").unwrap();
-        assert_eq!(s.get("a/1").unwrap(), None);
+        assert!(s.create_all(&[("a/1", b"x"), ("a/2", b"y")], None).await.unwrap());
+        assert!(!s.create_all(&[("a/3", b"z"), ("a/1", b"w")], None).await.unwrap(), "a/1 exists");
+        assert_eq!(s.get("a/3").await.unwrap(), None, "nothing of a failed create");
+        s.put("b/1", b"q", None).await.unwrap();
+        let keys: Vec<String> = s.list("a/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a/1", "a/2"]);
+        s.delete("a/1").await.unwrap();
+        assert_eq!(s.get("a/1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn local_leases_expire_with_their_keys_and_files_are_shared() {
+        let dir = std::env::temp_dir().join(format!("ciliate-kv-{}", std::process::id()));
+        let path = dir.join("kv.json");
+        let (a, b) =
+            (LocalStore::open(Some(path.clone())).unwrap(), LocalStore::open(Some(path)).unwrap());
+        let lease = a.grant(1).await.unwrap();
+        a.put("n/1", b"node", Some(lease)).await.unwrap();
+        assert_eq!(
+            b.get("n/1").await.unwrap().as_deref(),
+            Some(&b"node"[..]),
+            "one file, two stores"
+        );
+        assert!(b.keepalive(lease).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(a.get("n/1").await.unwrap(), None, "the lease expired with its key");
+        assert!(!a.keepalive(lease).await.unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The next event of `rx` within a second.
+    async fn next(rx: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(3), rx.recv())
+            .await
+            .expect("an event in time")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_local_watch_sees_writes_of_another_store_on_the_same_file() {
+        let dir = std::env::temp_dir().join(format!("ciliate-kvw-{}", std::process::id()));
+        let path = dir.join("kv.json");
+        let (a, b) =
+            (LocalStore::open(Some(path.clone())).unwrap(), LocalStore::open(Some(path)).unwrap());
+        a.put("w/old", b"1", None).await.unwrap();
+        let mut rx = b.watch("w/").await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Sync(vec![("w/old".into(), b"1".to_vec())]));
+        let t = std::time::Instant::now();
+        a.put("w/new", b"2", None).await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Put("w/new".into(), b"2".to_vec()));
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "seen through inotify, not the 1 s tick: {:?}",
+            t.elapsed()
+        );
+        a.put("x/other", b"3", None).await.unwrap();
+        a.delete("w/old").await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Delete("w/old".into()));
+        // A lease that expires takes its key, and the watch says so.
+        let l = a.grant(1).await.unwrap();
+        a.put("w/leased", b"4", Some(l)).await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Put("w/leased".into(), b"4".to_vec()));
+        assert_eq!(next(&mut rx).await, WatchEvent::Delete("w/leased".into()));
+        drop(rx);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_watch_is_told_in_process() {
+        let s = LocalStore::open(None).unwrap();
+        let mut rx = s.watch("p/").await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Sync(vec![]));
+        s.put("p/1", b"x", None).await.unwrap();
+        assert_eq!(next(&mut rx).await, WatchEvent::Put("p/1".into(), b"x".to_vec()));
     }
 
     #[test]
-    fn local_leases_expire_with_their_keys_and_files_are_shared() {
-        let path = std::env::temp_dir().join(format!("ciliate-kv-{}.json", std::process::id()));
-        let a = LocalStore::open(Some(path.clone())).unwrap();
-        let b = LocalStore::open(Some(path.clone())).unwrap();
-        let lease = a.grant(1).unwrap();
-        a.put("n/1", b"node1", Some(lease)).unwrap();
-        a.put("n/keep", b"x", None).unwrap();
-        assert_eq!(b.get("n/1").unwrap().as_deref(), Some(&b"node1"[..]), "shared");
-        std::thread::sleep(Duration::from_millis(700));
-        assert!(a.keepalive(lease).unwrap());
-        std::thread::sleep(Duration::from_millis(700));
-        assert!(b.get("n/1").unwrap().is_some(), "kept alive");
-        std::thread::sleep(Duration::from_millis(1200));
-        assert_eq!(b.get("n/1").unwrap(), None, "expired with its lease");
-        assert!(!a.keepalive(lease).unwrap());
-        assert!(b.get("n/keep").unwrap().is_some());
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(path.with_extension("lock"));
-    }
-
-    #[test]
-    fn prefix_ends_and_chunks() {
-        assert_eq!(prefix_end("a/"), b"a0");
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
-        assert!(Etcd::new("").is_err());
-        assert!(Etcd::new("https://x:1").is_err());
-        assert!(Etcd::new("127.0.0.1:2379").is_ok());
+    fn etcd_configs_are_checked() {
+        assert!(EtcdConfig::plain("127.0.0.1:2379,10.0.0.2:2379").is_ok());
+        assert!(EtcdConfig::plain("").unwrap_err().contains("no etcd endpoints"));
+        assert!(EtcdConfig::plain("nohost").unwrap_err().contains("not [scheme://]host:port"));
+        let dir = std::env::temp_dir().join(format!("ciliate-etcdcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("etcd.yaml");
+        std::fs::write(&f, "endpoints: [\"https://127.0.0.1:2379\"]\ntrusted-ca-file: /ca.pem\ncert-file: /c.pem\nkey-file: /k.pem\n").unwrap();
+        let c = EtcdConfig::read(&f).unwrap();
+        assert!(c.tls() && c.cert_file.is_some());
+        std::fs::write(&f, "endpoints: [\"127.0.0.1:2379\"]\ncert-file: /c.pem\n").unwrap();
+        assert!(EtcdConfig::read(&f).unwrap_err().contains("go together"));
+        std::fs::write(&f, "endpoint: x\n").unwrap();
+        assert!(EtcdConfig::read(&f).unwrap_err().contains("endpoint"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -59,7 +59,7 @@ pub struct Expression {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortProtocol {
-    pub port: serde_yaml::Value,
+    pub port: serde_yaml_ng::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_port: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,7 +109,7 @@ pub struct IcmpRule {
 #[serde(deny_unknown_fields)]
 pub struct IcmpField {
     #[serde(rename = "type")]
-    pub kind: serde_yaml::Value,
+    pub kind: serde_yaml_ng::Value,
     #[serde(default)]
     pub family: Option<String>,
 }
@@ -122,12 +122,12 @@ fn icmp_type(f: &IcmpField) -> Result<u8, String> {
         return Err(format!("family {fam}: only IPv4 is supported"));
     }
     match &f.kind {
-        serde_yaml::Value::Number(n) => n
+        serde_yaml_ng::Value::Number(n) => n
             .as_u64()
             .filter(|t| *t <= 255)
             .map(|t| t as u8)
             .ok_or_else(|| format!("ICMP type {n}: 0 to 255")),
-        serde_yaml::Value::String(s) => Ok(match s.as_str() {
+        serde_yaml_ng::Value::String(s) => Ok(match s.as_str() {
             "EchoReply" => 0,
             "DestinationUnreachable" => 3,
             "Redirect" => 5,
@@ -448,8 +448,8 @@ impl Rule {
 /// all of them are valid.
 pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
     let mut rules = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml_ng::Value::deserialize(doc)
             .map_err(|e| PolicyError(format!("document {}: not YAML or JSON: {e}", i + 1)))?;
         if value.is_null() {
             continue;
@@ -473,7 +473,7 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
 /// Document `n` as `T`; an error names the field it is about
 /// (`spec.enableDefaultDeny.ingress: invalid type …`).
 fn from_value<T: serde::de::DeserializeOwned>(
-    value: serde_yaml::Value,
+    value: serde_yaml_ng::Value,
     n: usize,
 ) -> Result<T, PolicyError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -544,7 +544,7 @@ struct K8sIpBlock {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct K8sPort {
     #[serde(default)]
-    port: Option<serde_yaml::Value>,
+    port: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     end_port: Option<u32>,
     #[serde(default)]
@@ -632,7 +632,7 @@ fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
                 .iter()
                 .flatten()
                 .map(|p| PortProtocol {
-                    port: p.port.clone().unwrap_or(serde_yaml::Value::Number(0.into())),
+                    port: p.port.clone().unwrap_or(serde_yaml_ng::Value::Number(0.into())),
                     end_port: p.end_port,
                     protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
                 })
@@ -867,7 +867,7 @@ pub struct NamedPorts {
 /// The port name of a `ports` entry, if it names one.
 fn port_name(p: &PortProtocol) -> Option<&str> {
     match &p.port {
-        serde_yaml::Value::String(s) if s.parse::<u32>().is_err() => Some(s.as_str()),
+        serde_yaml_ng::Value::String(s) if s.parse::<u32>().is_err() => Some(s.as_str()),
         _ => None,
     }
 }
@@ -882,10 +882,10 @@ fn port_spec(p: &PortProtocol) -> Result<(Vec<u8>, Ports), String> {
         other => return Err(format!("protocol {other} is not TCP, UDP, ICMP or ANY")),
     };
     let port: u32 = match &p.port {
-        serde_yaml::Value::Number(n) => {
+        serde_yaml_ng::Value::Number(n) => {
             n.as_u64().map(|v| v as u32).ok_or("port is not a whole number")?
         }
-        serde_yaml::Value::String(s) => match s.parse() {
+        serde_yaml_ng::Value::String(s) => match s.parse() {
             Ok(v) => v,
             Err(_) if valid_port_name(s) => {
                 if p.end_port.is_some() {

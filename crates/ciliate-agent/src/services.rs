@@ -954,7 +954,7 @@ fn frontend(a: &L4Addr) -> Frontend {
 
 /// Parse a services file: a YAML or JSON list of service specs.
 pub fn parse_file(text: &str) -> Result<Vec<ServiceSpec>, String> {
-    serde_yaml::from_str(text).map_err(|e| e.to_string())
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -100,14 +100,13 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         KvConfig::Local(path) => {
             Arc::new(LocalStore::open(Some(path.clone())).map_err(|e| anyhow::anyhow!("{e}"))?)
         }
-        KvConfig::Etcd(eps) => Arc::new(Etcd::new(eps).map_err(|e| anyhow::anyhow!(e))?),
+        KvConfig::Etcd(c) => Arc::new(Etcd::connect(c).await.map_err(|e| anyhow::anyhow!("{e}"))?),
     };
     if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
         // The store may be briefly away at start: retry for a while.
         let deadline = Instant::now() + Duration::from_secs(60);
         cfg.pod_cidr = loop {
-            let (kv, node) = (kv.clone(), cfg.node.clone());
-            match blocking(move || cluster::claim_pod_cidr(kv.as_ref(), &node, pool, mask)).await? {
+            match cluster::claim_pod_cidr(kv.as_ref(), &cfg.node, pool, mask).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     warn!(subsystem = "cluster", "claiming a pod CIDR from {pool}: {e}; retrying");
@@ -253,13 +252,10 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             routing: cfg.routing,
             device: cfg.devices.first().cloned(),
         });
-        let local = Arc::new(LocalEndpoints(endpoints.clone()));
-        let sync = ClusterSync::new(kv.clone(), me, dp, local, kv_status);
+        let sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
         info!(subsystem = "cluster", store = %kv.describe(), node_ip = %node_ip, "cluster sync");
-        std::thread::Builder::new()
-            .name("ciliate-cluster".into())
-            .spawn(move || sync.run(|m| info!(subsystem = "cluster", "{m}")))
-            .context("starting the cluster sync")?;
+        let (mine, learned) = local_endpoints(endpoints.clone(), shutdown.clone());
+        tokio::spawn(sync.run(mine, learned, shutdown.clone()));
     } else {
         warn!("no --devices: the node has no address to join a cluster with; running alone");
     }
@@ -378,32 +374,57 @@ fn spawn_ct_gc(
     });
 }
 
-/// The node's endpoints and identities as the cluster sync needs them:
-/// read from the endpoint manager's snapshots, learned through commands.
-struct LocalEndpoints<D: Datapath + 'static>(Actor<Endpoints<D>, EndpointsView>);
-
-impl<D: Datapath + 'static> cluster::LocalState for LocalEndpoints<D> {
-    fn endpoints(&self) -> Vec<(std::net::Ipv4Addr, u32)> {
-        self.0
-            .snapshot()
-            .endpoints
+/// The node's endpoints as the cluster sync publishes them (address →
+/// identity, following the endpoint manager's snapshots), and where it
+/// hands the identities of other nodes (learned by the endpoint manager,
+/// which regenerates the policy when one is new).
+fn local_endpoints<D: Datapath + 'static>(
+    endpoints: Actor<Endpoints<D>, EndpointsView>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> (ciliate_agent::cluster::LocalIps, ciliate_agent::cluster::Learned) {
+    let mine_of = |v: &EndpointsView| {
+        v.endpoints
             .values()
             .filter(|e| e.identity != ciliate_common::identity::HOST)
             .map(|e| (e.ip, e.identity))
-            .collect()
-    }
-
-    fn learn_identities(&self, ids: Vec<(u32, Vec<String>)>) {
-        let r = self.0.write_blocking(
-            move |e| match e.identities.learn(ids) {
-                Ok(true) => e.regenerate().map_err(|err| err.to_string()),
-                Ok(false) => Ok(()),
-                Err(err) => Err(err.to_string()),
-            },
-            |e| e.view(),
-        );
-        if let Ok(Err(e)) = r {
-            warn!(subsystem = "cluster", error = %e, "learning identities");
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let mut snaps = endpoints.watch();
+    let (mine_tx, mine) = tokio::sync::watch::channel(mine_of(&snaps.borrow_and_update()));
+    let (learned, mut learned_rx) = tokio::sync::mpsc::channel::<Vec<(u32, Vec<String>)>>(256);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = snaps.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let now = mine_of(&snaps.borrow_and_update());
+                    mine_tx.send_if_modified(|m| if *m != now { *m = now; true } else { false });
+                }
+                ids = learned_rx.recv() => {
+                    let Some(mut ids) = ids else { return };
+                    // Take what else is queued too: one regeneration for all.
+                    while let Ok(more) = learned_rx.try_recv() {
+                        ids.extend(more);
+                    }
+                    let r = endpoints
+                        .write(
+                            move |e| match e.identities.learn(ids) {
+                                Ok(true) => e.regenerate().map_err(|err| err.to_string()),
+                                Ok(false) => Ok(()),
+                                Err(err) => Err(err.to_string()),
+                            },
+                            |e| e.view(),
+                        )
+                        .await;
+                    if let Ok(Err(e)) = r {
+                        warn!(subsystem = "cluster", error = %e, "learning identities");
+                    }
+                }
+                _ = api::stopped(&mut shutdown) => return,
+            }
         }
-    }
+    });
+    (mine, learned)
 }

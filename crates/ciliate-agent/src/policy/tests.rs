@@ -110,7 +110,7 @@ spec:
 #[test]
 fn selectors_match_expressions_and_sources() {
     let l = labels("web", "shop");
-    let sel = |yaml: &str| serde_yaml::from_str::<Selector>(yaml).unwrap();
+    let sel = |yaml: &str| serde_yaml_ng::from_str::<Selector>(yaml).unwrap();
     assert!(sel("matchLabels: {k8s:app: web}").matches(&l, None));
     assert!(!sel("matchLabels: {reserved:app: web}").matches(&l, None));
     assert!(
