@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-type Job<S, V> = Box<dyn FnOnce(&mut S) -> Option<V> + Send>;
+/// A command: it runs on the state and publishes a new snapshot (if it
+/// changed anything) before it answers, so whoever got the answer reads
+/// the change in the next snapshot.
+type Job<S, V> = Box<dyn FnOnce(&mut S, &watch::Sender<Arc<V>>) + Send>;
 
 /// Commands the queue holds before senders wait.
 const QUEUE: usize = 1024;
@@ -54,9 +57,7 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
                 init(&mut state);
                 snap_tx.send_replace(Arc::new(view(&state)));
                 while let Some(job) = rx.blocking_recv() {
-                    if let Some(v) = job(&mut state) {
-                        snap_tx.send_replace(Arc::new(v));
-                    }
+                    job(&mut state, &snap_tx);
                 }
                 tracing::debug!(subsystem = name, "stopped");
             })
@@ -84,11 +85,10 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
         view: impl FnOnce(&S) -> V + Send + 'static,
     ) -> Result<R, Stopped> {
         let (reply, rx) = oneshot::channel();
-        let job: Job<S, V> = Box::new(move |s: &mut S| {
+        let job: Job<S, V> = Box::new(move |s: &mut S, snap: &watch::Sender<Arc<V>>| {
             let r = f(s);
-            let v = view(s);
+            snap.send_replace(Arc::new(view(s)));
             let _ = reply.send(r);
-            Some(v)
         });
         self.tx.send(job).await.map_err(|_| Stopped(self.name))?;
         rx.await.map_err(|_| Stopped(self.name))
@@ -101,9 +101,8 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
         f: impl FnOnce(&mut S) -> R + Send + 'static,
     ) -> Result<R, Stopped> {
         let (reply, rx) = oneshot::channel();
-        let job: Job<S, V> = Box::new(move |s: &mut S| {
+        let job: Job<S, V> = Box::new(move |s: &mut S, _: &watch::Sender<Arc<V>>| {
             let _ = reply.send(f(s));
-            None
         });
         self.tx.send(job).await.map_err(|_| Stopped(self.name))?;
         rx.await.map_err(|_| Stopped(self.name))
@@ -116,11 +115,10 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
         view: impl FnOnce(&S) -> V + Send + 'static,
     ) -> Result<R, Stopped> {
         let (reply, rx) = oneshot::channel();
-        let job: Job<S, V> = Box::new(move |s: &mut S| {
+        let job: Job<S, V> = Box::new(move |s: &mut S, snap: &watch::Sender<Arc<V>>| {
             let r = f(s);
-            let v = view(s);
+            snap.send_replace(Arc::new(view(s)));
             let _ = reply.send(r);
-            Some(v)
         });
         self.tx.blocking_send(job).map_err(|_| Stopped(self.name))?;
         rx.blocking_recv().map_err(|_| Stopped(self.name))
@@ -157,5 +155,14 @@ mod tests {
         slow.await.unwrap().unwrap();
         assert_eq!(*a.snapshot(), 2);
         assert_eq!(a.read(|s| *s + 1).await.unwrap(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answered_write_is_in_the_next_snapshot() {
+        let a: Actor<u32, u32> = Actor::start("test", 0, |s| *s, |_| {});
+        for i in 1..=5000 {
+            a.write(move |s| *s = i, |s| *s).await.unwrap();
+            assert_eq!(*a.snapshot(), i, "the writer read an older snapshot");
+        }
     }
 }
