@@ -78,6 +78,9 @@ pub struct AppState<D: Datapath> {
     /// Set once the start is done (endpoints and services restored): until
     /// then `healthz` and `status` say "restoring".
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The datapath's events, for `GET /v1/events`.
+    pub events: crate::events::EventHub,
+    pub ifnames: Arc<crate::events::IfNames>,
 }
 
 impl<D: Datapath + 'static> AppState<D> {
@@ -205,6 +208,7 @@ pub fn router<D: Datapath + 'static>(state: Arc<AppState<D>>) -> Router {
         )
         .route("/v1/policy/selectors", get(selectors::<D>).fallback(no_method))
         .route("/v1/policy/trace", post(trace::<D>).fallback(no_method))
+        .route("/v1/events", get(events::<D>).fallback(no_method))
         .route("/v1/openapi.json", get(openapi).fallback(no_method))
         .fallback(|m: axum::http::Method, u: axum::http::Uri| async move {
             ApiErr::new(404, format!("no route {m} {}", u.path()))
@@ -242,8 +246,47 @@ async fn status<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
             cluster_nodes: kv.nodes,
             routing: format!("{:?}", st.routing).to_lowercase(),
             state: if st.restoring() { "restoring" } else { "ok" }.into(),
+            monitor: st.events.status(),
         },
     )
+}
+
+/// `GET /v1/events?type=drop|trace|policy-verdict&related-to=ID`: the
+/// datapath's events from now on, one JSON object a line
+/// (`application/x-ndjson`), until the client goes away. The response
+/// head is sent once the subscription exists.
+async fn events<D: Datapath + 'static>(
+    State(st): St<D>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let filter = crate::events::Filter::parse(
+        q.get("type").map(String::as_str),
+        q.get("related-to").map(String::as_str),
+    )
+    .map_err(|e| ApiErr::new(400, e))?;
+    let sub = st.events.subscribe();
+    let ifnames = st.ifnames.clone();
+    let lines =
+        futures::stream::unfold((sub, ifnames, filter), |(mut sub, ifnames, filter)| async move {
+            loop {
+                let r = sub.next().await?;
+                let Some(m) = crate::events::model(&r, &ifnames).await else { continue };
+                if !filter.passes(&m) {
+                    continue;
+                }
+                let mut line = serde_json::to_vec(&m).unwrap_or_default();
+                line.push(b'\n');
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+                    (sub, ifnames, filter),
+                ));
+            }
+        });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 async fn nodes<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
@@ -629,6 +672,8 @@ mod tests {
             probe: Arc::new(NoProbe),
             kv_timeout: Duration::from_secs(5),
             ready: Arc::new(true.into()),
+            events: crate::events::EventHub::new(64),
+            ifnames: Default::default(),
         })
     }
 
@@ -849,7 +894,8 @@ mod tests {
     #[tokio::test]
     async fn every_documented_route_is_served() {
         let app = router(state(MemoryDatapath::default()));
-        for r in crate::openapi::ROUTES {
+        // (The event stream never ends: its own test below.)
+        for r in crate::openapi::ROUTES.iter().filter(|r| r.path != "/v1/events") {
             let path = r.path.replace("{id}", "1").replace("{ip}", "10.9.0.77");
             let (s, body) = call(&app, &r.method.to_uppercase(), &path, "{}").await;
             let msg = body["message"].as_str().unwrap_or_default();
@@ -867,6 +913,49 @@ mod tests {
             "{doc}"
         );
         assert!(doc["paths"]["/v1/endpoint"]["put"]["requestBody"].is_object());
+    }
+
+    #[tokio::test]
+    async fn events_stream_to_every_subscriber_as_json_lines() {
+        use crate::events::Record;
+        let st = state(MemoryDatapath::default());
+        let app = router(st.clone());
+        let (s, body) = call(&app, "GET", "/v1/events?type=drops", "").await;
+        assert_eq!(s, 400);
+        assert!(body["message"].as_str().unwrap().contains("\"drops\""), "{body}");
+
+        let open = |q: &str| {
+            let req = axum::http::Request::builder()
+                .uri(format!("/v1/events{q}"))
+                .body(axum::body::Body::empty());
+            app.clone().oneshot(req.unwrap())
+        };
+        let (all, drops) = (open("").await.unwrap(), open("?type=drop").await.unwrap());
+        assert_eq!(all.headers()["content-type"], "application/x-ndjson");
+        assert_eq!(st.events.status().subscribers, 2, "subscribed when the head is sent");
+        let lost = Record::Lost {
+            time: std::time::SystemTime::now(),
+            count: 2,
+            cause: crate::events::LostCause::RingFull,
+        };
+        st.events.publish(lost);
+        let (mut a, mut d) = (all.into_body(), drops.into_body());
+        for body in [&mut a, &mut d] {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let line = frame.into_data().unwrap();
+            assert!(line.ends_with(b"\n"));
+            let ev: ciliate_api::models::MonitorEvent = serde_json::from_slice(&line).unwrap();
+            assert!(
+                matches!(ev, ciliate_api::models::MonitorEvent::Lost(ref l) if l.lost == 2),
+                "{ev:?}"
+            );
+        }
+        drop((a, d));
+        assert_eq!(st.events.status().subscribers, 0, "a client that goes away unsubscribes");
     }
 
     #[tokio::test]

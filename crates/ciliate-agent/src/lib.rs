@@ -21,6 +21,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod endpoint;
+pub mod events;
 pub mod identity;
 pub mod ipam;
 pub mod kernel;

@@ -67,8 +67,15 @@ pub const ROUTES: &[Route] = &[
         q: &[("labels", "k8s:key=value[,…]"), ("all", "true: every rule")]),
     route!("get" "/v1/policy/selectors" "The policy's selectors and the identities each selects", None, 200 => s::<Vec<crate::policy::SelectorUse>>),
     route!("post" "/v1/policy/trace" "Would a source reach a destination, and which rules decide", Some(s::<m::TraceRequest>), 200 => s::<crate::policy::Trace>),
+    route!("get" "/v1/events" "The datapath's events from now on, streamed, one JSON object a line (ciliate monitor)", None, 200 => s::<m::MonitorEvent>,
+        q: &[("type", "drop, trace or policy-verdict"), ("related-to", "only events from or to this endpoint ID")]),
     route!("get" "/v1/openapi.json" "This description", None, 200 => any),
 ];
+
+/// Streams are newline-delimited JSON; everything else one JSON document.
+fn content_type(path: &str) -> &'static str {
+    if path == "/v1/events" { "application/x-ndjson" } else { "application/json" }
+}
 
 /// The OpenAPI 3.0 document of [`ROUTES`].
 pub fn document() -> Value {
@@ -91,7 +98,7 @@ pub fn document() -> Value {
             "responses": {
                 r.status.to_string(): {
                     "description": "success",
-                    "content": {"application/json": {"schema": (r.response)(&mut g)}},
+                    "content": {content_type(r.path): {"schema": (r.response)(&mut g)}},
                 },
                 "default": {
                     "description": "an error, naming what was wrong",

@@ -93,40 +93,27 @@ impl Client {
         self.call(method::GET, target, None::<&()>)
     }
 
-    /// GET a streaming response and hand every line of it to `f` until `f`
-    /// returns false or the stream ends (the agent's event streams: one
-    /// JSON object a line). No timeout: a stream lasts as long as it lasts.
-    pub fn stream_lines(
-        &self,
-        target: &str,
-        mut f: impl FnMut(&[u8]) -> bool,
-    ) -> Result<(), ClientError> {
+    /// GET a streaming response (the agent's event streams: one JSON
+    /// object a line). It returns once the agent answered, so whatever the
+    /// stream follows is followed from then on; read it with
+    /// [`LineStream::next_line`]. No timeout: a stream lasts as long as it
+    /// lasts.
+    pub fn stream(&self, target: &str) -> Result<LineStream, ClientError> {
         let rt = self.runtime()?;
-        rt.block_on(async {
+        let body = rt.block_on(async {
             let resp = self.send(method::GET, target, Vec::new()).await?;
             let status = resp.status().as_u16();
-            let mut body = resp.into_body();
+            let body = resp.into_body();
             if !(200..300).contains(&status) {
-                let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let bytes = self.timed(body.collect()).await?.to_bytes();
                 let message = serde_json::from_slice::<ApiError>(&bytes)
                     .map(|e| e.message)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
                 return Err(ClientError::Api { status, message });
             }
-            let mut pending: Vec<u8> = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| self.transport(e))?;
-                let Ok(data) = frame.into_data() else { continue };
-                pending.extend_from_slice(&data);
-                while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=nl).collect();
-                    if !f(&line[..line.len() - 1]) {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok(())
-        })
+            Ok(body)
+        })?;
+        Ok(LineStream { rt, body, pending: Vec::new(), socket: self.socket.display().to_string() })
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
@@ -169,6 +156,51 @@ impl Client {
                 reason: e.to_string(),
             })?;
         self.timed(sender.send_request(req)).await
+    }
+}
+
+/// An open streaming response, read a line at a time.
+pub struct LineStream {
+    rt: tokio::runtime::Runtime,
+    body: Incoming,
+    pending: Vec<u8>,
+    socket: String,
+}
+
+impl LineStream {
+    /// The next line (without its newline); `None` when the stream ended
+    /// or `until` passed first.
+    pub fn next_line(
+        &mut self,
+        until: Option<std::time::Instant>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=nl).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            let frame = self.rt.block_on(async {
+                match until {
+                    Some(t) => tokio::time::timeout_at(t.into(), self.body.frame()).await.ok(),
+                    None => Some(self.body.frame().await),
+                }
+            });
+            match frame {
+                None | Some(None) => return Ok(None),
+                Some(Some(Err(e))) => {
+                    return Err(ClientError::Transport {
+                        socket: self.socket.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Some(Some(Ok(f))) => {
+                    if let Ok(data) = f.into_data() {
+                        self.pending.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -87,6 +87,133 @@ pub struct Status {
     /// "ok", or "restoring" while the agent restores its endpoints.
     #[serde(default)]
     pub state: String,
+    /// The agent's event fan-out (`ciliate monitor`).
+    #[serde(default)]
+    pub monitor: MonitorStatus,
+}
+
+/// Events read from the datapath and handed to subscribers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct MonitorStatus {
+    /// Subscribers now (monitors, and the agent's own consumers).
+    pub subscribers: usize,
+    /// Events read from the ring buffer since the agent started.
+    pub events: u64,
+    /// Events the datapath had no ring room for (the agent read too slowly).
+    pub lost_in_datapath: u64,
+    /// Events subscribers missed because they read too slowly.
+    pub lost_by_subscribers: u64,
+}
+
+/// `GET /v1/events`: one datapath event, a JSON object per line, in the
+/// order the agent read them. `time` is when the agent read it (RFC 3339).
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum MonitorEvent {
+    Trace(TraceEvent),
+    Drop(DropEvent),
+    PolicyVerdict(PolicyVerdictEvent),
+    /// Events that did not reach this subscriber.
+    Lost(LostEvents),
+}
+
+/// A forwarded packet at an observation point.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub time: String,
+    /// "to-endpoint", "from-endpoint", "to-stack", "to-overlay", …
+    pub observation_point: String,
+    /// Endpoint ID of the program that saw it (0: a node program).
+    pub source: u16,
+    /// The packet's hash, as Cilium's monitor prints it ("0x1a2b3c4d").
+    pub flow: String,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dst_endpoint: u16,
+    /// Conntrack state: "new", "established", "reply", "related", "unknown".
+    pub state: String,
+    pub ifindex: u32,
+    /// The device's name when the agent knows it, else the ifindex.
+    pub interface: String,
+    /// The source address before NAT.
+    pub orig_ip: Ipv4Addr,
+    /// The node a packet to the overlay went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_endpoint: Option<Ipv4Addr>,
+    pub length: u32,
+    /// "10.0.0.1:52000 -> 10.0.0.2:80 tcp SYN".
+    pub summary: String,
+}
+
+/// A dropped packet.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct DropEvent {
+    pub time: String,
+    /// The drop reason's number (Cilium's numbering) and text.
+    pub reason: u8,
+    pub reason_text: String,
+    pub source: u16,
+    pub flow: String,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dst_endpoint: u32,
+    pub ifindex: u32,
+    pub interface: String,
+    /// Source line of the drop in the datapath.
+    pub line: u16,
+    pub length: u32,
+    pub summary: String,
+}
+
+/// A policy decision.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct PolicyVerdictEvent {
+    pub time: String,
+    /// The endpoint whose policy decided.
+    pub endpoint: u16,
+    pub flow: String,
+    pub remote_identity: u32,
+    pub proto: u8,
+    pub dport: u16,
+    pub ingress: bool,
+    /// "allow" or "deny".
+    pub action: String,
+    /// What matched: "L3-L4", "L3-Only", "L4-Only", "all", "none".
+    #[serde(rename = "match")]
+    pub matched: String,
+    pub summary: String,
+}
+
+/// Events lost on the way to this subscriber.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct LostEvents {
+    pub time: String,
+    pub lost: u64,
+    /// "ring buffer full" (the datapath had no room) or "subscriber too
+    /// slow" (this stream fell behind).
+    pub cause: String,
+}
+
+impl MonitorEvent {
+    /// The endpoints it is about (for `--related-to`).
+    pub fn related_to(&self, id: u16) -> bool {
+        match self {
+            MonitorEvent::Trace(t) => t.source == id || t.dst_endpoint == id,
+            MonitorEvent::Drop(d) => d.source == id || d.dst_endpoint == u32::from(id),
+            MonitorEvent::PolicyVerdict(v) => v.endpoint == id,
+            MonitorEvent::Lost(_) => true,
+        }
+    }
+
+    /// "trace", "drop", "policy-verdict", "lost".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MonitorEvent::Trace(_) => "trace",
+            MonitorEvent::Drop(_) => "drop",
+            MonitorEvent::PolicyVerdict(_) => "policy-verdict",
+            MonitorEvent::Lost(_) => "lost",
+        }
+    }
 }
 
 /// `GET /v1/kvstore`: a key and its value (as text).

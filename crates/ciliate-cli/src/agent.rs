@@ -34,6 +34,16 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
         ("Endpoints", format!("{} ({} restored at start)", s.endpoints, s.restored_endpoints)),
         ("Identities", format!("{} allocated", s.identities)),
         ("BPF maps", s.pin_dir.clone()),
+        (
+            "Monitor",
+            format!(
+                "{} subscribers, {} events, lost {} (ring buffer full), {} (subscribers too slow)",
+                s.monitor.subscribers,
+                s.monitor.events,
+                s.monitor.lost_in_datapath,
+                s.monitor.lost_by_subscribers
+            ),
+        ),
     ];
     for (k, v) in rows {
         println!("{:<12}{v}", format!("{k}:"));

@@ -55,9 +55,4 @@ impl Target {
             .context("asking the agent for its pin directory (or pass --pin-dir)")?;
         Ok(status.pin_dir.into())
     }
-
-    /// The node's network namespace, when it is a lab's (to name devices).
-    pub fn node_ns(&self) -> Option<String> {
-        self.lab_state().ok().flatten().map(|l| l.node_ns)
-    }
 }

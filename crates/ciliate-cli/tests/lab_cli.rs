@@ -247,6 +247,55 @@ fn agent_commands_and_monitor_on_a_lab() {
         tr.contains("Final verdict: ALLOWED") && tr.contains("by CiliumNetworkPolicy/default/p1"),
         "{tr}"
     );
+    // Two monitors at once (the agent owns the ring and copies events to
+    // each): both see the drop of a ping the policy denies.
+    let monitors: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_ciliate"))
+                .args([
+                    "monitor",
+                    "--type",
+                    "drop",
+                    "-j",
+                    "--count",
+                    "1",
+                    "--duration",
+                    "20",
+                    "--lab",
+                    &name,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_subscribers(&name, 2);
+    let (ok, _, _) =
+        exec_in(&format!("{name}-pod1"), &["ping", "-c", "1", "-W", "1", "10.200.0.4"]);
+    assert!(!ok, "ping (policy: denied) got through");
+    for m in monitors {
+        let out = m.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ev: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(
+            (
+                ev["type"].as_str(),
+                ev["reason_text"].as_str(),
+                ev["src_identity"].as_u64(),
+                ev["dst_endpoint"].as_u64()
+            ),
+            (Some("drop"), Some("Policy denied"), Some(256), Some(4)),
+            "each monitor sees the drop: {text}"
+        );
+    }
+    let status = run(&["status"]);
+    assert!(
+        status.contains("Monitor:    0 subscribers"),
+        "monitors that stopped unsubscribe: {status}"
+    );
+
     let sels = run(&["policy", "selectors"]);
     assert!(sels.contains("endpointSelector") && sels.contains("fromEndpoints"), "{sels}");
     assert!(
@@ -323,21 +372,62 @@ fn agent_commands_and_monitor_on_a_lab() {
         assert!(!ok && err.contains(needle), "{args:?}: {err}");
     }
 
-    // The monitor sees the traffic of the lab-up checks, in Cilium's format.
-    let mon = run(&[
-        "monitor",
-        "--type",
-        "trace",
-        "--related-to",
-        "4",
-        "--count",
-        "3",
-        "--duration",
-        "5",
-    ]);
+    // The monitor shows traffic as it happens, in Cilium's format.
+    let mon = Command::new(env!("CARGO_BIN_EXE_ciliate"))
+        .args([
+            "monitor",
+            "--type",
+            "trace",
+            "--related-to",
+            "4",
+            "--count",
+            "3",
+            "--duration",
+            "20",
+            "--lab",
+            &name,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_subscribers(&name, 1);
+    // Three pings, three flows: each is new, so each is traced under the
+    // default aggregation.
+    for _ in 0..3 {
+        let (ok, _, err) =
+            exec_in(&format!("{name}-pod1"), &["ping", "-c", "1", "-W", "1", "10.200.0.4"]);
+        assert!(ok, "ping (no policy: allowed): {err}");
+    }
+    let out = mon.wait_with_output().unwrap();
+    let mon = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = mon.lines().collect();
     assert_eq!(lines.len(), 3, "{mon}");
     // Endpoint 4 is pod2 (1 is the host, 2 health, 3 pod1).
     assert!(lines.iter().all(|l| l.contains("endpoint 4") || l.contains("-> stack")), "{mon}");
     assert!(lines.iter().any(|l| l.contains("state new")), "{mon}");
+}
+
+/// Run `args` in named namespace `ns`.
+fn exec_in(ns: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Wait (up to 10 s) until the lab's agent has `n` event subscribers.
+fn wait_subscribers(lab: &str, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = ciliate(&["status", "-o", "json", "--lab", lab]);
+        assert!(ok, "{err}");
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if st["monitor"]["subscribers"].as_u64() == Some(n as u64) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} monitors did not subscribe: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -6,6 +6,8 @@
 
 /// Name of the ring buffer map in every eBPF object.
 pub const RINGBUF_NAME: &str = "ciliate_events";
+/// Name of the per-CPU counter of events the ring had no room for.
+pub const LOST_NAME: &str = "ciliate_events_lost";
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RINGBUF_BYTES: u32 = 256 * 1024;
 

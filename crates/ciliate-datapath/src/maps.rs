@@ -8,7 +8,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, RingBuf
 use ciliate_common::{
     ct::{self, CtEntry, CtKey4},
     endpoint::{self, EndpointInfo, EndpointKey},
-    event::RINGBUF_NAME,
+    event::{LOST_NAME, RINGBUF_NAME},
     ipcache::{self, IpcacheEntry, IpcacheKey, STATIC_PREFIX},
     metrics::{self, MetricsKey, MetricsValue},
     policy::{self, PolicyEntry, PolicyKey},
@@ -106,6 +106,29 @@ impl EventRing {
             out.push(Event::decode(&item));
         }
         out
+    }
+}
+
+/// The ring's file descriptor polls readable when events wait (for an
+/// event loop's reactor).
+impl std::os::fd::AsRawFd for EventRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// `ciliate_events_lost`: events the datapath had no ring room for.
+pub struct EventsLost(aya::maps::PerCpuArray<MapData, u64>);
+
+impl EventsLost {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, LOST_NAME, Map::PerCpuArray).map(Self)
+    }
+
+    /// Events lost so far, all CPUs together.
+    pub fn total(&self) -> Result<u64> {
+        let per_cpu = self.0.get(&0, 0).map_err(map_err("reading", LOST_NAME))?;
+        Ok(per_cpu.iter().sum())
     }
 }
 

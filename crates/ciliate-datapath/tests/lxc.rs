@@ -220,3 +220,25 @@ fn one_program_serves_every_endpoint_by_its_device() {
         matches!(events.drain().as_slice(), [Event::Drop(d)] if d.hdr.subtype == drop::INVALID_SIP)
     );
 }
+
+#[test]
+fn events_the_ring_has_no_room_for_are_counted_as_lost() {
+    let mut h = Harness::new("lost");
+    let lost = ciliate_datapath::maps::EventsLost::from_pin_dir(&h._node.pins.dir).unwrap();
+    assert_eq!(lost.total().unwrap(), 0);
+    // Drop events of ~200 bytes into a 256 KiB ring nobody reads: it
+    // fills, and every event after that is counted.
+    let lldp = packet::ether(&pod_eth(), 0x88cc, &[0u8; 46]);
+    let sent = 2000u64;
+    for _ in 0..sent {
+        assert_eq!(h.run(&lldp).verdict, verdict::SHOT);
+    }
+    let delivered = h.events.drain().len() as u64;
+    let lost_now = lost.total().unwrap();
+    assert!(delivered > 0 && lost_now > 0, "delivered {delivered}, lost {lost_now}");
+    assert_eq!(delivered + lost_now, sent, "every event is delivered or counted");
+    // With room again, events flow and nothing more is lost.
+    assert_eq!(h.run(&lldp).verdict, verdict::SHOT);
+    assert_eq!(h.events.drain().len(), 1);
+    assert_eq!(lost.total().unwrap(), lost_now);
+}

@@ -36,6 +36,8 @@ struct Outcome {
     drops: Vec<u8>,
     /// (source, destination) identity of each drop event.
     drop_ids: Vec<(u32, u32)>,
+    /// (sending program's endpoint, destination endpoint) of each drop.
+    drop_eps: Vec<(u16, u32)>,
 }
 
 fn send(n: &mut Node, from_a: bool, dport: u16, flags: u8) -> Outcome {
@@ -48,17 +50,19 @@ fn send(n: &mut Node, from_a: bool, dport: u16, flags: u8) -> Outcome {
     let mut verdicts = Vec::new();
     let mut drops = Vec::new();
     let mut drop_ids = Vec::new();
+    let mut drop_eps = Vec::new();
     for e in n.events.drain() {
         match e {
             Event::PolicyVerdict(v) => verdicts.push((v.verdict, v.match_type)),
             Event::Drop(d) => {
                 drops.push(d.hdr.subtype);
                 drop_ids.push((d.src_identity, d.dst_identity));
+                drop_eps.push((d.hdr.source, d.dst_id));
             }
             _ => {}
         }
     }
-    Outcome { run, verdicts, drops, drop_ids }
+    Outcome { run, verdicts, drops, drop_ids, drop_eps }
 }
 
 fn policy(n: &Node) -> PolicyMap {
@@ -89,6 +93,22 @@ fn egress_allows_what_a_rule_names_and_drops_the_rest_as_policy_denied() {
     let dump = p.dump().unwrap();
     let (_, _, e) = dump.iter().find(|(k, _, _)| k.identity == B.identity).unwrap();
     assert_eq!(e.packets, 1);
+}
+
+#[test]
+fn an_ingress_denial_at_local_delivery_is_the_destinations_drop_on_ingress() {
+    use ciliate_common::metrics;
+    let mut n = Node::new("pol-ingress-drop");
+    policy(&n).enforce(B.id, DIR_INGRESS).unwrap();
+    let no = send(&mut n, true, 80, tcp_flags::SYN);
+    assert_eq!(no.run.verdict, verdict::SHOT);
+    assert_eq!(no.drops, [drop::POLICY]);
+    assert_eq!(no.drop_ids, [(A.identity, B.identity)]);
+    // A's program ran B's ingress stage: "to endpoint B", as Cilium says.
+    assert_eq!(no.drop_eps, [(A.id, u32::from(B.id))]);
+    let m = ciliate_datapath::maps::MetricsMap::from_pin_dir(&n.node.pins.dir).unwrap();
+    assert_eq!(m.get(drop::POLICY, metrics::DIR_INGRESS).unwrap().packets, 1, "counted on ingress");
+    assert_eq!(m.get(drop::POLICY, metrics::DIR_EGRESS).unwrap().packets, 0);
 }
 
 #[test]

@@ -48,6 +48,10 @@ pub fn to_endpoint(
     trace_all: bool,
     rev_nat: u16,
 ) -> Result<i32, Drop> {
+    // Whatever drops it here drops it at the destination, on ingress.
+    let at_dst = |d: Drop| {
+        d.with_identities(src_identity, ep.identity).at_endpoint(ep.endpoint_id, METRIC_INGRESS)
+    };
     let tracked = policy::track_and_enforce(
         ctx,
         t,
@@ -58,11 +62,11 @@ pub fn to_endpoint(
         src_identity,
         rev_nat,
     )
-    .map_err(|d| d.with_identities(src_identity, ep.identity))?;
+    .map_err(at_dst)?;
     if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
-        lb::rev_nat(ctx, t, tracked.rev_nat_index)?;
+        lb::rev_nat(ctx, t, tracked.rev_nat_index).map_err(at_dst)?;
     }
-    l3_hop(ctx, &ep.node_mac, &ep.mac)?;
+    l3_hop(ctx, &ep.node_mac, &ep.mac).map_err(at_dst)?;
     let who = TraceCtx {
         src_identity,
         dst_identity: ep.identity,

@@ -24,12 +24,12 @@ pub struct DropCtx {
 #[inline(always)]
 pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     let len = ctx.len();
-    maps::count(d.reason, who.dir, len);
+    maps::count(d.reason, if d.dir != 0 { d.dir } else { who.dir }, len);
     let mut ev = DropNotify {
         hdr: event_header(ctx, KIND_DROP, d.reason, who.source),
         src_identity: if d.src_identity != 0 { d.src_identity } else { who.src_identity },
         dst_identity: if d.dst_identity != 0 { d.dst_identity } else { who.dst_identity },
-        dst_id: who.dst_id,
+        dst_id: if d.dst_id != 0 { d.dst_id as u32 } else { who.dst_id },
         // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         line: d.line,
@@ -39,8 +39,9 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
         data: [0; CAPTURE_LEN],
     };
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
-    // A full ring buffer loses the event; the metrics still count the drop.
-    let _ = maps::CILIATE_EVENTS.output::<DropNotify>(&ev, 0);
+    // A full ring buffer loses the event (counted); the metrics still
+    // count the drop.
+    maps::emit(&ev);
     verdict::SHOT
 }
 

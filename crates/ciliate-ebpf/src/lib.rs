@@ -28,7 +28,9 @@ pub mod verdict {
 /// Where the stage that dropped knew better than the program entry who was
 /// involved (a policy drop knows both sides; a packet from the overlay
 /// carries its sender's identity), it says so in `src_identity` /
-/// `dst_identity`; 0 leaves it to the entry's [`drop::DropCtx`].
+/// `dst_identity`; 0 leaves it to the entry's [`drop::DropCtx`]. The same
+/// for the endpoint and direction: a drop in a local destination's ingress
+/// stage is that endpoint's, on ingress, whichever program ran it.
 #[derive(Clone, Copy)]
 pub struct Drop {
     pub reason: u8,
@@ -36,12 +38,31 @@ pub struct Drop {
     pub line: u16,
     pub src_identity: u32,
     pub dst_identity: u32,
+    pub dst_id: u16,
+    /// `ciliate_common::metrics::DIR_*`; 0: the entry's.
+    pub dir: u8,
 }
 
 impl Drop {
     #[inline(always)]
     pub const fn new(reason: u8, line: u32) -> Self {
-        Self { reason, ext_error: 0, line: line as u16, src_identity: 0, dst_identity: 0 }
+        Self {
+            reason,
+            ext_error: 0,
+            line: line as u16,
+            src_identity: 0,
+            dst_identity: 0,
+            dst_id: 0,
+            dir: 0,
+        }
+    }
+
+    /// The same drop, in the ingress stage of local endpoint `id`.
+    #[inline(always)]
+    pub const fn at_endpoint(mut self, id: u16, dir: u8) -> Self {
+        self.dst_id = id;
+        self.dir = dir;
+        self
     }
 
     /// The same drop, with the identities not yet known filled in.

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ciliate_common::{
     config::EndpointConfig,
@@ -29,6 +29,22 @@ pub static CILIATE_METRICS: PerCpuHashMap<MetricsKey, MetricsValue> =
 /// Drop and trace events. See `ciliate_common::event`.
 #[map(name = "ciliate_events")]
 pub static CILIATE_EVENTS: RingBuf = RingBuf::pinned(ciliate_common::event::RINGBUF_BYTES, 0);
+
+/// Events the ring had no room for (per CPU, one slot): the agent shows
+/// them as lost.
+#[map(name = "ciliate_events_lost")]
+pub static CILIATE_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Send event `ev` to user space; a full ring counts it as lost.
+#[inline(always)]
+pub fn emit<T>(ev: &T) {
+    if CILIATE_EVENTS.output::<T>(ev, 0).is_err()
+        && let Some(n) = CILIATE_EVENTS_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *n += 1 };
+    }
+}
 
 /// Local endpoints by IP. See `ciliate_common::endpoint`.
 #[map(name = "ciliate_lxc")]

@@ -26,7 +26,7 @@ use crate::{
     ct::Tuple,
     drop,
     drop::{capture, event_header},
-    maps::{CILIATE_EVENTS, CILIATE_POLICY},
+    maps::CILIATE_POLICY,
 };
 
 /// The outcome of a lookup.
@@ -130,7 +130,7 @@ pub fn send_verdict(ctx: &TcContext, source: u16, dir: u8, remote: u32, t: &Tupl
         data: [0; CAPTURE_LEN],
     };
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
-    let _ = CILIATE_EVENTS.output::<PolicyVerdictNotify>(&ev, 0);
+    crate::maps::emit(&ev);
 }
 
 /// The policy stage of a packet: `Ok(())` to go on, or the drop, which

@@ -59,5 +59,5 @@ pub fn send_trace_notify(ctx: &TcContext, point: u8, who: &TraceCtx, ifindex: u3
         data: [0; CAPTURE_LEN],
     };
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
-    let _ = maps::CILIATE_EVENTS.output::<TraceNotify>(&ev, 0);
+    maps::emit(&ev);
 }

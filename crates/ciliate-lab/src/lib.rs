@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod error;
+pub mod events;
 pub mod names;
 pub mod netns;
 pub mod node;

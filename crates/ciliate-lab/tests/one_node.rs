@@ -10,13 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ciliate_common::{ct, identity, metrics, trace};
-use ciliate_datapath::{
-    events::Event,
-    maps::{CtMaps, EventRing, MetricsMap},
-};
+use ciliate_api::models::MonitorEvent;
+use ciliate_common::{ct, identity, metrics};
+use ciliate_datapath::maps::{CtMaps, MetricsMap};
 use ciliate_lab::{
     Netns,
+    events::Events,
     names::token,
     netns::{self, exists},
     node::{self, Binaries, ECHO_PORT, NodeLab, NodeLabConfig},
@@ -84,6 +83,7 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
     let lab = lab(2);
     let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
     assert_ne!(p1.state.identity, p2.state.identity, "different labels, different identities");
+    let mut events = Events::subscribe(&lab.client(), "type=trace").unwrap();
     assert_eq!(echo(&lab, &p1.ns, "tcp", p2.state.ip, "hello over tcp"), "hello over tcp");
     assert_eq!(echo(&lab, &p1.ns, "udp", p2.state.ip, "hello over udp"), "hello over udp");
 
@@ -105,16 +105,16 @@ fn pod_to_pod_tcp_and_udp_are_delivered_directly_and_tracked() {
         }
     }
 
-    // Delivery into pod2 was traced at its endpoint, with both identities.
-    let events = EventRing::from_pin_dir(&lab.pins_dir).unwrap().drain();
-    let traced = events.iter().any(|e| {
-        matches!(e, Event::Trace(t)
-            if t.hdr.subtype == trace::TO_LXC
-                && t.dst_id == p2.state.endpoint_id
+    // Delivery into pod2 was traced at its endpoint, with both identities
+    // (seen through the agent, the ring's one reader).
+    let traced = events.wait_for(Duration::from_secs(5), |e| {
+        matches!(e, MonitorEvent::Trace(t)
+            if t.observation_point == "to-endpoint"
+                && t.dst_endpoint == p2.state.endpoint_id
                 && t.src_identity == p1.state.identity
                 && t.dst_identity == p2.state.identity)
     });
-    assert!(traced, "no to-endpoint trace for pod2 in {} events", events.len());
+    assert!(traced.is_ok(), "no to-endpoint trace for pod2 in {:?}", traced.err());
 }
 
 #[test]

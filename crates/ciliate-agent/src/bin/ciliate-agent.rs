@@ -198,6 +198,22 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let kv_status =
         Arc::new(Mutex::new(cluster::KvStatus { store: kv.describe(), ..Default::default() }));
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The agent is the ring's one reader; subscribers get copies.
+    let events = ciliate_agent::events::EventHub::new(ciliate_agent::events::BACKLOG);
+    match ciliate_datapath::maps::EventRing::from_pin_dir(&pins.dir) {
+        Ok(ring) => {
+            let lost = ciliate_datapath::maps::EventsLost::from_pin_dir(&pins.dir)
+                .inspect_err(|e| warn!(subsystem = "events", error = %e, "no lost-event counter"))
+                .ok();
+            tokio::spawn(ciliate_agent::events::read_ring(
+                events.clone(),
+                ring,
+                lost,
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => warn!(subsystem = "events", error = %e, "cannot open the event ring; no events"),
+    }
     let state = Arc::new(AppState {
         endpoints: endpoints.clone(),
         services: services.clone(),
@@ -211,6 +227,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         probe,
         kv_timeout: Duration::from_secs(10),
         ready: ready.clone(),
+        events,
+        ifnames: Default::default(),
     });
     let server = {
         let (socket, shutdown) = (cfg.socket.clone(), shutdown.clone());
