@@ -80,6 +80,8 @@ pub struct AppState<D: Datapath> {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// The datapath's events, for `GET /v1/events`.
     pub events: crate::events::EventHub,
+    /// Counted as requests change things.
+    pub metrics: crate::metrics::Metrics,
     pub ifnames: Arc<crate::events::IfNames>,
 }
 
@@ -247,6 +249,7 @@ async fn status<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
             routing: format!("{:?}", st.routing).to_lowercase(),
             state: if st.restoring() { "restoring" } else { "ok" }.into(),
             monitor: st.events.status(),
+            unreachable_nodes: kv.unreachable.clone(),
         },
     )
 }
@@ -445,9 +448,11 @@ async fn get_service<D: Datapath + 'static>(
 }
 
 async fn update_service<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
-    let spec = body(&b, "service")?;
+    let spec: ciliate_api::models::ServiceSpec = body(&b, "service")?;
+    let action = if st.services.snapshot().contains_key(&spec.id) { "update" } else { "add" };
     let local = local_ips(&st.endpoints.snapshot());
     let svc = st.services.write(move |s| s.update(spec, &local), |s| s.view()).await??;
+    st.metrics.service_event(action);
     json(200, &svc)
 }
 
@@ -457,6 +462,7 @@ async fn delete_service<D: Datapath + 'static>(
 ) -> ApiResult {
     let id: u16 = parse_id(&id, "service ID")?;
     let svc = st.services.write(move |s| s.delete(id), |s| s.view()).await??;
+    st.metrics.service_event("delete");
     json(200, &svc)
 }
 
@@ -523,7 +529,14 @@ async fn trace<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
     json(200, &v.trace(&r)?)
 }
 
+/// Every policy change, refused or not, is counted by its outcome.
 async fn import_policy<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
+    let r = import_policy_counted(&st, b).await;
+    st.metrics.policy_changed(r.is_ok());
+    r
+}
+
+async fn import_policy_counted<D: Datapath + 'static>(st: &AppState<D>, b: Bytes) -> ApiResult {
     let r: PolicyImport = body(&b, "policy import")?;
     // Everything is validated before anything changes (and off the
     // endpoint manager: parsing a large file does not hold it up).
@@ -541,6 +554,15 @@ async fn import_policy<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> Api
 async fn delete_policy<D: Datapath + 'static>(
     State(st): St<D>,
     Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let r = delete_policy_counted(&st, q).await;
+    st.metrics.policy_changed(r.is_ok());
+    r
+}
+
+async fn delete_policy_counted<D: Datapath + 'static>(
+    st: &AppState<D>,
+    q: HashMap<String, String>,
 ) -> ApiResult {
     let labels: Vec<String> = match (q.get("labels"), q.get("all").map(String::as_str)) {
         (Some(l), _) if !l.is_empty() => l.split(',').map(str::to_owned).collect(),
@@ -674,6 +696,7 @@ mod tests {
             ready: Arc::new(true.into()),
             events: crate::events::EventHub::new(64),
             ifnames: Default::default(),
+            metrics: Default::default(),
         })
     }
 

@@ -96,6 +96,8 @@ pub struct KvStatus {
     pub failing_for: u64,
     pub nodes: usize,
     pub remote_ips: usize,
+    /// Nodes whose health responder did not answer the last probe.
+    pub unreachable: Vec<String>,
 }
 
 impl KvStatus {
@@ -221,6 +223,37 @@ pub async fn allocate_identity(
 }
 
 /// The node in its cluster (see the module comment).
+/// Does the health responder at `ip:port` answer `GET /hello` with 200
+/// within `timeout`?
+pub async fn probe_health(ip: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    let probe = async {
+        let stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .ok()?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/hello")
+            .header(hyper::header::HOST, ip.to_string())
+            .body(http_body_util::Empty::new())
+            .ok()?;
+        Some(send.send_request(req).await.ok()?.status() == hyper::StatusCode::OK)
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(true)))
+}
+
+/// The node's health responder: `GET /hello` answers 200 (what other
+/// nodes probe), on every address of the node, until `shutdown`.
+pub async fn serve_health(port: u16, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let app = axum::Router::new().route("/hello", axum::routing::get(|| async { "ok\n" }));
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { crate::api::stopped(&mut shutdown).await })
+        .await
+}
+
 /// This node's endpoints as published: address → identity.
 pub type LocalIps = watch::Receiver<BTreeMap<Ipv4Addr, u32>>;
 /// Where identities allocated by other nodes are handed on.
@@ -235,7 +268,15 @@ pub struct ClusterSync {
     pub status: Arc<Mutex<KvStatus>>,
     /// Seconds the node's lease lives without keepalive.
     pub lease_ttl: i64,
+    /// Other nodes' health responders are probed on this port (0: not).
+    pub health_port: u16,
+    pub health_interval: Duration,
+    /// The other nodes (name → address), as followed.
+    remote: Mutex<BTreeMap<String, Ipv4Addr>>,
 }
+
+/// Seconds between probes of other nodes' health responders.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Failures of the sync's parts, for [`KvStatus`].
 #[derive(Default)]
@@ -251,7 +292,16 @@ impl ClusterSync {
         status: Arc<Mutex<KvStatus>>,
     ) -> Self {
         status.lock().unwrap_or_else(|e| e.into_inner()).store = kv.describe();
-        Self { kv, me, datapath: Arc::new(Mutex::new(datapath)), status, lease_ttl: LEASE_TTL }
+        Self {
+            kv,
+            me,
+            datapath: Arc::new(Mutex::new(datapath)),
+            status,
+            lease_ttl: LEASE_TTL,
+            health_port: 0,
+            health_interval: HEALTH_INTERVAL,
+            remote: Mutex::default(),
+        }
     }
 
     /// Run until `shutdown`: this node's endpoints (`mine`: address →
@@ -266,7 +316,39 @@ impl ClusterSync {
             _ = this.clone().follow_nodes(health.clone()) => {}
             _ = this.clone().follow_ips(health.clone()) => {}
             _ = this.clone().follow_identities(learned, health.clone()) => {}
+            _ = this.clone().probe_nodes() => {}
             _ = crate::api::stopped(&mut shutdown) => {}
+        }
+    }
+
+    /// Probe every other node's health responder each interval; those that
+    /// do not answer are the status's (and `cilium_unreachable_nodes`')
+    /// unreachable nodes.
+    async fn probe_nodes(self: Arc<Self>) {
+        if self.health_port == 0 {
+            return std::future::pending().await;
+        }
+        let mut tick = tokio::time::interval(self.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let nodes: Vec<(String, Ipv4Addr)> = self
+                .remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(n, ip)| (n.clone(), *ip))
+                .collect();
+            let timeout = self.health_interval.min(Duration::from_secs(2));
+            let probes = nodes.iter().map(|(_, ip)| probe_health(*ip, self.health_port, timeout));
+            let answers = futures::future::join_all(probes).await;
+            let unreachable: Vec<String> =
+                nodes.into_iter().zip(answers).filter(|(_, ok)| !ok).map(|((n, _), _)| n).collect();
+            let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if st.unreachable != unreachable {
+                tracing::info!(subsystem = "cluster", ?unreachable, "node health changed");
+                st.unreachable = unreachable;
+            }
         }
     }
 
@@ -488,11 +570,21 @@ impl ClusterSync {
                         tracing::warn!(subsystem = "cluster", node = %name, error = %e, "adding a node");
                     }
                     tracing::info!(subsystem = "cluster", node = %name, ip = %n.ip, pod_cidr = %n.pod_cidr, "node joined");
+                    self.remote
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.clone(), n.ip);
                     nodes.insert(name, n);
                 }
                 Some(_) => {}
                 None => {
                     if let Some(n) = nodes.remove(&name) {
+                        self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                        self.status
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .unreachable
+                            .retain(|u| *u != name);
                         if let Err(e) = self.datapath(move |dp| dp.remove_node(&n)).await {
                             tracing::warn!(subsystem = "cluster", node = %name, error = %e, "removing a node");
                         }

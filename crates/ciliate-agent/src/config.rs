@@ -95,10 +95,19 @@ pub struct Flags {
     /// Debug logging (every API request, every datapath change)
     #[arg(long, env = "CILIATE_DEBUG")]
     pub debug: bool,
+    /// Where Prometheus scrapes the agent's metrics (GET /metrics): [host]:port, or "" for
+    /// none [default: :9962]
+    #[arg(long, env = "CILIATE_PROMETHEUS_SERVE_ADDR")]
+    pub prometheus_serve_addr: Option<String>,
+    /// TCP port of the node's health responder (GET /hello), which other nodes probe; 0:
+    /// none [default: 4240]
+    #[arg(long, env = "CILIATE_CLUSTER_HEALTH_PORT")]
+    pub cluster_health_port: Option<u16>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
-    /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format
+    /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
+    /// prometheus_serve_addr, cluster_health_port
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -130,6 +139,8 @@ struct FileConfig {
     non_masquerade_cidrs: Option<Vec<String>>,
     node_port_range: Option<String>,
     log_format: Option<String>,
+    prometheus_serve_addr: Option<String>,
+    cluster_health_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +172,10 @@ pub struct Config {
     pub masquerade: bool,
     pub non_masquerade: Vec<Cidr>,
     pub node_port_range: (u16, u16),
+    /// `None`: no metrics endpoint.
+    pub prometheus_serve_addr: Option<std::net::SocketAddr>,
+    /// 0: no health responder.
+    pub cluster_health_port: u16,
 }
 
 /// Which store, and where.
@@ -257,9 +272,18 @@ impl Flags {
             "json" => true,
             other => anyhow::bail!("log format {other:?}: \"text\" or \"json\""),
         };
+        let prometheus_serve_addr = crate::metrics::parse_addr(
+            self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(Config {
             log_json,
             debug: self.debug,
+            prometheus_serve_addr,
+            cluster_health_port: self
+                .cluster_health_port
+                .or(file.cluster_health_port)
+                .unwrap_or(4240),
             state_dir,
             kvstore,
             cluster_pool,

@@ -388,6 +388,8 @@ pub struct Endpoints<D: Datapath> {
     /// The cluster's pod CIDRs: a CIDR identity outside them is also the
     /// world (`reserved:world`). The node's pod CIDR unless told more.
     pub cluster_cidrs: Vec<Prefix>,
+    /// Regenerations are timed into these.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl<D: Datapath> Endpoints<D> {
@@ -416,6 +418,7 @@ impl<D: Datapath> Endpoints<D> {
             state_dir: state_dir.map(Path::to_owned),
             datapath,
             trace_all: false,
+            metrics: Default::default(),
             cluster_cidrs: vec![(cidr.net, cidr.len)],
             restored: Some(0),
             policy: Arc::new(match state_dir {
@@ -520,6 +523,14 @@ impl<D: Datapath> Endpoints<D> {
     /// [`Endpoints::create`] for the agent's own endpoints (the health
     /// endpoint carries `reserved:health`).
     pub(crate) fn create_any(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+        let t = std::time::Instant::now();
+        let r = self.build(req);
+        self.metrics.regenerated(1, t.elapsed(), r.is_ok());
+        r
+    }
+
+    /// An endpoint made and in the datapath (see [`Self::create_with`]).
+    fn build(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
         let bad = |m: String| Err(EndpointError::BadRequest(m));
         if req.container_id.is_empty() {
             return bad("container_id is empty".into());
@@ -779,6 +790,13 @@ impl<D: Datapath> Endpoints<D> {
     /// identities and the maps as they were. Then the CIDR identities no
     /// rule names any more are released.
     fn commit_policy(&mut self, next: PolicyState, save: bool) -> Result<(), EndpointError> {
+        let t = std::time::Instant::now();
+        let r = self.apply_policy(next, save);
+        self.metrics.regenerated(self.endpoints.len(), t.elapsed(), r.is_ok());
+        r
+    }
+
+    fn apply_policy(&mut self, next: PolicyState, save: bool) -> Result<(), EndpointError> {
         let old_cidrs = referenced_cidrs(&self.policy.rules);
         let new_cidrs = referenced_cidrs(&next.rules);
         let cluster = self.cluster_cidrs.clone();

@@ -86,6 +86,63 @@ pub trait KvStore: Send + Sync {
 /// Events a watch holds before its producer waits.
 const WATCH_QUEUE: usize = 4096;
 
+/// A store whose every operation is timed into
+/// `cilium_kvstore_operations_duration_seconds`.
+pub struct Metered {
+    inner: Arc<dyn KvStore>,
+    metrics: crate::metrics::Metrics,
+}
+
+impl Metered {
+    pub fn new(inner: Arc<dyn KvStore>, metrics: crate::metrics::Metrics) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(
+        &self,
+        kind: &str,
+        key: &str,
+        f: impl std::future::Future<Output = Result<T, KvError>>,
+    ) -> Result<T, KvError> {
+        let t = std::time::Instant::now();
+        let r = f.await;
+        self.metrics.kvstore_op(kind, key, t.elapsed(), r.is_ok());
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl KvStore for Metered {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        self.timed("Get", key, self.inner.get(key)).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        self.timed("ListPrefix", prefix, self.inner.list(prefix)).await
+    }
+    async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), KvError> {
+        self.timed("Update", key, self.inner.put(key, value, lease)).await
+    }
+    async fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError> {
+        let key = kvs.first().map_or("", |(k, _)| *k);
+        self.timed("CreateOnly", key, self.inner.create_all(kvs, lease)).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.timed("Delete", key, self.inner.delete(key)).await
+    }
+    async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
+        self.timed("LeaseGrant", "lease", self.inner.grant(ttl)).await
+    }
+    async fn keepalive(&self, lease: i64) -> Result<bool, KvError> {
+        self.timed("LeaseKeepAlive", "lease", self.inner.keepalive(lease)).await
+    }
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, KvError> {
+        self.timed("Watch", prefix, self.inner.watch(prefix)).await
+    }
+}
+
 // ---------------------------------------------------------------------
 // The local store.
 

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod ipam;
 pub mod kernel;
 pub mod kvstore;
+pub mod metrics;
 pub mod openapi;
 pub mod policy;
 pub mod services;

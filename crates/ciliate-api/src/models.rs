@@ -90,6 +90,9 @@ pub struct Status {
     /// The agent's event fan-out (`ciliate monitor`).
     #[serde(default)]
     pub monitor: MonitorStatus,
+    /// Other nodes whose health responder did not answer the last probe.
+    #[serde(default)]
+    pub unreachable_nodes: Vec<String>,
 }
 
 /// Events read from the datapath and handed to subscribers.

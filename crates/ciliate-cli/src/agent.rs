@@ -26,6 +26,19 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
     let rows = [
         ("KVStore", if s.kvstore.is_empty() { "Disabled".to_owned() } else { s.kvstore.clone() }),
         ("Cluster", format!("{} nodes, routing {}", s.cluster_nodes, s.routing)),
+        (
+            "Cluster health",
+            if s.unreachable_nodes.is_empty() {
+                format!("{0}/{0} reachable", s.cluster_nodes)
+            } else {
+                format!(
+                    "{}/{} reachable (unreachable: {})",
+                    s.cluster_nodes.saturating_sub(s.unreachable_nodes.len()),
+                    s.cluster_nodes,
+                    s.unreachable_nodes.join(", ")
+                )
+            },
+        ),
         ("Node", s.node.clone()),
         ("Ciliate", format!("Ok   {} (up {}s)", s.version, s.uptime)),
         ("API", client.socket().display().to_string()),
@@ -46,7 +59,7 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
         ),
     ];
     for (k, v) in rows {
-        println!("{:<12}{v}", format!("{k}:"));
+        println!("{:<16}{v}", format!("{k}:"));
     }
     Ok(())
 }

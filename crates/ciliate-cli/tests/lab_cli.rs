@@ -163,7 +163,7 @@ fn agent_commands_and_monitor_on_a_lab() {
     };
 
     let status = run(&["status"]);
-    assert!(status.contains(&format!("Node:       {name}-node1")), "{status}");
+    assert!(status.contains(&format!("Node:           {name}-node1")), "{status}");
     assert!(status.contains("IPv4: 3/253 allocated"), "pods and health: {status}");
 
     let eps = run(&["endpoint", "list"]);
@@ -292,7 +292,7 @@ fn agent_commands_and_monitor_on_a_lab() {
     }
     let status = run(&["status"]);
     assert!(
-        status.contains("Monitor:    0 subscribers"),
+        status.contains("Monitor:        0 subscribers"),
         "monitors that stopped unsubscribe: {status}"
     );
 

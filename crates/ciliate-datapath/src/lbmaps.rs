@@ -10,6 +10,7 @@ use ciliate_common::lb::{
     RevNat, SRC_RANGE_STATIC_PREFIX, SrcRangeKey,
 };
 
+use crate::maps::Counted as _;
 use crate::{
     error::{DatapathError, Result},
     maps::{ignore_missing, map_err, open_pinned},
@@ -122,6 +123,7 @@ impl LbMaps {
         }
         self.backends
             .insert(id, b.raw(), 0)
+            .counted(crate::maps::UPDATE, lb::BACKENDS_MAP)
             .map_err(map_err(&format!("inserting backend {id} into"), lb::BACKENDS_MAP))
     }
 
@@ -146,6 +148,7 @@ impl LbMaps {
         let v = RevNat { addr: fe.addr.octets(), port: fe.port.to_be(), _pad: 0 };
         self.revnat
             .insert(index, v, 0)
+            .counted(crate::maps::UPDATE, lb::REVNAT_MAP)
             .map_err(map_err(&format!("inserting reverse NAT {index} into"), lb::REVNAT_MAP))
     }
 
@@ -176,11 +179,13 @@ impl LbMaps {
             };
             self.services
                 .insert(fe.key(i as u16 + 1), slot, 0)
+                .counted(crate::maps::UPDATE, lb::SERVICES_MAP)
                 .map_err(map_err("inserting a backend slot into", lb::SERVICES_MAP))?;
         }
         let master = LbService { backend_id: 0, count, ..*master };
         self.services
             .insert(fe.key(0), master, 0)
+            .counted(crate::maps::UPDATE, lb::SERVICES_MAP)
             .map_err(map_err("inserting a frontend into", lb::SERVICES_MAP))?;
         for slot in count + 1..=old {
             ignore_missing(self.services.remove(&fe.key(slot)), lb::SERVICES_MAP)?;
@@ -229,6 +234,7 @@ impl LbMaps {
         })?;
         self.maglev
             .insert(index, t, 0)
+            .counted(crate::maps::UPDATE, lb::MAGLEV_MAP)
             .map_err(map_err(&format!("inserting the table of {index} into"), lb::MAGLEV_MAP))
     }
 
@@ -263,6 +269,7 @@ impl LbMaps {
         for (net, len) in ranges {
             self.src_ranges
                 .insert(&src_key(index, *net, *len), 1, 0)
+                .counted(crate::maps::UPDATE, lb::SRC_RANGE_MAP)
                 .map_err(map_err(&format!("inserting {net}/{len} into"), lb::SRC_RANGE_MAP))?;
         }
         for (net, len) in old.into_iter().filter(|r| !ranges.contains(r)) {

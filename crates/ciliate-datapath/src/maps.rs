@@ -28,6 +28,47 @@ pub(crate) fn map_err(
     move |source| DatapathError::Map { action, map, source: Box::new(source) }
 }
 
+/// Map writes and deletes by this process: (map, operation, outcome) →
+/// count, for `cilium_bpf_map_ops_total`.
+static OPS: std::sync::Mutex<
+    std::collections::BTreeMap<(&'static str, &'static str, &'static str), u64>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+pub(crate) const UPDATE: &str = "update";
+pub(crate) const DELETE: &str = "delete";
+
+/// Count a map operation's outcome as it passes.
+pub(crate) trait Counted {
+    fn counted(self, op: &'static str, map: &'static str) -> Self;
+}
+
+impl<T> Counted for std::result::Result<T, MapError> {
+    fn counted(self, op: &'static str, map: &'static str) -> Self {
+        let outcome = match &self {
+            Ok(_) => "success",
+            // A delete of what is not there is not a failure.
+            Err(MapError::KeyNotFound) if op == DELETE => "success",
+            Err(MapError::SyscallError(e))
+                if op == DELETE && e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                "success"
+            }
+            Err(_) => "fail",
+        };
+        *OPS.lock().unwrap_or_else(|e| e.into_inner()).entry((map, op, outcome)).or_default() += 1;
+        self
+    }
+}
+
+/// Every (map, operation, outcome) this process counted, with its count.
+pub fn map_ops() -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    OPS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(&(m, o, r), &n)| (m, o, r, n))
+        .collect()
+}
+
 fn from_pin(dir: &Path, name: &str) -> Result<MapData> {
     MapData::from_pin(dir.join(name)).map_err(map_err("opening pinned", name))
 }
@@ -141,7 +182,8 @@ where
 }
 
 /// `Ok(())` for a delete of something already gone.
-pub(crate) fn ignore_missing(r: Result<(), MapError>, name: &str) -> Result<()> {
+pub(crate) fn ignore_missing(r: Result<(), MapError>, name: &'static str) -> Result<()> {
+    let r = r.counted(DELETE, name);
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -173,6 +215,7 @@ impl LxcMap {
     pub fn upsert(&mut self, ip: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
         self.0
             .insert(EndpointKey::v4(ip.octets()), info, 0)
+            .counted(crate::maps::UPDATE, endpoint::MAP_NAME)
             .map_err(map_err(&format!("inserting {ip} into"), endpoint::MAP_NAME))
     }
 
@@ -233,6 +276,7 @@ impl IpcacheMap {
         check_prefix(net, len)?;
         self.0
             .insert(&lpm_key(net, len), entry, 0)
+            .counted(crate::maps::UPDATE, ipcache::MAP_NAME)
             .map_err(map_err(&format!("inserting {net}/{len} into"), ipcache::MAP_NAME))
     }
 
@@ -263,6 +307,65 @@ impl IpcacheMap {
     }
 }
 
+/// What a conntrack sweep found: entries left and removed per table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub tcp_alive: usize,
+    pub tcp_deleted: usize,
+    pub any_alive: usize,
+    pub any_deleted: usize,
+}
+
+impl Sweep {
+    pub fn removed(&self) -> usize {
+        self.tcp_deleted + self.any_deleted
+    }
+}
+
+/// How full a map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+/// Entries and capacity of pinned map `name` (keys `K`, values `V`).
+fn fill_of<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str, lpm: bool) -> Result<MapFill> {
+    let data = from_pin(dir, name)?;
+    let max_entries = data.info().map_err(map_err("reading the info of", name))?.max_entries();
+    let entries = if lpm {
+        let m: LpmTrie<MapData, K, V> =
+            LpmTrie::try_from(Map::LpmTrie(data)).map_err(map_err("opening", name))?;
+        m.keys().filter(|k| k.is_ok()).count()
+    } else {
+        let m: HashMap<MapData, K, V> =
+            HashMap::try_from(Map::HashMap(data)).map_err(map_err("opening", name))?;
+        m.keys().filter(|k| k.is_ok()).count()
+    };
+    Ok(MapFill { name, entries, max_entries })
+}
+
+/// How full the maps the agent writes are (endpoints, ipcache, policy,
+/// services): each read key by key, so not the conntrack and NAT tables
+/// (their sweep counts them).
+pub fn map_fill(dir: &Path) -> Vec<MapFill> {
+    use ciliate_common::{
+        config::{ENDPOINT_CONFIG_MAP, EndpointConfig},
+        lb,
+    };
+    let all = [
+        fill_of::<EndpointKey, EndpointInfo>(dir, endpoint::MAP_NAME, false),
+        fill_of::<u32, EndpointConfig>(dir, ENDPOINT_CONFIG_MAP, false),
+        fill_of::<IpcacheKey, IpcacheEntry>(dir, ipcache::MAP_NAME, true),
+        fill_of::<PolicyKey, PolicyEntry>(dir, policy::MAP_NAME, true),
+        fill_of::<lb::LbKey, lb::LbService>(dir, lb::SERVICES_MAP, false),
+        fill_of::<u32, lb::LbBackend>(dir, lb::BACKENDS_MAP, false),
+        fill_of::<u16, lb::RevNat>(dir, lb::REVNAT_MAP, false),
+    ];
+    all.into_iter().filter_map(|r| r.ok()).collect()
+}
+
 /// `CILIATE_CT4_TCP` and `CILIATE_CT4_ANY`: the connection tracking tables.
 pub struct CtMaps {
     tcp: HashMap<MapData, CtKey4, CtEntry>,
@@ -291,24 +394,29 @@ impl CtMaps {
     }
 
     /// Delete every entry whose expiry (seconds of CLOCK_MONOTONIC, see
-    /// [`monotonic_secs`]) is before `now`; returns how many went. Entries
-    /// that vanish meanwhile (LRU eviction, a racing sweep) are fine.
-    pub fn sweep(&mut self, now: u32) -> Result<usize> {
-        let mut removed = 0;
-        for (map, name) in [(&mut self.tcp, ct::TCP_MAP_NAME), (&mut self.any, ct::ANY_MAP_NAME)] {
+    /// [`monotonic_secs`]) is before `now`. Entries that vanish meanwhile
+    /// (LRU eviction, a racing sweep) are fine.
+    pub fn sweep(&mut self, now: u32) -> Result<Sweep> {
+        let mut out = Sweep::default();
+        for (map, name, alive, deleted) in [
+            (&mut self.tcp, ct::TCP_MAP_NAME, &mut out.tcp_alive, &mut out.tcp_deleted),
+            (&mut self.any, ct::ANY_MAP_NAME, &mut out.any_alive, &mut out.any_deleted),
+        ] {
             let mut expired = Vec::new();
             for item in map.iter() {
                 let (k, e) = item.map_err(map_err("iterating", name))?;
                 if e.expires < now {
                     expired.push(k);
+                } else {
+                    *alive += 1;
                 }
             }
             for k in expired {
                 ignore_missing(map.remove(&k), name)?;
-                removed += 1;
+                *deleted += 1;
             }
         }
-        Ok(removed)
+        Ok(out)
     }
 
     /// The backends that service flows (`DIR_SERVICE` entries not yet
@@ -484,6 +592,7 @@ impl PolicyWriter for PolicyMap {
     fn insert_entry(&mut self, (k, len): &(PolicyKey, u32), value: PolicyEntry) -> Result<()> {
         self.0
             .insert(&Key::new(*len, *k), value, 0)
+            .counted(crate::maps::UPDATE, policy::MAP_NAME)
             .map_err(map_err("writing a rule into", policy::MAP_NAME))
     }
     fn remove_entry(&mut self, (k, len): &(PolicyKey, u32)) -> Result<()> {
@@ -598,6 +707,7 @@ impl PolicyMap {
         let marker = PolicyEntry { flags: policy::F_MARKER, ..Default::default() };
         self.0
             .insert(&marker_key(endpoint_id, dir), marker, 0)
+            .counted(crate::maps::UPDATE, policy::MAP_NAME)
             .map_err(map_err(&format!("enforcing endpoint {endpoint_id} in"), policy::MAP_NAME))
     }
 
@@ -626,6 +736,7 @@ impl PolicyMap {
         for k in &keys {
             self.0
                 .insert(k, entry, 0)
+                .counted(crate::maps::UPDATE, policy::MAP_NAME)
                 .map_err(map_err("inserting a rule into", policy::MAP_NAME))?;
         }
         Ok(())

@@ -10,6 +10,7 @@ use ciliate_common::{
     node::{self, NodeConfig},
 };
 
+use crate::maps::Counted as _;
 use crate::{
     error::Result,
     maps::{map_err, open_pinned},
@@ -28,7 +29,10 @@ impl NodeConfigMap {
     }
 
     pub fn set(&mut self, cfg: &NodeConfig) -> Result<()> {
-        self.0.set(0, cfg, 0).map_err(map_err("writing", node::MAP_NAME))
+        self.0
+            .set(0, cfg, 0)
+            .counted(crate::maps::UPDATE, node::MAP_NAME)
+            .map_err(map_err("writing", node::MAP_NAME))
     }
 }
 
@@ -50,7 +54,10 @@ impl EndpointConfigMap {
             flags: cfg.flags | ENDPOINT_F_CONFIGURED,
             ..*cfg
         };
-        self.0.insert(cfg.ifindex, cfg, 0).map_err(map_err("writing", ENDPOINT_CONFIG_MAP))
+        self.0
+            .insert(cfg.ifindex, cfg, 0)
+            .counted(crate::maps::UPDATE, ENDPOINT_CONFIG_MAP)
+            .map_err(map_err("writing", ENDPOINT_CONFIG_MAP))
     }
 
     pub fn remove(&mut self, ifindex: u32) -> Result<()> {
@@ -87,7 +94,10 @@ impl NoMasqMap {
             old.push((Ipv4Addr::from(k.data().addr), k.prefix_len() as u8));
         }
         for c in cidrs {
-            self.0.insert(&key(c), 1, 0).map_err(map_err("inserting into", node::NOMASQ_MAP))?;
+            self.0
+                .insert(&key(c), 1, 0)
+                .counted(crate::maps::UPDATE, node::NOMASQ_MAP)
+                .map_err(map_err("inserting into", node::NOMASQ_MAP))?;
         }
         for c in old.iter().filter(|c| !cidrs.contains(c)) {
             crate::maps::ignore_missing(self.0.remove(&key(c)), node::NOMASQ_MAP)?;

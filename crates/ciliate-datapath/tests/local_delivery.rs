@@ -249,7 +249,44 @@ fn conntrack_gc_removes_expired_connections_only() {
     assert_eq!(entries, 4, "two flows, two views each");
     let now = ciliate_datapath::maps::monotonic_secs();
     assert!(ct.dump().unwrap().iter().all(|(_, e)| e.expires > now && e.expires <= now + 61));
-    assert_eq!(ct.sweep(now).unwrap(), 0, "nothing has expired yet");
-    assert_eq!(ct.sweep(now + 120).unwrap(), 4, "two minutes later all have");
+    let first = ct.sweep(now).unwrap();
+    assert_eq!(
+        (first.removed(), first.tcp_alive, first.any_alive),
+        (0, 2, 2),
+        "nothing has expired yet"
+    );
+    let swept = ct.sweep(now + 120).unwrap();
+    assert_eq!(
+        (swept.removed(), swept.tcp_alive + swept.any_alive),
+        (4, 0),
+        "two minutes later all have"
+    );
     assert!(ct.dump().unwrap().is_empty());
+}
+
+#[test]
+fn map_fill_and_map_operations_are_counted_for_the_metrics() {
+    let n = Node::new("fill");
+    let fill = ciliate_datapath::maps::map_fill(&n.node.pins.dir);
+    let lxc =
+        fill.iter().find(|f| f.name == ciliate_common::endpoint::MAP_NAME).expect("the lxc map");
+    assert_eq!(
+        (lxc.entries, lxc.max_entries),
+        (3, ciliate_common::endpoint::MAX_ENTRIES),
+        "A, B and the router"
+    );
+    let ipc =
+        fill.iter().find(|f| f.name == ciliate_common::ipcache::MAP_NAME).expect("the ipcache");
+    assert_eq!(ipc.entries, 4, "world, A, B, the router: {ipc:?}");
+    // The writes that made the node were counted by map, operation and
+    // outcome (other tests of this binary write too: at least).
+    let ops = ciliate_datapath::maps::map_ops();
+    let lxc_updates: u64 = ops
+        .iter()
+        .filter(|(m, op, outcome, _)| {
+            *m == ciliate_common::endpoint::MAP_NAME && *op == "update" && *outcome == "success"
+        })
+        .map(|o| o.3)
+        .sum();
+    assert!(lxc_updates >= 2, "{ops:?}");
 }

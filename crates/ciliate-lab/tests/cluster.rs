@@ -128,6 +128,49 @@ fn tunnel_mode_carries_identities_and_masquerades_to_the_world() {
     external_peer_server(&lab);
     assert_eq!(seen_from_outside(&lab, 0), format!("{} 1", node_ip(1)));
     assert_eq!(seen_from_outside(&lab, 1), format!("{} 1", node_ip(2)));
+
+    node_health_follows_the_health_responders(&lab);
+}
+
+/// Status of node `n`'s agent.
+fn status(lab: &ClusterLab, n: usize) -> ciliate_api::models::Status {
+    lab.nodes[n].client().get("/v1/status").unwrap()
+}
+
+/// Wait (up to 20 s: probes run every 5 s) until `cond` holds of node1's
+/// status.
+fn until_status(lab: &ClusterLab, what: &str, cond: impl Fn(&ciliate_api::models::Status) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status(lab, 0);
+        if cond(&st) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Each agent probes the other's health responder (TCP 4240): a node whose
+/// responder does not answer is unreachable (status and
+/// `cilium_unreachable_nodes`) until it answers again.
+fn node_health_follows_the_health_responders(lab: &ClusterLab) {
+    let node2 = lab.nodes[1].ns.name().to_owned();
+    until_status(lab, "both nodes reachable", |s| {
+        s.cluster_nodes == 2 && s.unreachable_nodes.is_empty()
+    });
+    let rule = ["INPUT", "-p", "tcp", "--dport", "4240", "-j", "DROP"];
+    let iptables = |op: &str| {
+        let mut args = vec!["iptables", op];
+        args.extend_from_slice(&rule);
+        lab.nodes[1].ns.exec(&args).unwrap();
+    };
+    iptables("-I");
+    until_status(lab, "node2 unreachable", |s| s.unreachable_nodes == [node2.clone()]);
+    let scrape = lab.nodes[0].ns.exec(&["curl", "-sf", "http://127.0.0.1:9962/metrics"]).unwrap();
+    assert!(scrape.lines().any(|l| l == "cilium_unreachable_nodes 1"), "{scrape}");
+    iptables("-D");
+    until_status(lab, "node2 reachable again", |s| s.unreachable_nodes.is_empty());
 }
 
 #[test]

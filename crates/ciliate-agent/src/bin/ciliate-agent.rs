@@ -95,13 +95,16 @@ fn shutdown_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
 async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let shutdown = shutdown_signal()?;
+    let metrics = ciliate_agent::metrics::Metrics::default();
     // The cluster's store first: the pod CIDR may come from it.
-    let kv: Arc<dyn KvStore> = match &cfg.kvstore {
+    let store: Arc<dyn KvStore> = match &cfg.kvstore {
         KvConfig::Local(path) => {
             Arc::new(LocalStore::open(Some(path.clone())).map_err(|e| anyhow::anyhow!("{e}"))?)
         }
         KvConfig::Etcd(c) => Arc::new(Etcd::connect(c).await.map_err(|e| anyhow::anyhow!("{e}"))?),
     };
+    let kv: Arc<dyn KvStore> =
+        Arc::new(ciliate_agent::kvstore::Metered::new(store, metrics.clone()));
     if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
         // The store may be briefly away at start: retry for a while.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -178,6 +181,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
+    eps.metrics = metrics.clone();
     eps.cluster_cidrs = vec![setup.cluster_cidr];
     eps.restored = None;
     let endpoints = {
@@ -229,7 +233,32 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ready: ready.clone(),
         events,
         ifnames: Default::default(),
+        metrics: metrics.clone(),
     });
+    if let Some(addr) = cfg.prometheus_serve_addr {
+        let registry = ciliate_agent::metrics::registry(ciliate_agent::metrics::Sources {
+            pin_dir: pins.dir.clone(),
+            endpoints: endpoints.watch(),
+            kv_status: kv_status.clone(),
+            metrics: metrics.clone(),
+            started: std::time::SystemTime::now() - started.elapsed(),
+        });
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            info!(subsystem = "metrics", %addr, "serving Prometheus metrics on /metrics");
+            if let Err(e) = ciliate_agent::metrics::serve(addr, registry, shutdown).await {
+                warn!(subsystem = "metrics", %addr, error = %e, "cannot serve metrics");
+            }
+        });
+    }
+    if cfg.cluster_health_port != 0 {
+        let (port, shutdown) = (cfg.cluster_health_port, shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cluster::serve_health(port, shutdown).await {
+                warn!(subsystem = "cluster", port, error = %e, "cannot serve the health responder");
+            }
+        });
+    }
     let server = {
         let (socket, shutdown) = (cfg.socket.clone(), shutdown.clone());
         info!(subsystem = "api", socket = %socket.display(), "serving the API");
@@ -252,7 +281,13 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         in_force = services.snapshot().len(),
         "services restored"
     );
-    spawn_ct_gc(pins.dir.clone(), cfg.ct_gc_interval, services.clone(), shutdown.clone());
+    spawn_ct_gc(
+        pins.dir.clone(),
+        cfg.ct_gc_interval,
+        services.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     if let Some(node_ip) = node_ips.first().copied() {
         let health_ip = endpoints
             .snapshot()
@@ -270,7 +305,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             routing: cfg.routing,
             device: cfg.devices.first().cloned(),
         });
-        let sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
+        let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
+        sync.health_port = cfg.cluster_health_port;
         info!(subsystem = "cluster", store = %kv.describe(), node_ip = %node_ip, "cluster sync");
         let (mine, learned) = local_endpoints(endpoints.clone(), shutdown.clone());
         tokio::spawn(sync.run(mine, learned, shutdown.clone()));
@@ -361,6 +397,7 @@ fn spawn_ct_gc(
     dir: PathBuf,
     interval: u64,
     services: api::ServicesActor,
+    metrics: ciliate_agent::metrics::Metrics,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
@@ -374,9 +411,16 @@ fn spawn_ct_gc(
             })
             .await
             {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => info!(subsystem = "conntrack", removed = n, "conntrack GC"),
-                Ok(Err(e)) => warn!(subsystem = "conntrack", error = %e, "conntrack GC"),
+                Ok(Ok(sweep)) => {
+                    if sweep.removed() > 0 {
+                        info!(subsystem = "conntrack", removed = sweep.removed(), "conntrack GC");
+                    }
+                    metrics.ct_gc(Some(sweep));
+                }
+                Ok(Err(e)) => {
+                    warn!(subsystem = "conntrack", error = %e, "conntrack GC");
+                    metrics.ct_gc(None);
+                }
                 Err(e) => warn!(subsystem = "conntrack", error = %e, "conntrack GC task"),
             }
             match services.write(|s| s.release_retired(), |s| s.view()).await {
