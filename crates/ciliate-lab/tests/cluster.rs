@@ -114,8 +114,17 @@ fn tunnel_mode_carries_identities_and_masquerades_to_the_world() {
         .call(method::PUT, "/v1/policy", Some(&PolicyImport { text: policy.into() }))
         .unwrap();
     assert!(echo(&lab, 0, &["tcp", &to(&lab, 1), "ok"]).is_ok(), "pod1 is allowed");
+    let mut drops =
+        ciliate_lab::events::Events::subscribe(&lab.nodes[1].client(), "type=drop").unwrap();
     let denied = lab.run_echo(&pod3.ns, None, &["tcp", &to(&lab, 1), "no"]);
     assert!(denied.is_err(), "pod3 on another node got through");
+    // The drop on node2 names the sender by the identity its packet carried
+    // in the VNI, as the verdict did (not "world").
+    let seen = drops.wait_for(Duration::from_secs(5), |e| {
+        matches!(e, ciliate_api::models::MonitorEvent::Drop(d)
+            if d.reason_text == "Policy denied" && d.src_identity == pod3.state.identity)
+    });
+    assert!(seen.is_ok(), "no drop from pod3's identity {}: {:?}", pod3.state.identity, seen.err());
 
     // The identity travels in the VNI: with pod1's ipcache entry on node2
     // overwritten as "world", its packets are still allowed by identity.

@@ -124,6 +124,12 @@ fn older_versions_get_their_result_format_and_errors_carry_spec_codes() {
         (Some("0.3.1"), Some("4"))
     );
 
+    // A 1.0.0 configuration gets a 1.0.0 result (not the plugin's newest).
+    let ns2 = netns(&lab, 2);
+    let v100 = lab.cni_config(&[]).replace("\"1.1.0\"", "\"1.0.0\"");
+    let res = ok_json(lab.cni("ADD", ns2.name(), &path(&ns2), &v100).unwrap());
+    assert_eq!(res["cniVersion"], "1.0.0");
+
     let bad_version = lab.cni_config(&[]).replace("\"1.1.0\"", "\"2.0.0\"");
     assert_eq!(err_code(lab.cni("ADD", "x", &path(&ns), &bad_version).unwrap()), 1);
     assert_eq!(err_code(lab.cni("ADD", "x", &path(&ns), "{oops").unwrap()), 6);
