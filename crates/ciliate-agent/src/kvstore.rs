@@ -411,23 +411,32 @@ fn diff(old: &[(String, Vec<u8>)], new: &[(String, Vec<u8>)]) -> Vec<WatchEvent>
     out
 }
 
-/// Changes of the directory holding `path` (the store renames its new
-/// content into place), through inotify.
+/// Changes of the file at `path`, through inotify on its directory (the
+/// store renames its new content into place). Only events naming the file
+/// count: the lock file beside it is closed after every read, and a
+/// watcher woken by that would read again, close the lock, and spin.
 struct DirEvents {
     stream: inotify::EventStream<Vec<u8>>,
+    name: std::ffi::OsString,
 }
 
 fn dir_events(path: &std::path::Path) -> std::io::Result<DirEvents> {
     let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    let name = path.file_name().unwrap_or_default().to_owned();
     let ino = inotify::Inotify::init()?;
     ino.watches().add(dir, inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE)?;
-    Ok(DirEvents { stream: ino.into_event_stream(vec![0u8; 4096])? })
+    Ok(DirEvents { stream: ino.into_event_stream(vec![0u8; 4096])?, name })
 }
 
 impl DirEvents {
     async fn next_change(&mut self) -> Option<()> {
         use futures::StreamExt;
-        self.stream.next().await.map(drop)
+        loop {
+            let ev = self.stream.next().await?.ok()?;
+            if ev.name.as_deref() == Some(self.name.as_os_str()) {
+                return Some(());
+            }
+        }
     }
 }
 
@@ -843,6 +852,26 @@ mod tests {
         assert_eq!(next(&mut rx).await, WatchEvent::Put("w/leased".into(), b"4".to_vec()));
         assert_eq!(next(&mut rx).await, WatchEvent::Delete("w/leased".into()));
         drop(rx);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_local_watch_wakes_for_its_file_only() {
+        let dir = std::env::temp_dir().join(format!("ciliate-kvd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kv.json");
+        let mut ev = dir_events(&path).unwrap();
+        let quiet = Duration::from_millis(300);
+        // What every read does: open the lock beside the file for writing
+        // and close it. Waking for that made each watcher read again.
+        std::fs::write(path.with_extension("lock"), b"").unwrap();
+        std::fs::write(dir.join("other.json"), b"{}").unwrap();
+        assert!(
+            tokio::time::timeout(quiet, ev.next_change()).await.is_err(),
+            "woken by a file that is not the store"
+        );
+        crate::store::save(&path, &LocalData::default()).unwrap();
+        assert_eq!(tokio::time::timeout(quiet, ev.next_change()).await, Ok(Some(())));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

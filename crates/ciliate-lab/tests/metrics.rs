@@ -116,4 +116,12 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
     let text = scrape(&lab);
     assert_eq!(sample(&text, r#"cilium_policy_change_total{outcome="fail"}"#), Some(1.0));
     assert_eq!(sample(&text, "cilium_policy"), Some(1.0));
+
+    // An idle agent sleeps: its own CPU counter barely moves over two
+    // seconds (a watcher woken by its own reads spun at 150% here).
+    let cpu = |t: &str| sample(t, "process_cpu_seconds_total").expect("process_cpu_seconds_total");
+    let before = cpu(&text);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = cpu(&scrape(&lab)) - before;
+    assert!(used < 0.5, "the idle agent used {used:.2} s of CPU in 2 s");
 }
