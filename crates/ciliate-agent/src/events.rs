@@ -124,6 +124,9 @@ impl Subscription {
     }
 }
 
+/// How long the reader lets events gather after a drain.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Read the ring until `shutdown`: woken by the ring's file descriptor,
 /// with a check each second for events the datapath lost.
 pub async fn read_ring(
@@ -155,6 +158,12 @@ pub async fn read_ring(
                     // drain wakes us again.
                     g.clear_ready();
                     drain(&hub, g.get_inner_mut());
+                    // Let events gather before the next wake-up: the kernel
+                    // wakes a reader only when it had caught up, so while we
+                    // sleep the datapath writes without waking anyone, and
+                    // a busy node costs at most 100 wake-ups a second
+                    // instead of one per event.
+                    tokio::time::sleep(GATHER).await;
                 }
                 Err(e) => {
                     tracing::error!(subsystem = "events", error = %e, "polling the event ring");

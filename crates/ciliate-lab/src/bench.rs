@@ -29,25 +29,44 @@ pub fn measure(
     runs: usize,
     seconds: u64,
 ) -> Result<[f64; 3], String> {
-    let echo = bins.echo.to_string_lossy();
-    let target = format!("{server_ip}:{PORT}");
-    let secs = seconds.to_string();
-    let (mut rr, mut crr, mut tput) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        for (mode, out) in [("rr", &mut rr), ("crr", &mut crr)] {
-            let o = client
-                .exec(&["taskset", "-c", "0", &echo, mode, &target, &secs])
-                .map_err(|e| e.to_string())?;
-            out.push(per_second(&o));
-        }
-        let o = client
-            .exec(&["iperf3", "-c", server_ip, "-t", &secs, "-J"])
-            .map_err(|e| e.to_string())?;
-        let j: serde_json::Value =
-            serde_json::from_str(&o).map_err(|e| format!("iperf3 output: {e}"))?;
-        tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
-    }
+    let [rr, crr, tput] = measure_all(&[(client, server_ip)], bins, runs, seconds)?.remove(0);
     Ok([median(rr), median(crr), median(tput)])
+}
+
+/// Every run of one variant: request/response per second, connections per
+/// second, Gbit/s.
+pub type Runs = [Vec<f64>; 3];
+
+/// The runs of several variants (client, server address), interleaved
+/// (run 1 of each, then run 2 of each, ...) so that a machine that slows
+/// down or speeds up meanwhile weighs on all of them alike.
+pub fn measure_all(
+    variants: &[(&Netns, &str)],
+    bins: &Binaries,
+    runs: usize,
+    seconds: u64,
+) -> Result<Vec<Runs>, String> {
+    let echo = bins.echo.to_string_lossy();
+    let secs = seconds.to_string();
+    let mut samples = vec![[Vec::new(), Vec::new(), Vec::new()]; variants.len()];
+    for _ in 0..runs {
+        for ((client, server_ip), [rr, crr, tput]) in variants.iter().zip(&mut samples) {
+            let target = format!("{server_ip}:{PORT}");
+            for (mode, out) in [("rr", &mut *rr), ("crr", &mut *crr)] {
+                let o = client
+                    .exec(&["taskset", "-c", "0", &echo, mode, &target, &secs])
+                    .map_err(|e| e.to_string())?;
+                out.push(per_second(&o));
+            }
+            let o = client
+                .exec(&["iperf3", "-c", server_ip, "-t", &secs, "-J"])
+                .map_err(|e| e.to_string())?;
+            let j: serde_json::Value =
+                serde_json::from_str(&o).map_err(|e| format!("iperf3 output: {e}"))?;
+            tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+        }
+    }
+    Ok(samples)
 }
 
 /// Start the servers of a variant in `ns`: the echo server pinned to core
@@ -72,6 +91,35 @@ pub fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Print interleaved runs (see [`measure_all`]): each variant's median,
+/// and as its ratio the median of its runs' ratios to the anchor's (the
+/// first row's) run of the same round. A VM whose speed wanders between
+/// rounds moves a variant and its anchor together; a ratio of medians
+/// taken from different rounds would not cancel that.
+pub fn print_paired(rows: &[(String, Runs)]) {
+    let Some((_, anchor)) = rows.first() else { return };
+    println!(
+        "{:<26} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
+        "VARIANT", "RR/s", "ratio", "CONN/s", "ratio", "Gbit/s", "ratio"
+    );
+    let ratio = |v: &[f64], a: &[f64]| {
+        median(v.iter().zip(a).map(|(v, a)| if *a > 0.0 { v / a } else { 0.0 }).collect())
+    };
+    for (name, runs) in rows {
+        let [rr, crr, tput] = runs;
+        println!(
+            "{:<26} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
+            name,
+            median(rr.clone()),
+            ratio(rr, &anchor[0]),
+            median(crr.clone()),
+            ratio(crr, &anchor[1]),
+            median(tput.clone()),
+            ratio(tput, &anchor[2])
+        );
+    }
 }
 
 /// Print the rows with their ratios to the first one (the anchor).

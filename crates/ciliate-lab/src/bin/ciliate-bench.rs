@@ -30,7 +30,7 @@ struct Opts {
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { runs: 3, seconds: 3, adds: 30, policy_endpoints: 100 };
+    let mut o = Opts { runs: 7, seconds: 2, adds: 30, policy_endpoints: 100 };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -62,10 +62,6 @@ struct Variant<'a> {
     name: &'static str,
     client: &'a Netns,
     server_ip: String,
-}
-
-fn measure(v: &Variant<'_>, bins: &Binaries, o: &Opts) -> Result<[f64; 3], String> {
-    bench::measure(v.client, &v.server_ip, bins, o.runs, o.seconds)
 }
 
 fn cni_add_latency(lab: &NodeLab, n: usize) -> Result<(f64, f64), String> {
@@ -182,7 +178,7 @@ fn run() -> Result<(), String> {
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
     let tag = format!("cbn{}", token());
     println!(
-        "[bench] {} runs of {}s per variant, median; client and server on core 0",
+        "[bench] {} runs of {}s per variant, interleaved; median, and the median of each run's ratio to the anchor's run beside it; client and server on core 0",
         o.runs, o.seconds
     );
 
@@ -229,14 +225,15 @@ fn run() -> Result<(), String> {
             server_ip: lab.pods[1].state.ip.to_string(),
         },
     ];
-    let mut rows = Vec::new();
-    for v in &variants {
-        println!("[bench] measuring {}", v.name);
-        rows.push((v.name, measure(v, &bins, &o)?));
-    }
+    let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
+    println!("[bench] measuring {}, their runs interleaved", names.join(", "));
+    let targets: Vec<(&Netns, &str)> =
+        variants.iter().map(|v| (v.client, v.server_ip.as_str())).collect();
+    let measured = bench::measure_all(&targets, &bins, o.runs, o.seconds)?;
     println!();
-    let rows: Vec<(String, [f64; 3])> = rows.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
-    bench::print_table(&rows);
+    let rows: Vec<(String, bench::Runs)> =
+        names.iter().map(|n| n.to_string()).zip(measured).collect();
+    bench::print_paired(&rows);
     let (p50, p99) = cni_add_latency(&lab, o.adds)?;
     println!();
     println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);
