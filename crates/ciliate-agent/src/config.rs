@@ -103,11 +103,28 @@ pub struct Flags {
     /// none [default: 4240]
     #[arg(long, env = "CILIATE_CLUSTER_HEALTH_PORT")]
     pub cluster_health_port: Option<u16>,
+    /// Run the Hubble-compatible flow observer (gRPC) [default: true]
+    #[arg(long, env = "CILIATE_ENABLE_HUBBLE")]
+    pub enable_hubble: Option<bool>,
+    /// The observer's TCP address, [host]:port, or "" for none [default: :4244]
+    #[arg(long, env = "CILIATE_HUBBLE_LISTEN_ADDRESS")]
+    pub hubble_listen_address: Option<String>,
+    /// The observer's unix socket [default: hubble.sock beside the API socket]
+    #[arg(long, env = "CILIATE_HUBBLE_SOCKET_PATH")]
+    pub hubble_socket_path: Option<PathBuf>,
+    /// Flows the observer keeps [default: 4095]
+    #[arg(long, env = "CILIATE_HUBBLE_EVENT_BUFFER_CAPACITY")]
+    pub hubble_event_buffer_capacity: Option<usize>,
+    /// Hubble's flow metrics on the Prometheus endpoint: drop, tcp, flow, port-distribution,
+    /// policy (comma-separated) [default: none; hubble_lost_events_total always]
+    #[arg(long, env = "CILIATE_HUBBLE_METRICS")]
+    pub hubble_metrics: Option<String>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
-    /// prometheus_serve_addr, cluster_health_port
+    /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
+    /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -141,6 +158,11 @@ struct FileConfig {
     log_format: Option<String>,
     prometheus_serve_addr: Option<String>,
     cluster_health_port: Option<u16>,
+    enable_hubble: Option<bool>,
+    hubble_listen_address: Option<String>,
+    hubble_socket_path: Option<PathBuf>,
+    hubble_event_buffer_capacity: Option<usize>,
+    hubble_metrics: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,6 +198,19 @@ pub struct Config {
     pub prometheus_serve_addr: Option<std::net::SocketAddr>,
     /// 0: no health responder.
     pub cluster_health_port: u16,
+    /// `None`: no flow observer.
+    pub hubble: Option<HubbleConfig>,
+}
+
+/// The flow observer's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubbleConfig {
+    /// `None`: the unix socket only.
+    pub listen: Option<std::net::SocketAddr>,
+    pub socket: PathBuf,
+    pub capacity: usize,
+    /// `--hubble-metrics` groups.
+    pub metrics: Vec<String>,
 }
 
 /// Which store, and where.
@@ -276,10 +311,45 @@ impl Flags {
             self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
+        let api_socket = self
+            .socket
+            .clone()
+            .or(file.socket.clone())
+            .unwrap_or_else(|| ciliate_api::default_socket(&node));
+        let hubble = if self.enable_hubble.or(file.enable_hubble).unwrap_or(true) {
+            let listen = crate::metrics::parse_addr(
+                self.hubble_listen_address
+                    .or(file.hubble_listen_address)
+                    .as_deref()
+                    .unwrap_or(":4244"),
+            )
+            .map_err(|e| anyhow::anyhow!("hubble listen address: {e}"))?;
+            let capacity = self
+                .hubble_event_buffer_capacity
+                .or(file.hubble_event_buffer_capacity)
+                .unwrap_or(crate::hubble::DEFAULT_CAPACITY);
+            if capacity == 0 || capacity > 1 << 20 {
+                anyhow::bail!("hubble event buffer capacity {capacity}: 1 to 1048576 flows");
+            }
+            let socket = self.hubble_socket_path.or(file.hubble_socket_path).unwrap_or_else(|| {
+                api_socket
+                    .parent()
+                    .unwrap_or(std::path::Path::new("/run/ciliate"))
+                    .join("hubble.sock")
+            });
+            let metrics = crate::hubble_metrics::parse(
+                self.hubble_metrics.or(file.hubble_metrics).as_deref().unwrap_or(""),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            Some(HubbleConfig { listen, socket, capacity, metrics })
+        } else {
+            None
+        };
         Ok(Config {
             log_json,
             debug: self.debug,
             prometheus_serve_addr,
+            hubble,
             cluster_health_port: self
                 .cluster_health_port
                 .or(file.cluster_health_port)
@@ -306,10 +376,7 @@ impl Flags {
                     (a, b)
                 }
             },
-            socket: self
-                .socket
-                .or(file.socket)
-                .unwrap_or_else(|| ciliate_api::default_socket(&node)),
+            socket: api_socket,
             bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             enable_health: self.enable_health.or(file.enable_health).unwrap_or(true),
             trace_all: match self

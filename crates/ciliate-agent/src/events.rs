@@ -55,6 +55,9 @@ struct Counters {
     events: AtomicU64,
     lost_in_datapath: AtomicU64,
     lost_by_subscribers: AtomicU64,
+    /// Subscribers inside the agent (the flow observer): not shown as
+    /// monitor subscribers.
+    internal: AtomicU64,
 }
 
 /// The fan-out. Cheap to clone.
@@ -75,7 +78,14 @@ impl EventHub {
 
     /// Every record published from now on.
     pub fn subscribe(&self) -> Subscription {
-        Subscription { rx: self.tx.subscribe(), counters: self.counters.clone() }
+        Subscription { rx: self.tx.subscribe(), counters: self.counters.clone(), internal: false }
+    }
+
+    /// [`EventHub::subscribe`] for a consumer inside the agent, which
+    /// `status` does not count among the monitor's subscribers.
+    pub fn subscribe_internal(&self) -> Subscription {
+        self.counters.internal.fetch_add(1, Ordering::Relaxed);
+        Subscription { rx: self.tx.subscribe(), counters: self.counters.clone(), internal: true }
     }
 
     pub fn publish(&self, r: Record) {
@@ -91,7 +101,10 @@ impl EventHub {
 
     pub fn status(&self) -> MonitorStatus {
         MonitorStatus {
-            subscribers: self.tx.receiver_count(),
+            subscribers: self
+                .tx
+                .receiver_count()
+                .saturating_sub(self.counters.internal.load(Ordering::Relaxed) as usize),
             events: self.counters.events.load(Ordering::Relaxed),
             lost_in_datapath: self.counters.lost_in_datapath.load(Ordering::Relaxed),
             lost_by_subscribers: self.counters.lost_by_subscribers.load(Ordering::Relaxed),
@@ -103,6 +116,15 @@ impl EventHub {
 pub struct Subscription {
     rx: broadcast::Receiver<Arc<Record>>,
     counters: Arc<Counters>,
+    internal: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.internal {
+            self.counters.internal.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Subscription {
@@ -371,7 +393,8 @@ mod tests {
             line: 42,
             file: 1,
             ext_error: 0,
-            _pad: 0,
+            dir: 0,
+            _pad: [0; 3],
             data: [0; event::CAPTURE_LEN],
         })
     }
@@ -399,6 +422,12 @@ mod tests {
         assert_eq!((st.subscribers, st.events, st.lost_by_subscribers), (2, 5, 0));
         drop(b);
         assert_eq!(hub.status().subscribers, 1);
+        // The flow observer inside the agent is not a monitor subscriber.
+        let inside = hub.subscribe_internal();
+        assert_eq!(hub.status().subscribers, 1);
+        drop(inside);
+        drop(a);
+        assert_eq!(hub.status().subscribers, 0);
     }
 
     #[tokio::test]

@@ -852,7 +852,15 @@ mod tests {
         assert_eq!(next(&mut rx).await, WatchEvent::Put("w/leased".into(), b"4".to_vec()));
         assert_eq!(next(&mut rx).await, WatchEvent::Delete("w/leased".into()));
         drop(rx);
-        std::fs::remove_dir_all(dir).unwrap();
+        // The watcher may be reading (and creating the lock file) as the
+        // directory goes: try again until it has stopped.
+        for _ in 0..20 {
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 
     #[tokio::test]

@@ -22,6 +22,8 @@ pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod events;
+pub mod hubble;
+pub mod hubble_metrics;
 pub mod identity;
 pub mod ipam;
 pub mod kernel;
@@ -29,5 +31,6 @@ pub mod kvstore;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;
+
 pub mod services;
 pub mod store;

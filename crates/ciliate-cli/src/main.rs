@@ -8,6 +8,7 @@ mod lab;
 mod lab_cluster;
 mod map;
 mod monitor;
+mod observe;
 mod policy;
 mod service;
 mod table;
@@ -67,6 +68,11 @@ enum Command {
     Bpf(bpf::BpfCommand),
     /// Datapath events as they happen: traces and drops
     Monitor(monitor::MonitorArgs),
+    /// Flows from the node's Hubble-compatible observer (hubble observe's flags and formats)
+    Observe(Box<observe::ObserveArgs>),
+    /// The flow observer: status, nodes
+    #[command(subcommand)]
+    Hubble(observe::HubbleCommand),
     /// Local labs on network namespaces: nodes with pods, services and policy
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -85,6 +91,8 @@ impl Command {
             Command::Map(c) => c.run(t),
             Command::Bpf(c) => c.run(t),
             Command::Monitor(a) => monitor::run(t, &a),
+            Command::Observe(a) => observe::observe(t, &a),
+            Command::Hubble(c) => observe::hubble(t, &c),
             Command::Lab(c) => c.run(),
         }
     }

@@ -295,6 +295,38 @@ fn agent_commands_and_monitor_on_a_lab() {
         status.contains("Monitor:        0 subscribers"),
         "monitors that stopped unsubscribe: {status}"
     );
+    // The same drop as a flow, through the observer (gRPC): JSON and the
+    // compact line; filtered by pod and verdict.
+    let flows = run(&[
+        "observe",
+        "--from-pod",
+        &format!("default/{name}-pod1"),
+        "--verdict",
+        "DROPPED",
+        "--type",
+        "drop",
+        "-o",
+        "json",
+    ]);
+    let flow: serde_json::Value = serde_json::from_str(flows.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{e}: {flows}"));
+    assert_eq!(flow["flow"]["dropReasonDesc"], "POLICY_DENIED", "{flows}");
+    assert_eq!(flow["flow"]["source"]["podName"], format!("{name}-pod1"), "{flows}");
+    assert_eq!(flow["flow"]["destination"]["podName"], format!("{name}-pod2"), "{flows}");
+    let compact = run(&["observe", "--pod", &format!("{name}-pod2"), "--verdict", "dropped"]);
+    assert!(
+        compact.lines().any(|l| l.contains("Policy denied DROPPED (ICMPv4 EchoRequest)")
+            && l.contains(&format!("default/{name}-pod1 (ID:256) -> default/{name}-pod2 (ID:"))),
+        "{compact}"
+    );
+    let none = run(&["observe", "--pod", "nonexistent", "--last", "5"]);
+    assert!(none.trim().is_empty(), "a pod no flow names: {none}");
+    let (ok, _, err) = ciliate(&["observe", "--lab", &name, "--ip", "10.0.0.0/33"]);
+    assert!(!ok && err.contains("source_ip"), "a bad CIDR is refused naming the field: {err}");
+    let hs = run(&["hubble", "status"]);
+    assert!(hs.contains("Current/Max Flows:") && hs.contains("/4095"), "{hs}");
+    let hn = run(&["hubble", "list", "nodes"]);
+    assert!(hn.contains(&format!("{name}-node1")) && hn.contains("Connected"), "{hn}");
 
     let sels = run(&["policy", "selectors"]);
     assert!(sels.contains("endpointSelector") && sels.contains("fromEndpoints"), "{sels}");

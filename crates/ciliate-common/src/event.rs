@@ -59,7 +59,10 @@ pub struct DropNotify {
     pub file: u8,
     /// Extended error (a helper's negative return), 0 if none.
     pub ext_error: i8,
-    pub _pad: u32,
+    /// The direction the drop is counted in (`metrics::DIR_*`): ingress
+    /// when the destination endpoint's ingress stage dropped it.
+    pub dir: u8,
+    pub _pad: [u8; 3],
     pub data: [u8; CAPTURE_LEN],
 }
 const _: () = assert!(core::mem::size_of::<DropNotify>() == 40 + CAPTURE_LEN);
@@ -116,3 +119,13 @@ pub const VERDICT_DENIED: u8 = 2;
 /// Source file numbers carried in drop events.
 pub const FILE_LXC: u8 = 1;
 pub const FILE_HOST: u8 = 2;
+
+/// The program a `FILE_*` number stands for (as Cilium's bpf_lxc.c /
+/// bpf_host.c in Hubble's `file` field).
+pub fn file_name(file: u8) -> &'static str {
+    match file {
+        FILE_LXC => "lxc.rs",
+        FILE_HOST => "host.rs",
+        _ => "unknown",
+    }
+}

@@ -24,7 +24,8 @@ pub struct DropCtx {
 #[inline(always)]
 pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     let len = ctx.len();
-    maps::count(d.reason, if d.dir != 0 { d.dir } else { who.dir }, len);
+    let dir = if d.dir != 0 { d.dir } else { who.dir };
+    maps::count(d.reason, dir, len);
     let mut ev = DropNotify {
         hdr: event_header(ctx, KIND_DROP, d.reason, who.source),
         src_identity: if d.src_identity != 0 { d.src_identity } else { who.src_identity },
@@ -35,7 +36,8 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
         line: d.line,
         file: who.file,
         ext_error: d.ext_error,
-        _pad: 0,
+        dir,
+        _pad: [0; 3],
         data: [0; CAPTURE_LEN],
     };
     ev.hdr.len_cap = capture(ctx, &mut ev.data);

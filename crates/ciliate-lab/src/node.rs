@@ -328,7 +328,9 @@ pub fn spawn_agent(
         .open(log)
         .map_err(|e| LabError::Invalid(format!("agent log: {e}")))?;
     let mut cmd = ns.command(&bins.agent.to_string_lossy());
+    // Labs show every Hubble metric group (an agent's default is none).
     cmd.args(["--node", ns.name(), "--devices", NODE_DEV])
+        .args(["--hubble-metrics", "drop,tcp,flow,port-distribution,policy"])
         .arg("--socket")
         .arg(socket)
         .args(args)

@@ -103,6 +103,16 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
     );
     assert!(text.contains("cilium_kvstore_operations_duration_seconds_bucket{"), "kvstore timings");
     assert_eq!(sample(&text, "cilium_unreachable_nodes"), Some(0.0));
+    // Hubble's flow metrics (the lab enables every group): the same drop,
+    // flows by type, the echo connection's SYN and port, the verdicts.
+    at_least(r#"hubble_drop_total{reason="POLICY_DENIED",protocol="ICMPv4"}"#, 2.0);
+    at_least(r#"hubble_flows_processed_total{type="Drop",subtype="",verdict="DROPPED"}"#, 2.0);
+    at_least(r#"hubble_tcp_flags_total{flag="SYN",family="IPv4"}"#, 1.0);
+    at_least(r#"hubble_port_distribution_total{protocol="TCP",port="7"}"#, 1.0);
+    at_least(
+        r#"hubble_policy_verdicts_total{direction="ingress",match="l3-l4",action="forwarded"}"#,
+        1.0,
+    );
     at_least("process_resident_memory_bytes", 1e6);
     at_least("process_open_fds", 3.0);
 

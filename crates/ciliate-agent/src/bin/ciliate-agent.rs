@@ -235,19 +235,55 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ifnames: Default::default(),
         metrics: metrics.clone(),
     });
+    let observer =
+        cfg.hubble.as_ref().map(|h| ciliate_agent::hubble::Observer::new(&cfg.node, h.capacity));
     if let Some(addr) = cfg.prometheus_serve_addr {
-        let registry = ciliate_agent::metrics::registry(ciliate_agent::metrics::Sources {
+        let mut registry = ciliate_agent::metrics::registry(ciliate_agent::metrics::Sources {
             pin_dir: pins.dir.clone(),
             endpoints: endpoints.watch(),
             kv_status: kv_status.clone(),
             metrics: metrics.clone(),
             started: std::time::SystemTime::now() - started.elapsed(),
         });
+        if let (Some(h), Some(o)) = (&cfg.hubble, &observer) {
+            let m = ciliate_agent::hubble_metrics::HubbleMetrics::register(
+                &mut registry,
+                h.metrics.clone(),
+            );
+            let _ = o.metrics.set(m);
+        }
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             info!(subsystem = "metrics", %addr, "serving Prometheus metrics on /metrics");
             if let Err(e) = ciliate_agent::metrics::serve(addr, registry, shutdown).await {
                 warn!(subsystem = "metrics", %addr, error = %e, "cannot serve metrics");
+            }
+        });
+    }
+    if let (Some(h), Some(observer)) = (cfg.hubble.clone(), observer) {
+        if let Some(addr) = h.listen {
+            let ip = node_ips.first().map(|ip| std::net::IpAddr::V4(*ip)).unwrap_or(addr.ip());
+            *observer.address.lock().unwrap_or_else(|e| e.into_inner()) =
+                std::net::SocketAddr::new(ip, addr.port()).to_string();
+        }
+        tokio::spawn(ciliate_agent::hubble::run_parser(
+            observer.clone(),
+            state.events.clone(),
+            endpoints.watch(),
+            state.ifnames.clone(),
+        ));
+        let svc = ciliate_agent::hubble::Service {
+            observer,
+            kv: kv.clone(),
+            port: h.listen.map(|a| a.port()).unwrap_or(ciliate_agent::hubble::DEFAULT_PORT),
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            info!(subsystem = "hubble", socket = %h.socket.display(), listen = ?h.listen, "serving flows (Hubble observer)");
+            if let Err(e) =
+                ciliate_agent::hubble::serve(svc, Some(h.socket), h.listen, shutdown).await
+            {
+                warn!(subsystem = "hubble", error = %e, "cannot serve the flow observer");
             }
         });
     }
