@@ -32,17 +32,38 @@ pub fn ensure_mounted(path: &Path) -> Result<()> {
         return Ok(());
     }
     let err = |source| DatapathError::MountBpffs { path: path.to_owned(), source };
-    std::fs::create_dir_all(path).map_err(err)?;
     let target = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    // SAFETY: mount(2) with static NUL-terminated strings and a checked target.
-    let rc = unsafe {
-        libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
+    // Another process may remove an empty parent (a lab going down removes
+    // the labs' directory when it is empty) between our mkdir and mount:
+    // then the directory is made again.
+    let mut attempt = 0;
+    loop {
+        let e = match std::fs::create_dir_all(path) {
+            Err(e) => e,
+            Ok(()) => {
+                // SAFETY: mount(2) with static NUL-terminated strings and a
+                // checked target.
+                let rc = unsafe {
+                    libc::mount(
+                        c"bpffs".as_ptr(),
+                        target.as_ptr(),
+                        c"bpf".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    )
+                };
+                if rc == 0 {
+                    return Ok(());
+                }
+                std::io::Error::last_os_error()
+            }
+        };
+        attempt += 1;
+        if e.kind() != std::io::ErrorKind::NotFound || attempt >= 5 {
+            return Err(err(e));
+        }
     }
-    Ok(())
 }
 
 /// Unmount whatever is mounted at `path` (lazily: pins still open elsewhere
