@@ -31,6 +31,7 @@ pub mod kvstore;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;
+pub mod relay;
 
 pub mod services;
 pub mod store;

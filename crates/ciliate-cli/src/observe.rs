@@ -180,27 +180,8 @@ fn server(t: &Target, given: Option<&str>) -> anyhow::Result<String> {
 }
 
 async fn connect(server: &str) -> anyhow::Result<ObserverClient<Channel>> {
-    let channel = match server.strip_prefix("unix://") {
-        Some(path) => {
-            let path = PathBuf::from(path);
-            tonic::transport::Endpoint::try_from("http://localhost")?
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-        }
-        None => {
-            let url =
-                if server.contains("://") { server.into() } else { format!("http://{server}") };
-            tonic::transport::Endpoint::from_shared(url)?.connect().await
-        }
-    };
-    channel
+    ciliate_hubble::client::channel(server, None)
+        .await
         .with_context(|| format!("connecting to the observer at {server}"))
         .map(ObserverClient::new)
 }

@@ -26,4 +26,5 @@ pub mod peer {
 
 /// The descriptor set of the protos (for gRPC server reflection).
 pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("hubble_descriptor");
+pub mod client;
 pub mod filter;

@@ -4,7 +4,9 @@
 //! `hubble.sock`, finding every service by server reflection. A policy drop
 //! shows as a DROPPED flow with POLICY_DENIED and both pods' names and
 //! identities; number, first, since, until, follow with a whitelist and a
-//! blacklist, field masks, a bad filter refused while the server goes on.
+//! blacklist, field masks, a bad filter refused while the server goes on;
+//! and a Python client generated at test time from the project's protos
+//! (grpcio-tools) reads the same drop.
 //! Needs root; CI runs as root.
 
 use std::{
@@ -151,6 +153,43 @@ fn hubble_clients_see_flows_drops_and_filters() {
     assert_eq!(drop["destination"]["identity"], id(&name2));
     assert_eq!(drop["trafficDirection"], "INGRESS");
     assert_eq!(drop["nodeName"], format!("{}-node1", lab.config.lab));
+
+    // The same drop through a client generated from the project's protos
+    // by another protobuf implementation (Python, grpcio-tools).
+    let py = grpcurl_bin().with_file_name("python");
+    let generated = lab.work_dir.join("pyclient");
+    std::fs::create_dir_all(&generated).unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(&py)
+        .arg(here.join("tests/py/hubble_client.py"))
+        .arg(here.join("../ciliate-hubble/proto"))
+        .arg(&generated)
+        .arg(&sock)
+        .output()
+        .expect("running the Python client");
+    assert!(out.status.success(), "python client: {}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["max_flows"], 4095);
+    assert!(got["version"].as_str().unwrap().starts_with("ciliate-"));
+    assert_eq!(got["bad_filter"], "INVALID_ARGUMENT");
+    let py_drop = got["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["src_pod"] == name1.as_str())
+        .unwrap_or_else(|| panic!("the Python client got no drop of pod1: {got}"));
+    assert_eq!(
+        (&py_drop["verdict"], &py_drop["reason"], &py_drop["dst_pod"], &py_drop["direction"]),
+        (
+            &Value::from("DROPPED"),
+            &Value::from("POLICY_DENIED"),
+            &Value::from(name2.as_str()),
+            &Value::from("INGRESS")
+        )
+    );
+    assert_eq!(py_drop["src_identity"], id(&name1));
+    assert_eq!(py_drop["dst_identity"], id(&name2));
+    assert_eq!(py_drop["icmp_type"], 8, "an echo request");
 
     // number and first: the last / the earliest flows of the ring, in time
     // order.
