@@ -39,6 +39,21 @@ impl<S, V> Clone for Actor<S, V> {
 #[error("the {0} subsystem has stopped")]
 pub struct Stopped(pub &'static str);
 
+/// The job of a write: run `f`, publish the snapshot `view` makes, then
+/// answer (so a caller that got its answer reads its own change).
+fn publishing<S: 'static, V: 'static, R: Send + 'static>(
+    f: impl FnOnce(&mut S) -> R + Send + 'static,
+    view: impl FnOnce(&S) -> V + Send + 'static,
+) -> (Job<S, V>, oneshot::Receiver<R>) {
+    let (reply, rx) = oneshot::channel();
+    let job: Job<S, V> = Box::new(move |s: &mut S, snap: &watch::Sender<Arc<V>>| {
+        let r = f(s);
+        snap.send_replace(Arc::new(view(s)));
+        let _ = reply.send(r);
+    });
+    (job, rx)
+}
+
 impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
     /// Start the thread owning `state`; `view` makes a snapshot of it (the
     /// first one right away). `init` runs first on the thread (a restore),
@@ -84,12 +99,7 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
         f: impl FnOnce(&mut S) -> R + Send + 'static,
         view: impl FnOnce(&S) -> V + Send + 'static,
     ) -> Result<R, Stopped> {
-        let (reply, rx) = oneshot::channel();
-        let job: Job<S, V> = Box::new(move |s: &mut S, snap: &watch::Sender<Arc<V>>| {
-            let r = f(s);
-            snap.send_replace(Arc::new(view(s)));
-            let _ = reply.send(r);
-        });
+        let (job, rx) = publishing(f, view);
         self.tx.send(job).await.map_err(|_| Stopped(self.name))?;
         rx.await.map_err(|_| Stopped(self.name))
     }
@@ -114,12 +124,7 @@ impl<S: Send + 'static, V: Send + Sync + 'static> Actor<S, V> {
         f: impl FnOnce(&mut S) -> R + Send + 'static,
         view: impl FnOnce(&S) -> V + Send + 'static,
     ) -> Result<R, Stopped> {
-        let (reply, rx) = oneshot::channel();
-        let job: Job<S, V> = Box::new(move |s: &mut S, snap: &watch::Sender<Arc<V>>| {
-            let r = f(s);
-            snap.send_replace(Arc::new(view(s)));
-            let _ = reply.send(r);
-        });
+        let (job, rx) = publishing(f, view);
         self.tx.blocking_send(job).map_err(|_| Stopped(self.name))?;
         rx.blocking_recv().map_err(|_| Stopped(self.name))
     }

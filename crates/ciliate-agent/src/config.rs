@@ -311,11 +311,8 @@ impl Flags {
             self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
-        let api_socket = self
-            .socket
-            .clone()
-            .or(file.socket.clone())
-            .unwrap_or_else(|| ciliate_api::default_socket(&node));
+        let api_socket =
+            self.socket.or(file.socket).unwrap_or_else(|| ciliate_api::default_socket(&node));
         let hubble = if self.enable_hubble.or(file.enable_hubble).unwrap_or(true) {
             let listen = crate::metrics::parse_addr(
                 self.hubble_listen_address

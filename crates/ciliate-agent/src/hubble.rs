@@ -173,14 +173,31 @@ impl Observer {
     }
 }
 
+/// The endpoint manager's view, with its endpoints indexed by address
+/// (made again only when the view changes, not per event).
+pub struct Known {
+    view: Arc<EndpointsView>,
+    by_ip: HashMap<Ipv4Addr, u16>,
+}
+
+impl Known {
+    pub fn new(view: Arc<EndpointsView>) -> Self {
+        let by_ip = view.endpoints.values().map(|e| (e.ip, e.id)).collect();
+        Self { view, by_ip }
+    }
+}
+
 /// Turn the hub's records into flows until the hub closes.
-pub async fn run_parser(obs: Arc<Observer>, hub: EventHub, view: View, ifnames: Arc<IfNames>) {
+pub async fn run_parser(obs: Arc<Observer>, hub: EventHub, mut view: View, ifnames: Arc<IfNames>) {
     let mut sub = hub.subscribe_internal();
+    let mut known = Known::new(view.borrow_and_update().clone());
     while let Some(rec) = sub.next().await {
         match &*rec {
             Record::Event { time, event } => {
-                let v = view.borrow().clone();
-                if let Some(mut f) = to_flow(&obs.node, *time, event, &v) {
+                if view.has_changed().unwrap_or(false) {
+                    known = Known::new(view.borrow_and_update().clone());
+                }
+                if let Some(mut f) = to_flow(&obs.node, *time, event, &known) {
                     if let Some(i) = f.interface.as_mut() {
                         i.name = ifnames.name(i.index).await;
                     }
@@ -258,12 +275,13 @@ fn parse_packet(frame: &[u8]) -> Option<Packet> {
 
 /// The flow endpoint for `ip` with `identity`: a local endpoint's ID, pod
 /// and labels, or the identity's labels.
-fn endpoint(v: &EndpointsView, ip: Option<Ipv4Addr>, id_hint: u16, identity: u32) -> Endpoint {
+fn endpoint(k: &Known, ip: Option<Ipv4Addr>, id_hint: u16, identity: u32) -> Endpoint {
+    let v = &k.view;
     let local: Option<&ApiEndpoint> = v
         .endpoints
         .get(&id_hint)
         .filter(|_| id_hint != 0)
-        .or_else(|| ip.and_then(|ip| v.endpoints.values().find(|e| e.ip == ip)));
+        .or_else(|| ip.and_then(|ip| v.endpoints.get(k.by_ip.get(&ip)?)));
     let identity = match (identity, local) {
         (0, Some(e)) => e.identity,
         (i, _) => i,
@@ -298,7 +316,7 @@ fn flip(d: TrafficDirection) -> TrafficDirection {
 }
 
 /// One event as a flow (`None` for kinds the observer does not show).
-pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &EndpointsView) -> Option<Flow> {
+pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Flow> {
     let pkt = parse_packet(ev.captured());
     let (src_ip, dst_ip) = (pkt.as_ref().map(|p| p.src), pkt.as_ref().map(|p| p.dst));
     let mut f = Flow {
@@ -662,17 +680,36 @@ impl ObserverApi for Service {
     }
 }
 
-/// The cluster's nodes as peers (name → observer address).
-async fn peers(kv: &dyn KvStore, port: u16) -> Result<HashMap<String, String>, Status> {
-    let nodes = kv
-        .list(crate::kvstore::NODES)
-        .await
-        .map_err(|e| Status::unavailable(format!("listing nodes: {e}")))?;
-    Ok(nodes
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice::<crate::cluster::NodeRecord>(&v).ok())
-        .map(|n| (n.name, format!("{}:{port}", IpAddr::V4(n.ip))))
-        .collect())
+/// A node record of the store as a peer: (name, observer address).
+fn peer_of(value: &[u8], port: u16) -> Option<(String, String)> {
+    let n = serde_json::from_slice::<crate::cluster::NodeRecord>(value).ok()?;
+    Some((n.name, format!("{}:{port}", IpAddr::V4(n.ip))))
+}
+
+fn note(
+    (name, address): &(String, String),
+    t: peer::ChangeNotificationType,
+) -> Result<peer::ChangeNotification, Status> {
+    Ok(peer::ChangeNotification {
+        name: name.clone(),
+        address: address.clone(),
+        r#type: t as i32,
+        tls: None,
+    })
+}
+
+type Peers = BTreeMap<String, (String, String)>;
+type Notes = Vec<Result<peer::ChangeNotification, Status>>;
+
+/// Store key `k` now holds node record `v`: a peer added or updated.
+fn put_peer(known: &mut Peers, notes: &mut Notes, k: String, v: &[u8], port: u16) {
+    use peer::ChangeNotificationType::{PeerAdded, PeerUpdated};
+    let Some(p) = peer_of(v, port) else { return };
+    match known.insert(k, p.clone()) {
+        None => notes.push(note(&p, PeerAdded)),
+        Some(old) if old != p => notes.push(note(&p, PeerUpdated)),
+        _ => {}
+    }
 }
 
 #[tonic::async_trait]
@@ -680,54 +717,58 @@ impl PeerApi for Service {
     type NotifyStream =
         Pin<Box<dyn Stream<Item = Result<peer::ChangeNotification, Status>> + Send>>;
 
-    /// Every node of the cluster store as PEER_ADDED, then each change
-    /// (checked each second).
+    /// Every node of the cluster store as PEER_ADDED, then each change, as
+    /// the store's watch of the nodes tells it.
     async fn notify(
         &self,
         _: Request<peer::NotifyRequest>,
     ) -> Result<Response<Self::NotifyStream>, Status> {
-        let (kv, port) = (self.kv.clone(), self.port);
-        let mut known = peers(&*kv, port).await?;
+        use crate::kvstore::WatchEvent;
+        use peer::ChangeNotificationType::PeerDeleted;
+        let port = self.port;
+        let mut watch = self
+            .kv
+            .watch(crate::kvstore::NODES)
+            .await
+            .map_err(|e| Status::unavailable(format!("watching nodes: {e}")))?;
         let (tx, rx) = mpsc::channel(64);
-        let note = |name: &str, address: &str, t: peer::ChangeNotificationType| {
-            Ok(peer::ChangeNotification {
-                name: name.to_owned(),
-                address: address.to_owned(),
-                r#type: t as i32,
-                tls: None,
-            })
-        };
-        for (n, a) in &known {
-            let _ = tx.send(note(n, a, peer::ChangeNotificationType::PeerAdded)).await;
-        }
         tokio::spawn(async move {
+            // Store key → peer.
+            let mut known = Peers::new();
             loop {
-                tokio::select! {
+                let ev = tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                let Ok(now) = peers(&*kv, port).await else { continue };
+                    ev = watch.recv() => match ev { Some(ev) => ev, None => return },
+                };
                 let mut notes = Vec::new();
-                for (n, a) in &now {
-                    match known.get(n) {
-                        None => notes.push(note(n, a, peer::ChangeNotificationType::PeerAdded)),
-                        Some(old) if old != a => {
-                            notes.push(note(n, a, peer::ChangeNotificationType::PeerUpdated))
+                match ev {
+                    WatchEvent::Put(k, v) => put_peer(&mut known, &mut notes, k, &v, port),
+                    WatchEvent::Delete(k) => {
+                        if let Some(p) = known.remove(&k) {
+                            notes.push(note(&p, PeerDeleted));
                         }
-                        _ => {}
                     }
-                }
-                for (n, a) in &known {
-                    if !now.contains_key(n) {
-                        notes.push(note(n, a, peer::ChangeNotificationType::PeerDeleted));
+                    WatchEvent::Sync(all) => {
+                        let keys: std::collections::BTreeSet<&String> =
+                            all.iter().map(|(k, _)| k).collect();
+                        let gone: Vec<String> =
+                            known.keys().filter(|k| !keys.contains(k)).cloned().collect();
+                        for k in gone {
+                            if let Some(p) = known.remove(&k) {
+                                notes.push(note(&p, PeerDeleted));
+                            }
+                        }
+                        for (k, v) in all {
+                            put_peer(&mut known, &mut notes, k, &v, port);
+                        }
                     }
+                    WatchEvent::Error(_) => {}
                 }
                 for n in notes {
                     if tx.send(n).await.is_err() {
                         return;
                     }
                 }
-                known = now;
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

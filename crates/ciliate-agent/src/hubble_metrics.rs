@@ -167,17 +167,13 @@ impl HubbleMetrics {
             let direction = TrafficDirection::try_from(f.traffic_direction)
                 .map(|d| d.as_str_name().to_lowercase())
                 .unwrap_or_default();
-            let matched = match f.policy_match_type {
-                1 => "l3-only",
-                2 => "l3-l4",
-                3 => "l4-only",
-                4 => "all",
-                _ => "none",
-            };
+            let matched =
+                ciliate_common::policy::match_name(u8::try_from(f.policy_match_type).unwrap_or(0))
+                    .to_lowercase();
             self.policy_verdicts
                 .get_or_create(&vec![
                     ("direction", direction),
-                    ("match", matched.to_owned()),
+                    ("match", matched),
                     ("action", verdict.to_lowercase()),
                 ])
                 .inc();

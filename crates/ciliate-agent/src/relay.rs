@@ -240,12 +240,18 @@ impl ObserverApi for Relay {
             }
             // Hold each flow until REORDER has passed, then release flows
             // oldest first; what is left goes when every node is done.
-            let mut held: Vec<(Instant, GetFlowsResponse)> = Vec::new();
+            // Kept in flow-time order (the arrival number breaks ties).
+            let mut held: BTreeMap<((i64, i32), u64), (Instant, GetFlowsResponse)> =
+                BTreeMap::new();
+            let mut arrivals = 0u64;
             let mut tick = tokio::time::interval(REORDER / 3);
             loop {
                 tokio::select! {
                     got = frx.recv() => match got {
-                        Some((_, Ok(resp))) => held.push((Instant::now(), resp)),
+                        Some((_, Ok(resp))) => {
+                            arrivals += 1;
+                            held.insert((key(&resp), arrivals), (Instant::now(), resp));
+                        }
                         Some((name, Err(e))) => {
                             peers.mark_down(&name, e.message().to_owned());
                             let msg = node_status(NodeState::NodeUnavailable, vec![name], e.message().to_owned());
@@ -256,19 +262,16 @@ impl ObserverApi for Relay {
                     _ = tick.tick() => {}
                     _ = tx.closed() => return,
                 }
-                held.sort_by_key(|(_, r)| key(r));
                 // Release the oldest flows up to the first one still young.
-                let ripe =
-                    held.iter().position(|(at, _)| at.elapsed() < REORDER).unwrap_or(held.len());
-                let out: Vec<_> = held.drain(..ripe).collect();
-                for (_, resp) in out {
-                    if tx.send(Ok(resp)).await.is_err() {
+                while let Some(e) = held.first_entry()
+                    && e.get().0.elapsed() >= REORDER
+                {
+                    if tx.send(Ok(e.remove().1)).await.is_err() {
                         return;
                     }
                 }
             }
-            held.sort_by_key(|(_, r)| key(r));
-            for (_, resp) in held {
+            for (_, resp) in held.into_values() {
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }

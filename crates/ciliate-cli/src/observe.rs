@@ -450,21 +450,13 @@ fn kind(f: &Flow) -> String {
         .map(|d| d.as_str_name())
         .unwrap_or("");
     match et.r#type {
-        1 => DropReason::try_from(f.drop_reason_desc)
-            .map(|r| r.as_str_name().replace('_', " ").to_lowercase())
-            .map(|r| {
-                let mut c = r.chars();
-                c.next().map(|x| x.to_uppercase().collect::<String>() + c.as_str()).unwrap_or(r)
-            })
-            .unwrap_or_else(|_| "drop".into()),
+        // The datapath's drop reasons and match types, named as the
+        // monitor names them.
+        1 => ciliate_common::drop::reason_name(u8::try_from(f.drop_reason_desc).unwrap_or(0))
+            .to_owned(),
         9 => {
-            let m = match f.policy_match_type {
-                1 => "L3-Only",
-                2 => "L3-L4",
-                3 => "L4-Only",
-                4 => "all",
-                _ => "none",
-            };
+            let m =
+                ciliate_common::policy::match_name(u8::try_from(f.policy_match_type).unwrap_or(0));
             format!("policy-verdict:{m} {dir}")
         }
         _ => TraceObservationPoint::try_from(f.trace_observation_point)
@@ -486,11 +478,6 @@ fn summary(f: &Flow) -> String {
         },
         _ => f.summary.clone(),
     }
-}
-
-fn ports(f: &Flow) -> (Option<u16>, Option<u16>) {
-    let (s, d, _) = ciliate_hubble::filter::l4(f);
-    (s, d)
 }
 
 fn lost(l: &LostEvent) -> String {
@@ -523,7 +510,7 @@ pub fn render(r: &GetFlowsResponse, output: Output) -> String {
         None => return String::new(),
     };
     let ip = f.ip.clone().unwrap_or_default();
-    let (sp, dp) = ports(f);
+    let (sp, dp, _) = ciliate_hubble::filter::l4(f);
     let (src, dst) = (
         side(f.source.as_ref(), &ip.source, sp),
         side(f.destination.as_ref(), &ip.destination, dp),
