@@ -1,7 +1,8 @@
 //! Generate the messages and the gRPC server and client code from the
 //! protos (protoc from the machine: `scripts/bootstrap` installs it), the
 //! descriptor set served through gRPC reflection, and the protobuf JSON
-//! mapping of every message (pbjson), as Hubble prints flows.
+//! mapping of every message (pbjson) with the protos' field names, as
+//! Hubble prints flows.
 
 fn main() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
@@ -22,6 +23,9 @@ fn main() {
     pbjson_build::Builder::new()
         .register_descriptors(&set)
         .expect("registering the descriptors")
+        // Hubble prints (and its exporter writes) the protos' own field
+        // names: `pod_name`, `traffic_direction`, `IP.ipVersion`.
+        .preserve_proto_field_names()
         .build(&[".flow", ".observer", ".relay", ".peer"])
         .expect("generating the JSON mapping");
 }

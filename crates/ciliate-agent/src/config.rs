@@ -119,12 +119,35 @@ pub struct Flags {
     /// policy (comma-separated) [default: none; hubble_lost_events_total always]
     #[arg(long, env = "CILIATE_HUBBLE_METRICS")]
     pub hubble_metrics: Option<String>,
+    /// Write every flow as a JSON line to this file (rotated by size); GetFlows reads it
+    /// back for a --since older than the ring [default: none]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FILE_PATH")]
+    pub hubble_export_file_path: Option<PathBuf>,
+    /// Rotate the export file at this size [default: 10]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FILE_MAX_SIZE_MB")]
+    pub hubble_export_file_max_size_mb: Option<u64>,
+    /// Rotated export files kept [default: 5]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FILE_MAX_BACKUPS")]
+    pub hubble_export_file_max_backups: Option<usize>,
+    /// Export only flows that pass one of these JSON flow filters:
+    /// '{"verdict":["DROPPED"]},{"source_pod":["kube-system/"]}' [default: all]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_ALLOWLIST")]
+    pub hubble_export_allowlist: Option<String>,
+    /// Do not export flows that pass one of these JSON flow filters [default: none]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_DENYLIST")]
+    pub hubble_export_denylist: Option<String>,
+    /// Export only these flow fields: time,verdict,source.pod_name,... [default: all]
+    #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FIELDMASK")]
+    pub hubble_export_fieldmask: Option<String>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
-    /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics
+    /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics,
+    /// hubble_export_file_path, hubble_export_file_max_size_mb,
+    /// hubble_export_file_max_backups, hubble_export_allowlist, hubble_export_denylist,
+    /// hubble_export_fieldmask
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -163,6 +186,12 @@ struct FileConfig {
     hubble_socket_path: Option<PathBuf>,
     hubble_event_buffer_capacity: Option<usize>,
     hubble_metrics: Option<String>,
+    hubble_export_file_path: Option<PathBuf>,
+    hubble_export_file_max_size_mb: Option<u64>,
+    hubble_export_file_max_backups: Option<usize>,
+    hubble_export_allowlist: Option<String>,
+    hubble_export_denylist: Option<String>,
+    hubble_export_fieldmask: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,6 +240,8 @@ pub struct HubbleConfig {
     pub capacity: usize,
     /// `--hubble-metrics` groups.
     pub metrics: Vec<String>,
+    /// `None`: flows are not exported.
+    pub export: Option<crate::hubble_export::ExportConfig>,
 }
 
 /// Which store, and where.
@@ -338,7 +369,50 @@ impl Flags {
                 self.hubble_metrics.or(file.hubble_metrics).as_deref().unwrap_or(""),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
-            Some(HubbleConfig { listen, socket, capacity, metrics })
+            let export = match self.hubble_export_file_path.or(file.hubble_export_file_path) {
+                None => None,
+                Some(path) => {
+                    use crate::hubble_export as x;
+                    let mb = self
+                        .hubble_export_file_max_size_mb
+                        .or(file.hubble_export_file_max_size_mb)
+                        .unwrap_or(x::DEFAULT_MAX_SIZE_MB);
+                    if mb == 0 {
+                        anyhow::bail!("hubble export file max size: at least 1 MB");
+                    }
+                    let allow = self
+                        .hubble_export_allowlist
+                        .or(file.hubble_export_allowlist)
+                        .unwrap_or_default();
+                    let deny = self
+                        .hubble_export_denylist
+                        .or(file.hubble_export_denylist)
+                        .unwrap_or_default();
+                    x::parse_filters(&allow)
+                        .map_err(|e| anyhow::anyhow!("hubble export allowlist: {e}"))?;
+                    x::parse_filters(&deny)
+                        .map_err(|e| anyhow::anyhow!("hubble export denylist: {e}"))?;
+                    let field_mask = x::parse_field_mask(
+                        &self
+                            .hubble_export_fieldmask
+                            .or(file.hubble_export_fieldmask)
+                            .unwrap_or_default(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("hubble export fieldmask: {e}"))?;
+                    Some(x::ExportConfig {
+                        path,
+                        max_size: mb.saturating_mul(1 << 20),
+                        max_backups: self
+                            .hubble_export_file_max_backups
+                            .or(file.hubble_export_file_max_backups)
+                            .unwrap_or(x::DEFAULT_MAX_BACKUPS),
+                        allow,
+                        deny,
+                        field_mask,
+                    })
+                }
+            };
+            Some(HubbleConfig { listen, socket, capacity, metrics, export })
         } else {
             None
         };

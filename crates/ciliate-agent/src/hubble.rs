@@ -145,6 +145,15 @@ impl Observer {
         }));
     }
 
+    /// Every record from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Item> {
+        self.tx.subscribe()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The ring's flows and a subscription to the ones after them.
     fn snapshot(&self) -> (Vec<Arc<Flow>>, broadcast::Receiver<Item>) {
         let r = self.ring();
@@ -482,7 +491,7 @@ pub fn mask(f: &Flow, paths: &[String]) -> Result<Flow, Status> {
     Ok(out)
 }
 
-fn response(node: &str, item: &Item) -> GetFlowsResponse {
+pub fn response(node: &str, item: &Item) -> GetFlowsResponse {
     match item {
         Item::Flow(f) => GetFlowsResponse {
             time: f.time,
@@ -515,6 +524,8 @@ pub struct Service {
     pub observer: Arc<Observer>,
     pub kv: Arc<dyn KvStore>,
     pub port: u16,
+    /// The flow export file, read back for a `since` older than the ring.
+    pub export: Option<std::path::PathBuf>,
 }
 
 fn with_version<T>(mut r: Response<T>) -> Response<T> {
@@ -540,19 +551,48 @@ impl ObserverApi for Service {
         if r.first && r.follow {
             return Err(Status::invalid_argument("first cannot be combined with follow"));
         }
-        let filters = FlowFilters::new(&r.whitelist, &r.blacklist)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let filters = Arc::new(
+            FlowFilters::new(&r.whitelist, &r.blacklist)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        );
         let paths = r.field_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
         if !paths.is_empty() {
             mask(&Flow::default(), &paths)?;
         }
         let (since, until) = (r.since, r.until);
         let (flows, mut live) = self.observer.snapshot();
-        let mut past: Vec<Arc<Flow>> = flows
-            .into_iter()
-            .filter(|f| in_window(f.time.as_ref(), since.as_ref(), until.as_ref()))
-            .filter(|f| filters.passes(f))
-            .collect();
+        // A `since` older than the ring's oldest flow: the exported flows
+        // before it first (the ring may have lost them, or the agent
+        // restarted since).
+        let oldest = flows.first().and_then(|f| f.time);
+        let older = match (&since, &oldest) {
+            (Some(s), Some(o)) => ts_time(s) < ts_time(o),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let mut past: Vec<Arc<Flow>> = match (&self.export, older) {
+            (Some(path), true) => {
+                let (path, filters) = (path.clone(), filters.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::hubble_export::read_back(
+                        &path,
+                        since.as_ref(),
+                        until.as_ref(),
+                        oldest.as_ref(),
+                        &filters,
+                    )
+                })
+                .await
+                .map_err(|e| Status::internal(format!("reading exported flows: {e}")))?
+            }
+            _ => vec![],
+        };
+        past.extend(
+            flows
+                .into_iter()
+                .filter(|f| in_window(f.time.as_ref(), since.as_ref(), until.as_ref()))
+                .filter(|f| filters.passes(f)),
+        );
         // `since` wins over `number`; without either, a follower starts
         // with what comes next and a one-shot request gets the whole ring.
         if since.is_none() {

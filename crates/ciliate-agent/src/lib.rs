@@ -23,6 +23,7 @@ pub mod config;
 pub mod endpoint;
 pub mod events;
 pub mod hubble;
+pub mod hubble_export;
 pub mod hubble_metrics;
 pub mod identity;
 pub mod ipam;

@@ -1211,6 +1211,7 @@ fn peers_of(pr: &PeerRule, ns: Option<&str>, identities: &IdView) -> BTreeSet<u3
     out
 }
 
+pub mod explain;
 #[cfg(test)]
 mod tests;
 
@@ -1233,6 +1234,9 @@ pub struct Trace {
     pub ingress: DirectionTrace,
     /// "ALLOWED" or "DENIED".
     pub verdict: String,
+    /// DENIED: why, and the smallest policy that would allow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<explain::Explanation>,
 }
 
 fn matching(r: &PolicyRule, identity: u32, proto: u8, port: u16) -> bool {
@@ -1370,12 +1374,16 @@ pub fn trace(
     } else {
         open()
     };
-    let verdict = if egress.verdict == "allowed" && ingress.verdict == "allowed" {
-        "ALLOWED"
-    } else {
-        "DENIED"
+    if egress.verdict == "allowed" && ingress.verdict == "allowed" {
+        return Trace { egress, ingress, verdict: "ALLOWED".into(), explanation: None };
+    }
+    let proto_name = match proto {
+        6 => "tcp",
+        17 => "udp",
+        _ => "icmp",
     };
-    Trace { egress, ingress, verdict: verdict.into() }
+    let explanation = explain::explain(&egress, &ingress, src, dst, proto_name, port, &ids);
+    Trace { egress, ingress, verdict: "DENIED".into(), explanation: Some(explanation) }
 }
 
 /// One selector of the policy in force and what it selects now

@@ -103,7 +103,16 @@ fn main() {
     // command-line tools do, instead of panicking on the write.
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let m = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
+    // `--not` negates the flag after it: where flags stood is in the matches.
+    if let (Command::Observe(a), Some(om)) = (&mut cli.command, m.subcommand_matches("observe"))
+        && let Err(e) = observe::negate(a, om)
+    {
+        eprintln!("Error: {e:#}");
+        std::process::exit(2);
+    }
     let t = target::Target { socket: cli.socket, lab: cli.lab, pin_dir: cli.pin_dir };
     if let Err(e) = cli.command.run(&t) {
         eprintln!("Error: {e:#}");

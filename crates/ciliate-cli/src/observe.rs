@@ -136,11 +136,126 @@ pub struct ObserveArgs {
     /// ipv4 or ipv6
     #[arg(long)]
     ip_version: Vec<String>,
-    /// Negate: flows that match the other filters are left out instead
+    /// Negate the filter flag that follows: --not --ip 10.0.0.0/8 leaves those flows out
+    /// (negated flags together make one blacklist filter, as hubble's)
+    #[arg(long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    not: Vec<bool>,
+    /// Read flows from this file of JSON lines (an export file, or -o json output; - for
+    /// stdin) instead of an observer
     #[arg(long)]
-    not: bool,
+    input_file: Option<PathBuf>,
     #[arg(short = 'o', long, value_enum, default_value = "compact")]
     output: Output,
+    /// Explain each policy drop: which side denied it, by which rule or by default deny,
+    /// and the smallest policy that would allow it (asks the agent's policy trace; in JSON
+    /// output, an "explain" field)
+    #[arg(long)]
+    explain: bool,
+    /// The flags that followed a --not (set by [`negate`]).
+    #[arg(skip)]
+    negated: Option<Box<ObserveArgs>>,
+}
+
+/// The flags filters are made of (clap ids).
+const FILTER_FLAGS: [&str; 29] = [
+    "pod",
+    "from_pod",
+    "to_pod",
+    "namespace",
+    "from_namespace",
+    "to_namespace",
+    "label",
+    "from_label",
+    "to_label",
+    "ip",
+    "from_ip",
+    "to_ip",
+    "identity",
+    "from_identity",
+    "to_identity",
+    "service",
+    "from_service",
+    "to_service",
+    "port",
+    "from_port",
+    "to_port",
+    "verdict",
+    "kind",
+    "protocol",
+    "node_name",
+    "traffic_direction",
+    "drop_reason_desc",
+    "is_reply",
+    "ip_version",
+];
+
+/// Move the filter flags that directly follow a `--not` from `a` to
+/// `a.negated` (clap tells where each flag and value stood on the command
+/// line).
+pub fn negate(a: &mut ObserveArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {
+    use clap::{Args as _, FromArgMatches as _};
+    let given_not = matches!(m.value_source("not"), Some(clap::parser::ValueSource::CommandLine));
+    let nots: Vec<usize> = m.indices_of("not").map(Iterator::collect).unwrap_or_default();
+    if !given_not || nots.is_empty() {
+        return Ok(());
+    }
+    let cmd = ObserveArgs::augment_args(clap::Command::new("observe"));
+    // (position of the flag, flag, value)
+    let mut given: Vec<(usize, String, String)> = Vec::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        let (Some(raw), Some(at)) = (m.get_raw(id), m.indices_of(id)) else { continue };
+        if !matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine)) {
+            continue;
+        }
+        let flag = arg.get_long().map(|l| format!("--{l}")).unwrap_or_default();
+        for (v, i) in raw.zip(at) {
+            given.push((i, flag.clone(), v.to_string_lossy().into_owned()));
+        }
+    }
+    given.retain(|(_, flag, _)| flag != "--not");
+    given.sort_by_key(|(i, _, _)| *i);
+    let mut negated = vec!["observe".to_owned()];
+    let mut taken = Vec::new();
+    for n in nots {
+        // The flag right after this --not (its value's place: `--ip
+        // 1.2.3.4` and `--ip=1.2.3.4` count differently).
+        let Some(k) = given.iter().position(|(i, _, _)| *i > n) else {
+            anyhow::bail!("--not must be followed by a filter flag (--not --ip 10.0.0.0/8)");
+        };
+        let (_, flag, v) = &given[k];
+        let id = flag.trim_start_matches("--").replace('-', "_");
+        let id = if id == "type" { "kind".to_owned() } else { id };
+        if !FILTER_FLAGS.contains(&id.as_str()) {
+            anyhow::bail!("--not negates a filter flag; {flag} is not one");
+        }
+        negated.push(flag.clone());
+        negated.push(v.clone());
+        taken.push(k);
+    }
+    let nm =
+        ObserveArgs::augment_args(clap::Command::new("observe")).try_get_matches_from(&negated)?;
+    let neg = ObserveArgs::from_arg_matches(&nm)?;
+    // What was negated leaves the whitelist: parse the rest again without it.
+    let mut kept = vec!["observe".to_owned()];
+    for (k, (_, flag, v)) in given.iter().enumerate() {
+        if taken.contains(&k) {
+            continue;
+        }
+        let bool_flag = cmd
+            .get_arguments()
+            .find(|x| x.get_long() == flag.strip_prefix("--"))
+            .is_some_and(|x| !x.get_action().takes_values());
+        kept.push(flag.clone());
+        if !bool_flag {
+            kept.push(v.clone());
+        }
+    }
+    let km =
+        ObserveArgs::augment_args(clap::Command::new("observe")).try_get_matches_from(&kept)?;
+    *a = ObserveArgs::from_arg_matches(&km)?;
+    a.negated = Some(Box::new(neg));
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -305,8 +420,13 @@ pub fn filters(a: &ObserveArgs) -> anyhow::Result<Vec<FlowFilter>> {
 }
 
 pub fn request(a: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
-    let f = filters(a)?;
-    let (whitelist, blacklist) = if a.not { (vec![], f) } else { (f, vec![]) };
+    let whitelist = filters(a)?;
+    let blacklist = match &a.negated {
+        // Negated flags make one filter (a flow is left out when it
+        // matches them all), either-side ones one per side.
+        Some(n) => filters(n)?,
+        None => vec![],
+    };
     let since = a.since.as_deref().map(when).transpose()?;
     let until = a.until.as_deref().map(when).transpose()?;
     // As hubble observe: the last 20 unless told otherwise (or following).
@@ -327,8 +447,63 @@ pub fn request(a: &ObserveArgs) -> anyhow::Result<GetFlowsRequest> {
     })
 }
 
+/// The flows of a file of JSON lines that `req` asks for (as an observer
+/// would answer it: window, filters, first or last N).
+fn from_file(
+    path: &std::path::Path,
+    req: &GetFlowsRequest,
+) -> anyhow::Result<Vec<GetFlowsResponse>> {
+    use std::io::BufRead as _;
+    let input: Box<dyn std::io::Read> = if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("{}", path.display()))?)
+    };
+    let filters = ciliate_hubble::filter::FlowFilters::new(&req.whitelist, &req.blacklist)?;
+    let key = |t: &pbjson_types::Timestamp| (t.seconds, t.nanos);
+    let mut out = Vec::new();
+    for (n, l) in std::io::BufReader::new(input).lines().enumerate() {
+        let l = l.with_context(|| format!("reading {}", path.display()))?;
+        if l.trim().is_empty() {
+            continue;
+        }
+        let r: GetFlowsResponse = serde_json::from_str(&l)
+            .with_context(|| format!("{} line {}: not a flow response", path.display(), n + 1))?;
+        if let Some(ResponseTypes::Flow(f)) = &r.response_types {
+            let t = f.time.as_ref().map(key).unwrap_or_default();
+            if req.since.as_ref().is_some_and(|s| t < key(s))
+                || req.until.as_ref().is_some_and(|u| t > key(u))
+                || !filters.passes(f)
+            {
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    let n = req.number as usize;
+    if req.since.is_none() && n > 0 && out.len() > n {
+        if req.first {
+            out.truncate(n);
+        } else {
+            out.drain(..out.len() - n);
+        }
+    }
+    Ok(out)
+}
+
 pub fn observe(t: &Target, a: &ObserveArgs) -> anyhow::Result<()> {
     let req = request(a)?;
+    if let Some(path) = &a.input_file {
+        anyhow::ensure!(!a.follow, "--follow reads an observer, not a file");
+        if a.output == Output::Table {
+            println!("{}", table_header());
+        }
+        let mut ex = a.explain.then(|| Explainer::new(t));
+        for r in from_file(path, &req)? {
+            println!("{}", render_explained(&r, a.output, ex.as_mut()));
+        }
+        return Ok(());
+    }
     let server = server(t, a.server.as_deref())?;
     runtime()?.block_on(async {
         let mut c = connect(&server).await?;
@@ -338,8 +513,9 @@ pub fn observe(t: &Target, a: &ObserveArgs) -> anyhow::Result<()> {
         }
         let mut out = std::io::stdout().lock();
         use std::io::Write as _;
+        let mut ex = a.explain.then(|| Explainer::new(t));
         while let Some(r) = stream.message().await.context("reading flows")? {
-            writeln!(out, "{}", render(&r, a.output))?;
+            writeln!(out, "{}", render_explained(&r, a.output, ex.as_mut()))?;
             if a.follow {
                 out.flush()?;
             }
@@ -496,6 +672,102 @@ fn table_header() -> String {
     )
 }
 
+/// Explanations of policy drops, asked of the agent's policy trace once
+/// per (source identity, destination identity, protocol, port).
+struct Explainer {
+    client: anyhow::Result<ciliate_api::Client>,
+    known: std::collections::HashMap<(u32, u32, &'static str, u16), serde_json::Value>,
+}
+
+impl Explainer {
+    fn new(t: &Target) -> Self {
+        Self { client: t.client(), known: Default::default() }
+    }
+
+    /// The trace's explanation for policy drop `f` (`None` for any other
+    /// flow); an error from the agent is the explanation's `error`.
+    fn explain(&mut self, f: &Flow) -> Option<serde_json::Value> {
+        if f.verdict != Verdict::Dropped as i32
+            || f.drop_reason_desc != DropReason::PolicyDenied as i32
+        {
+            return None;
+        }
+        let (_, dport, proto) = ciliate_hubble::filter::l4(f);
+        let proto: &'static str = match proto {
+            "tcp" => "tcp",
+            "udp" => "udp",
+            _ => "icmp",
+        };
+        let port = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+            Some(Protocol::IcmPv4(i)) => i.r#type as u16,
+            _ => dport.unwrap_or(0),
+        };
+        let (src, dst) = (
+            f.source.as_ref().map(|e| e.identity).unwrap_or(0),
+            f.destination.as_ref().map(|e| e.identity).unwrap_or(0),
+        );
+        let key = (src, dst, proto, port);
+        if let Some(x) = self.known.get(&key) {
+            return Some(x.clone());
+        }
+        let x = match &self.client {
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            Ok(c) => {
+                let peer = |id| ciliate_api::models::TracePeer {
+                    identity: Some(id),
+                    ..Default::default()
+                };
+                let req = ciliate_api::models::TraceRequest {
+                    src: peer(src),
+                    dst: peer(dst),
+                    proto: proto.to_owned(),
+                    dport: port,
+                };
+                // The API client runs its own runtime: not on the stream's.
+                let t: anyhow::Result<serde_json::Value> = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        Ok(c.call(
+                            ciliate_api::client::method::POST,
+                            "/v1/policy/trace",
+                            Some(&req),
+                        )?)
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the trace call panicked")))
+                });
+                match t {
+                    Ok(t) => t.get("explanation").cloned().unwrap_or_else(|| {
+                        serde_json::json!({ "error": "the policy in force now allows this flow" })
+                    }),
+                    Err(e) => serde_json::json!({ "error": format!("policy trace: {e:#}") }),
+                }
+            }
+        };
+        self.known.insert(key, x.clone());
+        Some(x)
+    }
+}
+
+/// One response in `output`, with its explanation when `ex` is given and
+/// the response is a policy drop.
+fn render_explained(r: &GetFlowsResponse, output: Output, ex: Option<&mut Explainer>) -> String {
+    let x = match (&r.response_types, ex) {
+        (Some(ResponseTypes::Flow(f)), Some(ex)) => ex.explain(f),
+        _ => None,
+    };
+    let Some(x) = x else { return render(r, output) };
+    if matches!(output, Output::Json | Output::Jsonpb) {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["explain"] = x;
+        return v.to_string();
+    }
+    let text = match x.get("error").and_then(|e| e.as_str()) {
+        Some(e) => format!("    (not explained: {e})\n"),
+        None => crate::policy::explanation_text(&x, "    "),
+    };
+    format!("{}\n{}", render(r, output), text.trim_end())
+}
+
 /// One response in `output`.
 pub fn render(r: &GetFlowsResponse, output: Output) -> String {
     if matches!(output, Output::Json | Output::Jsonpb) {
@@ -632,6 +904,89 @@ mod tests {
         assert_eq!(render(&lost, Output::Compact), "EVENTS LOST: HUBBLE_RING_BUFFER 7");
     }
 
+    /// `ciliate observe ARGS` as main parses it.
+    fn args(argv: &[&str]) -> ObserveArgs {
+        use clap::{Args as _, FromArgMatches as _};
+        let m = ObserveArgs::augment_args(clap::Command::new("observe"))
+            .try_get_matches_from(std::iter::once("observe").chain(argv.iter().copied()))
+            .unwrap();
+        let mut a = ObserveArgs::from_arg_matches(&m).unwrap();
+        negate(&mut a, &m).unwrap();
+        a
+    }
+
+    #[test]
+    fn not_negates_only_the_flag_after_it() {
+        let a = args(&[
+            "--verdict",
+            "DROPPED",
+            "--not",
+            "--from-ip=10.0.0.0/8",
+            "-f",
+            "--not",
+            "--to-port",
+            "53",
+            "--from-pod",
+            "default/a",
+        ]);
+        assert!(a.follow);
+        let r = request(&a).unwrap();
+        assert_eq!(r.whitelist.len(), 1);
+        let w = &r.whitelist[0];
+        assert_eq!(w.verdict, [Verdict::Dropped as i32]);
+        assert_eq!(w.source_pod, ["default/a"]);
+        assert!(w.source_ip.is_empty() && w.destination_port.is_empty(), "{w:?}");
+        assert_eq!(r.blacklist.len(), 1);
+        let b = &r.blacklist[0];
+        assert_eq!(b.source_ip, ["10.0.0.0/8"]);
+        assert_eq!(b.destination_port, ["53"]);
+        assert!(b.verdict.is_empty() && b.source_pod.is_empty(), "{b:?}");
+        // Not a filter, or nothing after it: said.
+        use clap::{Args as _, FromArgMatches as _};
+        for bad in [&["--not", "--follow"][..], &["--not"], &["--not", "--last", "3"]] {
+            let m = ObserveArgs::augment_args(clap::Command::new("observe"))
+                .try_get_matches_from(std::iter::once("observe").chain(bad.iter().copied()))
+                .unwrap();
+            let mut a = ObserveArgs::from_arg_matches(&m).unwrap();
+            let e = negate(&mut a, &m).unwrap_err().to_string();
+            assert!(e.contains("--not"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_input_file_is_read_as_an_observer_would_answer() {
+        let dir = std::env::temp_dir().join(format!("ciliate-observe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("flows.json");
+        let mut lines = String::new();
+        for i in 0..5 {
+            let mut r = drop_response();
+            if let Some(ResponseTypes::Flow(f)) = r.response_types.as_mut() {
+                f.time.as_mut().unwrap().seconds += i;
+                if i % 2 == 1 {
+                    f.verdict = Verdict::Forwarded as i32;
+                }
+            }
+            lines += &render(&r, Output::Json);
+            lines += "\n";
+        }
+        std::fs::write(&p, lines).unwrap();
+        let req = request(&args(&["--verdict", "DROPPED", "--last", "2"])).unwrap();
+        let got = from_file(&p, &req).unwrap();
+        let secs: Vec<i64> = got
+            .iter()
+            .filter_map(|r| match &r.response_types {
+                Some(ResponseTypes::Flow(f)) => Some(f.time.unwrap().seconds - 1_796_212_800),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(secs, [2, 4], "the last two dropped flows");
+        std::fs::write(&p, "{not json\n").unwrap();
+        let e = from_file(&p, &req).unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn either_side_flags_make_a_source_and_a_destination_filter() {
         let a = ObserveArgs {
@@ -651,12 +1006,7 @@ mod tests {
             assert!(x.event_type[0].match_sub_type);
             assert_eq!(x.event_type[0].sub_type, 0);
         }
-        let r = request(&ObserveArgs {
-            not: true,
-            ip: vec!["10.0.0.0/8".into()],
-            ..Default::default()
-        })
-        .unwrap();
+        let r = request(&args(&["--not", "--ip", "10.0.0.0/8"])).unwrap();
         assert!(r.whitelist.is_empty());
         assert_eq!(r.blacklist.len(), 2);
         assert_eq!(r.number, 20, "the last 20 by default");

@@ -176,6 +176,9 @@ impl PolicyCommand {
                     );
                 }
                 println!("Final verdict: {}", t["verdict"].as_str().unwrap_or("?"));
+                if let Some(x) = t.get("explanation") {
+                    print!("{}", explanation_text(x, ""));
+                }
             }
             PolicyCommand::Selectors { output } => {
                 let sels: serde_json::Value = client.get("/v1/policy/selectors")?;
@@ -231,6 +234,33 @@ struct PolicyRow {
     proxy_port: String,
     bytes: u64,
     packets: u64,
+}
+
+/// A trace's `explanation` in words, each line after `indent`: where it
+/// was denied and by what, and the policy that would allow it.
+pub fn explanation_text(x: &serde_json::Value, indent: &str) -> String {
+    let mut out = format!(
+        "{indent}Denied at {} by {}\n",
+        x["denied_at"].as_str().unwrap_or("?"),
+        x["decided_by"].as_str().unwrap_or("?")
+    );
+    for b in x["because"].as_array().into_iter().flatten().filter_map(|b| b.as_str()) {
+        out += &format!("{indent}  {b}\n");
+    }
+    match x["allow_with"].as_str() {
+        Some(yaml) => {
+            out += &format!("{indent}Allow it with (ciliate policy import):\n");
+            for l in yaml.lines() {
+                out += &format!("{indent}  {l}\n");
+            }
+        }
+        None => {
+            out += &format!(
+                "{indent}No allow rule can admit it (a deny rule wins): narrow or remove the deny rule\n"
+            );
+        }
+    }
+    out
 }
 
 fn proto_name(p: u8) -> String {

@@ -310,9 +310,9 @@ fn agent_commands_and_monitor_on_a_lab() {
     ]);
     let flow: serde_json::Value = serde_json::from_str(flows.lines().last().unwrap_or("{}"))
         .unwrap_or_else(|e| panic!("{e}: {flows}"));
-    assert_eq!(flow["flow"]["dropReasonDesc"], "POLICY_DENIED", "{flows}");
-    assert_eq!(flow["flow"]["source"]["podName"], format!("{name}-pod1"), "{flows}");
-    assert_eq!(flow["flow"]["destination"]["podName"], format!("{name}-pod2"), "{flows}");
+    assert_eq!(flow["flow"]["drop_reason_desc"], "POLICY_DENIED", "{flows}");
+    assert_eq!(flow["flow"]["source"]["pod_name"], format!("{name}-pod1"), "{flows}");
+    assert_eq!(flow["flow"]["destination"]["pod_name"], format!("{name}-pod2"), "{flows}");
     let compact = run(&["observe", "--pod", &format!("{name}-pod2"), "--verdict", "dropped"]);
     assert!(
         compact.lines().any(|l| l.contains("Policy denied DROPPED (ICMPv4 EchoRequest)")
@@ -328,13 +328,42 @@ fn agent_commands_and_monitor_on_a_lab() {
     let hn = run(&["hubble", "list", "nodes"]);
     assert!(hn.contains(&format!("{name}-node1")) && hn.contains("Connected"), "{hn}");
 
+    // The drop explained: at pod2's ingress, by default deny, with the
+    // policy that would allow it; imported, that policy lets the ping by.
+    let pod1 = format!("default/{name}-pod1");
+    let drop_args = ["observe", "--from-pod", &pod1, "--verdict", "DROPPED", "--type", "drop"];
+    let words = run(&[&drop_args[..], &["--explain", "--last", "1"]].concat());
+    assert!(
+        words.contains("Denied at ingress by default deny") && words.contains("Allow it with"),
+        "{words}"
+    );
+    let json = run(&[&drop_args[..], &["--explain", "--last", "1", "-o", "json"]].concat());
+    let v: serde_json::Value = serde_json::from_str(json.lines().last().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(
+        (v["explain"]["denied_at"].as_str(), v["explain"]["decided_by"].as_str()),
+        (Some("ingress"), Some("default deny")),
+        "{json}"
+    );
+    let yaml = v["explain"]["allow_with"].as_str().unwrap_or_else(|| panic!("{json}"));
+    let file = std::env::temp_dir().join(format!("{name}-allow.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let out = run(&["policy", "import", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.contains("(1 rules imported)"), "{out}");
+    let rev: String = out.split_whitespace().nth(1).unwrap_or("").to_owned();
+    assert!(run(&["policy", "wait", &rev]).contains("revision"));
+    let (ok, _, _) =
+        exec_in(&format!("{name}-pod1"), &["ping", "-c", "1", "-W", "2", "10.200.0.4"]);
+    assert!(ok, "ping (policy: allowed by the explained rule) did not get through: {yaml}");
+
     let sels = run(&["policy", "selectors"]);
     assert!(sels.contains("endpointSelector") && sels.contains("fromEndpoints"), "{sels}");
     assert!(
         sels.lines().any(|l| l.contains("fromEndpoints") && l.trim_end().ends_with("256")),
         "{sels}"
     );
-    assert!(run(&["policy", "delete", "--all"]).contains("(1 rules deleted)"));
+    assert!(run(&["policy", "delete", "--all"]).contains("(2 rules deleted)"));
     let (ok, _, err) = ciliate(&["policy", "delete", "--lab", &name]);
     assert!(!ok && err.contains("--all"), "{err}");
 

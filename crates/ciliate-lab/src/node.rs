@@ -189,6 +189,8 @@ pub struct NodeLabConfig {
     pub socket_lb: bool,
     /// A services file for the agent's `--services`.
     pub services: Option<PathBuf>,
+    /// More agent options.
+    pub agent_args: Vec<std::ffi::OsString>,
 }
 
 impl NodeLabConfig {
@@ -202,6 +204,7 @@ impl NodeLabConfig {
             bins,
             socket_lb: true,
             services: None,
+            agent_args: vec![],
         }
     }
 
@@ -508,6 +511,7 @@ impl NodeLab {
         if let Some(f) = &self.config.services {
             args.extend(["--services".into(), f.clone().into_os_string()]);
         }
+        args.extend(self.config.agent_args.iter().cloned());
         spawn_agent(&self.node, &self.config.bins, &self.socket, &self.agent_log(), &args)
     }
 

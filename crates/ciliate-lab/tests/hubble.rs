@@ -255,3 +255,112 @@ fn hubble_clients_see_flows_drops_and_filters() {
     let nodes = call(&sock, None, "observer.Observer/GetNodes").unwrap();
     assert_eq!(nodes[0]["nodes"][0]["state"], "NODE_CONNECTED");
 }
+
+/// A directory removed when the test ends, however it ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn exported_flows_outlive_the_ring_and_the_agent() {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let cli = bins.agent.with_file_name("ciliate");
+    let dir = TempDir(std::env::temp_dir().join(format!("ciliate-export-{}", token())));
+    let file = dir.0.join("flows/events.log");
+    let mut cfg = NodeLabConfig::new(&format!("chx{}", token()), 2, bins);
+    // A ring of 8 flows; every flow exported whole except UDP (denylist).
+    cfg.agent_args = [
+        "--hubble-event-buffer-capacity",
+        "8",
+        "--hubble-export-file-path",
+        file.to_str().unwrap(),
+        "--hubble-export-denylist",
+        r#"{"protocol":["udp"]}"#,
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let lab = NodeLab::up(cfg).unwrap();
+    for p in &lab.pods {
+        node::wait_listening(&p.ns, ECHO_PORT).unwrap();
+    }
+    let sock = lab.socket.parent().unwrap().join("hubble.sock");
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    let start = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+
+    // One ping, then enough TCP to push it out of the ring.
+    p1.ns.exec(&["ping", "-c", "1", "-W", "2", &p2.state.ip.to_string()]).unwrap();
+    let bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    let to = format!("{}:{ECHO_PORT}", p2.state.ip);
+    for _ in 0..4 {
+        assert_eq!(p1.ns.exec(&[&bin, "tcp", &to, "hi"]).unwrap().trim(), "hi", "TCP 7 (allowed)");
+    }
+    let udp = format!("{}:{}", p2.state.ip, ECHO_PORT);
+    let _ = p1.ns.exec(&[&bin, "udp", &udp, "u"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let icmp = |v: &[&Value]| v.iter().filter(|f| f["l4"].get("ICMPv4").is_some()).count();
+
+    let ring = call(&sock, Some(r#"{"number": 100}"#), "observer.Observer/GetFlows").unwrap();
+    let ring = flows(&ring);
+    assert!(ring.len() <= 8, "the ring holds 8 flows: {}", ring.len());
+    assert_eq!(icmp(&ring), 0, "the ping's flows have left the ring");
+
+    // since before the ping: the exported flows, then the ring's, oldest
+    // first, each once, UDP left out of the file (but in the ring).
+    let since = format!(r#"{{"since": "{start}"}}"#);
+    let back = call(&sock, Some(&since), "observer.Observer/GetFlows").unwrap();
+    let back = flows(&back);
+    assert!(back.len() > 8, "more than the ring: {}", back.len());
+    assert!(icmp(&back) >= 2, "the ping's request and reply came back from the file");
+    let times: Vec<&str> = back.iter().map(|f| f["time"].as_str().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first: {times:?}");
+    let mut uuids: Vec<&str> = back.iter().map(|f| f["uuid"].as_str().unwrap()).collect();
+    uuids.sort();
+    let n = uuids.len();
+    uuids.dedup();
+    assert_eq!(uuids.len(), n, "a flow came twice");
+
+    // The file: one GetFlowsResponse per line, no UDP.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= n - 8, "{} lines", lines.len());
+    for l in &lines {
+        assert_eq!(l["node_name"], format!("{}-node1", lab.config.lab), "{l}");
+        assert!(l["flow"]["l4"].get("UDP").is_none(), "the denylist let UDP through: {l}");
+    }
+
+    // The agent restarts with an empty ring: the file still answers.
+    let pids = lab.agent_pids();
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab.agent_pids().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.start_agent().unwrap();
+    let ring = call(&sock, Some(r#"{"number": 100}"#), "observer.Observer/GetFlows").unwrap();
+    assert_eq!(icmp(&flows(&ring)), 0);
+    let back = call(&sock, Some(&since), "observer.Observer/GetFlows").unwrap();
+    assert!(icmp(&flows(&back)) >= 2, "after a restart, the ping from the file");
+
+    // ciliate observe reads the file itself, with hubble's filters.
+    let out = Command::new(&cli)
+        .args([
+            "observe",
+            "--input-file",
+            file.to_str().unwrap(),
+            "--protocol",
+            "icmp",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = messages(&String::from_utf8_lossy(&out.stdout));
+    assert!(flows(&read).len() >= 2 && icmp(&flows(&read)) == flows(&read).len(), "{read:?}");
+}

@@ -266,6 +266,12 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             *observer.address.lock().unwrap_or_else(|e| e.into_inner()) =
                 std::net::SocketAddr::new(ip, addr.port()).to_string();
         }
+        if let Some(x) = &h.export {
+            match ciliate_agent::hubble_export::start(&observer, x.clone()) {
+                Ok(()) => info!(subsystem = "hubble", file = %x.path.display(), "exporting flows"),
+                Err(e) => warn!(subsystem = "hubble", error = %e, "cannot export flows"),
+            }
+        }
         tokio::spawn(ciliate_agent::hubble::run_parser(
             observer.clone(),
             state.events.clone(),
@@ -276,6 +282,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             observer,
             kv: kv.clone(),
             port: h.listen.map(|a| a.port()).unwrap_or(ciliate_agent::hubble::DEFAULT_PORT),
+            export: h.export.as_ref().map(|x| x.path.clone()),
         };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -587,3 +587,94 @@ fn empty_sections_are_no_rules_as_in_cilium() {
     assert!(r.ingress_enforced && r.egress_enforced);
     assert!(r.rules.iter().all(|x| x.identity == reserved::HOST), "{r:?}");
 }
+
+/// Trace with no named ports.
+fn trace_of(
+    rules: &[Rule],
+    src: (u32, &[String]),
+    dst: (u32, &[String]),
+    proto: u8,
+    port: u16,
+    ids: &IdView,
+) -> Trace {
+    trace(rules, src, dst, proto, port, ids, (&NamedPorts::default(), &NamedPorts::default()))
+}
+
+/// `rules` with the documents of `yaml` added.
+fn with(rules: &[Rule], yaml: &str) -> Vec<Rule> {
+    let mut all = rules.to_vec();
+    all.extend(
+        parse(yaml).unwrap_or_else(|e| panic!("the suggested policy does not parse: {e}\n{yaml}")),
+    );
+    all
+}
+
+#[test]
+fn a_default_deny_drop_is_explained_with_a_policy_that_allows_just_it() {
+    let mut ids = identity_map();
+    // Two kinds of web in the namespace: the selector must tell them apart.
+    let mut canary = labels("web", "shop");
+    canary.push("k8s:track=canary".into());
+    canary.sort();
+    ids.insert(259, canary.clone());
+    let ids: IdView = ids.into();
+    let egress_lockdown = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: fe-out, namespace: shop}\n\
+        spec:\n  endpointSelector: {matchLabels: {app: frontend}}\n  egress: [{toEntities: [world]}]\n";
+    let rules = with(&parse(WEB_ALLOWS_FRONTEND).unwrap(), egress_lockdown);
+    let (fe, web) = (ids.get(257).unwrap().clone(), ids.get(256).unwrap().clone());
+
+    // frontend → web TCP 81: denied at both ends by default deny.
+    let t = trace_of(&rules, (257, &fe), (256, &web), 6, 81, &ids);
+    assert_eq!(t.verdict, "DENIED");
+    let x = t.explanation.clone().expect("a denied trace is explained");
+    assert_eq!(
+        (x.denied_at.as_str(), x.decided_by.as_str()),
+        ("egress and ingress", "default deny")
+    );
+    assert_eq!(x.because.len(), 2, "{x:?}");
+    let yaml = x.allow_with.expect("default deny can be allowed");
+    assert!(yaml.contains("port: '81'") || yaml.contains("port: \"81\""), "{yaml}");
+    let fixed = with(&rules, &yaml);
+    assert_eq!(trace_of(&fixed, (257, &fe), (256, &web), 6, 81, &ids).verdict, "ALLOWED", "{yaml}");
+    // Just that: not another port, not another peer, not the canary.
+    assert_eq!(trace_of(&fixed, (257, &fe), (256, &web), 6, 82, &ids).verdict, "DENIED");
+    assert_eq!(
+        trace_of(&fixed, (257, &fe), (259, &canary), 6, 81, &ids).verdict,
+        "DENIED",
+        "{yaml}"
+    );
+    let other = ids.get(258).unwrap().clone();
+    assert_eq!(trace_of(&fixed, (258, &other), (256, &web), 6, 81, &ids).verdict, "DENIED");
+
+    // An ICMP echo to the world from frontend: an egress rule with an icmps
+    // field and the world entity.
+    let world = vec!["reserved:world".to_string()];
+    let t = trace_of(&rules, (257, &fe), (reserved::WORLD, &world), 1, 8, &ids);
+    assert_eq!(t.verdict, "ALLOWED", "toEntities world allows all of it");
+    let t = trace_of(&rules, (257, &fe), (256, &web), 1, 8, &ids);
+    let x = t.explanation.unwrap();
+    assert_eq!(x.denied_at, "egress and ingress");
+    let yaml = x.allow_with.unwrap();
+    assert_eq!(yaml.matches("icmps").count(), 2, "{yaml}");
+    let fixed = with(&rules, &yaml);
+    assert_eq!(trace_of(&fixed, (257, &fe), (256, &web), 1, 8, &ids).verdict, "ALLOWED");
+    assert_eq!(trace_of(&fixed, (257, &fe), (256, &web), 1, 13, &ids).verdict, "DENIED");
+}
+
+#[test]
+fn a_deny_rule_drop_names_the_rule_and_offers_no_allow() {
+    let deny = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: no-fe, namespace: shop}\n\
+        spec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n";
+    let rules = with(&parse(WEB_ALLOWS_FRONTEND).unwrap(), deny);
+    let ids = identities();
+    let (fe, web) = (ids.get(257).unwrap().clone(), ids.get(256).unwrap().clone());
+    let t = trace_of(&rules, (257, &fe), (256, &web), 6, 80, &ids);
+    let x = t.explanation.expect("explained");
+    assert_eq!((x.denied_at.as_str(), x.decided_by.as_str()), ("ingress", "deny rule"));
+    assert!(x.because[0].contains("CiliumNetworkPolicy/shop/no-fe"), "{x:?}");
+    assert_eq!(x.allow_with, None, "no allow wins over a deny rule");
+    assert!(trace_of(&rules, (257, &fe), (256, &web), 6, 80, &ids).explanation.is_some());
+    let allowed =
+        trace_of(&parse(WEB_ALLOWS_FRONTEND).unwrap(), (257, &fe), (256, &web), 6, 80, &ids);
+    assert_eq!(allowed.explanation, None, "an allowed trace has nothing to explain");
+}
