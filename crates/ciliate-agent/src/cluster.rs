@@ -83,6 +83,9 @@ pub struct IpRecord {
     pub node: String,
     /// The node's address: the tunnel endpoint of this IP.
     pub host_ip: Ipv4Addr,
+    /// The pod's `namespace/name`, for flows seen on other nodes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
 }
 
 /// What `status` shows about the store.
@@ -254,8 +257,12 @@ pub async fn serve_health(port: u16, mut shutdown: watch::Receiver<bool>) -> std
         .await
 }
 
-/// This node's endpoints as published: address → identity.
-pub type LocalIps = watch::Receiver<BTreeMap<Ipv4Addr, u32>>;
+/// This node's endpoints as published: address → (identity, pod
+/// `namespace/name`).
+pub type LocalIps = watch::Receiver<BTreeMap<Ipv4Addr, (u32, String)>>;
+/// Other nodes' endpoints: address → pod `namespace/name` (a persistent
+/// map: a reader's copy is cheap).
+pub type RemotePods = watch::Receiver<imbl::OrdMap<Ipv4Addr, String>>;
 /// Where identities allocated by other nodes are handed on.
 pub type Learned = mpsc::Sender<Vec<(u32, Vec<String>)>>;
 
@@ -273,6 +280,8 @@ pub struct ClusterSync {
     pub health_interval: Duration,
     /// The other nodes (name → address), as followed.
     remote: Mutex<BTreeMap<String, Ipv4Addr>>,
+    /// Other nodes' pods by address, as followed (for the flow observer).
+    pub remote_pods: watch::Sender<imbl::OrdMap<Ipv4Addr, String>>,
 }
 
 /// Seconds between probes of other nodes' health responders.
@@ -301,6 +310,7 @@ impl ClusterSync {
             health_port: 0,
             health_interval: HEALTH_INTERVAL,
             remote: Mutex::default(),
+            remote_pods: watch::channel(imbl::OrdMap::new()).0,
         }
     }
 
@@ -402,11 +412,7 @@ impl ClusterSync {
 
     /// This node's record and endpoints, under a lease kept alive; written
     /// again (under a new lease) when the old one is lost.
-    async fn publish(
-        self: Arc<Self>,
-        mut mine: watch::Receiver<BTreeMap<Ipv4Addr, u32>>,
-        health: Arc<Mutex<Health>>,
-    ) {
+    async fn publish(self: Arc<Self>, mut mine: LocalIps, health: Arc<Mutex<Health>>) {
         let mut lease: Option<i64> = None;
         let mut published: BTreeMap<Ipv4Addr, IpRecord> = BTreeMap::new();
         let mut backoff = Duration::from_millis(200);
@@ -414,7 +420,7 @@ impl ClusterSync {
         let mut keepalive =
             tokio::time::interval(Duration::from_millis(self.lease_ttl.max(1) as u64 * 1000 / 3));
         loop {
-            let now: BTreeMap<Ipv4Addr, u32> = mine.borrow_and_update().clone();
+            let now = mine.borrow_and_update().clone();
             let r = self.publish_once(&mut lease, &mut published, &now).await;
             let failed = r.is_err();
             self.report(&health, "publishing this node", r);
@@ -446,7 +452,7 @@ impl ClusterSync {
         &self,
         lease: &mut Option<i64>,
         published: &mut BTreeMap<Ipv4Addr, IpRecord>,
-        mine: &BTreeMap<Ipv4Addr, u32>,
+        mine: &BTreeMap<Ipv4Addr, (u32, String)>,
     ) -> Result<(), String> {
         let e = |e: KvError| e.to_string();
         let l = match *lease {
@@ -460,12 +466,13 @@ impl ClusterSync {
                 l
             }
         };
-        for (ip, identity) in mine {
+        for (ip, (identity, pod)) in mine {
             let r = IpRecord {
                 ip: *ip,
                 identity: *identity,
                 node: self.me.name.clone(),
                 host_ip: self.me.ip,
+                pod: pod.clone(),
             };
             if published.get(ip) == Some(&r) {
                 continue;
@@ -612,7 +619,7 @@ impl ClusterSync {
                     }
                     ips.insert(ip, r);
                 }
-                Some(_) => {}
+                Some(_) => continue,
                 None => {
                     if ips.remove(&ip).is_some()
                         && let Err(e) = self.datapath(move |dp| dp.remove_remote_ip(ip)).await
@@ -622,6 +629,11 @@ impl ClusterSync {
                 }
             }
             self.status.lock().unwrap_or_else(|e| e.into_inner()).remote_ips = ips.len();
+            let pod = ips.get(&ip).map(|r| r.pod.clone()).filter(|p| !p.is_empty());
+            self.remote_pods.send_if_modified(|p| match pod {
+                Some(pod) => p.insert(ip, pod.clone()).as_ref() != Some(&pod),
+                None => p.remove(&ip).is_some(),
+            });
         }
     }
 
@@ -665,7 +677,7 @@ mod tests {
     /// A running sync of node `me` on `kv`: its endpoints' sender, what
     /// it learned, its datapath and status, and its stop switch.
     struct Running {
-        mine: watch::Sender<BTreeMap<Ipv4Addr, u32>>,
+        mine: watch::Sender<BTreeMap<Ipv4Addr, (u32, String)>>,
         learned: mpsc::Receiver<Vec<(u32, Vec<String>)>>,
         dp: Arc<Mutex<Box<dyn ClusterDatapath>>>,
         status: Arc<Mutex<KvStatus>>,
@@ -681,8 +693,8 @@ mod tests {
         );
         s.lease_ttl = 1;
         let (dp, status) = (s.datapath.clone(), s.status.clone());
-        let eps: BTreeMap<Ipv4Addr, u32> =
-            eps.iter().map(|(ip, id)| (ip.parse().unwrap(), *id)).collect();
+        let eps: BTreeMap<Ipv4Addr, (u32, String)> =
+            eps.iter().map(|(ip, id)| (ip.parse().unwrap(), (*id, format!("ns/p{id}")))).collect();
         let (mine, mine_rx) = watch::channel(eps);
         let (learned_tx, learned) = mpsc::channel(64);
         let (stop, stop_rx) = watch::channel(false);
@@ -721,7 +733,7 @@ mod tests {
         // A new endpoint on b shows up on a at once (a watch, not a poll).
         let t = Instant::now();
         b.mine.send_modify(|m| {
-            m.insert("10.200.1.4".parse().unwrap(), 258);
+            m.insert("10.200.1.4".parse().unwrap(), (258, "ns/p258".into()));
         });
         until("a sees b's new endpoint", || seen(&a, |m| m.ips.len() == 2)).await;
         assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());

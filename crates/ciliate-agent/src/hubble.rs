@@ -182,29 +182,132 @@ impl Observer {
     }
 }
 
-/// The endpoint manager's view, with its endpoints indexed by address
-/// (made again only when the view changes, not per event).
+/// The services' published view.
+pub type ServicesView = watch::Receiver<Arc<imbl::OrdMap<u16, ciliate_api::models::Service>>>;
+
+/// What the parser follows: endpoints, identities and policy; services;
+/// other nodes' pods.
+pub struct Sources {
+    pub endpoints: View,
+    pub services: Option<ServicesView>,
+    pub remote_pods: Option<crate::cluster::RemotePods>,
+}
+
+/// (direction, endpoint identity, peer identity, protocol, port).
+type VerdictKey = (u8, u32, u32, u8, u16);
+
+/// What the parser knows: the endpoint manager's view with its endpoints
+/// indexed by address, the services' frontends, other nodes' pods (made
+/// again only when a view changes, not per event), and which policies
+/// decided each kind of verdict seen since.
 pub struct Known {
     view: Arc<EndpointsView>,
     by_ip: HashMap<Ipv4Addr, u16>,
+    /// (address, port, protocol) → service.
+    services: HashMap<(Ipv4Addr, u16, u8), flow::Service>,
+    remote_pods: imbl::OrdMap<Ipv4Addr, String>,
+    deciding: Mutex<HashMap<VerdictKey, Vec<flow::Policy>>>,
 }
 
 impl Known {
     pub fn new(view: Arc<EndpointsView>) -> Self {
         let by_ip = view.endpoints.values().map(|e| (e.ip, e.id)).collect();
-        Self { view, by_ip }
+        Self {
+            view,
+            by_ip,
+            services: HashMap::new(),
+            remote_pods: imbl::OrdMap::new(),
+            deciding: Mutex::default(),
+        }
+    }
+
+    fn with_services(mut self, svcs: &imbl::OrdMap<u16, ciliate_api::models::Service>) -> Self {
+        for s in svcs.values() {
+            let (namespace, name) = s.spec.name.split_once('/').unwrap_or(("", &s.spec.name));
+            if name.is_empty() {
+                continue;
+            }
+            let svc = flow::Service { name: name.to_owned(), namespace: namespace.to_owned() };
+            for f in &s.frontends {
+                let a = &f.address;
+                self.services.insert((a.ip, a.port, a.protocol.number()), svc.clone());
+            }
+        }
+        self
+    }
+
+    /// The policies that decided a verdict of endpoint identity `me` in
+    /// `dir` for `peer` on `proto`/`port` (as `policy trace` finds them).
+    fn deciding(&self, key: VerdictKey) -> Vec<flow::Policy> {
+        let mut cache = self.deciding.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return p.clone();
+        }
+        let (dir, me, peer, proto, port) = key;
+        let v = &self.view;
+        let labels = v.identities.get(me).cloned().unwrap_or_default();
+        let t = crate::policy::trace_direction(
+            &v.policy.rules,
+            dir,
+            &labels,
+            peer,
+            proto,
+            port,
+            &v.identities,
+            &Default::default(),
+        );
+        let found: Vec<flow::Policy> = t
+            .rules
+            .iter()
+            .filter_map(|src| {
+                let mut parts = src.splitn(3, '/');
+                let (kind, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+                let rule = v.policy.rules.iter().find(|r| &r.source == src);
+                Some(flow::Policy {
+                    name: name.to_owned(),
+                    namespace: if ns == "-" { String::new() } else { ns.to_owned() },
+                    labels: rule.map(|r| r.labels.clone()).unwrap_or_default(),
+                    revision: v.policy.revision,
+                    kind: kind.to_owned(),
+                })
+            })
+            .collect();
+        cache.insert(key, found.clone());
+        found
     }
 }
 
 /// Turn the hub's records into flows until the hub closes.
-pub async fn run_parser(obs: Arc<Observer>, hub: EventHub, mut view: View, ifnames: Arc<IfNames>) {
+pub async fn run_parser(
+    obs: Arc<Observer>,
+    hub: EventHub,
+    mut src: Sources,
+    ifnames: Arc<IfNames>,
+) {
     let mut sub = hub.subscribe_internal();
-    let mut known = Known::new(view.borrow_and_update().clone());
+    let mut known = Known::new(src.endpoints.borrow_and_update().clone());
+    let changed = |src: &mut Sources| {
+        src.endpoints.has_changed().unwrap_or(false)
+            || src.services.as_ref().is_some_and(|s| s.has_changed().unwrap_or(false))
+            || src.remote_pods.as_ref().is_some_and(|s| s.has_changed().unwrap_or(false))
+    };
+    let remake = |src: &mut Sources| {
+        let mut k = Known::new(src.endpoints.borrow_and_update().clone());
+        if let Some(s) = src.services.as_mut() {
+            k = k.with_services(&s.borrow_and_update());
+        }
+        if let Some(r) = src.remote_pods.as_mut() {
+            k.remote_pods = r.borrow_and_update().clone();
+        }
+        k
+    };
+    known =
+        if src.services.is_some() || src.remote_pods.is_some() { remake(&mut src) } else { known };
     while let Some(rec) = sub.next().await {
         match &*rec {
             Record::Event { time, event } => {
-                if view.has_changed().unwrap_or(false) {
-                    known = Known::new(view.borrow_and_update().clone());
+                if changed(&mut src) {
+                    known = remake(&mut src);
                 }
                 if let Some(mut f) = to_flow(&obs.node, *time, event, &known) {
                     if let Some(i) = f.interface.as_mut() {
@@ -303,14 +406,19 @@ fn endpoint(k: &Known, ip: Option<Ipv4Addr>, id_hint: u16, identity: u32) -> End
             .map(str::to_owned)
     };
     let namespace = label("io.kubernetes.pod.namespace=").unwrap_or_default();
+    // The CNI call names a pod `namespace/name`; Hubble keeps the name. A
+    // pod of another node is named by the cluster's ipcache.
+    let pod = match local {
+        Some(e) => Some(e.pod_name.as_str()),
+        None => ip.and_then(|ip| k.remote_pods.get(&ip)).map(String::as_str),
+    };
     Endpoint {
         id: local.map(|e| u32::from(e.id)).unwrap_or(0),
         identity,
         namespace,
         labels,
-        // The CNI call names a pod `namespace/name`; Hubble keeps the name.
-        pod_name: local
-            .map(|e| e.pod_name.rsplit('/').next().unwrap_or_default().to_owned())
+        pod_name: pod
+            .map(|p| p.rsplit('/').next().unwrap_or_default().to_owned())
             .unwrap_or_default(),
         ..Default::default()
     }
@@ -344,6 +452,17 @@ pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Fl
             ..Default::default()
         });
         f.l4 = p.l4.map(|p| Layer4 { protocol: Some(p) });
+        // As Hubble: a service is named when an address and port of the
+        // packet are its frontend's (socket LB never shows the frontend).
+        let (sp, dp, proto) = match p.l4 {
+            Some(Protocol::Tcp(t)) => (t.source_port, t.destination_port, 6),
+            Some(Protocol::Udp(u)) => (u.source_port, u.destination_port, 17),
+            _ => (0, 0, 0),
+        };
+        if proto != 0 {
+            f.source_service = v.services.get(&(p.src, sp as u16, proto)).cloned();
+            f.destination_service = v.services.get(&(p.dst, dp as u16, proto)).cloned();
+        }
         f.ethernet = p.eth.clone().map(|(s, d)| flow::Ethernet { source: s, destination: d });
     }
     match ev {
@@ -414,6 +533,20 @@ pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Fl
             f.policy_match_type = u32::from(p.match_type);
             f.is_reply = Some(BoolValue { value: false });
             let me = p.hdr.source;
+            let my_identity = v.view.endpoints.get(&me).map(|e| e.identity).unwrap_or(0);
+            let (proto, port) = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+                Some(Protocol::Tcp(t)) => (6, t.destination_port as u16),
+                Some(Protocol::Udp(u)) => (17, u.destination_port as u16),
+                Some(Protocol::IcmPv4(i)) => (1, i.r#type as u16),
+                _ => (0, 0),
+            };
+            let by = v.deciding((p.dir, my_identity, p.remote_identity, proto, port));
+            match (p.dir == policy::DIR_INGRESS, allowed) {
+                (true, true) => f.ingress_allowed_by = by,
+                (true, false) => f.ingress_denied_by = by,
+                (false, true) => f.egress_allowed_by = by,
+                (false, false) => f.egress_denied_by = by,
+            }
             if p.dir == policy::DIR_INGRESS {
                 f.traffic_direction = TrafficDirection::Ingress as i32;
                 f.source = Some(endpoint(v, src_ip, 0, p.remote_identity));

@@ -1249,7 +1249,7 @@ fn matching(r: &PolicyRule, identity: u32, proto: u8, port: u16) -> bool {
 /// `ciliate_common::policy`) from the rules of `rules` that select the
 /// endpoint with `labels`, for a peer with identity `peer`.
 #[allow(clippy::too_many_arguments, reason = "one direction of a trace: all of it is input")]
-fn trace_direction(
+pub fn trace_direction(
     rules: &[Rule],
     dir: u8,
     labels: &[String],

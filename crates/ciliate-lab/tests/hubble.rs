@@ -126,6 +126,31 @@ fn hubble_clients_see_flows_drops_and_filters() {
         assert_eq!(f["l4"]["TCP"]["destinationPort"], ECHO_PORT, "whitelist: TCP to 7: {f}");
     }
 
+    // The policy verdict of the allowed connection names the policy that
+    // allowed it; the denied ping's names none (default deny decided).
+    let verdicts = call(
+        &sock,
+        Some(r#"{"whitelist": [{"event_type": [{"type": 9}]}]}"#),
+        "observer.Observer/GetFlows",
+    )
+    .unwrap();
+    let verdicts = flows(&verdicts);
+    let tcp7 = verdicts
+        .iter()
+        .find(|f| f["verdict"] == "FORWARDED" && f["l4"]["TCP"]["destinationPort"] == ECHO_PORT)
+        .unwrap_or_else(|| panic!("no verdict of the TCP 7 connection: {verdicts:?}"));
+    let by = &tcp7["ingressAllowedBy"][0];
+    assert_eq!(
+        (&by["name"], &by["namespace"], &by["kind"]),
+        (&Value::from("h"), &Value::from("default"), &Value::from("CiliumNetworkPolicy")),
+        "{tcp7}"
+    );
+    let denied = verdicts
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED")
+        .unwrap_or_else(|| panic!("no verdict of the denied ping: {verdicts:?}"));
+    assert!(denied.get("ingressDeniedBy").is_none(), "default deny names no policy: {denied}");
+
     // The drop, by verdict and source pod: DROPPED, POLICY_DENIED, both
     // pods by name and identity.
     let id = |name: &str| {

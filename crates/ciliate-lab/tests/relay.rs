@@ -113,6 +113,16 @@ fn the_relay_merges_both_nodes_and_survives_one_going_away() {
     );
     let times: Vec<&str> = flows.iter().filter_map(|f| f["time"].as_str()).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "merged oldest to newest: {times:?}");
+    // node2 names the pod of node1 that pinged (from the cluster's ipcache).
+    let request_on_n2 = flows
+        .iter()
+        .find(|f| f["nodeName"] == n2.as_str() && f["l4"]["ICMPv4"]["type"] == 8)
+        .unwrap_or_else(|| panic!("no echo request seen on node2: {flows:?}"));
+    assert_eq!(
+        request_on_n2["source"]["podName"],
+        lab.pods[0].pod.ns.name(),
+        "a remote pod by name: {request_on_n2}"
+    );
     let status = grpcurl(&sock, None, "observer.Observer/ServerStatus");
     assert_eq!(status[0]["numConnectedNodes"], 2, "{status:?}");
     assert_eq!(status[0]["maxFlows"], "8190", "both rings: {status:?}");

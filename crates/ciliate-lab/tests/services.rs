@@ -6,7 +6,12 @@
 //! the removal of its backend. Every pod runs `ciliate-echo serve 8080
 //! <pod name>`, so an answer names the backend. Needs root; CI runs as root.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, process::Stdio, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use ciliate_api::{
     client::method,
@@ -144,6 +149,27 @@ fn with_socket_lb_off_every_client_goes_through_the_per_packet_path() {
     assert_eq!(names(&lab, &p1.ns, true, "10.96.0.10:80", 3)["pod2"], 3);
     assert_eq!(echo(&lab, &p1.ns, true, &["udp", "10.96.0.10:53", "q"]).unwrap(), "pod2");
     assert_eq!(service_flows_from(&lab, p1.state.ip), 4);
+    // The replies reach pod1 from the frontend (reverse NAT): their flows
+    // name the service, as Hubble's do, and `--service` finds them.
+    let sock = lab.socket.parent().unwrap().join("hubble.sock");
+    let out = Command::new(lab.config.bins.agent.with_file_name("ciliate"))
+        .args(["observe", "--server", &format!("unix://{}", sock.display())])
+        .args(["--service", "default/svc1", "--all", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["flow"].clone())
+        .collect();
+    let svc1 = serde_json::json!({"name": "svc1", "namespace": "default"});
+    assert!(
+        flows.iter().any(|f| f["source_service"] == svc1 && f["IP"]["source"] == "10.96.0.10"),
+        "a reply from the frontend names the service: {flows:?}"
+    );
+    for f in &flows {
+        assert!(f["source_service"] == svc1 || f["destination_service"] == svc1, "{f}");
+    }
     // No socket-LB link is pinned.
     let links: Vec<String> = std::fs::read_dir(lab.pins_dir.join("links"))
         .unwrap()

@@ -235,6 +235,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ifnames: Default::default(),
         metrics: metrics.clone(),
     });
+    // Other nodes' pods, as the cluster sync follows them (for flows).
+    let remote_pods = tokio::sync::watch::channel(imbl::OrdMap::new()).0;
     let observer =
         cfg.hubble.as_ref().map(|h| ciliate_agent::hubble::Observer::new(&cfg.node, h.capacity));
     if let Some(addr) = cfg.prometheus_serve_addr {
@@ -275,7 +277,11 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(ciliate_agent::hubble::run_parser(
             observer.clone(),
             state.events.clone(),
-            endpoints.watch(),
+            ciliate_agent::hubble::Sources {
+                endpoints: endpoints.watch(),
+                services: Some(services.watch()),
+                remote_pods: Some(remote_pods.subscribe()),
+            },
             state.ifnames.clone(),
         ));
         let svc = ciliate_agent::hubble::Service {
@@ -349,6 +355,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             device: cfg.devices.first().cloned(),
         });
         let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
+        sync.remote_pods = remote_pods.clone();
         sync.health_port = cfg.cluster_health_port;
         info!(subsystem = "cluster", store = %kv.describe(), node_ip = %node_ip, "cluster sync");
         let (mine, learned) = local_endpoints(endpoints.clone(), shutdown.clone());
@@ -491,7 +498,7 @@ fn local_endpoints<D: Datapath + 'static>(
         v.endpoints
             .values()
             .filter(|e| e.identity != ciliate_common::identity::HOST)
-            .map(|e| (e.ip, e.identity))
+            .map(|e| (e.ip, (e.identity, e.pod_name.clone())))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     let mut snaps = endpoints.watch();
