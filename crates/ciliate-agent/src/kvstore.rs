@@ -353,10 +353,14 @@ impl KvStore for LocalStore {
     }
     async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, KvError> {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        // Listen for changes before the first read: a write between the two
+        // would otherwise wait for the tick.
+        let changed = self.inner.changed.subscribe();
+        let files = self.inner.path.as_ref().and_then(|p| dir_events(p).ok());
         let first = self.list(prefix).await?;
         let _ = tx.send(WatchEvent::Sync(first.clone())).await;
         let (s, prefix) = (self.clone(), prefix.to_owned());
-        tokio::spawn(async move { s.watch_loop(prefix, first, tx).await });
+        tokio::spawn(async move { s.watch_loop(prefix, first, tx, changed, files).await });
         Ok(rx)
     }
 }
@@ -371,9 +375,9 @@ impl LocalStore {
         prefix: String,
         mut last: Vec<(String, Vec<u8>)>,
         tx: mpsc::Sender<WatchEvent>,
+        mut changed: tokio::sync::broadcast::Receiver<()>,
+        mut files: Option<DirEvents>,
     ) {
-        let mut changed = self.inner.changed.subscribe();
-        let mut files = self.inner.path.as_ref().and_then(|p| dir_events(p).ok());
         loop {
             let tick = tokio::time::sleep(self.inner.tick);
             tokio::select! {
