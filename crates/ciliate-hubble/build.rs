@@ -17,6 +17,15 @@ fn main() {
         .file_descriptor_set_path(&descriptors)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Fields most flows leave empty, boxed: a flow held in the ring
+        // takes their pointer, not their size.
+        .boxed(".flow.Flow.l7")
+        .boxed(".flow.Flow.encap")
+        .boxed(".flow.Flow.source_service")
+        .boxed(".flow.Flow.destination_service")
+        .boxed(".flow.Flow.trace_context")
+        .boxed(".flow.Flow.extensions")
+        .boxed(".flow.Flow.file")
         .compile_protos(&protos, &["proto".to_string()])
         .expect("compiling Hubble's protos");
     let set = std::fs::read(&descriptors).expect("reading the descriptor set");

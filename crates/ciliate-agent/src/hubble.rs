@@ -460,8 +460,9 @@ pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Fl
             _ => (0, 0, 0),
         };
         if proto != 0 {
-            f.source_service = v.services.get(&(p.src, sp as u16, proto)).cloned();
-            f.destination_service = v.services.get(&(p.dst, dp as u16, proto)).cloned();
+            f.source_service = v.services.get(&(p.src, sp as u16, proto)).cloned().map(Box::new);
+            f.destination_service =
+                v.services.get(&(p.dst, dp as u16, proto)).cloned().map(Box::new);
         }
         f.ethernet = p.eth.clone().map(|(s, d)| flow::Ethernet { source: s, destination: d });
     }
@@ -516,10 +517,10 @@ pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Fl
             f.source = Some(endpoint(v, src_ip, src_hint, d.src_identity));
             f.destination = Some(endpoint(v, dst_ip, d.dst_id as u16, d.dst_identity));
             f.interface = Some(NetworkInterface { index: d.ifindex, name: String::new() });
-            f.file = Some(flow::FileInfo {
+            f.file = Some(Box::new(flow::FileInfo {
                 name: event::file_name(d.file).to_owned(),
                 line: u32::from(d.line),
-            });
+            }));
             f.summary = format!("{} ({})", drop::reason_name(reason), f.summary);
         }
         Event::PolicyVerdict(p) => {
@@ -862,17 +863,17 @@ fn peer_of(value: &[u8], port: u16) -> Option<(String, String)> {
 fn note(
     (name, address): &(String, String),
     t: peer::ChangeNotificationType,
-) -> Result<peer::ChangeNotification, Status> {
-    Ok(peer::ChangeNotification {
+) -> peer::ChangeNotification {
+    peer::ChangeNotification {
         name: name.clone(),
         address: address.clone(),
         r#type: t as i32,
         tls: None,
-    })
+    }
 }
 
 type Peers = BTreeMap<String, (String, String)>;
-type Notes = Vec<Result<peer::ChangeNotification, Status>>;
+type Notes = Vec<peer::ChangeNotification>;
 
 /// Store key `k` now holds node record `v`: a peer added or updated.
 fn put_peer(known: &mut Peers, notes: &mut Notes, k: String, v: &[u8], port: u16) {
@@ -885,66 +886,76 @@ fn put_peer(known: &mut Peers, notes: &mut Notes, k: String, v: &[u8], port: u16
     }
 }
 
+/// The cluster's observers as the store's node records tell them (each at
+/// its node's address and `port`): every node as PEER_ADDED, then each
+/// change, as the store's watch of the nodes tells it, until the receiver
+/// is dropped or the watch ends. The peer service and the relay's store
+/// discovery both follow it.
+pub async fn peer_notes(
+    kv: Arc<dyn KvStore>,
+    port: u16,
+) -> Result<mpsc::Receiver<peer::ChangeNotification>, crate::kvstore::KvError> {
+    use crate::kvstore::WatchEvent;
+    use peer::ChangeNotificationType::PeerDeleted;
+    let mut watch = kv.watch(crate::kvstore::NODES).await?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        // Store key → peer.
+        let mut known = Peers::new();
+        loop {
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = watch.recv() => match ev { Some(ev) => ev, None => return },
+            };
+            let mut notes = Vec::new();
+            match ev {
+                WatchEvent::Put(k, v) => put_peer(&mut known, &mut notes, k, &v, port),
+                WatchEvent::Delete(k) => {
+                    if let Some(p) = known.remove(&k) {
+                        notes.push(note(&p, PeerDeleted));
+                    }
+                }
+                WatchEvent::Sync(all) => {
+                    let keys: std::collections::BTreeSet<&String> =
+                        all.iter().map(|(k, _)| k).collect();
+                    let gone: Vec<String> =
+                        known.keys().filter(|k| !keys.contains(k)).cloned().collect();
+                    for k in gone {
+                        if let Some(p) = known.remove(&k) {
+                            notes.push(note(&p, PeerDeleted));
+                        }
+                    }
+                    for (k, v) in all {
+                        put_peer(&mut known, &mut notes, k, &v, port);
+                    }
+                }
+                WatchEvent::Error(_) => {}
+            }
+            for n in notes {
+                if tx.send(n).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
 #[tonic::async_trait]
 impl PeerApi for Service {
     type NotifyStream =
         Pin<Box<dyn Stream<Item = Result<peer::ChangeNotification, Status>> + Send>>;
 
-    /// Every node of the cluster store as PEER_ADDED, then each change, as
-    /// the store's watch of the nodes tells it.
+    /// Every node of the cluster store as PEER_ADDED, then each change.
     async fn notify(
         &self,
         _: Request<peer::NotifyRequest>,
     ) -> Result<Response<Self::NotifyStream>, Status> {
-        use crate::kvstore::WatchEvent;
-        use peer::ChangeNotificationType::PeerDeleted;
-        let port = self.port;
-        let mut watch = self
-            .kv
-            .watch(crate::kvstore::NODES)
+        use futures::StreamExt as _;
+        let rx = peer_notes(self.kv.clone(), self.port)
             .await
             .map_err(|e| Status::unavailable(format!("watching nodes: {e}")))?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            // Store key → peer.
-            let mut known = Peers::new();
-            loop {
-                let ev = tokio::select! {
-                    _ = tx.closed() => return,
-                    ev = watch.recv() => match ev { Some(ev) => ev, None => return },
-                };
-                let mut notes = Vec::new();
-                match ev {
-                    WatchEvent::Put(k, v) => put_peer(&mut known, &mut notes, k, &v, port),
-                    WatchEvent::Delete(k) => {
-                        if let Some(p) = known.remove(&k) {
-                            notes.push(note(&p, PeerDeleted));
-                        }
-                    }
-                    WatchEvent::Sync(all) => {
-                        let keys: std::collections::BTreeSet<&String> =
-                            all.iter().map(|(k, _)| k).collect();
-                        let gone: Vec<String> =
-                            known.keys().filter(|k| !keys.contains(k)).cloned().collect();
-                        for k in gone {
-                            if let Some(p) = known.remove(&k) {
-                                notes.push(note(&p, PeerDeleted));
-                            }
-                        }
-                        for (k, v) in all {
-                            put_peer(&mut known, &mut notes, k, &v, port);
-                        }
-                    }
-                    WatchEvent::Error(_) => {}
-                }
-                for n in notes {
-                    if tx.send(n).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok))))
     }
 }
 

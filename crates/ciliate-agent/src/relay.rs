@@ -163,6 +163,30 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Follow the cluster store's node records: each node's observer at its
+    /// address and `port` (the store answers what the peer service would,
+    /// with no node in between). Watches again after the store fails.
+    pub async fn follow_kvstore(self, kv: std::sync::Arc<dyn crate::kvstore::KvStore>, port: u16) {
+        loop {
+            match crate::hubble::peer_notes(kv.clone(), port).await {
+                Ok(mut rx) => {
+                    while let Some(n) = rx.recv().await {
+                        match ChangeNotificationType::try_from(n.r#type) {
+                            Ok(ChangeNotificationType::PeerDeleted) => self.remove(&n.name),
+                            _ => self.add(&n.name, &n.address),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(subsystem = "relay", store = %kv.describe(), error = %e, "watching the nodes");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
 fn key(r: &GetFlowsResponse) -> (i64, i32) {
     r.time.as_ref().map(|t| (t.seconds, t.nanos)).unwrap_or_default()
 }

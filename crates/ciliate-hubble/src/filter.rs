@@ -410,7 +410,7 @@ impl Compiled {
             Some(crate::flow::layer7::Record::Dns(d)) => Some(d),
             _ => None,
         });
-        let service = |s: &Option<crate::flow::Service>, sel: &[NameSel]| {
+        let service = |s: &Option<Box<crate::flow::Service>>, sel: &[NameSel]| {
             s.as_ref().is_some_and(|s| sel.iter().any(|n| n.matches(&s.namespace, &s.name)))
         };
         any(self.uuid.is_empty(), &|| self.uuid.contains(&f.uuid))
@@ -607,7 +607,10 @@ mod tests {
                 labels: vec!["k8s:app=db".into()],
                 ..Default::default()
             }),
-            destination_service: Some(Service { name: "db".into(), namespace: "prod".into() }),
+            destination_service: Some(Box::new(Service {
+                name: "db".into(),
+                namespace: "prod".into(),
+            })),
             node_name: "node-a".into(),
             traffic_direction: TrafficDirection::Ingress as i32,
             event_type: Some(CiliumEventType { r#type: 1, sub_type: 133 }),

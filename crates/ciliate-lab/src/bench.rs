@@ -101,25 +101,32 @@ pub fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
 pub fn print_paired(rows: &[(String, Runs)]) {
     let Some((_, anchor)) = rows.first() else { return };
     println!(
-        "{:<26} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
+        "{:<34} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7}",
         "VARIANT", "RR/s", "ratio", "CONN/s", "ratio", "Gbit/s", "ratio"
     );
+    for (name, runs) in rows {
+        let [rr, crr, tput] = runs;
+        let [r0, r1, r2] = paired_ratios(runs, anchor);
+        println!(
+            "{:<34} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
+            name,
+            median(rr.clone()),
+            r0,
+            median(crr.clone()),
+            r1,
+            median(tput.clone()),
+            r2
+        );
+    }
+}
+
+/// The median of each round's ratio of `runs` to `base` (RR,
+/// connections, throughput): see [`print_paired`].
+pub fn paired_ratios(runs: &Runs, base: &Runs) -> [f64; 3] {
     let ratio = |v: &[f64], a: &[f64]| {
         median(v.iter().zip(a).map(|(v, a)| if *a > 0.0 { v / a } else { 0.0 }).collect())
     };
-    for (name, runs) in rows {
-        let [rr, crr, tput] = runs;
-        println!(
-            "{:<26} {:>12.0} {:>7.3} {:>12.0} {:>7.3} {:>12.2} {:>7.3}",
-            name,
-            median(rr.clone()),
-            ratio(rr, &anchor[0]),
-            median(crr.clone()),
-            ratio(crr, &anchor[1]),
-            median(tput.clone()),
-            ratio(tput, &anchor[2])
-        );
-    }
+    [ratio(&runs[0], &base[0]), ratio(&runs[1], &base[1]), ratio(&runs[2], &base[2])]
 }
 
 /// Print the rows with their ratios to the first one (the anchor).

@@ -1,5 +1,6 @@
 //! The relay on a two-node lab: `ciliate-relay` in node1's namespace finds
-//! both nodes' observers through node1's peer service, merges their flows
+//! both nodes' observers through node1's peer service (and, another relay,
+//! through the cluster's store), merges their flows
 //! in time order, reports node2 unavailable while its observer port is
 //! firewalled (and keeps serving node1's flows), and connects again when
 //! the port opens. Checked with grpcurl on the relay's unix socket. Needs
@@ -99,6 +100,20 @@ fn the_relay_merges_both_nodes_and_survives_one_going_away() {
     until("the relay listens", || sock.exists());
     let both = vec![(n1.clone(), "NODE_CONNECTED".into()), (n2.clone(), "NODE_CONNECTED".into())];
     until("both nodes connected", || nodes(&sock) == both);
+
+    // A relay that finds the observers in the cluster's store instead.
+    let sock_kv = lab.work_dir.join("relay-kv.sock");
+    let mut cmd = lab.nodes[0].ns.command(&relay_bin.to_string_lossy());
+    cmd.args(["--kvstore", "local", "--kvstore-path"])
+        .arg(lab.work_dir.join("kvstore.json"))
+        .args(["--listen-address", "", "--retry-interval", "1", "--listen-socket"])
+        .arg(&sock_kv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let relay_kv = Kill(cmd.spawn().expect("starting ciliate-relay --kvstore"));
+    until("the store's relay listens", || sock_kv.exists());
+    until("the store's relay connects both nodes", || nodes(&sock_kv) == both);
+    drop(relay_kv);
 
     // Pod on node1 → pod on node2: flows on both nodes, merged in order.
     let dst = lab.pods[1].pod.state.ip.to_string();

@@ -16,6 +16,21 @@ struct Args {
     /// unix:///path or host:port
     #[arg(long)]
     peer_service: Option<String>,
+    /// Find the observers in the cluster's store instead: "local" (a file) or "etcd"
+    #[arg(long)]
+    kvstore: Option<String>,
+    /// The local store's file (with --kvstore local)
+    #[arg(long)]
+    kvstore_path: Option<std::path::PathBuf>,
+    /// etcd endpoints, host:port,... (with --kvstore etcd)
+    #[arg(long)]
+    etcd_endpoints: Option<String>,
+    /// etcd configuration file, as Cilium's (with --kvstore etcd)
+    #[arg(long)]
+    etcd_config: Option<std::path::PathBuf>,
+    /// The observers' port on the nodes the store names
+    #[arg(long, default_value_t = ciliate_agent::hubble::DEFAULT_PORT)]
+    peer_port: u16,
     /// Observers to use besides (or instead of) those: name=address,...
     #[arg(long, value_delimiter = ',')]
     static_peers: Vec<String>,
@@ -30,11 +45,39 @@ struct Args {
     retry_interval: u64,
 }
 
+/// The cluster's store, as the agent opens it.
+async fn open_store(
+    kind: &str,
+    a: &Args,
+) -> anyhow::Result<std::sync::Arc<dyn ciliate_agent::kvstore::KvStore>> {
+    use ciliate_agent::kvstore::{Etcd, EtcdConfig, LocalStore};
+    Ok(match kind {
+        "local" => {
+            let path =
+                a.kvstore_path.clone().context("--kvstore local needs --kvstore-path FILE")?;
+            std::sync::Arc::new(LocalStore::open(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        "etcd" => {
+            let cfg = match (&a.etcd_endpoints, &a.etcd_config) {
+                (_, Some(f)) => EtcdConfig::read(f).map_err(|e| anyhow::anyhow!(e))?,
+                (Some(eps), None) => {
+                    EtcdConfig::plain(eps).map_err(|e| anyhow::anyhow!("--etcd-endpoints: {e}"))?
+                }
+                (None, None) => {
+                    anyhow::bail!("--kvstore etcd needs --etcd-endpoints or --etcd-config")
+                }
+            };
+            std::sync::Arc::new(Etcd::connect(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        other => anyhow::bail!("--kvstore {other:?}: \"local\" or \"etcd\""),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let a = Args::parse();
-    if a.peer_service.is_none() && a.static_peers.is_empty() {
-        anyhow::bail!("no observers to relay: give --peer-service or --static-peers");
+    if a.peer_service.is_none() && a.static_peers.is_empty() && a.kvstore.is_none() {
+        anyhow::bail!("no observers to relay: give --peer-service, --kvstore or --static-peers");
     }
     let listen = ciliate_agent::metrics::parse_addr(&a.listen_address)
         .map_err(|e| anyhow::anyhow!("--listen-address: {e}"))?;
@@ -51,6 +94,10 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         if let Some(ps) = a.peer_service.clone() {
             tokio::spawn(peers.clone().follow_peer_service(ps));
+        }
+        if let Some(kind) = a.kvstore.as_deref() {
+            let kv = open_store(kind, &a).await?;
+            tokio::spawn(peers.clone().follow_kvstore(kv, a.peer_port));
         }
         tokio::spawn(peers.clone().keep_connected(Duration::from_secs(a.retry_interval.max(1))));
         let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -1,7 +1,7 @@
 //! `ciliate-bench`: pod → pod cost of the Ciliate datapath, measured side
 //! by side with two namespaces on a direct veth pair (the ratio anchor) and
-//! two namespaces routed through a third by the kernel, plus the latency of
-//! a CNI ADD. Every variant runs in namespaces this program makes and
+//! two namespaces routed through a third by the kernel, with the flow
+//! observer and one follower on and off, plus the latency of a CNI ADD. Every variant runs in namespaces this program makes and
 //! removes (guards), with client and server pinned to one core (taskset),
 //! several runs each, median reported.
 //!
@@ -173,6 +173,29 @@ fn cidr_import_latency(bins: &Binaries, counts: &[usize]) -> Result<Vec<(usize, 
     Ok(out)
 }
 
+/// A process killed when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `ciliate observe -f` on `lab`'s observer, its output thrown away.
+fn follow(lab: &NodeLab, bins: &Binaries) -> Result<Kill, String> {
+    let sock = lab.socket.parent().ok_or("no socket directory")?.join("hubble.sock");
+    let cli = bins.agent.with_file_name("ciliate");
+    let child = std::process::Command::new(&cli)
+        .args(["observe", "-f", "-o", "json", "--server", &format!("unix://{}", sock.display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", cli.display()))?;
+    Ok(Kill(child))
+}
+
 fn run() -> Result<(), String> {
     let o = parse_opts()?;
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
@@ -207,10 +230,17 @@ fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     servers(&d, &bins)?;
 
-    // Ciliate: two pods of a one-node lab.
+    // Ciliate: two pods of a one-node lab, whose flow observer has one
+    // follower (`ciliate observe -f`, as a user watching); and the same
+    // without the observer (--enable-hubble false): what observability costs.
     let lab = NodeLab::up(NodeLabConfig::new(&tag, 2, bins.clone())).map_err(|e| e.to_string())?;
     servers(&lab.pods[1].ns, &bins)?;
-    for ns in [&a, &c, &lab.pods[0].ns] {
+    let mut follower = follow(&lab, &bins)?;
+    let mut off = NodeLabConfig::new(&format!("{tag}o"), 2, bins.clone());
+    off.agent_args = vec!["--enable-hubble".into(), "false".into()];
+    let lab_off = NodeLab::up(off).map_err(|e| e.to_string())?;
+    servers(&lab_off.pods[1].ns, &bins)?;
+    for ns in [&a, &c, &lab.pods[0].ns, &lab_off.pods[0].ns] {
         // Connection-rate runs open many connections: reuse TIME_WAIT ports
         // (a sysctl of the client's own namespace).
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(|e| e.to_string())?;
@@ -220,9 +250,14 @@ fn run() -> Result<(), String> {
         Variant { name: "direct veth (anchor)", client: &a, server_ip: "192.0.2.2".into() },
         Variant { name: "kernel routing", client: &c, server_ip: "203.0.113.2".into() },
         Variant {
-            name: "ciliate pod->pod",
+            name: "ciliate pod->pod, Hubble+follower",
             client: &lab.pods[0].ns,
             server_ip: lab.pods[1].state.ip.to_string(),
+        },
+        Variant {
+            name: "ciliate pod->pod, Hubble off",
+            client: &lab_off.pods[0].ns,
+            server_ip: lab_off.pods[1].state.ip.to_string(),
         },
     ];
     let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
@@ -234,6 +269,25 @@ fn run() -> Result<(), String> {
     let rows: Vec<(String, bench::Runs)> =
         names.iter().map(|n| n.to_string()).zip(measured).collect();
     bench::print_paired(&rows);
+    let [rr, conn, tput] = bench::paired_ratios(&rows[2].1, &rows[3].1);
+    println!(
+        "observability (Hubble + one follower vs off, paired rounds): RR {rr:.3}x, connections {conn:.3}x, stream {tput:.3}x"
+    );
+    // The follower was there all along, and the observer made flows.
+    let alive = matches!(follower.0.try_wait(), Ok(None));
+    let sock = lab.socket.parent().ok_or("no socket directory")?.join("hubble.sock");
+    let status = std::process::Command::new(bins.agent.with_file_name("ciliate"))
+        .args(["hubble", "status", "--server", &format!("unix://{}", sock.display())])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    let rate = status.lines().find(|l| l.starts_with("Flows/s")).unwrap_or("Flows/s: ?");
+    println!(
+        "  (the observer since the lab came up: {rate}; the follower {})",
+        if alive { "ran throughout" } else { "had stopped" }
+    );
+    drop(follower);
+    drop(lab_off);
     let (p50, p99) = cni_add_latency(&lab, o.adds)?;
     println!();
     println!("CNI ADD latency over {} sequential ADDs: p50 {p50:.1} ms, p99 {p99:.1} ms", o.adds);
