@@ -191,6 +191,11 @@ pub fn router<D: Datapath + 'static>(state: Arc<AppState<D>>) -> Router {
             "/v1/endpoint/{id}",
             get(get_endpoint::<D>).delete(delete_endpoint::<D>).fallback(no_method),
         )
+        .route(
+            "/v1/endpoint/{id}/config",
+            axum::routing::patch(endpoint_config::<D>).fallback(no_method),
+        )
+        .route("/v1/config", get(get_config::<D>).patch(patch_config::<D>).fallback(no_method))
         .route("/v1/service", get(list_services::<D>).put(update_service::<D>).fallback(no_method))
         .route(
             "/v1/service/{id}",
@@ -404,6 +409,46 @@ async fn create_endpoint<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> A
     tracing::info!(subsystem = "endpoint", endpoint_id = ep.id, container_id = %container, identity = ep.identity, %ip, "endpoint created");
     endpoints_changed(&st).await;
     json(201, &ep)
+}
+
+async fn endpoint_config<D: Datapath + 'static>(
+    State(st): St<D>,
+    UrlPath(id): UrlPath<String>,
+    b: Bytes,
+) -> ApiResult {
+    let id: u16 = parse_id(&id, "endpoint ID")?;
+    let change: ciliate_api::models::EndpointConfigChange = body(&b, "endpoint config")?;
+    let Some(on) = change.debug else {
+        return json(200, st.endpoints.snapshot().get(id)?);
+    };
+    let ep = st.endpoints.write(move |e| e.set_endpoint_debug(id, on), |e| e.view()).await??;
+    tracing::info!(
+        subsystem = "endpoint",
+        endpoint_id = id,
+        debug = on,
+        "endpoint debugging switched"
+    );
+    json(200, &ep)
+}
+
+fn agent_config(v: &EndpointsView) -> ciliate_api::models::AgentConfig {
+    ciliate_api::models::AgentConfig {
+        debug: v.debug_all,
+        monitor_aggregation: if v.trace_all { "none" } else { "medium" }.into(),
+    }
+}
+
+async fn get_config<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
+    json(200, &agent_config(&st.endpoints.snapshot()))
+}
+
+async fn patch_config<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
+    let change: ciliate_api::models::AgentConfigChange = body(&b, "agent config")?;
+    if let Some(on) = change.debug {
+        st.endpoints.write(move |e| e.set_node_debug(on), |e| e.view()).await??;
+        tracing::info!(subsystem = "datapath", debug = on, "node debugging switched");
+    }
+    json(200, &agent_config(&st.endpoints.snapshot()))
 }
 
 async fn delete_endpoint<D: Datapath + 'static>(
@@ -870,6 +915,12 @@ mod tests {
         }
         fn check(&mut self, ep: &Endpoint) -> Result<(), String> {
             self.inner.check(ep)
+        }
+        fn configure(&mut self, s: &ciliate_datapath::node::EndpointSpec) -> Result<(), String> {
+            self.inner.configure(s)
+        }
+        fn set_node_debug(&mut self, on: bool) -> Result<(), String> {
+            self.inner.set_node_debug(on)
         }
     }
 

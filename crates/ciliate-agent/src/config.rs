@@ -35,6 +35,11 @@ pub struct Flags {
     /// SYN/FIN/RST; Cilium's default) or "none" (every packet) [default: medium]
     #[arg(long, env = "CILIATE_MONITOR_AGGREGATION")]
     pub monitor_aggregation: Option<String>,
+    /// Datapath debugging for the whole node from the start: every decision of the
+    /// programs becomes a debug event (`ciliate monitor -v`); switch at run time with
+    /// `ciliate config Debug=true|false` [default: false]
+    #[arg(long, env = "CILIATE_BPF_DEBUG", num_args = 0..=1, default_missing_value = "true")]
+    pub bpf_debug: Option<bool>,
     /// Seconds between conntrack garbage collections [default: 30]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
@@ -140,7 +145,7 @@ pub struct Flags {
     #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FIELDMASK")]
     pub hubble_export_fieldmask: Option<String>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
-    /// ct_gc_interval, monitor_aggregation, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// ct_gc_interval, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -163,6 +168,7 @@ struct FileConfig {
     enable_health: Option<bool>,
     ct_gc_interval: Option<u64>,
     monitor_aggregation: Option<String>,
+    bpf_debug: Option<bool>,
     devices: Option<Vec<String>>,
     socket_lb: Option<bool>,
     cgroup_root: Option<PathBuf>,
@@ -208,6 +214,8 @@ pub struct Config {
     pub ct_gc_interval: u64,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
+    /// `--bpf-debug`: datapath debugging for the whole node from the start.
+    pub bpf_debug: bool,
     pub devices: Vec<String>,
     pub socket_lb: bool,
     /// None: the cgroup v2 root the agent finds or mounts.
@@ -450,6 +458,7 @@ impl Flags {
             socket: api_socket,
             bpffs: self.bpffs.or(file.bpffs).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             enable_health: self.enable_health.or(file.enable_health).unwrap_or(true),
+            bpf_debug: self.bpf_debug.or(file.bpf_debug).unwrap_or(false),
             trace_all: match self
                 .monitor_aggregation
                 .or(file.monitor_aggregation)

@@ -112,6 +112,11 @@ pub trait Datapath: Send {
     /// to it, its lxc and ipcache entries, its policy enforcement)? The
     /// reason when it is not.
     fn check(&mut self, ep: &Endpoint) -> Result<(), String>;
+    /// Write only the endpoint's configuration entry (what its packets'
+    /// program reads: switching its debugging).
+    fn configure(&mut self, spec: &EndpointSpec) -> Result<(), String>;
+    /// Switch the node programs' debugging.
+    fn set_node_debug(&mut self, on: bool) -> Result<(), String>;
 }
 
 /// The policy entries of a resolution.
@@ -167,6 +172,10 @@ pub struct MemoryDatapath {
     pub cidrs: BTreeMap<Prefix, u32>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
+    /// The node programs' debugging, as last switched.
+    pub node_debug: bool,
+    /// The next `configure` fails with this.
+    pub fail_next_configure: Option<String>,
 }
 
 impl Default for MemoryDatapath {
@@ -181,6 +190,8 @@ impl Default for MemoryDatapath {
             cidrs: BTreeMap::new(),
             devices: Vec::new(),
             fail_next_attach: None,
+            node_debug: false,
+            fail_next_configure: None,
         }
     }
 }
@@ -195,6 +206,17 @@ impl Datapath for MemoryDatapath {
             lxc_mac: [2, 0, 0, 0, 0, spec.endpoint_id as u8],
             ifindex: 100 + u32::from(spec.endpoint_id),
         })
+    }
+    fn configure(&mut self, spec: &EndpointSpec) -> Result<(), String> {
+        if let Some(e) = self.fail_next_configure.take() {
+            return Err(e);
+        }
+        self.attached.insert(spec.ip, spec.clone());
+        Ok(())
+    }
+    fn set_node_debug(&mut self, on: bool) -> Result<(), String> {
+        self.node_debug = on;
+        Ok(())
     }
     fn detach(&mut self, ip: Ipv4Addr, _lxc: &str) -> Result<(), String> {
         self.attached.remove(&ip);
@@ -294,6 +316,10 @@ pub struct EndpointsView {
     pub ipam_free: usize,
     /// How many endpoints the start restored; `None` while it restores.
     pub restored: Option<usize>,
+    /// Datapath debugging for the whole node.
+    pub debug_all: bool,
+    /// Monitor aggregation "none".
+    pub trace_all: bool,
 }
 
 impl EndpointsView {
@@ -382,6 +408,9 @@ pub struct Endpoints<D: Datapath> {
     pub datapath: D,
     /// Monitor aggregation "none" for the endpoints' programs.
     pub trace_all: bool,
+    /// Datapath debugging for the whole node (`--bpf-debug`, `ciliate
+    /// config Debug=true`): every endpoint's packets debug.
+    pub debug_all: bool,
     pub policy: Arc<PolicyState>,
     /// How many endpoints the start restored; `None` while it restores.
     pub restored: Option<usize>,
@@ -418,6 +447,7 @@ impl<D: Datapath> Endpoints<D> {
             state_dir: state_dir.map(Path::to_owned),
             datapath,
             trace_all: false,
+            debug_all: false,
             metrics: Default::default(),
             cluster_cidrs: vec![(cidr.net, cidr.len)],
             restored: Some(0),
@@ -492,7 +522,64 @@ impl<D: Datapath> Endpoints<D> {
             endpoint_id: ep.id,
             identity: ep.identity,
             trace_all: self.trace_all,
+            debug: ep.debug || self.debug_all,
         })
+    }
+
+    /// Switch datapath debugging of endpoint `id` (its configuration entry
+    /// only: no program is loaded, nothing reattached). A failed write
+    /// leaves the endpoint as it was.
+    pub fn set_endpoint_debug(&mut self, id: u16, on: bool) -> Result<Endpoint, EndpointError> {
+        let mut ep = self
+            .endpoints
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| EndpointError::NotFound(format!("endpoint {id} not found")))?;
+        if ep.identity == ciliate_common::identity::HOST {
+            return Err(EndpointError::BadRequest(format!(
+                "endpoint {id} is the host: the node's programs debug with `ciliate config Debug=true`"
+            )));
+        }
+        let was = ep.clone();
+        ep.debug = on;
+        let spec = self.spec(&ep)?;
+        self.datapath
+            .configure(&spec)
+            .map_err(|e| EndpointError::Internal(format!("endpoint {id}: {e}")))?;
+        if let Err(e) = self.persist(&ep) {
+            let _ = self.spec(&was).map(|s| self.datapath.configure(&s));
+            return Err(e);
+        }
+        self.endpoints.insert(id, ep.clone());
+        Ok(ep)
+    }
+
+    /// Switch datapath debugging for the whole node: the node programs'
+    /// switch and every endpoint's configuration. A write that fails midway
+    /// is undone: all of it or nothing.
+    pub fn set_node_debug(&mut self, on: bool) -> Result<(), EndpointError> {
+        let was = self.debug_all;
+        let eps: Vec<Endpoint> = self
+            .endpoints
+            .values()
+            .filter(|e| e.identity != ciliate_common::identity::HOST)
+            .cloned()
+            .collect();
+        let apply = |me: &mut Self, value: bool| -> Result<(), String> {
+            me.debug_all = value;
+            me.datapath.set_node_debug(value)?;
+            for ep in &eps {
+                let spec = me.spec(ep).map_err(|e| e.to_string())?;
+                me.datapath.configure(&spec).map_err(|e| format!("endpoint {}: {e}", ep.id))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = apply(self, on) {
+            let _ = apply(self, was);
+            self.debug_all = was;
+            return Err(EndpointError::Internal(format!("switching debugging: {e}")));
+        }
+        Ok(())
     }
 
     /// Create an endpoint for a pod whose veth the CNI plugin set up.
@@ -604,6 +691,7 @@ impl<D: Datapath> Endpoints<D> {
             state: "ready".into(),
             ingress_enforcement: "Disabled".into(),
             egress_enforcement: "Disabled".into(),
+            debug: false,
         };
         let spec = self.spec(&ep)?;
         // The policy goes in before the endpoint is routable: its own, and
@@ -702,6 +790,7 @@ impl<D: Datapath> Endpoints<D> {
             state: "ready".into(),
             ingress_enforcement: "Disabled".into(),
             egress_enforcement: "Disabled".into(),
+            debug: false,
         };
         self.persist(&ep)?;
         self.endpoints.insert(id, ep.clone());
@@ -882,6 +971,8 @@ impl<D: Datapath> Endpoints<D> {
             ipam_used: self.ipam.used(),
             ipam_free: self.ipam.free(),
             restored: self.restored,
+            debug_all: self.debug_all,
+            trace_all: self.trace_all,
         }
     }
 
@@ -1076,6 +1167,39 @@ mod tests {
         assert_eq!(n.ipam.owner(ep.ip), None);
         assert_eq!(n.get(ep.id).unwrap_err().status(), 404);
         assert_eq!(n.delete_container("c1", None).unwrap(), None, "deleting again is fine");
+    }
+
+    #[test]
+    fn debugging_switches_per_endpoint_and_per_node_all_or_nothing() {
+        let mut n = node();
+        let r1 = request(&mut n, "c1", "web");
+        let e1 = n.create(r1).unwrap();
+        let r2 = request(&mut n, "c2", "db");
+        let e2 = n.create(r2).unwrap();
+        let debug = |n: &Endpoints<MemoryDatapath>, ip: Ipv4Addr| n.datapath.attached[&ip].debug;
+
+        // One endpoint: its configuration only, kept in its state.
+        assert!(n.set_endpoint_debug(e1.id, true).unwrap().debug);
+        assert!(debug(&n, e1.ip) && !debug(&n, e2.ip));
+        assert!(n.get(e1.id).unwrap().debug);
+        assert_eq!(n.set_endpoint_debug(99, true).unwrap_err().status(), 404);
+        // A failed write leaves it as it was.
+        n.datapath.fail_next_configure = Some("map full".into());
+        let e = n.set_endpoint_debug(e1.id, false).unwrap_err();
+        assert!(e.to_string().contains("map full"), "{e}");
+        assert!(n.get(e1.id).unwrap().debug && debug(&n, e1.ip));
+
+        // The node: every endpoint and the node programs; off again leaves
+        // the endpoint that debugs on its own.
+        n.set_node_debug(true).unwrap();
+        assert!(n.datapath.node_debug && debug(&n, e1.ip) && debug(&n, e2.ip));
+        assert!(n.view().debug_all);
+        n.set_node_debug(false).unwrap();
+        assert!(!n.datapath.node_debug && debug(&n, e1.ip) && !debug(&n, e2.ip));
+        // Failing midway: nothing changed.
+        n.datapath.fail_next_configure = Some("gone".into());
+        assert!(n.set_node_debug(true).is_err());
+        assert!(!n.datapath.node_debug && !n.debug_all && !debug(&n, e2.ip));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::{
 };
 
 use ciliate_api::models::{
-    DropEvent, LostEvents, MonitorEvent, MonitorStatus, PolicyVerdictEvent, TraceEvent,
+    CaptureEvent, DebugEvent, DropEvent, LostEvents, MonitorEvent, MonitorStatus,
+    PolicyVerdictEvent, TraceEvent,
 };
 use ciliate_common::{ct, drop, event, policy, trace};
 use ciliate_datapath::{
@@ -330,6 +331,24 @@ pub async fn model(r: &Record, ifnames: &Arc<IfNames>) -> Option<MonitorEvent> {
             matched: policy::match_name(v.match_type).into(),
             summary: pkt,
         }),
+        Event::Debug(d) => MonitorEvent::Debug(DebugEvent {
+            time,
+            cpu: format!("CPU {:02}", d.cpu),
+            source: d.hdr.source,
+            flow: format!("{:#x}", d.hdr.hash),
+            subtype: d.hdr.subtype,
+            message: ciliate_datapath::events::debug_message(d),
+        }),
+        Event::Capture(c) => MonitorEvent::Capture(CaptureEvent {
+            time,
+            cpu: format!("CPU {:02}", c.cpu),
+            source: c.hdr.source,
+            flow: format!("{:#x}", c.hdr.hash),
+            subtype: c.hdr.subtype,
+            message: ciliate_datapath::events::capture_message(c),
+            length: c.hdr.len_orig,
+            summary: pkt,
+        }),
         Event::Unknown { .. } => return None,
     })
 }
@@ -346,10 +365,12 @@ impl Filter {
         let kind = match kind {
             None | Some("") => None,
             Some(k) => Some(
-                ["drop", "trace", "policy-verdict"]
+                ["drop", "trace", "policy-verdict", "debug", "capture"]
                     .into_iter()
                     .find(|x| *x == k)
-                    .ok_or_else(|| format!("event type {k:?}: drop, trace or policy-verdict"))?,
+                    .ok_or_else(|| {
+                        format!("event type {k:?}: drop, trace, policy-verdict, debug or capture")
+                    })?,
             ),
         };
         let related_to = match related_to {

@@ -558,7 +558,7 @@ pub fn to_flow(node: &str, time: SystemTime, ev: &Event, v: &Known) -> Option<Fl
                 f.destination = Some(endpoint(v, dst_ip, 0, p.remote_identity));
             }
         }
-        Event::Unknown { .. } => return None,
+        Event::Debug(_) | Event::Capture(_) | Event::Unknown { .. } => return None,
     }
     Some(f)
 }

@@ -55,6 +55,12 @@ impl Datapath for KernelDatapath {
     fn detach(&mut self, ip: Ipv4Addr, lxc: &str) -> Result<(), String> {
         node::detach_endpoint(&self.pins, ip, lxc).map_err(|e| e.to_string())
     }
+    fn configure(&mut self, spec: &EndpointSpec) -> Result<(), String> {
+        node::configure_endpoint(&self.pins, spec).map(|_| ()).map_err(|e| e.to_string())
+    }
+    fn set_node_debug(&mut self, on: bool) -> Result<(), String> {
+        node::set_node_debug(&self.pins, on).map_err(|e| e.to_string())
+    }
     fn device_exists(&self, lxc: &str) -> bool {
         node::device_exists(lxc)
     }

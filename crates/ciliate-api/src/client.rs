@@ -208,5 +208,6 @@ pub mod method {
     pub const GET: &str = "GET";
     pub const PUT: &str = "PUT";
     pub const POST: &str = "POST";
+    pub const PATCH: &str = "PATCH";
     pub const DELETE: &str = "DELETE";
 }

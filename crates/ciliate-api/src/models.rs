@@ -116,8 +116,67 @@ pub enum MonitorEvent {
     Trace(TraceEvent),
     Drop(DropEvent),
     PolicyVerdict(PolicyVerdictEvent),
+    /// A decision of the datapath, while debugging is on.
+    Debug(DebugEvent),
+    /// A packet at a point of a program, while debugging is on.
+    Capture(CaptureEvent),
     /// Events that did not reach this subscriber.
     Lost(LostEvents),
+}
+
+/// `PATCH /v1/endpoint/{id}/config`: switch an endpoint's options.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfigChange {
+    /// Datapath debugging for the endpoint's packets.
+    #[serde(default)]
+    pub debug: Option<bool>,
+}
+
+/// `GET /v1/config`: the agent's options that switch at run time.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Datapath debugging for the whole node.
+    pub debug: bool,
+    /// "medium" or "none".
+    pub monitor_aggregation: String,
+}
+
+/// `PATCH /v1/config`: switch the agent's run-time options.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfigChange {
+    #[serde(default)]
+    pub debug: Option<bool>,
+}
+
+/// A decision the datapath took for a packet (Cilium's debug message).
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct DebugEvent {
+    pub time: String,
+    /// "CPU 01", as Cilium's monitor prints it.
+    pub cpu: String,
+    /// The endpoint whose packet it is (0: a node program's).
+    pub source: u16,
+    pub flow: String,
+    /// The decision's number (`ciliate_common::debug::DBG_*`, Cilium's where
+    /// Cilium has it) and its message.
+    pub subtype: u8,
+    pub message: String,
+}
+
+/// The first bytes of a packet at a point of a program.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct CaptureEvent {
+    pub time: String,
+    pub cpu: String,
+    pub source: u16,
+    pub flow: String,
+    pub subtype: u8,
+    /// Where: "Delivery to ifindex 7", "Packet at from-endpoint on ifindex 7", …
+    pub message: String,
+    pub length: u32,
+    pub summary: String,
 }
 
 /// A forwarded packet at an observation point.
@@ -204,16 +263,20 @@ impl MonitorEvent {
             MonitorEvent::Trace(t) => t.source == id || t.dst_endpoint == id,
             MonitorEvent::Drop(d) => d.source == id || d.dst_endpoint == u32::from(id),
             MonitorEvent::PolicyVerdict(v) => v.endpoint == id,
+            MonitorEvent::Debug(d) => d.source == id,
+            MonitorEvent::Capture(c) => c.source == id,
             MonitorEvent::Lost(_) => true,
         }
     }
 
-    /// "trace", "drop", "policy-verdict", "lost".
+    /// "trace", "drop", "policy-verdict", "debug", "capture", "lost".
     pub fn kind(&self) -> &'static str {
         match self {
             MonitorEvent::Trace(_) => "trace",
             MonitorEvent::Drop(_) => "drop",
             MonitorEvent::PolicyVerdict(_) => "policy-verdict",
+            MonitorEvent::Debug(_) => "debug",
+            MonitorEvent::Capture(_) => "capture",
             MonitorEvent::Lost(_) => "lost",
         }
     }
@@ -294,6 +357,10 @@ pub struct Endpoint {
     /// Policy enforcement per direction: "Disabled" until the policy issue.
     pub ingress_enforcement: String,
     pub egress_enforcement: String,
+    /// Datapath debugging for this endpoint (`ciliate endpoint config ID
+    /// Debug=true`): its packets' decisions become debug events.
+    #[serde(default)]
+    pub debug: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! Commands answered by the agent: `status`, `endpoint list|get`,
-//! `identity list|get`.
+//! Commands answered by the agent: `status`, `endpoint list|get|config`,
+//! `identity list|get`, `config`.
 
 use anyhow::Context as _;
 use ciliate_api::models::{Endpoint, Identity, Status};
@@ -73,6 +73,33 @@ pub enum EndpointCommand {
     },
     /// One endpoint, in full (JSON)
     Get { id: u16 },
+    /// Show or switch an endpoint's options, as `cilium endpoint config`: Debug=true|false
+    /// (its packets' datapath decisions become debug events: `ciliate monitor -v`)
+    Config {
+        id: u16,
+        /// OPTION=VALUE
+        options: Vec<String>,
+    },
+}
+
+/// `Debug=true`-style options: (option, value), checked. Only `Debug` is
+/// known; values true/false, enabled/disabled, on/off.
+pub fn parse_options(options: &[String]) -> anyhow::Result<Option<bool>> {
+    let mut debug = None;
+    for o in options {
+        let (k, v) = o
+            .split_once('=')
+            .with_context(|| format!("option {o:?}: OPTION=VALUE (Debug=true)"))?;
+        if !k.eq_ignore_ascii_case("debug") {
+            anyhow::bail!("option {k:?} is not known: Debug is");
+        }
+        debug = Some(match v.to_ascii_lowercase().as_str() {
+            "true" | "enabled" | "on" => true,
+            "false" | "disabled" | "off" => false,
+            _ => anyhow::bail!("option {k}={v:?}: true or false"),
+        });
+    }
+    Ok(debug)
 }
 
 /// `k8s:app=web` style labels of an endpoint, sorted.
@@ -130,9 +157,42 @@ impl EndpointCommand {
                     .with_context(|| format!("endpoint {id}"))?;
                 println!("{}", serde_json::to_string_pretty(&e)?);
             }
+            EndpointCommand::Config { id, options } => {
+                let change =
+                    ciliate_api::models::EndpointConfigChange { debug: parse_options(&options)? };
+                let e: Endpoint = client
+                    .call(
+                        ciliate_api::client::method::PATCH,
+                        &format!("/v1/endpoint/{id}/config"),
+                        Some(&change),
+                    )
+                    .with_context(|| format!("endpoint {id}"))?;
+                println!("Debug  {}", if e.debug { "Enabled" } else { "Disabled" });
+            }
         }
         Ok(())
     }
+}
+
+#[derive(Args)]
+pub struct ConfigArgs {
+    /// OPTION=VALUE to switch (Debug=true|false: datapath debugging for the whole node);
+    /// none: show the options
+    options: Vec<String>,
+}
+
+/// `ciliate config [Debug=true]`, as `cilium config`.
+pub fn config(t: &Target, a: &ConfigArgs) -> anyhow::Result<()> {
+    let client = t.client()?;
+    let cfg: ciliate_api::models::AgentConfig = if a.options.is_empty() {
+        client.get("/v1/config")?
+    } else {
+        let change = ciliate_api::models::AgentConfigChange { debug: parse_options(&a.options)? };
+        client.call(ciliate_api::client::method::PATCH, "/v1/config", Some(&change))?
+    };
+    println!("{:<22}{}", "Debug", if cfg.debug { "Enabled" } else { "Disabled" });
+    println!("{:<22}{}", "MonitorAggregation", cfg.monitor_aggregation);
+    Ok(())
 }
 
 #[derive(Subcommand)]

@@ -45,6 +45,8 @@ enum Command {
     /// Endpoints of the node
     #[command(subcommand)]
     Endpoint(agent::EndpointCommand),
+    /// The agent's run-time options: show, or switch (Debug=true: datapath debugging)
+    Config(agent::ConfigArgs),
     /// Security identities
     #[command(subcommand)]
     Identity(agent::IdentityCommand),
@@ -83,6 +85,7 @@ impl Command {
         match self {
             Command::Status(a) => agent::status(t, &a),
             Command::Endpoint(c) => c.run(t),
+            Command::Config(a) => agent::config(t, &a),
             Command::Identity(c) => c.run(t),
             Command::Policy(c) => c.run(t),
             Command::Service(c) => c.run(t),

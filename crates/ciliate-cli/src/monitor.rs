@@ -1,5 +1,7 @@
 //! `ciliate monitor`: the datapath's trace, drop and policy verdict
-//! events, one line each, in Cilium's format, or JSON with `-j`.
+//! events, one line each, in Cilium's format, or JSON with `-j`; with `-v`
+//! (or `--type debug|capture`) the debug and capture events of datapath
+//! debugging too, interleaved as Cilium prints them.
 //!
 //! The agent owns the event ring; the monitor subscribes through its API
 //! (`GET /v1/events`), so any number of monitors run at once and each sees
@@ -18,6 +20,10 @@ pub enum Kind {
     Drop,
     Trace,
     PolicyVerdict,
+    /// The datapath's decisions, step by step (while debugging is on)
+    Debug,
+    /// Packets at points of the programs (while debugging is on)
+    Capture,
 }
 
 impl Kind {
@@ -26,6 +32,8 @@ impl Kind {
             Kind::Drop => "drop",
             Kind::Trace => "trace",
             Kind::PolicyVerdict => "policy-verdict",
+            Kind::Debug => "debug",
+            Kind::Capture => "capture",
         }
     }
 }
@@ -38,9 +46,12 @@ pub struct MonitorArgs {
     /// Only events from or to this endpoint ID
     #[arg(long)]
     related_to: Option<u16>,
-    /// JSON, one object per line
+    /// JSON, one object per line (every type, debug ones included)
     #[arg(short = 'j', long)]
     json: bool,
+    /// Verbose: debug and capture events too, interleaved with the others
+    #[arg(short = 'v', long)]
+    verbose: bool,
     /// Stop after this many events
     #[arg(long)]
     count: Option<usize>,
@@ -94,8 +105,25 @@ fn line(ev: &MonitorEvent) -> String {
             v.matched,
             v.summary,
         ),
+        MonitorEvent::Debug(d) => {
+            format!("{}: MARK {} FROM {} DEBUG: {}", d.cpu, d.flow, d.source, d.message)
+        }
+        MonitorEvent::Capture(c) => format!(
+            "{}: MARK {} FROM {} DEBUG: {} bytes, {}: {}",
+            c.cpu, c.flow, c.source, c.length, c.message, c.summary
+        ),
         MonitorEvent::Lost(l) => format!("Lost {} events ({})", l.lost, l.cause),
     }
+}
+
+/// Is datapath debugging on anywhere (the node, or some endpoint)?
+fn debugging(client: &ciliate_api::Client) -> anyhow::Result<bool> {
+    let cfg: serde_json::Value = client.get("/v1/config")?;
+    if cfg["debug"].as_bool() == Some(true) {
+        return Ok(true);
+    }
+    let eps: Vec<ciliate_api::models::Endpoint> = client.get("/v1/endpoint")?;
+    Ok(eps.iter().any(|e| e.debug))
 }
 
 pub fn run(t: &Target, args: &MonitorArgs) -> anyhow::Result<()> {
@@ -112,6 +140,14 @@ pub fn run(t: &Target, args: &MonitorArgs) -> anyhow::Result<()> {
     } else {
         format!("/v1/events?{}", query.join("&"))
     };
+    let debug_kind = matches!(args.kind, Some(Kind::Debug | Kind::Capture));
+    if debug_kind && !debugging(&client).unwrap_or(true) {
+        eprintln!(
+            "Datapath debugging is off: no debug or capture events will come. Turn it on for the \
+             node with `ciliate config Debug=true` (or ciliate-agent --bpf-debug), or for one \
+             endpoint with `ciliate endpoint config ID Debug=true`."
+        );
+    }
     let end = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
     let mut stream = client.stream(&target).context("subscribing to the agent's events")?;
     if !args.json {
@@ -121,6 +157,10 @@ pub fn run(t: &Target, args: &MonitorArgs) -> anyhow::Result<()> {
     while let Some(l) = stream.next_line(end).context("reading the agent's events")? {
         let ev: MonitorEvent = serde_json::from_slice(&l)
             .with_context(|| format!("an event the agent sent: {}", String::from_utf8_lossy(&l)))?;
+        let debug_event = matches!(ev, MonitorEvent::Debug(_) | MonitorEvent::Capture(_));
+        if debug_event && !(args.json || args.verbose || debug_kind) {
+            continue;
+        }
         if args.json {
             println!("{}", String::from_utf8_lossy(&l));
         } else {

@@ -41,6 +41,11 @@ pub const ENDPOINT_F_CONFIGURED: u32 = 1 << 0;
 /// every packet is still counted in the metrics map. Used by both the
 /// endpoint and the host configuration.
 pub const ENDPOINT_F_TRACE_ALL: u32 = 1 << 1;
+/// Datapath debugging for this endpoint (`ciliate endpoint config ID
+/// Debug=true`): its packets' decisions become debug events and capture
+/// events (`ciliate_common::debug`). The node's `NODE_F_DEBUG` turns it on
+/// for every endpoint.
+pub const ENDPOINT_F_DEBUG: u32 = 1 << 2;
 
 /// Name of the global in the host object that holds a [`HostConfig`].
 pub const HOST_CONFIG_SYMBOL: &str = "HOST_CONFIG";

@@ -129,3 +129,35 @@ pub fn file_name(file: u8) -> &'static str {
         _ => "unknown",
     }
 }
+
+/// A decision the datapath took for a packet (Cilium's `DBG_MSG`), sent
+/// only while debugging is on for the endpoint or the node. `hdr.subtype`
+/// is a `debug::DBG_*` number; what the arguments hold is that subtype's
+/// (user space renders the message). `len_orig` is the packet's length,
+/// nothing is captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebugNotify {
+    pub hdr: EventHeader,
+    pub arg1: u32,
+    pub arg2: u32,
+    pub arg3: u32,
+    /// The CPU the program ran on.
+    pub cpu: u32,
+}
+const _: () = assert!(core::mem::size_of::<DebugNotify>() == 32);
+
+/// The first bytes of a packet at a point of a program (Cilium's
+/// `DBG_CAPTURE`), while debugging is on. `hdr.subtype` is a
+/// `debug::CAPTURE_*` number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureNotify {
+    pub hdr: EventHeader,
+    pub arg1: u32,
+    pub arg2: u32,
+    pub cpu: u32,
+    pub _pad: u32,
+    pub data: [u8; CAPTURE_LEN],
+}
+const _: () = assert!(core::mem::size_of::<CaptureNotify>() == 32 + CAPTURE_LEN);

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod ct;
+pub mod debug;
 pub mod drop;
 pub mod endpoint;
 pub mod event;
@@ -41,6 +42,8 @@ mod pod {
         crate::ct::CtKey4,
         crate::endpoint::EndpointInfo,
         crate::endpoint::EndpointKey,
+        crate::event::CaptureNotify,
+        crate::event::DebugNotify,
         crate::event::DropNotify,
         crate::event::EventHeader,
         crate::event::TraceNotify,

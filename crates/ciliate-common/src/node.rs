@@ -14,6 +14,10 @@ pub const ROUTING_NATIVE: u8 = 2;
 /// Masquerade pod traffic that leaves the cluster (BPF SNAT to `node_ip`
 /// on the native devices).
 pub const NODE_F_MASQUERADE: u8 = 1 << 0;
+/// Datapath debugging for the whole node (`ciliate-agent --bpf-debug`, or
+/// `ciliate config Debug=true` at run time): every program's decisions
+/// become debug events (`ciliate_common::debug`).
+pub const NODE_F_DEBUG: u8 = 1 << 1;
 
 /// Destinations never masqueraded besides the cluster CIDR (LPM of
 /// [`NoMasqKey`] → 1): `--non-masquerade-cidrs`.

@@ -1,8 +1,8 @@
 //! Decoding the datapath's ring-buffer events (`ciliate_common::event`).
 
 use ciliate_common::event::{
-    DropNotify, EventHeader, KIND_DROP, KIND_POLICY_VERDICT, KIND_TRACE, PolicyVerdictNotify,
-    TraceNotify,
+    CaptureNotify, DebugNotify, DropNotify, EventHeader, KIND_CAPTURE, KIND_DEBUG, KIND_DROP,
+    KIND_POLICY_VERDICT, KIND_TRACE, PolicyVerdictNotify, TraceNotify,
 };
 
 /// One event as user space sees it.
@@ -11,6 +11,10 @@ pub enum Event {
     Drop(DropNotify),
     Trace(TraceNotify),
     PolicyVerdict(PolicyVerdictNotify),
+    /// A decision the datapath took, while debugging ([`debug_message`]).
+    Debug(DebugNotify),
+    /// A packet at a point of a program, while debugging.
+    Capture(CaptureNotify),
     /// A kind this build does not know, or a record too short for its kind.
     Unknown {
         kind: u8,
@@ -35,6 +39,8 @@ impl Event {
             KIND_DROP => read::<DropNotify>(bytes).map(Event::Drop),
             KIND_TRACE => read::<TraceNotify>(bytes).map(Event::Trace),
             KIND_POLICY_VERDICT => read::<PolicyVerdictNotify>(bytes).map(Event::PolicyVerdict),
+            KIND_DEBUG => read::<DebugNotify>(bytes).map(Event::Debug),
+            KIND_CAPTURE => read::<CaptureNotify>(bytes).map(Event::Capture),
             _ => None,
         };
         decoded.unwrap_or(Event::Unknown { kind: hdr.kind, len: bytes.len() })
@@ -46,9 +52,124 @@ impl Event {
             Event::Drop(d) => (&d.data, d.hdr.len_cap),
             Event::Trace(t) => (&t.data, t.hdr.len_cap),
             Event::PolicyVerdict(v) => (&v.data, v.hdr.len_cap),
-            Event::Unknown { .. } => (&[], 0),
+            Event::Capture(c) => (&c.data, c.hdr.len_cap),
+            Event::Debug(_) | Event::Unknown { .. } => (&[], 0),
         };
         &data[..usize::from(n).min(data.len())]
+    }
+}
+
+fn ip(arg: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(arg.to_ne_bytes())
+}
+
+fn ct_state(state: u32) -> String {
+    use ciliate_common::ct;
+    match u8::try_from(state).unwrap_or(u8::MAX) {
+        ct::CT_NEW => "New".into(),
+        ct::CT_ESTABLISHED => "Established".into(),
+        ct::CT_REPLY => "Reply".into(),
+        ct::CT_RELATED => "Related".into(),
+        s => ciliate_common::drop::reason_name(s).to_owned(),
+    }
+}
+
+/// A debug event in words: Cilium's text for the decisions Cilium has
+/// (`cilium monitor -v`), Ciliate's for its own.
+pub fn debug_message(d: &DebugNotify) -> String {
+    use ciliate_common::{debug::*, policy};
+    let (a1, a2, a3) = (d.arg1, d.arg2, d.arg3);
+    match d.hdr.subtype {
+        DBG_LOCAL_DELIVERY => {
+            format!("Attempting local delivery for container id {a1} from seclabel {a2}")
+        }
+        DBG_ENCAP => format!("Encapsulating to node {} ({a1:#x}) from seclabel {a2}", ip(a1)),
+        DBG_POLICY_DENIED => format!("Policy evaluation would deny packet from {a1} to {a2}"),
+        DBG_CT_VERDICT => format!("CT verdict: {}, revnat={a2}", ct_state(a1)),
+        DBG_DECAP => format!("Tunnel decap: id={a1} flowlabel={a2:x}"),
+        DBG_TO_HOST => format!("Going to host, policy-skip={a1}"),
+        DBG_TO_STACK => format!("Going to the stack, policy-skip={a1}"),
+        DBG_LB4_LOOKUP_FRONTEND => {
+            format!("Frontend service lookup, addr={} key.dport={a2}", ip(a1))
+        }
+        DBG_LB4_LOOKUP_FRONTEND_FAIL => "Frontend service lookup failed".into(),
+        DBG_LB4_LOOKUP_BACKEND_SLOT_SUCCESS => {
+            format!("Service backend slot lookup result: target={} port={a2}", ip(a1))
+        }
+        DBG_LB4_LOOKUP_BACKEND_FAIL => format!("Backend service lookup failed: backend_id={a1}"),
+        DBG_LB4_REVERSE_NAT_LOOKUP => format!("Reverse NAT lookup, index={a1}"),
+        DBG_LB4_REVERSE_NAT => format!("Performing reverse NAT, address={} port={a2}", ip(a1)),
+        DBG_LB4_LOOPBACK_SNAT => format!("Loopback SNAT from={} to={}", ip(a1), ip(a2)),
+        DBG_CT_LOOKUP4_1 => format!(
+            "Conntrack lookup 1/2: src={}:{} dst={}:{}",
+            ip(a1),
+            a3 & 0xffff,
+            ip(a2),
+            a3 >> 16
+        ),
+        DBG_CT_LOOKUP4_2 => {
+            format!("Conntrack lookup 2/2: nexthdr={} flags={}", a1 >> 8, a1 & 0xff)
+        }
+        DBG_CT_CREATED4 => format!(
+            "Conntrack create: proxy-port={} revnat={} src-identity={a2} lb={}",
+            a1 >> 16,
+            a1 & 0xffff,
+            ip(a3)
+        ),
+        DBG_IP_ID_MAP_SUCCEED4 => format!("Successfully mapped addr={} to identity={a2}", ip(a1)),
+        DBG_IP_ID_MAP_FAILED4 => format!("Failed to map addr={} to identity", ip(a1)),
+        DBG_INHERIT_IDENTITY => format!("Inheriting identity={a1} from stack"),
+        DBG_POLICY_LOOKUP => {
+            let dir = if (a1 >> 8) & 0xff == u32::from(policy::DIR_INGRESS) {
+                "ingress"
+            } else {
+                "egress"
+            };
+            let verdict = match (a3 >> 8) & 0xff {
+                POLICY_NOT_ENFORCED => "not enforced".to_owned(),
+                POLICY_ALLOWED => format!("allowed ({})", policy::match_name((a3 & 0xff) as u8)),
+                POLICY_DENIED => {
+                    format!("denied by a deny rule ({})", policy::match_name((a3 & 0xff) as u8))
+                }
+                _ => "no rule allows it".to_owned(),
+            };
+            format!(
+                "Policy lookup: endpoint {} {dir}, identity {a2}, proto {} dport {}: {verdict}",
+                a1 >> 16,
+                a1 & 0xff,
+                a3 >> 16
+            )
+        }
+        DBG_ARP_REPLY => "ARP request answered with the gateway MAC".into(),
+        DBG_SNAT => {
+            format!("Masquerade (SNAT) from={}:{} to={}:{}", ip(a1), a3 >> 16, ip(a2), a3 & 0xffff)
+        }
+        DBG_REV_SNAT => format!("Reverse SNAT to={}:{}", ip(a1), a3 & 0xffff),
+        DBG_FIB_LOOKUP => format!("FIB lookup: result={} ifindex={a2}", a1 as i32),
+        DBG_TAIL_CALL => format!("Tail call to program {a1}"),
+        DBG_SOURCE_CHECK => {
+            format!("Source address {} is not the endpoint's {}", ip(a1), ip(a2))
+        }
+        t => format!("Unknown message type={t} arg1={a1} arg2={a2}"),
+    }
+}
+
+/// A capture event's point in words, as Cilium's monitor names it.
+pub fn capture_message(c: &CaptureNotify) -> String {
+    use ciliate_common::debug::*;
+    let (a1, a2) = (c.arg1, c.arg2);
+    match c.hdr.subtype {
+        CAPTURE_DELIVERY => format!("Delivery to ifindex {a1}"),
+        CAPTURE_FROM_LB => format!("Incoming packet to load balancer on ifindex {a1}"),
+        CAPTURE_SNAT_PRE => format!("Packet going into snat engine on ifindex {a1}"),
+        CAPTURE_SNAT_POST => format!("Packet coming from snat engine on ifindex {a1}"),
+        CAPTURE_FROM => {
+            format!("Packet at {} on ifindex {a1}", ciliate_common::trace::point_name(a2 as u8))
+        }
+        CAPTURE_TO => {
+            format!("Packet {} on ifindex {a1}", ciliate_common::trace::point_name(a2 as u8))
+        }
+        t => format!("Unknown message type={t} arg1={a1}"),
     }
 }
 

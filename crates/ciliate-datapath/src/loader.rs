@@ -62,6 +62,7 @@ pub fn load_lxc(pins: &NodePins) -> Result<Loaded> {
     let object = objects::by_name("lxc").expect("every object this crate names is built");
     let mut l = load_with(object, pins, |_| {})?;
     l.fill_calls(objects::programs::LXC_CALLS_MAP, &objects::programs::LXC_CALLS)?;
+    l.fill_calls(objects::programs::LXC_DEBUG_MAP, &objects::programs::LXC_DEBUG)?;
     Ok(l)
 }
 
@@ -171,7 +172,9 @@ pub fn node_object<T: aya::Pod>(
 fn programs_of(object: &str) -> &'static [&'static str] {
     use objects::programs::*;
     match object {
-        "lxc" => &[FROM_CONTAINER, LXC_CALLS[0], LXC_CALLS[1]],
+        "lxc" => {
+            &[FROM_CONTAINER, LXC_CALLS[0], LXC_CALLS[1], LXC_DEBUG[0], LXC_DEBUG[1], LXC_DEBUG[2]]
+        }
         "host" => &[FROM_HOST, FROM_NETDEV, TO_NETDEV, FROM_OVERLAY],
         "sock" => &SOCK,
         _ => &[],

@@ -17,7 +17,7 @@ use ciliate_common::{
     endpoint::{ENDPOINT_F_HOST, EndpointInfo},
     identity,
     ipcache::IpcacheEntry,
-    node::{NODE_F_MASQUERADE, NodeConfig, ROUTING_TUNNEL, TUNNEL_DEV, VXLAN_PORT},
+    node::{NODE_F_DEBUG, NODE_F_MASQUERADE, NodeConfig, ROUTING_TUNNEL, TUNNEL_DEV, VXLAN_PORT},
 };
 
 use crate::{
@@ -48,6 +48,8 @@ pub struct HostSetup {
     pub router: Ipv4Addr,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
+    /// Datapath debugging for the whole node (`NODE_F_DEBUG`).
+    pub debug: bool,
     /// The native devices: from-netdev (NodePort and other external
     /// frontends, replies to masqueraded flows) and to-netdev
     /// (masquerading) are attached to each, and their addresses are the
@@ -179,7 +181,8 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         cluster_cidr: s.cluster_cidr.0.octets(),
         cluster_cidr_len: s.cluster_cidr.1,
         routing: s.routing,
-        flags: if s.masquerade && !node_ips.is_empty() { NODE_F_MASQUERADE } else { 0 },
+        flags: if s.masquerade && !node_ips.is_empty() { NODE_F_MASQUERADE } else { 0 }
+            | if s.debug { NODE_F_DEBUG } else { 0 },
         _pad: 0,
         tunnel_ifindex,
     };
@@ -309,6 +312,9 @@ pub struct EndpointSpec {
     pub identity: u32,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
+    /// Datapath debugging (`ENDPOINT_F_DEBUG`): the endpoint's own switch
+    /// or the node's.
+    pub debug: bool,
 }
 
 /// What attaching found out about the host-side device.
@@ -316,6 +322,34 @@ pub struct EndpointSpec {
 pub struct Attached {
     pub lxc_mac: [u8; 6],
     pub ifindex: u32,
+}
+
+/// Write endpoint `ep`'s configuration entry, by its device's ifindex:
+/// what from-container reads for each of its packets (switching its
+/// debugging, say, is this and nothing else). Returns the device's MAC and
+/// ifindex.
+pub fn configure_endpoint(pins: &NodePins, ep: &EndpointSpec) -> Result<([u8; 6], u32)> {
+    let (lxc_mac, ifindex) = link_info(&ep.lxc)?;
+    let debug = if ep.debug { ciliate_common::config::ENDPOINT_F_DEBUG } else { 0 };
+    let cfg = EndpointConfig {
+        ifindex,
+        identity: ep.identity,
+        ipv4: ep.ip.octets(),
+        endpoint_id: ep.endpoint_id,
+        lxc_mac,
+        flags: trace_flags(ep.trace_all) | debug,
+    };
+    EndpointConfigMap::from_pin_dir(&pins.dir)?.set(&cfg)?;
+    Ok((lxc_mac, ifindex))
+}
+
+/// Switch the node's datapath debugging (`NODE_F_DEBUG` in the node
+/// configuration the node programs read per packet).
+pub fn set_node_debug(pins: &NodePins, on: bool) -> Result<()> {
+    let mut m = NodeConfigMap::from_pin_dir(&pins.dir)?;
+    let mut cfg = m.get()?;
+    cfg.flags = if on { cfg.flags | NODE_F_DEBUG } else { cfg.flags & !NODE_F_DEBUG };
+    m.set(&cfg)
 }
 
 /// Write the endpoint's configuration (by its device's ifindex), its lxc
@@ -327,20 +361,11 @@ pub fn attach_endpoint(
     prog: &mut EndpointProgram,
     ep: &EndpointSpec,
 ) -> Result<Attached> {
-    let (lxc_mac, ifindex) = link_info(&ep.lxc)?;
     // Only the datapath answers ARP on a pod's device (arp_ignore 8): a
     // missing program then shows as an unreachable gateway, not as a pod
     // silently routed by the stack.
     sysctl(&format!("net.ipv4.conf.{}.arp_ignore", ep.lxc), "8")?;
-    let cfg = EndpointConfig {
-        ifindex,
-        identity: ep.identity,
-        ipv4: ep.ip.octets(),
-        endpoint_id: ep.endpoint_id,
-        lxc_mac,
-        flags: trace_flags(ep.trace_all),
-    };
-    EndpointConfigMap::from_pin_dir(&pins.dir)?.set(&cfg)?;
+    let (lxc_mac, ifindex) = configure_endpoint(pins, ep)?;
     let info = EndpointInfo {
         ifindex,
         endpoint_id: ep.endpoint_id,

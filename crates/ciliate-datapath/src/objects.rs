@@ -40,6 +40,12 @@ pub mod programs {
     /// object's `CILIATE_LXC_CALLS`.
     pub const LXC_CALLS: [&str; 2] = ["lxc_to_network", "lxc_to_overlay"];
     pub const LXC_CALLS_MAP: &str = "ciliate_calls";
+    /// The debug builds of from-container and its tail calls, in the order
+    /// of their index in `ciliate_calls_dbg` (from-container tail-calls the
+    /// first while the endpoint debugs).
+    pub const LXC_DEBUG: [&str; 3] =
+        ["from_container_debug", "lxc_to_network_debug", "lxc_to_overlay_debug"];
+    pub const LXC_DEBUG_MAP: &str = "ciliate_calls_dbg";
     pub const FROM_HOST: &str = "from_host";
     pub const FROM_NETDEV: &str = "from_netdev";
     pub const TO_NETDEV: &str = "to_netdev";

@@ -242,3 +242,75 @@ fn events_the_ring_has_no_room_for_are_counted_as_lost() {
     assert_eq!(h.events.drain().len(), 1);
     assert_eq!(lost.total().unwrap(), lost_now);
 }
+
+/// The debug events of `events`, in words, and the capture events'.
+fn debug_lines(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Debug(d) => Some(ciliate_datapath::events::debug_message(d)),
+            Event::Capture(c) => {
+                Some(format!("capture: {}", ciliate_datapath::events::capture_message(c)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn debugging_off_sends_no_debug_event_and_on_tells_each_decision_in_order() {
+    let syn =
+        L4::Tcp { sport: 39276, dport: 22, seq: 1, ack: 0, flags: tcp_flags::SYN, payload: b"" };
+    let pkt = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, OTHER_IP), &syn);
+
+    // Off: the trace event, nothing else.
+    let mut h = Harness::new("dbg-off");
+    assert_eq!(h.run(&pkt).verdict, verdict::OK);
+    let events = h.events.drain();
+    assert!(matches!(events.as_slice(), [Event::Trace(_)]), "debugging off: {events:?}");
+
+    // On for this endpoint: the same verdict and packet, and every decision.
+    let node = ScratchNode::new("dbg-on").expect("scratch pin dir (needs root)");
+    let on = EndpointConfig { flags: ciliate_common::config::ENDPOINT_F_DEBUG, ..cfg() };
+    let loaded = common::endpoints(&node, &[on]);
+    let mut h = Harness::with(node, loaded);
+    let out = h.run(&pkt);
+    assert_eq!((out.verdict, &out.packet), (verdict::OK, &pkt), "debugging changes nothing");
+    let events = h.events.drain();
+    assert_eq!(
+        events.iter().filter(|e| matches!(e, Event::Trace(_))).count(),
+        1,
+        "the trace event as before: {events:?}"
+    );
+    let lines = debug_lines(&events);
+    assert_eq!(
+        lines,
+        [
+            "capture: Packet at from-endpoint on ifindex 42",
+            "Frontend service lookup, addr=10.200.0.9 key.dport=22",
+            "Frontend service lookup failed",
+            "Successfully mapped addr=10.200.0.9 to identity=2",
+            "Conntrack lookup 1/2: src=10.200.0.5:39276 dst=10.200.0.9:22",
+            "Conntrack lookup 2/2: nexthdr=6 flags=1",
+            "CT verdict: New, revnat=0",
+            "Policy lookup: endpoint 1777 egress, identity 2, proto 6 dport 22: not enforced",
+            "Conntrack create: proxy-port=0 revnat=0 src-identity=43561 lb=0.0.0.0",
+            "Going to the stack, policy-skip=0",
+            "capture: Packet to-stack on ifindex 42",
+        ],
+        "in order"
+    );
+    for e in &events {
+        if let Event::Debug(d) = e {
+            assert_eq!(d.hdr.source, 1777, "each debug event names the endpoint");
+        }
+    }
+    // The second packet of the connection: established, no create.
+    let ack =
+        L4::Tcp { sport: 39276, dport: 22, seq: 2, ack: 1, flags: tcp_flags::ACK, payload: b"" };
+    let pkt = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, OTHER_IP), &ack);
+    h.run(&pkt);
+    let lines = debug_lines(&h.events.drain());
+    assert!(lines.iter().any(|l| l == "CT verdict: Established, revnat=0"), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("Conntrack create")), "{lines:?}");
+}

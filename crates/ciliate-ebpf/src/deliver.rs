@@ -16,7 +16,9 @@ use ciliate_common::{
 };
 
 use crate::{
-    Drop, ct, drop, lb,
+    Drop, ct,
+    debug::{Dbg, addr},
+    drop, lb,
     packet::{ETH_HLEN, EthHdr, Ipv4Hdr, ptr_at},
     policy,
     trace::{TraceCtx, trace_or_count},
@@ -39,7 +41,7 @@ pub enum Via {
 /// a reply that finds one in the endpoint's view is translated here.
 #[allow(clippy::too_many_arguments, reason = "one call per hook, all by name")]
 #[inline(always)]
-pub fn to_endpoint(
+pub fn to_endpoint<const D: bool>(
     ctx: &TcContext,
     ep: &EndpointInfo,
     src_identity: u32,
@@ -47,7 +49,10 @@ pub fn to_endpoint(
     via: Via,
     trace_all: bool,
     rev_nat: u16,
+    dbg: &Dbg<D>,
 ) -> Result<i32, Drop> {
+    use ciliate_common::debug as dbgs;
+    dbg.msg(ctx, dbgs::DBG_LOCAL_DELIVERY, u32::from(ep.endpoint_id), src_identity, 0);
     // Whatever drops it here drops it at the destination, on ingress.
     let at_dst = |d: Drop| {
         d.with_identities(src_identity, ep.identity).at_endpoint(ep.endpoint_id, METRIC_INGRESS)
@@ -61,10 +66,14 @@ pub fn to_endpoint(
         ep.identity,
         src_identity,
         rev_nat,
+        dbg,
     )
     .map_err(at_dst)?;
     if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
+        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT_LOOKUP, u32::from(tracked.rev_nat_index), 0, 0);
         lb::rev_nat(ctx, t, tracked.rev_nat_index).map_err(at_dst)?;
+        let port = u32::from(u16::from_be(t.key.sport));
+        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT, addr(t.key.saddr), port, 0);
     }
     l3_hop(ctx, &ep.node_mac, &ep.mac).map_err(at_dst)?;
     let who = TraceCtx {
@@ -77,6 +86,7 @@ pub fn to_endpoint(
         tunnel: [0; 4],
     };
     trace_or_count(ctx, TO_LXC, &who, ep.ifindex, tracked.report, trace_all);
+    dbg.capture(ctx, dbgs::CAPTURE_DELIVERY, ep.ifindex, 0);
     // SAFETY: plain helper calls; the result is the tc verdict.
     Ok(unsafe {
         match via {
@@ -92,7 +102,12 @@ pub fn to_endpoint(
 /// translated back to a node address (NodePort) would be a martian there.
 /// The caller checked the TTL. Without a route: `UNROUTABLE`.
 #[inline(always)]
-pub fn fib_redirect(ctx: &TcContext, t: &ct::Tuple, ifindex: u32) -> Result<i32, Drop> {
+pub fn fib_redirect<const D: bool>(
+    ctx: &TcContext,
+    t: &ct::Tuple,
+    ifindex: u32,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     use aya_ebpf::{
         EbpfContext,
         bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
@@ -113,6 +128,7 @@ pub fn fib_redirect(ctx: &TcContext, t: &ct::Tuple, ifindex: u32) -> Result<i32,
         fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
     };
     let out = p.ifindex;
+    dbg.msg(ctx, ciliate_common::debug::DBG_FIB_LOOKUP, rc as u32, out, 0);
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         l3_hop(ctx, &p.smac, &p.dmac)?;
         // SAFETY: plain helper call; the result is the tc verdict.

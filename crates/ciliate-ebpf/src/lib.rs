@@ -4,6 +4,7 @@
 
 pub mod arp;
 pub mod ct;
+pub mod debug;
 pub mod deliver;
 pub mod drop;
 pub mod lb;

@@ -24,6 +24,7 @@ use ciliate_common::{
 use crate::{
     Drop,
     ct::Tuple,
+    debug::{Dbg, addr},
     drop,
     drop::{capture, event_header},
     maps::CILIATE_POLICY,
@@ -136,8 +137,9 @@ pub fn send_verdict(ctx: &TcContext, source: u16, dir: u8, remote: u32, t: &Tupl
 /// The policy stage of a packet: `Ok(())` to go on, or the drop, which
 /// names both sides (`local`: the endpoint's identity, `remote`: its
 /// peer's). `new` is whether conntrack found no connection for it.
+#[allow(clippy::too_many_arguments, reason = "one call per conntrack state, all by name")]
 #[inline(always)]
-pub fn enforce(
+pub fn enforce<const D: bool>(
     ctx: &TcContext,
     endpoint_id: u16,
     dir: u8,
@@ -145,12 +147,29 @@ pub fn enforce(
     remote: u32,
     t: &Tuple,
     new: bool,
+    dbg: &Dbg<D>,
 ) -> Result<(), Drop> {
     let d = decide(endpoint_id, dir, remote, t, ctx.len());
     if new {
         send_verdict(ctx, endpoint_id, dir, remote, t, d);
     }
     let (src, dst) = if dir == DIR_EGRESS { (local, remote) } else { (remote, local) };
+    if dbg.on() {
+        use ciliate_common::debug as dbgs;
+        let (verdict, match_type) = match d {
+            Decision::NotEnforced => (dbgs::POLICY_NOT_ENFORCED, 0),
+            Decision::Allowed { match_type } => (dbgs::POLICY_ALLOWED, match_type),
+            Decision::Denied { match_type } => (dbgs::POLICY_DENIED, match_type),
+            Decision::NotAllowed => (dbgs::POLICY_NOT_ALLOWED, MATCH_NONE),
+        };
+        let a1 = u32::from(endpoint_id) << 16 | u32::from(dir) << 8 | u32::from(t.key.proto);
+        let a3 =
+            u32::from(u16::from_be(t.policy_port)) << 16 | verdict << 8 | u32::from(match_type);
+        dbg.msg(ctx, dbgs::DBG_POLICY_LOOKUP, a1, remote, a3);
+        if matches!(d, Decision::Denied { .. }) || matches!(d, Decision::NotAllowed) && new {
+            dbg.msg(ctx, dbgs::DBG_POLICY_DENIED, src, dst, 0);
+        }
+    }
     match d {
         Decision::Denied { .. } => Err(drop!(POLICY_DENY).with_identities(src, dst)),
         Decision::NotAllowed if new => Err(drop!(POLICY).with_identities(src, dst)),
@@ -167,7 +186,7 @@ pub fn enforce(
 /// its replies need (0: none).
 #[allow(clippy::too_many_arguments, reason = "one call per hook, all by name")]
 #[inline(always)]
-pub fn track_and_enforce(
+pub fn track_and_enforce<const D: bool>(
     ctx: &TcContext,
     t: &Tuple,
     ct_dir: u8,
@@ -176,19 +195,32 @@ pub fn track_and_enforce(
     local: u32,
     remote: u32,
     rev_nat: u16,
+    dbg: &Dbg<D>,
 ) -> Result<crate::ct::Tracked, Drop> {
+    use ciliate_common::{ct::CT_NEW, debug as dbgs};
     let len = ctx.len();
+    if dbg.on() {
+        let ports =
+            u32::from(u16::from_be(t.key.dport)) << 16 | u32::from(u16::from_be(t.key.sport));
+        dbg.msg(ctx, dbgs::DBG_CT_LOOKUP4_1, addr(t.key.saddr), addr(t.key.daddr), ports);
+        dbg.msg(ctx, dbgs::DBG_CT_LOOKUP4_2, u32::from(t.key.proto) << 8 | u32::from(ct_dir), 0, 0);
+    }
     match crate::ct::lookup(t, ct_dir, len) {
         Some(tracked) => {
+            let state = u32::from(tracked.state);
+            dbg.msg(ctx, dbgs::DBG_CT_VERDICT, state, u32::from(tracked.rev_nat_index), 0);
             if tracked.state == ciliate_common::ct::CT_ESTABLISHED {
-                enforce(ctx, endpoint_id, policy_dir, local, remote, t, false)?;
+                enforce(ctx, endpoint_id, policy_dir, local, remote, t, false, dbg)?;
             }
             Ok(tracked)
         }
         None => {
-            enforce(ctx, endpoint_id, policy_dir, local, remote, t, true)?;
+            dbg.msg(ctx, dbgs::DBG_CT_VERDICT, u32::from(CT_NEW), 0, 0);
+            enforce(ctx, endpoint_id, policy_dir, local, remote, t, true, dbg)?;
             let opener = if policy_dir == DIR_EGRESS { local } else { remote };
-            crate::ct::create(t, ct_dir, len, opener, rev_nat)
+            let created = crate::ct::create(t, ct_dir, len, opener, rev_nat)?;
+            dbg.msg(ctx, dbgs::DBG_CT_CREATED4, u32::from(rev_nat), opener, 0);
+            Ok(created)
         }
     }
 }

@@ -136,6 +136,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         pod_cidr_len: cfg.pod_cidr.len,
         router: cfg.pod_cidr.router(),
         trace_all: cfg.trace_all,
+        debug: cfg.bpf_debug,
         devices: cfg.devices.clone(),
         routing: match cfg.routing {
             Routing::Tunnel => ciliate_common::node::ROUTING_TUNNEL,
@@ -181,6 +182,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
     eps.trace_all = cfg.trace_all;
+    eps.debug_all = cfg.bpf_debug;
     eps.metrics = metrics.clone();
     eps.cluster_cidrs = vec![setup.cluster_cidr];
     eps.restored = None;

@@ -59,6 +59,7 @@ fn endpoint(id: u16, ip: Ipv4Addr, app: &str, identity: u32) -> ciliate_api::mod
         state: "ready".into(),
         ingress_enforcement: "Enabled".into(),
         egress_enforcement: "Disabled".into(),
+        debug: false,
     }
 }
 
@@ -85,6 +86,8 @@ fn view() -> Arc<EndpointsView> {
         ipam_used: 2,
         ipam_free: 250,
         restored: Some(2),
+        debug_all: false,
+        trace_all: false,
     })
 }
 

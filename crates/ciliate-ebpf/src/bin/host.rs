@@ -24,7 +24,7 @@ use ciliate_common::{
     node::{NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
 };
 use ciliate_ebpf::{
-    Drop, ct,
+    Drop, ct, debug,
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
@@ -73,7 +73,7 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     let mut t = ct::tuple(ctx, &ip)?;
     let src_identity = lookup::identity_of(ip.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Egress, trace_all, 0)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Egress, trace_all, 0, &debug::OFF)
 }
 
 /// from-netdev (tc ingress of the node's native devices): a packet from
@@ -125,7 +125,7 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
             Some(rev) => {
                 lb::rev_nat(ctx, &mut t, rev)?;
                 deliver::check_ttl(ip.ttl)?;
-                return deliver::fib_redirect(ctx, &t, ingress_ifindex(ctx));
+                return deliver::fib_redirect(ctx, &t, ingress_ifindex(ctx), &debug::OFF);
             }
             None => {}
         }
@@ -155,7 +155,7 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     deliver::check_ttl(ip.ttl)?;
     let src_identity = lookup::identity_of(t.key.saddr);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, rev_nat)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, rev_nat, &debug::OFF)
 }
 
 /// to-netdev (tc egress of the native devices): masquerading. A packet of
@@ -221,7 +221,7 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     deliver::check_ttl(ip.ttl).map_err(sent)?;
     let mut t = ct::tuple(ctx, &ip).map_err(sent)?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0)
+    deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0, &debug::OFF)
 }
 
 /// The device a packet came in on.
@@ -258,7 +258,7 @@ fn to_remote_backend(
             return tunnel::encap(ctx, remote, id, node.tunnel_ifindex);
         }
     }
-    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx))
+    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), &debug::OFF)
 }
 
 const EXTERNAL_FRONTENDS: u16 =

@@ -13,6 +13,10 @@
 //!     `lxc_to_network`),
 //!   - anywhere else (the host, the world, native routing): the stack;
 //! - anything else: dropped with its reason.
+//!
+//! Every program here is built twice (`debug`): the normal build, and the
+//! debug build its entry tail-calls while the endpoint's `ENDPOINT_F_DEBUG`
+//! is set, which sends a debug event at each decision.
 #![no_std]
 #![no_main]
 
@@ -22,8 +26,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ciliate_common::{
-    config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, EndpointConfig},
+    config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_DEBUG, ENDPOINT_F_TRACE_ALL, EndpointConfig},
     ct::{CT_REPLY, DIR_EGRESS},
+    debug as dbgs,
     drop::{INVALID_SIP, MISSED_TAIL_CALL, NO_CONFIG, UNKNOWN_L3},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
@@ -31,12 +36,13 @@ use ciliate_common::{
     metrics::DIR_EGRESS as METRIC_EGRESS,
     node::ROUTING_TUNNEL,
     policy::DIR_EGRESS as POLICY_EGRESS,
-    trace::{TO_NETWORK, TO_OVERLAY, TO_STACK},
+    trace::{FROM_LXC, TO_NETWORK, TO_OVERLAY, TO_STACK},
 };
 use ciliate_ebpf::{
     Drop,
     arp::{self, ArpAction},
     ct,
+    debug::{self, Dbg, addr},
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
@@ -60,14 +66,36 @@ fn config(ctx: &TcContext) -> EndpointConfig {
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     let cfg = config(&ctx);
-    match try_from_container(&ctx, &cfg) {
+    if cfg.flags & ENDPOINT_F_DEBUG != 0 {
+        // SAFETY: the context of a tc program. Returns only when the debug
+        // build is not there: the packet goes on without debugging.
+        unsafe { CILIATE_LXC_DEBUG.tail_call(&ctx, DEBUG_FROM_CONTAINER) };
+    }
+    run(&ctx, &cfg, &debug::OFF)
+}
+
+/// from-container's debug build (see the module comment).
+#[classifier]
+pub fn from_container_debug(ctx: TcContext) -> i32 {
+    let cfg = config(&ctx);
+    run(&ctx, &cfg, &Dbg::<true> { source: cfg.endpoint_id })
+}
+
+#[inline(always)]
+fn run<const D: bool>(ctx: &TcContext, cfg: &EndpointConfig, dbg: &Dbg<D>) -> i32 {
+    dbg.capture(ctx, dbgs::CAPTURE_FROM, cfg.ifindex, u32::from(FROM_LXC));
+    match try_from_container(ctx, cfg, dbg) {
         Ok(v) => v,
-        Err(d) => send_drop_notify(&ctx, &egress_drop(&cfg), d),
+        Err(d) => send_drop_notify(ctx, &egress_drop(cfg), d),
     }
 }
 
 #[inline(always)]
-fn try_from_container(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
+fn try_from_container<const D: bool>(
+    ctx: &TcContext,
+    cfg: &EndpointConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Err(drop!(NO_CONFIG));
     }
@@ -76,20 +104,28 @@ fn try_from_container(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop
     let proto = u16::from_be(unsafe { (*eth).proto });
     match proto {
         ETH_P_ARP => Ok(match arp::respond(ctx, &cfg.lxc_mac, &cfg.ipv4) {
-            ArpAction::Reply => arp::redirect_back(cfg.ifindex),
+            ArpAction::Reply => {
+                dbg.msg(ctx, dbgs::DBG_ARP_REPLY, 0, 0, 0);
+                arp::redirect_back(cfg.ifindex)
+            }
             ArpAction::Pass => verdict::OK,
         }),
-        ETH_P_IP => handle_ipv4(ctx, cfg),
+        ETH_P_IP => handle_ipv4(ctx, cfg, dbg),
         _ => Err(drop!(UNKNOWN_L3)),
     }
 }
 
 #[inline(always)]
-fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
+fn handle_ipv4<const D: bool>(
+    ctx: &TcContext,
+    cfg: &EndpointConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     let ip = packet::ipv4(ctx)?;
     // SAFETY: validated by packet::ipv4; copied before any packet change.
     let ip = unsafe { *ip };
     if ip.saddr != cfg.ipv4 {
+        dbg.msg(ctx, dbgs::DBG_SOURCE_CHECK, addr(ip.saddr), addr(cfg.ipv4), 0);
         return Err(drop!(INVALID_SIP));
     }
     let mut t = ct::tuple(ctx, &ip)?;
@@ -101,12 +137,24 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     // read instead of a hash lookup).
     let mut rev_nat = 0;
     let to_pod = ciliate_ebpf::maps::node_config().in_cluster(t.key.daddr);
-    if !to_pod && let Some(svc) = lb::frontend(&t) {
-        let sel = lb::select(&t, &svc)?;
-        lb::dnat(ctx, &mut t, &sel)?;
-        rev_nat = svc.rev_nat_index;
-        if t.key.daddr == cfg.ipv4 {
-            lb::set_addr(ctx, &mut t, Side::Src, HAIRPIN_LOOPBACK)?;
+    if !to_pod {
+        let port = u32::from(u16::from_be(t.key.dport));
+        dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_FRONTEND, addr(t.key.daddr), port, 0);
+        match lb::frontend(&t) {
+            Some(svc) => {
+                dbg.capture(ctx, dbgs::CAPTURE_FROM_LB, cfg.ifindex, 0);
+                let sel = lb::select(&t, &svc)?;
+                lb::dnat(ctx, &mut t, &sel)?;
+                let port = u32::from(u16::from_be(t.key.dport));
+                dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_BACKEND_SLOT_SUCCESS, addr(t.key.daddr), port, 0);
+                rev_nat = svc.rev_nat_index;
+                if t.key.daddr == cfg.ipv4 {
+                    lb::set_addr(ctx, &mut t, Side::Src, HAIRPIN_LOOPBACK)?;
+                    let (from, to) = (addr(cfg.ipv4), addr(HAIRPIN_LOOPBACK));
+                    dbg.msg(ctx, dbgs::DBG_LB4_LOOPBACK_SNAT, from, to, 0);
+                }
+            }
+            None => dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_FRONTEND_FAIL, 0, 0, 0),
         }
     }
     // A reply to a hairpin flow goes back to this endpoint.
@@ -121,6 +169,7 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         Some(ep) => ep.identity,
         None => lookup::identity_of(to),
     };
+    dbg.msg(ctx, dbgs::DBG_IP_ID_MAP_SUCCEED4, addr(to), dst_identity, 0);
     let tracked = policy::track_and_enforce(
         ctx,
         &t,
@@ -130,6 +179,7 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         cfg.identity,
         dst_identity,
         rev_nat,
+        dbg,
     )?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
     // A backend's reply to a flow translated before it arrived here
@@ -137,17 +187,22 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
     // becomes the frontend again, a node address the stack would take for
     // a martian, so it leaves through the FIB (tail call).
     if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
+        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT_LOOKUP, u32::from(tracked.rev_nat_index), 0, 0);
         lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
-        hand_over(ctx, dst_identity, tracked.state, tracked.report, trace_all, CALL_TO_NETWORK);
+        let port = u32::from(u16::from_be(t.key.sport));
+        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT, addr(t.key.saddr), port, 0);
+        let h = Handed { dst_identity, state: tracked.state, report: tracked.report, trace_all };
+        hand_over(ctx, &h, CALL_TO_NETWORK, dbg);
         return Err(drop!(MISSED_TAIL_CALL));
     }
     if let Some(ep) = local {
-        return deliver::to_endpoint(ctx, &ep, cfg.identity, &mut t, Via::Peer, trace_all, 0);
+        return deliver::to_endpoint(ctx, &ep, cfg.identity, &mut t, Via::Peer, trace_all, 0, dbg);
     }
     // A pod of another node in tunnel mode: the overlay (tail call; without
     // the program, the stack as in native routing).
     if ciliate_ebpf::maps::node_config().routing == ROUTING_TUNNEL {
-        hand_over(ctx, dst_identity, tracked.state, tracked.report, trace_all, CALL_TO_OVERLAY);
+        let h = Handed { dst_identity, state: tracked.state, report: tracked.report, trace_all };
+        hand_over(ctx, &h, CALL_TO_OVERLAY, dbg);
     }
     let who = TraceCtx {
         src_identity: cfg.identity,
@@ -159,6 +214,8 @@ fn handle_ipv4(ctx: &TcContext, cfg: &EndpointConfig) -> Result<i32, Drop> {
         tunnel: [0; 4],
     };
     trace_or_count(ctx, TO_STACK, &who, cfg.ifindex, tracked.report, trace_all);
+    dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
+    dbg.capture(ctx, dbgs::CAPTURE_TO, cfg.ifindex, u32::from(TO_STACK));
     Ok(verdict::OK)
 }
 
@@ -171,24 +228,37 @@ const CALL_TO_OVERLAY: u32 = 1;
 #[map(name = "ciliate_calls")]
 static CILIATE_LXC_CALLS: ProgramArray = ProgramArray::pinned(2, 0);
 
-/// Tail-call `index`, leaving in `cb` what the callee reports with. Returns
-/// only when the call failed.
-#[inline(always)]
-fn hand_over(
-    ctx: &TcContext,
+/// The debug builds: from-container's at `DEBUG_FROM_CONTAINER`, then its
+/// tail calls' at their index + 1.
+const DEBUG_FROM_CONTAINER: u32 = 0;
+
+#[map(name = "ciliate_calls_dbg")]
+static CILIATE_LXC_DEBUG: ProgramArray = ProgramArray::pinned(3, 0);
+
+/// What from-container tells its tail calls.
+struct Handed {
     dst_identity: u32,
     state: u8,
     report: bool,
     trace_all: bool,
-    index: u32,
-) {
-    let flags = u32::from(report) | u32::from(trace_all) << 1;
+}
+
+/// Tail-call `index` (the debug build's in the debug build), leaving in
+/// `cb` what the callee reports with. Returns only when the call failed.
+#[inline(always)]
+fn hand_over<const D: bool>(ctx: &TcContext, h: &Handed, index: u32, dbg: &Dbg<D>) {
+    let flags = u32::from(h.report) | u32::from(h.trace_all) << 1;
+    dbg.msg(ctx, dbgs::DBG_TAIL_CALL, index, 0, 0);
     // SAFETY: the context of a tc program; cb is free for programs.
     unsafe {
         let skb = ctx.skb.skb;
-        (*skb).cb[0] = dst_identity;
-        (*skb).cb[1] = u32::from(state) | flags << 8;
-        CILIATE_LXC_CALLS.tail_call(ctx, index);
+        (*skb).cb[0] = h.dst_identity;
+        (*skb).cb[1] = u32::from(h.state) | flags << 8;
+        if D {
+            CILIATE_LXC_DEBUG.tail_call(ctx, index + 1)
+        } else {
+            CILIATE_LXC_CALLS.tail_call(ctx, index)
+        }
     }
 }
 
@@ -225,14 +295,26 @@ fn reparse(ctx: &TcContext) -> Result<(ct::Tuple, u8), Drop> {
 /// for a martian), leaves through the FIB.
 #[classifier]
 pub fn lxc_to_network(ctx: TcContext) -> i32 {
-    let cfg = config(&ctx);
-    let r = reparse(&ctx).and_then(|(t, ttl)| {
+    to_network(&ctx, &debug::OFF)
+}
+
+/// lxc_to_network's debug build.
+#[classifier]
+pub fn lxc_to_network_debug(ctx: TcContext) -> i32 {
+    let source = config(&ctx).endpoint_id;
+    to_network(&ctx, &Dbg::<true> { source })
+}
+
+#[inline(always)]
+fn to_network<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
+    let cfg = config(ctx);
+    let r = reparse(ctx).and_then(|(t, ttl)| {
         deliver::check_ttl(ttl)?;
-        let (who, report, trace_all) = handed_over(&ctx, &cfg);
-        trace_or_count(&ctx, TO_NETWORK, &who, cfg.ifindex, report, trace_all);
-        deliver::fib_redirect(&ctx, &t, cfg.ifindex)
+        let (who, report, trace_all) = handed_over(ctx, &cfg);
+        trace_or_count(ctx, TO_NETWORK, &who, cfg.ifindex, report, trace_all);
+        deliver::fib_redirect(ctx, &t, cfg.ifindex, dbg)
     });
-    r.unwrap_or_else(|d| send_drop_notify(&ctx, &egress_drop(&cfg), d))
+    r.unwrap_or_else(|d| send_drop_notify(ctx, &egress_drop(&cfg), d))
 }
 
 /// Tail call of from-container in tunnel mode: a packet for a pod of
@@ -241,20 +323,35 @@ pub fn lxc_to_network(ctx: TcContext) -> i32 {
 /// the stack.
 #[classifier]
 pub fn lxc_to_overlay(ctx: TcContext) -> i32 {
-    let cfg = config(&ctx);
-    let r = reparse(&ctx).and_then(|(t, _)| {
-        let (who, report, trace_all) = handed_over(&ctx, &cfg);
+    to_overlay(&ctx, &debug::OFF)
+}
+
+/// lxc_to_overlay's debug build.
+#[classifier]
+pub fn lxc_to_overlay_debug(ctx: TcContext) -> i32 {
+    let source = config(&ctx).endpoint_id;
+    to_overlay(&ctx, &Dbg::<true> { source })
+}
+
+#[inline(always)]
+fn to_overlay<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
+    let cfg = config(ctx);
+    let r = reparse(ctx).and_then(|(t, _)| {
+        let (who, report, trace_all) = handed_over(ctx, &cfg);
         let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
         if remote == [0; 4] {
-            trace_or_count(&ctx, TO_STACK, &who, cfg.ifindex, report, trace_all);
+            trace_or_count(ctx, TO_STACK, &who, cfg.ifindex, report, trace_all);
+            dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
             return Ok(verdict::OK);
         }
         let node = ciliate_ebpf::maps::node_config();
         let who = TraceCtx { tunnel: remote, ..who };
-        trace_or_count(&ctx, TO_OVERLAY, &who, node.tunnel_ifindex, report, trace_all);
-        tunnel::encap(&ctx, remote, cfg.identity, node.tunnel_ifindex)
+        trace_or_count(ctx, TO_OVERLAY, &who, node.tunnel_ifindex, report, trace_all);
+        dbg.msg(ctx, dbgs::DBG_ENCAP, addr(remote), cfg.identity, 0);
+        dbg.capture(ctx, dbgs::CAPTURE_TO, node.tunnel_ifindex, u32::from(TO_OVERLAY));
+        tunnel::encap(ctx, remote, cfg.identity, node.tunnel_ifindex)
     });
-    r.unwrap_or_else(|d| send_drop_notify(&ctx, &egress_drop(&cfg), d))
+    r.unwrap_or_else(|d| send_drop_notify(ctx, &egress_drop(&cfg), d))
 }
 
 fn egress_drop(cfg: &EndpointConfig) -> DropCtx {
