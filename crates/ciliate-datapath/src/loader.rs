@@ -69,7 +69,9 @@ pub fn load_lxc(pins: &NodePins) -> Result<Loaded> {
 /// Load the host object (programs of `ciliate_host`) with its configuration.
 pub fn load_host(pins: &NodePins, cfg: &HostConfig) -> Result<Loaded> {
     let cfg = HostConfig { flags: cfg.flags | ENDPOINT_F_CONFIGURED, ..*cfg };
-    load_configured(pins, "host", HOST_CONFIG_SYMBOL, &cfg)
+    let mut l = load_configured(pins, "host", HOST_CONFIG_SYMBOL, &cfg)?;
+    l.fill_calls(objects::programs::HOST_DEBUG_MAP, &objects::programs::HOST_DEBUG)?;
+    Ok(l)
 }
 
 /// Load the socket-LB object (no configuration: it only reads the maps).
@@ -145,7 +147,14 @@ pub fn node_object<T: aya::Pod>(
         let _ = std::fs::remove_dir_all(&dir);
         let mut loaded = match (object, global) {
             ("lxc", _) => load_lxc(pins)?,
-            (_, Some((symbol, cfg))) => load_configured(pins, object, symbol, cfg)?,
+            (_, Some((symbol, cfg))) => {
+                let mut l = load_configured(pins, object, symbol, cfg)?;
+                if object == "host" {
+                    use objects::programs::{HOST_DEBUG, HOST_DEBUG_MAP};
+                    l.fill_calls(HOST_DEBUG_MAP, &HOST_DEBUG)?;
+                }
+                l
+            }
             (_, None) => load_with(obj, pins, |_| {})?,
         };
         loaded.load_all()?;
@@ -175,7 +184,16 @@ fn programs_of(object: &str) -> &'static [&'static str] {
         "lxc" => {
             &[FROM_CONTAINER, LXC_CALLS[0], LXC_CALLS[1], LXC_DEBUG[0], LXC_DEBUG[1], LXC_DEBUG[2]]
         }
-        "host" => &[FROM_HOST, FROM_NETDEV, TO_NETDEV, FROM_OVERLAY],
+        "host" => &[
+            FROM_HOST,
+            FROM_NETDEV,
+            TO_NETDEV,
+            FROM_OVERLAY,
+            HOST_DEBUG[0],
+            HOST_DEBUG[1],
+            HOST_DEBUG[2],
+            HOST_DEBUG[3],
+        ],
         "sock" => &SOCK,
         _ => &[],
     }

@@ -50,6 +50,12 @@ pub mod programs {
     pub const FROM_NETDEV: &str = "from_netdev";
     pub const TO_NETDEV: &str = "to_netdev";
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// The host programs' debug builds, in the order of their index in
+    /// `ciliate_host_dbg` (each normal build tail-calls its own while the
+    /// node debugs).
+    pub const HOST_DEBUG: [&str; 4] =
+        ["from_host_debug", "from_netdev_debug", "to_netdev_debug", "from_overlay_debug"];
+    pub const HOST_DEBUG_MAP: &str = "ciliate_host_dbg";
     /// The socket-LB programs (each knows its cgroup attach type).
     pub const SOCK: [&str; 4] =
         ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];

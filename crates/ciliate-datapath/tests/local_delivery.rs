@@ -290,3 +290,52 @@ fn map_fill_and_map_operations_are_counted_for_the_metrics() {
         .sum();
     assert!(lxc_updates >= 2, "{ops:?}");
 }
+
+#[test]
+fn the_host_programs_debug_while_the_node_debugs_and_only_then() {
+    let mut n = Node::new("host-debug");
+    let syn = |sport| {
+        packet::ipv4_frame(
+            &Eth { dst: HOST_MAC, src: HOST_MAC },
+            &Ip4::new(ROUTER, B.ip),
+            &tcp(sport, 8080, tcp_flags::SYN),
+        )
+    };
+    let debug_lines = |events: &[Event]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Debug(d) => Some(ciliate_datapath::events::debug_message(d)),
+                Event::Capture(c) => {
+                    Some(format!("capture: {}", ciliate_datapath::events::capture_message(c)))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(n.send_host(&syn(50001)).verdict, verdict::REDIRECT);
+    assert!(debug_lines(&n.events.drain()).is_empty(), "the node does not debug");
+
+    let mut cfgs = n.node.node_config().unwrap();
+    let mut c = cfgs.get().unwrap();
+    c.flags |= ciliate_common::node::NODE_F_DEBUG;
+    cfgs.set(&c).unwrap();
+    let out = n.send_host(&syn(50002));
+    assert_eq!(out.verdict, verdict::REDIRECT, "debugging changes nothing");
+    let lines = debug_lines(&n.events.drain());
+    let want = [
+        "capture: Packet at from-host on ifindex 3".to_owned(),
+        format!("Successfully mapped addr={ROUTER} to identity=1"),
+        format!("Attempting local delivery for container id {} from seclabel 1", B.id),
+        format!("Conntrack lookup 1/2: src={ROUTER}:50002 dst={}:8080", B.ip),
+        "Conntrack lookup 2/2: nexthdr=6 flags=2".to_owned(),
+        "CT verdict: New, revnat=0".to_owned(),
+        format!(
+            "Policy lookup: endpoint {} ingress, identity 1, proto 6 dport 8080: not enforced",
+            B.id
+        ),
+        "Conntrack create: proxy-port=0 revnat=0 src-identity=1 lb=0.0.0.0".to_owned(),
+        format!("capture: Delivery to ifindex {}", B.ifindex),
+    ];
+    assert_eq!(lines, want);
+}

@@ -10,21 +10,31 @@
 //! flows, NodePort and other external frontends (see [`from_netdev`]);
 //! to-netdev (tc egress of the native devices): masquerading;
 //! from-overlay (tc ingress of `ciliate_vxlan`): pods of other nodes.
+//!
+//! Each program is built twice (`ciliate_ebpf::debug`): the normal build
+//! tail-calls its debug build while the node debugs (`NODE_F_DEBUG`).
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, map},
+    maps::ProgramArray,
+    programs::TcContext,
+};
 use ciliate_common::{
     config::{ENDPOINT_F_CONFIGURED, ENDPOINT_F_TRACE_ALL, HostConfig},
+    debug as dbgs,
     drop::{NO_CONFIG, UNROUTABLE},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_HOST,
     lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
     metrics::DIR_INGRESS as METRIC_INGRESS,
-    node::{NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
+    node::{NODE_F_DEBUG, NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
+    trace::{FROM_HOST, FROM_NETWORK, FROM_OVERLAY, TO_NETWORK, TO_OVERLAY},
 };
 use ciliate_ebpf::{
-    Drop, ct, debug,
+    Drop, ct,
+    debug::{self, Dbg, addr},
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
@@ -36,11 +46,51 @@ use ciliate_ebpf::{
 static HOST_CONFIG: HostConfig =
     HostConfig { ifindex: 0, router_ip: [0; 4], mac: [0; 6], _pad: [0; 2], flags: 0 };
 
+/// The debug builds, by the index of the program they debug.
+#[map(name = "ciliate_host_dbg")]
+static CILIATE_HOST_DEBUG: ProgramArray = ProgramArray::pinned(4, 0);
+const DEBUG_FROM_HOST: u32 = 0;
+const DEBUG_FROM_NETDEV: u32 = 1;
+const DEBUG_TO_NETDEV: u32 = 2;
+const DEBUG_FROM_OVERLAY: u32 = 3;
+
+/// While the node debugs, hand the packet to debug build `index`
+/// (returns only when it is not there: the packet goes on undebugged).
+#[inline(always)]
+fn debug_build(ctx: &TcContext, node_flags: u8, index: u32) {
+    if node_flags & NODE_F_DEBUG != 0 {
+        // SAFETY: the context of a tc program.
+        unsafe { CILIATE_HOST_DEBUG.tail_call(ctx, index) };
+    }
+}
+
+/// The debug builds' switch: node programs speak for no endpoint.
+const ON: Dbg<true> = Dbg { source: 0 };
+
+#[inline(always)]
+fn host_config() -> HostConfig {
+    // SAFETY: a plain read of a global the loader initialised.
+    unsafe { core::ptr::read_volatile(&HOST_CONFIG) }
+}
+
 #[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {
-    // SAFETY: a plain read of a global the loader initialised.
-    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
-    try_from_host(&ctx, &cfg).unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
+    debug_build(&ctx, maps::node_config().flags, DEBUG_FROM_HOST);
+    run_from_host(&ctx, &debug::OFF)
+}
+
+/// from_host's debug build.
+#[classifier]
+pub fn from_host_debug(ctx: TcContext) -> i32 {
+    run_from_host(&ctx, &ON)
+}
+
+#[inline(always)]
+fn run_from_host<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
+    let cfg = host_config();
+    dbg.capture(ctx, dbgs::CAPTURE_FROM, cfg.ifindex, u32::from(FROM_HOST));
+    try_from_host(ctx, &cfg, dbg)
+        .unwrap_or_else(|d| drop_from(ctx, ciliate_common::identity::HOST, d))
 }
 
 /// Report drop `d` of a packet from `src_identity` arriving at the node.
@@ -58,22 +108,29 @@ fn drop_from(ctx: &TcContext, src_identity: u32, d: Drop) -> i32 {
 }
 
 #[inline(always)]
-fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+fn try_from_host<const D: bool>(
+    ctx: &TcContext,
+    cfg: &HostConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Err(drop!(NO_CONFIG));
     }
     let Some(ip) = packet::ipv4_of(ctx, false)? else { return Ok(verdict::OK) };
     let Some(ep) = lookup::local_endpoint(ip.daddr) else {
+        dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
         return Ok(verdict::OK);
     };
     if ep.flags & ENDPOINT_F_HOST != 0 {
+        dbg.msg(ctx, dbgs::DBG_TO_HOST, 0, 0, 0);
         return Ok(verdict::OK);
     }
     deliver::check_ttl(ip.ttl)?;
     let mut t = ct::tuple(ctx, &ip)?;
     let src_identity = lookup::identity_of(ip.saddr);
+    dbg.msg(ctx, dbgs::DBG_IP_ID_MAP_SUCCEED4, addr(ip.saddr), src_identity, 0);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Egress, trace_all, 0, &debug::OFF)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Egress, trace_all, 0, dbg)
 }
 
 /// from-netdev (tc ingress of the node's native devices): a packet from
@@ -87,14 +144,65 @@ fn try_from_host(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 /// the stack untouched.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
-    // SAFETY: a plain read of a global the loader initialised.
-    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
-    try_from_netdev(&ctx, &cfg)
-        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::WORLD, d))
+    debug_build(&ctx, maps::node_config().flags, DEBUG_FROM_NETDEV);
+    run_from_netdev(&ctx, &debug::OFF)
+}
+
+/// from_netdev's debug build.
+#[classifier]
+pub fn from_netdev_debug(ctx: TcContext) -> i32 {
+    run_from_netdev(&ctx, &ON)
 }
 
 #[inline(always)]
-fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+fn run_from_netdev<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
+    let cfg = host_config();
+    dbg.capture(ctx, dbgs::CAPTURE_FROM, ingress_ifindex(ctx), u32::from(FROM_NETWORK));
+    try_from_netdev(ctx, &cfg, dbg)
+        .unwrap_or_else(|d| drop_from(ctx, ciliate_common::identity::WORLD, d))
+}
+
+/// Reverse SNAT of a reply (said, when debugging).
+#[inline(always)]
+fn rev_snat<const D: bool>(
+    ctx: &TcContext,
+    t: &mut ct::Tuple,
+    dbg: &Dbg<D>,
+) -> Result<Option<u16>, Drop> {
+    let r = nat::rev_snat(ctx, t)?;
+    if r.is_some() {
+        let port = u32::from(u16::from_be(t.key.dport));
+        dbg.msg(ctx, dbgs::DBG_REV_SNAT, addr(t.key.daddr), 0, port);
+    }
+    Ok(r)
+}
+
+/// SNAT to the node's address (said, with captures before and after, when
+/// debugging).
+#[inline(always)]
+fn snat<const D: bool>(
+    ctx: &TcContext,
+    t: &mut ct::Tuple,
+    node_ip: [u8; 4],
+    rev_nat: u16,
+    dbg: &Dbg<D>,
+) -> Result<(), Drop> {
+    let ifindex = ingress_ifindex(ctx);
+    dbg.capture(ctx, dbgs::CAPTURE_SNAT_PRE, ifindex, 0);
+    let (from, from_port) = (t.key.saddr, u16::from_be(t.key.sport));
+    nat::snat(ctx, t, node_ip, rev_nat)?;
+    let ports = u32::from(from_port) << 16 | u32::from(u16::from_be(t.key.sport));
+    dbg.msg(ctx, dbgs::DBG_SNAT, addr(from), addr(t.key.saddr), ports);
+    dbg.capture(ctx, dbgs::CAPTURE_SNAT_POST, ifindex, 0);
+    Ok(())
+}
+
+#[inline(always)]
+fn try_from_netdev<const D: bool>(
+    ctx: &TcContext,
+    cfg: &HostConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Ok(verdict::OK);
     }
@@ -104,7 +212,8 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
         // An echo reply to a masqueraded ping: back to its pod (the stack
         // routes it to the pod CIDR and from-host delivers it).
         let mut t = ct::tuple(ctx, &ip)?;
-        nat::rev_snat(ctx, &mut t)?;
+        rev_snat(ctx, &mut t, dbg)?;
+        dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
         return Ok(verdict::OK);
     }
     if ip.proto != ct::IPPROTO_TCP && ip.proto != ct::IPPROTO_UDP {
@@ -116,46 +225,63 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
         if ip.proto == ct::IPPROTO_UDP && t.key.dport == VXLAN_PORT.to_be() {
             return Ok(verdict::OK);
         }
-        match nat::rev_snat(ctx, &mut t)? {
+        match rev_snat(ctx, &mut t, dbg)? {
             // A reply to a masqueraded pod: delivered below.
             Some(0) => {}
             // A backend's reply to a NodePort flow this node SNATed to it:
             // back to the client from the frontend, through the FIB (the
             // stack would take the node's own address for a martian).
             Some(rev) => {
+                dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT_LOOKUP, u32::from(rev), 0, 0);
                 lb::rev_nat(ctx, &mut t, rev)?;
+                let port = u32::from(u16::from_be(t.key.sport));
+                dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT, addr(t.key.saddr), port, 0);
                 deliver::check_ttl(ip.ttl)?;
-                return deliver::fib_redirect(ctx, &t, ingress_ifindex(ctx), &debug::OFF);
+                return deliver::fib_redirect(ctx, &t, ingress_ifindex(ctx), dbg);
             }
             None => {}
         }
     }
     // External frontends (a ClusterIP is not reachable from outside).
     let mut rev_nat = 0;
+    let port = u32::from(u16::from_be(t.key.dport));
+    dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_FRONTEND, addr(t.key.daddr), port, 0);
     if let Some(svc) = lb::frontend(&t)
         && svc.flags & EXTERNAL_FRONTENDS != 0
     {
+        dbg.capture(ctx, dbgs::CAPTURE_FROM_LB, ingress_ifindex(ctx), 0);
         let sel = lb::select(&t, &svc)?;
+        let (backend, port) = (addr(sel.backend.addr), u32::from(u16::from_be(sel.backend.port)));
+        dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_BACKEND_SLOT_SUCCESS, backend, port, 0);
         match lookup::local_endpoint(sel.backend.addr) {
-            None => return to_remote_backend(ctx, &mut t, &sel, svc.rev_nat_index, &node, ip.ttl),
+            None => {
+                return to_remote_backend(ctx, &mut t, &sel, svc.rev_nat_index, &node, ip.ttl, dbg);
+            }
             Some(ep) if ep.flags & ENDPOINT_F_HOST != 0 => return Err(drop!(UNROUTABLE)),
             Some(_) => {}
         }
         deliver::check_ttl(ip.ttl)?;
         lb::dnat(ctx, &mut t, &sel)?;
         rev_nat = svc.rev_nat_index;
+    } else {
+        dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_FRONTEND_FAIL, 0, 0, 0);
     }
     // A pod of this node (a service's backend, a pod of another node in
     // native routing, a reply to a masqueraded flow, the world): straight
     // into it, without the stack.
-    let Some(ep) = lookup::local_endpoint(t.key.daddr) else { return Ok(verdict::OK) };
+    let Some(ep) = lookup::local_endpoint(t.key.daddr) else {
+        dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
+        return Ok(verdict::OK);
+    };
     if ep.flags & ENDPOINT_F_HOST != 0 {
+        dbg.msg(ctx, dbgs::DBG_TO_HOST, 0, 0, 0);
         return Ok(verdict::OK);
     }
     deliver::check_ttl(ip.ttl)?;
     let src_identity = lookup::identity_of(t.key.saddr);
+    dbg.msg(ctx, dbgs::DBG_IP_ID_MAP_SUCCEED4, addr(t.key.saddr), src_identity, 0);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, rev_nat, &debug::OFF)
+    deliver::to_endpoint(ctx, &ep, src_identity, &mut t, Via::Peer, trace_all, rev_nat, dbg)
 }
 
 /// to-netdev (tc egress of the native devices): masquerading. A packet of
@@ -165,12 +291,29 @@ fn try_from_netdev(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
 /// towards the pod from outside does not. Anything else is untouched.
 #[classifier]
 pub fn to_netdev(ctx: TcContext) -> i32 {
-    try_to_netdev(&ctx).unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
+    let node = maps::node_config();
+    debug_build(&ctx, node.flags, DEBUG_TO_NETDEV);
+    try_to_netdev(&ctx, &node, &debug::OFF)
+        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
+}
+
+/// to_netdev's debug build.
+#[classifier]
+pub fn to_netdev_debug(ctx: TcContext) -> i32 {
+    let node = maps::node_config();
+    // SAFETY: the context of a tc program.
+    let out = unsafe { (*ctx.skb.skb).ifindex };
+    ON.capture(&ctx, dbgs::CAPTURE_TO, out, u32::from(TO_NETWORK));
+    try_to_netdev(&ctx, &node, &ON)
+        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
 }
 
 #[inline(always)]
-fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
-    let node = maps::node_config();
+fn try_to_netdev<const D: bool>(
+    ctx: &TcContext,
+    node: &ciliate_common::node::NodeConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     if node.flags & NODE_F_MASQUERADE == 0 {
         return Ok(verdict::OK);
     }
@@ -187,7 +330,7 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
     if ct::is_reply_to_inbound(&t) {
         return Ok(verdict::OK);
     }
-    nat::snat(ctx, &mut t, node.node_ip, 0)?;
+    snat(ctx, &mut t, node.node_ip, 0, dbg)?;
     Ok(verdict::OK)
 }
 
@@ -197,14 +340,30 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Drop> {
 /// is for no local endpoint goes on to the stack.
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    // SAFETY: a plain read of a global the loader initialised.
-    let cfg = unsafe { core::ptr::read_volatile(&HOST_CONFIG) };
-    try_from_overlay(&ctx, &cfg)
-        .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::WORLD, d))
+    debug_build(&ctx, maps::node_config().flags, DEBUG_FROM_OVERLAY);
+    run_from_overlay(&ctx, &debug::OFF)
+}
+
+/// from_overlay's debug build.
+#[classifier]
+pub fn from_overlay_debug(ctx: TcContext) -> i32 {
+    run_from_overlay(&ctx, &ON)
 }
 
 #[inline(always)]
-fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
+fn run_from_overlay<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
+    let cfg = host_config();
+    dbg.capture(ctx, dbgs::CAPTURE_FROM, ingress_ifindex(ctx), u32::from(FROM_OVERLAY));
+    try_from_overlay(ctx, &cfg, dbg)
+        .unwrap_or_else(|d| drop_from(ctx, ciliate_common::identity::WORLD, d))
+}
+
+#[inline(always)]
+fn try_from_overlay<const D: bool>(
+    ctx: &TcContext,
+    cfg: &HostConfig,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
     if cfg.flags & ENDPOINT_F_CONFIGURED == 0 {
         return Err(drop!(NO_CONFIG));
     }
@@ -212,8 +371,13 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     // The sending node is not needed here; reading only the VNI makes the
     // verifier's work three times larger (measured), so both are read.
     let (identity, _node) = tunnel::source(ctx)?;
-    let Some(ep) = lookup::local_endpoint(ip.daddr) else { return Ok(verdict::OK) };
+    dbg.msg(ctx, dbgs::DBG_DECAP, identity, 0, 0);
+    let Some(ep) = lookup::local_endpoint(ip.daddr) else {
+        dbg.msg(ctx, dbgs::DBG_TO_STACK, 0, 0, 0);
+        return Ok(verdict::OK);
+    };
     if ep.flags & ENDPOINT_F_HOST != 0 {
+        dbg.msg(ctx, dbgs::DBG_TO_HOST, 0, 0, 0);
         return Ok(verdict::OK);
     }
     // Whatever drops it from here, the sender is the identity in the VNI.
@@ -221,7 +385,7 @@ fn try_from_overlay(ctx: &TcContext, cfg: &HostConfig) -> Result<i32, Drop> {
     deliver::check_ttl(ip.ttl).map_err(sent)?;
     let mut t = ct::tuple(ctx, &ip).map_err(sent)?;
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
-    deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0, &debug::OFF)
+    deliver::to_endpoint(ctx, &ep, identity, &mut t, Via::Peer, trace_all, 0, dbg)
 }
 
 /// The device a packet came in on.
@@ -236,29 +400,33 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 /// comes back here to be translated), then through the overlay to the
 /// backend's node (tunnel mode; the VNI says remote-node, which the SNATed
 /// source is) or out through the FIB (native routing).
+#[allow(clippy::too_many_arguments, reason = "one call, all by name")]
 #[inline(always)]
-fn to_remote_backend(
+fn to_remote_backend<const D: bool>(
     ctx: &TcContext,
     t: &mut ct::Tuple,
     sel: &lb::Selected,
     rev_nat: u16,
     node: &ciliate_common::node::NodeConfig,
     ttl: u8,
+    dbg: &Dbg<D>,
 ) -> Result<i32, Drop> {
     if node.node_ip == [0; 4] {
         return Err(drop!(UNROUTABLE));
     }
     deliver::check_ttl(ttl)?;
     lb::dnat(ctx, t, sel)?;
-    nat::snat(ctx, t, node.node_ip, rev_nat)?;
+    snat(ctx, t, node.node_ip, rev_nat, dbg)?;
     if node.routing == ROUTING_TUNNEL {
         let remote = lookup::ipcache(t.key.daddr).tunnel_endpoint;
         if remote != [0; 4] {
             let id = ciliate_common::identity::REMOTE_NODE;
+            dbg.msg(ctx, dbgs::DBG_ENCAP, addr(remote), id, 0);
+            dbg.capture(ctx, dbgs::CAPTURE_TO, node.tunnel_ifindex, u32::from(TO_OVERLAY));
             return tunnel::encap(ctx, remote, id, node.tunnel_ifindex);
         }
     }
-    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), &debug::OFF)
+    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), dbg)
 }
 
 const EXTERNAL_FRONTENDS: u16 =
