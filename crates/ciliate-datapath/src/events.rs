@@ -83,7 +83,7 @@ pub fn debug_message(d: &DebugNotify) -> String {
         DBG_LOCAL_DELIVERY => {
             format!("Attempting local delivery for container id {a1} from seclabel {a2}")
         }
-        DBG_ENCAP => format!("Encapsulating to node {} ({a1:#x}) from seclabel {a2}", ip(a1)),
+        DBG_ENCAP => format!("Encapsulating to node {} from seclabel {a2}", ip(a1)),
         DBG_POLICY_DENIED => format!("Policy evaluation would deny packet from {a1} to {a2}"),
         DBG_CT_VERDICT => format!("CT verdict: {}, revnat={a2}", ct_state(a1)),
         DBG_DECAP => format!("Tunnel decap: id={a1} flowlabel={a2:x}"),

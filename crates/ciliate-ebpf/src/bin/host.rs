@@ -187,7 +187,9 @@ fn snat<const D: bool>(
     rev_nat: u16,
     dbg: &Dbg<D>,
 ) -> Result<(), Drop> {
-    let ifindex = ingress_ifindex(ctx);
+    // The device the program runs on (to-netdev: the one it leaves by).
+    // SAFETY: the context of a tc program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     dbg.capture(ctx, dbgs::CAPTURE_SNAT_PRE, ifindex, 0);
     let (from, from_port) = (t.key.saddr, u16::from_be(t.key.sport));
     nat::snat(ctx, t, node_ip, rev_nat)?;
@@ -303,7 +305,8 @@ pub fn to_netdev_debug(ctx: TcContext) -> i32 {
     let node = maps::node_config();
     // SAFETY: the context of a tc program.
     let out = unsafe { (*ctx.skb.skb).ifindex };
-    ON.capture(&ctx, dbgs::CAPTURE_TO, out, u32::from(TO_NETWORK));
+    // Its entry, as every program's: "Packet at to-network".
+    ON.capture(&ctx, dbgs::CAPTURE_FROM, out, u32::from(TO_NETWORK));
     try_to_netdev(&ctx, &node, &ON)
         .unwrap_or_else(|d| drop_from(&ctx, ciliate_common::identity::HOST, d))
 }
