@@ -74,9 +74,20 @@ struct Ring {
     namespaces: BTreeMap<String, Instant>,
 }
 
+/// A debug event with when it was read.
+pub type Debugged = (Timestamp, Arc<flow::DebugEvent>);
+
+/// The last debug events and their followers (`GetDebugEvents`).
+struct DebugRing {
+    events: VecDeque<Debugged>,
+    capacity: usize,
+}
+
 /// The node's observer: its ring, its followers, its counters.
 pub struct Observer {
     ring: Mutex<Ring>,
+    debug: Mutex<DebugRing>,
+    debug_tx: broadcast::Sender<Debugged>,
     tx: broadcast::Sender<Item>,
     seen: AtomicU64,
     lost: AtomicU64,
@@ -97,6 +108,8 @@ impl Observer {
                 namespaces: BTreeMap::new(),
             }),
             tx: broadcast::channel(1024).0,
+            debug: Mutex::new(DebugRing { events: VecDeque::new(), capacity: capacity.max(1) }),
+            debug_tx: broadcast::channel(1024).0,
             seen: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             node: node.to_owned(),
@@ -130,6 +143,24 @@ impl Observer {
         // Sent under the lock: a request that snapshots the ring and
         // subscribes under it sees each flow exactly once.
         let _ = self.tx.send(Item::Flow(f));
+    }
+
+    /// Keep debug event `e` (read at `time`) and tell the followers.
+    pub fn push_debug(&self, time: Timestamp, e: flow::DebugEvent) {
+        let item = (time, Arc::new(e));
+        let mut r = self.debug.lock().unwrap_or_else(|e| e.into_inner());
+        if r.events.len() >= r.capacity {
+            r.events.pop_front();
+        }
+        r.events.push_back(item.clone());
+        // Under the lock, as for flows: each event once per request.
+        let _ = self.debug_tx.send(item);
+    }
+
+    /// The debug ring and a subscription to what comes after it.
+    fn debug_snapshot(&self) -> (Vec<Debugged>, broadcast::Receiver<Debugged>) {
+        let r = self.debug.lock().unwrap_or_else(|e| e.into_inner());
+        (r.events.iter().cloned().collect(), self.debug_tx.subscribe())
     }
 
     /// Tell the followers that `n` events were lost at `source`.
@@ -309,7 +340,9 @@ pub async fn run_parser(
                 if changed(&mut src) {
                     known = remake(&mut src);
                 }
-                if let Some(mut f) = to_flow(&obs.node, *time, event, &known) {
+                if let Event::Debug(d) = event {
+                    obs.push_debug(ts(*time), to_debug_event(d, &known));
+                } else if let Some(mut f) = to_flow(&obs.node, *time, event, &known) {
                     if let Some(i) = f.interface.as_mut() {
                         i.name = ifnames.name(i.index).await;
                     }
@@ -429,6 +462,24 @@ fn flip(d: TrafficDirection) -> TrafficDirection {
         TrafficDirection::Ingress => TrafficDirection::Egress,
         TrafficDirection::Egress => TrafficDirection::Ingress,
         d => d,
+    }
+}
+
+/// A datapath debug event as Hubble's `flow.DebugEvent`: its type (Cilium's
+/// number), the endpoint it is about, the packet hash, the arguments, the
+/// message as `ciliate monitor -v` prints it, the CPU.
+pub fn to_debug_event(d: &ciliate_common::event::DebugNotify, v: &Known) -> flow::DebugEvent {
+    use pbjson_types::{Int32Value, UInt32Value};
+    let source = (d.hdr.source != 0).then(|| endpoint(v, None, d.hdr.source, 0));
+    flow::DebugEvent {
+        r#type: i32::from(d.hdr.subtype),
+        source,
+        hash: Some(UInt32Value { value: d.hdr.hash }),
+        arg1: Some(UInt32Value { value: d.arg1 }),
+        arg2: Some(UInt32Value { value: d.arg2 }),
+        arg3: Some(UInt32Value { value: d.arg3 }),
+        message: ciliate_datapath::events::debug_message(d),
+        cpu: Some(Int32Value { value: d.cpu as i32 }),
     }
 }
 
@@ -795,11 +846,70 @@ impl ObserverApi for Service {
         Ok(with_version(Response::new(Box::pin(futures::stream::empty()))))
     }
 
+    /// The datapath's debug events (while debugging is on for an endpoint
+    /// or the node), with the same number, first, follow, since and until
+    /// as GetFlows.
     async fn get_debug_events(
         &self,
-        _: Request<observer::GetDebugEventsRequest>,
+        req: Request<observer::GetDebugEventsRequest>,
     ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
-        Ok(with_version(Response::new(Box::pin(futures::stream::empty()))))
+        let r = req.into_inner();
+        if r.first && r.follow {
+            return Err(Status::invalid_argument("first cannot be combined with follow"));
+        }
+        let (since, until) = (r.since, r.until);
+        let (ring, mut live) = self.observer.debug_snapshot();
+        let mut past: Vec<Debugged> = ring
+            .into_iter()
+            .filter(|(t, _)| in_window(Some(t), since.as_ref(), until.as_ref()))
+            .collect();
+        if since.is_none() {
+            let n = r.number as usize;
+            if n > 0 {
+                if r.first {
+                    past.truncate(n);
+                } else if past.len() > n {
+                    past.drain(..past.len() - n);
+                }
+            } else if r.follow {
+                past.clear();
+            }
+        }
+        let node = self.observer.node.clone();
+        let (tx, rx) = mpsc::channel(256);
+        let follow = r.follow;
+        tokio::spawn(async move {
+            let answer = |(t, e): &Debugged| {
+                Ok(observer::GetDebugEventsResponse {
+                    debug_event: Some((**e).clone()),
+                    node_name: node.clone(),
+                    time: Some(*t),
+                })
+            };
+            for d in &past {
+                if tx.send(answer(d)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                let d = match live.recv().await {
+                    Ok(d) => d,
+                    // A follower that fell behind goes on with what comes.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if until.as_ref().is_some_and(|u| !in_window(Some(&d.0), None, Some(u))) {
+                    return;
+                }
+                if tx.send(answer(&d)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(with_version(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))))
     }
 
     async fn get_nodes(

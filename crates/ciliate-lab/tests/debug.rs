@@ -286,6 +286,35 @@ fn one_packet_step_by_step_with_debugging_switched_per_endpoint_and_per_node() {
     );
     assert_eq!(text, golden("debug-pod-to-pod.txt", &text), "pod1 -> pod2, one UDP packet");
 
+    // The same events through Hubble's GetDebugEvents (grpcurl, with the
+    // observer's reflection), named with Hubble's types.
+    let grpcurl =
+        PathBuf::from(std::env::var("CILIATE_PY_DIR").unwrap_or_else(|_| "/opt/ciliate/py".into()))
+            .join("bin/grpcurl");
+    let hubble = sock.parent().unwrap().join("hubble.sock");
+    let out = Command::new(grpcurl)
+        .args(["-plaintext", "-authority", "localhost", "-unix", "-max-time", "20", "-d"])
+        .arg(r#"{"number": 200}"#)
+        .arg(&hubble)
+        .arg("observer.Observer/GetDebugEvents")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let lookup = got
+        .iter()
+        .map(|r| &r["debugEvent"])
+        .find(|e| e["type"] == "DBG_CT_LOOKUP4_1")
+        .unwrap_or_else(|| panic!("no conntrack lookup among {got:?}"));
+    assert!(
+        lookup["message"].as_str().unwrap().starts_with("Conntrack lookup 1/2: src="),
+        "{lookup}"
+    );
+    assert_eq!(lookup["source"]["ID"], p1.state.endpoint_id, "{lookup}");
+
     // The whole node: pod2's reply debugs too; off again: nothing.
     let out = run(bins, sock, &["config", "Debug=true"]);
     assert!(out.contains("Enabled"), "{out}");

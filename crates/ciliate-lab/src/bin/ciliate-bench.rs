@@ -27,10 +27,13 @@ struct Opts {
     seconds: u64,
     adds: usize,
     policy_endpoints: usize,
+    /// Another build's binaries (ciliate-agent, ciliate-cni, ciliate-echo):
+    /// pod -> pod through it too, in the same rounds.
+    baseline: Option<std::path::PathBuf>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { runs: 7, seconds: 2, adds: 30, policy_endpoints: 100 };
+    let mut o = Opts { runs: 7, seconds: 2, adds: 30, policy_endpoints: 100, baseline: None };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -44,12 +47,15 @@ fn parse_opts() -> Result<Opts, String> {
             "--runs" => o.runs = val("--runs")?.min(20) as usize,
             "--seconds" => o.seconds = val("--seconds")?.min(30),
             "--adds" => o.adds = val("--adds")?.min(200) as usize,
+            "--baseline-bins" => {
+                o.baseline = Some(it.next().ok_or("--baseline-bins takes a directory")?.into());
+            }
             "--policy-endpoints" => {
                 o.policy_endpoints = val("--policy-endpoints")?.min(250) as usize
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N] [--policy-endpoints N]"
+                    "unknown argument {other}; usage: ciliate-bench [--runs N] [--seconds S] [--adds N] [--policy-endpoints N] [--baseline-bins DIR]"
                 ));
             }
         }
@@ -240,13 +246,29 @@ fn run() -> Result<(), String> {
     off.agent_args = vec!["--enable-hubble".into(), "false".into()];
     let lab_off = NodeLab::up(off).map_err(|e| e.to_string())?;
     servers(&lab_off.pods[1].ns, &bins)?;
-    for ns in [&a, &c, &lab.pods[0].ns, &lab_off.pods[0].ns] {
+    // Another build (--baseline-bins), observer off as well: what this
+    // build's datapath changed.
+    let lab_base = match &o.baseline {
+        Some(dir) => {
+            let base = Binaries::in_dir(dir).map_err(|e| e.to_string())?;
+            let mut cfg = NodeLabConfig::new(&format!("{tag}b"), 2, base.clone());
+            cfg.agent_args = vec!["--enable-hubble".into(), "false".into()];
+            let l = NodeLab::up(cfg).map_err(|e| e.to_string())?;
+            servers(&l.pods[1].ns, &base)?;
+            Some(l)
+        }
+        None => None,
+    };
+    for ns in [&a, &c, &lab.pods[0].ns, &lab_off.pods[0].ns]
+        .into_iter()
+        .chain(lab_base.as_ref().map(|l| &l.pods[0].ns))
+    {
         // Connection-rate runs open many connections: reuse TIME_WAIT ports
         // (a sysctl of the client's own namespace).
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(|e| e.to_string())?;
     }
 
-    let variants = [
+    let mut variants = vec![
         Variant { name: "direct veth (anchor)", client: &a, server_ip: "192.0.2.2".into() },
         Variant { name: "kernel routing", client: &c, server_ip: "203.0.113.2".into() },
         Variant {
@@ -260,6 +282,13 @@ fn run() -> Result<(), String> {
             server_ip: lab_off.pods[1].state.ip.to_string(),
         },
     ];
+    if let Some(l) = &lab_base {
+        variants.push(Variant {
+            name: "baseline build, Hubble off",
+            client: &l.pods[0].ns,
+            server_ip: l.pods[1].state.ip.to_string(),
+        });
+    }
     let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
     println!("[bench] measuring {}, their runs interleaved", names.join(", "));
     let targets: Vec<(&Netns, &str)> =
@@ -273,6 +302,13 @@ fn run() -> Result<(), String> {
     println!(
         "observability (Hubble + one follower vs off, paired rounds): RR {rr:.3}x, connections {conn:.3}x, stream {tput:.3}x"
     );
+    if rows.len() > 4 {
+        let [rr, conn, tput] = bench::paired_ratios(&rows[3].1, &rows[4].1);
+        println!(
+            "this build vs the baseline build (both Hubble off, paired rounds): RR {rr:.3}x, connections {conn:.3}x, stream {tput:.3}x"
+        );
+    }
+    drop(lab_base);
     // The follower was there all along, and the observer made flows.
     let alive = matches!(follower.0.try_wait(), Ok(None));
     let sock = lab.socket.parent().ok_or("no socket directory")?.join("hubble.sock");
