@@ -701,6 +701,26 @@ fn in_window(t: Option<&Timestamp>, since: Option<&Timestamp>, until: Option<&Ti
     since.is_none_or(|s| t >= ts_time(s)) && until.is_none_or(|u| t <= ts_time(u))
 }
 
+/// Which of the held records (oldest first) a request gets before any it
+/// follows: `since` wins over `number` (the first or last N); without
+/// either, a follower starts with what comes next and a one-shot request
+/// gets them all.
+fn select_past<T>(past: &mut Vec<T>, since: bool, number: u64, first: bool, follow: bool) {
+    if since {
+        return;
+    }
+    let n = number as usize;
+    if n > 0 {
+        if first {
+            past.truncate(n);
+        } else if past.len() > n {
+            past.drain(..past.len() - n);
+        }
+    } else if follow {
+        past.clear();
+    }
+}
+
 type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
 
 /// The gRPC services of one node.
@@ -778,20 +798,7 @@ impl ObserverApi for Service {
                 .filter(|f| in_window(f.time.as_ref(), since.as_ref(), until.as_ref()))
                 .filter(|f| filters.passes(f)),
         );
-        // `since` wins over `number`; without either, a follower starts
-        // with what comes next and a one-shot request gets the whole ring.
-        if since.is_none() {
-            let n = r.number as usize;
-            if n > 0 {
-                if r.first {
-                    past.truncate(n);
-                } else if past.len() > n {
-                    past.drain(..past.len() - n);
-                }
-            } else if r.follow {
-                past.clear();
-            }
-        }
+        select_past(&mut past, since.is_some(), r.number, r.first, r.follow);
         let node = self.observer.node.clone();
         let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(256);
         let follow = r.follow;
@@ -863,18 +870,7 @@ impl ObserverApi for Service {
             .into_iter()
             .filter(|(t, _)| in_window(Some(t), since.as_ref(), until.as_ref()))
             .collect();
-        if since.is_none() {
-            let n = r.number as usize;
-            if n > 0 {
-                if r.first {
-                    past.truncate(n);
-                } else if past.len() > n {
-                    past.drain(..past.len() - n);
-                }
-            } else if r.follow {
-                past.clear();
-            }
-        }
+        select_past(&mut past, since.is_some(), r.number, r.first, r.follow);
         let node = self.observer.node.clone();
         let (tx, rx) = mpsc::channel(256);
         let follow = r.follow;

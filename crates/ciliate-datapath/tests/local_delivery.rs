@@ -301,18 +301,6 @@ fn the_host_programs_debug_while_the_node_debugs_and_only_then() {
             &tcp(sport, 8080, tcp_flags::SYN),
         )
     };
-    let debug_lines = |events: &[Event]| -> Vec<String> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Debug(d) => Some(ciliate_datapath::events::debug_message(d)),
-                Event::Capture(c) => {
-                    Some(format!("capture: {}", ciliate_datapath::events::capture_message(c)))
-                }
-                _ => None,
-            })
-            .collect()
-    };
     assert_eq!(n.send_host(&syn(50001)).verdict, verdict::REDIRECT);
     assert!(debug_lines(&n.events.drain()).is_empty(), "the node does not debug");
 

@@ -243,20 +243,6 @@ fn events_the_ring_has_no_room_for_are_counted_as_lost() {
     assert_eq!(lost.total().unwrap(), lost_now);
 }
 
-/// The debug events of `events`, in words, and the capture events'.
-fn debug_lines(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Debug(d) => Some(ciliate_datapath::events::debug_message(d)),
-            Event::Capture(c) => {
-                Some(format!("capture: {}", ciliate_datapath::events::capture_message(c)))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn debugging_off_sends_no_debug_event_and_on_tells_each_decision_in_order() {
     let syn =
@@ -282,7 +268,7 @@ fn debugging_off_sends_no_debug_event_and_on_tells_each_decision_in_order() {
         1,
         "the trace event as before: {events:?}"
     );
-    let lines = debug_lines(&events);
+    let lines = common::debug_lines(&events);
     assert_eq!(
         lines,
         [
@@ -310,7 +296,7 @@ fn debugging_off_sends_no_debug_event_and_on_tells_each_decision_in_order() {
         L4::Tcp { sport: 39276, dport: 22, seq: 2, ack: 1, flags: tcp_flags::ACK, payload: b"" };
     let pkt = packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, OTHER_IP), &ack);
     h.run(&pkt);
-    let lines = debug_lines(&h.events.drain());
+    let lines = common::debug_lines(&h.events.drain());
     assert!(lines.iter().any(|l| l == "CT verdict: Established, revnat=0"), "{lines:?}");
     assert!(!lines.iter().any(|l| l.starts_with("Conntrack create")), "{lines:?}");
 }

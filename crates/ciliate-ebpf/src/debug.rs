@@ -8,15 +8,13 @@
 //! reads the switch from the configuration it already has and, when on,
 //! tail-calls the debug build. The normal build verifies as before.
 
-use aya_ebpf::{
-    helpers::{bpf_get_hash_recalc, bpf_get_smp_processor_id},
-    programs::TcContext,
-};
-use ciliate_common::event::{
-    CAPTURE_LEN, CaptureNotify, DebugNotify, EVENT_VERSION, EventHeader, KIND_CAPTURE, KIND_DEBUG,
-};
+use aya_ebpf::{helpers::bpf_get_smp_processor_id, programs::TcContext};
+use ciliate_common::event::{CAPTURE_LEN, CaptureNotify, DebugNotify, KIND_CAPTURE, KIND_DEBUG};
 
-use crate::{drop::capture as copy_packet, maps};
+use crate::{
+    drop::{capture as copy_packet, event_header as header},
+    maps,
+};
 
 /// The debug switch of a build (`ON`) and the endpoint the events are
 /// about (`source`, 0 for node programs).
@@ -27,20 +25,6 @@ pub struct Dbg<const ON: bool> {
 
 /// The normal build's.
 pub const OFF: Dbg<false> = Dbg { source: 0 };
-
-#[inline(always)]
-fn header(ctx: &TcContext, kind: u8, subtype: u8, source: u16) -> EventHeader {
-    EventHeader {
-        kind,
-        subtype,
-        source,
-        // SAFETY: helper on the program's own context.
-        hash: unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
-        len_orig: ctx.len(),
-        len_cap: 0,
-        version: EVENT_VERSION,
-    }
-}
 
 impl<const ON: bool> Dbg<ON> {
     /// A debug message: decision `subtype` (`debug::DBG_*`) with its

@@ -180,3 +180,18 @@ pub fn key(src: &Pod, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8, dir: u8)
         _pad: [0; 2],
     }
 }
+
+/// The debug and capture events of `events`, in words.
+#[allow(dead_code, reason = "not every test binary reads debug events")]
+pub fn debug_lines(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Debug(d) => Some(ciliate_datapath::events::debug_message(d)),
+            Event::Capture(c) => {
+                Some(format!("capture: {}", ciliate_datapath::events::capture_message(c)))
+            }
+            _ => None,
+        })
+        .collect()
+}
