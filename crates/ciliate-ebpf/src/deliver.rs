@@ -53,6 +53,10 @@ pub fn to_endpoint<const D: bool>(
 ) -> Result<i32, Drop> {
     use ciliate_common::debug as dbgs;
     dbg.msg(ctx, dbgs::DBG_LOCAL_DELIVERY, u32::from(ep.endpoint_id), src_identity, 0);
+    // From here on the destination's ingress stage: its events are the
+    // destination endpoint's (as Cilium's to-container), so `monitor
+    // --related-to` finds them by either endpoint.
+    let dbg = &Dbg::<D> { source: ep.endpoint_id };
     // Whatever drops it here drops it at the destination, on ingress.
     let at_dst = |d: Drop| {
         d.with_identities(src_identity, ep.identity).at_endpoint(ep.endpoint_id, METRIC_INGRESS)
