@@ -68,7 +68,8 @@ enum Command {
     /// Read the datapath's BPF maps directly
     #[command(subcommand)]
     Bpf(bpf::BpfCommand),
-    /// Datapath events as they happen: traces and drops
+    /// Datapath events as they happen: traces, drops, policy verdicts; debug and capture
+    /// events while debugging (-v)
     Monitor(monitor::MonitorArgs),
     /// Flows from the node's Hubble-compatible observer (hubble observe's flags and formats)
     Observe(Box<observe::ObserveArgs>),
