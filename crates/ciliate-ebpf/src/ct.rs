@@ -48,6 +48,15 @@ struct Ports {
     dport: u16,
 }
 
+/// A whole UDP header: a shorter one is no UDP packet (and NAT rewrites
+/// its checksum, at byte 6).
+#[repr(C)]
+struct UdpHead {
+    ports: Ports,
+    len: u16,
+    check: u16,
+}
+
 #[repr(C)]
 struct TcpHead {
     ports: Ports,
@@ -97,9 +106,9 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
             tcp_flags = h.flags;
         }
         IPPROTO_UDP => {
-            let h = ptr_at::<Ports>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+            let h = ptr_at::<UdpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
             // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &*h };
+            let h = unsafe { &(*h).ports };
             key.sport = h.sport;
             key.dport = h.dport;
             policy_port = h.dport;
