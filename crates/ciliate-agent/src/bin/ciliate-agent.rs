@@ -94,6 +94,8 @@ fn shutdown_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
 
 async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    // The state directory is the agent's own, or the agent does not start.
+    ciliate_agent::store::private_dir(&cfg.state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let shutdown = shutdown_signal()?;
     let metrics = ciliate_agent::metrics::Metrics::default();
     // The cluster's store first: the pod CIDR may come from it.
