@@ -137,8 +137,22 @@ fn json<T: Serialize>(status: u16, v: &T) -> ApiResult {
     Ok((status, axum::Json(v)).into_response())
 }
 
+/// A request body: a JSON object (nothing else, not even `[]`, which serde
+/// would take for a struct), decoded as `T`; the error names the field.
 fn body<T: DeserializeOwned>(b: &Bytes, what: &str) -> Result<T, ApiErr> {
-    serde_json::from_slice(b).map_err(|e| ApiErr::new(400, format!("{what}: {e}")))
+    if !b.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiErr::new(400, format!("{what}: a JSON object is expected")));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(b);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiErr::new(400, format!("{what}: {inner}"))
+        } else {
+            ApiErr::new(400, format!("{what}: {path}: {inner}"))
+        }
+    })
 }
 
 fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiErr> {
@@ -387,6 +401,10 @@ async fn endpoints_changed<D: Datapath + 'static>(st: &AppState<D>) {
 async fn create_endpoint<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
     let req: EndpointCreate = body(&b, "endpoint")?;
     ciliate_api::models::check_labels(&req.labels).map_err(|e| ApiErr::new(400, e))?;
+    // Everything the endpoint manager checks, before an identity is
+    // allocated in the store for a request that is refused anyway.
+    let check = req.clone();
+    st.endpoints.write(move |e| e.validate(&check), |e| e.view()).await??;
     // A new label set's cluster identity is allocated here, through the
     // store (with a timeout), not by the endpoint manager: a slow or hung
     // store then only holds up ADDs of new label sets.

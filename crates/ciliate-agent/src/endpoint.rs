@@ -616,14 +616,23 @@ impl<D: Datapath> Endpoints<D> {
         r
     }
 
-    /// An endpoint made and in the datapath (see [`Self::create_with`]).
-    fn build(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+    /// Is `req` a request [`Self::create`] could take (its fields, its
+    /// address allocated to its container, nobody else's device or address)?
+    /// Changes nothing.
+    pub fn validate(&self, req: &EndpointCreate) -> Result<(), EndpointError> {
         let bad = |m: String| Err(EndpointError::BadRequest(m));
         if req.container_id.is_empty() {
             return bad("container_id is empty".into());
         }
-        if req.host_ifname.is_empty() || req.host_ifname.len() > 15 {
-            return bad(format!("host_ifname {:?}: 1 to 15 characters", req.host_ifname));
+        let name = &req.host_ifname;
+        // The kernel's rule for device names (dev_valid_name).
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return bad(format!("host_ifname {name:?}: 1 to 15 characters, no '/', ':' or spaces"));
         }
         if parse_mac(&req.mac).is_none() {
             return bad(format!("mac {:?} is not a MAC address", req.mac));
@@ -660,6 +669,12 @@ impl<D: Datapath> Endpoints<D> {
                 req.host_ifname, req.ip, other.id, other.container_id
             )));
         }
+        Ok(())
+    }
+
+    /// An endpoint made and in the datapath (see [`Self::create_with`]).
+    fn build(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+        self.validate(&req)?;
         if let Some(ep) = self.by_container(&req.container_id) {
             if ep.ip == req.ip && ep.host_ifname == req.host_ifname {
                 let ep = ep.clone();

@@ -627,16 +627,20 @@ fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
                     (None, false) => return Err(format!("{field}[{i}] peer {j}: empty peer")),
                 }
             }
-            let ports: Vec<PortProtocol> = r
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| PortProtocol {
+            let mut ports: Vec<PortProtocol> = Vec::new();
+            for (k, p) in r.ports.iter().flatten().enumerate() {
+                // Kubernetes refuses port 0; without a port, all ports.
+                if p.port.as_ref().and_then(serde_yaml_ng::Value::as_u64) == Some(0) {
+                    return Err(format!(
+                        "{field}[{i}].ports[{k}]: port 0 is no port (leave the port out for all)"
+                    ));
+                }
+                ports.push(PortProtocol {
                     port: p.port.clone().unwrap_or(serde_yaml_ng::Value::Number(0.into())),
                     end_port: p.end_port,
                     protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
-                })
-                .collect();
+                });
+            }
             let all_peers = peers.as_ref().is_none_or(Vec::is_empty);
             if !ports.is_empty() {
                 pr.to_ports = Some(vec![PortRule { ports }]);

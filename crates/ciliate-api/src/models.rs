@@ -306,6 +306,7 @@ pub struct IpamAllocation {
 /// `PUT /v1/endpoint`: the CNI plugin made the veth pair and configured the
 /// pod side; the agent takes it from here.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct EndpointCreate {
     pub container_id: String,
     /// The pod's network namespace (a path).
