@@ -1,7 +1,7 @@
 //! Malformed input against a live agent: more than 150 bad requests
 //! (endpoint creates, service updates, policies, IPAM, traces, run-time
-//! options, IDs in paths, bodies that are no JSON) and hostile entries in
-//! the cluster's store. Each request is refused with a 4xx status and a
+//! options, IDs in paths, bodies that are no JSON), then bad calls of the
+//! CNI plugin (configurations, commands, arguments, a missing namespace). Each request is refused with a 4xx status and a
 //! message naming what was wrong; afterwards the agent's state (endpoints,
 //! identities, services, policy, IPAM) and every map that holds state (lxc,
 //! ipcache, policy, services, backends, reverse NAT, endpoint
@@ -333,6 +333,56 @@ fn bad_input_is_refused_naming_the_problem_and_changes_nothing() {
         cases.len(),
         failures.join("\n")
     );
+    // The CNI plugin (as the runtime calls it): bad configurations,
+    // commands and arguments get a CNI error (a spec code and a message
+    // naming the problem) and change nothing either.
+    let pod_ns = ciliate_lab::Netns::create(&format!("{}-mf", lab.config.lab)).unwrap();
+    let netns = format!("/run/netns/{}", pod_ns.name());
+    let good: Value = serde_json::from_str(&lab.cni_config(&[("app", "mf")])).unwrap();
+    let mut cni_cases: Vec<(String, String, String, &str)> = Vec::new();
+    for (k, v, says) in [
+        ("cniVersion", Value::Null, "cniVersion"),
+        ("cniVersion", json!("9.9.9"), "9.9.9"),
+        ("cniVersion", json!(1), "cniVersion"),
+        ("name", Value::Null, "name"),
+        ("mtu", json!(10), "mtu"),
+        ("mtu", json!(100000), "mtu"),
+        ("mtu", json!("big"), "mtu"),
+        ("agent_socket", json!(5), "agent_socket"),
+        ("args", json!({"labels": ["app=x"]}), "labels"),
+        ("args", json!({"labels": {"app": 5}}), "app"),
+        ("args", json!({"labels": {"reserved:host": ""}}), "reserved"),
+        ("args", json!({"namedPorts": []}), "namedPorts"),
+    ] {
+        cni_cases.push(("ADD".into(), "mf1".into(), with(&good, k, v), says));
+    }
+    for body in ["", "{oops", "[]", "null"] {
+        cni_cases.push(("ADD".into(), "mf2".into(), body.into(), ""));
+    }
+    cni_cases.push(("EXPLODE".into(), "mf3".into(), good.to_string(), "EXPLODE"));
+    cni_cases.push(("ADD".into(), String::new(), good.to_string(), "CNI_CONTAINERID"));
+    let mut cni_failures = Vec::new();
+    for (command, container, config, says) in &cni_cases {
+        let (out, ok) = lab.cni(command, container, &netns, config).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let code = v["code"].as_u64().unwrap_or(0);
+        let msg =
+            format!("{} {}", v["msg"].as_str().unwrap_or(""), v["details"].as_str().unwrap_or(""));
+        if ok || !(1..=999).contains(&code) || !msg.to_lowercase().contains(&says.to_lowercase()) {
+            cni_failures.push(format!("{command} {container:?} {config}: {out}"));
+        }
+    }
+    // A namespace that is not there.
+    let (out, ok) = lab.cni("ADD", "mf4", "/run/netns/not-there", &good.to_string()).unwrap();
+    if ok || !out.contains("\"code\"") {
+        cni_failures.push(format!("ADD into a missing namespace: {out}"));
+    }
+    assert!(
+        cni_failures.is_empty(),
+        "CNI calls not refused as they should be:\n{}",
+        cni_failures.join("\n")
+    );
+
     let after = snapshot(bins, sock);
     assert_eq!(before, after, "a bad request changed the agent's state or maps");
     let health: Value = lab.client().get("/v1/healthz").unwrap();
