@@ -57,6 +57,12 @@ impl std::str::FromStr for Routing {
     }
 }
 
+/// Do `a` and `b` share their first `len` bits?
+fn within(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
 /// A node as registered in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeRecord {
@@ -562,6 +568,44 @@ impl ClusterSync {
         rx
     }
 
+    /// Why another node's record cannot be taken (it claims this node's
+    /// address or pod CIDR, or names no CIDR): a corrupt or hostile entry
+    /// in the store must not reroute this node's pods. `None`: it can.
+    fn refuse_node(&self, name: &str, n: &NodeRecord) -> Option<String> {
+        if n.name != name {
+            return Some(format!("it names node {:?}", n.name));
+        }
+        if n.ip == self.me.ip {
+            return Some(format!("it claims this node's address {}", n.ip));
+        }
+        let Some(theirs) = n.cidr() else {
+            return Some(format!("pod CIDR {:?} is not a CIDR", n.pod_cidr));
+        };
+        let mine = self.me.cidr()?;
+        let shorter = theirs.len.min(mine.len);
+        (within(theirs.net, mine.net, shorter))
+            .then(|| format!("its pod CIDR {theirs} overlaps this node's {mine}"))
+    }
+
+    /// Why another node's endpoint record cannot be taken: filed under
+    /// another address, an address of this node's, or an identity no pod
+    /// has (reserved ones but health's, local CIDR ones). `None`: it can.
+    fn refuse_ip(&self, key: Ipv4Addr, r: &IpRecord) -> Option<String> {
+        use ciliate_common::identity as id;
+        if r.node == self.me.name {
+            return None;
+        }
+        if r.ip != key {
+            return Some(format!("it is for {} but filed under {key}", r.ip));
+        }
+        if r.ip == self.me.ip || self.me.cidr().is_some_and(|c| within(r.ip, c.net, c.len)) {
+            return Some(format!("{} is this node's address", r.ip));
+        }
+        let pod = r.identity == id::HEALTH
+            || (r.identity >= id::MIN_CLUSTER && r.identity & id::LOCAL_FLAG == 0);
+        (!pod).then(|| format!("identity {} is no pod's", r.identity))
+    }
+
     async fn follow_nodes(self: Arc<Self>, health: Arc<Mutex<Health>>) {
         let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
         let mut changes = self.changes(NODES, "following nodes", health);
@@ -570,7 +614,12 @@ impl ClusterSync {
             if name == self.me.name {
                 continue;
             }
-            match v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok()) {
+            let record = v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok());
+            if let Some(why) = record.as_ref().and_then(|n| self.refuse_node(&name, n)) {
+                tracing::warn!(subsystem = "cluster", node = %name, "ignoring a node record: {why}");
+                continue;
+            }
+            match record {
                 Some(n) if nodes.get(&name) != Some(&n) => {
                     let c = n.clone();
                     if let Err(e) = self.datapath(move |dp| dp.upsert_node(&c)).await {
@@ -610,7 +659,12 @@ impl ClusterSync {
             let Some(ip) = key.strip_prefix(IPS).and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
-            match v.and_then(|v| serde_json::from_slice::<IpRecord>(&v).ok()) {
+            let record = v.and_then(|v| serde_json::from_slice::<IpRecord>(&v).ok());
+            if let Some(why) = record.as_ref().and_then(|r| self.refuse_ip(ip, r)) {
+                tracing::warn!(subsystem = "cluster", %ip, "ignoring an endpoint record: {why}");
+                continue;
+            }
+            match record {
                 Some(r) if r.node == self.me.name => {}
                 Some(r) if ips.get(&ip) != Some(&r) => {
                     let c = r.clone();
@@ -714,6 +768,51 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_or_hostile_records_in_the_store_are_ignored() {
+        let kv = LocalStore::open(None).unwrap();
+        let a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[("10.200.0.3", 256)]);
+        let put = |k: String, v: Vec<u8>| {
+            let kv = kv.clone();
+            async move { kv.put(&k, &v, None).await.unwrap() }
+        };
+        let rec = |n: NodeRecord| serde_json::to_vec(&n).unwrap();
+        // Nodes: claiming a's pod CIDR, a's address, under another name,
+        // not JSON, no CIDR.
+        put(format!("{NODES}evil"), rec(node("evil", "192.168.200.9", "10.200.0.0/25"))).await;
+        put(format!("{NODES}evil2"), rec(node("evil2", "192.168.200.2", "10.201.0.0/24"))).await;
+        put(format!("{NODES}alias"), rec(node("someone", "192.168.200.8", "10.202.0.0/24"))).await;
+        put(format!("{NODES}garbage"), b"{not json".to_vec()).await;
+        put(format!("{NODES}nocidr"), rec(node("nocidr", "192.168.200.7", "ten/8"))).await;
+        // Endpoints: claiming a's pod, a reserved identity, filed under
+        // another address, not JSON.
+        let ip = |ip: &str, identity: u32, node: &str| IpRecord {
+            ip: ip.parse().unwrap(),
+            identity,
+            node: node.into(),
+            host_ip: "192.168.200.9".parse().unwrap(),
+            pod: String::new(),
+        };
+        let ipv = |r: IpRecord| serde_json::to_vec(&r).unwrap();
+        put(format!("{IPS}10.200.0.3"), ipv(ip("10.200.0.3", 999, "evil"))).await;
+        put(format!("{IPS}10.201.0.5"), ipv(ip("10.201.0.5", 1, "evil"))).await;
+        put(format!("{IPS}10.201.0.6"), ipv(ip("10.201.0.7", 300, "evil"))).await;
+        put(format!("{IPS}10.201.0.8"), b"garbage".to_vec()).await;
+        // Then a node and an endpoint as they should be.
+        let b = start(&kv, node("b", "192.168.200.3", "10.200.1.0/24"), &[("10.200.1.3", 257)]);
+        until("a sees b and its endpoint", || {
+            seen(&a, |m| {
+                m.nodes.contains_key("b") && m.ips.contains_key(&"10.200.1.3".parse().unwrap())
+            })
+        })
+        .await;
+        let (nodes, ips): (Vec<String>, Vec<Ipv4Addr>) =
+            seen(&a, |m| (m.nodes.keys().cloned().collect(), m.ips.keys().copied().collect()));
+        assert_eq!(nodes, ["b"], "only the sound node record");
+        assert_eq!(ips, ["10.200.1.3".parse::<Ipv4Addr>().unwrap()], "only the sound endpoint");
+        drop((a.stop, a.learned, b.stop, b.learned));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
