@@ -1117,6 +1117,11 @@ pub async fn serve_on(
         }
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)?;
+        // Flows name pods and addresses: the socket is its owner's only.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let (router, mut shutdown) = (router.clone(), shutdown.clone());
         tasks.push(tokio::spawn(async move {

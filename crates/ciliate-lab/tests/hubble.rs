@@ -70,6 +70,10 @@ fn hubble_clients_see_flows_drops_and_filters() {
     let sock = lab.socket.parent().unwrap().join("hubble.sock");
     let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
     let (name1, name2) = (p1.ns.name().to_owned(), p2.ns.name().to_owned());
+    // Flows name pods and addresses: the socket is the agent's user's only.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "hubble.sock mode {mode:o}");
 
     // Every service is found through reflection, the health service says
     // the observer serves, and responses carry the server's version.
