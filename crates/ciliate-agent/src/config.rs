@@ -259,6 +259,47 @@ pub enum KvConfig {
     Etcd(crate::kvstore::EtcdConfig),
 }
 
+impl KvConfig {
+    /// `--kvstore KIND` with its options: a local store's file (`path`),
+    /// or etcd's `--etcd-endpoints` / `--etcd-config` (the file wins).
+    pub fn from_options(
+        kind: &str,
+        path: Option<PathBuf>,
+        endpoints: Option<String>,
+        etcd_config: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        Ok(match kind {
+            "local" => KvConfig::Local(
+                path.ok_or_else(|| anyhow::anyhow!("kvstore local needs --kvstore-path FILE"))?,
+            ),
+            "etcd" => KvConfig::Etcd(match (endpoints, etcd_config) {
+                (_, Some(f)) => {
+                    crate::kvstore::EtcdConfig::read(&f).map_err(|e| anyhow::anyhow!(e))?
+                }
+                (Some(eps), None) => crate::kvstore::EtcdConfig::plain(&eps)
+                    .map_err(|e| anyhow::anyhow!("--etcd-endpoints: {e}"))?,
+                (None, None) => anyhow::bail!(
+                    "kvstore etcd needs --etcd-endpoints host:port[,...] or --etcd-config FILE"
+                ),
+            }),
+            other => anyhow::bail!("kvstore {other:?}: \"local\" or \"etcd\""),
+        })
+    }
+
+    /// Open (connect to) the store.
+    pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn crate::kvstore::KvStore>> {
+        use crate::kvstore::{Etcd, LocalStore};
+        Ok(match self {
+            KvConfig::Local(path) => std::sync::Arc::new(
+                LocalStore::open(Some(path.clone())).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            KvConfig::Etcd(c) => {
+                std::sync::Arc::new(Etcd::connect(c).await.map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
+        })
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -291,28 +332,16 @@ impl Flags {
             .clone()
             .or(file.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from(format!("/var/lib/ciliate/{node}")));
-        let kvstore = match self.kvstore.or(file.kvstore).as_deref().unwrap_or("local") {
-            "local" => KvConfig::Local(
+        let kvstore = KvConfig::from_options(
+            self.kvstore.or(file.kvstore).as_deref().unwrap_or("local"),
+            Some(
                 self.kvstore_path
                     .or(file.kvstore_path)
                     .unwrap_or_else(|| state_dir.join("kvstore.json")),
             ),
-            "etcd" => {
-                let eps = self.etcd_endpoints.or(file.etcd_endpoints);
-                let cfg = self.etcd_config.or(file.etcd_config);
-                KvConfig::Etcd(match (eps, cfg) {
-                    (_, Some(f)) => {
-                        crate::kvstore::EtcdConfig::read(&f).map_err(|e| anyhow::anyhow!(e))?
-                    }
-                    (Some(eps), None) => crate::kvstore::EtcdConfig::plain(&eps)
-                        .map_err(|e| anyhow::anyhow!("--etcd-endpoints: {e}"))?,
-                    (None, None) => anyhow::bail!(
-                        "kvstore etcd needs --etcd-endpoints host:port[,...] or --etcd-config FILE"
-                    ),
-                })
-            }
-            other => anyhow::bail!("kvstore {other:?}: \"local\" or \"etcd\""),
-        };
+            self.etcd_endpoints.or(file.etcd_endpoints),
+            self.etcd_config.or(file.etcd_config),
+        )?;
         let mask = self.cluster_pool_mask.or(file.cluster_pool_mask).unwrap_or(24);
         let cluster_pool = match self.cluster_pool.or(file.cluster_pool) {
             Some(p) => {

@@ -224,6 +224,26 @@ pub struct Sources {
     pub remote_pods: Option<crate::cluster::RemotePods>,
 }
 
+impl Sources {
+    /// Bring `k` up to date with what changed (`all`: everything), each
+    /// part made again only when its own view changed.
+    fn refresh(&mut self, k: &mut Known, all: bool) {
+        if self.endpoints.has_changed().unwrap_or(false) {
+            k.set_view(self.endpoints.borrow_and_update().clone());
+        }
+        if let Some(s) = self.services.as_mut()
+            && (all || s.has_changed().unwrap_or(false))
+        {
+            k.set_services(&s.borrow_and_update());
+        }
+        if let Some(r) = self.remote_pods.as_mut()
+            && (all || r.has_changed().unwrap_or(false))
+        {
+            k.remote_pods = r.borrow_and_update().clone();
+        }
+    }
+}
+
 /// (direction, endpoint identity, peer identity, protocol, port).
 type VerdictKey = (u8, u32, u32, u8, u16);
 
@@ -242,17 +262,27 @@ pub struct Known {
 
 impl Known {
     pub fn new(view: Arc<EndpointsView>) -> Self {
-        let by_ip = view.endpoints.values().map(|e| (e.ip, e.id)).collect();
-        Self {
-            view,
-            by_ip,
+        let mut k = Self {
+            view: view.clone(),
+            by_ip: HashMap::new(),
             services: HashMap::new(),
             remote_pods: imbl::OrdMap::new(),
             deciding: Mutex::default(),
-        }
+        };
+        k.set_view(view);
+        k
     }
 
-    fn with_services(mut self, svcs: &imbl::OrdMap<u16, ciliate_api::models::Service>) -> Self {
+    /// A new endpoints view: its address index, and no verdict is known
+    /// to have been decided by its policy yet.
+    fn set_view(&mut self, view: Arc<EndpointsView>) {
+        self.by_ip = view.endpoints.values().map(|e| (e.ip, e.id)).collect();
+        self.view = view;
+        self.deciding = Mutex::default();
+    }
+
+    fn set_services(&mut self, svcs: &imbl::OrdMap<u16, ciliate_api::models::Service>) {
+        self.services.clear();
         for s in svcs.values() {
             let (namespace, name) = s.spec.name.split_once('/').unwrap_or(("", &s.spec.name));
             if name.is_empty() {
@@ -264,7 +294,6 @@ impl Known {
                 self.services.insert((a.ip, a.port, a.protocol.number()), svc.clone());
             }
         }
-        self
     }
 
     /// The policies that decided a verdict of endpoint identity `me` in
@@ -317,29 +346,11 @@ pub async fn run_parser(
 ) {
     let mut sub = hub.subscribe_internal();
     let mut known = Known::new(src.endpoints.borrow_and_update().clone());
-    let changed = |src: &mut Sources| {
-        src.endpoints.has_changed().unwrap_or(false)
-            || src.services.as_ref().is_some_and(|s| s.has_changed().unwrap_or(false))
-            || src.remote_pods.as_ref().is_some_and(|s| s.has_changed().unwrap_or(false))
-    };
-    let remake = |src: &mut Sources| {
-        let mut k = Known::new(src.endpoints.borrow_and_update().clone());
-        if let Some(s) = src.services.as_mut() {
-            k = k.with_services(&s.borrow_and_update());
-        }
-        if let Some(r) = src.remote_pods.as_mut() {
-            k.remote_pods = r.borrow_and_update().clone();
-        }
-        k
-    };
-    known =
-        if src.services.is_some() || src.remote_pods.is_some() { remake(&mut src) } else { known };
+    src.refresh(&mut known, true);
     while let Some(rec) = sub.next().await {
         match &*rec {
             Record::Event { time, event } => {
-                if changed(&mut src) {
-                    known = remake(&mut src);
-                }
+                src.refresh(&mut known, false);
                 if let Event::Debug(d) = event {
                     obs.push_debug(ts(*time), to_debug_event(d, &known));
                 } else if let Some(mut f) = to_flow(&obs.node, *time, event, &known) {
@@ -432,13 +443,9 @@ fn endpoint(k: &Known, ip: Option<Ipv4Addr>, id_hint: u16, identity: u32) -> End
         (i, _) => i,
     };
     let labels: Vec<String> = v.identities.get(identity).cloned().unwrap_or_default();
-    let label = |key: &str| {
-        labels
-            .iter()
-            .find_map(|l| l.split_once(':').and_then(|(_, kv)| kv.strip_prefix(key)))
-            .map(str::to_owned)
-    };
-    let namespace = label("io.kubernetes.pod.namespace=").unwrap_or_default();
+    let namespace = crate::policy::label_value(&labels, crate::policy::NAMESPACE_LABEL)
+        .unwrap_or_default()
+        .to_owned();
     // The CNI call names a pod `namespace/name`; Hubble keeps the name. A
     // pod of another node is named by the cluster's ipcache.
     let pod = match local {
@@ -722,6 +729,11 @@ fn select_past<T>(past: &mut Vec<T>, since: bool, number: u64, first: bool, foll
 }
 
 type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
+/// The observer API's other streams (the relay serves them too).
+pub type AgentEventsStream =
+    Pin<Box<dyn Stream<Item = Result<observer::GetAgentEventsResponse, Status>> + Send>>;
+pub type DebugEventsStream =
+    Pin<Box<dyn Stream<Item = Result<observer::GetDebugEventsResponse, Status>> + Send>>;
 
 /// The gRPC services of one node.
 #[derive(Clone)]
@@ -743,10 +755,8 @@ fn with_version<T>(mut r: Response<T>) -> Response<T> {
 #[tonic::async_trait]
 impl ObserverApi for Service {
     type GetFlowsStream = FlowStream;
-    type GetAgentEventsStream =
-        Pin<Box<dyn Stream<Item = Result<observer::GetAgentEventsResponse, Status>> + Send>>;
-    type GetDebugEventsStream =
-        Pin<Box<dyn Stream<Item = Result<observer::GetDebugEventsResponse, Status>> + Send>>;
+    type GetAgentEventsStream = AgentEventsStream;
+    type GetDebugEventsStream = DebugEventsStream;
 
     async fn get_flows(
         &self,

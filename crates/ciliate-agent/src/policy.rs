@@ -944,7 +944,7 @@ fn split_label(l: &str) -> (&str, &str, &str) {
 }
 
 /// The value of selector key `key` (`app`, `k8s:app`, `any:app`) in `labels`.
-fn label_value<'a>(labels: &'a [String], key: &str) -> Option<&'a str> {
+pub(crate) fn label_value<'a>(labels: &'a [String], key: &str) -> Option<&'a str> {
     let (want_src, want_key) = match key.split_once(':') {
         Some((s, k)) => (s, k),
         None => ("any", key),

@@ -212,10 +212,8 @@ type Flows = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>
 #[tonic::async_trait]
 impl ObserverApi for Relay {
     type GetFlowsStream = Flows;
-    type GetAgentEventsStream =
-        Pin<Box<dyn Stream<Item = Result<observer::GetAgentEventsResponse, Status>> + Send>>;
-    type GetDebugEventsStream =
-        Pin<Box<dyn Stream<Item = Result<observer::GetDebugEventsResponse, Status>> + Send>>;
+    type GetAgentEventsStream = crate::hubble::AgentEventsStream;
+    type GetDebugEventsStream = crate::hubble::DebugEventsStream;
 
     async fn get_flows(&self, req: Request<GetFlowsRequest>) -> Result<Response<Flows>, Status> {
         let r = req.into_inner();

@@ -194,66 +194,58 @@ const FILTER_FLAGS: [&str; 29] = [
 /// line).
 pub fn negate(a: &mut ObserveArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {
     use clap::{Args as _, FromArgMatches as _};
-    let given_not = matches!(m.value_source("not"), Some(clap::parser::ValueSource::CommandLine));
     let nots: Vec<usize> = m.indices_of("not").map(Iterator::collect).unwrap_or_default();
-    if !given_not || nots.is_empty() {
+    if nots.is_empty() {
         return Ok(());
     }
     let cmd = ObserveArgs::augment_args(clap::Command::new("observe"));
-    // (position of the flag, flag, value)
-    let mut given: Vec<(usize, String, String)> = Vec::new();
+    /// A flag as given: where, its id, `--long`, its value (if it takes one).
+    struct Given {
+        at: usize,
+        id: String,
+        flag: String,
+        value: Option<String>,
+    }
+    let mut given: Vec<Given> = Vec::new();
     for arg in cmd.get_arguments() {
         let id = arg.get_id().as_str();
-        let (Some(raw), Some(at)) = (m.get_raw(id), m.indices_of(id)) else { continue };
-        if !matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine)) {
+        let from_cli = matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine));
+        let (Some(raw), Some(at), true, false) =
+            (m.get_raw(id), m.indices_of(id), from_cli, id == "not")
+        else {
             continue;
-        }
+        };
         let flag = arg.get_long().map(|l| format!("--{l}")).unwrap_or_default();
+        let takes = arg.get_action().takes_values();
         for (v, i) in raw.zip(at) {
-            given.push((i, flag.clone(), v.to_string_lossy().into_owned()));
+            let value = takes.then(|| v.to_string_lossy().into_owned());
+            given.push(Given { at: i, id: id.to_owned(), flag: flag.clone(), value });
         }
     }
-    given.retain(|(_, flag, _)| flag != "--not");
-    given.sort_by_key(|(i, _, _)| *i);
-    let mut negated = vec!["observe".to_owned()];
+    given.sort_by_key(|g| g.at);
+    // The flag right after each --not (its value's place: `--ip 1.2.3.4`
+    // and `--ip=1.2.3.4` count differently) goes to the blacklist.
     let mut taken = Vec::new();
     for n in nots {
-        // The flag right after this --not (its value's place: `--ip
-        // 1.2.3.4` and `--ip=1.2.3.4` count differently).
-        let Some(k) = given.iter().position(|(i, _, _)| *i > n) else {
+        let Some(k) = given.iter().position(|g| g.at > n) else {
             anyhow::bail!("--not must be followed by a filter flag (--not --ip 10.0.0.0/8)");
         };
-        let (_, flag, v) = &given[k];
-        let id = flag.trim_start_matches("--").replace('-', "_");
-        let id = if id == "type" { "kind".to_owned() } else { id };
-        if !FILTER_FLAGS.contains(&id.as_str()) {
-            anyhow::bail!("--not negates a filter flag; {flag} is not one");
+        if !FILTER_FLAGS.contains(&given[k].id.as_str()) {
+            anyhow::bail!("--not negates a filter flag; {} is not one", given[k].flag);
         }
-        negated.push(flag.clone());
-        negated.push(v.clone());
         taken.push(k);
     }
-    let nm =
-        ObserveArgs::augment_args(clap::Command::new("observe")).try_get_matches_from(&negated)?;
-    let neg = ObserveArgs::from_arg_matches(&nm)?;
-    // What was negated leaves the whitelist: parse the rest again without it.
-    let mut kept = vec!["observe".to_owned()];
-    for (k, (_, flag, v)) in given.iter().enumerate() {
-        if taken.contains(&k) {
-            continue;
+    // Each side parsed again from its own flags.
+    let parse = |pick: &dyn Fn(usize) -> bool| -> anyhow::Result<ObserveArgs> {
+        let mut argv = vec!["observe".to_owned()];
+        for (_, g) in given.iter().enumerate().filter(|(k, _)| pick(*k)) {
+            argv.push(g.flag.clone());
+            argv.extend(g.value.clone());
         }
-        let bool_flag = cmd
-            .get_arguments()
-            .find(|x| x.get_long() == flag.strip_prefix("--"))
-            .is_some_and(|x| !x.get_action().takes_values());
-        kept.push(flag.clone());
-        if !bool_flag {
-            kept.push(v.clone());
-        }
-    }
-    let km =
-        ObserveArgs::augment_args(clap::Command::new("observe")).try_get_matches_from(&kept)?;
-    *a = ObserveArgs::from_arg_matches(&km)?;
+        Ok(ObserveArgs::from_arg_matches(&cmd.clone().try_get_matches_from(&argv)?)?)
+    };
+    let neg = parse(&|k| taken.contains(&k))?;
+    *a = parse(&|k| !taken.contains(&k))?;
     a.negated = Some(Box::new(neg));
     Ok(())
 }

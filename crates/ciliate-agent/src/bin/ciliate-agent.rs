@@ -18,10 +18,10 @@ use ciliate_agent::{
     actor::Actor,
     api::{self, AppState},
     cluster::{self, ClusterSync, NodeRecord, Routing},
-    config::{Config, Flags, KvConfig},
+    config::{Config, Flags},
     endpoint::{Datapath, Endpoints, EndpointsView},
     kernel::{KernelCluster, KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
-    kvstore::{Etcd, KvStore, LocalStore},
+    kvstore::KvStore,
     services::{self, Services},
 };
 use ciliate_datapath::{
@@ -99,12 +99,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let metrics = ciliate_agent::metrics::Metrics::default();
     // The cluster's store first: the pod CIDR may come from it.
-    let store: Arc<dyn KvStore> = match &cfg.kvstore {
-        KvConfig::Local(path) => {
-            Arc::new(LocalStore::open(Some(path.clone())).map_err(|e| anyhow::anyhow!("{e}"))?)
-        }
-        KvConfig::Etcd(c) => Arc::new(Etcd::connect(c).await.map_err(|e| anyhow::anyhow!("{e}"))?),
-    };
+    let store: Arc<dyn KvStore> = cfg.kvstore.open().await?;
     let kv: Arc<dyn KvStore> =
         Arc::new(ciliate_agent::kvstore::Metered::new(store, metrics.clone()));
     if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {

@@ -45,34 +45,6 @@ struct Args {
     retry_interval: u64,
 }
 
-/// The cluster's store, as the agent opens it.
-async fn open_store(
-    kind: &str,
-    a: &Args,
-) -> anyhow::Result<std::sync::Arc<dyn ciliate_agent::kvstore::KvStore>> {
-    use ciliate_agent::kvstore::{Etcd, EtcdConfig, LocalStore};
-    Ok(match kind {
-        "local" => {
-            let path =
-                a.kvstore_path.clone().context("--kvstore local needs --kvstore-path FILE")?;
-            std::sync::Arc::new(LocalStore::open(Some(path)).map_err(|e| anyhow::anyhow!("{e}"))?)
-        }
-        "etcd" => {
-            let cfg = match (&a.etcd_endpoints, &a.etcd_config) {
-                (_, Some(f)) => EtcdConfig::read(f).map_err(|e| anyhow::anyhow!(e))?,
-                (Some(eps), None) => {
-                    EtcdConfig::plain(eps).map_err(|e| anyhow::anyhow!("--etcd-endpoints: {e}"))?
-                }
-                (None, None) => {
-                    anyhow::bail!("--kvstore etcd needs --etcd-endpoints or --etcd-config")
-                }
-            };
-            std::sync::Arc::new(Etcd::connect(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?)
-        }
-        other => anyhow::bail!("--kvstore {other:?}: \"local\" or \"etcd\""),
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let a = Args::parse();
@@ -96,7 +68,14 @@ fn main() -> anyhow::Result<()> {
             tokio::spawn(peers.clone().follow_peer_service(ps));
         }
         if let Some(kind) = a.kvstore.as_deref() {
-            let kv = open_store(kind, &a).await?;
+            let kv = ciliate_agent::config::KvConfig::from_options(
+                kind,
+                a.kvstore_path.clone(),
+                a.etcd_endpoints.clone(),
+                a.etcd_config.clone(),
+            )?
+            .open()
+            .await?;
             tokio::spawn(peers.clone().follow_kvstore(kv, a.peer_port));
         }
         tokio::spawn(peers.clone().keep_connected(Duration::from_secs(a.retry_interval.max(1))));

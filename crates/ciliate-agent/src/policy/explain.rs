@@ -10,7 +10,7 @@ use ciliate_common::identity as reserved;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{DirectionTrace, IdView, NAMESPACE_LABEL};
+use super::{DirectionTrace, IdView, NAMESPACE_LABEL, label_value, split_label};
 
 /// Why a flow was denied and what would allow it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
@@ -31,17 +31,8 @@ pub struct Explanation {
 /// One side of the flow: identity and labels.
 pub type Side<'a> = (u32, &'a [String]);
 
-fn label_kv(l: &str) -> Option<(&str, &str, &str)> {
-    let (src, kv) = l.split_once(':')?;
-    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-    Some((src, k, v))
-}
-
 fn namespace_of(labels: &[String]) -> Option<&str> {
-    labels.iter().find_map(|l| match label_kv(l) {
-        Some((_, k, v)) if k == NAMESPACE_LABEL => Some(v),
-        _ => None,
-    })
+    label_value(labels, NAMESPACE_LABEL)
 }
 
 /// The fewest of `labels` (as `key: value`) that select identity `id` and
@@ -53,7 +44,7 @@ fn smallest_selector(id: u32, labels: &[String], ids: &IdView) -> Value {
     let ns = namespace_of(labels);
     let candidates: Vec<(&str, &str)> = labels
         .iter()
-        .filter_map(|l| label_kv(l))
+        .map(|l| split_label(l))
         .filter(|(src, k, _)| {
             *src != "reserved"
                 && *src != "cidr"
@@ -63,7 +54,7 @@ fn smallest_selector(id: u32, labels: &[String], ids: &IdView) -> Value {
         .map(|(_, k, v)| (k, v))
         .collect();
     let has = |other: &[String], (k, v): (&str, &str)| {
-        other.iter().filter_map(|l| label_kv(l)).any(|(_, ok, ov)| ok == k && ov == v)
+        other.iter().map(|l| split_label(l)).any(|(_, ok, ov)| ok == k && ov == v)
     };
     let mut others: Vec<&Vec<String>> = ids
         .iter()
@@ -94,7 +85,7 @@ fn smallest_selector(id: u32, labels: &[String], ids: &IdView) -> Value {
     while !others.is_empty() {
         let extra = |o: &Vec<String>| -> Vec<String> {
             o.iter()
-                .filter_map(|l| label_kv(l))
+                .map(|l| split_label(l))
                 .filter(|(src, k, _)| *src != "reserved" && *k != NAMESPACE_LABEL)
                 .map(|(_, k, _)| k.to_owned())
                 .filter(|k| !candidates.iter().any(|(ck, _)| ck == k))
@@ -143,7 +134,7 @@ fn narrowest_cidr(labels: &[String]) -> Option<String> {
 /// A short DNS-1123 name part for a side: its `app` label, else its
 /// entity, else its identity.
 fn short(s: Side<'_>) -> String {
-    let app = s.1.iter().filter_map(|l| label_kv(l)).find(|(_, k, _)| *k == "app").map(|x| x.2);
+    let app = label_value(s.1, "app");
     let raw = match (app, entity(s.0)) {
         (Some(a), _) => a.to_owned(),
         (None, Some(e)) => e.to_owned(),
