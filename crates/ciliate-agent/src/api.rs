@@ -408,13 +408,22 @@ async fn create_endpoint<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> A
     // A new label set's cluster identity is allocated here, through the
     // store (with a timeout), not by the endpoint manager: a slow or hung
     // store then only holds up ADDs of new label sets.
+    // An identity a local endpoint already has is in use here (the node is
+    // recorded as its user); any other goes through the store, which
+    // records the node as its user before the garbage collection could
+    // release it.
     let labels = ciliate_api::models::label_set(&req.labels);
-    let known = st.endpoints.snapshot().identities.find(&labels);
+    let snap = st.endpoints.snapshot();
+    let known = snap
+        .identities
+        .find(&labels)
+        .filter(|id| snap.endpoints.values().any(|e| e.identity == *id));
+    drop(snap);
     let identity = match known {
         Some(id) => Some(id),
         None if st.cluster_identities => {
             let min = ciliate_common::identity::MIN_CLUSTER;
-            let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), &labels, min);
+            let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), &labels, min, &st.node);
             Some(kv_call(st.kv_timeout, "allocating an identity", alloc).await?)
         }
         None => None,

@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ipam::Cidr,
-    kvstore::{CIDRS, IDENTITY_IDS, IPS, KvError, KvStore, NODES, WatchEvent},
+    kvstore::{
+        CIDRS, Cond, IDENTITY_IDS, IDENTITY_USERS, IDENTITY_VALUES, IPS, KvError, KvStore, NODES,
+        Op, WatchEvent,
+    },
 };
 
 /// Seconds a node's lease lives without keepalive: a node that stops is
@@ -194,20 +197,41 @@ pub async fn claim_pod_cidr(
     Err(format!("the cluster pool {pool} has no free /{mask} left"))
 }
 
-/// Allocate the cluster identity of `labels` through the store: the one
-/// it has, or the lowest free one from `min`, created together with its
-/// reverse key in one transaction so two nodes cannot race.
+/// The store's keys of identity `id` of `labels`: label set → ID, and
+/// ID → label set (JSON).
+fn identity_keys(id: u32, labels: &[String]) -> (String, String) {
+    (format!("{IDENTITY_VALUES}{}", labels.join(";")), format!("{IDENTITY_IDS}{id}"))
+}
+
+/// The key saying that `node` has an endpoint of identity `id`.
+fn user_key(id: u32, node: &str) -> String {
+    format!("{IDENTITY_USERS}{id}/{node}")
+}
+
+/// Allocate the cluster identity of `labels` through the store for a new
+/// endpoint on `node`: the one it has, or the lowest free one from `min`,
+/// created together with its reverse key in one transaction so two nodes
+/// cannot race. Either way `node` is recorded as a user of it in the same
+/// transaction, so the identity's garbage collection (which deletes only
+/// identities without users) cannot take it away in between.
 pub async fn allocate_identity(
     kv: &dyn KvStore,
     labels: &[String],
     min: u32,
+    node: &str,
 ) -> Result<u32, KvError> {
-    let value_key = format!("{}{}", crate::kvstore::IDENTITY_VALUES, labels.join(";"));
+    let value_key = identity_keys(0, labels).0;
+    let labels_json = serde_json::to_vec(labels).unwrap_or_default();
     for _ in 0..64 {
         if let Some(v) = kv.get(&value_key).await?
-            && let Ok(id) = String::from_utf8_lossy(&v).parse()
+            && let Ok(id) = String::from_utf8_lossy(&v).parse::<u32>()
         {
-            return Ok(id);
+            let mark = user_key(id, node);
+            let when = [Cond::Equals(&value_key, &v)];
+            if kv.txn(&when, &[Op::Put(&mark, node.as_bytes(), None)]).await? {
+                return Ok(id);
+            }
+            continue; // released meanwhile: allocate anew
         }
         let used: BTreeSet<u32> = kv
             .list(IDENTITY_IDS)
@@ -216,12 +240,7 @@ pub async fn allocate_identity(
             .filter_map(|(k, _)| k.strip_prefix(IDENTITY_IDS)?.parse().ok())
             .collect();
         let id = (min..).find(|i| !used.contains(i)).unwrap_or(min);
-        let id_key = format!("{IDENTITY_IDS}{id}");
-        let labels_json = serde_json::to_vec(labels).unwrap_or_default();
-        let id_text = id.to_string();
-        let kvs: [(&str, &[u8]); 2] =
-            [(value_key.as_str(), id_text.as_bytes()), (id_key.as_str(), &labels_json)];
-        if kv.create_all(&kvs, None).await? {
+        if create_identity(kv, id, labels, &labels_json, node, None).await? {
             return Ok(id);
         }
     }
@@ -229,6 +248,34 @@ pub async fn allocate_identity(
         endpoint: kv.describe(),
         reason: format!("no identity for {labels:?} after 64 attempts"),
     })
+}
+
+/// Create identity `id` of `labels` with `node` as its user, if neither
+/// the ID nor the label set is taken.
+async fn create_identity(
+    kv: &dyn KvStore,
+    id: u32,
+    labels: &[String],
+    labels_json: &[u8],
+    node: &str,
+    lease: Option<i64>,
+) -> Result<bool, KvError> {
+    let (value_key, id_key) = identity_keys(id, labels);
+    let (id_text, mark) = (id.to_string(), user_key(id, node));
+    kv.txn(
+        &[Cond::Absent(&value_key), Cond::Absent(&id_key)],
+        &[
+            Op::Put(&value_key, id_text.as_bytes(), None),
+            Op::Put(&id_key, labels_json, None),
+            Op::Put(&mark, node.as_bytes(), lease),
+        ],
+    )
+    .await
+}
+
+/// Is `id` a cluster identity (one the store allocates)?
+fn in_store(id: u32) -> bool {
+    id >= ciliate_common::identity::MIN_CLUSTER && id & ciliate_common::identity::LOCAL_FLAG == 0
 }
 
 /// The node in its cluster (see the module comment).
@@ -263,14 +310,34 @@ pub async fn serve_health(port: u16, mut shutdown: watch::Receiver<bool>) -> std
         .await
 }
 
-/// This node's endpoints as published: address → (identity, pod
-/// `namespace/name`).
-pub type LocalIps = watch::Receiver<BTreeMap<Ipv4Addr, (u32, String)>>;
+/// This node's endpoints as published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mine {
+    /// Address → (identity, pod `namespace/name`).
+    pub ips: BTreeMap<Ipv4Addr, (u32, String)>,
+    /// The labels of the identities of `ips` (the node is their user).
+    pub identities: BTreeMap<u32, Vec<String>>,
+}
+pub type LocalIps = watch::Receiver<Mine>;
 /// Other nodes' endpoints: address → pod `namespace/name` (a persistent
 /// map: a reader's copy is cheap).
 pub type RemotePods = watch::Receiver<imbl::OrdMap<Ipv4Addr, String>>;
-/// Where identities allocated by other nodes are handed on.
-pub type Learned = mpsc::Sender<Vec<(u32, Vec<String>)>>;
+/// Identities the cluster allocated or released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityChange {
+    /// Allocated (by any node): its ID and labels.
+    Learned(Vec<(u32, Vec<String>)>),
+    /// Released by the garbage collection: no node used them.
+    Released(Vec<u32>),
+}
+/// Where identities allocated or released in the cluster are handed on.
+pub type Learned = mpsc::Sender<IdentityChange>;
+
+/// Cilium's defaults for identity garbage collection: how often unused
+/// identities are looked for, and how long one stays unused before it is
+/// released (`--identity-gc-interval`, `--identity-heartbeat-timeout`).
+pub const IDENTITY_GC_INTERVAL: Duration = Duration::from_secs(15 * 60);
+pub const IDENTITY_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 pub struct ClusterSync {
     pub kv: Arc<dyn KvStore>,
@@ -288,6 +355,10 @@ pub struct ClusterSync {
     remote: Mutex<BTreeMap<String, Ipv4Addr>>,
     /// Other nodes' pods by address, as followed (for the flow observer).
     pub remote_pods: watch::Sender<imbl::OrdMap<Ipv4Addr, String>>,
+    /// Identity garbage collection: look every `identity_gc_interval`,
+    /// release what no live node used for `identity_heartbeat_timeout`.
+    pub identity_gc_interval: Duration,
+    pub identity_heartbeat_timeout: Duration,
 }
 
 /// Seconds between probes of other nodes' health responders.
@@ -317,6 +388,8 @@ impl ClusterSync {
             health_interval: HEALTH_INTERVAL,
             remote: Mutex::default(),
             remote_pods: watch::channel(imbl::OrdMap::new()).0,
+            identity_gc_interval: IDENTITY_GC_INTERVAL,
+            identity_heartbeat_timeout: IDENTITY_HEARTBEAT_TIMEOUT,
         }
     }
 
@@ -328,10 +401,11 @@ impl ClusterSync {
         let health = Arc::new(Mutex::new(Health::default()));
         let this = Arc::new(self);
         tokio::select! {
-            _ = this.clone().publish(mine, health.clone()) => {}
+            _ = this.clone().publish(mine.clone(), health.clone()) => {}
             _ = this.clone().follow_nodes(health.clone()) => {}
             _ = this.clone().follow_ips(health.clone()) => {}
             _ = this.clone().follow_identities(learned, health.clone()) => {}
+            _ = this.clone().collect_identities(mine, health.clone()) => {}
             _ = this.clone().probe_nodes() => {}
             _ = crate::api::stopped(&mut shutdown) => {}
         }
@@ -420,7 +494,7 @@ impl ClusterSync {
     /// again (under a new lease) when the old one is lost.
     async fn publish(self: Arc<Self>, mut mine: LocalIps, health: Arc<Mutex<Health>>) {
         let mut lease: Option<i64> = None;
-        let mut published: BTreeMap<Ipv4Addr, IpRecord> = BTreeMap::new();
+        let mut published = Published::default();
         let mut backoff = Duration::from_millis(200);
         // Kept alive three times per lease (every 5 s for the 15 s lease).
         let mut keepalive =
@@ -457,8 +531,8 @@ impl ClusterSync {
     async fn publish_once(
         &self,
         lease: &mut Option<i64>,
-        published: &mut BTreeMap<Ipv4Addr, IpRecord>,
-        mine: &BTreeMap<Ipv4Addr, (u32, String)>,
+        published: &mut Published,
+        mine: &Mine,
     ) -> Result<(), String> {
         let e = |e: KvError| e.to_string();
         let l = match *lease {
@@ -468,11 +542,13 @@ impl ClusterSync {
                 let me = serde_json::to_vec(&self.me).unwrap_or_default();
                 self.kv.put(&format!("{NODES}{}", self.me.name), &me, Some(l)).await.map_err(e)?;
                 *lease = Some(l);
-                published.clear();
+                *published = Published::default();
                 l
             }
         };
-        for (ip, (identity, pod)) in mine {
+        self.mark_identities(l, published, mine).await?;
+        let published = &mut published.ips;
+        for (ip, (identity, pod)) in &mine.ips {
             let r = IpRecord {
                 ip: *ip,
                 identity: *identity,
@@ -488,12 +564,174 @@ impl ClusterSync {
             published.insert(*ip, r);
         }
         let gone: Vec<Ipv4Addr> =
-            published.keys().filter(|ip| !mine.contains_key(ip)).copied().collect();
+            published.keys().filter(|ip| !mine.ips.contains_key(ip)).copied().collect();
         for ip in gone {
             self.kv.delete(&format!("{IPS}{ip}")).await.map_err(e)?;
             published.remove(&ip);
         }
         Ok(())
+    }
+
+    /// Record this node as the user of its endpoints' identities (under
+    /// its lease), and as no longer the user of those it has no endpoint
+    /// of. An identity released while this node's agent was away (its
+    /// pods kept running) is created again with the same ID when it is
+    /// free, so the datapath's identities stay true.
+    async fn mark_identities(
+        &self,
+        lease: i64,
+        published: &mut Published,
+        mine: &Mine,
+    ) -> Result<(), String> {
+        let e = |e: KvError| e.to_string();
+        let node = self.me.name.as_str();
+        for (&id, labels) in mine.identities.iter().filter(|(id, _)| in_store(**id)) {
+            if published.users.contains(&id) {
+                continue;
+            }
+            let (value_key, _) = identity_keys(id, labels);
+            let (id_text, mark) = (id.to_string(), user_key(id, node));
+            let when = [Cond::Equals(&value_key, id_text.as_bytes())];
+            let marked = self
+                .kv
+                .txn(&when, &[Op::Put(&mark, node.as_bytes(), Some(lease))])
+                .await
+                .map_err(e)?;
+            if !marked {
+                let json = serde_json::to_vec(labels).unwrap_or_default();
+                if create_identity(self.kv.as_ref(), id, labels, &json, node, Some(lease))
+                    .await
+                    .map_err(e)?
+                {
+                    tracing::warn!(
+                        subsystem = "cluster",
+                        identity = id,
+                        ?labels,
+                        "an identity of this node's endpoints was gone from the store; created again"
+                    );
+                } else {
+                    tracing::error!(
+                        subsystem = "cluster",
+                        identity = id,
+                        ?labels,
+                        "an identity of this node's endpoints is gone from the store and its ID or labels are taken: its endpoints keep it until they are created again"
+                    );
+                }
+            }
+            published.users.insert(id);
+        }
+        let unused: Vec<u32> = published
+            .users
+            .iter()
+            .filter(|id| !mine.identities.contains_key(id))
+            .copied()
+            .collect();
+        for id in unused {
+            self.kv.delete(&user_key(id, node)).await.map_err(e)?;
+            published.users.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Identity garbage collection (as Cilium's operator does it in
+    /// kvstore mode, here by every agent: each deletion is a transaction
+    /// that holds only while nobody uses the identity, so agents running
+    /// it at once are safe). An identity with no user whose node is alive
+    /// for the heartbeat timeout is released; every node then forgets it
+    /// (and regenerates its policy without it).
+    async fn collect_identities(self: Arc<Self>, mine: LocalIps, health: Arc<Mutex<Health>>) {
+        let mut unused_since: BTreeMap<u32, Instant> = BTreeMap::new();
+        let mut tick = tokio::time::interval(self.identity_gc_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let used_here: BTreeSet<u32> = mine.borrow().identities.keys().copied().collect();
+            let r = self.collect_identities_once(&mut unused_since, &used_here).await;
+            self.report(&health, "collecting identities", r.map(drop));
+        }
+    }
+
+    /// One pass of [`Self::collect_identities`]: the IDs released. A user
+    /// record counts while its node is registered; this node's own counts
+    /// only for the identities its endpoints have now (`used_here`: an ADD
+    /// that allocated an identity and then failed leaves a record that
+    /// must not keep the identity forever).
+    async fn collect_identities_once(
+        &self,
+        unused_since: &mut BTreeMap<u32, Instant>,
+        used_here: &BTreeSet<u32>,
+    ) -> Result<Vec<u32>, String> {
+        let e = |e: KvError| e.to_string();
+        let ids = self.kv.list(IDENTITY_IDS).await.map_err(e)?;
+        let users = self.kv.list(IDENTITY_USERS).await.map_err(e)?;
+        let nodes: BTreeSet<String> = self
+            .kv
+            .list(NODES)
+            .await
+            .map_err(e)?
+            .into_iter()
+            .filter_map(|(k, _)| Some(k.strip_prefix(NODES)?.to_owned()))
+            .collect();
+        let mut users_of: BTreeMap<u32, Vec<(String, bool)>> = BTreeMap::new();
+        for (k, _) in users {
+            if let Some((id, node)) = k.strip_prefix(IDENTITY_USERS).and_then(|r| r.split_once('/'))
+                && let Ok(id) = id.parse::<u32>()
+            {
+                let alive = if node == self.me.name {
+                    used_here.contains(&id)
+                } else {
+                    nodes.contains(node)
+                };
+                users_of.entry(id).or_default().push((k.clone(), alive));
+            }
+        }
+        let now = Instant::now();
+        let mut released = Vec::new();
+        let mut present = BTreeSet::new();
+        for (k, json) in ids {
+            let Some(id) = k.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            present.insert(id);
+            let users = users_of.remove(&id).unwrap_or_default();
+            if users.iter().any(|(_, alive)| *alive) {
+                unused_since.remove(&id);
+                continue;
+            }
+            let since = *unused_since.entry(id).or_insert(now);
+            if now.duration_since(since) < self.identity_heartbeat_timeout {
+                continue;
+            }
+            // Users that do not count (their node is gone) go first.
+            for (mark, _) in &users {
+                self.kv.delete(mark).await.map_err(e)?;
+            }
+            let labels: Vec<String> = serde_json::from_slice(&json).unwrap_or_default();
+            let (value_key, id_key) = identity_keys(id, &labels);
+            let (id_text, mine) = (id.to_string(), format!("{IDENTITY_USERS}{id}/"));
+            let when = [
+                Cond::NoneUnder(&mine),
+                Cond::Equals(&id_key, &json),
+                Cond::Equals(&value_key, id_text.as_bytes()),
+            ];
+            let done = self
+                .kv
+                .txn(&when, &[Op::Delete(&id_key), Op::Delete(&value_key)])
+                .await
+                .map_err(e)?;
+            if done {
+                tracing::info!(
+                    subsystem = "cluster",
+                    identity = id,
+                    ?labels,
+                    "identity released: no endpoint had it"
+                );
+                released.push(id);
+            }
+            unused_since.remove(&id);
+        }
+        unused_since.retain(|id, _| present.contains(id));
+        Ok(released)
     }
 
     /// Follow a prefix: every change arrives as (key, Some(value)) or
@@ -691,26 +929,33 @@ impl ClusterSync {
         }
     }
 
-    async fn follow_identities(
-        self: Arc<Self>,
-        learned: mpsc::Sender<Vec<(u32, Vec<String>)>>,
-        health: Arc<Mutex<Health>>,
-    ) {
+    async fn follow_identities(self: Arc<Self>, learned: Learned, health: Arc<Mutex<Health>>) {
         let mut known: BTreeSet<u32> = BTreeSet::new();
         let mut changes = self.changes(IDENTITY_IDS, "following identities", health);
         while let Some((key, v)) = changes.recv().await {
-            let (Some(id), Some(v)) =
-                (key.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()), v)
+            let Some(id) = key.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok())
             else {
                 continue;
             };
-            if known.insert(id)
-                && let Ok(labels) = serde_json::from_slice::<Vec<String>>(&v)
-            {
-                let _ = learned.send(vec![(id, labels)]).await;
-            }
+            let change = match v {
+                Some(v) => match serde_json::from_slice::<Vec<String>>(&v) {
+                    Ok(labels) if known.insert(id) => IdentityChange::Learned(vec![(id, labels)]),
+                    _ => continue,
+                },
+                None if known.remove(&id) => IdentityChange::Released(vec![id]),
+                None => continue,
+            };
+            let _ = learned.send(change).await;
         }
     }
+}
+
+/// What [`ClusterSync::publish`] has written under the node's lease.
+#[derive(Default)]
+struct Published {
+    ips: BTreeMap<Ipv4Addr, IpRecord>,
+    /// Identities this node is recorded as the user of.
+    users: BTreeSet<u32>,
 }
 
 #[cfg(test)]
@@ -731,14 +976,38 @@ mod tests {
     /// A running sync of node `me` on `kv`: its endpoints' sender, what
     /// it learned, its datapath and status, and its stop switch.
     struct Running {
-        mine: watch::Sender<BTreeMap<Ipv4Addr, (u32, String)>>,
-        learned: mpsc::Receiver<Vec<(u32, Vec<String>)>>,
+        mine: watch::Sender<Mine>,
+        learned: mpsc::Receiver<IdentityChange>,
         dp: Arc<Mutex<Box<dyn ClusterDatapath>>>,
         status: Arc<Mutex<KvStatus>>,
         stop: watch::Sender<bool>,
     }
 
+    /// The labels tests give identity `id`.
+    fn id_labels(id: u32) -> Vec<String> {
+        vec![format!("k8s:app=p{id}")]
+    }
+
+    /// Endpoints (address, identity) as published.
+    fn mine_of(eps: &[(&str, u32)]) -> Mine {
+        let mut m = Mine::default();
+        for (ip, id) in eps {
+            m.ips.insert(ip.parse().unwrap(), (*id, format!("ns/p{id}")));
+            m.identities.insert(*id, id_labels(*id));
+        }
+        m
+    }
+
     fn start(kv: &LocalStore, me: NodeRecord, eps: &[(&str, u32)]) -> Running {
+        start_with(kv, me, eps, |_| {})
+    }
+
+    fn start_with(
+        kv: &LocalStore,
+        me: NodeRecord,
+        eps: &[(&str, u32)],
+        tune: impl FnOnce(&mut ClusterSync),
+    ) -> Running {
         let mut s = ClusterSync::new(
             Arc::new(kv.clone()),
             me,
@@ -746,10 +1015,9 @@ mod tests {
             Default::default(),
         );
         s.lease_ttl = 1;
+        tune(&mut s);
         let (dp, status) = (s.datapath.clone(), s.status.clone());
-        let eps: BTreeMap<Ipv4Addr, (u32, String)> =
-            eps.iter().map(|(ip, id)| (ip.parse().unwrap(), (*id, format!("ns/p{id}")))).collect();
-        let (mine, mine_rx) = watch::channel(eps);
+        let (mine, mine_rx) = watch::channel(mine_of(eps));
         let (learned_tx, learned) = mpsc::channel(64);
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(s.run(mine_rx, learned_tx, stop_rx));
@@ -832,12 +1100,13 @@ mod tests {
         // A new endpoint on b shows up on a at once (a watch, not a poll).
         let t = Instant::now();
         b.mine.send_modify(|m| {
-            m.insert("10.200.1.4".parse().unwrap(), (258, "ns/p258".into()));
+            m.ips.insert("10.200.1.4".parse().unwrap(), (258, "ns/p258".into()));
+            m.identities.insert(258, id_labels(258));
         });
         until("a sees b's new endpoint", || seen(&a, |m| m.ips.len() == 2)).await;
         assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
         // b's endpoints go: a forgets them.
-        b.mine.send_modify(|m| m.clear());
+        b.mine.send_modify(|m| *m = Mine::default());
         until("a forgets b's endpoints", || seen(&a, |m| m.ips.is_empty())).await;
         // b stops; its lease (1 s) expires: a removes the node.
         b.stop.send(true).unwrap();
@@ -849,10 +1118,10 @@ mod tests {
     async fn identities_of_other_nodes_are_learned() {
         let kv = LocalStore::open(None).unwrap();
         let mut a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[]);
-        let id = allocate_identity(&kv, &["k8s:app=x".to_string()], 256).await.unwrap();
+        let id = allocate_identity(&kv, &["k8s:app=x".to_string()], 256, "b").await.unwrap();
         let got =
             tokio::time::timeout(Duration::from_secs(3), a.learned.recv()).await.unwrap().unwrap();
-        assert_eq!(got, vec![(id, vec!["k8s:app=x".to_string()])]);
+        assert_eq!(got, IdentityChange::Learned(vec![(id, vec!["k8s:app=x".to_string()])]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -868,7 +1137,10 @@ mod tests {
                         // Half the label sets are shared by both nodes.
                         let l =
                             if i % 2 == 0 { format!("shared{i}") } else { format!("n{node}-{i}") };
-                        out.push((l.clone(), allocate_identity(&kv, &[l], 256).await.unwrap()));
+                        out.push((
+                            l.clone(),
+                            allocate_identity(&kv, &[l], 256, "n").await.unwrap(),
+                        ));
                     }
                     out
                 })
@@ -898,13 +1170,101 @@ mod tests {
         assert!(claim_pod_cidr(&kv, "c", pool, 8).await.is_err());
         let l1 = vec!["k8s:app=web".to_string()];
         let l2 = vec!["k8s:app=db".to_string()];
-        let i1 = allocate_identity(&kv, &l1, 256).await.unwrap();
-        let i2 = allocate_identity(&kv, &l2, 256).await.unwrap();
+        let i1 = allocate_identity(&kv, &l1, 256, "a").await.unwrap();
+        let i2 = allocate_identity(&kv, &l2, 256, "a").await.unwrap();
         assert_eq!((i1, i2), (256, 257));
         assert_eq!(
-            allocate_identity(&kv, &l1, 256).await.unwrap(),
+            allocate_identity(&kv, &l1, 256, "a").await.unwrap(),
             256,
             "same labels, same identity"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identities_no_live_node_uses_are_released_after_the_heartbeat_timeout() {
+        let kv = LocalStore::open(None).unwrap();
+        let (la, lb, lc) =
+            (id_labels(256), vec!["k8s:app=b".to_string()], vec!["k8s:app=c".into()]);
+        // 256: a's endpoint has it. b allocated one and went away (its node
+        // never registered); a allocated one its endpoint never got (a
+        // failed ADD).
+        assert_eq!(allocate_identity(&kv, &la, 256, "a").await.unwrap(), 256);
+        let idb = allocate_identity(&kv, &lb, 256, "b").await.unwrap();
+        let idc = allocate_identity(&kv, &lc, 256, "a").await.unwrap();
+        let t = Instant::now();
+        let timeout = Duration::from_millis(600);
+        let mut a = start_with(
+            &kv,
+            node("a", "192.168.200.2", "10.200.0.0/24"),
+            &[("10.200.0.3", 256)],
+            |s| {
+                s.identity_gc_interval = Duration::from_millis(100);
+                s.identity_heartbeat_timeout = timeout;
+            },
+        );
+        let ids = || {
+            let kv = kv.clone();
+            async move {
+                let ids: BTreeSet<u32> = kv
+                    .list(IDENTITY_IDS)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter_map(|(k, _)| k.strip_prefix(IDENTITY_IDS)?.parse().ok())
+                    .collect();
+                let values = kv.list(IDENTITY_VALUES).await.unwrap().len();
+                (ids, values)
+            }
+        };
+        let mut released = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while released.len() < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, a.learned.recv()).await.expect("released in 5 s") {
+                Some(IdentityChange::Released(ids)) => released.extend(ids),
+                Some(IdentityChange::Learned(_)) => {}
+                None => panic!("the sync stopped"),
+            }
+        }
+        assert!(t.elapsed() >= timeout, "released before the timeout: {:?}", t.elapsed());
+        assert_eq!(released, BTreeSet::from([idb, idc]));
+        assert_eq!(ids().await, (BTreeSet::from([256]), 1), "256 is in use and stays");
+        assert!(kv.list(&format!("{IDENTITY_USERS}{idb}/")).await.unwrap().is_empty());
+        // a's endpoint goes: 256 follows after the timeout.
+        a.mine.send_modify(|m| *m = Mine::default());
+        until_async("256 released", || async { ids().await.0.is_empty() }).await;
+        assert!(kv.list(IDENTITY_USERS).await.unwrap().is_empty(), "no user records left");
+        // A new endpoint on a with a released label set gets an identity
+        // again (the lowest free ID).
+        assert_eq!(allocate_identity(&kv, &lb, 256, "a").await.unwrap(), 256);
+        drop(a.stop);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_identity_released_while_its_node_was_away_is_created_again_with_its_id() {
+        let kv = LocalStore::open(None).unwrap();
+        // The store lost 300 (released while a's agent was away); a's pod
+        // still has it.
+        let a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[("10.200.0.3", 300)]);
+        until_async("300 back in the store", || async {
+            kv.get(&format!("{IDENTITY_IDS}300")).await.unwrap().is_some()
+        })
+        .await;
+        let (value_key, _) = identity_keys(300, &id_labels(300));
+        assert_eq!(kv.get(&value_key).await.unwrap().as_deref(), Some(&b"300"[..]));
+        assert!(kv.get(&user_key(300, "a")).await.unwrap().is_some(), "a is its user");
+        drop(a.stop);
+    }
+
+    /// Wait (up to 5 s) until the async `cond` holds.
+    async fn until_async<F: std::future::Future<Output = bool>>(
+        what: &str,
+        mut cond: impl FnMut() -> F,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

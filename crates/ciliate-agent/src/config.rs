@@ -43,6 +43,14 @@ pub struct Flags {
     /// Seconds between conntrack garbage collections [default: 30]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
+    /// How often unused identities are looked for (Cilium's duration syntax: 15m, 30s)
+    /// [default: 15m]
+    #[arg(long, env = "CILIATE_IDENTITY_GC_INTERVAL")]
+    pub identity_gc_interval: Option<String>,
+    /// How long an identity no endpoint of any live node has stays allocated before it
+    /// is released (with its policy entries) [default: 30m]
+    #[arg(long, env = "CILIATE_IDENTITY_HEARTBEAT_TIMEOUT")]
+    pub identity_heartbeat_timeout: Option<String>,
     /// Native devices (comma-separated): from-netdev serves NodePort and other external
     /// frontends on them, and their addresses are the node's [default: none]
     #[arg(long, env = "CILIATE_DEVICES", value_delimiter = ',')]
@@ -145,7 +153,7 @@ pub struct Flags {
     #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FIELDMASK")]
     pub hubble_export_fieldmask: Option<String>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
-    /// ct_gc_interval, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -155,6 +163,20 @@ pub struct Flags {
     /// hubble_export_fieldmask
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// A positive duration option (`15m`, `30s`, `1m30s`), or `default`.
+fn duration(
+    name: &str,
+    given: Option<String>,
+    default: std::time::Duration,
+) -> anyhow::Result<std::time::Duration> {
+    let Some(text) = given else { return Ok(default) };
+    match humantime::parse_duration(&text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => anyhow::bail!("{name} {text:?}: must be more than 0"),
+        Err(e) => anyhow::bail!("{name} {text:?} is not a duration like 30s or 15m: {e}"),
+    }
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -167,6 +189,8 @@ struct FileConfig {
     bpffs: Option<PathBuf>,
     enable_health: Option<bool>,
     ct_gc_interval: Option<u64>,
+    identity_gc_interval: Option<String>,
+    identity_heartbeat_timeout: Option<String>,
     monitor_aggregation: Option<String>,
     bpf_debug: Option<bool>,
     devices: Option<Vec<String>>,
@@ -212,6 +236,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub enable_health: bool,
     pub ct_gc_interval: u64,
+    pub identity_gc_interval: std::time::Duration,
+    pub identity_heartbeat_timeout: std::time::Duration,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
     /// `--bpf-debug`: datapath debugging for the whole node from the start.
@@ -502,6 +528,16 @@ impl Flags {
                 0 => anyhow::bail!("ct_gc_interval must be at least 1 second"),
                 n => n,
             },
+            identity_gc_interval: duration(
+                "identity_gc_interval",
+                self.identity_gc_interval.or(file.identity_gc_interval),
+                crate::cluster::IDENTITY_GC_INTERVAL,
+            )?,
+            identity_heartbeat_timeout: duration(
+                "identity_heartbeat_timeout",
+                self.identity_heartbeat_timeout.or(file.identity_heartbeat_timeout),
+                crate::cluster::IDENTITY_HEARTBEAT_TIMEOUT,
+            )?,
             devices: self.devices.or(file.devices).unwrap_or_default(),
             socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
@@ -581,5 +617,20 @@ mod tests {
         assert_eq!(c.node_port_range, (31000, 31010));
         assert_eq!(c.non_masquerade[0].to_string(), "192.0.2.0/24");
         assert_eq!(c.routing, crate::cluster::Routing::Tunnel);
+        assert_eq!(c.identity_gc_interval, crate::cluster::IDENTITY_GC_INTERVAL);
+        bad(Flags { identity_gc_interval: Some("0s".into()), ..Default::default() }, "more than 0");
+        bad(
+            Flags { identity_heartbeat_timeout: Some("soon".into()), ..Default::default() },
+            "identity_heartbeat_timeout \"soon\"",
+        );
+        let c = Flags {
+            identity_gc_interval: Some("1m30s".into()),
+            identity_heartbeat_timeout: Some("15m0s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.identity_gc_interval, std::time::Duration::from_secs(90));
+        assert_eq!(c.identity_heartbeat_timeout, std::time::Duration::from_secs(900));
     }
 }

@@ -837,6 +837,35 @@ impl<D: Datapath> Endpoints<D> {
         self.commit_policy((*self.policy).clone(), false)
     }
 
+    /// Identities the cluster allocated (learned) or released (forgotten,
+    /// unless an endpoint here still has one: the cluster sync creates it
+    /// again); the policy is regenerated once when any changed, so a
+    /// released identity's entries leave every endpoint's policy.
+    pub fn identities_changed(
+        &mut self,
+        changes: Vec<crate::cluster::IdentityChange>,
+    ) -> Result<(), String> {
+        use crate::cluster::IdentityChange;
+        let in_use: std::collections::BTreeSet<u32> =
+            self.endpoints.values().map(|e| e.identity).collect();
+        let mut changed = false;
+        for c in changes {
+            changed |= match c {
+                IdentityChange::Learned(ids) => self.identities.learn(ids),
+                IdentityChange::Released(ids) => {
+                    let gone: Vec<u32> =
+                        ids.into_iter().filter(|id| !in_use.contains(id)).collect();
+                    self.identities.forget(&gone)
+                }
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        if changed {
+            self.regenerate().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn named_ports_by_identity(&self) -> Arc<BTreeMap<u32, PortNames>> {
         named_ports_by_identity(self.endpoints.values())
     }

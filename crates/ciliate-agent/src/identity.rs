@@ -1,8 +1,10 @@
 //! Security identities: a set of labels → a number. The same labels always
 //! get the same identity; cluster identities start at 256 and the reserved
 //! ones (1-8) are Cilium's. Persisted, so identities survive restarts.
-//! (Cluster identities are never released yet; CIDR identities are, with
-//! the last rule that names them.)
+//! Cluster identities are released by the cluster's garbage collection
+//! when no endpoint of a live node had them for the heartbeat timeout
+//! ([`Identities::forget`]); CIDR identities with the last rule that names
+//! them.
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
@@ -204,6 +206,31 @@ impl Identities {
             self.save()?;
         }
         Ok(new)
+    }
+
+    /// Forget cluster identities the cluster released; whether any was
+    /// known. (Reserved and local CIDR identities are not the cluster's.)
+    pub fn forget(&mut self, ids: &[u32]) -> Result<bool, StoreError> {
+        let before = (self.by_id.clone(), self.by_labels.clone());
+        let mut gone = false;
+        for id in ids
+            .iter()
+            .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0)
+        {
+            if let Some(labels) = self.by_id.remove(id) {
+                self.by_labels.remove(&labels);
+                gone = true;
+            }
+        }
+        if gone {
+            self.view = std::sync::OnceLock::new();
+            if let Err(e) = self.save() {
+                (self.by_id, self.by_labels) = before;
+                self.view = std::sync::OnceLock::new();
+                return Err(e);
+            }
+        }
+        Ok(gone)
     }
 
     pub fn get(&self, id: u32) -> Option<Identity> {

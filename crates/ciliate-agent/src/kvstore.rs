@@ -21,6 +21,9 @@
 //!   cluster-wide identities (created together in one transaction, so two
 //!   nodes never give one label set two identities or one identity two
 //!   label sets);
+//! - `ciliate/state/identities/v1/users/<id>/<node>`: a node has an
+//!   endpoint of that identity (leased with the node's record; an identity
+//!   no live node uses for the heartbeat timeout is released);
 //! - `ciliate/state/ipam/v1/cidrs/<cidr>`: which node owns a pod CIDR of
 //!   the cluster pool.
 
@@ -37,6 +40,7 @@ pub const NODES: &str = "ciliate/state/nodes/v1/";
 pub const IPS: &str = "ciliate/state/ip/v1/default/";
 pub const IDENTITY_VALUES: &str = "ciliate/state/identities/v1/value/";
 pub const IDENTITY_IDS: &str = "ciliate/state/identities/v1/id/";
+pub const IDENTITY_USERS: &str = "ciliate/state/identities/v1/users/";
 pub const CIDRS: &str = "ciliate/state/ipam/v1/cidrs/";
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,24 @@ pub enum WatchEvent {
     Error(String),
 }
 
+/// A condition of [`KvStore::txn`].
+#[derive(Clone, Copy, Debug)]
+pub enum Cond<'a> {
+    /// The key holds exactly this value.
+    Equals(&'a str, &'a [u8]),
+    /// The key does not exist.
+    Absent(&'a str),
+    /// No key exists under the prefix.
+    NoneUnder(&'a str),
+}
+
+/// An operation of [`KvStore::txn`].
+#[derive(Clone, Copy, Debug)]
+pub enum Op<'a> {
+    Put(&'a str, &'a [u8], Option<i64>),
+    Delete(&'a str),
+}
+
 /// The operations the agent needs from a key-value store.
 #[async_trait::async_trait]
 pub trait KvStore: Send + Sync {
@@ -75,6 +97,9 @@ pub trait KvStore: Send + Sync {
     /// `Ok(true)` when created.
     async fn create_all(&self, kvs: &[(&str, &[u8])], lease: Option<i64>) -> Result<bool, KvError>;
     async fn delete(&self, key: &str) -> Result<(), KvError>;
+    /// Apply every operation of `then` if every condition of `when` holds,
+    /// atomically. `Ok(true)` when applied.
+    async fn txn(&self, when: &[Cond<'_>], then: &[Op<'_>]) -> Result<bool, KvError>;
     /// A lease of `ttl` seconds.
     async fn grant(&self, ttl: i64) -> Result<i64, KvError>;
     /// Refresh `lease`; `Ok(false)` when it has expired.
@@ -131,6 +156,13 @@ impl KvStore for Metered {
     }
     async fn delete(&self, key: &str) -> Result<(), KvError> {
         self.timed("Delete", key, self.inner.delete(key)).await
+    }
+    async fn txn(&self, when: &[Cond<'_>], then: &[Op<'_>]) -> Result<bool, KvError> {
+        let key = match then.first() {
+            Some(Op::Put(k, ..) | Op::Delete(k)) => *k,
+            None => "",
+        };
+        self.timed("Txn", key, self.inner.txn(when, then)).await
     }
     async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
         self.timed("LeaseGrant", "lease", self.inner.grant(ttl)).await
@@ -329,6 +361,46 @@ impl KvStore for LocalStore {
     async fn delete(&self, key: &str) -> Result<(), KvError> {
         let key = key.to_owned();
         self.run(move |d| ((), d.kvs.remove(&key).is_some())).await
+    }
+    async fn txn(&self, when: &[Cond<'_>], then: &[Op<'_>]) -> Result<bool, KvError> {
+        enum C {
+            Equals(String, String),
+            Absent(String),
+            NoneUnder(String),
+        }
+        let when: Vec<C> = when
+            .iter()
+            .map(|c| match c {
+                Cond::Equals(k, v) => C::Equals((*k).to_owned(), text(v)),
+                Cond::Absent(k) => C::Absent((*k).to_owned()),
+                Cond::NoneUnder(p) => C::NoneUnder((*p).to_owned()),
+            })
+            .collect();
+        let then: Vec<(String, Option<(String, Option<i64>)>)> = then
+            .iter()
+            .map(|o| match o {
+                Op::Put(k, v, l) => ((*k).to_owned(), Some((text(v), *l))),
+                Op::Delete(k) => ((*k).to_owned(), None),
+            })
+            .collect();
+        self.run(move |d| {
+            let holds = when.iter().all(|c| match c {
+                C::Equals(k, v) => d.kvs.get(k).is_some_and(|x| x.value == *v),
+                C::Absent(k) => !d.kvs.contains_key(k),
+                C::NoneUnder(p) => d.under(p).is_empty(),
+            });
+            if !holds {
+                return (false, false);
+            }
+            for (k, op) in then {
+                match op {
+                    Some((value, lease)) => d.kvs.insert(k, LocalValue { value, lease }),
+                    None => d.kvs.remove(&k),
+                };
+            }
+            (true, true)
+        })
+        .await
     }
     async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
         self.run(move |d| {
@@ -741,6 +813,29 @@ impl KvStore for Etcd {
     async fn delete(&self, key: &str) -> Result<(), KvError> {
         let mut kv = self.client.kv_client();
         self.timed(kv.delete(key, None)).await.map(drop)
+    }
+    async fn txn(&self, when: &[Cond<'_>], then: &[Op<'_>]) -> Result<bool, KvError> {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        // A compare over a range holds when it holds for every key in it;
+        // over an empty range, against version 0 (etcd's rule).
+        let when: Vec<Compare> = when
+            .iter()
+            .map(|c| match c {
+                Cond::Equals(k, v) => Compare::value(*k, CompareOp::Equal, *v),
+                Cond::Absent(k) => Compare::create_revision(*k, CompareOp::Equal, 0),
+                Cond::NoneUnder(p) => Compare::version(*p, CompareOp::Equal, 0).with_prefix(),
+            })
+            .collect();
+        let then: Vec<TxnOp> = then
+            .iter()
+            .map(|o| match o {
+                Op::Put(k, v, l) => TxnOp::put(*k, *v, l.map(|l| PutOptions::new().with_lease(l))),
+                Op::Delete(k) => TxnOp::delete(*k, None),
+            })
+            .collect();
+        let mut kv = self.client.kv_client();
+        let r = self.timed(kv.txn(Txn::new().when(when).and_then(then))).await?;
+        Ok(r.succeeded())
     }
     async fn grant(&self, ttl: i64) -> Result<i64, KvError> {
         let mut l = self.client.lease_client();

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ciliate_agent::kvstore::{Etcd, EtcdConfig, KvError, KvStore, WatchEvent};
+use ciliate_agent::kvstore::{Cond, Etcd, EtcdConfig, KvError, KvStore, Op, WatchEvent};
 use tokio::sync::mpsc;
 
 fn free_port() -> u16 {
@@ -271,6 +271,40 @@ async fn the_etcd_store_reads_writes_creates_atomically_and_expires_leases() {
         }
         other => panic!("expected unreachable, got {other:?}"),
     }
+}
+
+/// The transactions identity allocation and garbage collection stand on,
+/// with the same answers from etcd and the local store.
+async fn transactions_hold_only_when_every_condition_does(s: &dyn KvStore) {
+    s.put("ids/v/x", b"7", None).await.unwrap();
+    s.put("ids/u/7/a", b"a", None).await.unwrap();
+    s.put("ids/u/70/a", b"a", None).await.unwrap();
+    let put = |k| [Op::Put(k, b"1", None)];
+    assert!(s.txn(&[Cond::Equals("ids/v/x", b"7")], &put("t/1")).await.unwrap());
+    assert!(!s.txn(&[Cond::Equals("ids/v/x", b"8")], &put("t/2")).await.unwrap(), "7 != 8");
+    assert!(!s.txn(&[Cond::Equals("ids/none", b"7")], &put("t/2")).await.unwrap(), "missing");
+    assert!(s.txn(&[Cond::Absent("ids/none")], &put("t/3")).await.unwrap());
+    assert!(!s.txn(&[Cond::Absent("ids/v/x")], &put("t/4")).await.unwrap(), "present");
+    assert!(!s.txn(&[Cond::NoneUnder("ids/u/7/")], &put("t/5")).await.unwrap(), "a user");
+    assert!(s.txn(&[Cond::NoneUnder("ids/u/8/")], &put("t/6")).await.unwrap(), "no user");
+    s.delete("ids/u/7/a").await.unwrap();
+    // ids/u/70/ is not under ids/u/7/.
+    let (when, then) = (
+        [Cond::NoneUnder("ids/u/7/"), Cond::Equals("ids/v/x", b"7")],
+        [Op::Delete("ids/v/x"), Op::Put("t/7", b"2", None)],
+    );
+    assert!(s.txn(&when, &then).await.unwrap());
+    assert_eq!(s.get("ids/v/x").await.unwrap(), None);
+    let keys: Vec<String> = s.list("t/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["t/1", "t/3", "t/6", "t/7"], "refused transactions write nothing");
+}
+
+#[tokio::test]
+async fn transactions_on_etcd_and_on_the_local_store() {
+    let server = EtcdServer::start().await;
+    transactions_hold_only_when_every_condition_does(&plain(&server).await).await;
+    let local = ciliate_agent::kvstore::LocalStore::open(None).unwrap();
+    transactions_hold_only_when_every_condition_does(&local).await;
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use ciliate_agent::{
     actor::Actor,
     api::{self, AppState},
-    cluster::{self, ClusterSync, NodeRecord, Routing},
+    cluster::{self, ClusterSync, IdentityChange, NodeRecord, Routing},
     config::{Config, Flags},
     endpoint::{Datapath, Endpoints, EndpointsView},
     kernel::{KernelCluster, KernelDatapath, KernelLb, ensure_cgroup2, ensure_health_endpoint},
@@ -356,6 +356,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
         sync.remote_pods = remote_pods.clone();
         sync.health_port = cfg.cluster_health_port;
+        sync.identity_gc_interval = cfg.identity_gc_interval;
+        sync.identity_heartbeat_timeout = cfg.identity_heartbeat_timeout;
         info!(subsystem = "cluster", store = %kv.describe(), node_ip = %node_ip, "cluster sync");
         let (mine, learned) = local_endpoints(endpoints.clone(), shutdown.clone());
         tokio::spawn(sync.run(mine, learned, shutdown.clone()));
@@ -494,15 +496,18 @@ fn local_endpoints<D: Datapath + 'static>(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> (ciliate_agent::cluster::LocalIps, ciliate_agent::cluster::Learned) {
     let mine_of = |v: &EndpointsView| {
-        v.endpoints
-            .values()
-            .filter(|e| e.identity != ciliate_common::identity::HOST)
-            .map(|e| (e.ip, (e.identity, e.pod_name.clone())))
-            .collect::<std::collections::BTreeMap<_, _>>()
+        let mut mine = ciliate_agent::cluster::Mine::default();
+        for e in v.endpoints.values().filter(|e| e.identity != ciliate_common::identity::HOST) {
+            mine.ips.insert(e.ip, (e.identity, e.pod_name.clone()));
+            mine.identities
+                .entry(e.identity)
+                .or_insert_with(|| ciliate_api::models::label_set(&e.labels));
+        }
+        mine
     };
     let mut snaps = endpoints.watch();
     let (mine_tx, mine) = tokio::sync::watch::channel(mine_of(&snaps.borrow_and_update()));
-    let (learned, mut learned_rx) = tokio::sync::mpsc::channel::<Vec<(u32, Vec<String>)>>(256);
+    let (learned, mut learned_rx) = tokio::sync::mpsc::channel::<IdentityChange>(256);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -513,21 +518,15 @@ fn local_endpoints<D: Datapath + 'static>(
                     let now = mine_of(&snaps.borrow_and_update());
                     mine_tx.send_if_modified(|m| if *m != now { *m = now; true } else { false });
                 }
-                ids = learned_rx.recv() => {
-                    let Some(mut ids) = ids else { return };
+                change = learned_rx.recv() => {
+                    let Some(change) = change else { return };
                     // Take what else is queued too: one regeneration for all.
+                    let mut changes = vec![change];
                     while let Ok(more) = learned_rx.try_recv() {
-                        ids.extend(more);
+                        changes.push(more);
                     }
                     let r = endpoints
-                        .write(
-                            move |e| match e.identities.learn(ids) {
-                                Ok(true) => e.regenerate().map_err(|err| err.to_string()),
-                                Ok(false) => Ok(()),
-                                Err(err) => Err(err.to_string()),
-                            },
-                            |e| e.view(),
-                        )
+                        .write(move |e| e.identities_changed(changes), |e| e.view())
                         .await;
                     if let Ok(Err(e)) = r {
                         warn!(subsystem = "cluster", error = %e, "learning identities");
