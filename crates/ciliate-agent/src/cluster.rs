@@ -329,6 +329,10 @@ pub enum IdentityChange {
     Learned(Vec<(u32, Vec<String>)>),
     /// Released by the garbage collection: no node used them.
     Released(Vec<u32>),
+    /// Every identity the store has (read by each garbage collection
+    /// pass): what a node knows beyond it (an allocation and release the
+    /// watch saw as one, or not at all) goes, what it lacks comes.
+    InStore(BTreeMap<u32, Vec<String>>),
 }
 /// Where identities allocated or released in the cluster are handed on.
 pub type Learned = mpsc::Sender<IdentityChange>;
@@ -404,8 +408,8 @@ impl ClusterSync {
             _ = this.clone().publish(mine.clone(), health.clone()) => {}
             _ = this.clone().follow_nodes(health.clone()) => {}
             _ = this.clone().follow_ips(health.clone()) => {}
-            _ = this.clone().follow_identities(learned, health.clone()) => {}
-            _ = this.clone().collect_identities(mine, health.clone()) => {}
+            _ = this.clone().follow_identities(learned.clone(), health.clone()) => {}
+            _ = this.clone().collect_identities(mine, learned, health.clone()) => {}
             _ = this.clone().probe_nodes() => {}
             _ = crate::api::stopped(&mut shutdown) => {}
         }
@@ -639,7 +643,12 @@ impl ClusterSync {
     /// it at once are safe). An identity with no user whose node is alive
     /// for the heartbeat timeout is released; every node then forgets it
     /// (and regenerates its policy without it).
-    async fn collect_identities(self: Arc<Self>, mine: LocalIps, health: Arc<Mutex<Health>>) {
+    async fn collect_identities(
+        self: Arc<Self>,
+        mine: LocalIps,
+        learned: Learned,
+        health: Arc<Mutex<Health>>,
+    ) {
         let mut unused_since: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut tick = tokio::time::interval(self.identity_gc_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -647,11 +656,19 @@ impl ClusterSync {
             tick.tick().await;
             let used_here: BTreeSet<u32> = mine.borrow().identities.keys().copied().collect();
             let r = self.collect_identities_once(&mut unused_since, &used_here).await;
-            self.report(&health, "collecting identities", r.map(drop));
+            let r = match r {
+                Ok(in_store) => {
+                    let _ = learned.send(IdentityChange::InStore(in_store)).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            self.report(&health, "collecting identities", r);
         }
     }
 
-    /// One pass of [`Self::collect_identities`]: the IDs released. A user
+    /// One pass of [`Self::collect_identities`]: the identities left in
+    /// the store (ID → labels). A user
     /// record counts while its node is registered; this node's own counts
     /// only for the identities its endpoints have now (`used_here`: an ADD
     /// that allocated an identity and then failed leaves a record that
@@ -660,7 +677,7 @@ impl ClusterSync {
         &self,
         unused_since: &mut BTreeMap<u32, Instant>,
         used_here: &BTreeSet<u32>,
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<BTreeMap<u32, Vec<String>>, String> {
         let e = |e: KvError| e.to_string();
         let ids = self.kv.list(IDENTITY_IDS).await.map_err(e)?;
         let users = self.kv.list(IDENTITY_USERS).await.map_err(e)?;
@@ -686,27 +703,29 @@ impl ClusterSync {
             }
         }
         let now = Instant::now();
-        let mut released = Vec::new();
+        let mut left = BTreeMap::new();
         let mut present = BTreeSet::new();
         for (k, json) in ids {
             let Some(id) = k.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
             present.insert(id);
+            let labels: Vec<String> = serde_json::from_slice(&json).unwrap_or_default();
             let users = users_of.remove(&id).unwrap_or_default();
             if users.iter().any(|(_, alive)| *alive) {
                 unused_since.remove(&id);
+                left.insert(id, labels);
                 continue;
             }
             let since = *unused_since.entry(id).or_insert(now);
             if now.duration_since(since) < self.identity_heartbeat_timeout {
+                left.insert(id, labels);
                 continue;
             }
             // Users that do not count (their node is gone) go first.
             for (mark, _) in &users {
                 self.kv.delete(mark).await.map_err(e)?;
             }
-            let labels: Vec<String> = serde_json::from_slice(&json).unwrap_or_default();
             let (value_key, id_key) = identity_keys(id, &labels);
             let (id_text, mine) = (id.to_string(), format!("{IDENTITY_USERS}{id}/"));
             let when = [
@@ -726,12 +745,13 @@ impl ClusterSync {
                     ?labels,
                     "identity released: no endpoint had it"
                 );
-                released.push(id);
+            } else {
+                left.insert(id, labels);
             }
             unused_since.remove(&id);
         }
         unused_since.retain(|id, _| present.contains(id));
-        Ok(released)
+        Ok(left)
     }
 
     /// Follow a prefix: every change arrives as (key, Some(value)) or
@@ -930,19 +950,24 @@ impl ClusterSync {
     }
 
     async fn follow_identities(self: Arc<Self>, learned: Learned, health: Arc<Mutex<Health>>) {
-        let mut known: BTreeSet<u32> = BTreeSet::new();
+        let mut known: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         let mut changes = self.changes(IDENTITY_IDS, "following identities", health);
         while let Some((key, v)) = changes.recv().await {
             let Some(id) = key.strip_prefix(IDENTITY_IDS).and_then(|s| s.parse::<u32>().ok())
             else {
                 continue;
             };
+            // An ID released and allocated again for other labels between
+            // two reads of the local store is one put with new labels.
             let change = match v {
                 Some(v) => match serde_json::from_slice::<Vec<String>>(&v) {
-                    Ok(labels) if known.insert(id) => IdentityChange::Learned(vec![(id, labels)]),
+                    Ok(labels) if known.get(&id) != Some(&labels) => {
+                        known.insert(id, labels.clone());
+                        IdentityChange::Learned(vec![(id, labels)])
+                    }
                     _ => continue,
                 },
-                None if known.remove(&id) => IdentityChange::Released(vec![id]),
+                None if known.remove(&id).is_some() => IdentityChange::Released(vec![id]),
                 None => continue,
             };
             let _ = learned.send(change).await;
@@ -1222,7 +1247,7 @@ mod tests {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, a.learned.recv()).await.expect("released in 5 s") {
                 Some(IdentityChange::Released(ids)) => released.extend(ids),
-                Some(IdentityChange::Learned(_)) => {}
+                Some(IdentityChange::Learned(_) | IdentityChange::InStore(_)) => {}
                 None => panic!("the sync stopped"),
             }
         }

@@ -601,17 +601,21 @@ impl<D: Datapath> Endpoints<D> {
         identity: Option<(u32, Vec<String>)>,
     ) -> Result<Endpoint, EndpointError> {
         check_labels(&req.labels).map_err(EndpointError::BadRequest)?;
+        let mut learned = false;
         if let Some((id, labels)) = identity {
-            self.identities.learn(vec![(id, labels)]).map_err(internal)?;
+            learned = self.identities.learn(vec![(id, labels)]).map_err(internal)?;
         }
-        self.create_any(req)
+        let t = std::time::Instant::now();
+        let r = self.build(req, learned);
+        self.metrics.regenerated(1, t.elapsed(), r.is_ok());
+        r
     }
 
     /// [`Endpoints::create`] for the agent's own endpoints (the health
     /// endpoint carries `reserved:health`).
     pub(crate) fn create_any(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
         let t = std::time::Instant::now();
-        let r = self.build(req);
+        let r = self.build(req, false);
         self.metrics.regenerated(1, t.elapsed(), r.is_ok());
         r
     }
@@ -672,8 +676,10 @@ impl<D: Datapath> Endpoints<D> {
         Ok(())
     }
 
-    /// An endpoint made and in the datapath (see [`Self::create_with`]).
-    fn build(&mut self, req: EndpointCreate) -> Result<Endpoint, EndpointError> {
+    /// An endpoint made and in the datapath (see [`Self::create_with`]);
+    /// `learned`: its identity was allocated in the store and is new here
+    /// (so peers' policies must take it in, as for one allocated here).
+    fn build(&mut self, req: EndpointCreate, learned: bool) -> Result<Endpoint, EndpointError> {
         self.validate(&req)?;
         if let Some(ep) = self.by_container(&req.container_id) {
             if ep.ip == req.ip && ep.host_ifname == req.host_ifname {
@@ -688,7 +694,7 @@ impl<D: Datapath> Endpoints<D> {
         let id = self.free_id()?;
         let known_before = self.identities.allocated();
         let identity = self.identities.allocate(&label_set(&req.labels)).map_err(internal)?;
-        let new_identity = self.identities.allocated() > known_before;
+        let new_identity = learned || self.identities.allocated() > known_before;
         let ep = Endpoint {
             id,
             container_id: req.container_id,
@@ -856,6 +862,12 @@ impl<D: Datapath> Endpoints<D> {
                     let gone: Vec<u32> =
                         ids.into_iter().filter(|id| !in_use.contains(id)).collect();
                     self.identities.forget(&gone)
+                }
+                IdentityChange::InStore(all) => {
+                    let gone = self.identities.missing_from(&all, &in_use);
+                    let forgot = self.identities.forget(&gone);
+                    let learned = self.identities.learn(all.into_iter().collect());
+                    forgot.and_then(|f| learned.map(|l| f | l))
                 }
             }
             .map_err(|e| e.to_string())?;
@@ -1348,6 +1360,24 @@ mod tests {
             .map(|(ep, _)| *ep)
             .collect();
         assert_eq!(touched, vec![web2.id]);
+        // The same for an identity the cluster's store allocated (the
+        // agent's path): db takes it in at once.
+        let mut r = request(&mut n, "api2", "api");
+        r.labels.insert("track".into(), "canary".into());
+        let labels = label_set(&r.labels);
+        let api2 = n.create_with(r, Some((300, labels))).unwrap();
+        assert_eq!(api2.identity, 300);
+        assert!(n.datapath.policies[&db.id].rules.iter().any(|x| x.identity == 300));
+        // Released by the cluster once its pod is gone: db's entries for it
+        // go; one a local endpoint still has is kept.
+        n.delete(api2.id).unwrap();
+        use crate::cluster::IdentityChange;
+        let changes = vec![IdentityChange::Released(vec![300, api.identity])];
+        n.identities_changed(changes).unwrap();
+        assert!(n.identities.get(300).is_none());
+        assert!(n.identities.get(api.identity).is_some(), "the api pod still has it");
+        assert!(n.datapath.policies[&db.id].rules.iter().all(|x| x.identity != 300));
+        assert!(n.datapath.policies[&db.id].rules.iter().any(|x| x.identity == api.identity));
     }
 
     #[test]

@@ -189,23 +189,54 @@ impl Identities {
         }
     }
 
-    /// Remember cluster identities allocated elsewhere (other nodes);
-    /// whether any was new.
+    /// Take cluster identities as the cluster's store has them (allocated
+    /// here or by other nodes): the store is right, so an ID released and
+    /// allocated again for other labels is relabelled, and a label set the
+    /// store gave another ID moves to it. Whether anything changed.
     pub fn learn(&mut self, ids: Vec<(u32, LabelSet)>) -> Result<bool, StoreError> {
-        let mut new = false;
+        let before = (self.by_id.clone(), self.by_labels.clone());
+        let mut changed = false;
         for (id, labels) in ids {
-            if self.by_id.contains_key(&id) || self.by_labels.contains_key(&labels) {
+            if id < reserved::MIN_CLUSTER || id & reserved::LOCAL_FLAG != 0 {
                 continue;
+            }
+            if self.by_id.get(&id) == Some(&labels) {
+                continue;
+            }
+            if let Some(old) = self.by_id.remove(&id) {
+                self.by_labels.remove(&old);
+            }
+            if let Some(old_id) = self.by_labels.remove(&labels) {
+                self.by_id.remove(&old_id);
             }
             self.by_id.insert(id, labels.clone());
             self.by_labels.insert(labels, id);
-            new = true;
+            changed = true;
         }
-        if new {
+        if changed {
             self.view = std::sync::OnceLock::new();
-            self.save()?;
+            if let Err(e) = self.save() {
+                (self.by_id, self.by_labels) = before;
+                self.view = std::sync::OnceLock::new();
+                return Err(e);
+            }
         }
-        Ok(new)
+        Ok(changed)
+    }
+
+    /// Cluster identities known here but not in `store` (all the store
+    /// has), leaving out those in `keep`.
+    pub fn missing_from(
+        &self,
+        store: &BTreeMap<u32, LabelSet>,
+        keep: &std::collections::BTreeSet<u32>,
+    ) -> Vec<u32> {
+        self.by_id
+            .keys()
+            .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0)
+            .filter(|id| !store.contains_key(id) && !keep.contains(id))
+            .copied()
+            .collect()
     }
 
     /// Forget cluster identities the cluster released; whether any was
@@ -305,5 +336,28 @@ mod tests {
         assert_eq!(again.allocate(&labels(&[("app", "web")])).unwrap(), a);
         assert_eq!(again.allocate(&labels(&[("app", "new")])).unwrap(), a + 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_store_is_right_about_reused_ids_and_identities_it_no_longer_has() {
+        let mut ids = Identities::open(None).unwrap();
+        let (a, b, c) = (labels(&[("app", "a")]), labels(&[("app", "b")]), labels(&[("app", "c")]));
+        assert!(ids.learn(vec![(300, a.clone()), (301, b.clone())]).unwrap());
+        assert!(!ids.learn(vec![(300, a.clone())]).unwrap(), "nothing new");
+        // 300 was released and given to c: relabelled, a is gone.
+        assert!(ids.learn(vec![(300, c.clone())]).unwrap());
+        assert_eq!(ids.get(300).unwrap().labels, c);
+        assert_eq!(ids.view().find(&a), None);
+        // b moved to 302 in the store: 301 goes.
+        assert!(ids.learn(vec![(302, b.clone())]).unwrap());
+        assert!(ids.get(301).is_none());
+        // The store has only 302; 300 is kept while an endpoint has it.
+        let store = BTreeMap::from([(302, b)]);
+        let keep = std::collections::BTreeSet::from([300]);
+        assert!(ids.missing_from(&store, &keep).is_empty());
+        assert_eq!(ids.missing_from(&store, &Default::default()), vec![300]);
+        assert!(ids.forget(&[300, 1]).unwrap());
+        assert!(ids.get(1).is_some(), "reserved identities are never forgotten");
+        assert_eq!(ids.allocated(), 1);
     }
 }

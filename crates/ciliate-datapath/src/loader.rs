@@ -230,6 +230,7 @@ impl Loaded {
                 Program::SchedClassifier(p) => p.load().map_err(err)?,
                 Program::Xdp(p) => p.load().map_err(err)?,
                 Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+                Program::CgroupSock(p) => p.load().map_err(err)?,
                 other => {
                     return Err(DatapathError::UnsupportedProgram {
                         object: object.into(),

@@ -182,6 +182,26 @@ where
 }
 
 /// `Ok(())` for a delete of something already gone.
+/// Remove every entry of `map` (named `name`) that `gone` picks; how many
+/// went. Entries that vanish meanwhile (LRU eviction) are fine.
+pub(crate) fn remove_where<V: aya::Pod>(
+    map: &mut HashMap<MapData, CtKey4, V>,
+    name: &'static str,
+    gone: impl Fn(&CtKey4, &V) -> bool,
+) -> Result<usize> {
+    let mut doomed = Vec::new();
+    for item in map.iter() {
+        let (k, v) = item.map_err(map_err("iterating", name))?;
+        if gone(&k, &v) {
+            doomed.push(k);
+        }
+    }
+    for k in &doomed {
+        ignore_missing(map.remove(k), name)?;
+    }
+    Ok(doomed.len())
+}
+
 pub(crate) fn ignore_missing(r: Result<(), MapError>, name: &'static str) -> Result<()> {
     let r = r.counted(DELETE, name);
     match r {
@@ -417,6 +437,22 @@ impl CtMaps {
             }
         }
         Ok(out)
+    }
+
+    /// Remove every connection of address `ip` (a deleted endpoint's: a
+    /// pod that gets the address next must not inherit its connections,
+    /// which would let replies of old flows past its policy). How many
+    /// went.
+    pub fn scrub(&mut self, ip: Ipv4Addr) -> Result<usize> {
+        let a = ip.octets();
+        let of = |k: &CtKey4, _: &CtEntry| k.saddr == a || k.daddr == a;
+        Ok(remove_where(&mut self.tcp, ct::TCP_MAP_NAME, of)?
+            + remove_where(&mut self.any, ct::ANY_MAP_NAME, of)?)
+    }
+
+    /// Entries in each table: (TCP, other).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.tcp.keys().count(), self.any.keys().count())
     }
 
     /// The backends that service flows (`DIR_SERVICE` entries not yet

@@ -238,10 +238,6 @@ impl EndpointProgram {
 /// outlive the agent. Re-attaching (a restarted agent) attaches the new
 /// links before the old pins go.
 pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
-    use aya::programs::{
-        CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrAttachType as At,
-        links::FdLink,
-    };
     let sock = loader::node_object(pins, "sock", None::<(&str, &HostConfig)>)?;
     let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
         what: "opening cgroup",
@@ -259,25 +255,11 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     for name in SOCK {
-        let kind = match name {
-            "sock4_connect" => At::Connect4,
-            "sock4_sendmsg" => At::UDPSendMsg4,
-            "sock4_recvmsg" => At::UDPRecvMsg4,
-            _ => At::GetPeerName4,
+        let link = if name == "sock4_release" {
+            attach_cgroup_sock(&sock, name, &dir, cgroup)?
+        } else {
+            attach_cgroup_sock_addr(&sock, name, &dir, cgroup)?
         };
-        let mut prog = CgroupSockAddr::from_pin(sock.path(name), kind)
-            .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
-        let prog = &mut prog;
-        let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
-            DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
-        })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
-        let link: FdLink = link.try_into().map_err(|e| DatapathError::Device {
-            name: cgroup.display().to_string(),
-            reason: format!("cgroup link of {name} is not an fd link: {e}"),
-        })?;
         let pin = pins.link_path("cgroup", name);
         loader::replace_pin(link, &pin, name)?;
     }
@@ -290,6 +272,59 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         what: "recording the socket-LB cgroup at",
         path: marker.clone(),
         source,
+    })
+}
+
+/// Attach the pinned sock_addr program `name` of `sock` to `cgroup`.
+fn attach_cgroup_sock_addr(
+    sock: &loader::NodeObject,
+    name: &str,
+    dir: &std::fs::File,
+    cgroup: &std::path::Path,
+) -> Result<aya::programs::links::FdLink> {
+    use aya::programs::{
+        CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrAttachType as At,
+    };
+    let kind = match name {
+        "sock4_connect" => At::Connect4,
+        "sock4_sendmsg" => At::UDPSendMsg4,
+        "sock4_recvmsg" => At::UDPRecvMsg4,
+        _ => At::GetPeerName4,
+    };
+    let mut prog = CgroupSockAddr::from_pin(sock.path(name), kind)
+        .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
+    let id = prog.attach(dir, CgroupAttachMode::Single).map_err(|e| {
+        DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
+    })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
+    link.try_into().map_err(|e| DatapathError::Device {
+        name: cgroup.display().to_string(),
+        reason: format!("cgroup link of {name} is not an fd link: {e}"),
+    })
+}
+
+/// Attach the pinned sock program `name` of `sock` (sock_release) to
+/// `cgroup`.
+fn attach_cgroup_sock(
+    sock: &loader::NodeObject,
+    name: &str,
+    dir: &std::fs::File,
+    cgroup: &std::path::Path,
+) -> Result<aya::programs::links::FdLink> {
+    use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAttachType};
+    let mut prog = CgroupSock::from_pin(sock.path(name), CgroupSockAttachType::SockRelease)
+        .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
+    let id = prog.attach(dir, CgroupAttachMode::Single).map_err(|e| {
+        DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
+    })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
+    link.try_into().map_err(|e| DatapathError::Device {
+        name: cgroup.display().to_string(),
+        reason: format!("cgroup link of {name} is not an fd link: {e}"),
     })
 }
 
@@ -416,7 +451,12 @@ pub fn detach_endpoint(pins: &NodePins, ip: Ipv4Addr, lxc: &str) -> Result<()> {
         EndpointConfigMap::from_pin_dir(&pins.dir)?.remove(info.ifindex)?;
     }
     lxc_map.remove(ip)?;
-    IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)
+    IpcacheMap::from_pin_dir(&pins.dir)?.remove(ip, 32)?;
+    // Its connections and translations go with it (Cilium scrubs them
+    // too): the next pod given the address starts with none.
+    crate::maps::CtMaps::from_pin_dir(&pins.dir)?.scrub(ip)?;
+    crate::nodemaps::NatMap::from_pin_dir(&pins.dir)?.scrub(ip)?;
+    Ok(())
 }
 
 /// Remove what older layouts pinned for the endpoint on `lxc` (a tcx link,

@@ -139,6 +139,15 @@ impl NatMap {
         }
     }
 
+    /// Remove the translations of address `ip` (a deleted endpoint's), in
+    /// both directions; how many went.
+    pub fn scrub(&mut self, ip: Ipv4Addr) -> Result<usize> {
+        let a = ip.octets();
+        crate::maps::remove_where(&mut self.0, nat::MAP_NAME, |k, e| {
+            k.saddr == a || k.daddr == a || e.addr == a
+        })
+    }
+
     /// Every entry, OUT before IN, each ordered by key.
     pub fn dump(&self) -> Result<Vec<(CtKey4, NatEntry)>> {
         let mut out = Vec::new();

@@ -57,6 +57,6 @@ pub mod programs {
         ["from_host_debug", "from_netdev_debug", "to_netdev_debug", "from_overlay_debug"];
     pub const HOST_DEBUG_MAP: &str = "ciliate_host_dbg";
     /// The socket-LB programs (each knows its cgroup attach type).
-    pub const SOCK: [&str; 4] =
-        ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
+    pub const SOCK: [&str; 5] =
+        ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername", "sock4_release"];
 }

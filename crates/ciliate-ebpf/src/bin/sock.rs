@@ -5,7 +5,9 @@
 //! - connect4 / sendmsg4: frontend → backend (random slot, or Maglev on the
 //!   socket cookie), remembered per socket in the socket reverse-NAT map;
 //! - recvmsg4 / getpeername4: a backend address the socket was translated
-//!   to reads as the frontend again.
+//!   to reads as the frontend again;
+//! - sock_release: a connected socket's entry goes with the socket (Cilium
+//!   leaves it to the LRU; unconnected UDP sockets still do).
 //!
 //! Frontends with ClientIP affinity or source ranges are left to the
 //! per-packet path, which knows the client's address (a socket does not
@@ -15,7 +17,9 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use ciliate_common::lb::{
     LbKey, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_SRC_RANGES, SockRevNatKey, SockRevNatValue,
@@ -43,6 +47,28 @@ pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
     reverse(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock4_release(ctx: SockContext) -> i32 {
+    // SAFETY: the socket the kernel passed; plain field reads and a helper
+    // cgroup sock programs may call.
+    let key = unsafe {
+        let sk = &*ctx.sock;
+        if sk.family != 2 {
+            return ALLOW;
+        }
+        SockRevNatKey {
+            cookie: bpf_get_socket_cookie(ctx.sock.cast()),
+            addr: sk.dst_ip4.to_ne_bytes(),
+            port: sk.dst_port,
+            _pad: 0,
+        }
+    };
+    if key.addr != [0; 4] {
+        let _ = CILIATE_LB4_SOCK_REVNAT.remove(key);
+    }
+    ALLOW
 }
 
 /// The socket's cookie, its destination (address and port, network order)
