@@ -82,6 +82,44 @@ impl NodeRecord {
     pub fn cidr(&self) -> Option<Cidr> {
         self.pod_cidr.parse().ok()
     }
+
+    /// Why another node's record cannot be taken by this node (`self`) (it claims this node's
+    /// address or pod CIDR, or names no CIDR): a corrupt or hostile entry
+    /// in the store must not reroute this node's pods. `None`: it can.
+    pub fn refuse_node(&self, name: &str, n: &NodeRecord) -> Option<String> {
+        if n.name != name {
+            return Some(format!("it names node {:?}", n.name));
+        }
+        if n.ip == self.ip {
+            return Some(format!("it claims this node's address {}", n.ip));
+        }
+        let Some(theirs) = n.cidr() else {
+            return Some(format!("pod CIDR {:?} is not a CIDR", n.pod_cidr));
+        };
+        let mine = self.cidr()?;
+        let shorter = theirs.len.min(mine.len);
+        (within(theirs.net, mine.net, shorter))
+            .then(|| format!("its pod CIDR {theirs} overlaps this node's {mine}"))
+    }
+
+    /// Why another node's endpoint record cannot be taken by this node: filed under
+    /// another address, an address of this node's, or an identity no pod
+    /// has (reserved ones but health's, local CIDR ones). `None`: it can.
+    pub fn refuse_ip(&self, key: Ipv4Addr, r: &IpRecord) -> Option<String> {
+        use ciliate_common::identity as id;
+        if r.node == self.name {
+            return None;
+        }
+        if r.ip != key {
+            return Some(format!("it is for {} but filed under {key}", r.ip));
+        }
+        if r.ip == self.ip || self.cidr().is_some_and(|c| within(r.ip, c.net, c.len)) {
+            return Some(format!("{} is this node's address", r.ip));
+        }
+        let pod = r.identity == id::HEALTH
+            || (r.identity >= id::MIN_CLUSTER && r.identity & id::LOCAL_FLAG == 0);
+        (!pod).then(|| format!("identity {} is no pod's", r.identity))
+    }
 }
 
 /// An endpoint's address as published into the cluster ipcache.
@@ -826,44 +864,6 @@ impl ClusterSync {
         rx
     }
 
-    /// Why another node's record cannot be taken (it claims this node's
-    /// address or pod CIDR, or names no CIDR): a corrupt or hostile entry
-    /// in the store must not reroute this node's pods. `None`: it can.
-    fn refuse_node(&self, name: &str, n: &NodeRecord) -> Option<String> {
-        if n.name != name {
-            return Some(format!("it names node {:?}", n.name));
-        }
-        if n.ip == self.me.ip {
-            return Some(format!("it claims this node's address {}", n.ip));
-        }
-        let Some(theirs) = n.cidr() else {
-            return Some(format!("pod CIDR {:?} is not a CIDR", n.pod_cidr));
-        };
-        let mine = self.me.cidr()?;
-        let shorter = theirs.len.min(mine.len);
-        (within(theirs.net, mine.net, shorter))
-            .then(|| format!("its pod CIDR {theirs} overlaps this node's {mine}"))
-    }
-
-    /// Why another node's endpoint record cannot be taken: filed under
-    /// another address, an address of this node's, or an identity no pod
-    /// has (reserved ones but health's, local CIDR ones). `None`: it can.
-    fn refuse_ip(&self, key: Ipv4Addr, r: &IpRecord) -> Option<String> {
-        use ciliate_common::identity as id;
-        if r.node == self.me.name {
-            return None;
-        }
-        if r.ip != key {
-            return Some(format!("it is for {} but filed under {key}", r.ip));
-        }
-        if r.ip == self.me.ip || self.me.cidr().is_some_and(|c| within(r.ip, c.net, c.len)) {
-            return Some(format!("{} is this node's address", r.ip));
-        }
-        let pod = r.identity == id::HEALTH
-            || (r.identity >= id::MIN_CLUSTER && r.identity & id::LOCAL_FLAG == 0);
-        (!pod).then(|| format!("identity {} is no pod's", r.identity))
-    }
-
     async fn follow_nodes(self: Arc<Self>, health: Arc<Mutex<Health>>) {
         let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
         let mut changes = self.changes(NODES, "following nodes", health);
@@ -873,7 +873,7 @@ impl ClusterSync {
                 continue;
             }
             let record = v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok());
-            if let Some(why) = record.as_ref().and_then(|n| self.refuse_node(&name, n)) {
+            if let Some(why) = record.as_ref().and_then(|n| self.me.refuse_node(&name, n)) {
                 tracing::warn!(subsystem = "cluster", node = %name, "ignoring a node record: {why}");
                 continue;
             }
@@ -918,7 +918,7 @@ impl ClusterSync {
                 continue;
             };
             let record = v.and_then(|v| serde_json::from_slice::<IpRecord>(&v).ok());
-            if let Some(why) = record.as_ref().and_then(|r| self.refuse_ip(ip, r)) {
+            if let Some(why) = record.as_ref().and_then(|r| self.me.refuse_ip(ip, r)) {
                 tracing::warn!(subsystem = "cluster", %ip, "ignoring an endpoint record: {why}");
                 continue;
             }
@@ -1144,8 +1144,16 @@ mod tests {
         let kv = LocalStore::open(None).unwrap();
         let mut a = start(&kv, node("a", "192.168.200.2", "10.200.0.0/24"), &[]);
         let id = allocate_identity(&kv, &["k8s:app=x".to_string()], 256, "b").await.unwrap();
-        let got =
-            tokio::time::timeout(Duration::from_secs(3), a.learned.recv()).await.unwrap().unwrap();
+        // (The identity collection's view of the store may come first.)
+        let got = loop {
+            let c = tokio::time::timeout(Duration::from_secs(3), a.learned.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if !matches!(c, IdentityChange::InStore(_)) {
+                break c;
+            }
+        };
         assert_eq!(got, IdentityChange::Learned(vec![(id, vec!["k8s:app=x".to_string()])]));
     }
 

@@ -255,11 +255,7 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     for name in SOCK {
-        let link = if name == "sock4_release" {
-            attach_cgroup_sock(&sock, name, &dir, cgroup)?
-        } else {
-            attach_cgroup_sock_addr(&sock, name, &dir, cgroup)?
-        };
+        let link = attach_sock_prog(&sock, name, &dir, cgroup)?;
         let pin = pins.link_path("cgroup", name);
         loader::replace_pin(link, &pin, name)?;
     }
@@ -275,57 +271,53 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
     })
 }
 
-/// Attach the pinned sock_addr program `name` of `sock` to `cgroup`.
-fn attach_cgroup_sock_addr(
+/// Open the pinned cgroup program `$name` of `$sock` as `$ty` (attach type
+/// `$kind`), attach it to the cgroup directory `$dir` (`$cgroup`) and
+/// return its link as an fd link to pin. (A macro: the program types share
+/// these calls but no trait.)
+macro_rules! attach_cgroup {
+    ($ty:ty, $kind:expr, $sock:expr, $name:expr, $dir:expr, $cgroup:expr) => {{
+        let (name, cgroup) = ($name, $cgroup);
+        let mut prog = <$ty>::from_pin($sock.path(name), $kind)
+            .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
+        let id = prog.attach($dir, aya::programs::CgroupAttachMode::Single).map_err(|e| {
+            DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
+        })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
+        let link: aya::programs::links::FdLink =
+            link.try_into().map_err(|e| DatapathError::Device {
+                name: cgroup.display().to_string(),
+                reason: format!("cgroup link of {name} is not an fd link: {e}"),
+            })?;
+        link
+    }};
+}
+
+/// Attach the pinned socket-LB program `name` of `sock` to `cgroup`
+/// (sock_addr hooks, and sock_release).
+fn attach_sock_prog(
     sock: &loader::NodeObject,
     name: &str,
     dir: &std::fs::File,
     cgroup: &std::path::Path,
 ) -> Result<aya::programs::links::FdLink> {
     use aya::programs::{
-        CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrAttachType as At,
+        CgroupSock, CgroupSockAddr, CgroupSockAttachType,
+        cgroup_sock_addr::CgroupSockAddrAttachType as At,
     };
     let kind = match name {
+        "sock4_release" => {
+            let kind = CgroupSockAttachType::SockRelease;
+            return Ok(attach_cgroup!(CgroupSock, kind, sock, name, dir, cgroup));
+        }
         "sock4_connect" => At::Connect4,
         "sock4_sendmsg" => At::UDPSendMsg4,
         "sock4_recvmsg" => At::UDPRecvMsg4,
         _ => At::GetPeerName4,
     };
-    let mut prog = CgroupSockAddr::from_pin(sock.path(name), kind)
-        .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
-    let id = prog.attach(dir, CgroupAttachMode::Single).map_err(|e| {
-        DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
-    })?;
-    let link = prog
-        .take_link(id)
-        .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
-    link.try_into().map_err(|e| DatapathError::Device {
-        name: cgroup.display().to_string(),
-        reason: format!("cgroup link of {name} is not an fd link: {e}"),
-    })
-}
-
-/// Attach the pinned sock program `name` of `sock` (sock_release) to
-/// `cgroup`.
-fn attach_cgroup_sock(
-    sock: &loader::NodeObject,
-    name: &str,
-    dir: &std::fs::File,
-    cgroup: &std::path::Path,
-) -> Result<aya::programs::links::FdLink> {
-    use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAttachType};
-    let mut prog = CgroupSock::from_pin(sock.path(name), CgroupSockAttachType::SockRelease)
-        .map_err(|e| DatapathError::program("opening the pinned", name, e))?;
-    let id = prog.attach(dir, CgroupAttachMode::Single).map_err(|e| {
-        DatapathError::program(format!("attaching to {}", cgroup.display()), name, e)
-    })?;
-    let link = prog
-        .take_link(id)
-        .map_err(|e| DatapathError::program("taking the cgroup link of", name, e))?;
-    link.try_into().map_err(|e| DatapathError::Device {
-        name: cgroup.display().to_string(),
-        reason: format!("cgroup link of {name} is not an fd link: {e}"),
-    })
+    Ok(attach_cgroup!(CgroupSockAddr, kind, sock, name, dir, cgroup))
 }
 
 /// Detach the socket-LB programs (their pinned links go).

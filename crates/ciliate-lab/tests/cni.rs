@@ -230,8 +230,8 @@ fn fifty_concurrent_adds_then_dels_leave_nothing_behind() {
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    // from-host, from-netdev, to-netdev, from-overlay and the four
+    // from-host, from-netdev, to-netdev, from-overlay and the five
     // socket-LB links (endpoints run from-container as a tc filter of their
     // device: nothing pinned).
-    assert_eq!(links.len(), 8, "only the node's stay: {links:?}");
+    assert_eq!(links.len(), 9, "only the node's stay: {links:?}");
 }
