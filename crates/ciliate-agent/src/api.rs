@@ -140,18 +140,20 @@ fn json<T: Serialize>(status: u16, v: &T) -> ApiResult {
 /// A request body: a JSON object (nothing else, not even `[]`, which serde
 /// would take for a struct), decoded as `T`; the error names the field.
 fn body<T: DeserializeOwned>(b: &Bytes, what: &str) -> Result<T, ApiErr> {
+    decode_body(b, what).map_err(|e| ApiErr::new(400, e))
+}
+
+/// [`body`] for any bytes (the fuzz targets decode what the API would):
+/// the message names what was wrong.
+pub fn decode_body<T: DeserializeOwned>(b: &[u8], what: &str) -> Result<T, String> {
     if !b.trim_ascii_start().starts_with(b"{") {
-        return Err(ApiErr::new(400, format!("{what}: a JSON object is expected")));
+        return Err(format!("{what}: a JSON object is expected"));
     }
     let de = &mut serde_json::Deserializer::from_slice(b);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." {
-            ApiErr::new(400, format!("{what}: {inner}"))
-        } else {
-            ApiErr::new(400, format!("{what}: {path}: {inner}"))
-        }
+        if path == "." { format!("{what}: {inner}") } else { format!("{what}: {path}: {inner}") }
     })
 }
 

@@ -336,15 +336,24 @@ fn hostname() -> String {
 
 impl Flags {
     pub fn resolve(self) -> anyhow::Result<Config> {
-        let file: FileConfig = match &self.config {
+        match &self.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("reading config {}: {e}", p.display()))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?
+                let name = p.display().to_string();
+                self.resolve_text(&text).map_err(|e| anyhow::anyhow!("config {name}: {e}"))
             }
-            None => FileConfig::default(),
-        };
+            None => self.resolve_with(FileConfig::default()),
+        }
+    }
+
+    /// [`Flags::resolve`] with `text` as the config file's content.
+    pub fn resolve_text(self, text: &str) -> anyhow::Result<Config> {
+        let file: FileConfig = serde_json::from_str(text)?;
+        self.resolve_with(file)
+    }
+
+    fn resolve_with(self, file: FileConfig) -> anyhow::Result<Config> {
         let node = self.node.or(file.node).unwrap_or_else(hostname);
         if node.is_empty() || node.contains('/') || node.len() > 64 {
             anyhow::bail!("node name {node:?}: 1-64 characters, no '/'");

@@ -229,6 +229,30 @@ fn error_json(version: &str, e: &CniError) -> String {
     json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}).to_string()
 }
 
+/// Everything an invocation checks before it touches the agent or a
+/// namespace: the network configuration, the command, `CNI_CONTAINERID`,
+/// `CNI_IFNAME` and `CNI_ARGS` (the fuzz targets feed it anything). An
+/// error carries a CNI code.
+pub fn check_input(env: &HashMap<String, String>, stdin: &str) -> Result<(), CniError> {
+    let env = Env { env };
+    parse_conf(stdin)?;
+    match env.optional("CNI_COMMAND") {
+        "ADD" | "DEL" | "CHECK" => {
+            attachment(&env)?;
+            env.cni_args()?;
+        }
+        "STATUS" | "GC" | "VERSION" => {}
+        other => {
+            return Err(err(
+                code::INVALID_ENV,
+                format!("CNI_COMMAND {other:?} is not a CNI command"),
+                "",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Run one plugin invocation: (stdout, exit code).
 pub fn run(env: &HashMap<String, String>, stdin: &str) -> (String, i32) {
     let env = Env { env };

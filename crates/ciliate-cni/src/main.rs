@@ -14,7 +14,7 @@
 //! or `args.labels` (`{"key": "value"}`). `K8S_POD_NAMESPACE` in
 //! `CNI_ARGS` becomes the label `io.kubernetes.pod.namespace`.
 
-mod cni;
+use ciliate_cni::cni;
 
 fn main() {
     let mut stdin = String::new();
