@@ -254,6 +254,12 @@ impl ClusterLab {
 
     /// Start (or restart) the agent of node `n` (0-based).
     pub fn start_agent(&self, n: usize) -> Result<()> {
+        self.start_agent_with(n, &self.config.bins)
+    }
+
+    /// [`Self::start_agent`] with another build's agent (an upgrade or a
+    /// downgrade: `bins.agent` is run, everything else stays).
+    pub fn start_agent_with(&self, n: usize, bins: &Binaries) -> Result<()> {
         let node = &self.nodes[n];
         let mut args: Vec<OsString> = vec![
             "--state-dir".into(),
@@ -283,7 +289,7 @@ impl ClusterLab {
                 format!("{UNDERLAY_IP}:{ETCD_PORT}").into(),
             ]),
         }
-        spawn_agent(&node.ns, &self.config.bins, &node.socket, &node.log(), &args)
+        spawn_agent(&node.ns, bins, &node.socket, &node.log(), &args)
     }
 
     /// Pids of the agent of node `n`.

@@ -9,6 +9,7 @@
 //! - [`bench`]: measurement helpers of the benchmarks.
 //! - [`cluster`]: the multi-node topology (nodes on an underlay bridge, an
 //!   external host, a shared store or etcd).
+//! - [`pins`]: a node's pins and maps as bpftool reads them.
 //!
 //! Nothing here touches the root namespace's devices, routes or sysctls:
 //! every device is created inside, or moved into, a namespace of the lab.
@@ -20,6 +21,7 @@ pub mod events;
 pub mod names;
 pub mod netns;
 pub mod node;
+pub mod pins;
 
 pub use error::LabError;
 pub use netns::Netns;

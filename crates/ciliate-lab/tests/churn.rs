@@ -10,40 +10,14 @@
 //! gone at once (their addresses are handed out again). Prints the table.
 //! Needs root; CI runs as root.
 
-use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use ciliate_lab::{
     names::token,
     node::{NodeLab, NodeLabConfig},
+    pins,
 };
 use serde_json::{Value, json};
-
-/// Entries of the pinned map at `path` as bpftool dumps them (`None`: a map
-/// bpftool cannot dump, such as the event ring).
-fn map_entries(path: &Path) -> Option<usize> {
-    let out =
-        Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(path).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array().map(Vec::len)
-}
-
-/// Every file under `dir`.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
 
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -78,13 +52,9 @@ fn snapshot(lab: &NodeLab) -> BTreeMap<String, i64> {
     }
     let links = lab.node.ip(&["-o", "link", "show"]).unwrap_or_default();
     m.insert("devices in the node".into(), links.lines().count() as i64);
-    let pins = files(&lab.pins_dir);
-    m.insert("pins".into(), pins.len() as i64);
-    for p in &pins {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        if let Some(n) = map_entries(p) {
-            m.insert(format!("map {name}"), n as i64);
-        }
+    m.insert("pins".into(), pins::files(&lab.pins_dir).len() as i64);
+    for (name, entries) in pins::maps(&lab.pins_dir) {
+        m.insert(format!("map {name}"), entries.as_array().map_or(-1, |a| a.len() as i64));
     }
     m
 }

@@ -61,7 +61,7 @@ fn send(sock: &Path, b: &Bad) -> (u16, String) {
 }
 
 /// Everything a bad request must leave as it was.
-fn snapshot(bins: &Binaries, sock: &Path) -> Value {
+fn snapshot(sock: &Path, pins_dir: &Path) -> Value {
     let api = |p: &str| -> Value {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "10", "--unix-socket"])
@@ -76,25 +76,26 @@ fn snapshot(bins: &Binaries, sock: &Path) -> Value {
         e.as_object_mut().unwrap().remove("state");
     }
     let status = api("/v1/status");
-    let cli = bins.agent.with_file_name("ciliate");
-    let mut maps = serde_json::Map::new();
-    for name in [
-        "ciliate_lxc",
-        "ciliate_ipcache",
-        "ciliate_policy",
-        "ciliate_lb4_services",
-        "ciliate_lb4_backends",
-        "ciliate_lb4_reverse_nat",
-        "ciliate_ep_config",
-    ] {
-        let out = Command::new(&cli)
-            .args(["map", "get", name, "-o", "json", "--socket"])
-            .arg(sock)
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        maps.insert(name.into(), v);
-    }
+    // Every pinned map with its entries (bpftool), but those traffic or
+    // time moves (conntrack, NAT, socket LB, affinity, counters).
+    let mut maps = ciliate_lab::pins::maps(pins_dir);
+    maps.retain(|name, _| {
+        ![
+            "ciliate_ct4_global",
+            "ciliate_ct_any4_global",
+            "ciliate_snat_v4_external",
+            "ciliate_lb4_reverse_sk",
+            "ciliate_lb4_affinity",
+            "ciliate_metrics",
+            "ciliate_events_lost",
+        ]
+        .contains(&name.as_str())
+    });
+    assert!(
+        maps.contains_key("ciliate_policy") && maps.contains_key("ciliate_lxc"),
+        "{:?}",
+        maps.keys()
+    );
     json!({
         "endpoints": endpoints,
         "identities": api("/v1/identity"),
@@ -289,7 +290,7 @@ fn cases(pod_ip: &str, free_ip: &str) -> Vec<Bad> {
 fn bad_input_is_refused_naming_the_problem_and_changes_nothing() {
     let bins = Binaries::beside_current_exe().unwrap();
     let lab = NodeLab::up(NodeLabConfig::new(&format!("cmf{}", token()), 2, bins)).unwrap();
-    let (bins, sock) = (&lab.config.bins, lab.socket.as_path());
+    let sock = lab.socket.as_path();
     // A policy and a service in force, so there is state to keep.
     let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: keep, namespace: default}\n\
                   spec:\n  endpointSelector: {matchLabels: {app: pod2}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: pod1}}]}]\n";
@@ -310,7 +311,7 @@ fn bad_input_is_refused_naming_the_problem_and_changes_nothing() {
         .unwrap();
     let free = alloc["ip"].as_str().unwrap().to_owned();
 
-    let before = snapshot(bins, sock);
+    let before = snapshot(sock, &lab.pins_dir);
     let cases = cases(&p2, &free);
     assert!(cases.len() >= 150, "{} bad inputs", cases.len());
     let mut failures = Vec::new();
@@ -383,8 +384,15 @@ fn bad_input_is_refused_naming_the_problem_and_changes_nothing() {
         cni_failures.join("\n")
     );
 
-    let after = snapshot(bins, sock);
+    let after = snapshot(sock, &lab.pins_dir);
     assert_eq!(before, after, "a bad request changed the agent's state or maps");
+    println!(
+        "malformed input: {} bad API requests and {} bad CNI calls, all refused naming the problem; \
+         state, {} maps and the store unchanged",
+        cases.len(),
+        cni_cases.len() + 1,
+        before["maps"].as_object().map_or(0, |m| m.len())
+    );
     let health: Value = lab.client().get("/v1/healthz").unwrap();
     assert_eq!(health["status"], "ok");
 }

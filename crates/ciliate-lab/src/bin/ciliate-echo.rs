@@ -11,6 +11,8 @@
 //! ciliate-echo stream IP:PORT SECONDS       # keeps one TCP connection busy, prints round trips
 //! ciliate-echo rr IP:PORT SECONDS           # 1-byte request/response on one connection: "<n>/s"
 //! ciliate-echo crr IP:PORT SECONDS          # connect, 1-byte request/response, close: "<n>/s"
+//! ciliate-echo disrupt IP:PORT SECONDS      # one connection, a numbered message every 100 ms:
+//!                                           # "sent S answered A late L broken B" (late: > 1 s)
 //! ```
 //! Clients give up after 3 seconds (`CILIATE_ECHO_TIMEOUT_MS`) and exit non-zero.
 //! `tcp` and `udp` also fail when the answer does not come from the address
@@ -148,6 +150,45 @@ fn stream(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
     Ok(format!("{n} round trips"))
 }
 
+/// A long-lived connection as Cilium's conn-disrupt test keeps one: a
+/// numbered message every 100 ms for `secs` seconds, each echo checked.
+/// A reply later than 1 s is late (a missed message); an error or a wrong
+/// reply breaks the connection and ends the run. Prints
+/// `sent S answered A late L broken B max_ms M`; fails only when it
+/// cannot connect.
+fn disrupt(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let (mut sent, mut answered, mut late, mut broken, mut max) = (0u64, 0u64, 0u64, 0u8, 0u128);
+    let mut next = start;
+    while Instant::now() < end {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        next += Duration::from_millis(100);
+        let msg = sent.to_be_bytes();
+        let t = Instant::now();
+        sent += 1;
+        let mut back = [0u8; 8];
+        if s.write_all(&msg).and_then(|()| s.read_exact(&mut back)).is_err() || back != msg {
+            broken = 1;
+            break;
+        }
+        let rtt = t.elapsed();
+        max = max.max(rtt.as_millis());
+        if rtt > Duration::from_secs(1) {
+            late += 1;
+        } else {
+            answered += 1;
+        }
+    }
+    Ok(format!("sent {sent} answered {answered} late {late} broken {broken} max_ms {max}"))
+}
+
 /// Transactions per second of `f` run back to back for `secs` seconds.
 fn rate(secs: u64, mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<String> {
     let start = Instant::now();
@@ -214,6 +255,12 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
+        ["disrupt", a, secs] => match secs.parse() {
+            Ok(secs) => {
+                addr(a).and_then(|a| disrupt(a, secs).map_err(|e| format!("disrupt {a}: {e}")))
+            }
+            Err(e) => Err(format!("bad duration {secs:?}: {e}")),
+        },
         [mode @ ("rr" | "crr"), a, secs] => match secs.parse() {
             Ok(secs) => addr(a).and_then(|a| {
                 let r = if *mode == "rr" { rr(a, secs) } else { crr(a, secs) };
@@ -222,7 +269,7 @@ fn main() -> ExitCode {
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
         _ => Err("usage: ciliate-echo serve [PORT [NAME]] | tcp|udp IP:PORT MESSAGE \
-                  | names IP:PORT COUNT | stream|rr|crr IP:PORT SECONDS"
+                  | names IP:PORT COUNT | stream|rr|crr|disrupt IP:PORT SECONDS"
             .into()),
     };
     match result {
