@@ -40,7 +40,8 @@ pub struct Flags {
     /// `ciliate config Debug=true|false` [default: false]
     #[arg(long, env = "CILIATE_BPF_DEBUG", num_args = 0..=1, default_missing_value = "true")]
     pub bpf_debug: Option<bool>,
-    /// Seconds between conntrack garbage collections [default: 30]
+    /// Seconds between conntrack garbage collections [default: dynamic: from 30 s, closer
+    /// when sweeps delete much or a table is near full, further when they delete little]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
     /// How often unused identities are looked for (Cilium's duration syntax: 15m, 30s)
@@ -235,7 +236,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub enable_health: bool,
-    pub ct_gc_interval: u64,
+    /// `None`: the dynamic interval (`crate::ctgc`).
+    pub ct_gc_interval: Option<u64>,
     pub identity_gc_interval: std::time::Duration,
     pub identity_heartbeat_timeout: std::time::Duration,
     /// Monitor aggregation "none": trace every forwarded packet.
@@ -533,8 +535,8 @@ impl Flags {
                 "medium" => false,
                 other => anyhow::bail!("monitor aggregation {other:?}: \"none\" or \"medium\""),
             },
-            ct_gc_interval: match self.ct_gc_interval.or(file.ct_gc_interval).unwrap_or(30) {
-                0 => anyhow::bail!("ct_gc_interval must be at least 1 second"),
+            ct_gc_interval: match self.ct_gc_interval.or(file.ct_gc_interval) {
+                Some(0) => anyhow::bail!("ct_gc_interval must be at least 1 second"),
                 n => n,
             },
             identity_gc_interval: duration(

@@ -20,6 +20,7 @@ pub mod actor;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod ctgc;
 pub mod endpoint;
 pub mod events;
 pub mod hubble;

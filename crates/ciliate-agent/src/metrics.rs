@@ -62,6 +62,9 @@ pub struct Metrics {
     pub ct_gc_runs: Family<Labels, Counter>,
     /// The last conntrack sweep (`cilium_datapath_conntrack_gc_entries`).
     pub ct_gc_last: Arc<Mutex<Option<ciliate_datapath::maps::Sweep>>>,
+    /// Masquerading entries counted at the last sweep (their map's
+    /// pressure).
+    pub nat_entries: Arc<Mutex<Option<usize>>>,
 }
 
 impl Default for Metrics {
@@ -74,6 +77,7 @@ impl Default for Metrics {
             kvstore_ops: Family::new_with_constructor(seconds_histogram),
             ct_gc_runs: Family::default(),
             ct_gc_last: Arc::default(),
+            nat_entries: Arc::default(),
         }
     }
 }
@@ -336,6 +340,13 @@ impl Collector for Scraped {
                 )
             })
             .collect();
+        if let Some(n) = *s.metrics.nat_entries.lock().unwrap_or_else(|e| e.into_inner()) {
+            use ciliate_common::nat;
+            pressure.push((
+                labels(&[("map_name", nat::MAP_NAME)]),
+                n as f64 / f64::from(nat::MAX_ENTRIES),
+            ));
+        }
         let last = *s.metrics.ct_gc_last.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sw) = last {
             use ciliate_common::ct;

@@ -148,6 +148,11 @@ impl NatMap {
         })
     }
 
+    /// How many entries it holds.
+    pub fn count(&self) -> usize {
+        self.0.keys().count()
+    }
+
     /// Every entry, OUT before IN, each ordered by key.
     pub fn dump(&self) -> Result<Vec<(CtKey4, NatEntry)>> {
         let mut out = Vec::new();

@@ -300,3 +300,54 @@ fn debugging_off_sends_no_debug_event_and_on_tells_each_decision_in_order() {
     assert!(lines.iter().any(|l| l == "CT verdict: Established, revnat=0"), "{lines:?}");
     assert!(!lines.iter().any(|l| l.starts_with("Conntrack create")), "{lines:?}");
 }
+
+#[test]
+fn a_flood_of_new_connections_that_overfills_conntrack_keeps_an_established_one() {
+    use ciliate_common::ct;
+    let mut h = Harness::new("ct-flood");
+    let frame = |dst: Ipv4Addr, sport: u16, dport: u16, flags: u8| {
+        let l4 = L4::Tcp { sport, dport, seq: 1, ack: 1, flags, payload: b"" };
+        packet::ipv4_frame(&pod_eth(), &Ip4::new(POD_IP, dst), &l4)
+    };
+    // The established connection.
+    let ack = frame(OTHER_IP, 40000, 443, tcp_flags::ACK);
+    assert_eq!(h.run(&frame(OTHER_IP, 40000, 443, tcp_flags::SYN)).verdict, verdict::OK);
+    assert_eq!(h.run(&ack).verdict, verdict::OK);
+    let key = ciliate_common::ct::CtKey4 {
+        saddr: POD_IP.octets(),
+        daddr: OTHER_IP.octets(),
+        sport: 40000u16.to_be(),
+        dport: 443u16.to_be(),
+        proto: 6,
+        dir: ct::DIR_EGRESS,
+        _pad: [0; 2],
+    };
+    let ct_maps = h._node.ct().unwrap();
+    let before = ct_maps.get(&key).unwrap().expect("the connection is tracked");
+    // 20% more new connections than the table holds, the established one
+    // sending every 1,000 of them (as a live connection would).
+    let flood = ct::MAX_ENTRIES_TCP as usize * 6 / 5;
+    for i in 0..flood {
+        // A new 4-tuple each time: destination 198.18.x.y, source port.
+        let (dst, sport) =
+            (Ipv4Addr::from(0xc612_0000u32 | (i as u32 >> 8)), 1024 + (i & 0xff) as u16);
+        let syn = frame(dst, sport, 80, tcp_flags::SYN);
+        assert_eq!(h.run(&syn).verdict, verdict::OK, "new connection {i}");
+        if i % 1000 == 0 {
+            assert_eq!(h.run(&ack).verdict, verdict::OK);
+        }
+    }
+    let (tcp, _) = ct_maps.counts();
+    assert!(tcp <= ct::MAX_ENTRIES_TCP as usize, "{tcp} entries");
+    assert!(tcp > ct::MAX_ENTRIES_TCP as usize / 2, "the flood filled the table: {tcp}");
+    let after = ct_maps.get(&key).unwrap().expect("the established connection was evicted");
+    assert!(after.tx_packets > before.tx_packets + (flood / 1000) as u64 - 1, "{after:?}");
+    // The oldest of the flood made room.
+    let first = ciliate_common::ct::CtKey4 {
+        daddr: Ipv4Addr::new(198, 18, 0, 0).octets(),
+        sport: 1024u16.to_be(),
+        dport: 80u16.to_be(),
+        ..key
+    };
+    assert!(ct_maps.get(&first).unwrap().is_none(), "the flood's first entry is still there");
+}

@@ -30,7 +30,11 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn a_live_scrape_passes_promtool_and_counts_what_happened() {
     let bins = Binaries::beside_current_exe().unwrap();
-    let lab = NodeLab::up(NodeLabConfig::new(&format!("clt{}", token()), 2, bins)).unwrap();
+    let mut config = NodeLabConfig::new(&format!("clt{}", token()), 2, bins);
+    // A conntrack sweep every second: its figures and the pressure of the
+    // conntrack and NAT tables are in the scrape.
+    config.agent_args = vec!["--ct-gc-interval".into(), "1".into()];
+    let lab = NodeLab::up(config).unwrap();
     for p in &lab.pods {
         node::wait_listening(&p.ns, ECHO_PORT).unwrap();
     }
@@ -57,6 +61,7 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
         .exec(&["ping", "-c", "1", "-W", "2", &lab.router_ip().to_string()])
         .expect("ping the gateway (allowed)");
 
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // a conntrack sweep ran
     let text = scrape(&lab);
     // The real Prometheus tool accepts it.
     let mut check = Command::new("promtool")
@@ -93,6 +98,12 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
     );
     at_least(r#"cilium_identity{type="cluster_local"}"#, 2.0);
     at_least(r#"cilium_bpf_map_pressure{map_name="ciliate_lxc"}"#, 4.0 / 65536.0);
+    // The TCP connection above is still tracked (closing); NAT holds none.
+    at_least(r#"cilium_bpf_map_pressure{map_name="ciliate_ct4_global"}"#, 1.0 / 524288.0);
+    assert_eq!(
+        sample(&text, r#"cilium_bpf_map_pressure{map_name="ciliate_snat_v4_external"}"#),
+        Some(0.0)
+    );
     at_least(
         r#"cilium_bpf_map_ops_total{map_name="ciliate_policy",operation="update",outcome="success"}"#,
         1.0,

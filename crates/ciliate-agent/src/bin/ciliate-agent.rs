@@ -446,29 +446,49 @@ fn restore_services(
 /// pinned to any more.
 fn spawn_ct_gc(
     dir: PathBuf,
-    interval: u64,
+    interval: Option<u64>,
     services: api::ServicesActor,
     metrics: ciliate_agent::metrics::Metrics,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    use ciliate_agent::ctgc::Schedule;
+    use ciliate_common::ct;
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
-        tick.tick().await;
+        let mut schedule = Schedule::new(interval);
+        let mut wait = schedule.next();
         loop {
-            tokio::select! { _ = tick.tick() => {}, _ = api::stopped(&mut shutdown) => return }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {},
+                _ = api::stopped(&mut shutdown) => return,
+            }
             let d = dir.clone();
             match tokio::task::spawn_blocking(move || {
-                CtMaps::from_pin_dir(&d).and_then(|mut ct| ct.sweep(monotonic_secs()))
+                let sweep = CtMaps::from_pin_dir(&d).and_then(|mut ct| ct.sweep(monotonic_secs()));
+                let nat = ciliate_datapath::nodemaps::NatMap::from_pin_dir(&d).map(|n| n.count());
+                (sweep, nat.ok())
             })
             .await
             {
-                Ok(Ok(sweep)) => {
-                    if sweep.removed() > 0 {
-                        info!(subsystem = "conntrack", removed = sweep.removed(), "conntrack GC");
+                Ok((Ok(sweep), nat)) => {
+                    let before = wait;
+                    wait = schedule.after(&sweep, (ct::MAX_ENTRIES_TCP, ct::MAX_ENTRIES_ANY));
+                    let fill = ciliate_agent::ctgc::fill(
+                        &sweep,
+                        (ct::MAX_ENTRIES_TCP, ct::MAX_ENTRIES_ANY),
+                    );
+                    if sweep.removed() > 0 || wait != before {
+                        info!(
+                            subsystem = "conntrack",
+                            removed = sweep.removed(),
+                            fill = format!("{:.1}%", fill * 100.0),
+                            next_in = ?wait,
+                            "conntrack GC"
+                        );
                     }
                     metrics.ct_gc(Some(sweep));
+                    *metrics.nat_entries.lock().unwrap_or_else(|e| e.into_inner()) = nat;
                 }
-                Ok(Err(e)) => {
+                Ok((Err(e), _)) => {
                     warn!(subsystem = "conntrack", error = %e, "conntrack GC");
                     metrics.ct_gc(None);
                 }
