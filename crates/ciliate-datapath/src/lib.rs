@@ -5,6 +5,8 @@
 //! - [`loader`]: loading an object with its load-time configuration,
 //!   attaching to devices, pinning links so forwarding survives restarts.
 //! - [`maps`]: typed map wrappers that speak domain types.
+//! - [`migrate`]: pinned maps whose definition a new build changed are
+//!   made anew with their entries carried over.
 //! - [`lbmaps`]: the service (load-balancer) maps.
 //! - [`nodemaps`]: the node configuration and masquerading maps.
 //! - [`events`]: decoding of ring-buffer events.
@@ -18,6 +20,7 @@ pub mod events;
 pub mod lbmaps;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod netlink;
 pub mod netns;
 pub mod node;

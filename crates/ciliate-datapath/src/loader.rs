@@ -35,9 +35,13 @@ pub fn load_with<'a>(
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&pins.dir);
     configure(&mut loader);
+    // Pins an older build made with another definition are set aside, made
+    // anew by the load, and their entries carried over (see `migrate`).
+    crate::migrate::set_aside(object.bytes, &pins.dir)?;
     let ebpf = loader
         .load(object.bytes)
         .map_err(|e| DatapathError::Load { object: object.name.to_owned(), source: Box::new(e) })?;
+    crate::migrate::finish(&pins.dir)?;
     Ok(Loaded { name: object.name, ebpf })
 }
 

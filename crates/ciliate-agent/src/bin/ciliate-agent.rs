@@ -175,6 +175,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         })
         .await??
     };
+    for m in ciliate_datapath::migrate::take_report() {
+        let (map, from, to) = (m.map.as_str(), m.from.to_string(), m.to.to_string());
+        if m.lost > 0 || (m.copied == 0 && m.outcome.starts_with("layout")) {
+            warn!(subsystem = "datapath", map, %from, %to, copied = m.copied, lost = m.lost, outcome = %m.outcome, "pinned map migrated with losses");
+        } else {
+            info!(subsystem = "datapath", map, %from, %to, copied = m.copied, outcome = %m.outcome, "pinned map migrated to this build's definition");
+        }
+    }
     let probe = Arc::new(dp.probe().map_err(|e| anyhow::anyhow!(e))?);
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
