@@ -44,6 +44,29 @@ pub struct Flags {
     /// when sweeps delete much or a table is near full, further when they delete little]
     #[arg(long, env = "CILIATE_CT_GC_INTERVAL")]
     pub ct_gc_interval: Option<u64>,
+    /// Entries of the TCP conntrack table [default: 524288, or sized by
+    /// --bpf-map-dynamic-size-ratio]
+    #[arg(long, env = "CILIATE_BPF_CT_GLOBAL_TCP_MAX")]
+    pub bpf_ct_global_tcp_max: Option<u32>,
+    /// Entries of the non-TCP conntrack table [default: 262144, or sized by
+    /// --bpf-map-dynamic-size-ratio]
+    #[arg(long, env = "CILIATE_BPF_CT_GLOBAL_ANY_MAX")]
+    pub bpf_ct_global_any_max: Option<u32>,
+    /// Entries of the masquerading (NAT) table [default: 524288, or sized by
+    /// --bpf-map-dynamic-size-ratio]
+    #[arg(long, env = "CILIATE_BPF_NAT_GLOBAL_MAX")]
+    pub bpf_nat_global_max: Option<u32>,
+    /// Policy entries one endpoint may hold [default: 16384]
+    #[arg(long, env = "CILIATE_BPF_POLICY_MAP_MAX")]
+    pub bpf_policy_map_max: Option<u32>,
+    /// Entries of each load-balancer map (services, backends, reverse NAT, affinity)
+    /// [default: 65536]
+    #[arg(long, env = "CILIATE_BPF_LB_MAP_MAX")]
+    pub bpf_lb_map_max: Option<u32>,
+    /// Share of the node's memory (0.0-1.0] that sizes the conntrack and NAT tables not
+    /// given explicitly; 0 keeps the defaults [default: 0.0025]
+    #[arg(long, env = "CILIATE_BPF_MAP_DYNAMIC_SIZE_RATIO")]
+    pub bpf_map_dynamic_size_ratio: Option<f64>,
     /// How often unused identities are looked for (Cilium's duration syntax: 15m, 30s)
     /// [default: 15m]
     #[arg(long, env = "CILIATE_IDENTITY_GC_INTERVAL")]
@@ -154,7 +177,9 @@ pub struct Flags {
     #[arg(long, env = "CILIATE_HUBBLE_EXPORT_FIELDMASK")]
     pub hubble_export_fieldmask: Option<String>,
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
-    /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
+    /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
+    /// bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -164,6 +189,119 @@ pub struct Flags {
     /// hubble_export_fieldmask
     #[arg(long, env = "CILIATE_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// Map capacities (Cilium's options and defaults). Tables not given
+/// explicitly are sized by a share of the node's memory when
+/// `--bpf-map-dynamic-size-ratio` is above 0: half of it to the TCP
+/// conntrack table, the other tables in proportion (non-TCP half of TCP,
+/// NAT two thirds of both), within Cilium's bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub ct_tcp: u32,
+    pub ct_any: u32,
+    pub nat: u32,
+    /// Per endpoint; the shared policy map holds this many for every
+    /// address of the node's pod CIDR.
+    pub policy_per_endpoint: u32,
+    pub policy_total: u32,
+    pub lb: u32,
+}
+
+/// Cilium's defaults and bounds.
+pub const CT_TCP_DEFAULT: u32 = 524_288;
+pub const CT_ANY_DEFAULT: u32 = 262_144;
+pub const NAT_DEFAULT: u32 = 524_288;
+pub const POLICY_DEFAULT: u32 = 16_384;
+pub const LB_DEFAULT: u32 = 65_536;
+pub const DYNAMIC_RATIO_DEFAULT: f64 = 0.0025;
+const TABLE_MIN: u32 = 1 << 12;
+const TABLE_MAX: u32 = 1 << 24;
+const CT_TCP_AUTO_MIN: u32 = 131_072;
+const CT_ANY_AUTO_MIN: u32 = 65_536;
+const NAT_AUTO_MIN: u32 = 131_072;
+
+impl Capacities {
+    /// Explicit values (TCP, non-TCP, NAT, policy per endpoint, LB), the
+    /// dynamic ratio, the node's memory (bytes) and its pod CIDR's length.
+    pub fn resolve(
+        given: [Option<u32>; 5],
+        ratio: Option<f64>,
+        memory: u64,
+        pod_cidr_len: u8,
+    ) -> anyhow::Result<Self> {
+        let [tcp, any, nat, policy, lb] = given;
+        let names = [
+            "bpf_ct_global_tcp_max",
+            "bpf_ct_global_any_max",
+            "bpf_nat_global_max",
+            "bpf_policy_map_max",
+            "bpf_lb_map_max",
+        ];
+        for (name, v) in names.iter().zip(given) {
+            if let Some(v) = v
+                && !(TABLE_MIN..=TABLE_MAX).contains(&v)
+            {
+                anyhow::bail!("{name} {v}: from {TABLE_MIN} to {TABLE_MAX}");
+            }
+        }
+        let ratio = ratio.unwrap_or(DYNAMIC_RATIO_DEFAULT);
+        if !(0.0..=1.0).contains(&ratio) {
+            anyhow::bail!("bpf_map_dynamic_size_ratio {ratio}: from 0 (off) to 1");
+        }
+        let (auto_tcp, auto_any, auto_nat) = if ratio > 0.0 {
+            // One conntrack entry: a 16-byte key and a 56-byte value.
+            let share = ratio * memory as f64 / 2.0 / 72.0;
+            let bound =
+                |v: f64, min: u32| (v as u64).clamp(u64::from(min), u64::from(TABLE_MAX)) as u32;
+            let t = bound(share, CT_TCP_AUTO_MIN);
+            let a = bound(share / 2.0, CT_ANY_AUTO_MIN);
+            (t, a, bound(f64::from(t + a) * 2.0 / 3.0, NAT_AUTO_MIN))
+        } else {
+            (CT_TCP_DEFAULT, CT_ANY_DEFAULT, NAT_DEFAULT)
+        };
+        let policy_per_endpoint = policy.unwrap_or(POLICY_DEFAULT);
+        let addresses = 1u64 << (32 - u32::from(pod_cidr_len.min(32)));
+        let policy_total =
+            (u64::from(policy_per_endpoint) * addresses.max(2)).min(u64::from(TABLE_MAX));
+        Ok(Self {
+            ct_tcp: tcp.unwrap_or(auto_tcp),
+            ct_any: any.unwrap_or(auto_any),
+            nat: nat.unwrap_or(auto_nat),
+            policy_per_endpoint,
+            policy_total: policy_total as u32,
+            lb: lb.unwrap_or(LB_DEFAULT),
+        })
+    }
+
+    /// Map name → capacity, as the loader applies them.
+    pub fn by_map(&self) -> std::collections::BTreeMap<String, u32> {
+        use ciliate_common::{ct, lb, nat, policy};
+        [
+            (ct::TCP_MAP_NAME, self.ct_tcp),
+            (ct::ANY_MAP_NAME, self.ct_any),
+            (nat::MAP_NAME, self.nat),
+            (policy::MAP_NAME, self.policy_total),
+            (lb::SERVICES_MAP, self.lb),
+            (lb::BACKENDS_MAP, self.lb),
+            (lb::REVNAT_MAP, self.lb),
+            (lb::AFFINITY_MAP, self.lb),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect()
+    }
+}
+
+/// The node's memory in bytes (`MemTotal` of /proc/meminfo; 0 when unknown).
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// A positive duration option (`15m`, `30s`, `1m30s`), or `default`.
@@ -192,6 +330,12 @@ struct FileConfig {
     ct_gc_interval: Option<u64>,
     identity_gc_interval: Option<String>,
     identity_heartbeat_timeout: Option<String>,
+    bpf_ct_global_tcp_max: Option<u32>,
+    bpf_ct_global_any_max: Option<u32>,
+    bpf_nat_global_max: Option<u32>,
+    bpf_policy_map_max: Option<u32>,
+    bpf_lb_map_max: Option<u32>,
+    bpf_map_dynamic_size_ratio: Option<f64>,
     monitor_aggregation: Option<String>,
     bpf_debug: Option<bool>,
     devices: Option<Vec<String>>,
@@ -240,6 +384,8 @@ pub struct Config {
     pub ct_gc_interval: Option<u64>,
     pub identity_gc_interval: std::time::Duration,
     pub identity_heartbeat_timeout: std::time::Duration,
+    /// Map capacities.
+    pub capacities: Capacities,
     /// Monitor aggregation "none": trace every forwarded packet.
     pub trace_all: bool,
     /// `--bpf-debug`: datapath debugging for the whole node from the start.
@@ -549,6 +695,18 @@ impl Flags {
                 self.identity_heartbeat_timeout.or(file.identity_heartbeat_timeout),
                 crate::cluster::IDENTITY_HEARTBEAT_TIMEOUT,
             )?,
+            capacities: Capacities::resolve(
+                [
+                    self.bpf_ct_global_tcp_max.or(file.bpf_ct_global_tcp_max),
+                    self.bpf_ct_global_any_max.or(file.bpf_ct_global_any_max),
+                    self.bpf_nat_global_max.or(file.bpf_nat_global_max),
+                    self.bpf_policy_map_max.or(file.bpf_policy_map_max),
+                    self.bpf_lb_map_max.or(file.bpf_lb_map_max),
+                ],
+                self.bpf_map_dynamic_size_ratio.or(file.bpf_map_dynamic_size_ratio),
+                total_memory(),
+                pod_cidr.len,
+            )?,
             devices: self.devices.or(file.devices).unwrap_or_default(),
             socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
@@ -643,5 +801,33 @@ mod tests {
         .unwrap();
         assert_eq!(c.identity_gc_interval, std::time::Duration::from_secs(90));
         assert_eq!(c.identity_heartbeat_timeout, std::time::Duration::from_secs(900));
+    }
+
+    #[test]
+    fn map_capacities_follow_cilium_options_and_the_nodes_memory() {
+        let none = [None; 5];
+        // Off: Cilium's defaults; the policy map has each endpoint's share
+        // for every address of a /24.
+        let c = Capacities::resolve(none, Some(0.0), 0, 24).unwrap();
+        assert_eq!((c.ct_tcp, c.ct_any, c.nat, c.lb), (524_288, 262_144, 524_288, 65_536));
+        assert_eq!((c.policy_per_endpoint, c.policy_total), (16_384, 16_384 * 256));
+        // 0.0025 of 24 GiB: about 64 MB, half of it for TCP conntrack.
+        let gib = 1u64 << 30;
+        let c = Capacities::resolve(none, None, 24 * gib, 24).unwrap();
+        assert_eq!(c.ct_tcp, (0.0025 * (24 * gib) as f64 / 2.0 / 72.0) as u32);
+        assert_eq!(c.ct_any, c.ct_tcp / 2);
+        assert_eq!(c.nat, ((c.ct_tcp + c.ct_any) as f64 * 2.0 / 3.0) as u32);
+        // A small node gets the floors; explicit values win.
+        let c = Capacities::resolve(none, None, gib, 24).unwrap();
+        assert_eq!((c.ct_tcp, c.ct_any, c.nat), (131_072, 65_536, 131_072));
+        let given = [Some(1 << 20), None, Some(8192), Some(4096), Some(8192)];
+        let c = Capacities::resolve(given, None, gib, 24).unwrap();
+        assert_eq!((c.ct_tcp, c.nat, c.policy_per_endpoint, c.lb), (1 << 20, 8192, 4096, 8192));
+        assert_eq!(c.by_map()["ciliate_lb4_backends"], 8192);
+        // Out of bounds: named.
+        let e = Capacities::resolve([None, None, Some(10), None, None], None, gib, 24).unwrap_err();
+        assert!(e.to_string().contains("bpf_nat_global_max 10"), "{e}");
+        let e = Capacities::resolve(none, Some(1.5), gib, 24).unwrap_err();
+        assert!(e.to_string().contains("bpf_map_dynamic_size_ratio"), "{e}");
     }
 }

@@ -80,7 +80,9 @@ fn internal(e: impl std::fmt::Display) -> EndpointError {
 /// [`EndpointError::Full`].
 fn policy_err(what: &str, e: DatapathError) -> EndpointError {
     match e {
-        e @ DatapathError::MapFull { .. } => EndpointError::Full(format!("{what}: {e}")),
+        e @ (DatapathError::MapFull { .. } | DatapathError::EndpointPolicyFull { .. }) => {
+            EndpointError::Full(format!("{what}: {e}"))
+        }
         e => EndpointError::Internal(format!("{what}: {e}")),
     }
 }
@@ -160,6 +162,7 @@ impl PolicyWriter for MemoryPolicyMap {
 }
 
 /// A datapath in memory: what is attached, for tests.
+#[derive(Default)]
 pub struct MemoryDatapath {
     pub attached: BTreeMap<Ipv4Addr, EndpointSpec>,
     /// The resolved policy of each endpoint, as last written.
@@ -168,7 +171,7 @@ pub struct MemoryDatapath {
     pub syncs: BTreeMap<u16, usize>,
     pub map: MemoryPolicyMap,
     pub held: BTreeMap<u16, PolicyEntries>,
-    pub policy_capacity: usize,
+    pub policy_capacity: ciliate_datapath::maps::PolicyCapacity,
     pub cidrs: BTreeMap<Prefix, u32>,
     pub devices: Vec<String>,
     pub fail_next_attach: Option<String>,
@@ -176,24 +179,6 @@ pub struct MemoryDatapath {
     pub node_debug: bool,
     /// The next `configure` fails with this.
     pub fail_next_configure: Option<String>,
-}
-
-impl Default for MemoryDatapath {
-    fn default() -> Self {
-        Self {
-            attached: BTreeMap::new(),
-            policies: BTreeMap::new(),
-            syncs: BTreeMap::new(),
-            map: MemoryPolicyMap::default(),
-            held: BTreeMap::new(),
-            policy_capacity: ciliate_common::policy::MAX_ENTRIES as usize,
-            cidrs: BTreeMap::new(),
-            devices: Vec::new(),
-            fail_next_attach: None,
-            node_debug: false,
-            fail_next_configure: None,
-        }
-    }
 }
 
 impl Datapath for MemoryDatapath {
@@ -1414,7 +1399,7 @@ mod tests {
     #[test]
     fn a_policy_that_does_not_fit_is_refused_and_nothing_changes() {
         let mut n = node();
-        n.datapath.policy_capacity = 100;
+        n.datapath.policy_capacity.total = 100;
         let r = request(&mut n, "c1", "web");
         n.create(r).unwrap();
         n.import_policy(crate::policy::parse(SELECT_C1).unwrap()).unwrap();
@@ -1429,6 +1414,30 @@ mod tests {
         n.create(r).unwrap();
         // And a policy that fits goes in.
         n.import_policy(many_ports(20)).unwrap();
+    }
+
+    #[test]
+    fn an_endpoint_whose_policy_exceeds_its_share_is_refused_and_others_keep_theirs() {
+        let mut n = node();
+        n.datapath.policy_capacity.per_endpoint = 50;
+        let r = request(&mut n, "web1", "web");
+        let web = n.create(r).unwrap();
+        let r = request(&mut n, "db1", "db");
+        n.create(r).unwrap();
+        let db_policy = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: d}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: web}}]}]\n";
+        n.import_policy(crate::policy::parse(db_policy).unwrap()).unwrap();
+        let before = map_entries(&n);
+        // 60 ports for web: more than its 50, though the map has room.
+        let e = n.import_policy(many_ports(60)).unwrap_err();
+        assert_eq!(e.status(), 507, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("endpoint {}", web.id)) && text.contains("50"),
+            "names the endpoint and its share: {text}"
+        );
+        assert_eq!(map_entries(&n), before, "nobody's entries changed");
+        // 30 fit.
+        n.import_policy(many_ports(30)).unwrap();
     }
 
     #[test]

@@ -15,7 +15,7 @@ use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
 use std::collections::BTreeMap;
 
 use ciliate_datapath::maps::{
-    IpcacheMap, LxcMap, PolicyEntries, PolicyMap, policy_entries, sync_policy_batch,
+    IpcacheMap, LxcMap, PolicyCapacity, PolicyEntries, PolicyMap, policy_entries, sync_policy_batch,
 };
 
 use crate::{
@@ -31,6 +31,9 @@ pub struct KernelDatapath {
     /// The policy map and what it holds per endpoint, read once (on the
     /// first policy write) and kept in step by every write after.
     policy: Option<(PolicyMap, BTreeMap<u16, PolicyEntries>)>,
+    /// Entries one endpoint's policy may hold (`--bpf-policy-map-max`);
+    /// the map holds what its pin says.
+    pub policy_per_endpoint: usize,
 }
 
 impl KernelDatapath {
@@ -38,7 +41,8 @@ impl KernelDatapath {
     /// node's from-container.
     pub fn new(pins: NodePins) -> Result<Self, ciliate_datapath::DatapathError> {
         let program = node::endpoint_program(&pins)?;
-        Ok(Self { pins, program, policy: None })
+        let per_endpoint = ciliate_common::policy::MAX_ENTRIES as usize;
+        Ok(Self { pins, program, policy: None, policy_per_endpoint: per_endpoint })
     }
 
     /// Whether the endpoint program was loaded and verified by this agent
@@ -116,8 +120,10 @@ impl Datapath for KernelDatapath {
                 Ok((*id, policy_entries(*id, &enforced, &rules)?))
             })
             .collect::<Result<Vec<_>, ciliate_datapath::DatapathError>>()?;
+        let per_endpoint = self.policy_per_endpoint;
         let (map, held) = self.policy_map()?;
-        sync_policy_batch(map, held, &entries, POLICY_CAPACITY).map(drop)
+        let capacity = PolicyCapacity { total: map.capacity()?, per_endpoint };
+        sync_policy_batch(map, held, &entries, capacity).map(drop)
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
@@ -198,9 +204,6 @@ impl crate::api::Probe for KernelProbe {
         Ok(())
     }
 }
-
-/// Entries the policy map holds at most.
-const POLICY_CAPACITY: usize = ciliate_common::policy::MAX_ENTRIES as usize;
 
 /// The ifindex of `dev` in the agent's network namespace.
 fn ifindex_of(dev: &str) -> Option<u32> {

@@ -65,6 +65,8 @@ pub struct Metrics {
     /// Masquerading entries counted at the last sweep (their map's
     /// pressure).
     pub nat_entries: Arc<Mutex<Option<usize>>>,
+    /// Capacities the maps were made with, where not the compiled ones.
+    pub map_max: Arc<Mutex<std::collections::BTreeMap<String, u32>>>,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             ct_gc_runs: Family::default(),
             ct_gc_last: Arc::default(),
             nat_entries: Arc::default(),
+            map_max: Arc::default(),
         }
     }
 }
@@ -340,11 +343,14 @@ impl Collector for Scraped {
                 )
             })
             .collect();
+        let map_max = s.metrics.map_max.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let max =
+            |name: &str, compiled: u32| f64::from(map_max.get(name).copied().unwrap_or(compiled));
         if let Some(n) = *s.metrics.nat_entries.lock().unwrap_or_else(|e| e.into_inner()) {
             use ciliate_common::nat;
             pressure.push((
                 labels(&[("map_name", nat::MAP_NAME)]),
-                n as f64 / f64::from(nat::MAX_ENTRIES),
+                n as f64 / max(nat::MAP_NAME, nat::MAX_ENTRIES),
             ));
         }
         let last = *s.metrics.ct_gc_last.lock().unwrap_or_else(|e| e.into_inner());
@@ -352,11 +358,11 @@ impl Collector for Scraped {
             use ciliate_common::ct;
             pressure.push((
                 labels(&[("map_name", ct::TCP_MAP_NAME)]),
-                sw.tcp_alive as f64 / f64::from(ct::MAX_ENTRIES_TCP),
+                sw.tcp_alive as f64 / max(ct::TCP_MAP_NAME, ct::MAX_ENTRIES_TCP),
             ));
             pressure.push((
                 labels(&[("map_name", ct::ANY_MAP_NAME)]),
-                sw.any_alive as f64 / f64::from(ct::MAX_ENTRIES_ANY),
+                sw.any_alive as f64 / max(ct::ANY_MAP_NAME, ct::MAX_ENTRIES_ANY),
             ));
             gauge(
                 &mut enc,

@@ -290,6 +290,8 @@ pub struct Services {
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
     /// The NodePort range.
     pub node_ports: (u16, u16),
+    /// Entries of each load-balancer map (`--bpf-lb-map-max`).
+    pub lb_map_max: u32,
 }
 
 fn kind_flag(k: ServiceKind) -> u16 {
@@ -477,6 +479,7 @@ impl Services {
             default_algorithm,
             cluster_cidr: None,
             node_ports: NODE_PORT_RANGE,
+            lb_map_max: lb::MAX_SERVICES,
         })
     }
 
@@ -646,8 +649,8 @@ impl Services {
             })
             .count();
         let in_use = self.state.refs.len() + self.state.retired.len();
-        if in_use + new_backends > lb::MAX_BACKENDS as usize {
-            return full(lb::BACKENDS_MAP, in_use + new_backends, in_use, lb::MAX_BACKENDS);
+        if in_use + new_backends > self.lb_map_max as usize {
+            return full(lb::BACKENDS_MAP, in_use + new_backends, in_use, self.lb_map_max);
         }
         let slots = spec
             .backends
@@ -669,12 +672,12 @@ impl Services {
                 (1 + slots).saturating_sub(had)
             })
             .sum();
-        if self.state.entries + grow > lb::MAX_SERVICES as usize {
+        if self.state.entries + grow > self.lb_map_max as usize {
             return full(
                 lb::SERVICES_MAP,
                 self.state.entries + grow,
                 self.state.entries,
-                lb::MAX_SERVICES,
+                self.lb_map_max,
             );
         }
         let algorithm = spec.algorithm.unwrap_or(self.default_algorithm);

@@ -126,10 +126,15 @@ impl Drop for PrivateBpffs {
     }
 }
 
-/// The pin directory of one node: `<root>/ciliate/<node>`.
+/// The pin directory of one node: `<root>/ciliate/<node>`, and the
+/// capacities its maps are made with.
 #[derive(Clone, Debug)]
 pub struct NodePins {
     pub dir: PathBuf,
+    /// Map name → capacity, where it is not the compiled one (the agent's
+    /// `--bpf-*-max` options). Part of what a node's programs were loaded
+    /// for: a change makes them load anew and the maps migrate.
+    pub capacities: std::collections::BTreeMap<String, u32>,
 }
 
 impl NodePins {
@@ -142,7 +147,7 @@ impl NodePins {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self { dir })
+        Ok(Self { dir, capacities: Default::default() })
     }
 
     /// Where the link of `program` on `device` is pinned. (bpffs refuses

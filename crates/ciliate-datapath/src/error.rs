@@ -62,6 +62,10 @@ pub enum DatapathError {
         "map {map} is too small for this change: it would need {needed} entries at its fullest, and holds {capacity} ({in_use} in use now); nothing was written"
     )]
     MapFull { map: String, needed: usize, in_use: usize, capacity: usize },
+    #[error(
+        "the policy of endpoint {endpoint} would need {needed} entries, more than the {capacity} an endpoint may hold (--bpf-policy-map-max); nothing was written"
+    )]
+    EndpointPolicyFull { endpoint: u16, needed: usize, capacity: usize },
     #[error("{what}: {source}; what it had written was undone")]
     RolledBack {
         what: String,

@@ -34,10 +34,14 @@ pub fn load_with<'a>(
 ) -> Result<Loaded> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&pins.dir);
+    for (name, max) in &pins.capacities {
+        loader.map_max_entries(name, *max);
+    }
     configure(&mut loader);
-    // Pins an older build made with another definition are set aside, made
-    // anew by the load, and their entries carried over (see `migrate`).
-    crate::migrate::set_aside(object.bytes, &pins.dir)?;
+    // Pins an older build (or other capacities) made with another
+    // definition are set aside, made anew by the load, and their entries
+    // carried over (see `migrate`).
+    crate::migrate::set_aside(object.bytes, &pins.dir, &pins.capacities)?;
     let ebpf = loader
         .load(object.bytes)
         .map_err(|e| DatapathError::Load { object: object.name.to_owned(), source: Box::new(e) })?;
@@ -139,7 +143,9 @@ pub fn node_object<T: aya::Pod>(
     let obj = objects::by_name(object).expect("every object this crate names is built");
     let config = global.map(|(_, c)| bytes_of(c)).unwrap_or(&[]);
     let progs = pins.dir.join("progs");
-    let dir = progs.join(format!("{object}-{}", fingerprint(&[obj.bytes, config])));
+    let capacities: Vec<u8> =
+        pins.capacities.iter().flat_map(|(n, m)| n.bytes().chain(m.to_le_bytes())).collect();
+    let dir = progs.join(format!("{object}-{}", fingerprint(&[obj.bytes, config, &capacities])));
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| DatapathError::Io { what, path, source }

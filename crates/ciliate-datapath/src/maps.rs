@@ -594,26 +594,53 @@ pub fn policy_entries(
 pub fn plan_policy(
     held: &std::collections::BTreeMap<u16, PolicyEntries>,
     batch: &[(u16, PolicyEntries)],
-    capacity: usize,
+    capacity: PolicyCapacity,
 ) -> Result<usize> {
     let in_use: usize = held.values().map(|w| w.len()).sum();
     let (mut now, mut peak) = (in_use, in_use);
     let empty = PolicyEntries::new();
     for (ep, desired) in batch {
         let written = held.get(ep).unwrap_or(&empty);
-        now += desired.keys().filter(|k| !written.contains_key(k)).count();
+        let added = desired.keys().filter(|k| !written.contains_key(k)).count();
+        // This endpoint's own share, at its fullest (its additions go in
+        // before its removals).
+        if written.len() + added > capacity.per_endpoint {
+            return Err(DatapathError::EndpointPolicyFull {
+                endpoint: *ep,
+                needed: written.len() + added,
+                capacity: capacity.per_endpoint,
+            });
+        }
+        now += added;
         peak = peak.max(now);
         now -= written.keys().filter(|k| !desired.contains_key(k)).count();
     }
-    if peak > capacity {
+    if peak > capacity.total {
         return Err(DatapathError::MapFull {
             map: policy::MAP_NAME.into(),
             needed: peak,
             in_use,
-            capacity,
+            capacity: capacity.total,
         });
     }
     Ok(peak)
+}
+
+/// What the policy map may hold: in all, and per endpoint (the map is
+/// shared; each endpoint has its own share, as each has its own map in
+/// Cilium).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyCapacity {
+    pub total: usize,
+    pub per_endpoint: usize,
+}
+
+impl Default for PolicyCapacity {
+    /// The compiled map, every endpoint allowed all of it.
+    fn default() -> Self {
+        let total = policy::MAX_ENTRIES as usize;
+        Self { total, per_endpoint: total }
+    }
 }
 
 /// Where policy entries are written: the kernel's map ([`PolicyMap`]), or
@@ -692,7 +719,7 @@ pub fn sync_policy_batch<W: PolicyWriter>(
     w: &mut W,
     held: &mut std::collections::BTreeMap<u16, PolicyEntries>,
     batch: &[(u16, PolicyEntries)],
-    capacity: usize,
+    capacity: PolicyCapacity,
 ) -> Result<(usize, usize)> {
     plan_policy(held, batch, capacity)?;
     let mut before: Vec<(u16, PolicyEntries)> = Vec::new();
@@ -735,6 +762,14 @@ fn marker_key(endpoint_id: u16, dir: u8) -> Key<PolicyKey> {
 impl PolicyMap {
     pub fn from_pin_dir(dir: &Path) -> Result<Self> {
         open_pinned(dir, policy::MAP_NAME, Map::LpmTrie).map(Self)
+    }
+
+    /// The map's capacity, as the kernel made it.
+    pub fn capacity(&self) -> Result<usize> {
+        use aya::maps::IterableMap as _;
+        let info =
+            self.0.map().info().map_err(map_err("reading the definition of", policy::MAP_NAME))?;
+        Ok(info.max_entries() as usize)
     }
 
     /// Turn enforcement of `dir` on for `endpoint_id`: from now on only what

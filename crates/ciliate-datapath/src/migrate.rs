@@ -79,8 +79,12 @@ pub fn take_report() -> Vec<Migration> {
     std::mem::take(&mut *REPORT.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// The maps `object` (ELF bytes) pins by name, with their definitions.
-pub fn declared(object: &[u8]) -> Result<Vec<(String, MapDef)>> {
+/// The maps `object` (ELF bytes) pins by name, with their definitions
+/// (capacities as `capacities` overrides them).
+pub fn declared(
+    object: &[u8],
+    capacities: &std::collections::BTreeMap<String, u32>,
+) -> Result<Vec<(String, MapDef)>> {
     let obj = aya_obj::Object::parse(object).map_err(|e| DatapathError::Load {
         object: "(parsing for map definitions)".into(),
         source: Box::new(aya::EbpfError::ParseError(e)),
@@ -94,7 +98,7 @@ pub fn declared(object: &[u8]) -> Result<Vec<(String, MapDef)>> {
                 map_type: m.map_type(),
                 key_size: m.key_size(),
                 value_size: m.value_size(),
-                max_entries: m.max_entries(),
+                max_entries: capacities.get(name).copied().unwrap_or(m.max_entries()),
                 flags: m.map_flags(),
             };
             (name.clone(), def)
@@ -127,9 +131,13 @@ fn old_path(dir: &Path, name: &str) -> std::path::PathBuf {
 /// Before loading `object` with its maps pinned in `dir`: set aside every
 /// pin whose definition differs from the object's (see the module
 /// comment). Returns the names set aside.
-pub fn set_aside(object: &[u8], dir: &Path) -> Result<Vec<String>> {
+pub fn set_aside(
+    object: &[u8],
+    dir: &Path,
+    capacities: &std::collections::BTreeMap<String, u32>,
+) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for (name, want) in declared(object)? {
+    for (name, want) in declared(object, capacities)? {
         let path = dir.join(&name);
         if !path.exists() {
             continue;

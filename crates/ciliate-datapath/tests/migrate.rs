@@ -58,7 +58,12 @@ fn maps_an_older_build_pinned_differently_are_made_anew_with_their_entries() {
     // The same build again: nothing differs, nothing is set aside.
     for object in ["lxc", "sock", "host"] {
         let bytes = objects::by_name(object).unwrap().bytes;
-        assert_eq!(migrate::set_aside(bytes, &dir).unwrap(), Vec::<String>::new(), "{object}");
+        let none = Default::default();
+        assert_eq!(
+            migrate::set_aside(bytes, &dir, &none).unwrap(),
+            Vec::<String>::new(),
+            "{object}"
+        );
     }
     let _ = migrate::take_report();
 
@@ -120,4 +125,28 @@ fn maps_an_older_build_pinned_differently_are_made_anew_with_their_entries() {
     // And loading once more changes nothing.
     loader::load_lxc(&node.pins).unwrap();
     assert!(migrate::take_report().is_empty());
+
+    // A capacity set at load time (the agent's --bpf-nat-global-max): the
+    // NAT table is made with it, its entries carried over.
+    {
+        let mut nat: HashMap<MapData, CtKey4, ciliate_common::nat::NatEntry> = HashMap::try_from(
+            Map::LruHashMap(MapData::from_pin(dir.join(ciliate_common::nat::MAP_NAME)).unwrap()),
+        )
+        .unwrap();
+        for i in 0..10 {
+            nat.insert(ct_key(i), ciliate_common::nat::NatEntry::default(), 0).unwrap();
+        }
+    }
+    let mut pins = node.pins.clone();
+    pins.capacities.insert(ciliate_common::nat::MAP_NAME.into(), 4096);
+    loader::load_lxc(&pins).unwrap();
+    let nat = migrate::pinned(&dir.join(ciliate_common::nat::MAP_NAME)).unwrap();
+    assert_eq!(nat.max_entries, 4096);
+    let report = migrate::take_report();
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert_eq!((report[0].copied, report[0].lost), (10, 0));
+    // The node's programs are loaded anew for other capacities.
+    let a = loader::node_object(&node.pins, "sock", None::<(&str, &u8)>).unwrap();
+    let b = loader::node_object(&pins, "sock", None::<(&str, &u8)>).unwrap();
+    assert_ne!(a.dir, b.dir, "the same programs for other capacities");
 }

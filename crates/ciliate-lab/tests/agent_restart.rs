@@ -106,3 +106,57 @@ fn pins(lab: &NodeLab) -> Vec<String> {
     out.sort();
     out
 }
+
+#[test]
+fn a_restart_with_other_map_capacities_remakes_the_maps_and_keeps_their_entries() {
+    use ciliate_common::{ct, policy};
+    use ciliate_datapath::migrate;
+    let bins = Binaries::beside_current_exe().unwrap();
+    let mut config = NodeLabConfig::new(&format!("clt{}", token()), 2, bins);
+    let args = |tcp: &str| -> Vec<std::ffi::OsString> {
+        ["--bpf-ct-global-tcp-max", tcp, "--bpf-policy-map-max", "4096"]
+            .iter()
+            .map(Into::into)
+            .collect()
+    };
+    config.agent_args = args("262144");
+    let mut lab = NodeLab::up(config).unwrap();
+    let max =
+        |lab: &NodeLab, name: &str| migrate::pinned(&lab.pins_dir.join(name)).unwrap().max_entries;
+    assert_eq!(max(&lab, ct::TCP_MAP_NAME), 262_144, "--bpf-ct-global-tcp-max");
+    assert_eq!(max(&lab, policy::MAP_NAME), 4096 * 256, "each endpoint's share for a /24");
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    std::thread::sleep(Duration::from_millis(300));
+    let echo = lab.config.bins.echo.to_string_lossy().into_owned();
+    let target = format!("{}:{ECHO_PORT}", p2.state.ip);
+    let stream = p1.ns.command(&echo).args(["disrupt", &target, "5"]).output();
+    let stream = std::thread::spawn(move || stream);
+    std::thread::sleep(Duration::from_millis(800));
+    // The stream's connection, as tracked before the restart.
+    let tracked = |lab: &NodeLab| {
+        let ct = ciliate_datapath::maps::CtMaps::from_pin_dir(&lab.pins_dir).unwrap();
+        ct.dump()
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.proto == 6 && k.daddr == p2.state.ip.octets() && k.dport == ECHO_PORT.to_be()
+            })
+            .count()
+    };
+    // (Its egress entry at pod1 and its ingress entry at pod2.)
+    let entries = tracked(&lab);
+    assert!(entries >= 1, "the stream is tracked");
+    let pids = lab.agent_pids();
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    lab.config.agent_args = args("300000");
+    lab.start_agent().unwrap();
+    assert_eq!(max(&lab, ct::TCP_MAP_NAME), 300_000, "made anew with the new capacity");
+    assert_eq!(tracked(&lab), entries, "the connection was carried into the new table");
+    let out = stream.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("late 0 broken 0"), "the stream: {text}");
+    let log = std::fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(log.contains("pinned map migrated"), "the agent says so: {log}");
+}

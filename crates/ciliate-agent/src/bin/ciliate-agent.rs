@@ -150,7 +150,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let (pins, node_ips, dp) = {
         let (cfg, setup) = (cfg.clone(), setup.clone());
         blocking(move || -> anyhow::Result<_> {
-            let pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
+            let mut pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
+            pins.capacities = cfg.capacities.by_map();
             let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
             let node_ips = node::setup_host(&pins, &setup)
                 .context("setting up the router devices and the node programs")?;
@@ -162,7 +163,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             } else {
                 node::detach_sock_lb(&pins);
             }
-            let dp = KernelDatapath::new(pins.clone()).context("loading the node's from-container")?;
+            let mut dp =
+                KernelDatapath::new(pins.clone()).context("loading the node's from-container")?;
+            dp.policy_per_endpoint = cfg.capacities.policy_per_endpoint as usize;
             info!(
                 bpffs = %pins.dir.display(),
                 cgroup = %cgroup.display(),
@@ -205,6 +208,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("opening services: {e}"))?;
     svcs.cluster_cidr = Some(setup.cluster_cidr);
     svcs.node_ports = cfg.node_port_range;
+    svcs.lb_map_max = cfg.capacities.lb;
+    *metrics.map_max.lock().unwrap_or_else(|e| e.into_inner()) = cfg.capacities.by_map();
     let services: api::ServicesActor = Actor::start("services", svcs, |s| s.view(), |_| {});
     let kv_status =
         Arc::new(Mutex::new(cluster::KvStatus { store: kv.describe(), ..Default::default() }));
@@ -340,6 +345,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     spawn_ct_gc(
         pins.dir.clone(),
         cfg.ct_gc_interval,
+        (cfg.capacities.ct_tcp, cfg.capacities.ct_any),
         services.clone(),
         metrics.clone(),
         shutdown.clone(),
@@ -455,12 +461,12 @@ fn restore_services(
 fn spawn_ct_gc(
     dir: PathBuf,
     interval: Option<u64>,
+    ct_max: (u32, u32),
     services: api::ServicesActor,
     metrics: ciliate_agent::metrics::Metrics,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     use ciliate_agent::ctgc::Schedule;
-    use ciliate_common::ct;
     tokio::spawn(async move {
         let mut schedule = Schedule::new(interval);
         let mut wait = schedule.next();
@@ -479,11 +485,8 @@ fn spawn_ct_gc(
             {
                 Ok((Ok(sweep), nat)) => {
                     let before = wait;
-                    wait = schedule.after(&sweep, (ct::MAX_ENTRIES_TCP, ct::MAX_ENTRIES_ANY));
-                    let fill = ciliate_agent::ctgc::fill(
-                        &sweep,
-                        (ct::MAX_ENTRIES_TCP, ct::MAX_ENTRIES_ANY),
-                    );
+                    wait = schedule.after(&sweep, ct_max);
+                    let fill = ciliate_agent::ctgc::fill(&sweep, ct_max);
                     if sweep.removed() > 0 || wait != before {
                         info!(
                             subsystem = "conntrack",
