@@ -267,6 +267,7 @@ async fn status<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
             restored_endpoints: v.restored.unwrap_or(0),
             kvstore: kv.describe(),
             cluster_nodes: kv.nodes,
+            remote_endpoints: kv.remote_ips,
             routing: format!("{:?}", st.routing).to_lowercase(),
             state: if st.restoring() { "restoring" } else { "ok" }.into(),
             monitor: st.events.status(),

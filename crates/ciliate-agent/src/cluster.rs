@@ -870,6 +870,8 @@ impl ClusterSync {
         while let Some((key, v)) = changes.recv().await {
             let name = key.strip_prefix(NODES).unwrap_or(&key).to_owned();
             if name == self.me.name {
+                // (A node alone in its cluster counts itself too.)
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).nodes = nodes.len() + 1;
                 continue;
             }
             let record = v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok());

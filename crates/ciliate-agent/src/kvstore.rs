@@ -680,13 +680,34 @@ impl Etcd {
     }
 
     /// Everything under `prefix` and the revision it was read at.
+    /// Everything under `prefix` and the revision it was read at, in pages
+    /// of [`LIST_PAGE`] keys read at that one revision: a single answer
+    /// for 100,000 endpoints would pass gRPC's 4 MiB message limit (the
+    /// watch then never starts).
     async fn list_at(&self, prefix: &str) -> Result<(Vec<(String, Vec<u8>)>, i64), KvError> {
         let mut kv = self.client.kv_client();
-        let r =
-            self.timed(kv.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))).await?;
-        let rev = r.header().map_or(0, |h| h.revision());
-        let kvs = r.kvs().iter().map(|kv| (text(kv.key()), kv.value().to_vec())).collect();
-        Ok((kvs, rev))
+        let end = prefix_end(prefix.as_bytes());
+        let (mut out, mut rev) = (Vec::new(), 0);
+        let mut from = prefix.as_bytes().to_vec();
+        loop {
+            let mut opts =
+                etcd_client::GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let r = self.timed(kv.get(from.clone(), Some(opts))).await?;
+            if rev == 0 {
+                rev = r.header().map_or(0, |h| h.revision());
+            }
+            out.extend(r.kvs().iter().map(|kv| (text(kv.key()), kv.value().to_vec())));
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, rev)),
+            }
+        }
     }
 
     /// Follow `prefix` from revision `rev` on; start over (a new `Sync`)
@@ -776,6 +797,22 @@ impl Etcd {
             }
         }
     }
+}
+
+/// Keys a list reads per request.
+const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range of `prefix` (etcd's rule: the prefix with its
+/// last byte below 0xff incremented; all keys when there is none).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 #[async_trait::async_trait]

@@ -300,6 +300,28 @@ async fn transactions_hold_only_when_every_condition_does(s: &dyn KvStore) {
 }
 
 #[tokio::test]
+async fn lists_and_watches_of_more_than_a_grpc_message_come_in_pages() {
+    let server = EtcdServer::start().await;
+    let s = plain(&server).await;
+    // 2,500 keys of 2 KiB: 5 MB, past gRPC's 4 MiB answer limit.
+    let value = vec![b'x'; 2048];
+    for chunk in (0..2500).collect::<Vec<u32>>().chunks(100) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("big/{i:05}")).collect();
+        let ops: Vec<Op<'_>> = keys.iter().map(|k| Op::Put(k, &value, None)).collect();
+        assert!(s.txn(&[], &ops).await.unwrap());
+    }
+    s.put("bigger", b"not under big/", None).await.unwrap();
+    let all = s.list("big/").await.unwrap();
+    assert_eq!(all.len(), 2500);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+    let mut w = s.watch("big/").await.unwrap();
+    match next(&mut w).await {
+        WatchEvent::Sync(kvs) => assert_eq!(kvs.len(), 2500),
+        other => panic!("expected the whole prefix, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn transactions_on_etcd_and_on_the_local_store() {
     let server = EtcdServer::start().await;
     transactions_hold_only_when_every_condition_does(&plain(&server).await).await;

@@ -81,6 +81,9 @@ pub struct Status {
     /// Nodes in the cluster (this one included), as last read from the store.
     #[serde(default)]
     pub cluster_nodes: usize,
+    /// Endpoints of other nodes in this node's ipcache, as followed.
+    #[serde(default)]
+    pub remote_endpoints: usize,
     /// "tunnel" or "native".
     #[serde(default)]
     pub routing: String,
