@@ -63,7 +63,7 @@ pub enum DatapathError {
     )]
     MapFull { map: String, needed: usize, in_use: usize, capacity: usize },
     #[error(
-        "the policy of endpoint {endpoint} would need {needed} entries, more than the {capacity} an endpoint may hold (--bpf-policy-map-max); nothing was written"
+        "map ciliate_policy: the policy of endpoint {endpoint} would need {needed} entries, more than the {capacity} one endpoint may hold (--bpf-policy-map-max); nothing was written"
     )]
     EndpointPolicyFull { endpoint: u16, needed: usize, capacity: usize },
     #[error("{what}: {source}; what it had written was undone")]
