@@ -116,8 +116,7 @@ impl NodeRecord {
         if r.ip == self.ip || self.cidr().is_some_and(|c| within(r.ip, c.net, c.len)) {
             return Some(format!("{} is this node's address", r.ip));
         }
-        let pod = r.identity == id::HEALTH
-            || (r.identity >= id::MIN_CLUSTER && r.identity & id::LOCAL_FLAG == 0);
+        let pod = r.identity == id::HEALTH || id::is_cluster(r.identity);
         (!pod).then(|| format!("identity {} is no pod's", r.identity))
     }
 }
@@ -309,11 +308,6 @@ async fn create_identity(
         ],
     )
     .await
-}
-
-/// Is `id` a cluster identity (one the store allocates)?
-fn in_store(id: u32) -> bool {
-    id >= ciliate_common::identity::MIN_CLUSTER && id & ciliate_common::identity::LOCAL_FLAG == 0
 }
 
 /// The node in its cluster (see the module comment).
@@ -627,7 +621,9 @@ impl ClusterSync {
     ) -> Result<(), String> {
         let e = |e: KvError| e.to_string();
         let node = self.me.name.as_str();
-        for (&id, labels) in mine.identities.iter().filter(|(id, _)| in_store(**id)) {
+        for (&id, labels) in
+            mine.identities.iter().filter(|(id, _)| ciliate_common::identity::is_cluster(**id))
+        {
             if published.users.contains(&id) {
                 continue;
             }

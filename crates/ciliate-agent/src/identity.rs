@@ -197,7 +197,7 @@ impl Identities {
         let before = (self.by_id.clone(), self.by_labels.clone());
         let mut changed = false;
         for (id, labels) in ids {
-            if id < reserved::MIN_CLUSTER || id & reserved::LOCAL_FLAG != 0 {
+            if !reserved::is_cluster(id) {
                 continue;
             }
             if self.by_id.get(&id) == Some(&labels) {
@@ -233,7 +233,7 @@ impl Identities {
     ) -> Vec<u32> {
         self.by_id
             .keys()
-            .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0)
+            .filter(|id| reserved::is_cluster(**id))
             .filter(|id| !store.contains_key(id) && !keep.contains(id))
             .copied()
             .collect()
@@ -244,10 +244,7 @@ impl Identities {
     pub fn forget(&mut self, ids: &[u32]) -> Result<bool, StoreError> {
         let before = (self.by_id.clone(), self.by_labels.clone());
         let mut gone = false;
-        for id in ids
-            .iter()
-            .filter(|id| **id >= reserved::MIN_CLUSTER && **id & reserved::LOCAL_FLAG == 0)
-        {
+        for id in ids.iter().filter(|id| reserved::is_cluster(**id)) {
             if let Some(labels) = self.by_id.remove(id) {
                 self.by_labels.remove(&labels);
                 gone = true;

@@ -1169,11 +1169,7 @@ fn peers_of(pr: &PeerRule, ns: Option<&str>, identities: &IdView) -> BTreeSet<u3
     for s in selectors.into_iter().flatten() {
         if s.match_labels.is_empty() && s.match_expressions.is_empty() && ns.is_none() {
             // `{}` in a clusterwide policy: every endpoint.
-            out.extend(
-                identities
-                    .ids()
-                    .filter(|id| *id >= reserved::MIN_CLUSTER && *id & reserved::LOCAL_FLAG == 0),
-            );
+            out.extend(identities.ids().filter(|id| reserved::is_cluster(*id)));
             continue;
         }
         out.extend(identities.iter().filter(|(_, l)| s.matches(l, ns)).map(|(id, _)| *id));
@@ -1359,9 +1355,7 @@ pub fn trace(
     };
     // Only endpoints have policy: a peer that is not one (world, host, a
     // CIDR) enforces nothing on its side.
-    let is_endpoint = |id: u32| {
-        id >= reserved::MIN_CLUSTER && id & reserved::LOCAL_FLAG == 0 || id == reserved::HEALTH
-    };
+    let is_endpoint = |id: u32| reserved::is_cluster(id) || id == reserved::HEALTH;
     let open = || DirectionTrace {
         enforced: false,
         verdict: "allowed".into(),

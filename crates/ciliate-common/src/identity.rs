@@ -14,6 +14,12 @@ pub const MIN_CLUSTER: u32 = 256;
 /// Bit set on identities derived from CIDRs (node-local).
 pub const LOCAL_FLAG: u32 = 1 << 24;
 
+/// Is `id` an identity the cluster allocates for a label set (not a
+/// reserved one, not a node-local CIDR one)?
+pub const fn is_cluster(id: u32) -> bool {
+    id >= MIN_CLUSTER && id & LOCAL_FLAG == 0
+}
+
 /// The name of a reserved identity (`reserved:host` and so on).
 pub fn reserved_name(id: u32) -> Option<&'static str> {
     Some(match id {

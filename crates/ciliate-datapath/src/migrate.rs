@@ -36,7 +36,10 @@ use ciliate_common::{
     policy::{PolicyEntry, PolicyKey},
 };
 
-use crate::error::{DatapathError, Result};
+use crate::{
+    error::{DatapathError, Result},
+    maps::map_err,
+};
 
 /// A map's definition as a build declares it or the kernel has it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,11 +237,6 @@ pub fn finish(dir: &Path) -> Result<Vec<Migration>> {
     Ok(done)
 }
 
-fn map_err(action: &str, name: &str) -> impl Fn(aya::maps::MapError) -> DatapathError {
-    let (action, name) = (action.to_owned(), name.to_owned());
-    move |e| DatapathError::Map { action: action.clone(), map: name.clone(), source: Box::new(e) }
-}
-
 /// Maps whose entries are state to keep (not program arrays, the ring or
 /// its lost counter).
 fn carried(name: &str) -> bool {
@@ -291,6 +289,23 @@ fn copy(name: &str, old: MapData, new: MapData) -> Result<(usize, usize)> {
     }
 }
 
+/// Put every item of `old` into the new map with `put`: (copied, did not
+/// fit). A read error ends the copy.
+fn carry<T>(
+    name: &str,
+    old: impl Iterator<Item = std::result::Result<T, aya::maps::MapError>>,
+    mut put: impl FnMut(T) -> std::result::Result<(), aya::maps::MapError>,
+) -> Result<(usize, usize)> {
+    let (mut copied, mut lost) = (0, 0);
+    for item in old {
+        match put(item.map_err(map_err("reading", name))?) {
+            Ok(()) => copied += 1,
+            Err(_) => lost += 1,
+        }
+    }
+    Ok((copied, lost))
+}
+
 fn hash<K: aya::Pod, V: aya::Pod>(
     name: &str,
     old: MapData,
@@ -302,15 +317,7 @@ fn hash<K: aya::Pod, V: aya::Pod>(
         HashMap::try_from(wrap(old)).map_err(map_err("opening", name))?;
     let mut new: HashMap<MapData, K, V> =
         HashMap::try_from(wrap(new)).map_err(map_err("opening", name))?;
-    let (mut copied, mut lost) = (0, 0);
-    for item in old.iter() {
-        let (k, v) = item.map_err(map_err("reading", name))?;
-        match new.insert(k, v, 0) {
-            Ok(()) => copied += 1,
-            Err(_) => lost += 1,
-        }
-    }
-    Ok((copied, lost))
+    carry(name, old.iter(), |(k, v)| new.insert(k, v, 0))
 }
 
 fn lpm<K: aya::Pod, V: aya::Pod>(name: &str, old: MapData, new: MapData) -> Result<(usize, usize)> {
@@ -318,15 +325,7 @@ fn lpm<K: aya::Pod, V: aya::Pod>(name: &str, old: MapData, new: MapData) -> Resu
         LpmTrie::try_from(Map::LpmTrie(old)).map_err(map_err("opening", name))?;
     let mut new: LpmTrie<MapData, K, V> =
         LpmTrie::try_from(Map::LpmTrie(new)).map_err(map_err("opening", name))?;
-    let (mut copied, mut lost) = (0, 0);
-    for item in old.iter() {
-        let (k, v) = item.map_err(map_err("reading", name))?;
-        match new.insert(&k, v, 0) {
-            Ok(()) => copied += 1,
-            Err(_) => lost += 1,
-        }
-    }
-    Ok((copied, lost))
+    carry(name, old.iter(), |(k, v)| new.insert(&k, v, 0))
 }
 
 fn array<V: aya::Pod>(name: &str, old: MapData, new: MapData) -> Result<(usize, usize)> {
@@ -334,15 +333,8 @@ fn array<V: aya::Pod>(name: &str, old: MapData, new: MapData) -> Result<(usize, 
         Array::try_from(Map::Array(old)).map_err(map_err("opening", name))?;
     let mut new: Array<MapData, V> =
         Array::try_from(Map::Array(new)).map_err(map_err("opening", name))?;
-    let (mut copied, mut lost) = (0, 0);
-    for i in 0..old.len() {
-        let v = old.get(&i, 0).map_err(map_err("reading", name))?;
-        match new.set(i, v, 0) {
-            Ok(()) => copied += 1,
-            Err(_) => lost += 1,
-        }
-    }
-    Ok((copied, lost))
+    let items = (0..old.len()).map(|i| old.get(&i, 0).map(|v| (i, v)));
+    carry(name, items, |(i, v)| new.set(i, v, 0))
 }
 
 fn per_cpu_hash<K: aya::Pod, V: aya::Pod>(
@@ -354,13 +346,5 @@ fn per_cpu_hash<K: aya::Pod, V: aya::Pod>(
         PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err("opening", name))?;
     let mut new: PerCpuHashMap<MapData, K, V> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(new)).map_err(map_err("opening", name))?;
-    let (mut copied, mut lost) = (0, 0);
-    for item in old.iter() {
-        let (k, v) = item.map_err(map_err("reading", name))?;
-        match new.insert(k, v, 0) {
-            Ok(()) => copied += 1,
-            Err(_) => lost += 1,
-        }
-    }
-    Ok((copied, lost))
+    carry(name, old.iter(), |(k, v)| new.insert(k, v, 0))
 }
