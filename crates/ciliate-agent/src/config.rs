@@ -63,6 +63,10 @@ pub struct Flags {
     /// [default: 65536]
     #[arg(long, env = "CILIATE_BPF_LB_MAP_MAX")]
     pub bpf_lb_map_max: Option<u32>,
+    /// Datagrams in flight whose fragments are tracked (first fragment's ports for the
+    /// later ones) [default: 8192]
+    #[arg(long, env = "CILIATE_BPF_FRAGMENTS_MAP_MAX")]
+    pub bpf_fragments_map_max: Option<u32>,
     /// Share of the node's memory (0.0-1.0] that sizes the conntrack and NAT tables not
     /// given explicitly; 0 keeps the defaults [default: 0.0025]
     #[arg(long, env = "CILIATE_BPF_MAP_DYNAMIC_SIZE_RATIO")]
@@ -179,7 +183,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -206,6 +210,7 @@ pub struct Capacities {
     pub policy_per_endpoint: u32,
     pub policy_total: u32,
     pub lb: u32,
+    pub fragments: u32,
 }
 
 /// Cilium's defaults and bounds.
@@ -214,6 +219,8 @@ pub const CT_ANY_DEFAULT: u32 = 262_144;
 pub const NAT_DEFAULT: u32 = 524_288;
 pub const POLICY_DEFAULT: u32 = 16_384;
 pub const LB_DEFAULT: u32 = 65_536;
+pub const FRAGMENTS_DEFAULT: u32 = ciliate_common::frag::MAX_ENTRIES;
+const FRAGMENTS_MIN: u32 = 256;
 pub const DYNAMIC_RATIO_DEFAULT: f64 = 0.0025;
 const TABLE_MIN: u32 = 1 << 12;
 const TABLE_MAX: u32 = 1 << 24;
@@ -222,27 +229,29 @@ const CT_ANY_AUTO_MIN: u32 = 65_536;
 const NAT_AUTO_MIN: u32 = 131_072;
 
 impl Capacities {
-    /// Explicit values (TCP, non-TCP, NAT, policy per endpoint, LB), the
-    /// dynamic ratio, the node's memory (bytes) and its pod CIDR's length.
+    /// Explicit values (TCP, non-TCP, NAT, policy per endpoint, LB,
+    /// fragments), the dynamic ratio, the node's memory (bytes) and its pod
+    /// CIDR's length.
     pub fn resolve(
-        given: [Option<u32>; 5],
+        given: [Option<u32>; 6],
         ratio: Option<f64>,
         memory: u64,
         pod_cidr_len: u8,
     ) -> anyhow::Result<Self> {
-        let [tcp, any, nat, policy, lb] = given;
+        let [tcp, any, nat, policy, lb, fragments] = given;
         let names = [
-            "bpf_ct_global_tcp_max",
-            "bpf_ct_global_any_max",
-            "bpf_nat_global_max",
-            "bpf_policy_map_max",
-            "bpf_lb_map_max",
+            ("bpf_ct_global_tcp_max", TABLE_MIN),
+            ("bpf_ct_global_any_max", TABLE_MIN),
+            ("bpf_nat_global_max", TABLE_MIN),
+            ("bpf_policy_map_max", TABLE_MIN),
+            ("bpf_lb_map_max", TABLE_MIN),
+            ("bpf_fragments_map_max", FRAGMENTS_MIN),
         ];
-        for (name, v) in names.iter().zip(given) {
+        for ((name, min), v) in names.iter().zip(given) {
             if let Some(v) = v
-                && !(TABLE_MIN..=TABLE_MAX).contains(&v)
+                && !(*min..=TABLE_MAX).contains(&v)
             {
-                anyhow::bail!("{name} {v}: from {TABLE_MIN} to {TABLE_MAX}");
+                anyhow::bail!("{name} {v}: from {min} to {TABLE_MAX}");
             }
         }
         let ratio = ratio.unwrap_or(DYNAMIC_RATIO_DEFAULT);
@@ -271,12 +280,13 @@ impl Capacities {
             policy_per_endpoint,
             policy_total: policy_total as u32,
             lb: lb.unwrap_or(LB_DEFAULT),
+            fragments: fragments.unwrap_or(FRAGMENTS_DEFAULT),
         })
     }
 
     /// Map name → capacity, as the loader applies them.
     pub fn by_map(&self) -> std::collections::BTreeMap<String, u32> {
-        use ciliate_common::{ct, lb, nat, policy};
+        use ciliate_common::{ct, frag, lb, nat, policy};
         [
             (ct::TCP_MAP_NAME, self.ct_tcp),
             (ct::ANY_MAP_NAME, self.ct_any),
@@ -286,6 +296,7 @@ impl Capacities {
             (lb::BACKENDS_MAP, self.lb),
             (lb::REVNAT_MAP, self.lb),
             (lb::AFFINITY_MAP, self.lb),
+            (frag::MAP_NAME, self.fragments),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
@@ -335,6 +346,7 @@ struct FileConfig {
     bpf_nat_global_max: Option<u32>,
     bpf_policy_map_max: Option<u32>,
     bpf_lb_map_max: Option<u32>,
+    bpf_fragments_map_max: Option<u32>,
     bpf_map_dynamic_size_ratio: Option<f64>,
     monitor_aggregation: Option<String>,
     bpf_debug: Option<bool>,
@@ -702,6 +714,7 @@ impl Flags {
                     self.bpf_nat_global_max.or(file.bpf_nat_global_max),
                     self.bpf_policy_map_max.or(file.bpf_policy_map_max),
                     self.bpf_lb_map_max.or(file.bpf_lb_map_max),
+                    self.bpf_fragments_map_max.or(file.bpf_fragments_map_max),
                 ],
                 self.bpf_map_dynamic_size_ratio.or(file.bpf_map_dynamic_size_ratio),
                 total_memory(),
@@ -805,11 +818,12 @@ mod tests {
 
     #[test]
     fn map_capacities_follow_cilium_options_and_the_nodes_memory() {
-        let none = [None; 5];
+        let none = [None; 6];
         // Off: Cilium's defaults; the policy map has each endpoint's share
         // for every address of a /24.
         let c = Capacities::resolve(none, Some(0.0), 0, 24).unwrap();
         assert_eq!((c.ct_tcp, c.ct_any, c.nat, c.lb), (524_288, 262_144, 524_288, 65_536));
+        assert_eq!(c.fragments, 8192);
         assert_eq!((c.policy_per_endpoint, c.policy_total), (16_384, 16_384 * 256));
         // 0.0025 of 24 GiB: about 64 MB, half of it for TCP conntrack.
         let gib = 1u64 << 30;
@@ -820,13 +834,18 @@ mod tests {
         // A small node gets the floors; explicit values win.
         let c = Capacities::resolve(none, None, gib, 24).unwrap();
         assert_eq!((c.ct_tcp, c.ct_any, c.nat), (131_072, 65_536, 131_072));
-        let given = [Some(1 << 20), None, Some(8192), Some(4096), Some(8192)];
+        let given = [Some(1 << 20), None, Some(8192), Some(4096), Some(8192), Some(512)];
         let c = Capacities::resolve(given, None, gib, 24).unwrap();
         assert_eq!((c.ct_tcp, c.nat, c.policy_per_endpoint, c.lb), (1 << 20, 8192, 4096, 8192));
         assert_eq!(c.by_map()["ciliate_lb4_backends"], 8192);
+        assert_eq!(c.by_map()["ciliate_ipv4_frag_datagrams"], 512);
         // Out of bounds: named.
-        let e = Capacities::resolve([None, None, Some(10), None, None], None, gib, 24).unwrap_err();
+        let e = Capacities::resolve([None, None, Some(10), None, None, None], None, gib, 24)
+            .unwrap_err();
         assert!(e.to_string().contains("bpf_nat_global_max 10"), "{e}");
+        let e = Capacities::resolve([None, None, None, None, None, Some(100)], None, gib, 24)
+            .unwrap_err();
+        assert!(e.to_string().contains("bpf_fragments_map_max 100: from 256"), "{e}");
         let e = Capacities::resolve(none, Some(1.5), gib, 24).unwrap_err();
         assert!(e.to_string().contains("bpf_map_dynamic_size_ratio"), "{e}");
     }

@@ -32,6 +32,7 @@ pub const NAT_UNSUPP_PROTO: u8 = 168;
 pub const NO_FIB: u8 = 169;
 pub const INVALID_IDENTITY: u8 = 171;
 pub const UNKNOWN_SENDER: u8 = 172;
+pub const FRAG_NOT_FOUND: u8 = 175;
 pub const NOT_IN_SRC_RANGE: u8 = 177;
 pub const POLICY_DENY: u8 = 181;
 pub const INVALID_VNI: u8 = 183;
@@ -70,6 +71,7 @@ pub fn reason_name(code: u8) -> &'static str {
         NO_FIB => "No FIB entry found",
         INVALID_IDENTITY => "Invalid identity",
         UNKNOWN_SENDER => "Unknown sender",
+        FRAG_NOT_FOUND => "First logical datagram fragment not found",
         NOT_IN_SRC_RANGE => "Not in source range",
         POLICY_DENY => "Policy denied by denylist",
         INVALID_VNI => "Invalid VNI",

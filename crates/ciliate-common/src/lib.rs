@@ -16,6 +16,7 @@ pub mod debug;
 pub mod drop;
 pub mod endpoint;
 pub mod event;
+pub mod frag;
 pub mod identity;
 pub mod ipcache;
 pub mod lb;
@@ -47,6 +48,8 @@ mod pod {
         crate::event::DropNotify,
         crate::event::EventHeader,
         crate::event::TraceNotify,
+        crate::frag::FragKey,
+        crate::frag::FragPorts,
         crate::ipcache::IpcacheEntry,
         crate::ipcache::IpcacheKey,
         crate::event::PolicyVerdictNotify,

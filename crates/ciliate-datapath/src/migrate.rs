@@ -28,6 +28,7 @@ use ciliate_common::{
     config::EndpointConfig,
     ct::{CtEntry, CtKey4},
     endpoint::{EndpointInfo, EndpointKey},
+    frag::{FragKey, FragPorts},
     ipcache::{IpcacheEntry, IpcacheKey},
     lb,
     metrics::{MetricsKey, MetricsValue},
@@ -266,6 +267,7 @@ fn copy(name: &str, old: MapData, new: MapData) -> Result<(usize, usize)> {
             hash::<CtKey4, CtEntry>(name, old, new, true)
         }
         "ciliate_snat_v4_external" => hash::<CtKey4, NatEntry>(name, old, new, true),
+        "ciliate_ipv4_frag_datagrams" => hash::<FragKey, FragPorts>(name, old, new, true),
         "ciliate_lb4_services" => hash::<lb::LbKey, lb::LbService>(name, old, new, false),
         "ciliate_lb4_backends" => hash::<u32, lb::LbBackend>(name, old, new, false),
         "ciliate_lb4_reverse_nat" => hash::<u16, lb::RevNat>(name, old, new, false),

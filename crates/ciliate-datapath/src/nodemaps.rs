@@ -1,11 +1,13 @@
 //! The node configuration map (`CILIATE_NODE`) and the masquerading map
-//! (`CILIATE_SNAT4`); layouts in `ciliate_common::node` and `::nat`.
+//! (`CILIATE_SNAT4`), fragments (`CILIATE_IPV4_FRAG`); layouts in
+//! `ciliate_common::node`, `::nat` and `::frag`.
 
 use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use ciliate_common::{
     ct::CtKey4,
+    frag::{self, FragKey, FragPorts},
     nat::{self, NatEntry},
     node::{self, NodeConfig},
 };
@@ -117,6 +119,25 @@ pub struct NatRow {
     /// What the OUT entry's source becomes, or the IN entry's destination.
     pub translated: String,
     pub created: u32,
+}
+
+/// `CILIATE_IPV4_FRAG`: first fragments' ports (see `ciliate_common::frag`).
+pub struct FragMap(HashMap<MapData, FragKey, FragPorts>);
+
+impl FragMap {
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, frag::MAP_NAME, Map::LruHashMap).map(Self)
+    }
+
+    /// Every entry, ordered by key.
+    pub fn dump(&self) -> Result<Vec<(FragKey, FragPorts)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            out.push(item.map_err(map_err("iterating", frag::MAP_NAME))?);
+        }
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
 }
 
 /// `CILIATE_SNAT4`.

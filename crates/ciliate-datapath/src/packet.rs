@@ -216,6 +216,76 @@ pub fn ipv4_frame(eth: &Eth, ip: &Ip4, l4: &L4<'_>) -> Vec<u8> {
     ether(eth, ETH_P_IP, &p)
 }
 
+/// `frame` (Ethernet + IPv4 without options) as the fragments a sender
+/// with `mtu` would send: IP ID `id`, payloads of `mtu - 20` bytes rounded
+/// down to 8, "more fragments" on all but the last.
+pub fn fragments(frame: &[u8], mtu: usize, id: u16) -> Vec<Vec<u8>> {
+    let (eth, payload) = (&frame[..14], &frame[34..]);
+    let step = (mtu - 20) / 8 * 8;
+    let chunks: Vec<&[u8]> = payload.chunks(step).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut h: [u8; 20] = frame[14..34].try_into().unwrap();
+            h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            let more = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+            h[6..8].copy_from_slice(&(more | (i * step / 8) as u16).to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            [eth, &h, chunk].concat()
+        })
+        .collect()
+}
+
+/// The datagram `frames` (fragments, in any order) carry, as one frame
+/// (Ethernet + IPv4 + L4, "don't fragment" set) with the first fragment's
+/// Ethernet and IP header fields, for [`parse`]. An error names a missing
+/// piece or a fragment whose header disagrees with the first one.
+pub fn reassemble(frames: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let mut parts: Vec<(usize, bool, &[u8])> = Vec::new();
+    for f in frames {
+        if f.len() < 34 {
+            return Err(format!("fragment of {} bytes", f.len()));
+        }
+        let field = be16(f, 20);
+        let total = usize::from(be16(f, 16));
+        if f.len() < 14 + total || total < 20 {
+            return Err(format!("fragment with total length {total} in {} bytes", f.len()));
+        }
+        parts.push((usize::from(field & 0x1fff) * 8, field & 0x2000 != 0, &f[34..14 + total]));
+    }
+    parts.sort_by_key(|p| p.0);
+    let first = frames.iter().find(|f| be16(f, 20) & 0x1fff == 0).ok_or("no first fragment")?;
+    for f in frames {
+        if f[26..34] != first[26..34] || f[18..20] != first[18..20] || f[23] != first[23] {
+            return Err("a fragment's addresses, ID or protocol differ from the first's".into());
+        }
+    }
+    let mut payload = Vec::new();
+    for (off, _, bytes) in &parts {
+        if *off != payload.len() {
+            return Err(format!(
+                "hole or overlap at byte {} (next fragment at {off})",
+                payload.len()
+            ));
+        }
+        payload.extend_from_slice(bytes);
+    }
+    if parts.last().is_some_and(|p| p.1) {
+        return Err("the last fragment says more fragments follow".into());
+    }
+    let mut h: [u8; 20] = first[14..34].try_into().unwrap();
+    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    h[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    Ok([&first[..14], &h[..], &payload].concat())
+}
+
 /// An ARP request from (`mac`, `ip`) for `target`, broadcast.
 pub fn arp_request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let eth = Eth { dst: [0xff; 6], src: mac };

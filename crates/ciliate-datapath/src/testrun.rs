@@ -144,6 +144,9 @@ impl ScratchNode {
     pub fn nat(&self) -> Result<crate::nodemaps::NatMap> {
         crate::nodemaps::NatMap::from_pin_dir(&self.pins.dir)
     }
+    pub fn fragments(&self) -> Result<crate::nodemaps::FragMap> {
+        crate::nodemaps::FragMap::from_pin_dir(&self.pins.dir)
+    }
     pub fn ct(&self) -> Result<crate::maps::CtMaps> {
         crate::maps::CtMaps::from_pin_dir(&self.pins.dir)
     }

@@ -73,9 +73,14 @@ fn frames(dst: Ipv4Addr) -> Vec<(&'static str, Vec<u8>)> {
             "first fragment (more fragments)",
             edited(base.clone(), false, |f| f[20..22].copy_from_slice(&0x2000u16.to_be_bytes())),
         ),
+        // Another datagram (IP ID) than the first fragment above: its
+        // first fragment never came.
         (
             "later fragment",
-            edited(base.clone(), false, |f| f[20..22].copy_from_slice(&0x0010u16.to_be_bytes())),
+            edited(base.clone(), false, |f| {
+                f[18..20].copy_from_slice(&0x0bad_u16.to_be_bytes());
+                f[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
+            }),
         ),
         ("UDP length 0", {
             let mut f = A.send(dst, &L4::Udp { sport: 1, dport: 2, payload: b"x" });
@@ -178,7 +183,9 @@ fn every_program_gives_every_hostile_frame_a_defined_verdict_and_counts_its_drop
     for must in [
         "from_container: IHL 4 (shorter than a header), to a pod: drop (Invalid packet)",
         "from_container: IHL 15 past the frame, to a pod: drop (Invalid packet)",
-        "from_container: later fragment, to a pod: drop (Fragmentation needed)",
+        "from_container: later fragment, to a pod: drop (First logical datagram fragment not found)",
+        "from_host: later fragment, to a pod: drop (First logical datagram fragment not found)",
+        "from_container: first fragment (more fragments), to a pod: redirect",
         "from_container: UDP header cut at 4 bytes, to a pod: drop (CT: Invalid header)",
         "from_container: UDP header cut at 4 bytes, to the world: drop (CT: Invalid header)",
         "from_container: GRE, to a pod: drop (CT: Unknown L4 protocol)",

@@ -204,10 +204,11 @@ fn bad_packets_on_the_pod_to_pod_path_are_dropped_with_their_reason() {
     packet::refresh_ipv4_checksum(&mut ttl1);
     expect_drop(&mut n, &ttl1, drop::INVALID);
 
+    // A later fragment whose first fragment never came.
     let mut fragment = ok.clone();
     fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128 bytes
     packet::refresh_ipv4_checksum(&mut fragment);
-    expect_drop(&mut n, &fragment, drop::FRAG_NOSUPPORT);
+    expect_drop(&mut n, &fragment, drop::FRAG_NOT_FOUND);
 
     let short_tcp = A.send(B.ip, &L4::Raw { proto: 6, bytes: &[0; 10] });
     expect_drop(&mut n, &short_tcp, drop::CT_INVALID_HDR);

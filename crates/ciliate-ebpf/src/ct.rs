@@ -10,12 +10,13 @@ use ciliate_common::{
         F_RX_CLOSING, F_SEEN_NON_SYN, F_TX_CLOSING, LIFETIME_CLOSE, LIFETIME_NONTCP, LIFETIME_SYN,
         LIFETIME_TCP,
     },
-    drop::{CT_CREATE_FAILED, CT_INVALID_HDR, CT_UNKNOWN_PROTO, FRAG_NOSUPPORT},
+    drop::{CT_CREATE_FAILED, CT_INVALID_HDR, CT_UNKNOWN_PROTO, FRAG_NOT_FOUND},
+    frag::{FragKey, FragPorts},
 };
 
 use crate::{
     Drop, drop,
-    maps::{CILIATE_CT4_ANY, CILIATE_CT4_TCP},
+    maps::{CILIATE_CT4_ANY, CILIATE_CT4_TCP, CILIATE_IPV4_FRAG},
     packet::{ETH_HLEN, Ipv4Hdr, ptr_at},
 };
 
@@ -38,7 +39,8 @@ pub struct Tuple {
     pub key: CtKey4,
     pub tcp_flags: u8,
     pub policy_port: u16,
-    /// Offset of the L4 header in the frame (for NAT rewrites).
+    /// Offset of the L4 header in the frame (for NAT rewrites). A later
+    /// fragment has none (see [`later_fragment`]).
     pub l4_off: u32,
 }
 
@@ -74,16 +76,17 @@ struct IcmpEcho {
     id: u16,
 }
 
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
 /// Read the tuple of the IPv4 packet whose header is at `ip`.
-/// Non-first fragments carry no ports: `FRAG_NOSUPPORT` (fragment tracking
-/// is not built). A cut L4 header: `CT_INVALID_HDR`. Protocols other than
-/// TCP, UDP and ICMP: `CT_UNKNOWN_PROTO`, as Cilium.
+/// A first fragment records its ports for the later ones, which take them
+/// (`ciliate_common::frag`; `FRAG_NOT_FOUND` when the first was not
+/// seen). A cut L4 header: `CT_INVALID_HDR`. Protocols other than TCP, UDP
+/// and ICMP: `CT_UNKNOWN_PROTO`, as Cilium.
 #[inline(always)]
 pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
-    if u16::from_be(ip.frag_off) & 0x1fff != 0 {
-        return Err(drop!(FRAG_NOSUPPORT));
-    }
-    let l4 = ETH_HLEN + ip.ihl_bytes();
+    let frag = u16::from_be(ip.frag_off);
     let mut key = CtKey4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -93,41 +96,88 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
         dir: 0,
         _pad: [0; 2],
     };
+    let fkey = || FragKey { daddr: ip.daddr, saddr: ip.saddr, id: ip.id, proto: ip.proto, _pad: 0 };
+    // A later fragment takes the first one's ports. They are set in each
+    // protocol's arm below, as a whole packet's are, so that the verifier
+    // finds the same state after this function either way and walks what
+    // follows once, not twice.
+    let first = if frag & IP_OFFSET != 0 {
+        // SAFETY: copied out at once.
+        let ports = unsafe { CILIATE_IPV4_FRAG.get(fkey()).copied() };
+        Some(ports.ok_or(drop!(FRAG_NOT_FOUND))?)
+    } else {
+        None
+    };
+    let l4 = ETH_HLEN + ip.ihl_bytes();
     let mut tcp_flags = 0;
     let policy_port;
     match ip.proto {
         IPPROTO_TCP => {
-            let h = ptr_at::<TcpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
-            // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &*h };
-            key.sport = h.ports.sport;
-            key.dport = h.ports.dport;
-            policy_port = h.ports.dport;
-            tcp_flags = h.flags;
+            if let Some(p) = first {
+                (key.sport, key.dport, policy_port, tcp_flags) =
+                    (p.sport, p.dport, p.policy_port, p.tcp_flags);
+            } else {
+                let h = ptr_at::<TcpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { &*h };
+                key.sport = h.ports.sport;
+                key.dport = h.ports.dport;
+                policy_port = h.ports.dport;
+                tcp_flags = h.flags;
+            }
         }
         IPPROTO_UDP => {
-            let h = ptr_at::<UdpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
-            // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &(*h).ports };
-            key.sport = h.sport;
-            key.dport = h.dport;
-            policy_port = h.dport;
+            if let Some(p) = first {
+                (key.sport, key.dport, policy_port) = (p.sport, p.dport, p.policy_port);
+            } else {
+                let h = ptr_at::<UdpHead>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { &(*h).ports };
+                key.sport = h.sport;
+                key.dport = h.dport;
+                policy_port = h.dport;
+            }
         }
         IPPROTO_ICMP => {
-            let h = ptr_at::<IcmpEcho>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
-            // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { &*h };
-            match h.kind {
-                ICMP_ECHO => key.dport = h.id,
-                ICMP_ECHOREPLY => key.sport = h.id,
-                _ => {}
+            if let Some(p) = first {
+                (key.sport, key.dport, policy_port) = (p.sport, p.dport, p.policy_port);
+            } else {
+                let h = ptr_at::<IcmpEcho>(ctx, l4).ok_or(drop!(CT_INVALID_HDR))?;
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { &*h };
+                match h.kind {
+                    ICMP_ECHO => key.dport = h.id,
+                    ICMP_ECHOREPLY => key.sport = h.id,
+                    _ => {}
+                }
+                // ICMP rules match the ICMP type where other rules match a
+                // port.
+                policy_port = u16::from(h.kind).to_be();
             }
-            // ICMP rules match the ICMP type where other rules match a port.
-            policy_port = u16::from(h.kind).to_be();
         }
         _ => return Err(drop!(CT_UNKNOWN_PROTO)),
     }
+    if frag & (IP_MF | IP_OFFSET) == IP_MF {
+        let ports =
+            FragPorts { sport: key.sport, dport: key.dport, policy_port, tcp_flags: 0, _pad: 0 };
+        // A full map (LRU: hardly) loses this datagram's later fragments.
+        let _ = CILIATE_IPV4_FRAG.insert(fkey(), ports, 0);
+    }
     Ok(Tuple { key, tcp_flags, policy_port, l4_off: l4 as u32 })
+}
+
+/// Is the packet in `ctx` a later fragment of a datagram (no L4 header:
+/// address rewrites leave the L4 checksum, port rewrites only the tuple)?
+/// Read from the packet where a rewrite needs it, not carried in
+/// [`Tuple`]: a flag there would make the verifier walk every later stage
+/// twice.
+#[inline(always)]
+pub fn later_fragment(ctx: &TcContext) -> bool {
+    match ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(ip) => u16::from_be(unsafe { (*ip).frag_off }) & IP_OFFSET != 0,
+        None => true,
+    }
 }
 
 #[inline(always)]

@@ -176,8 +176,14 @@ pub enum Side {
     Dst,
 }
 
+/// Where the L4 checksum of `t`'s packet is, and the flags its update
+/// needs; `None` without one (ICMP; a later fragment: the first one's
+/// checksum covers the datagram and took the change).
 #[inline(always)]
-fn l4_csum(t: &Tuple) -> Option<(usize, u64)> {
+fn l4_csum(ctx: &TcContext, t: &Tuple) -> Option<(usize, u64)> {
+    if ct::later_fragment(ctx) {
+        return None;
+    }
     match t.key.proto {
         IPPROTO_TCP => Some((t.l4_off as usize + 16, 0)),
         IPPROTO_UDP => Some((t.l4_off as usize + 6, u64::from(BPF_F_MARK_MANGLED_0))),
@@ -197,7 +203,7 @@ pub fn set_addr(ctx: &TcContext, t: &mut Tuple, side: Side, new: [u8; 4]) -> Res
         return Ok(());
     }
     let (from, to) = (u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)));
-    if let Some((csum, extra)) = l4_csum(t) {
+    if let Some((csum, extra)) = l4_csum(ctx, t) {
         ctx.l4_csum_replace(csum, from, to, u64::from(BPF_F_PSEUDO_HDR) | extra | 4)
             .map_err(|_| drop!(WRITE_ERROR))?;
     }
@@ -211,7 +217,8 @@ pub fn set_addr(ctx: &TcContext, t: &mut Tuple, side: Side, new: [u8; 4]) -> Res
 }
 
 /// Rewrite the source or destination port (network order) of a TCP or UDP
-/// packet (and `t`), with the L4 checksum.
+/// packet (and `t`), with the L4 checksum. A later fragment has no ports
+/// to rewrite: only `t` changes (its first fragment's were rewritten).
 #[inline(always)]
 pub fn set_port(ctx: &TcContext, t: &mut Tuple, side: Side, new: u16) -> Result<(), Drop> {
     let (old, off) = match side {
@@ -221,10 +228,17 @@ pub fn set_port(ctx: &TcContext, t: &mut Tuple, side: Side, new: u16) -> Result<
     if old == new {
         return Ok(());
     }
-    let Some((csum, extra)) = l4_csum(t) else { return Ok(()) };
-    ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), extra | 2)
-        .map_err(|_| drop!(WRITE_ERROR))?;
-    ctx.store(off, &new, 0).map_err(|_| drop!(WRITE_ERROR))?;
+    match l4_csum(ctx, t) {
+        Some((csum, extra)) => {
+            ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), extra | 2)
+                .map_err(|_| drop!(WRITE_ERROR))?;
+            ctx.store(off, &new, 0).map_err(|_| drop!(WRITE_ERROR))?;
+        }
+        // ICMP: no ports.
+        None if t.key.proto != IPPROTO_TCP && t.key.proto != IPPROTO_UDP => return Ok(()),
+        // A later fragment: nothing in the packet to rewrite.
+        None => {}
+    }
     match side {
         Side::Src => t.key.sport = new,
         Side::Dst => {

@@ -10,6 +10,7 @@ use ciliate_common::{
     config::EndpointConfig,
     ct::{CtEntry, CtKey4, MAX_ENTRIES_ANY, MAX_ENTRIES_TCP},
     endpoint::{self, EndpointInfo, EndpointKey},
+    frag::{FragKey, FragPorts},
     ipcache::{self, IpcacheEntry, IpcacheKey},
     lb::{
         self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MaglevTable, RevNat,
@@ -63,6 +64,12 @@ pub static CILIATE_CT4_TCP: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX
 /// UDP, ICMP and other connections. See `ciliate_common::ct`.
 #[map(name = "ciliate_ct_any4_global")]
 pub static CILIATE_CT4_ANY: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_ENTRIES_ANY, 0);
+
+/// The first fragment's ports of IPv4 datagrams in flight. See
+/// `ciliate_common::frag`.
+#[map(name = "ciliate_ipv4_frag_datagrams")]
+pub static CILIATE_IPV4_FRAG: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::pinned(ciliate_common::frag::MAX_ENTRIES, 0);
 
 /// Policy of every endpoint of the node. See `ciliate_common::policy`.
 #[map(name = "ciliate_policy")]

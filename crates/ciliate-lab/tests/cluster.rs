@@ -78,6 +78,9 @@ fn cross_node_traffic_works(lab: &ClusterLab) {
     assert_eq!(echo(lab, 0, &["tcp", &to(lab, 1), "hello"]).unwrap(), "hello");
     assert_eq!(echo(lab, 1, &["tcp", &to(lab, 0), "back"]).unwrap(), "back");
     assert_eq!(echo(lab, 0, &["udp", &to(lab, 1), "dgram"]).unwrap(), "dgram");
+    // A datagram past the MTU crosses in fragments, both ways.
+    let big = echo(lab, 0, &["udp-big", &to(lab, 1), "4000"]);
+    assert_eq!(big.unwrap(), "4000 bytes echoed");
     let ip2 = lab.pods[1].pod.state.ip.to_string();
     lab.pods[0].pod.ns.exec(&["ping", "-c", "1", "-W", "2", &ip2]).unwrap();
 }

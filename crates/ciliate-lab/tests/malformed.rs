@@ -77,13 +77,14 @@ fn snapshot(sock: &Path, pins_dir: &Path) -> Value {
     }
     let status = api("/v1/status");
     // Every pinned map with its entries (bpftool), but those traffic or
-    // time moves (conntrack, NAT, socket LB, affinity, counters).
+    // time moves (conntrack, NAT, fragments, socket LB, affinity, counters).
     let mut maps = ciliate_lab::pins::maps(pins_dir);
     maps.retain(|name, _| {
         ![
             "ciliate_ct4_global",
             "ciliate_ct_any4_global",
             "ciliate_snat_v4_external",
+            "ciliate_ipv4_frag_datagrams",
             "ciliate_lb4_reverse_sk",
             "ciliate_lb4_affinity",
             "ciliate_metrics",

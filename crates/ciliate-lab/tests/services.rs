@@ -3,7 +3,8 @@
 //! lab's cgroup) and per packet (outside it, or with socket LB off), from
 //! the host, NodePort from the external host, hairpin, ClientIP affinity,
 //! the spread over three backends, and an established flow that outlives
-//! the removal of its backend. Every pod runs `ciliate-echo serve 8080
+//! the removal of its backend, a fragmented UDP datagram through services
+//! and masquerading. Every pod runs `ciliate-echo serve 8080
 //! <pod name>`, so an answer names the backend. Needs root; CI runs as root.
 
 use std::{
@@ -18,7 +19,11 @@ use ciliate_api::{
     models::{BackendSpec, BackendState, L4Addr, Service, ServiceKind, ServiceSpec},
 };
 use ciliate_common::ct::DIR_SERVICE;
-use ciliate_datapath::{lbmaps::LbMaps, maps::CtMaps};
+use ciliate_datapath::{
+    lbmaps::LbMaps,
+    maps::CtMaps,
+    nodemaps::{FragMap, NatMap},
+};
 use ciliate_lab::{
     Netns,
     names::token,
@@ -329,4 +334,49 @@ fn services_come_from_a_file_and_the_state_dir_and_survive_a_restart() {
     let e = lab.client().call::<Service>(method::PUT, "/v1/service", Some(&bad)).unwrap_err();
     assert!(e.to_string().contains("port 0"), "{e}");
     assert_eq!(names(&lab, &lab.node, true, "10.96.0.11:80", 1)["pod2"], 1);
+}
+
+/// Services and masquerading carry a 4,000-byte UDP datagram, which the
+/// 1500-byte MTU cuts into three fragments each way: the datapath takes
+/// the later fragments' ports from the first one (fragment tracking).
+#[test]
+fn a_fragmented_udp_datagram_crosses_services_and_masquerading() {
+    let lab = up(2, true);
+    let (p1, p2) = (&lab.pods[0], &lab.pods[1]);
+    let echo_port = ECHO_PORT.to_string();
+    let whole = "4000 bytes echoed";
+    // Pod to pod, then ClusterIP per packet (outside the lab's cgroup) and
+    // through socket LB: every echo comes back whole, from the address
+    // the client sent to.
+    let direct = format!("{}:{echo_port}", p2.state.ip);
+    assert_eq!(echo(&lab, &p1.ns, false, &["udp-big", &direct, "4000"]).unwrap(), whole);
+    update(&lab, &spec(1, &format!("10.96.0.30:{echo_port}/UDP"), &[(p2.state.ip, ECHO_PORT)]));
+    let vip = format!("10.96.0.30:{echo_port}");
+    assert_eq!(echo(&lab, &p1.ns, false, &["udp-big", &vip, "4000"]).unwrap(), whole);
+    assert_eq!(echo(&lab, &p1.ns, true, &["udp-big", &vip, "4000"]).unwrap(), whole);
+    assert!(service_flows_from(&lab, p1.state.ip) >= 1, "the per-packet path translated it");
+
+    // NodePort from the external host, to the pod behind it.
+    let mut np = spec(2, "0.0.0.0:30007/UDP", &[(p2.state.ip, ECHO_PORT)]);
+    np.kind = ServiceKind::NodePort;
+    update(&lab, &np);
+    let to = format!("{NODE_IP}:30007");
+    assert_eq!(echo(&lab, &lab.external, false, &["udp-big", &to, "4000"]).unwrap(), whole);
+
+    // To the world, masqueraded behind the node, and the answer back.
+    let bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    drop(lab.external.spawn_detached(&[&bin, "serve", "9007"]).unwrap());
+    wait_listening(&lab.external, 9007).unwrap();
+    let world = format!("{EXTERNAL_IP}:9007");
+    assert_eq!(echo(&lab, &p1.ns, false, &["udp-big", &world, "4000"]).unwrap(), whole);
+    let nat = NatMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
+    assert!(
+        nat.iter().any(|(k, _)| Ipv4Addr::from(k.saddr) == p1.state.ip
+            && Ipv4Addr::from(k.daddr) == EXTERNAL_IP
+            && u16::from_be(k.dport) == 9007),
+        "the datagram was masqueraded: {nat:?}"
+    );
+    // The first fragments were seen (and remembered) by the datapath.
+    let frags = FragMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
+    assert!(frags.iter().any(|(k, _)| Ipv4Addr::from(k.saddr) == p1.state.ip), "{frags:?}");
 }

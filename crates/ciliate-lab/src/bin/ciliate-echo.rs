@@ -7,6 +7,8 @@
 //!                                           # (NAME "@peer": with the client's address)
 //! ciliate-echo tcp IP:PORT MESSAGE          # prints the echoed reply
 //! ciliate-echo udp IP:PORT MESSAGE
+//! ciliate-echo udp-big IP:PORT BYTES        # one datagram of BYTES (fragmented past the MTU):
+//!                                           # "BYTES bytes echoed" when it comes back whole
 //! ciliate-echo names IP:PORT COUNT          # COUNT TCP connections: "<name> <n>" per answer
 //! ciliate-echo stream IP:PORT SECONDS       # keeps one TCP connection busy, prints round trips
 //! ciliate-echo rr IP:PORT SECONDS           # 1-byte request/response on one connection: "<n>/s"
@@ -132,6 +134,24 @@ fn udp_echo(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// One datagram of `bytes` bytes (a pattern) to an echo server; fails
+/// unless the same bytes come back from `addr`.
+fn udp_big(addr: SocketAddr, bytes: usize) -> std::io::Result<String> {
+    let msg: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout()))?;
+    s.send_to(&msg, addr)?;
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = s.recv_from(&mut buf)?;
+    if from != addr {
+        return Err(not_from("the reply's source", from, addr));
+    }
+    if buf[..n] != msg[..] {
+        return Err(std::io::Error::other(format!("{n} bytes came back, not the {bytes} sent")));
+    }
+    Ok(format!("{bytes} bytes echoed"))
+}
+
 /// One connection, request/response for `secs` seconds; fails if any round
 /// trip fails. Prints the number of round trips.
 fn stream(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
@@ -249,6 +269,13 @@ fn main() -> ExitCode {
         ["udp", a, msg] => {
             addr(a).and_then(|a| udp_echo(a, msg).map_err(|e| format!("udp {a}: {e}")))
         }
+        ["udp-big", a, bytes] => match bytes.parse() {
+            Ok(b) if b <= 65507 => {
+                addr(a).and_then(|a| udp_big(a, b).map_err(|e| format!("udp-big {a}: {e}")))
+            }
+            Ok(b) => Err(format!("{b} bytes: a UDP datagram holds at most 65507")),
+            Err(e) => Err(format!("bad size {bytes:?}: {e}")),
+        },
         ["stream", a, secs] => match secs.parse() {
             Ok(secs) => {
                 addr(a).and_then(|a| stream(a, secs).map_err(|e| format!("stream {a}: {e}")))
@@ -269,7 +296,7 @@ fn main() -> ExitCode {
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
         _ => Err("usage: ciliate-echo serve [PORT [NAME]] | tcp|udp IP:PORT MESSAGE \
-                  | names IP:PORT COUNT | stream|rr|crr|disrupt IP:PORT SECONDS"
+                  | udp-big IP:PORT BYTES | names IP:PORT COUNT | stream|rr|crr|disrupt IP:PORT SECONDS"
             .into()),
     };
     match result {
