@@ -63,6 +63,11 @@ pub struct Flags {
     /// [default: 65536]
     #[arg(long, env = "CILIATE_BPF_LB_MAP_MAX")]
     pub bpf_lb_map_max: Option<u32>,
+    /// Entries of each Maglev lookup table, a prime: 251, 509, 1021, 2039, 4093, 8191,
+    /// 16381, 32749, 65521 or 131071 (about 100 x the backends of the largest Maglev
+    /// service keeps the spread even) [default: 16381]
+    #[arg(long, env = "CILIATE_BPF_LB_MAGLEV_TABLE_SIZE")]
+    pub bpf_lb_maglev_table_size: Option<u32>,
     /// Datagrams in flight whose fragments are tracked (first fragment's ports for the
     /// later ones) [default: 8192]
     #[arg(long, env = "CILIATE_BPF_FRAGMENTS_MAP_MAX")]
@@ -183,7 +188,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -211,6 +216,8 @@ pub struct Capacities {
     pub policy_total: u32,
     pub lb: u32,
     pub fragments: u32,
+    /// Entries of a Maglev table (a prime of `lb::MAGLEV_SIZES`).
+    pub maglev_size: u32,
 }
 
 /// Cilium's defaults and bounds.
@@ -230,15 +237,22 @@ const NAT_AUTO_MIN: u32 = 131_072;
 
 impl Capacities {
     /// Explicit values (TCP, non-TCP, NAT, policy per endpoint, LB,
-    /// fragments), the dynamic ratio, the node's memory (bytes) and its pod
-    /// CIDR's length.
+    /// fragments, Maglev table size), the dynamic ratio, the node's memory
+    /// (bytes) and its pod CIDR's length.
     pub fn resolve(
-        given: [Option<u32>; 6],
+        given: [Option<u32>; 7],
         ratio: Option<f64>,
         memory: u64,
         pod_cidr_len: u8,
     ) -> anyhow::Result<Self> {
-        let [tcp, any, nat, policy, lb, fragments] = given;
+        let [tcp, any, nat, policy, lb, fragments, maglev] = given;
+        let maglev_size = maglev.unwrap_or(ciliate_common::lb::MAGLEV_DEFAULT_SIZE);
+        if !ciliate_common::lb::MAGLEV_SIZES.contains(&maglev_size) {
+            anyhow::bail!(
+                "bpf_lb_maglev_table_size {maglev_size}: one of the primes {:?}",
+                ciliate_common::lb::MAGLEV_SIZES
+            );
+        }
         let names = [
             ("bpf_ct_global_tcp_max", TABLE_MIN),
             ("bpf_ct_global_any_max", TABLE_MIN),
@@ -281,6 +295,7 @@ impl Capacities {
             policy_total: policy_total as u32,
             lb: lb.unwrap_or(LB_DEFAULT),
             fragments: fragments.unwrap_or(FRAGMENTS_DEFAULT),
+            maglev_size,
         })
     }
 
@@ -297,6 +312,7 @@ impl Capacities {
             (lb::REVNAT_MAP, self.lb),
             (lb::AFFINITY_MAP, self.lb),
             (frag::MAP_NAME, self.fragments),
+            (lb::MAGLEV_MAP, lb::MAX_MAGLEV * lb::maglev_chunks(self.maglev_size)),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
@@ -347,6 +363,7 @@ struct FileConfig {
     bpf_policy_map_max: Option<u32>,
     bpf_lb_map_max: Option<u32>,
     bpf_fragments_map_max: Option<u32>,
+    bpf_lb_maglev_table_size: Option<u32>,
     bpf_map_dynamic_size_ratio: Option<f64>,
     monitor_aggregation: Option<String>,
     bpf_debug: Option<bool>,
@@ -715,6 +732,7 @@ impl Flags {
                     self.bpf_policy_map_max.or(file.bpf_policy_map_max),
                     self.bpf_lb_map_max.or(file.bpf_lb_map_max),
                     self.bpf_fragments_map_max.or(file.bpf_fragments_map_max),
+                    self.bpf_lb_maglev_table_size.or(file.bpf_lb_maglev_table_size),
                 ],
                 self.bpf_map_dynamic_size_ratio.or(file.bpf_map_dynamic_size_ratio),
                 total_memory(),
@@ -818,12 +836,12 @@ mod tests {
 
     #[test]
     fn map_capacities_follow_cilium_options_and_the_nodes_memory() {
-        let none = [None; 6];
+        let none = [None; 7];
         // Off: Cilium's defaults; the policy map has each endpoint's share
         // for every address of a /24.
         let c = Capacities::resolve(none, Some(0.0), 0, 24).unwrap();
         assert_eq!((c.ct_tcp, c.ct_any, c.nat, c.lb), (524_288, 262_144, 524_288, 65_536));
-        assert_eq!(c.fragments, 8192);
+        assert_eq!((c.fragments, c.maglev_size), (8192, 16381));
         assert_eq!((c.policy_per_endpoint, c.policy_total), (16_384, 16_384 * 256));
         // 0.0025 of 24 GiB: about 64 MB, half of it for TCP conntrack.
         let gib = 1u64 << 30;
@@ -834,18 +852,25 @@ mod tests {
         // A small node gets the floors; explicit values win.
         let c = Capacities::resolve(none, None, gib, 24).unwrap();
         assert_eq!((c.ct_tcp, c.ct_any, c.nat), (131_072, 65_536, 131_072));
-        let given = [Some(1 << 20), None, Some(8192), Some(4096), Some(8192), Some(512)];
+        let given =
+            [Some(1 << 20), None, Some(8192), Some(4096), Some(8192), Some(512), Some(65521)];
         let c = Capacities::resolve(given, None, gib, 24).unwrap();
         assert_eq!((c.ct_tcp, c.nat, c.policy_per_endpoint, c.lb), (1 << 20, 8192, 4096, 8192));
         assert_eq!(c.by_map()["ciliate_lb4_backends"], 8192);
         assert_eq!(c.by_map()["ciliate_ipv4_frag_datagrams"], 512);
+        // 65521 entries: 16 chunks of 4096 per Maglev frontend.
+        assert_eq!((c.maglev_size, c.by_map()["ciliate_lb4_maglev"]), (65521, 4096 * 16));
         // Out of bounds: named.
-        let e = Capacities::resolve([None, None, Some(10), None, None, None], None, gib, 24)
+        let e = Capacities::resolve([None, None, Some(10), None, None, None, None], None, gib, 24)
             .unwrap_err();
         assert!(e.to_string().contains("bpf_nat_global_max 10"), "{e}");
-        let e = Capacities::resolve([None, None, None, None, None, Some(100)], None, gib, 24)
+        let e = Capacities::resolve([None, None, None, None, None, Some(100), None], None, gib, 24)
             .unwrap_err();
         assert!(e.to_string().contains("bpf_fragments_map_max 100: from 256"), "{e}");
+        let e =
+            Capacities::resolve([None, None, None, None, None, None, Some(16384)], None, gib, 24)
+                .unwrap_err();
+        assert!(e.to_string().contains("bpf_lb_maglev_table_size 16384: one of the primes"), "{e}");
         let e = Capacities::resolve(none, Some(1.5), gib, 24).unwrap_err();
         assert!(e.to_string().contains("bpf_map_dynamic_size_ratio"), "{e}");
     }

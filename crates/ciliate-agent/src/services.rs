@@ -23,7 +23,6 @@ use ciliate_api::models::{
 };
 use ciliate_common::lb::{
     self, BACKEND_ACTIVE, BACKEND_MAINTENANCE, BACKEND_QUARANTINED, BACKEND_TERMINATING, LbService,
-    MAGLEV_TABLE_SIZE,
 };
 use ciliate_datapath::lbmaps::{Backend, Frontend};
 use serde::{Deserialize, Serialize};
@@ -292,6 +291,9 @@ pub struct Services {
     pub node_ports: (u16, u16),
     /// Entries of each load-balancer map (`--bpf-lb-map-max`).
     pub lb_map_max: u32,
+    /// Entries of a Maglev table (`--bpf-lb-maglev-table-size`: what the
+    /// node's programs were loaded with).
+    pub maglev_size: u32,
 }
 
 fn kind_flag(k: ServiceKind) -> u16 {
@@ -480,6 +482,7 @@ impl Services {
             cluster_cidr: None,
             node_ports: NODE_PORT_RANGE,
             lb_map_max: lb::MAX_SERVICES,
+            maglev_size: lb::MAGLEV_DEFAULT_SIZE,
         })
     }
 
@@ -753,8 +756,8 @@ impl Services {
             }
         }
         let algorithm = spec.algorithm.unwrap_or(self.default_algorithm);
-        let maglev =
-            (algorithm == LbAlgorithm::Maglev).then(|| maglev_table(&named, MAGLEV_TABLE_SIZE));
+        let maglev = (algorithm == LbAlgorithm::Maglev)
+            .then(|| maglev_table(&named, self.maglev_size as usize));
         let mut flags = kind_flag(spec.kind);
         if spec.affinity_timeout.is_some() {
             flags |= lb::SVC_F_AFFINITY;

@@ -10,8 +10,12 @@
 //!   translated back to. Every frontend has its own index.
 //! - **affinity** ([`AffinityKey`] → [`AffinityValue`]): client IP and
 //!   frontend → the backend it used last, for sessionAffinity ClientIP.
-//! - **Maglev** (reverse-NAT index → [`MaglevTable`]): the consistent-hash
-//!   lookup table of a frontend that uses Maglev.
+//! - **Maglev** ([`MaglevKey`] → [`MaglevChunk`]): the consistent-hash
+//!   lookup table of a frontend that uses Maglev, of the node's table size
+//!   M (`--bpf-lb-maglev-table-size`, a prime of [`MAGLEV_SIZES`]), in
+//!   chunks of [`MAGLEV_CHUNK`] entries: entry `i` is entry `i %
+//!   MAGLEV_CHUNK` of chunk `i / MAGLEV_CHUNK`. The programs learn M from
+//!   their load-time global [`MAGLEV_SIZE_SYMBOL`].
 //! - **source ranges** (LPM [`SrcRangeKey`]): loadBalancerSourceRanges.
 //! - **socket reverse NAT** ([`SockRevNatKey`] → [`SockRevNatValue`]): what
 //!   the socket hooks translated, so recvmsg/getpeername show the frontend.
@@ -36,8 +40,20 @@ pub const MAX_MAGLEV: u32 = 4096;
 pub const MAX_SRC_RANGES: u32 = 16384;
 pub const MAX_SOCK_REVNAT: u32 = 262_144;
 
-/// Entries of a Maglev lookup table: a prime (Cilium's default, 16381).
-pub const MAGLEV_TABLE_SIZE: usize = 16381;
+/// Entries of a Maglev lookup table by default (Cilium's, 16381), and the
+/// sizes one may choose (Cilium's: primes, each about twice the last).
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16381;
+pub const MAGLEV_SIZES: [u32; 10] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071];
+/// Entries of one chunk of a table (a power of two: the datapath bounds
+/// its index with a mask).
+pub const MAGLEV_CHUNK: usize = 4096;
+/// The load-time global that holds the node's table size.
+pub const MAGLEV_SIZE_SYMBOL: &str = "CILIATE_MAGLEV_SIZE";
+
+/// Chunks of a table of `size` entries.
+pub const fn maglev_chunks(size: u32) -> u32 {
+    (size as usize).div_ceil(MAGLEV_CHUNK) as u32
+}
 
 /// Backend states (Cilium's). Only `ACTIVE` backends are given slots.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -134,9 +150,18 @@ pub struct AffinityValue {
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 8);
 
-/// A Maglev lookup table: entry `hash(tuple) % MAGLEV_TABLE_SIZE` is the
-/// backend ID.
-pub type MaglevTable = [u32; MAGLEV_TABLE_SIZE];
+/// One chunk of a frontend's Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub rev_nat_index: u16,
+    pub chunk: u16,
+}
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 4);
+
+/// Entries `chunk * MAGLEV_CHUNK ..` of a Maglev table: entry
+/// `hash(tuple) % M` of the whole table is the backend ID (0 past M).
+pub type MaglevChunk = [u32; MAGLEV_CHUNK];
 
 /// Bits of [`SrcRangeKey`] before the address: the prefix length of an
 /// entry is this plus the range's length.

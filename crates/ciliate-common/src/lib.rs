@@ -58,6 +58,7 @@ mod pod {
         crate::lb::LbBackend,
         crate::lb::LbKey,
         crate::lb::LbService,
+        crate::lb::MaglevKey,
         crate::lb::RevNat,
         crate::lb::SockRevNatKey,
         crate::lb::SockRevNatValue,

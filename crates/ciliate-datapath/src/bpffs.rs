@@ -135,6 +135,9 @@ pub struct NodePins {
     /// `--bpf-*-max` options). Part of what a node's programs were loaded
     /// for: a change makes them load anew and the maps migrate.
     pub capacities: std::collections::BTreeMap<String, u32>,
+    /// Entries of a Maglev table (`--bpf-lb-maglev-table-size`; the
+    /// programs' load-time global, and part of what they were loaded for).
+    pub maglev_size: u32,
 }
 
 impl NodePins {
@@ -147,7 +150,11 @@ impl NodePins {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self { dir, capacities: Default::default() })
+        Ok(Self {
+            dir,
+            capacities: Default::default(),
+            maglev_size: ciliate_common::lb::MAGLEV_DEFAULT_SIZE,
+        })
     }
 
     /// Where the link of `program` on `device` is pinned. (bpffs refuses

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use ciliate_common::lb::{
-    self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MAGLEV_TABLE_SIZE, MaglevTable,
-    RevNat, SRC_RANGE_STATIC_PREFIX, SrcRangeKey,
+    self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MAGLEV_CHUNK, MAGLEV_SIZES,
+    MaglevChunk, MaglevKey, RevNat, SRC_RANGE_STATIC_PREFIX, SrcRangeKey,
 };
 
 use crate::maps::Counted as _;
@@ -78,7 +78,7 @@ pub struct LbMaps {
     services: HashMap<MapData, LbKey, LbService>,
     backends: HashMap<MapData, u32, LbBackend>,
     revnat: HashMap<MapData, u16, RevNat>,
-    maglev: HashMap<MapData, u16, MaglevTable>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
@@ -227,29 +227,78 @@ impl LbMaps {
             .collect())
     }
 
+    /// Write the Maglev table of frontend `index`, of one of the sizes a
+    /// node may have (`lb::MAGLEV_SIZES`; the programs' size, which the
+    /// caller knows), chunk by chunk; chunks a larger table left go.
     pub fn set_maglev(&mut self, index: u16, table: &[u32]) -> Result<()> {
-        let t: &MaglevTable = table.try_into().map_err(|_| DatapathError::BadValue {
-            what: format!("Maglev table of frontend {index}"),
-            reason: format!("{} entries, the datapath's size is {MAGLEV_TABLE_SIZE}", table.len()),
-        })?;
-        self.maglev
-            .insert(index, t, 0)
-            .counted(crate::maps::UPDATE, lb::MAGLEV_MAP)
-            .map_err(map_err(&format!("inserting the table of {index} into"), lb::MAGLEV_MAP))
+        if !MAGLEV_SIZES.contains(&(table.len() as u32)) {
+            return Err(DatapathError::BadValue {
+                what: format!("Maglev table of frontend {index}"),
+                reason: format!("{} entries, not one of the sizes {MAGLEV_SIZES:?}", table.len()),
+            });
+        }
+        let chunks = table.chunks(MAGLEV_CHUNK);
+        let used = chunks.len();
+        for (i, part) in chunks.enumerate() {
+            let mut chunk: MaglevChunk = [0; MAGLEV_CHUNK];
+            chunk[..part.len()].copy_from_slice(part);
+            let key = MaglevKey { rev_nat_index: index, chunk: i as u16 };
+            self.maglev
+                .insert(key, chunk, 0)
+                .counted(crate::maps::UPDATE, lb::MAGLEV_MAP)
+                .map_err(map_err(
+                    &format!("inserting the table of {index} into"),
+                    lb::MAGLEV_MAP,
+                ))?;
+        }
+        self.remove_maglev_from(index, used)
+    }
+
+    /// Chunks `from..` of frontend `index`'s table, if there are any: a
+    /// table's chunks are contiguous from 0, and go last first, so an
+    /// interrupted removal leaves them so. (A frontend without a table
+    /// costs one lookup.)
+    fn remove_maglev_from(&mut self, index: u16, from: usize) -> Result<()> {
+        let key = |chunk: usize| MaglevKey { rev_nat_index: index, chunk: chunk as u16 };
+        let mut end = from;
+        while get(&self.maglev, &key(end), lb::MAGLEV_MAP)?.is_some() {
+            end += 1;
+        }
+        for chunk in (from..end).rev() {
+            ignore_missing(self.maglev.remove(&key(chunk)), lb::MAGLEV_MAP)?;
+        }
+        Ok(())
     }
 
     pub fn remove_maglev(&mut self, index: u16) -> Result<()> {
-        ignore_missing(self.maglev.remove(&index), lb::MAGLEV_MAP)
+        self.remove_maglev_from(index, 0)
     }
 
+    /// Frontend `index`'s table: its chunks in order, without the zeros
+    /// (no backend) that pad the last one.
     pub fn maglev(&self, index: u16) -> Result<Option<Vec<u32>>> {
-        Ok(get(&self.maglev, &index, lb::MAGLEV_MAP)?.map(|t| t.to_vec()))
+        let mut out = Vec::new();
+        for chunk in 0u16.. {
+            let key = MaglevKey { rev_nat_index: index, chunk };
+            match get(&self.maglev, &key, lb::MAGLEV_MAP)? {
+                Some(c) => out.extend_from_slice(&c),
+                None if chunk == 0 => return Ok(None),
+                None => break,
+            }
+        }
+        while out.last() == Some(&0) {
+            out.pop();
+        }
+        Ok(Some(out))
     }
 
     pub fn maglev_indexes(&self) -> Result<Vec<u16>> {
         let mut out = Vec::new();
         for k in self.maglev.keys() {
-            out.push(k.map_err(map_err("iterating", lb::MAGLEV_MAP))?);
+            let k = k.map_err(map_err("iterating", lb::MAGLEV_MAP))?;
+            if k.chunk == 0 {
+                out.push(k.rev_nat_index);
+            }
         }
         out.sort();
         Ok(out)

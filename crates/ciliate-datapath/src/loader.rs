@@ -37,6 +37,8 @@ pub fn load_with<'a>(
     for (name, max) in &pins.capacities {
         loader.map_max_entries(name, *max);
     }
+    // Only the objects that balance have the global.
+    loader.override_global(ciliate_common::lb::MAGLEV_SIZE_SYMBOL, &pins.maglev_size, false);
     configure(&mut loader);
     // Pins an older build (or other capacities) made with another
     // definition are set aside, made anew by the load, and their entries
@@ -143,8 +145,12 @@ pub fn node_object<T: aya::Pod>(
     let obj = objects::by_name(object).expect("every object this crate names is built");
     let config = global.map(|(_, c)| bytes_of(c)).unwrap_or(&[]);
     let progs = pins.dir.join("progs");
-    let capacities: Vec<u8> =
-        pins.capacities.iter().flat_map(|(n, m)| n.bytes().chain(m.to_le_bytes())).collect();
+    let capacities: Vec<u8> = pins
+        .capacities
+        .iter()
+        .flat_map(|(n, m)| n.bytes().chain(m.to_le_bytes()))
+        .chain(pins.maglev_size.to_le_bytes())
+        .collect();
     let dir = progs.join(format!("{object}-{}", fingerprint(&[obj.bytes, config, &capacities])));
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();

@@ -9,7 +9,7 @@
 //!   as long as the new map has room (what does not fit is counted, never
 //!   dropped silently);
 //! - a changed layout: through a converter for that map and old layout
-//!   ([`converter`]; none is needed yet), or, without one, the old map is
+//!   ([`converter`]: Maglev tables before chunks), or, without one, the old map is
 //!   kept aside as `unmigrated/<name>` and reported.
 //!
 //! (bpffs refuses names with dots: the old pins go to directories.)
@@ -252,10 +252,42 @@ fn carried(name: &str) -> bool {
 }
 
 /// A converter from an older layout of map `name` to the current one:
-/// written when a layout changes (none has yet).
+/// written when a layout changes.
 type Convert = fn(MapData, MapData) -> Result<(usize, usize)>;
-fn converter(_name: &str, _from: &MapDef, _to: &MapDef) -> Option<Convert> {
-    None
+fn converter(name: &str, from: &MapDef, _to: &MapDef) -> Option<Convert> {
+    match (name, from.key_size, from.value_size) {
+        (lb::MAGLEV_MAP, 2, v) if v as usize == 4 * MAGLEV_V1_SIZE => Some(maglev_v1),
+        _ => None,
+    }
+}
+
+/// Maglev tables before chunks: reverse-NAT index → the whole table of
+/// 16381 entries (the size every node had).
+const MAGLEV_V1_SIZE: usize = 16381;
+
+/// One whole table per frontend → its chunks (an entry per chunk).
+fn maglev_v1(old: MapData, new: MapData) -> Result<(usize, usize)> {
+    let name = lb::MAGLEV_MAP;
+    let old: HashMap<MapData, u16, [u32; MAGLEV_V1_SIZE]> =
+        HashMap::try_from(Map::HashMap(old)).map_err(map_err("opening", name))?;
+    let mut new: HashMap<MapData, lb::MaglevKey, lb::MaglevChunk> =
+        HashMap::try_from(Map::HashMap(new)).map_err(map_err("opening", name))?;
+    let chunks = old.iter().flat_map(|item| {
+        let (index, table) = match item {
+            Ok(t) => t,
+            Err(e) => return vec![Err(e)],
+        };
+        table
+            .chunks(lb::MAGLEV_CHUNK)
+            .enumerate()
+            .map(|(i, part)| {
+                let mut chunk = [0; lb::MAGLEV_CHUNK];
+                chunk[..part.len()].copy_from_slice(part);
+                Ok((lb::MaglevKey { rev_nat_index: index, chunk: i as u16 }, chunk))
+            })
+            .collect()
+    });
+    carry(name, chunks, |(k, v)| new.insert(k, v, 0))
 }
 
 /// Copy every entry of `old` into `new` (the same layout), by the map's
@@ -272,7 +304,7 @@ fn copy(name: &str, old: MapData, new: MapData) -> Result<(usize, usize)> {
         "ciliate_lb4_backends" => hash::<u32, lb::LbBackend>(name, old, new, false),
         "ciliate_lb4_reverse_nat" => hash::<u16, lb::RevNat>(name, old, new, false),
         "ciliate_lb4_affinity" => hash::<lb::AffinityKey, lb::AffinityValue>(name, old, new, true),
-        "ciliate_lb4_maglev" => hash::<u16, lb::MaglevTable>(name, old, new, false),
+        "ciliate_lb4_maglev" => hash::<lb::MaglevKey, lb::MaglevChunk>(name, old, new, false),
         "ciliate_lb4_reverse_sk" => {
             hash::<lb::SockRevNatKey, lb::SockRevNatValue>(name, old, new, true)
         }

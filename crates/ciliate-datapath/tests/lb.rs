@@ -13,9 +13,9 @@ use ciliate_common::{
     ct::DIR_SERVICE,
     drop,
     lb::{
-        BACKEND_ACTIVE, BACKEND_TERMINATING, HAIRPIN_LOOPBACK, LbService, MAGLEV_TABLE_SIZE,
-        SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SRC_RANGES,
-        flow_hash,
+        BACKEND_ACTIVE, BACKEND_TERMINATING, HAIRPIN_LOOPBACK, LbService, MAGLEV_DEFAULT_SIZE,
+        MAGLEV_MAP, MAX_MAGLEV, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_NODE_PORT,
+        SVC_F_SRC_RANGES, flow_hash, maglev_chunks,
     },
 };
 use ciliate_datapath::{
@@ -174,25 +174,40 @@ fn client_ip_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
 }
 
 #[test]
-fn maglev_frontends_use_the_table_entry_of_the_flow_hash() {
-    let mut n = Node::new("lb-maglev");
-    let mut lb = n.node.lb().unwrap();
-    let f = fe(VIP, 80, TCP);
-    let ids: Vec<(u32, Backend)> =
-        (1..=3).map(|i| (i, backend(Ipv4Addr::new(10, 200, 2, i as u8), 8080, TCP))).collect();
-    service(&mut lb, &f, 12, SVC_F_CLUSTER_IP | SVC_F_MAGLEV, &ids);
-    // A table that is not round robin, so a wrong index shows.
-    let table: Vec<u32> = (0..MAGLEV_TABLE_SIZE).map(|i| (i * 7 % 3) as u32 + 1).collect();
-    lb.set_maglev(12, &table).unwrap();
-    for sport in 44000..44030u16 {
-        let out = n.send_a(&A.send(VIP, &tcp(sport, 80, tcp_flags::SYN)));
-        let h = flow_hash(A.ip.octets(), VIP.octets(), sport.to_be(), 80u16.to_be(), TCP);
-        let want = table[h as usize % MAGLEV_TABLE_SIZE];
-        assert_eq!(ends(&parsed(&out)).1.0, ids[want as usize - 1].1.addr, "sport {sport}");
+fn maglev_frontends_use_the_table_entry_of_the_flow_hash_at_every_table_size() {
+    // The smallest size, the default and the largest (32 chunks).
+    for m in [251, MAGLEV_DEFAULT_SIZE, 131_071] {
+        let mut n = Node::with_pins(&format!("lb-maglev-{m}"), |p| {
+            p.maglev_size = m;
+            p.capacities.insert(MAGLEV_MAP.into(), MAX_MAGLEV * maglev_chunks(m));
+        });
+        let mut lb = n.node.lb().unwrap();
+        let f = fe(VIP, 80, TCP);
+        let ids: Vec<(u32, Backend)> =
+            (1..=3).map(|i| (i, backend(Ipv4Addr::new(10, 200, 2, i as u8), 8080, TCP))).collect();
+        service(&mut lb, &f, 12, SVC_F_CLUSTER_IP | SVC_F_MAGLEV, &ids);
+        // A table that is not round robin, so a wrong index (or a wrong
+        // size) shows.
+        let table: Vec<u32> = (0..m as usize).map(|i| (i * 7 % 3) as u32 + 1).collect();
+        lb.set_maglev(12, &table).unwrap();
+        for sport in 44000..44040u16 {
+            let out = n.send_a(&A.send(VIP, &tcp(sport, 80, tcp_flags::SYN)));
+            let h = flow_hash(A.ip.octets(), VIP.octets(), sport.to_be(), 80u16.to_be(), TCP);
+            let want = table[h as usize % m as usize];
+            let got = ends(&parsed(&out)).1.0;
+            assert_eq!(got, ids[want as usize - 1].1.addr, "table size {m}, sport {sport}");
+        }
+        // A table of a size no node can have is refused without touching
+        // the one in place.
+        assert!(lb.set_maglev(12, &table[..100]).is_err());
+        assert_eq!(lb.maglev(12).unwrap().unwrap(), table);
+        // A smaller table leaves no chunk of the larger one behind, and
+        // removing the table removes every chunk.
+        lb.set_maglev(12, &table[..251]).unwrap();
+        assert_eq!(lb.maglev(12).unwrap().unwrap(), table[..251]);
+        lb.remove_maglev(12).unwrap();
+        assert_eq!((lb.maglev(12).unwrap(), lb.maglev_indexes().unwrap()), (None, vec![]));
     }
-    // A wrong-sized table is refused without touching the one in place.
-    assert!(lb.set_maglev(12, &table[..100]).is_err());
-    assert_eq!(lb.maglev(12).unwrap().unwrap(), table);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Pinned maps across builds (`ciliate_datapath::migrate`): a node whose
 //! maps an "older build" pinned with another capacity or layout loads this
 //! build's objects and keeps its entries. The older maps are made here with
-//! the definitions such a build would have had. Needs root (bpffs, maps);
+//! the definitions such a build would have had (and the Maglev map's
+//! layout before chunks, through its converter). Needs root (bpffs, maps);
 //! CI runs as root.
 
 use std::net::Ipv4Addr;
@@ -95,9 +96,28 @@ fn maps_an_older_build_pinned_differently_are_made_anew_with_their_entries() {
     let older_aff = MapDef { value_size: aff.value_size + 8, ..aff };
     pin_older(&dir, "ciliate_lb4_affinity", older_aff, |_| {});
 
+    // One from before Maglev tables came in chunks (reverse-NAT index →
+    // the whole table of 16381 entries), with two tables: the converter
+    // cuts each into the chunks this build reads.
+    let maglev = migrate::pinned(&dir.join(lb::MAGLEV_MAP)).unwrap();
+    let whole = |i: u16| -> Vec<u32> { (0..16381u32).map(|s| s % 7 + u32::from(i)).collect() };
+    let older_maglev = MapDef { key_size: 2, value_size: 16381 * 4, max_entries: 4096, ..maglev };
+    pin_older(&dir, lb::MAGLEV_MAP, older_maglev, |d| {
+        let mut m: HashMap<MapData, u16, [u32; 16381]> =
+            HashMap::try_from(Map::HashMap(d)).unwrap();
+        for i in [3u16, 9] {
+            m.insert(i, <[u32; 16381]>::try_from(whole(i)).unwrap(), 0).unwrap();
+        }
+    });
+
     loader::load_lxc(&node.pins).unwrap();
     loader::load_sock(&node.pins).unwrap();
 
+    let lbm = ciliate_datapath::lbmaps::LbMaps::from_pin_dir(&dir).unwrap();
+    assert_eq!(lbm.maglev_indexes().unwrap(), [3, 9]);
+    for i in [3u16, 9] {
+        assert_eq!(lbm.maglev(i).unwrap().unwrap(), whole(i), "table {i} converted");
+    }
     assert_eq!(migrate::pinned(&dir.join(ct::TCP_MAP_NAME)).unwrap(), tcp, "this build's table");
     let ct = ciliate_datapath::maps::CtMaps::from_pin_dir(&dir).unwrap();
     for i in 0..100 {
@@ -118,10 +138,12 @@ fn maps_an_older_build_pinned_differently_are_made_anew_with_their_entries() {
             (ct::TCP_MAP_NAME, 100, 0),
             ("ciliate_lb4_affinity", 0, 0),
             (lb::BACKENDS_MAP, lb::MAX_BACKENDS as usize, 10),
+            (lb::MAGLEV_MAP, 8, 0),
         ],
         "{report:#?}"
     );
     assert!(report[1].outcome.contains("layout changed"), "{}", report[1].outcome);
+    assert!(report[3].outcome.starts_with("converted 8"), "{}", report[3].outcome);
     // And loading once more changes nothing.
     loader::load_lxc(&node.pins).unwrap();
     assert!(migrate::take_report().is_empty());

@@ -14,9 +14,9 @@ use aya_ebpf::{
 use ciliate_common::{
     drop::{NO_SERVICE, NOT_IN_SRC_RANGE, WRITE_ERROR},
     lb::{
-        AffinityKey, AffinityValue, BACKEND_ACTIVE, LbBackend, LbKey, LbService, MAGLEV_TABLE_SIZE,
-        SRC_RANGE_STATIC_PREFIX, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_SRC_RANGES, SrcRangeKey,
-        flow_hash,
+        AffinityKey, AffinityValue, BACKEND_ACTIVE, LbBackend, LbKey, LbService, MAGLEV_CHUNK,
+        MAGLEV_DEFAULT_SIZE, MaglevKey, SRC_RANGE_STATIC_PREFIX, SVC_F_AFFINITY, SVC_F_MAGLEV,
+        SVC_F_SRC_RANGES, SrcRangeKey, flow_hash,
     },
 };
 
@@ -93,22 +93,25 @@ pub fn random_slot(svc: &LbService, key: &LbKey) -> u32 {
     unsafe { CILIATE_LB4_SERVICES.get(key).map(|s| s.backend_id).unwrap_or(0) }
 }
 
-/// Entry `hash % MAGLEV_TABLE_SIZE` of frontend `rev_nat_index`'s Maglev
-/// table; 0 without a table.
+/// The node's Maglev table size (`ciliate_common::lb`), set by the loader.
+#[unsafe(no_mangle)]
+static CILIATE_MAGLEV_SIZE: u32 = MAGLEV_DEFAULT_SIZE;
+
+/// Entry `hash % M` of frontend `rev_nat_index`'s Maglev table (M: the
+/// node's table size); 0 without a table.
 #[inline(always)]
 pub fn maglev_backend(rev_nat_index: u16, hash: u64) -> u32 {
-    let idx = (hash % MAGLEV_TABLE_SIZE as u64) as usize;
-    // The verifier does not bound a modulo, and the compiler would drop a
-    // check it knows to hold: a volatile read hides the bound from the
-    // compiler so the check below stays for the verifier.
-    // SAFETY: a read of a local.
-    let idx = unsafe { core::ptr::read_volatile(&idx) };
-    let Some(table) = CILIATE_LB4_MAGLEV.get_ptr(rev_nat_index) else { return 0 };
-    if idx >= MAGLEV_TABLE_SIZE {
+    // SAFETY: a plain read of a global the loader initialised.
+    let m = unsafe { core::ptr::read_volatile(&CILIATE_MAGLEV_SIZE) };
+    if m == 0 {
         return 0;
     }
-    // SAFETY: a map value of MAGLEV_TABLE_SIZE entries; idx is below it.
-    unsafe { (*table)[idx] }
+    let idx = (hash % u64::from(m)) as usize;
+    let key = MaglevKey { rev_nat_index, chunk: (idx / MAGLEV_CHUNK) as u16 };
+    let Some(chunk) = CILIATE_LB4_MAGLEV.get_ptr(key) else { return 0 };
+    // SAFETY: a map value of MAGLEV_CHUNK entries; the mask keeps the
+    // index below it (a power of two).
+    unsafe { (*chunk)[idx & (MAGLEV_CHUNK - 1)] }
 }
 
 /// Is `client` allowed by the frontend's loadBalancerSourceRanges?

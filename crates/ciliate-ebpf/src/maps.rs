@@ -13,8 +13,8 @@ use ciliate_common::{
     frag::{FragKey, FragPorts},
     ipcache::{self, IpcacheEntry, IpcacheKey},
     lb::{
-        self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MaglevTable, RevNat,
-        SockRevNatKey, SockRevNatValue, SrcRangeKey,
+        self, AffinityKey, AffinityValue, LbBackend, LbKey, LbService, MaglevChunk, MaglevKey,
+        RevNat, SockRevNatKey, SockRevNatValue, SrcRangeKey,
     },
     metrics::{MAX_ENTRIES, MetricsKey, MetricsValue},
     nat::NatEntry,
@@ -93,11 +93,14 @@ pub static CILIATE_LB4_REVNAT: HashMap<u16, RevNat> = HashMap::pinned(lb::MAX_RE
 pub static CILIATE_LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(lb::MAX_AFFINITY, 0);
 
-/// Reverse-NAT index → Maglev lookup table (not preallocated: a table is
-/// 64 KiB and only Maglev frontends have one).
+/// (Reverse-NAT index, chunk) → a chunk of the frontend's Maglev table
+/// (not preallocated: a chunk is 16 KiB and only Maglev frontends have
+/// any). The loader sizes it for the node's table size.
 #[map(name = "ciliate_lb4_maglev")]
-pub static CILIATE_LB4_MAGLEV: HashMap<u16, MaglevTable> =
-    HashMap::pinned(lb::MAX_MAGLEV, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+pub static CILIATE_LB4_MAGLEV: HashMap<MaglevKey, MaglevChunk> = HashMap::pinned(
+    lb::MAX_MAGLEV * lb::maglev_chunks(lb::MAGLEV_DEFAULT_SIZE),
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
 
 /// loadBalancerSourceRanges: (frontend, client prefix) → allowed.
 #[map(name = "ciliate_lb4_source_range")]

@@ -380,3 +380,70 @@ fn a_fragmented_udp_datagram_crosses_services_and_masquerading() {
     let frags = FragMap::from_pin_dir(&lab.pins_dir).unwrap().dump().unwrap();
     assert!(frags.iter().any(|(k, _)| Ipv4Addr::from(k.saddr) == p1.state.ip), "{frags:?}");
 }
+
+/// The Maglev table of frontend `index` in the node's map: its size and
+/// how many entries each backend has (sorted).
+fn maglev_shape(lab: &NodeLab, index: u16) -> (usize, Vec<usize>) {
+    let t = LbMaps::from_pin_dir(&lab.pins_dir).unwrap().maglev(index).unwrap().expect("a table");
+    let mut per = BTreeMap::new();
+    for id in &t {
+        *per.entry(*id).or_insert(0usize) += 1;
+    }
+    let mut counts: Vec<usize> = per.into_values().collect();
+    counts.sort();
+    (t.len(), counts)
+}
+
+/// `--bpf-lb-maglev-table-size`: the agent writes tables of that size and
+/// the datapath indexes them with it (a wrong size would miss chunks and
+/// drop as "no service"); a restart with another size loads the programs
+/// anew and rewrites the tables.
+#[test]
+fn maglev_tables_take_the_size_the_agent_is_given_across_a_restart() {
+    let bins = Binaries::beside_current_exe().unwrap();
+    let mut cfg = NodeLabConfig::new(&format!("clt{}", token()), 4, bins);
+    cfg.agent_args = vec!["--bpf-lb-maglev-table-size".into(), "251".into()];
+    let mut lab = NodeLab::up(cfg).unwrap();
+    let echo_bin = lab.config.bins.echo.to_string_lossy().into_owned();
+    for p in &lab.pods {
+        drop(
+            p.ns.spawn_detached(&[&echo_bin, "serve", &NAME_PORT.to_string(), &p.state.name])
+                .unwrap(),
+        );
+    }
+    for p in &lab.pods {
+        wait_listening(&p.ns, NAME_PORT).unwrap();
+    }
+    let backends: Vec<(Ipv4Addr, u16)> =
+        lab.pods[1..].iter().map(|p| (p.state.ip, NAME_PORT)).collect();
+    let mut s = spec(1, "10.96.0.40:80/TCP", &backends);
+    s.algorithm = Some(ciliate_api::models::LbAlgorithm::Maglev);
+    let index = update(&lab, &s).frontends[0].rev_nat_index;
+    let valid = ["pod2", "pod3", "pod4"];
+    let reached = |lab: &NodeLab| {
+        let client = &lab.pods[0].ns;
+        for in_cgroup in [false, true] {
+            let n = names(lab, client, in_cgroup, "10.96.0.40:80", 20);
+            assert_eq!(n.values().sum::<u32>(), 20, "every connection answered: {n:?}");
+            assert!(n.keys().all(|k| valid.contains(&k.as_str())), "{n:?}");
+            assert!(n.len() >= 2, "20 connections all on one backend: {n:?}");
+        }
+    };
+    // Maglev fills the table evenly: 251 / 3 backends.
+    assert_eq!(maglev_shape(&lab, index), (251, vec![83, 84, 84]));
+    reached(&lab);
+
+    let pids = lab.agent_pids();
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGTERM) };
+    for _ in 0..50 {
+        if lab.agent_pids().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.config.agent_args = vec!["--bpf-lb-maglev-table-size".into(), "509".into()];
+    lab.start_agent().unwrap();
+    assert_eq!(maglev_shape(&lab, index), (509, vec![169, 170, 170]));
+    reached(&lab);
+}

@@ -152,6 +152,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         blocking(move || -> anyhow::Result<_> {
             let mut pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
             pins.capacities = cfg.capacities.by_map();
+            pins.maglev_size = cfg.capacities.maglev_size;
             let cgroup = ensure_cgroup2().context("finding or mounting cgroup v2")?;
             let node_ips = node::setup_host(&pins, &setup)
                 .context("setting up the router devices and the node programs")?;
@@ -209,6 +210,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     svcs.cluster_cidr = Some(setup.cluster_cidr);
     svcs.node_ports = cfg.node_port_range;
     svcs.lb_map_max = cfg.capacities.lb;
+    svcs.maglev_size = cfg.capacities.maglev_size;
     *metrics.map_max.lock().unwrap_or_else(|e| e.into_inner()) = cfg.capacities.by_map();
     let services: api::ServicesActor = Actor::start("services", svcs, |s| s.view(), |_| {});
     let kv_status =

@@ -13,6 +13,7 @@ use ciliate_common::{
     ipcache::IpcacheEntry,
 };
 use ciliate_datapath::{
+    bpffs::NodePins,
     events::Event,
     loader::{self, Loaded},
     maps::EventRing,
@@ -108,7 +109,14 @@ pub fn endpoints(node: &ScratchNode, pods: &[EndpointConfig]) -> Loaded {
 
 impl Node {
     pub fn new(tag: &str) -> Self {
-        let node = ScratchNode::new(tag).expect("scratch pin dir (needs root)");
+        Self::with_pins(tag, |_| {})
+    }
+
+    /// A node whose pins (capacities, Maglev table size) `configure` set
+    /// before anything loads.
+    pub fn with_pins(tag: &str, configure: impl FnOnce(&mut NodePins)) -> Self {
+        let mut node = ScratchNode::new(tag).expect("scratch pin dir (needs root)");
+        configure(&mut node.pins);
         let lxc = endpoints(&node, &[A.config(), B.config()]);
         let host_cfg = HostConfig {
             ifindex: 3,
