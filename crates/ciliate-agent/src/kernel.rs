@@ -34,6 +34,9 @@ pub struct KernelDatapath {
     /// Entries one endpoint's policy may hold (`--bpf-policy-map-max`);
     /// the map holds what its pin says.
     pub policy_per_endpoint: usize,
+    /// Where each endpoint's policy entries are published after a write
+    /// (its pressure metric).
+    pub policy_fill: Option<std::sync::Arc<std::sync::Mutex<crate::metrics::PolicyFill>>>,
 }
 
 impl KernelDatapath {
@@ -42,7 +45,13 @@ impl KernelDatapath {
     pub fn new(pins: NodePins) -> Result<Self, ciliate_datapath::DatapathError> {
         let program = node::endpoint_program(&pins)?;
         let per_endpoint = ciliate_common::policy::MAX_ENTRIES as usize;
-        Ok(Self { pins, program, policy: None, policy_per_endpoint: per_endpoint })
+        Ok(Self {
+            pins,
+            program,
+            policy: None,
+            policy_per_endpoint: per_endpoint,
+            policy_fill: None,
+        })
     }
 
     /// Whether the endpoint program was loaded and verified by this agent
@@ -121,9 +130,17 @@ impl Datapath for KernelDatapath {
             })
             .collect::<Result<Vec<_>, ciliate_datapath::DatapathError>>()?;
         let per_endpoint = self.policy_per_endpoint;
+        let fill = self.policy_fill.clone();
         let (map, held) = self.policy_map()?;
         let capacity = PolicyCapacity { total: map.capacity()?, per_endpoint };
-        sync_policy_batch(map, held, &entries, capacity).map(drop)
+        let r = sync_policy_batch(map, held, &entries, capacity).map(drop);
+        // Refused or not, `held` is what the map holds.
+        if let Some(fill) = fill {
+            let counts = held.iter().map(|(id, e)| (*id, e.len())).collect();
+            let mut f = fill.lock().unwrap_or_else(|e| e.into_inner());
+            *f = crate::metrics::PolicyFill { held: counts, share: per_endpoint };
+        }
+        r
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;

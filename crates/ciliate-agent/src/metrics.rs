@@ -67,6 +67,23 @@ pub struct Metrics {
     pub nat_entries: Arc<Mutex<Option<usize>>>,
     /// Capacities the maps were made with, where not the compiled ones.
     pub map_max: Arc<Mutex<std::collections::BTreeMap<String, u32>>>,
+    /// Policy entries each endpoint holds and its share of the policy map
+    /// (`--bpf-policy-map-max`), after the last policy write: each
+    /// endpoint's pressure, as Cilium's per-endpoint policy maps have.
+    pub policy_fill: Arc<Mutex<PolicyFill>>,
+}
+
+/// Endpoint ID → policy entries it holds; and the share each may hold.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyFill {
+    pub held: std::collections::BTreeMap<u16, usize>,
+    pub share: usize,
+}
+
+/// The map name an endpoint's policy pressure is reported under
+/// (Cilium's per-endpoint map, `cilium_policy_v2_<ID, 5 digits>`).
+pub fn endpoint_policy_map_name(endpoint_id: u16) -> String {
+    format!("{}_{endpoint_id:05}", ciliate_common::policy::MAP_NAME)
 }
 
 impl Default for Metrics {
@@ -81,6 +98,7 @@ impl Default for Metrics {
             ct_gc_last: Arc::default(),
             nat_entries: Arc::default(),
             map_max: Arc::default(),
+            policy_fill: Arc::default(),
         }
     }
 }
@@ -352,6 +370,11 @@ impl Collector for Scraped {
                 labels(&[("map_name", nat::MAP_NAME)]),
                 n as f64 / max(nat::MAP_NAME, nat::MAX_ENTRIES),
             ));
+        }
+        let fill = s.metrics.policy_fill.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (id, n) in &fill.held {
+            let name = endpoint_policy_map_name(*id);
+            pressure.push((labels(&[("map_name", &name)]), *n as f64 / fill.share.max(1) as f64));
         }
         let last = *s.metrics.ct_gc_last.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sw) = last {

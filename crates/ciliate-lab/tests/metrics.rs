@@ -2,7 +2,8 @@
 //! node's namespace, where the agent serves `:9962`) passes `promtool check
 //! metrics` (Debian's prometheus package) and carries Cilium's metrics with
 //! what really happened: a drop the policy made, forwarded traffic, the
-//! endpoints, the policy change, map pressure and operations, kvstore
+//! endpoints, the policy change, map pressure (each endpoint's share of the
+//! policy map too) and operations, kvstore
 //! timings, the process. Needs root; CI runs as root.
 
 use std::{
@@ -104,6 +105,19 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
         sample(&text, r#"cilium_bpf_map_pressure{map_name="ciliate_snat_v4_external"}"#),
         Some(0.0)
     );
+    // Each endpoint's share of the policy map, as Cilium's per-endpoint
+    // maps: pod2 holds what the map says it holds, of 16,384.
+    let held = ciliate_datapath::maps::PolicyMap::from_pin_dir(&lab.pins_dir)
+        .unwrap()
+        .entries_by_endpoint()
+        .unwrap();
+    let n = held[&p2.state.endpoint_id].len();
+    assert!(n >= 2, "pod2's policy: a marker and a rule at least, got {n}");
+    let series = format!(
+        "cilium_bpf_map_pressure{{map_name=\"ciliate_policy_{:05}\"}}",
+        p2.state.endpoint_id
+    );
+    assert_eq!(sample(&text, &series), Some(n as f64 / 16384.0), "{series}");
     at_least(
         r#"cilium_bpf_map_ops_total{map_name="ciliate_policy",operation="update",outcome="success"}"#,
         1.0,

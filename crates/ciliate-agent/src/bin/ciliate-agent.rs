@@ -149,6 +149,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // The node's datapath: devices, maps, the node programs.
     let (pins, node_ips, dp) = {
         let (cfg, setup) = (cfg.clone(), setup.clone());
+        let policy_fill = metrics.policy_fill.clone();
         blocking(move || -> anyhow::Result<_> {
             let mut pins = NodePins::create(&cfg.bpffs, &cfg.node).context("setting up bpffs")?;
             pins.capacities = cfg.capacities.by_map();
@@ -167,6 +168,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             let mut dp =
                 KernelDatapath::new(pins.clone()).context("loading the node's from-container")?;
             dp.policy_per_endpoint = cfg.capacities.policy_per_endpoint as usize;
+            dp.policy_fill = Some(policy_fill.clone());
             info!(
                 bpffs = %pins.dir.display(),
                 cgroup = %cgroup.display(),
