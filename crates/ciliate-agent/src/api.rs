@@ -927,6 +927,12 @@ mod tests {
         ) -> Result<(), ciliate_datapath::DatapathError> {
             self.inner.sync_policies(b)
         }
+        fn add_policies(
+            &mut self,
+            b: &[(u16, crate::policy::Resolved)],
+        ) -> Result<(), ciliate_datapath::DatapathError> {
+            self.inner.add_policies(b)
+        }
         fn policy_holders(&mut self) -> Result<BTreeSet<u16>, String> {
             self.inner.policy_holders()
         }

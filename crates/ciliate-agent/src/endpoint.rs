@@ -96,6 +96,10 @@ pub trait Datapath: Send {
     /// cannot hold it nothing is written, and a write that fails midway is
     /// undone (see `ciliate_datapath::maps::sync_policy_batch`).
     fn sync_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError>;
+    /// Add the entries of each endpoint's `Resolved` in `batch` to what it
+    /// holds, removing nothing (the entries of identities new to a policy
+    /// in force), as one change like [`Datapath::sync_policies`].
+    fn add_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError>;
     /// Endpoint IDs that have entries in the policy map.
     fn policy_holders(&mut self) -> Result<BTreeSet<u16>, String>;
     /// Make the ipcache's CIDR entries (local identities) exactly `cidrs`,
@@ -224,6 +228,22 @@ impl Datapath for MemoryDatapath {
             } else {
                 self.policies.insert(*id, r.clone());
             }
+        }
+        Ok(())
+    }
+    fn add_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError> {
+        let entries = batch
+            .iter()
+            .map(|(id, r)| Ok((*id, entries_of(*id, r)?)))
+            .collect::<Result<Vec<_>, DatapathError>>()?;
+        let entries = ciliate_datapath::maps::with_held(&self.held, entries);
+        sync_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
+        for (id, r) in batch {
+            *self.syncs.entry(*id).or_default() += 1;
+            let p = self.policies.entry(*id).or_default();
+            p.rules.extend(r.rules.iter().cloned());
+            p.ingress_enforced |= r.ingress_enforced;
+            p.egress_enforced |= r.egress_enforced;
         }
         Ok(())
     }
@@ -839,8 +859,45 @@ impl<D: Datapath> Endpoints<D> {
         use crate::cluster::IdentityChange;
         let in_use: std::collections::BTreeSet<u32> =
             self.endpoints.values().map(|e| e.identity).collect();
-        let mut changed = false;
+        // Consecutive learns go as one: each learn saves the whole table,
+        // so one per identity made learning n identities O(n²) (10,000 of
+        // them from the store took minutes).
+        let mut merged: Vec<IdentityChange> = Vec::with_capacity(changes.len());
         for c in changes {
+            match (merged.last_mut(), c) {
+                (Some(IdentityChange::Learned(all)), IdentityChange::Learned(ids)) => {
+                    all.extend(ids)
+                }
+                (_, c) => merged.push(c),
+            }
+        }
+        // Identities new here (no ID relabelled, none released): only the
+        // endpoints whose rules may name them as a peer change (the
+        // selector cache at endpoint granularity, as for a new local
+        // endpoint); anything else regenerates every endpoint.
+        let mut fresh: Vec<Vec<String>> = Vec::new();
+        let mut fresh_ids: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        let mut only_fresh = true;
+        for c in &merged {
+            match c {
+                IdentityChange::Learned(ids) => {
+                    for (id, labels) in ids {
+                        match self.identities.get(*id) {
+                            None if ciliate_common::identity::is_cluster(*id) => {
+                                fresh.push(labels.clone());
+                                fresh_ids.insert(*id, labels.clone());
+                            }
+                            None => {}
+                            Some(known) if known.labels == *labels => {}
+                            Some(_) => only_fresh = false,
+                        }
+                    }
+                }
+                _ => only_fresh = false,
+            }
+        }
+        let mut changed = false;
+        for c in merged {
             changed |= match c {
                 IdentityChange::Learned(ids) => self.identities.learn(ids),
                 IdentityChange::Released(ids) => {
@@ -857,7 +914,27 @@ impl<D: Datapath> Endpoints<D> {
             }
             .map_err(|e| e.to_string())?;
         }
-        if changed {
+        if changed && only_fresh {
+            let peering: Vec<&Rule> = fresh
+                .iter()
+                .flat_map(|l| crate::policy::rules_peering(&self.policy.rules, l))
+                .collect();
+            let affected: Vec<u16> = self
+                .endpoints
+                .values()
+                .filter(|ep| {
+                    let l = label_set(&ep.labels);
+                    peering.iter().any(|r| r.selects(&l))
+                })
+                .map(|ep| ep.id)
+                .collect();
+            if !affected.is_empty() {
+                let t = std::time::Instant::now();
+                let r = self.add_identities(&affected, fresh_ids);
+                self.metrics.regenerated(affected.len(), t.elapsed(), r.is_ok());
+                r.map_err(|e| e.to_string())?;
+            }
+        } else if changed {
             self.regenerate().map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -904,12 +981,38 @@ impl<D: Datapath> Endpoints<D> {
         Ok(())
     }
 
+    /// Identities `new` (none known before) into the policy of the
+    /// endpoints `which`: each endpoint's rules resolved against the new
+    /// identities alone, and the entries added. Resolution is by identity
+    /// (what a rule gives one peer, a deny of the same peer takes away:
+    /// nothing across peers), so this is what resolving against every
+    /// identity would add, at the cost of the new ones.
+    fn add_identities(
+        &mut self,
+        which: &[u16],
+        new: BTreeMap<u32, Vec<String>>,
+    ) -> Result<(), EndpointError> {
+        let view = IdView::new(new);
+        let t = std::time::Instant::now();
+        let batch = self.resolve_batch(&self.policy.rules, which, &view);
+        self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
+        let t = std::time::Instant::now();
+        let r = self.datapath.add_policies(&batch);
+        self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
+        r.map_err(|e| policy_err("writing policy", e))
+    }
+
     /// Re-resolve and write the policy of the endpoints `which` only (the
     /// policy and its CIDRs unchanged).
     pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
         let ids = self.identities.view();
+        let t = std::time::Instant::now();
         let batch = self.resolve_batch(&self.policy.rules, which, &ids);
-        self.datapath.sync_policies(&batch).map_err(|e| policy_err("writing policy", e))?;
+        self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
+        let t = std::time::Instant::now();
+        let r = self.datapath.sync_policies(&batch);
+        self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
+        r.map_err(|e| policy_err("writing policy", e))?;
         self.note_enforcement(&batch)
     }
 
@@ -943,10 +1046,13 @@ impl<D: Datapath> Endpoints<D> {
             .map_err(|e| internal(format!("writing CIDR identities: {e}")))
             .and_then(|()| {
                 let ids = self.identities.view();
+                let t = std::time::Instant::now();
                 let batch = self.resolve_batch(&next.rules, &which, &ids);
-                self.datapath
-                    .sync_policies(&batch)
-                    .map_err(|e| policy_err("writing the policy of the endpoints", e))?;
+                self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
+                let t = std::time::Instant::now();
+                let r = self.datapath.sync_policies(&batch);
+                self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
+                r.map_err(|e| policy_err("writing the policy of the endpoints", e))?;
                 Ok(batch)
             })
             .and_then(|batch| {
@@ -1363,6 +1469,121 @@ mod tests {
         assert!(n.identities.get(api.identity).is_some(), "the api pod still has it");
         assert!(n.datapath.policies[&db.id].rules.iter().all(|x| x.identity != 300));
         assert!(n.datapath.policies[&db.id].rules.iter().any(|x| x.identity == api.identity));
+    }
+
+    #[test]
+    fn identities_other_nodes_allocate_regenerate_only_the_endpoints_that_can_name_them() {
+        use crate::cluster::IdentityChange;
+        let mut n = node();
+        let policy = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
+        n.import_policy(crate::policy::parse(policy).unwrap()).unwrap();
+        let (r1, r2) = (request(&mut n, "db", "db"), request(&mut n, "web", "web"));
+        let (db, web) = (n.create(r1).unwrap(), n.create(r2).unwrap());
+        let labels = |app: &str| {
+            vec![format!("k8s:app={app}"), "k8s:io.kubernetes.pod.namespace=default".into()]
+        };
+        let touched = |n: &Endpoints<MemoryDatapath>, before: &BTreeMap<u16, usize>| -> Vec<u16> {
+            let s = &n.datapath.syncs;
+            s.iter().filter(|(ep, c)| before.get(ep) != Some(c)).map(|(ep, _)| *ep).collect()
+        };
+        // Two api identities (learned one by one, as a watch hands them
+        // over) and an unrelated one: db alone is written, once, and allows
+        // both; web is not touched.
+        let before = n.datapath.syncs.clone();
+        let changes = vec![
+            IdentityChange::Learned(vec![(400, labels("api"))]),
+            IdentityChange::Learned(vec![(401, labels("other"))]),
+            IdentityChange::Learned(vec![(402, [labels("api"), vec!["k8s:v=2".into()]].concat())]),
+        ];
+        n.identities_changed(changes).unwrap();
+        assert_eq!(touched(&n, &before), vec![db.id]);
+        assert_eq!(n.datapath.syncs[&db.id], before[&db.id] + 1, "one write for the batch");
+        let allowed: Vec<u32> =
+            n.datapath.policies[&db.id].rules.iter().map(|x| x.identity).collect();
+        assert!(allowed.contains(&400) && allowed.contains(&402) && !allowed.contains(&401));
+        // Nobody's rules name it: nothing is written.
+        let before = n.datapath.syncs.clone();
+        n.identities_changed(vec![IdentityChange::Learned(vec![(403, labels("x"))])]).unwrap();
+        assert_eq!(touched(&n, &before), Vec::<u16>::new());
+        // An ID relabelled (released and reused elsewhere): every endpoint
+        // again, and db no longer allows it.
+        let before = n.datapath.syncs.clone();
+        n.identities_changed(vec![IdentityChange::Learned(vec![(400, labels("other"))])]).unwrap();
+        assert_eq!(touched(&n, &before), vec![db.id, web.id]);
+        assert!(n.datapath.policies[&db.id].rules.iter().all(|x| x.identity != 400));
+    }
+
+    /// Identities added one batch at a time leave every endpoint's map
+    /// exactly as resolving everything again would: allows, port ranges,
+    /// denies of one port or of a whole peer, entities, egress,
+    /// clusterwide and namespaced rules, default deny off.
+    #[test]
+    fn identities_added_incrementally_give_the_maps_a_full_regeneration_gives() {
+        use crate::cluster::IdentityChange;
+        let mut n = node();
+        let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: ranges}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {tier: front}}]
+    toPorts: [{ports: [{port: "5000", endPort: 5100, protocol: TCP}, {port: "53", protocol: UDP}]}]
+  - fromEndpoints: [{matchExpressions: [{key: app, operator: In, values: [api, batch]}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: batch}}]
+    toPorts: [{ports: [{port: "5050", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {bad: "yes"}}]
+  egress:
+  - toEntities: [cluster]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  enableDefaultDeny: {ingress: false}
+  ingress:
+  - fromEndpoints: [{matchLabels: {tier: front}}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: batch}}]
+"#;
+        n.import_policy(crate::policy::parse(policy).unwrap()).unwrap();
+        for (c, app) in [("db", "db"), ("web", "web"), ("other", "other")] {
+            let r = request(&mut n, c, app);
+            n.create(r).unwrap();
+        }
+        let labels = |extra: &[&str]| -> Vec<String> {
+            let mut l: Vec<String> = extra.iter().map(|s| format!("k8s:{s}")).collect();
+            l.push("k8s:io.kubernetes.pod.namespace=default".into());
+            l.sort();
+            l
+        };
+        let peers = [
+            labels(&["tier=front", "app=f1"]),
+            labels(&["app=api"]),
+            labels(&["app=batch", "tier=front"]),
+            labels(&["app=api", "bad=yes"]),
+            labels(&["app=x"]),
+            vec!["k8s:app=api".into(), "k8s:io.kubernetes.pod.namespace=other".into()],
+        ];
+        for (k, batch) in peers.chunks(2).enumerate() {
+            let changes = batch
+                .iter()
+                .enumerate()
+                .map(|(i, l)| IdentityChange::Learned(vec![(500 + (k * 2 + i) as u32, l.clone())]))
+                .collect();
+            n.identities_changed(changes).unwrap();
+        }
+        let incremental = n.datapath.held.clone();
+        assert!(
+            incremental.values().flat_map(|e| e.keys()).any(|(k, _)| k.identity == 502),
+            "the batch identity reached the maps"
+        );
+        n.regenerate().unwrap();
+        assert_eq!(n.datapath.held, incremental, "a full regeneration changes nothing");
     }
 
     #[test]

@@ -121,26 +121,18 @@ impl Datapath for KernelDatapath {
         &mut self,
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
-        let entries = batch
-            .iter()
-            .map(|(id, r)| {
-                let rules: Vec<_> = r.rules.iter().cloned().collect();
-                let enforced = [(DIR_INGRESS, r.ingress_enforced), (DIR_EGRESS, r.egress_enforced)];
-                Ok((*id, policy_entries(*id, &enforced, &rules)?))
-            })
-            .collect::<Result<Vec<_>, ciliate_datapath::DatapathError>>()?;
-        let per_endpoint = self.policy_per_endpoint;
-        let fill = self.policy_fill.clone();
-        let (map, held) = self.policy_map()?;
-        let capacity = PolicyCapacity { total: map.capacity()?, per_endpoint };
-        let r = sync_policy_batch(map, held, &entries, capacity).map(drop);
-        // Refused or not, `held` is what the map holds.
-        if let Some(fill) = fill {
-            let counts = held.iter().map(|(id, e)| (*id, e.len())).collect();
-            let mut f = fill.lock().unwrap_or_else(|e| e.into_inner());
-            *f = crate::metrics::PolicyFill { held: counts, share: per_endpoint };
-        }
-        r
+        let entries = self.entries_of(batch)?;
+        self.write_policies(&entries)
+    }
+
+    fn add_policies(
+        &mut self,
+        batch: &[(u16, Resolved)],
+    ) -> Result<(), ciliate_datapath::DatapathError> {
+        let entries = self.entries_of(batch)?;
+        let (_, held) = self.policy_map()?;
+        let entries = ciliate_datapath::maps::with_held(held, entries);
+        self.write_policies(&entries)
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
@@ -152,6 +144,41 @@ impl Datapath for KernelDatapath {
 }
 
 impl KernelDatapath {
+    /// The map entries of each endpoint's `Resolved` in `batch`.
+    fn entries_of(
+        &self,
+        batch: &[(u16, Resolved)],
+    ) -> Result<Vec<(u16, PolicyEntries)>, ciliate_datapath::DatapathError> {
+        batch
+            .iter()
+            .map(|(id, r)| {
+                let rules: Vec<_> = r.rules.iter().cloned().collect();
+                let enforced = [(DIR_INGRESS, r.ingress_enforced), (DIR_EGRESS, r.egress_enforced)];
+                Ok((*id, policy_entries(*id, &enforced, &rules)?))
+            })
+            .collect()
+    }
+
+    /// Make each endpoint's entries in the map exactly those of `entries`
+    /// (see `sync_policy_batch`), and publish what every endpoint holds.
+    fn write_policies(
+        &mut self,
+        entries: &[(u16, PolicyEntries)],
+    ) -> Result<(), ciliate_datapath::DatapathError> {
+        let per_endpoint = self.policy_per_endpoint;
+        let fill = self.policy_fill.clone();
+        let (map, held) = self.policy_map()?;
+        let capacity = PolicyCapacity { total: map.capacity()?, per_endpoint };
+        let r = sync_policy_batch(map, held, entries, capacity).map(drop);
+        // Refused or not, `held` is what the map holds.
+        if let Some(fill) = fill {
+            let counts = held.iter().map(|(id, e)| (*id, e.len())).collect();
+            let mut f = fill.lock().unwrap_or_else(|e| e.into_inner());
+            *f = crate::metrics::PolicyFill { held: counts, share: per_endpoint };
+        }
+        r
+    }
+
     /// A probe of this node's endpoints, for readers outside the endpoint
     /// manager.
     pub fn probe(&self) -> Result<KernelProbe, String> {

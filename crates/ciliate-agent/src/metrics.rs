@@ -121,6 +121,14 @@ impl Metrics {
         self.regenerations.get_or_create(&labels(&[("outcome", status)])).inc_by(endpoints as u64);
     }
 
+    /// One phase of a regeneration (Cilium's scopes: `policyCalculation`,
+    /// `mapSync`) that took `took`.
+    pub fn regeneration_phase(&self, scope: &str, took: Duration, ok: bool) {
+        self.regeneration_time
+            .get_or_create(&labels(&[("scope", scope), ("status", outcome(ok))]))
+            .observe(took.as_secs_f64());
+    }
+
     /// A kvstore operation (`kind`: Get, ListPrefix, Update, CreateOnly,
     /// Delete, LeaseGrant, LeaseKeepAlive, Watch) on `key`.
     pub fn kvstore_op(&self, kind: &str, key: &str, took: Duration, ok: bool) {

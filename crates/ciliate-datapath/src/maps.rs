@@ -751,6 +751,25 @@ pub fn sync_policy_batch<W: PolicyWriter>(
     Ok((added, removed))
 }
 
+/// `add` (entries to add, per endpoint) joined with what each endpoint
+/// already holds (`held`), for [`sync_policy_batch`]: it then writes only
+/// the added ones and removes nothing.
+pub fn with_held(
+    held: &std::collections::BTreeMap<u16, PolicyEntries>,
+    add: Vec<(u16, PolicyEntries)>,
+) -> Vec<(u16, PolicyEntries)> {
+    add.into_iter()
+        .map(|(ep, mut entries)| {
+            if let Some(h) = held.get(&ep) {
+                for (k, v) in h {
+                    entries.entry(*k).or_insert(*v);
+                }
+            }
+            (ep, entries)
+        })
+        .collect()
+}
+
 /// `CILIATE_POLICY`: every endpoint's policy (reading rules:
 /// `ciliate_common::policy`).
 pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
@@ -787,6 +806,17 @@ impl PolicyMap {
         match self.0.get(&marker_key(endpoint_id, dir), 0) {
             Ok(e) => Ok(e.flags & policy::F_MARKER != 0),
             Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err("reading", policy::MAP_NAME)(e)),
+        }
+    }
+
+    /// The entry the datapath's lookup of `key` (a packet's: endpoint,
+    /// direction, peer identity, protocol, port) finds: the longest prefix
+    /// that matches (the endpoint's enforcement marker when no rule does).
+    pub fn matching(&self, key: &PolicyKey) -> Result<Option<PolicyEntry>> {
+        match self.0.get(&Key::new(policy::PREFIX_FULL, *key), 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err("reading", policy::MAP_NAME)(e)),
         }
     }

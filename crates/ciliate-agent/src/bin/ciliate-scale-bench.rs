@@ -8,8 +8,20 @@
 //! steady state, and the time for one new remote endpoint written to etcd
 //! to reach its ipcache (p50/p99 over 100). Then where the curve bends.
 //!
+//! First, one node's policy at scale (`--no-policy` skips it): 110 real
+//! endpoints, 10,000 identities written to etcd, 1,000 policies imported
+//! at once: how long the agent takes to learn the identities, to resolve
+//! and write the policies (`policyCalculation` and `mapSync`, as Cilium's
+//! regeneration scopes), how full the policy map and each endpoint's share
+//! get, the time from a new identity in etcd until a packet from it is
+//! allowed in the map of an endpoint a rule gives it to (20 one by one,
+//! p50/p99: an identity one endpoint's rule names, then one a clusterwide
+//! rule names), and the agent's RSS.
+//!
 //! ```text
 //! ciliate-scale-bench [--nodes 100,1000] [--pods-per-node 100] [--new 100]
+//!                     [--policy-endpoints 110] [--policy-identities 10000]
+//!                     [--policy-rules 1000] [--no-policy]
 //! ```
 //! Needs root (a lab of network namespaces).
 
@@ -37,10 +49,13 @@ struct Opts {
     nodes: Vec<usize>,
     pods: usize,
     new: usize,
+    /// Endpoints, identities and rules of the policy phase (endpoints 0:
+    /// no policy phase).
+    policy: (usize, usize, usize),
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { nodes: vec![100, 1000], pods: 100, new: 100 };
+    let mut o = Opts { nodes: vec![100, 1000], pods: 100, new: 100, policy: (110, 10_000, 1000) };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} takes a value"));
@@ -55,11 +70,27 @@ fn parse_opts() -> Result<Opts, String> {
                 o.pods = val()?.parse().map_err(|e| format!("--pods-per-node: {e}"))?
             }
             "--new" => o.new = val()?.parse().map_err(|e| format!("--new: {e}"))?,
+            "--policy-endpoints" => {
+                o.policy.0 = val()?.parse().map_err(|e| format!("--policy-endpoints: {e}"))?
+            }
+            "--policy-identities" => {
+                o.policy.1 = val()?.parse().map_err(|e| format!("--policy-identities: {e}"))?
+            }
+            "--policy-rules" => {
+                o.policy.2 = val()?.parse().map_err(|e| format!("--policy-rules: {e}"))?
+            }
+            "--no-policy" => o.policy.0 = 0,
             other => return Err(format!("unknown option {other}")),
         }
     }
     if o.nodes.iter().any(|n| *n == 0 || *n > 4000) || o.pods == 0 || o.pods > 250 {
         return Err("--nodes 1..4000 each, --pods-per-node 1..250".into());
+    }
+    let (eps, ids, rules) = o.policy;
+    if eps > 250 || !(1..=40_000).contains(&ids) || !(1..=10_000).contains(&rules) {
+        return Err("--policy-endpoints 0..250, --policy-identities 1..40000, \
+                    --policy-rules 1..10000"
+            .into());
     }
     Ok(o)
 }
@@ -271,10 +302,227 @@ fn one_size(bins: &Binaries, nodes: usize, pods: usize, new: usize) -> Result<Ro
     })
 }
 
+/// The first identity of the policy phase's simulated ones (above what
+/// the lab's own pods are given).
+const POLICY_ID_BASE: u32 = 20_000;
+/// New identities timed one by one, per case.
+const NEW_IDENTITIES: usize = 20;
+
+/// Labels of simulated identity `i` of the policy phase: its own pod
+/// template hash, an app shared by every thousandth, a tier by every
+/// seventh, all in `default` (where the policies are).
+fn policy_labels(i: usize) -> Vec<String> {
+    let mut l = vec![
+        format!("k8s:pod-template-hash=h{i}"),
+        format!("k8s:app=a{}", i % 1000),
+        format!("k8s:tier=t{}", i % 7),
+        "k8s:io.kubernetes.pod.namespace=default".to_string(),
+    ];
+    l.sort();
+    l
+}
+
+/// The identity records of simulated identity `i`.
+fn identity_records(i: usize) -> Result<[(String, Vec<u8>); 2], String> {
+    let (id, labels) = (POLICY_ID_BASE + i as u32, policy_labels(i));
+    Ok([
+        (format!("{IDENTITY_IDS}{id}"), serde_json::to_vec(&labels).map_err(e)?),
+        (format!("{IDENTITY_VALUES}{}", labels.join(";")), id.to_string().into_bytes()),
+    ])
+}
+
+/// `rules` policies over the lab's pods: rule k gives pod k % pods (its
+/// `app`) ingress from app a<k % 1000> (ten identities in 10,000) on TCP 80
+/// and 8000-8100; and one clusterwide rule gives every pod tier t0 (one
+/// identity in seven) on TCP 443.
+fn policy_text(rules: usize, pods: usize) -> String {
+    let mut text = String::new();
+    for k in 0..rules {
+        text.push_str(&format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: r{k}, namespace: default}}\n\
+             spec:\n  endpointSelector: {{matchLabels: {{app: pod{}}}}}\n  ingress:\n  \
+             - fromEndpoints: [{{matchLabels: {{app: a{}}}}}]\n    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}, \
+             {{port: \"8000\", endPort: 8100, protocol: TCP}}]}}]\n---\n",
+            k % pods + 1,
+            k % 1000
+        ));
+    }
+    text.push_str(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: tier0}\n\
+         spec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {tier: t0}}]\n    \
+         toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n",
+    );
+    text
+}
+
+/// Sum of `cilium_endpoint_regeneration_time_stats_seconds_sum` of
+/// `scope` (successes), in ms.
+fn regeneration_ms(lab: &ClusterLab, scope: &str) -> f64 {
+    let text = lab.nodes[0]
+        .ns
+        .exec(&["curl", "-sf", "--max-time", "10", "http://127.0.0.1:9962/metrics"])
+        .unwrap_or_default();
+    let series = format!(
+        "cilium_endpoint_regeneration_time_stats_seconds_sum{{scope=\"{scope}\",status=\"success\"}} "
+    );
+    text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        * 1000.0
+}
+
+/// The policy phase (see the module comment).
+fn policy_at_scale(bins: &Binaries, pods: usize, ids: usize, rules: usize) -> Result<(), String> {
+    println!(
+        "[scale-bench] policy: {pods} endpoints on one node, {ids} identities in etcd, {rules} policies"
+    );
+    let mut cfg = ClusterLabConfig::new(&format!("csp{}", token()), 1, pods, bins.clone());
+    cfg.store = Store::Etcd;
+    let t = Instant::now();
+    let lab = ClusterLab::up(cfg).map_err(e)?;
+    println!("  {pods} endpoints up in {:.1} s", t.elapsed().as_secs_f64());
+    let client = lab.nodes[0].client();
+    let pid = *lab.agent_pids(0).first().ok_or("the agent is gone")?;
+    let rss0 = rss_mib(pid);
+
+    // The identities: written, then learned.
+    let before: ciliate_api::models::Status = client.get("/v1/status").map_err(e)?;
+    let mut kvs = Vec::with_capacity(2 * ids);
+    for i in 0..ids {
+        kvs.extend(identity_records(i)?);
+    }
+    let t = Instant::now();
+    with_etcd(&lab, async |kv| put_all(kv, &kvs).await)?;
+    let written_s = t.elapsed().as_secs_f64();
+    loop {
+        let s: ciliate_api::models::Status = client.get("/v1/status").map_err(e)?;
+        if s.identities >= before.identities + ids {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            return Err(format!("{} of {ids} identities learned in 300 s", s.identities));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let learned_s = t.elapsed().as_secs_f64();
+    println!(
+        "  {ids} identities: written in {written_s:.1} s, learned {learned_s:.1} s after the first write"
+    );
+
+    // The policies, at once: the call returns when every map is written.
+    let (calc0, sync0) =
+        (regeneration_ms(&lab, "policyCalculation"), regeneration_ms(&lab, "mapSync"));
+    let text = policy_text(rules, pods);
+    let t = Instant::now();
+    let _: serde_json::Value = client
+        .call(
+            ciliate_api::client::method::PUT,
+            "/v1/policy",
+            Some(&ciliate_api::models::PolicyImport { text }),
+        )
+        .map_err(e)?;
+    let import_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let calc = regeneration_ms(&lab, "policyCalculation") - calc0;
+    let sync = regeneration_ms(&lab, "mapSync") - sync0;
+    println!(
+        "  import of {} policies: {import_ms:.0} ms (resolving {calc:.0} ms, writing the maps {sync:.0} ms)",
+        rules + 1
+    );
+
+    // How full the map is.
+    let map = ciliate_datapath::maps::PolicyMap::from_pin_dir(&lab.nodes[0].pins_dir).map_err(e)?;
+    let held = map.entries_by_endpoint().map_err(e)?;
+    let total: usize = held.values().map(|v| v.len()).sum();
+    let most = held.values().map(|v| v.len()).max().unwrap_or(0);
+    let share = 16_384.0;
+    println!(
+        "  policy map: {total} entries for {} endpoints ({:.2}% of the map's {}); the fullest endpoint {most} ({:.1}% of its {share})",
+        held.len(),
+        total as f64 / f64::from(map.capacity().map_err(e)? as u32) * 100.0,
+        map.capacity().map_err(e)?,
+        most as f64 / share * 100.0
+    );
+
+    // New identities, one at a time: app a5 (rule 5 gives it to pod
+    // 5 % pods + 1: one endpoint regenerates), then tier t0 (the
+    // clusterwide rule gives it to every endpoint), each until a packet
+    // from it to its endpoint's port is allowed in the map.
+    let endpoint_of = |name: String| -> Result<u16, String> {
+        let p = lab.pods.iter().find(|p| p.pod.state.name == name).ok_or("no such pod")?;
+        Ok(p.pod.state.endpoint_id)
+    };
+    let cases = [
+        ("one endpoint's rule names it", 5, endpoint_of(format!("pod{}", 5 % pods + 1))?, 80u16),
+        ("the clusterwide rule names it (every endpoint)", 7, endpoint_of("pod1".into())?, 443),
+    ];
+    let mut next_id = POLICY_ID_BASE + ids as u32 + 1;
+    for (what, like, target, port) in cases {
+        let (mut times, calc0, sync0) = (
+            Vec::new(),
+            regeneration_ms(&lab, "policyCalculation"),
+            regeneration_ms(&lab, "mapSync"),
+        );
+        for n in 0..NEW_IDENTITIES {
+            let id = next_id;
+            next_id += 1;
+            let mut labels = policy_labels(like);
+            labels.push(format!("k8s:bench=n{n}"));
+            labels.retain(|l| !l.starts_with("k8s:pod-template-hash="));
+            labels.sort();
+            let recs = [
+                (format!("{IDENTITY_IDS}{id}"), serde_json::to_vec(&labels).map_err(e)?),
+                (format!("{IDENTITY_VALUES}{}", labels.join(";")), id.to_string().into_bytes()),
+            ];
+            // What a packet from it to the target's port finds.
+            let key = ciliate_common::policy::PolicyKey {
+                endpoint_id: target,
+                dir: ciliate_common::policy::DIR_INGRESS,
+                identity: id,
+                proto: 6,
+                dport: port.to_be(),
+                ..Default::default()
+            };
+            let allowed = || -> Result<bool, String> {
+                let found = map.matching(&key).map_err(e)?;
+                Ok(found.is_some_and(|f| f.flags & ciliate_common::policy::F_MARKER == 0))
+            };
+            if allowed()? {
+                return Err(format!("identity {id} allowed before it exists"));
+            }
+            // From just before the write (its round trip included).
+            let written = with_etcd(&lab, async |kv| {
+                let t = Instant::now();
+                put_all(kv, &recs).await?;
+                Ok(t)
+            })?;
+            while !allowed()? {
+                if written.elapsed() > Duration::from_secs(60) {
+                    return Err(format!("identity {id} not in endpoint {target}'s policy in 60 s"));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            times.push(written.elapsed().as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let per = |v: f64| v / NEW_IDENTITIES as f64;
+        let calc = per(regeneration_ms(&lab, "policyCalculation") - calc0);
+        let sync = per(regeneration_ms(&lab, "mapSync") - sync0);
+        println!(
+            "  a new identity {what}: etcd to the endpoint's map p50 {:.1} ms, p99 {:.1} ms \
+             (resolving {calc:.1} ms, writing {sync:.1} ms each)",
+            pct(&mut times.clone(), 0.5),
+            pct(&mut times, 0.99)
+        );
+    }
+    println!("  agent RSS: {rss0:.1} MiB with the endpoints, {:.1} MiB now", rss_mib(pid));
+    Ok(())
+}
+
 fn main() {
     let run = || -> Result<(), String> {
         let o = parse_opts()?;
         let bins = Binaries::beside_current_exe().map_err(e)?;
+        if o.policy.0 > 0 {
+            policy_at_scale(&bins, o.policy.0, o.policy.1, o.policy.2)?;
+        }
         let mut rows = Vec::new();
         for &n in &o.nodes {
             println!(
