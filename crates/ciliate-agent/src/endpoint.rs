@@ -992,28 +992,42 @@ impl<D: Datapath> Endpoints<D> {
         which: &[u16],
         new: BTreeMap<u32, Vec<String>>,
     ) -> Result<(), EndpointError> {
-        let view = IdView::new(new);
-        let t = std::time::Instant::now();
-        let batch = self.resolve_batch(&self.policy.rules, which, &view);
-        self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
-        let t = std::time::Instant::now();
-        let r = self.datapath.add_policies(&batch);
-        self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
-        r.map_err(|e| policy_err("writing policy", e))
+        let policy = self.policy.clone();
+        let r = self.resolve_and_write(&policy.rules, which, &IdView::new(new), true);
+        r.map(drop).map_err(|e| policy_err("writing policy", e))
     }
 
     /// Re-resolve and write the policy of the endpoints `which` only (the
     /// policy and its CIDRs unchanged).
     pub fn regenerate_only(&mut self, which: &[u16]) -> Result<(), EndpointError> {
-        let ids = self.identities.view();
+        let (policy, ids) = (self.policy.clone(), self.identities.view());
+        let r = self.resolve_and_write(&policy.rules, which, &ids, false);
+        let batch = r.map_err(|e| policy_err("writing policy", e))?;
+        self.note_enforcement(&batch)
+    }
+
+    /// Resolve the policy of the endpoints `which` under `rules` against
+    /// `ids` and write it (`add`: add the entries to what each holds; else
+    /// make each hold exactly them), each phase timed as Cilium's
+    /// `policyCalculation` and `mapSync`.
+    fn resolve_and_write(
+        &mut self,
+        rules: &[Rule],
+        which: &[u16],
+        ids: &IdView,
+        add: bool,
+    ) -> Result<Vec<(u16, Resolved)>, DatapathError> {
         let t = std::time::Instant::now();
-        let batch = self.resolve_batch(&self.policy.rules, which, &ids);
+        let batch = self.resolve_batch(rules, which, ids);
         self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
         let t = std::time::Instant::now();
-        let r = self.datapath.sync_policies(&batch);
+        let r = if add {
+            self.datapath.add_policies(&batch)
+        } else {
+            self.datapath.sync_policies(&batch)
+        };
         self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
-        r.map_err(|e| policy_err("writing policy", e))?;
-        self.note_enforcement(&batch)
+        r.map(|()| batch)
     }
 
     /// Put `next` in force, all or nothing: the CIDR identities it names
@@ -1046,14 +1060,8 @@ impl<D: Datapath> Endpoints<D> {
             .map_err(|e| internal(format!("writing CIDR identities: {e}")))
             .and_then(|()| {
                 let ids = self.identities.view();
-                let t = std::time::Instant::now();
-                let batch = self.resolve_batch(&next.rules, &which, &ids);
-                self.metrics.regeneration_phase("policyCalculation", t.elapsed(), true);
-                let t = std::time::Instant::now();
-                let r = self.datapath.sync_policies(&batch);
-                self.metrics.regeneration_phase("mapSync", t.elapsed(), r.is_ok());
-                r.map_err(|e| policy_err("writing the policy of the endpoints", e))?;
-                Ok(batch)
+                self.resolve_and_write(&next.rules, &which, &ids, false)
+                    .map_err(|e| policy_err("writing the policy of the endpoints", e))
             })
             .and_then(|batch| {
                 if save && let Err(e) = self.save_policy(&next) {

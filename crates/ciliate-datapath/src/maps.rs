@@ -350,38 +350,69 @@ pub struct MapFill {
     pub max_entries: u32,
 }
 
+/// The kind of a map, for counting its keys.
+#[derive(Clone, Copy)]
+enum Kind {
+    Hash,
+    Lru,
+    Lpm,
+    PerCpu,
+}
+
 /// Entries and capacity of pinned map `name` (keys `K`, values `V`).
-fn fill_of<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str, lpm: bool) -> Result<MapFill> {
+fn fill_of<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+    kind: Kind,
+) -> Result<MapFill> {
     let data = from_pin(dir, name)?;
     let max_entries = data.info().map_err(map_err("reading the info of", name))?.max_entries();
-    let entries = if lpm {
-        let m: LpmTrie<MapData, K, V> =
-            LpmTrie::try_from(Map::LpmTrie(data)).map_err(map_err("opening", name))?;
-        m.keys().filter(|k| k.is_ok()).count()
-    } else {
-        let m: HashMap<MapData, K, V> =
-            HashMap::try_from(Map::HashMap(data)).map_err(map_err("opening", name))?;
-        m.keys().filter(|k| k.is_ok()).count()
+    let entries = match kind {
+        Kind::Lpm => {
+            let m: LpmTrie<MapData, K, V> =
+                LpmTrie::try_from(Map::LpmTrie(data)).map_err(map_err("opening", name))?;
+            m.keys().filter(|k| k.is_ok()).count()
+        }
+        Kind::Hash | Kind::Lru => {
+            let data =
+                if matches!(kind, Kind::Lru) { Map::LruHashMap(data) } else { Map::HashMap(data) };
+            let m: HashMap<MapData, K, V> =
+                HashMap::try_from(data).map_err(map_err("opening", name))?;
+            m.keys().filter(|k| k.is_ok()).count()
+        }
+        Kind::PerCpu => {
+            let m: PerCpuHashMap<MapData, K, V> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+                .map_err(map_err("opening", name))?;
+            m.keys().filter(|k| k.is_ok()).count()
+        }
     };
     Ok(MapFill { name, entries, max_entries })
 }
 
-/// How full the maps the agent writes are (endpoints, ipcache, policy,
-/// services): each read key by key, so not the conntrack and NAT tables
-/// (their sweep counts them).
+/// How full the node's maps are, each read key by key: every map with
+/// entries but the conntrack and NAT tables (their sweep counts them) and
+/// the arrays (program arrays, the node configuration: always full).
 pub fn map_fill(dir: &Path) -> Vec<MapFill> {
+    use Kind::*;
     use ciliate_common::{
         config::{ENDPOINT_CONFIG_MAP, EndpointConfig},
-        lb,
+        frag, lb, node,
     };
     let all = [
-        fill_of::<EndpointKey, EndpointInfo>(dir, endpoint::MAP_NAME, false),
-        fill_of::<u32, EndpointConfig>(dir, ENDPOINT_CONFIG_MAP, false),
-        fill_of::<IpcacheKey, IpcacheEntry>(dir, ipcache::MAP_NAME, true),
-        fill_of::<PolicyKey, PolicyEntry>(dir, policy::MAP_NAME, true),
-        fill_of::<lb::LbKey, lb::LbService>(dir, lb::SERVICES_MAP, false),
-        fill_of::<u32, lb::LbBackend>(dir, lb::BACKENDS_MAP, false),
-        fill_of::<u16, lb::RevNat>(dir, lb::REVNAT_MAP, false),
+        fill_of::<EndpointKey, EndpointInfo>(dir, endpoint::MAP_NAME, Hash),
+        fill_of::<u32, EndpointConfig>(dir, ENDPOINT_CONFIG_MAP, Hash),
+        fill_of::<IpcacheKey, IpcacheEntry>(dir, ipcache::MAP_NAME, Lpm),
+        fill_of::<PolicyKey, PolicyEntry>(dir, policy::MAP_NAME, Lpm),
+        fill_of::<lb::LbKey, lb::LbService>(dir, lb::SERVICES_MAP, Hash),
+        fill_of::<u32, lb::LbBackend>(dir, lb::BACKENDS_MAP, Hash),
+        fill_of::<u16, lb::RevNat>(dir, lb::REVNAT_MAP, Hash),
+        fill_of::<lb::AffinityKey, lb::AffinityValue>(dir, lb::AFFINITY_MAP, Lru),
+        fill_of::<lb::MaglevKey, lb::MaglevChunk>(dir, lb::MAGLEV_MAP, Hash),
+        fill_of::<lb::SrcRangeKey, u8>(dir, lb::SRC_RANGE_MAP, Lpm),
+        fill_of::<lb::SockRevNatKey, lb::SockRevNatValue>(dir, lb::SOCK_REVNAT_MAP, Lru),
+        fill_of::<frag::FragKey, frag::FragPorts>(dir, frag::MAP_NAME, Lru),
+        fill_of::<node::NoMasqKey, u8>(dir, node::NOMASQ_MAP, Lpm),
+        fill_of::<MetricsKey, MetricsValue>(dir, metrics::MAP_NAME, PerCpu),
     ];
     all.into_iter().filter_map(|r| r.ok()).collect()
 }

@@ -105,6 +105,31 @@ fn a_live_scrape_passes_promtool_and_counts_what_happened() {
         sample(&text, r#"cilium_bpf_map_pressure{map_name="ciliate_snat_v4_external"}"#),
         Some(0.0)
     );
+    // Every map with entries has its pressure (conntrack and NAT from
+    // their sweep, the others counted at the scrape).
+    for map in [
+        "ciliate_lxc",
+        "ciliate_ep_config",
+        "ciliate_ipcache",
+        "ciliate_policy",
+        "ciliate_ct4_global",
+        "ciliate_ct_any4_global",
+        "ciliate_snat_v4_external",
+        "ciliate_lb4_services",
+        "ciliate_lb4_backends",
+        "ciliate_lb4_reverse_nat",
+        "ciliate_lb4_affinity",
+        "ciliate_lb4_maglev",
+        "ciliate_lb4_source_range",
+        "ciliate_lb4_reverse_sk",
+        "ciliate_ipv4_frag_datagrams",
+        "ciliate_ipmasq_v4",
+        "ciliate_metrics",
+    ] {
+        let series = format!("cilium_bpf_map_pressure{{map_name=\"{map}\"}}");
+        let v = sample(&text, &series).unwrap_or_else(|| panic!("no {series}"));
+        assert!((0.0..=1.0).contains(&v), "{series} = {v}");
+    }
     // Each endpoint's share of the policy map, as Cilium's per-endpoint
     // maps: pod2 holds what the map says it holds, of 16,384.
     let held = ciliate_datapath::maps::PolicyMap::from_pin_dir(&lab.pins_dir)
