@@ -17,7 +17,7 @@ use ciliate_api::models::{Endpoint, EndpointCreate, check_labels};
 use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS, PolicyEntry, PolicyKey};
 use ciliate_datapath::{
     DatapathError,
-    maps::{PolicyEntries, PolicyWriter, policy_entries, sync_policy_batch},
+    maps::{PolicyEntries, PolicyWriter, add_policy_batch, policy_entries, sync_policy_batch},
     node::{Attached, EndpointSpec, format_mac, parse_mac},
 };
 
@@ -236,8 +236,7 @@ impl Datapath for MemoryDatapath {
             .iter()
             .map(|(id, r)| Ok((*id, entries_of(*id, r)?)))
             .collect::<Result<Vec<_>, DatapathError>>()?;
-        let entries = ciliate_datapath::maps::with_held(&self.held, entries);
-        sync_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
+        add_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
         for (id, r) in batch {
             *self.syncs.entry(*id).or_default() += 1;
             let p = self.policies.entry(*id).or_default();
@@ -1692,6 +1691,57 @@ spec:
         n.import_policy(many_ports(10)).unwrap();
         n.delete_policy(&[]).unwrap();
         assert!(map_entries(&n).is_empty(), "{:?}", map_entries(&n));
+    }
+
+    /// New identities added to the maps (no full regeneration): past an
+    /// endpoint's share nothing is written, and a write that fails midway
+    /// is undone; then they go in.
+    #[test]
+    fn identities_added_to_the_maps_are_refused_or_undone_whole() {
+        use crate::cluster::IdentityChange;
+        let mut n = node();
+        let ports: Vec<String> =
+            (1..=10).map(|p| format!("{{port: \"{p}\", protocol: TCP}}")).collect();
+        let policy = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: api}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{fromEndpoints: [{{matchLabels: {{app: api}}}}], toPorts: [{{ports: [{}]}}]}}]\n",
+            ports.join(", ")
+        );
+        n.import_policy(crate::policy::parse(&policy).unwrap()).unwrap();
+        for c in ["c1", "c2"] {
+            let r = request(&mut n, c, "web");
+            n.create(r).unwrap();
+        }
+        let api = |i: u32| {
+            (
+                700 + i,
+                vec![
+                    "k8s:app=api".to_string(),
+                    format!("k8s:i={i}"),
+                    "k8s:io.kubernetes.pod.namespace=default".into(),
+                ],
+            )
+        };
+        let before = map_entries(&n);
+        // Ten ports per new api identity and endpoint: 3 identities pass 30
+        // entries a share of 30 cannot take with what each holds.
+        let held = n.datapath.held.values().map(|w| w.len()).max().unwrap();
+        n.datapath.policy_capacity.per_endpoint = held + 25;
+        let e = n.identities_changed(vec![IdentityChange::Learned((0..3).map(api).collect())]);
+        let e = e.unwrap_err();
+        assert!(e.contains("one endpoint may hold"), "refused by the share: {e}");
+        assert_eq!(map_entries(&n), before, "nothing written");
+        // Room again, but the map fails after 15 writes: undone whole.
+        n.datapath.policy_capacity.per_endpoint = held + 100;
+        n.datapath.map.fail_after = Some(15);
+        let e = n.identities_changed(vec![IdentityChange::Learned((3..5).map(api).collect())]);
+        assert!(e.unwrap_err().contains("undone"), "rolled back");
+        n.datapath.map.fail_after = None;
+        assert_eq!(map_entries(&n), before, "rolled back to the entries before");
+        let held_now: usize = n.datapath.held.values().map(|w| w.len()).sum();
+        assert_eq!(held_now, before.len(), "the agent's view and the map agree");
+        // A full regeneration puts in what the failed adds could not.
+        n.regenerate().unwrap();
+        assert_eq!(map_entries(&n).len(), before.len() + 2 * 5 * 10);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
 use std::collections::BTreeMap;
 
 use ciliate_datapath::maps::{
-    IpcacheMap, LxcMap, PolicyCapacity, PolicyEntries, PolicyMap, policy_entries, sync_policy_batch,
+    IpcacheMap, LxcMap, PolicyCapacity, PolicyEntries, PolicyMap, add_policy_batch, policy_entries,
+    sync_policy_batch,
 };
 
 use crate::{
@@ -122,7 +123,7 @@ impl Datapath for KernelDatapath {
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
         let entries = self.entries_of(batch)?;
-        self.write_policies(&entries)
+        self.write_policies(&entries, false)
     }
 
     fn add_policies(
@@ -130,9 +131,7 @@ impl Datapath for KernelDatapath {
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
         let entries = self.entries_of(batch)?;
-        let (_, held) = self.policy_map()?;
-        let entries = ciliate_datapath::maps::with_held(held, entries);
-        self.write_policies(&entries)
+        self.write_policies(&entries, true)
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
@@ -160,16 +159,22 @@ impl KernelDatapath {
     }
 
     /// Make each endpoint's entries in the map exactly those of `entries`
-    /// (see `sync_policy_batch`), and publish what every endpoint holds.
+    /// (see `sync_policy_batch`), or add them (`add`: see
+    /// `add_policy_batch`), and publish what every endpoint holds.
     fn write_policies(
         &mut self,
         entries: &[(u16, PolicyEntries)],
+        add: bool,
     ) -> Result<(), ciliate_datapath::DatapathError> {
         let per_endpoint = self.policy_per_endpoint;
         let fill = self.policy_fill.clone();
         let (map, held) = self.policy_map()?;
         let capacity = PolicyCapacity { total: map.capacity()?, per_endpoint };
-        let r = sync_policy_batch(map, held, entries, capacity).map(drop);
+        let r = if add {
+            add_policy_batch(map, held, entries, capacity).map(drop)
+        } else {
+            sync_policy_batch(map, held, entries, capacity).map(drop)
+        };
         // Refused or not, `held` is what the map holds.
         if let Some(fill) = fill {
             let counts = held.iter().map(|(id, e)| (*id, e.len())).collect();

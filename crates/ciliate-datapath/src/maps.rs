@@ -627,6 +627,17 @@ pub fn plan_policy(
     batch: &[(u16, PolicyEntries)],
     capacity: PolicyCapacity,
 ) -> Result<usize> {
+    plan(held, batch, capacity, true)
+}
+
+/// [`plan_policy`], with each endpoint's entries not in its `batch`
+/// entries removed (`remove`) or kept.
+fn plan(
+    held: &std::collections::BTreeMap<u16, PolicyEntries>,
+    batch: &[(u16, PolicyEntries)],
+    capacity: PolicyCapacity,
+    remove: bool,
+) -> Result<usize> {
     let in_use: usize = held.values().map(|w| w.len()).sum();
     let (mut now, mut peak) = (in_use, in_use);
     let empty = PolicyEntries::new();
@@ -644,7 +655,9 @@ pub fn plan_policy(
         }
         now += added;
         peak = peak.max(now);
-        now -= written.keys().filter(|k| !desired.contains_key(k)).count();
+        if remove {
+            now -= written.keys().filter(|k| !desired.contains_key(k)).count();
+        }
     }
     if peak > capacity.total {
         return Err(DatapathError::MapFull {
@@ -782,23 +795,62 @@ pub fn sync_policy_batch<W: PolicyWriter>(
     Ok((added, removed))
 }
 
-/// `add` (entries to add, per endpoint) joined with what each endpoint
-/// already holds (`held`), for [`sync_policy_batch`]: it then writes only
-/// the added ones and removes nothing.
-pub fn with_held(
-    held: &std::collections::BTreeMap<u16, PolicyEntries>,
-    add: Vec<(u16, PolicyEntries)>,
-) -> Vec<(u16, PolicyEntries)> {
-    add.into_iter()
-        .map(|(ep, mut entries)| {
-            if let Some(h) = held.get(&ep) {
-                for (k, v) in h {
-                    entries.entry(*k).or_insert(*v);
-                }
-            }
-            (ep, entries)
+/// Add each endpoint's entries of `batch` to what it holds (`held`, kept
+/// true), removing nothing (identities new to a policy in force). Only
+/// entries it does not hold as they are are written, rules before
+/// enforcement markers; the change is planned first as
+/// [`sync_policy_batch`]'s, and a write that fails midway puts back what
+/// was there ([`DatapathError::RolledBack`]). Returns the entries written.
+/// (Its cost is that of the additions, not of what the endpoints hold.)
+pub fn add_policy_batch<W: PolicyWriter>(
+    w: &mut W,
+    held: &mut std::collections::BTreeMap<u16, PolicyEntries>,
+    batch: &[(u16, PolicyEntries)],
+    capacity: PolicyCapacity,
+) -> Result<usize> {
+    let same =
+        |a: &PolicyEntry, b: &PolicyEntry| a.flags == b.flags && a.match_type == b.match_type;
+    let fresh: Vec<(u16, PolicyEntries)> = batch
+        .iter()
+        .map(|(ep, add)| {
+            let written = held.get(ep);
+            let new = add
+                .iter()
+                .filter(|(k, v)| !written.and_then(|w| w.get(*k)).is_some_and(|e| same(e, v)))
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            (*ep, new)
         })
-        .collect()
+        .collect();
+    plan(held, &fresh, capacity, false)?;
+    let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
+    let mut done: Vec<(u16, (PolicyKey, u32), Option<PolicyEntry>)> = Vec::new();
+    for markers in [false, true] {
+        for (ep, add) in &fresh {
+            for (k, v) in add.iter().filter(|(_, v)| is_marker(v) == markers) {
+                let written = held.entry(*ep).or_default();
+                let old = written.get(k).copied();
+                if let Err(e) = w.insert_entry(k, *v) {
+                    // Best effort, last first: `held` stays true to the map.
+                    for (ep, k, old) in done.into_iter().rev() {
+                        let written = held.entry(ep).or_default();
+                        let _ = match old {
+                            Some(o) => w.insert_entry(&k, o).map(|()| written.insert(k, o)),
+                            None => w.remove_entry(&k).map(|()| written.remove(&k)),
+                        };
+                    }
+                    held.retain(|_, w| !w.is_empty());
+                    return Err(DatapathError::RolledBack {
+                        what: format!("adding to the policy of endpoint {ep}"),
+                        source: Box::new(e),
+                    });
+                }
+                written.insert(*k, *v);
+                done.push((*ep, *k, old));
+            }
+        }
+    }
+    Ok(done.len())
 }
 
 /// `CILIATE_POLICY`: every endpoint's policy (reading rules:
