@@ -132,6 +132,13 @@ fn entries_of(endpoint_id: u16, r: &Resolved) -> Result<PolicyEntries, DatapathE
     policy_entries(endpoint_id, &enforced, &rules)
 }
 
+/// The map entries of each endpoint's `Resolved` in `batch`.
+pub fn batch_entries(
+    batch: &[(u16, Resolved)],
+) -> Result<Vec<(u16, PolicyEntries)>, DatapathError> {
+    batch.iter().map(|(id, r)| Ok((*id, entries_of(*id, r)?))).collect()
+}
+
 /// Policy entries in memory, with a write that fails on demand.
 #[derive(Default)]
 pub struct MemoryPolicyMap {
@@ -216,10 +223,7 @@ impl Datapath for MemoryDatapath {
         Ok(())
     }
     fn sync_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError> {
-        let entries = batch
-            .iter()
-            .map(|(id, r)| Ok((*id, entries_of(*id, r)?)))
-            .collect::<Result<Vec<_>, DatapathError>>()?;
+        let entries = batch_entries(batch)?;
         sync_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
         for (id, r) in batch {
             *self.syncs.entry(*id).or_default() += 1;
@@ -232,10 +236,7 @@ impl Datapath for MemoryDatapath {
         Ok(())
     }
     fn add_policies(&mut self, batch: &[(u16, Resolved)]) -> Result<(), DatapathError> {
-        let entries = batch
-            .iter()
-            .map(|(id, r)| Ok((*id, entries_of(*id, r)?)))
-            .collect::<Result<Vec<_>, DatapathError>>()?;
+        let entries = batch_entries(batch)?;
         add_policy_batch(&mut self.map, &mut self.held, &entries, self.policy_capacity)?;
         for (id, r) in batch {
             *self.syncs.entry(*id).or_default() += 1;

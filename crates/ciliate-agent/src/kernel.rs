@@ -15,7 +15,7 @@ use ciliate_common::policy::{DIR_EGRESS, DIR_INGRESS};
 use std::collections::BTreeMap;
 
 use ciliate_datapath::maps::{
-    IpcacheMap, LxcMap, PolicyCapacity, PolicyEntries, PolicyMap, add_policy_batch, policy_entries,
+    IpcacheMap, LxcMap, PolicyCapacity, PolicyEntries, PolicyMap, add_policy_batch,
     sync_policy_batch,
 };
 
@@ -122,7 +122,7 @@ impl Datapath for KernelDatapath {
         &mut self,
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
-        let entries = self.entries_of(batch)?;
+        let entries = crate::endpoint::batch_entries(batch)?;
         self.write_policies(&entries, false)
     }
 
@@ -130,7 +130,7 @@ impl Datapath for KernelDatapath {
         &mut self,
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
-        let entries = self.entries_of(batch)?;
+        let entries = crate::endpoint::batch_entries(batch)?;
         self.write_policies(&entries, true)
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
@@ -143,21 +143,6 @@ impl Datapath for KernelDatapath {
 }
 
 impl KernelDatapath {
-    /// The map entries of each endpoint's `Resolved` in `batch`.
-    fn entries_of(
-        &self,
-        batch: &[(u16, Resolved)],
-    ) -> Result<Vec<(u16, PolicyEntries)>, ciliate_datapath::DatapathError> {
-        batch
-            .iter()
-            .map(|(id, r)| {
-                let rules: Vec<_> = r.rules.iter().cloned().collect();
-                let enforced = [(DIR_INGRESS, r.ingress_enforced), (DIR_EGRESS, r.egress_enforced)];
-                Ok((*id, policy_entries(*id, &enforced, &rules)?))
-            })
-            .collect()
-    }
-
     /// Make each endpoint's entries in the map exactly those of `entries`
     /// (see `sync_policy_batch`), or add them (`add`: see
     /// `add_policy_batch`), and publish what every endpoint holds.
