@@ -882,8 +882,18 @@ impl<D: Datapath> Endpoints<D> {
             match c {
                 IdentityChange::Learned(ids) => {
                     for (id, labels) in ids {
+                        // New: neither the ID nor its labels (a label set
+                        // the store moved to another ID takes the old one
+                        // away) are known here.
+                        let moved = self.identities.id_of(labels).is_some_and(|k| k != *id);
                         match self.identities.get(*id) {
+                            _ if moved => only_fresh = false,
                             None if ciliate_common::identity::is_cluster(*id) => {
+                                // One ID or label set twice in the batch:
+                                // the last one stands, as a full pass sees.
+                                let twice = fresh.contains(labels)
+                                    || fresh_ids.get(id).is_some_and(|l| l != labels);
+                                only_fresh &= !twice;
                                 fresh.push(labels.clone());
                                 fresh_ids.insert(*id, labels.clone());
                             }
@@ -1592,6 +1602,23 @@ spec:
         );
         n.regenerate().unwrap();
         assert_eq!(n.datapath.held, incremental, "a full regeneration changes nothing");
+        // A label set the store moved to a new ID (the old one goes with
+        // it), and one label set twice in a batch (the last ID stands):
+        // the maps are still what a full pass gives.
+        n.identities_changed(vec![IdentityChange::Learned(vec![(520, peers[1].clone())])]).unwrap();
+        let after = n.datapath.held.clone();
+        assert!(after.values().flat_map(|e| e.keys()).all(|(k, _)| k.identity != 501));
+        n.regenerate().unwrap();
+        assert_eq!(n.datapath.held, after, "a moved label set");
+        let twice = vec![
+            IdentityChange::Learned(vec![(521, labels(&["app=api", "v=9"]))]),
+            IdentityChange::Learned(vec![(522, labels(&["app=api", "v=9"]))]),
+        ];
+        n.identities_changed(twice).unwrap();
+        let after = n.datapath.held.clone();
+        assert!(after.values().flat_map(|e| e.keys()).all(|(k, _)| k.identity != 521));
+        n.regenerate().unwrap();
+        assert_eq!(n.datapath.held, after, "a label set twice in a batch");
     }
 
     #[test]

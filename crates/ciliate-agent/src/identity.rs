@@ -261,6 +261,11 @@ impl Identities {
         Ok(gone)
     }
 
+    /// The ID label set `labels` has here, if any.
+    pub fn id_of(&self, labels: &LabelSet) -> Option<u32> {
+        self.by_labels.get(labels).copied()
+    }
+
     pub fn get(&self, id: u32) -> Option<Identity> {
         if let Some(name) = reserved::reserved_name(id) {
             return Some(Identity { id, labels: vec![format!("reserved:{name}")], reserved: true });
