@@ -240,6 +240,15 @@ fn identity_keys(id: u32, labels: &[String]) -> (String, String) {
     (format!("{IDENTITY_VALUES}{}", labels.join(";")), format!("{IDENTITY_IDS}{id}"))
 }
 
+/// Identity `id` of `labels` as the store holds it: the value key with
+/// the ID, the ID key with the label set (JSON). (What an allocation
+/// writes, for tools that write identities themselves: the benchmarks.)
+pub fn identity_records(id: u32, labels: &[String]) -> [(String, Vec<u8>); 2] {
+    let (value_key, id_key) = identity_keys(id, labels);
+    let json = serde_json::to_vec(labels).unwrap_or_default();
+    [(value_key, id.to_string().into_bytes()), (id_key, json)]
+}
+
 /// The key saying that `node` has an endpoint of identity `id`.
 fn user_key(id: u32, node: &str) -> String {
     format!("{IDENTITY_USERS}{id}/{node}")

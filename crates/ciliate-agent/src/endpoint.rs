@@ -875,37 +875,7 @@ impl<D: Datapath> Endpoints<D> {
         // endpoints whose rules may name them as a peer change (the
         // selector cache at endpoint granularity, as for a new local
         // endpoint); anything else regenerates every endpoint.
-        let mut fresh: Vec<Vec<String>> = Vec::new();
-        let mut fresh_ids: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        let mut only_fresh = true;
-        for c in &merged {
-            match c {
-                IdentityChange::Learned(ids) => {
-                    for (id, labels) in ids {
-                        // New: neither the ID nor its labels (a label set
-                        // the store moved to another ID takes the old one
-                        // away) are known here.
-                        let moved = self.identities.id_of(labels).is_some_and(|k| k != *id);
-                        match self.identities.get(*id) {
-                            _ if moved => only_fresh = false,
-                            None if ciliate_common::identity::is_cluster(*id) => {
-                                // One ID or label set twice in the batch:
-                                // the last one stands, as a full pass sees.
-                                let twice = fresh.contains(labels)
-                                    || fresh_ids.get(id).is_some_and(|l| l != labels);
-                                only_fresh &= !twice;
-                                fresh.push(labels.clone());
-                                fresh_ids.insert(*id, labels.clone());
-                            }
-                            None => {}
-                            Some(known) if known.labels == *labels => {}
-                            Some(_) => only_fresh = false,
-                        }
-                    }
-                }
-                _ => only_fresh = false,
-            }
-        }
+        let fresh = self.all_new(&merged);
         let mut changed = false;
         for c in merged {
             changed |= match c {
@@ -924,11 +894,13 @@ impl<D: Datapath> Endpoints<D> {
             }
             .map_err(|e| e.to_string())?;
         }
-        if changed && only_fresh {
-            let peering: Vec<&Rule> = fresh
-                .iter()
+        if let (true, Some(fresh)) = (changed, fresh) {
+            let mut peering: Vec<&Rule> = fresh
+                .values()
                 .flat_map(|l| crate::policy::rules_peering(&self.policy.rules, l))
                 .collect();
+            peering.sort_by_key(|r| std::ptr::from_ref(*r));
+            peering.dedup_by_key(|r| std::ptr::from_ref(*r));
             let affected: Vec<u16> = self
                 .endpoints
                 .values()
@@ -940,7 +912,7 @@ impl<D: Datapath> Endpoints<D> {
                 .collect();
             if !affected.is_empty() {
                 let t = std::time::Instant::now();
-                let r = self.add_identities(&affected, fresh_ids);
+                let r = self.add_identities(&affected, fresh);
                 self.metrics.regenerated(affected.len(), t.elapsed(), r.is_ok());
                 r.map_err(|e| e.to_string())?;
             }
@@ -989,6 +961,37 @@ impl<D: Datapath> Endpoints<D> {
             }
         }
         Ok(())
+    }
+
+    /// The cluster identities `changes` learn, if every one is new here:
+    /// neither its ID nor its label set known (a label set the store moved
+    /// to another ID takes the old one away), and none twice in `changes`
+    /// (the last would stand). `None` when anything else changes.
+    fn all_new(
+        &self,
+        changes: &[crate::cluster::IdentityChange],
+    ) -> Option<BTreeMap<u32, Vec<String>>> {
+        use crate::cluster::IdentityChange;
+        let mut fresh = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for c in changes {
+            let IdentityChange::Learned(ids) = c else { return None };
+            for (id, labels) in ids {
+                let known = self.identities.get(*id);
+                if known.as_ref().is_some_and(|k| k.labels == *labels)
+                    || !ciliate_common::identity::is_cluster(*id)
+                {
+                    continue;
+                }
+                let moved = self.identities.id_of(labels).is_some();
+                let twice = !seen.insert(labels) || fresh.contains_key(id);
+                if known.is_some() || moved || twice {
+                    return None;
+                }
+                fresh.insert(*id, labels.clone());
+            }
+        }
+        Some(fresh)
     }
 
     /// Identities `new` (none known before) into the policy of the

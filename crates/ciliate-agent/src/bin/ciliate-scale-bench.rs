@@ -31,8 +31,8 @@ use std::{
 };
 
 use ciliate_agent::{
-    cluster::{IpRecord, NodeRecord, Routing},
-    kvstore::{Etcd, EtcdConfig, IDENTITY_IDS, IDENTITY_VALUES, IPS, KvStore, NODES, Op},
+    cluster::{IpRecord, NodeRecord, Routing, identity_records},
+    kvstore::{Etcd, EtcdConfig, IPS, KvStore, NODES, Op},
 };
 use ciliate_lab::{
     cluster::{ClusterLab, ClusterLabConfig, ETCD_PORT, Store, UNDERLAY_IP},
@@ -228,8 +228,7 @@ fn one_size(bins: &Binaries, nodes: usize, pods: usize, new: usize) -> Result<Ro
     let mut kvs: Vec<(String, Vec<u8>)> = Vec::with_capacity(nodes * (pods + 1) + 1000);
     for id in 1000..1000 + IDENTITIES {
         let labels = vec![format!("k8s:app=sim{id}"), "k8s:io.kubernetes.pod.namespace=sim".into()];
-        kvs.push((format!("{IDENTITY_IDS}{id}"), serde_json::to_vec(&labels).map_err(e)?));
-        kvs.push((format!("{IDENTITY_VALUES}{}", labels.join(";")), id.to_string().into_bytes()));
+        kvs.extend(identity_records(id, &labels));
     }
     for i in 0..nodes {
         kvs.push((format!("{NODES}sim{i}"), serde_json::to_vec(&sim_node(i)).map_err(e)?));
@@ -322,15 +321,6 @@ fn policy_labels(i: usize) -> Vec<String> {
     l
 }
 
-/// The identity records of simulated identity `i`.
-fn identity_records(i: usize) -> Result<[(String, Vec<u8>); 2], String> {
-    let (id, labels) = (POLICY_ID_BASE + i as u32, policy_labels(i));
-    Ok([
-        (format!("{IDENTITY_IDS}{id}"), serde_json::to_vec(&labels).map_err(e)?),
-        (format!("{IDENTITY_VALUES}{}", labels.join(";")), id.to_string().into_bytes()),
-    ])
-}
-
 /// `rules` policies over the lab's pods: rule k gives pod k % pods (its
 /// `app`) ingress from app a<k % 1000> (ten identities in 10,000) on TCP 80
 /// and 8000-8100; and one clusterwide rule gives every pod tier t0 (one
@@ -387,7 +377,7 @@ fn policy_at_scale(bins: &Binaries, pods: usize, ids: usize, rules: usize) -> Re
     let before: ciliate_api::models::Status = client.get("/v1/status").map_err(e)?;
     let mut kvs = Vec::with_capacity(2 * ids);
     for i in 0..ids {
-        kvs.extend(identity_records(i)?);
+        kvs.extend(identity_records(POLICY_ID_BASE + i as u32, &policy_labels(i)));
     }
     let t = Instant::now();
     with_etcd(&lab, async |kv| put_all(kv, &kvs).await)?;
@@ -467,10 +457,7 @@ fn policy_at_scale(bins: &Binaries, pods: usize, ids: usize, rules: usize) -> Re
             labels.push(format!("k8s:bench=n{n}"));
             labels.retain(|l| !l.starts_with("k8s:pod-template-hash="));
             labels.sort();
-            let recs = [
-                (format!("{IDENTITY_IDS}{id}"), serde_json::to_vec(&labels).map_err(e)?),
-                (format!("{IDENTITY_VALUES}{}", labels.join(";")), id.to_string().into_bytes()),
-            ];
+            let recs = identity_records(id, &labels);
             // What a packet from it to the target's port finds.
             let key = ciliate_common::policy::PolicyKey {
                 endpoint_id: target,
