@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nat;
 pub mod node;
 pub mod policy;
+pub mod prefilter;
 pub mod trace;
 
 #[cfg(feature = "user")]
@@ -66,6 +67,8 @@ mod pod {
         crate::nat::NatEntry,
         crate::node::NodeConfig,
         crate::node::NoMasqKey,
+        crate::prefilter::PrefilterKey,
+        crate::prefilter::PrefilterStats,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
         crate::policy::PolicyEntry,

@@ -211,6 +211,7 @@ fn programs_of(object: &str) -> &'static [&'static str] {
             HOST_DEBUG[3],
         ],
         "sock" => &SOCK,
+        "xdp" => &[XDP_ENTRY],
         _ => &[],
     }
 }

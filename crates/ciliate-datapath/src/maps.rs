@@ -396,7 +396,7 @@ pub fn map_fill(dir: &Path) -> Vec<MapFill> {
     use Kind::*;
     use ciliate_common::{
         config::{ENDPOINT_CONFIG_MAP, EndpointConfig},
-        frag, lb, node,
+        frag, lb, node, prefilter,
     };
     let all = [
         fill_of::<EndpointKey, EndpointInfo>(dir, endpoint::MAP_NAME, Hash),
@@ -412,6 +412,7 @@ pub fn map_fill(dir: &Path) -> Vec<MapFill> {
         fill_of::<lb::SockRevNatKey, lb::SockRevNatValue>(dir, lb::SOCK_REVNAT_MAP, Lru),
         fill_of::<frag::FragKey, frag::FragPorts>(dir, frag::MAP_NAME, Lru),
         fill_of::<node::NoMasqKey, u8>(dir, node::NOMASQ_MAP, Lpm),
+        fill_of::<prefilter::PrefilterKey, u32>(dir, prefilter::MAP_NAME, Lpm),
         fill_of::<MetricsKey, MetricsValue>(dir, metrics::MAP_NAME, PerCpu),
     ];
     all.into_iter().filter_map(|r| r.ok()).collect()

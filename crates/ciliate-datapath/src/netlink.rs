@@ -35,6 +35,10 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+    /// The id of the XDP program attached (0: none) and whether it runs in
+    /// the driver (native XDP) rather than on skbs (generic).
+    pub xdp_prog: u32,
+    pub xdp_native: bool,
 }
 
 /// A route to write (`ip route replace`).
@@ -337,12 +341,24 @@ fn link_of(m: &LinkMessage) -> Link {
         mac: [0; 6],
         mtu: 0,
         up: m.header.flags.contains(LinkFlags::Up),
+        xdp_prog: 0,
+        xdp_native: false,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Address(b) if b.len() == 6 => l.mac.copy_from_slice(b),
             LinkAttribute::Mtu(m) => l.mtu = *m,
+            LinkAttribute::Xdp(x) => {
+                use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
+                for x in x {
+                    match x {
+                        LinkXdp::ProgId(id) => l.xdp_prog = *id,
+                        LinkXdp::Attached(a) => l.xdp_native = *a == XdpAttached::Driver,
+                        _ => {}
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -27,7 +27,9 @@ use crate::{
     maps::{IpcacheMap, LxcMap},
     netlink::{self, Netlink, Route, in_netns},
     nodemaps::{EndpointConfigMap, NodeConfigMap},
-    objects::programs::{FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SOCK, TO_NETDEV},
+    objects::programs::{
+        FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SOCK, TO_NETDEV, XDP_ENTRY,
+    },
 };
 
 pub const HOST_DEV: &str = "ciliate_host";
@@ -38,6 +40,7 @@ pub const FROM_CONTAINER_PIN: &str = "from-container";
 pub const FROM_NETDEV_PIN: &str = "from-netdev";
 pub const TO_NETDEV_PIN: &str = "to-netdev";
 pub const FROM_OVERLAY_PIN: &str = "from-overlay";
+pub const XDP_PIN: &str = "xdp";
 
 /// The node's addressing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,6 +327,81 @@ fn attach_sock_prog(
 pub fn detach_sock_lb(pins: &NodePins) {
     for name in SOCK {
         let _ = std::fs::remove_file(pins.link_path("cgroup", name));
+    }
+}
+
+/// Attach the node's XDP program (the prefilter) to each of `devices`:
+/// natively where the driver runs XDP (veth does), else generic (on skbs,
+/// after the allocation the prefilter is there to spare: a warning's
+/// worth, returned as `false` beside the device). Links are pinned
+/// (`links/<dev>_xdp`), so XDP keeps filtering while no agent runs; a
+/// restarted agent with the same binary changes nothing, and a new binary's
+/// program replaces the old one inside the same link, atomically. A device
+/// with an XDP program Ciliate did not attach is refused, not taken over.
+pub fn attach_xdp(pins: &NodePins, devices: &[String]) -> Result<Vec<(String, bool)>> {
+    use aya::programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    };
+    let obj = loader::node_object(pins, "xdp", None::<(&str, &HostConfig)>)?;
+    let nl = Netlink::here()?;
+    let mut out = Vec::new();
+    for dev in devices {
+        let err = |e| DatapathError::program(format!("attaching to {dev}"), XDP_ENTRY, e);
+        let mut prog =
+            Xdp::from_pin(obj.path(XDP_ENTRY), aya_obj::programs::XdpAttachType::Interface)
+                .map_err(|e| DatapathError::program("opening the pinned", XDP_ENTRY, e))?;
+        let id = prog
+            .info()
+            .map_err(|e| DatapathError::program("reading the info of", XDP_ENTRY, e))?
+            .id();
+        let link = nl.need(dev)?;
+        let pin = pins.link_path(dev, XDP_PIN);
+        let pinned = PinnedLink::from_pin(&pin).ok().map(FdLink::from);
+        match (link.xdp_prog, pinned) {
+            (p, Some(_)) if p == id => {}
+            // Ours, from another binary: the new program goes into the link.
+            (p, Some(fd)) if p != 0 => {
+                let l = XdpLink::try_from(fd).map_err(|e| DatapathError::Device {
+                    name: dev.clone(),
+                    reason: format!("the link pinned at {} is not an XDP link: {e}", pin.display()),
+                })?;
+                prog.attach_to_link(l).map_err(err)?;
+            }
+            (p, _) if p != 0 => {
+                return Err(DatapathError::Device {
+                    name: dev.clone(),
+                    reason: format!(
+                        "runs XDP program {p}, which Ciliate did not attach: detach it first"
+                    ),
+                });
+            }
+            // None attached (a stale pin of a device that went is replaced).
+            _ => {
+                let _ = std::fs::remove_file(&pin);
+                let lid = match prog.attach(dev, XdpMode::Driver) {
+                    Ok(l) => l,
+                    Err(_) => prog.attach(dev, XdpMode::Skb).map_err(err)?,
+                };
+                let l: FdLink = prog.take_link(lid).map_err(err)?.try_into().map_err(|e| {
+                    DatapathError::Device {
+                        name: dev.clone(),
+                        reason: format!("the XDP link is not an fd link: {e}"),
+                    }
+                })?;
+                loader::replace_pin(l, &pin, XDP_ENTRY)?;
+            }
+        }
+        out.push((dev.clone(), nl.need(dev)?.xdp_native));
+    }
+    Ok(out)
+}
+
+/// Detach the node's XDP program from `devices` (their pinned links go).
+pub fn detach_xdp(pins: &NodePins, devices: &[String]) {
+    for dev in devices {
+        let _ = std::fs::remove_file(pins.link_path(dev, XDP_PIN));
     }
 }
 

@@ -1,6 +1,7 @@
-//! The node configuration map (`CILIATE_NODE`) and the masquerading map
-//! (`CILIATE_SNAT4`), fragments (`CILIATE_IPV4_FRAG`); layouts in
-//! `ciliate_common::node`, `::nat` and `::frag`.
+//! The node configuration map (`CILIATE_NODE`), the masquerading map
+//! (`CILIATE_SNAT4`), fragments (`CILIATE_IPV4_FRAG`) and the XDP
+//! prefilter's maps; layouts in `ciliate_common::node`, `::nat`, `::frag`
+//! and `::prefilter`.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -14,7 +15,7 @@ use ciliate_common::{
 
 use crate::maps::Counted as _;
 use crate::{
-    error::Result,
+    error::{DatapathError, Result},
     maps::{map_err, open_pinned},
 };
 
@@ -197,5 +198,86 @@ impl NatMap {
                 created: e.created,
             })
             .collect())
+    }
+}
+
+/// The XDP prefilter's maps (`ciliate_common::prefilter`): denied source
+/// prefixes with their counter slots, and the per-CPU counters.
+pub struct PrefilterMaps {
+    cidrs: aya::maps::LpmTrie<MapData, ciliate_common::prefilter::PrefilterKey, u32>,
+    stats: aya::maps::PerCpuArray<MapData, ciliate_common::prefilter::PrefilterStats>,
+}
+
+impl PrefilterMaps {
+    /// The maps exist once the XDP object was loaded on the node.
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        use ciliate_common::prefilter::{MAP_NAME, STATS_MAP};
+        Ok(Self {
+            cidrs: open_pinned(dir, MAP_NAME, Map::LpmTrie)?,
+            stats: open_pinned(dir, STATS_MAP, Map::PerCpuArray)?,
+        })
+    }
+
+    fn key(
+        net: Ipv4Addr,
+        len: u8,
+    ) -> aya::maps::lpm_trie::Key<ciliate_common::prefilter::PrefilterKey> {
+        aya::maps::lpm_trie::Key::new(
+            u32::from(len),
+            ciliate_common::prefilter::PrefilterKey { addr: net.octets() },
+        )
+    }
+
+    /// Deny `net/len`, counting into `slot`.
+    pub fn insert(&mut self, net: Ipv4Addr, len: u8, slot: u32) -> Result<()> {
+        use ciliate_common::prefilter::MAP_NAME;
+        self.cidrs
+            .insert(&Self::key(net, len), slot, 0)
+            .counted(crate::maps::UPDATE, MAP_NAME)
+            .map_err(map_err("inserting into", MAP_NAME))
+    }
+
+    /// Stop denying `net/len` (gone already is fine).
+    pub fn remove(&mut self, net: Ipv4Addr, len: u8) -> Result<()> {
+        crate::maps::ignore_missing(
+            self.cidrs.remove(&Self::key(net, len)),
+            ciliate_common::prefilter::MAP_NAME,
+        )
+    }
+
+    /// The denied prefixes and their slots, as the kernel holds them.
+    pub fn list(&self) -> Result<Vec<(Ipv4Addr, u8, u32)>> {
+        use ciliate_common::prefilter::MAP_NAME;
+        let mut out = Vec::new();
+        for e in self.cidrs.iter() {
+            let (k, slot) = e.map_err(map_err("iterating", MAP_NAME))?;
+            out.push((Ipv4Addr::from(k.data().addr), k.prefix_len() as u8, slot));
+        }
+        Ok(out)
+    }
+
+    /// Packets and bytes slot `slot` counted, all CPUs together.
+    pub fn stats(&self, slot: u32) -> Result<(u64, u64)> {
+        use ciliate_common::prefilter::STATS_MAP;
+        let v = self.stats.get(&slot, 0).map_err(map_err("reading", STATS_MAP))?;
+        Ok(v.iter().fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes)))
+    }
+
+    /// Start slot `slot` from zero (before a new CIDR takes it).
+    pub fn zero(&mut self, slot: u32) -> Result<()> {
+        use ciliate_common::prefilter::{PrefilterStats, STATS_MAP};
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Io {
+            what: "counting CPUs for",
+            path: STATS_MAP.into(),
+            source,
+        })?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![PrefilterStats::default(); cpus]).map_err(
+                |source| DatapathError::Io { what: "zeroing", path: STATS_MAP.into(), source },
+            )?;
+        self.stats
+            .set(slot, zeros, 0)
+            .counted(crate::maps::UPDATE, STATS_MAP)
+            .map_err(map_err("zeroing a slot of", STATS_MAP))
     }
 }

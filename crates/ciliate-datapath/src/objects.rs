@@ -11,6 +11,9 @@ pub static HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// getpeername4.
 pub static SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock"));
 
+/// XDP on the native devices: the prefilter.
+pub static XDP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp"));
+
 /// An embedded object and its name (the eBPF crate's bin name).
 #[derive(Clone, Copy, Debug)]
 pub struct Object {
@@ -24,6 +27,7 @@ pub fn all() -> &'static [Object] {
         Object { name: "lxc", bytes: LXC },
         Object { name: "host", bytes: HOST },
         Object { name: "sock", bytes: SOCK },
+        Object { name: "xdp", bytes: XDP },
     ];
     ALL
 }
@@ -59,4 +63,6 @@ pub mod programs {
     /// The socket-LB programs (each knows its cgroup attach type).
     pub const SOCK: [&str; 5] =
         ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername", "sock4_release"];
+    /// The XDP program of the native devices.
+    pub const XDP_ENTRY: &str = "xdp_entry";
 }

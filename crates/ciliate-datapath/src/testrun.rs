@@ -3,7 +3,7 @@
 
 use aya::{
     TestRun, TestRunOptions,
-    programs::{ProgramError, SchedClassifier},
+    programs::{ProgramError, SchedClassifier, TestRunResult, Xdp},
 };
 
 use crate::error::{DatapathError, Result};
@@ -32,6 +32,20 @@ pub fn run_tc(prog: &SchedClassifier, name: &str, packet: &[u8]) -> Result<TcRun
     run(prog, name, packet, None)
 }
 
+/// XDP verdicts (`XDP_*`), for assertions.
+pub mod xdp {
+    pub const DROP: i32 = 1;
+    pub const PASS: i32 = 2;
+    pub const TX: i32 = 3;
+    pub const REDIRECT: i32 = 4;
+}
+
+/// Run XDP program `prog` (named `name` in errors) once on `packet`; the
+/// verdict is an `XDP_*` ([`xdp`]).
+pub fn run_xdp(prog: &Xdp, name: &str, packet: &[u8]) -> Result<TcRun> {
+    run(prog, name, packet, None)
+}
+
 /// Run `prog` once on `packet` as if it arrived on device `ifindex` (which
 /// must exist in the calling thread's network namespace: see
 /// [`own_netns_with_devices`]). from-container reads its endpoint's
@@ -45,7 +59,10 @@ pub fn run_tc_on(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: u32
 const SKB_CTX_SIZE: usize = 192;
 const SKB_IFINDEX: usize = 40;
 
-fn run(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: Option<u32>) -> Result<TcRun> {
+fn run<P>(prog: &P, name: &str, packet: &[u8], ifindex: Option<u32>) -> Result<TcRun>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; packet.len() + HEADROOM];
     let mut ctx = [0u8; SKB_CTX_SIZE];
     if let Some(i) = ifindex {
