@@ -19,7 +19,7 @@ fn refused<T>(r: Result<T, String>) -> Option<T> {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, body)) = data.split_first() else { return };
-    match kind % 8 {
+    match kind % 9 {
         0 => {
             if let Some(e) = refused(decode_body::<m::EndpointCreate>(body, "endpoint")) {
                 let _ = m::check_labels(&e.labels);
@@ -40,6 +40,18 @@ fuzz_target!(|data: &[u8]| {
         4 => drop(refused(decode_body::<m::TraceRequest>(body, "trace"))),
         5 => drop(refused(decode_body::<m::AgentConfigChange>(body, "agent config"))),
         6 => drop(refused(decode_body::<m::EndpointConfigChange>(body, "endpoint config"))),
+        7 => {
+            // What decodes goes through the deny list's checks and writes;
+            // what lands is listed back, whole.
+            if let Some(spec) = refused(decode_body::<m::PrefilterSpec>(body, "prefilter")) {
+                use ciliate_agent::prefilter::{MemoryPrefilter, Prefilter};
+                let p = Prefilter::open(Box::new(MemoryPrefilter::default()), None, &[]).unwrap();
+                if let Ok(v) = p.update(&spec) {
+                    assert_eq!(v.spec.deny.len(), v.status.realized.deny.len());
+                    assert!(!v.spec.deny.is_empty());
+                }
+            }
+        }
         _ => drop(refused(decode_body::<m::GcRequest>(body, "gc"))),
     }
 });

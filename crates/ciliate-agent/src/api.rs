@@ -83,6 +83,9 @@ pub struct AppState<D: Datapath> {
     /// Counted as requests change things.
     pub metrics: crate::metrics::Metrics,
     pub ifnames: Arc<crate::events::IfNames>,
+    /// The XDP prefilter's deny list (`None`: `--enable-xdp-prefilter` is
+    /// off).
+    pub prefilter: Option<Arc<crate::prefilter::Prefilter>>,
 }
 
 impl<D: Datapath + 'static> AppState<D> {
@@ -120,6 +123,12 @@ impl From<EndpointError> for ApiErr {
 
 impl From<ServiceError> for ApiErr {
     fn from(e: ServiceError) -> Self {
+        Self::new(e.status(), e.to_string())
+    }
+}
+
+impl From<crate::prefilter::PrefilterError> for ApiErr {
+    fn from(e: crate::prefilter::PrefilterError) -> Self {
         Self::new(e.status(), e.to_string())
     }
 }
@@ -212,6 +221,13 @@ pub fn router<D: Datapath + 'static>(state: Arc<AppState<D>>) -> Router {
             axum::routing::patch(endpoint_config::<D>).fallback(no_method),
         )
         .route("/v1/config", get(get_config::<D>).patch(patch_config::<D>).fallback(no_method))
+        .route(
+            "/v1/prefilter",
+            get(get_prefilter::<D>)
+                .patch(patch_prefilter::<D>)
+                .delete(delete_prefilter::<D>)
+                .fallback(no_method),
+        )
         .route("/v1/service", get(list_services::<D>).put(update_service::<D>).fallback(no_method))
         .route(
             "/v1/service/{id}",
@@ -479,6 +495,41 @@ async fn patch_config<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiR
         tracing::info!(subsystem = "datapath", debug = on, "node debugging switched");
     }
     json(200, &agent_config(&st.endpoints.snapshot()))
+}
+
+/// The node's prefilter, or 501 when it is off.
+fn prefilter<D: Datapath>(st: &AppState<D>) -> Result<Arc<crate::prefilter::Prefilter>, ApiErr> {
+    st.prefilter.clone().ok_or_else(|| crate::prefilter::PrefilterError::Off.into())
+}
+
+async fn get_prefilter<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
+    let p = prefilter(&st)?;
+    json(200, &blocking(st.kv_timeout, "reading the prefilter", move || p.get()).await??)
+}
+
+/// `PATCH` (add CIDRs) or `DELETE` (remove them) with a `PrefilterSpec`.
+async fn change_prefilter<D: Datapath + 'static>(
+    st: &AppState<D>,
+    b: &Bytes,
+    add: bool,
+) -> ApiResult {
+    let spec: ciliate_api::models::PrefilterSpec = body(b, "prefilter")?;
+    let p = prefilter(st)?;
+    let what = spec.deny.join(",");
+    let v = blocking(st.kv_timeout, "changing the prefilter", move || {
+        if add { p.update(&spec) } else { p.delete(&spec) }
+    })
+    .await??;
+    tracing::info!(subsystem = "prefilter", cidrs = %what, revision = v.spec.revision, "{}", if add { "denied" } else { "no longer denied" });
+    json(200, &v)
+}
+
+async fn patch_prefilter<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
+    change_prefilter(&st, &b, true).await
+}
+
+async fn delete_prefilter<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
+    change_prefilter(&st, &b, false).await
 }
 
 async fn delete_endpoint<D: Datapath + 'static>(
@@ -774,6 +825,7 @@ mod tests {
             events: crate::events::EventHub::new(64),
             ifnames: Default::default(),
             metrics: Default::default(),
+            prefilter: None,
         })
     }
 
@@ -838,6 +890,51 @@ mod tests {
             200,
             "idempotent"
         );
+    }
+
+    #[tokio::test]
+    async fn prefilter_routes() {
+        let st = state(MemoryDatapath::default());
+        let off = router(st.clone());
+        let (s, b) = call(&off, "GET", "/v1/prefilter", "").await;
+        assert_eq!(s, 501);
+        assert!(b["message"].as_str().unwrap().contains("--enable-xdp-prefilter"), "{b}");
+        let mem = crate::prefilter::MemoryPrefilter::default();
+        let p = crate::prefilter::Prefilter::open(Box::new(mem), None, &[("eth0".into(), false)])
+            .unwrap();
+        let st = Arc::new(AppState {
+            prefilter: Some(Arc::new(p)),
+            endpoints: st.endpoints.clone(),
+            services: st.services.clone(),
+            kv: st.kv.clone(),
+            cluster_identities: false,
+            kv_status: Default::default(),
+            routing: Default::default(),
+            node: "n1".into(),
+            pin_dir: "/x".into(),
+            started: Instant::now(),
+            probe: Arc::new(NoProbe),
+            kv_timeout: Duration::from_secs(5),
+            ready: Arc::new(true.into()),
+            events: crate::events::EventHub::new(64),
+            ifnames: Default::default(),
+            metrics: Default::default(),
+        });
+        let app = router(st);
+        let (s, b) = call(&app, "PATCH", "/v1/prefilter", r#"{"deny":["10.9.0.0/16"]}"#).await;
+        assert_eq!((s, b["spec"]["revision"].as_u64()), (200, Some(1)), "{b}");
+        assert_eq!(b["status"]["devices"][0]["mode"], "generic");
+        let (s, b) = call(&app, "PATCH", "/v1/prefilter", r#"{"deny":["10.9.0.1/16"]}"#).await;
+        assert_eq!(s, 400, "{b}");
+        let (s, b) = call(&app, "PATCH", "/v1/prefilter", r#"{"deny":[], "cidrs": 1}"#).await;
+        assert!(s == 400 && b["message"].as_str().unwrap().contains("cidrs"), "{s} {b}");
+        let (s, _) =
+            call(&app, "DELETE", "/v1/prefilter", r#"{"revision":5,"deny":["10.9.0.0/16"]}"#).await;
+        assert_eq!(s, 409);
+        let (s, b) =
+            call(&app, "DELETE", "/v1/prefilter", r#"{"revision":1,"deny":["10.9.0.0/16"]}"#).await;
+        assert_eq!((s, b["spec"]["deny"].as_array().map(Vec::len)), (200, Some(0)), "{b}");
+        assert_eq!(call(&app, "PUT", "/v1/prefilter", "{}").await.0, 405);
     }
 
     #[tokio::test]

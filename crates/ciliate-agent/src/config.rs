@@ -91,6 +91,10 @@ pub struct Flags {
     /// Socket load balancing on cgroup v2 (connect/sendmsg/recvmsg/getpeername) [default: true]
     #[arg(long, env = "CILIATE_SOCKET_LB", num_args = 1)]
     pub socket_lb: Option<bool>,
+    /// The XDP prefilter on --devices: packets from CIDRs of `ciliate prefilter update` are
+    /// dropped before the stack sees them (native XDP where the driver has it) [default: false]
+    #[arg(long, env = "CILIATE_ENABLE_XDP_PREFILTER", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_xdp_prefilter: Option<bool>,
     /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]
     #[arg(long, env = "CILIATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -188,7 +192,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, cgroup_root, lb_algorithm,
+    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -369,6 +373,7 @@ struct FileConfig {
     bpf_debug: Option<bool>,
     devices: Option<Vec<String>>,
     socket_lb: Option<bool>,
+    enable_xdp_prefilter: Option<bool>,
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
@@ -421,6 +426,8 @@ pub struct Config {
     pub bpf_debug: bool,
     pub devices: Vec<String>,
     pub socket_lb: bool,
+    /// `--enable-xdp-prefilter`: XDP on every native device.
+    pub xdp_prefilter: bool,
     /// None: the cgroup v2 root the agent finds or mounts.
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
@@ -587,6 +594,13 @@ impl Flags {
             "json" => true,
             other => anyhow::bail!("log format {other:?}: \"text\" or \"json\""),
         };
+        let xdp_prefilter =
+            self.enable_xdp_prefilter.or(file.enable_xdp_prefilter).unwrap_or(false);
+        if xdp_prefilter
+            && self.devices.as_ref().or(file.devices.as_ref()).is_none_or(Vec::is_empty)
+        {
+            anyhow::bail!("--enable-xdp-prefilter needs --devices: XDP runs on the native devices");
+        }
         let prometheus_serve_addr = crate::metrics::parse_addr(
             self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
         )
@@ -740,6 +754,7 @@ impl Flags {
             )?,
             devices: self.devices.or(file.devices).unwrap_or_default(),
             socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
+            xdp_prefilter,
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
             lb_algorithm: match self
                 .lb_algorithm

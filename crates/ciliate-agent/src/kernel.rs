@@ -489,3 +489,35 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         self
     }
 }
+
+/// The XDP prefilter's pinned maps.
+pub struct KernelPrefilter(ciliate_datapath::nodemaps::PrefilterMaps);
+
+impl KernelPrefilter {
+    /// The maps of the node pinned in `dir` (they exist once XDP was
+    /// attached).
+    pub fn new(dir: &std::path::Path) -> Result<Self, String> {
+        ciliate_datapath::nodemaps::PrefilterMaps::from_pin_dir(dir)
+            .map(Self)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl crate::prefilter::PrefilterDatapath for KernelPrefilter {
+    fn insert(&mut self, (net, len): crate::prefilter::Cidr, slot: u32) -> Result<(), String> {
+        self.0.insert(net, len, slot).map_err(|e| e.to_string())
+    }
+    fn remove(&mut self, (net, len): crate::prefilter::Cidr) -> Result<(), String> {
+        self.0.remove(net, len).map_err(|e| e.to_string())
+    }
+    fn zero(&mut self, slot: u32) -> Result<(), String> {
+        self.0.zero(slot).map_err(|e| e.to_string())
+    }
+    fn stats(&self, slot: u32) -> Result<(u64, u64), String> {
+        self.0.stats(slot).map_err(|e| e.to_string())
+    }
+    fn list(&self) -> Result<Vec<crate::prefilter::Cidr>, String> {
+        let all = self.0.list().map_err(|e| e.to_string())?;
+        Ok(all.into_iter().map(|(net, len, _)| (net, len)).collect())
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`endpoint`]: endpoint create / delete / restore / GC, through the
 //!   [`endpoint::Datapath`] trait (the kernel, or memory in tests).
 //! - [`services`]: services and their load-balancer maps.
+//! - [`prefilter`]: the XDP prefilter's deny list.
 //! - [`kvstore`]: the cluster's shared state (local file or etcd).
 //! - [`cluster`]: cluster-pool IPAM, node registration, the cluster ipcache.
 //! - [`api`]: the HTTP API (axum) on the agent's unix socket; [`openapi`]
@@ -33,6 +34,7 @@ pub mod kvstore;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;
+pub mod prefilter;
 pub mod relay;
 
 pub mod services;

@@ -638,3 +638,47 @@ pub struct Service {
     pub backends: Vec<BackendStatus>,
     pub algorithm: LbAlgorithm,
 }
+
+/// The XDP prefilter's deny list (Cilium's `PrefilterSpec`): `PATCH
+/// /v1/prefilter` adds these CIDRs, `DELETE /v1/prefilter` removes them.
+/// A revision other than 0 must be the current one (the change is refused
+/// with 409 otherwise); every change that lands makes a new revision.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefilterSpec {
+    #[serde(default)]
+    pub revision: u64,
+    /// Source CIDRs (`10.9.0.0/16`; an address alone is a /32).
+    pub deny: Vec<String>,
+}
+
+/// `GET /v1/prefilter`: the deny list, where it runs, what it dropped.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct Prefilter {
+    pub spec: PrefilterSpec,
+    pub status: PrefilterStatus,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct PrefilterStatus {
+    /// What the datapath holds (the kernel's map, read back).
+    pub realized: PrefilterSpec,
+    /// The devices XDP runs on and how ("native" in the driver, or
+    /// "generic" on skbs where the driver has no XDP).
+    pub devices: Vec<PrefilterDevice>,
+    /// Per CIDR: packets and bytes dropped, since the CIDR went in.
+    pub counters: Vec<PrefilterCounter>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct PrefilterDevice {
+    pub name: String,
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct PrefilterCounter {
+    pub cidr: String,
+    pub packets: u64,
+    pub bytes: u64,
+}

@@ -10,6 +10,7 @@ mod map;
 mod monitor;
 mod observe;
 mod policy;
+mod prefilter;
 mod service;
 mod table;
 mod target;
@@ -56,6 +57,9 @@ enum Command {
     /// Services (kube-proxy replacement): update, list, get, delete
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// The XDP prefilter: source CIDRs dropped on the native devices (list, update, delete)
+    #[command(subcommand)]
+    Prefilter(prefilter::PrefilterCommand),
     /// The nodes of the cluster
     #[command(subcommand)]
     Node(cluster::NodeCommand),
@@ -90,6 +94,7 @@ impl Command {
             Command::Identity(c) => c.run(t),
             Command::Policy(c) => c.run(t),
             Command::Service(c) => c.run(t),
+            Command::Prefilter(c) => c.run(t),
             Command::Node(c) => c.run(t),
             Command::Kvstore(c) => c.run(t),
             Command::Map(c) => c.run(t),

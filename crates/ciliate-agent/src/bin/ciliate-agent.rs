@@ -147,7 +147,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         },
     };
     // The node's datapath: devices, maps, the node programs.
-    let (pins, node_ips, dp) = {
+    let (pins, node_ips, dp, xdp_devices) = {
         let (cfg, setup) = (cfg.clone(), setup.clone());
         let policy_fill = metrics.policy_fill.clone();
         blocking(move || -> anyhow::Result<_> {
@@ -165,6 +165,21 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             } else {
                 node::detach_sock_lb(&pins);
             }
+            let xdp_devices = if cfg.xdp_prefilter {
+                let modes = node::attach_xdp(&pins, &cfg.devices)
+                    .context("attaching the XDP prefilter (--enable-xdp-prefilter)")?;
+                for (dev, native) in &modes {
+                    if *native {
+                        info!(subsystem = "prefilter", device = %dev, "XDP attached (native)");
+                    } else {
+                        warn!(subsystem = "prefilter", device = %dev, "the driver has no native XDP: the prefilter runs generic, after the skb is allocated");
+                    }
+                }
+                Some(modes)
+            } else {
+                node::detach_xdp(&pins, &cfg.devices);
+                None
+            };
             let mut dp =
                 KernelDatapath::new(pins.clone()).context("loading the node's from-container")?;
             dp.policy_per_endpoint = cfg.capacities.policy_per_endpoint as usize;
@@ -177,7 +192,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
                 from_container = if dp.verified_now() { "loaded and verified" } else { "found pinned, not verified again" },
                 "datapath ready"
             );
-            Ok((pins, node_ips, dp))
+            Ok((pins, node_ips, dp, xdp_devices))
         })
         .await??
     };
@@ -189,6 +204,20 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             info!(subsystem = "datapath", map, %from, %to, copied = m.copied, outcome = %m.outcome, "pinned map migrated to this build's definition");
         }
     }
+    let prefilter = match xdp_devices {
+        Some(devices) => {
+            let maps = ciliate_agent::kernel::KernelPrefilter::new(&pins.dir)
+                .map_err(|e| anyhow::anyhow!("opening the prefilter's maps: {e}"))?;
+            let p = ciliate_agent::prefilter::Prefilter::open(
+                Box::new(maps),
+                Some(&cfg.state_dir),
+                &devices,
+            )
+            .map_err(|e| anyhow::anyhow!("restoring the prefilter: {e}"))?;
+            Some(Arc::new(p))
+        }
+        None => None,
+    };
     let probe = Arc::new(dp.probe().map_err(|e| anyhow::anyhow!(e))?);
     let mut eps = Endpoints::open(cfg.pod_cidr, Some(&cfg.state_dir), dp)
         .map_err(|e| anyhow::anyhow!("opening the state in {}: {e}", cfg.state_dir.display()))?;
@@ -250,6 +279,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         events,
         ifnames: Default::default(),
         metrics: metrics.clone(),
+        prefilter,
     });
     // Other nodes' pods, as the cluster sync follows them (for flows).
     let remote_pods = tokio::sync::watch::channel(imbl::OrdMap::new()).0;
