@@ -95,6 +95,11 @@ pub struct Flags {
     /// dropped before the stack sees them (native XDP where the driver has it) [default: false]
     #[arg(long, env = "CILIATE_ENABLE_XDP_PREFILTER", num_args = 0..=1, default_missing_value = "true")]
     pub enable_xdp_prefilter: Option<bool>,
+    /// Socket-layer acceleration: TCP between two local pods goes socket to socket
+    /// (sockmap), past TCP/IP and the veths, once the datapath let the connection in
+    /// [default: false]
+    #[arg(long, env = "CILIATE_SOCKOPS_ENABLE", num_args = 0..=1, default_missing_value = "true")]
+    pub sockops_enable: Option<bool>,
     /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]
     #[arg(long, env = "CILIATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -192,7 +197,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, cgroup_root, lb_algorithm,
+    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -374,6 +379,7 @@ struct FileConfig {
     devices: Option<Vec<String>>,
     socket_lb: Option<bool>,
     enable_xdp_prefilter: Option<bool>,
+    sockops_enable: Option<bool>,
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
@@ -428,6 +434,8 @@ pub struct Config {
     pub socket_lb: bool,
     /// `--enable-xdp-prefilter`: XDP on every native device.
     pub xdp_prefilter: bool,
+    /// `--sockops-enable`: socket-layer acceleration between local pods.
+    pub sockops: bool,
     /// None: the cgroup v2 root the agent finds or mounts.
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
@@ -755,6 +763,7 @@ impl Flags {
             devices: self.devices.or(file.devices).unwrap_or_default(),
             socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
             xdp_prefilter,
+            sockops: self.sockops_enable.or(file.sockops_enable).unwrap_or(false),
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
             lb_algorithm: match self
                 .lb_algorithm

@@ -60,6 +60,26 @@ impl KernelDatapath {
     pub fn verified_now(&self) -> bool {
         self.program.fresh
     }
+
+    /// After a policy write: connections accelerated at the socket layer
+    /// that the policy now in force would not let in go back to the normal
+    /// path, where the datapath decides. (Nothing to do without
+    /// `--sockops-enable`.)
+    fn revoke_accelerated(&self) {
+        match ciliate_datapath::sockops::revoke_denied(&self.pins.dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                subsystem = "sockops",
+                connections = n,
+                "policy change: accelerated connections back on the normal path"
+            ),
+            Err(e) => tracing::warn!(
+                subsystem = "sockops",
+                error = %e,
+                "cannot check accelerated connections against the new policy"
+            ),
+        }
+    }
 }
 
 impl Datapath for KernelDatapath {
@@ -123,7 +143,9 @@ impl Datapath for KernelDatapath {
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
         let entries = crate::endpoint::batch_entries(batch)?;
-        self.write_policies(&entries, false)
+        self.write_policies(&entries, false)?;
+        self.revoke_accelerated();
+        Ok(())
     }
 
     fn add_policies(
@@ -131,7 +153,9 @@ impl Datapath for KernelDatapath {
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
         let entries = crate::endpoint::batch_entries(batch)?;
-        self.write_policies(&entries, true)
+        self.write_policies(&entries, true)?;
+        self.revoke_accelerated();
+        Ok(())
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;

@@ -25,6 +25,7 @@ pub mod nat;
 pub mod node;
 pub mod policy;
 pub mod prefilter;
+pub mod sockops;
 pub mod trace;
 
 #[cfg(feature = "user")]
@@ -69,6 +70,7 @@ mod pod {
         crate::node::NoMasqKey,
         crate::prefilter::PrefilterKey,
         crate::prefilter::PrefilterStats,
+        crate::sockops::SockKey,
         crate::metrics::MetricsKey,
         crate::metrics::MetricsValue,
         crate::policy::PolicyEntry,

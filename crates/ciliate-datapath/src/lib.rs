@@ -27,6 +27,7 @@ pub mod node;
 pub mod nodemaps;
 pub mod objects;
 pub mod packet;
+pub mod sockops;
 pub mod testrun;
 
 pub use error::DatapathError;

@@ -212,6 +212,7 @@ fn programs_of(object: &str) -> &'static [&'static str] {
         ],
         "sock" => &SOCK,
         "xdp" => &[XDP_ENTRY],
+        "sockops" => &[SOCKOPS, SK_MSG],
         _ => &[],
     }
 }
@@ -248,6 +249,8 @@ impl Loaded {
                 Program::Xdp(p) => p.load().map_err(err)?,
                 Program::CgroupSockAddr(p) => p.load().map_err(err)?,
                 Program::CgroupSock(p) => p.load().map_err(err)?,
+                Program::SockOps(p) => p.load().map_err(err)?,
+                Program::SkMsg(p) => p.load().map_err(err)?,
                 other => {
                     return Err(DatapathError::UnsupportedProgram {
                         object: object.into(),

@@ -28,7 +28,8 @@ use crate::{
     netlink::{self, Netlink, Route, in_netns},
     nodemaps::{EndpointConfigMap, NodeConfigMap},
     objects::programs::{
-        FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SOCK, TO_NETDEV, XDP_ENTRY,
+        FROM_CONTAINER, FROM_HOST, FROM_NETDEV, FROM_OVERLAY, SK_MSG, SOCK, SOCKOPS, TO_NETDEV,
+        XDP_ENTRY,
     },
 };
 
@@ -247,12 +248,7 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         path: cgroup.to_owned(),
         source,
     })?;
-    // The cgroup a node's links are on is recorded beside them: the same
-    // programs on the same cgroup need nothing.
-    let marker = pins
-        .dir
-        .join("progs")
-        .join(format!("sockcgroup_{}", cgroup.display().to_string().replace(['/', '.'], "_")));
+    let marker = CgroupMarker::new(pins, "sockcgroup_", cgroup);
     let all_pinned = SOCK.iter().all(|n| pins.link_path("cgroup", n).exists());
     if !sock.fresh && all_pinned && marker.exists() {
         return Ok(());
@@ -262,16 +258,93 @@ pub fn attach_sock_lb(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
         let pin = pins.link_path("cgroup", name);
         loader::replace_pin(link, &pin, name)?;
     }
-    for e in std::fs::read_dir(pins.dir.join("progs")).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("sockcgroup_") && e.path() != marker {
-            let _ = std::fs::remove_dir(e.path());
-        }
+    marker.record()
+}
+
+/// The cgroup a node's cgroup links are on, recorded beside them (an empty
+/// directory `progs/<prefix><path>`): the same programs on the same cgroup
+/// need nothing.
+struct CgroupMarker {
+    path: std::path::PathBuf,
+    prefix: &'static str,
+}
+
+impl CgroupMarker {
+    fn new(pins: &NodePins, prefix: &'static str, cgroup: &std::path::Path) -> Self {
+        let name = cgroup.display().to_string().replace(['/', '.'], "_");
+        Self { path: pins.dir.join("progs").join(format!("{prefix}{name}")), prefix }
     }
-    std::fs::create_dir_all(&marker).map_err(|source| DatapathError::Io {
-        what: "recording the socket-LB cgroup at",
-        path: marker.clone(),
+
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// Record this cgroup (and forget any other).
+    fn record(&self) -> Result<()> {
+        let progs = self.path.parent().unwrap_or(&self.path);
+        for e in std::fs::read_dir(progs).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(self.prefix) && e.path() != self.path {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        std::fs::create_dir_all(&self.path).map_err(|source| DatapathError::Io {
+            what: "recording the cgroup of a node's programs at",
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Socket-layer acceleration (`--sockops-enable`): the sk_msg program on
+/// the node's sockhash (the pinned map holds it: no link to pin) and the
+/// sock_ops program on the cgroup v2 directory `cgroup` (its whole
+/// subtree), its link pinned under the node's `links/` as socket LB's.
+pub fn attach_sockops(pins: &NodePins, cgroup: &std::path::Path) -> Result<()> {
+    use aya::programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink};
+    use ciliate_common::sockops::MAP_NAME;
+    let obj = loader::node_object(pins, "sockops", None::<(&str, &HostConfig)>)?;
+    let map = crate::nodemaps::SockOpsMap::from_pin_dir(&pins.dir)?;
+    let mut msg = SkMsg::from_pin(obj.path(SK_MSG))
+        .map_err(|e| DatapathError::program("opening the pinned", SK_MSG, e))?;
+    // Replaces what an earlier binary put there (atomically, in the kernel).
+    let id = msg
+        .attach(map.fd())
+        .map_err(|e| DatapathError::program(format!("attaching to {MAP_NAME}"), SK_MSG, e))?;
+    let link =
+        msg.take_link(id).map_err(|e| DatapathError::program("taking the link of", SK_MSG, e))?;
+    // Dropping the link would take the program off the map again: the map
+    // keeps it for as long as the map is pinned.
+    std::mem::forget(link);
+    let marker = CgroupMarker::new(pins, "sockopscgroup_", cgroup);
+    let pin = pins.link_path("cgroup", SOCKOPS);
+    if !obj.fresh && pin.exists() && marker.exists() {
+        return Ok(());
+    }
+    let dir = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+        what: "opening cgroup",
+        path: cgroup.to_owned(),
         source,
-    })
+    })?;
+    let mut ops = SockOps::from_pin(obj.path(SOCKOPS))
+        .map_err(|e| DatapathError::program("opening the pinned", SOCKOPS, e))?;
+    let err = |e| DatapathError::program(format!("attaching to {}", cgroup.display()), SOCKOPS, e);
+    let id = ops.attach(&dir, CgroupAttachMode::Single).map_err(err)?;
+    let link: FdLink =
+        ops.take_link(id).map_err(err)?.try_into().map_err(|e| DatapathError::Device {
+            name: cgroup.display().to_string(),
+            reason: format!("cgroup link of {SOCKOPS} is not an fd link: {e}"),
+        })?;
+    loader::replace_pin(link, &pin, SOCKOPS)?;
+    marker.record()
+}
+
+/// Stop accelerating new connections (the sock_ops link goes) and let the
+/// accelerated ones take the normal path (the sockhash is emptied).
+pub fn detach_sockops(pins: &NodePins) {
+    let _ = std::fs::remove_file(pins.link_path("cgroup", SOCKOPS));
+    if let Ok(mut map) = crate::nodemaps::SockOpsMap::from_pin_dir(&pins.dir) {
+        let _ = map.clear();
+    }
 }
 
 /// Open the pinned cgroup program `$name` of `$sock` as `$ty` (attach type

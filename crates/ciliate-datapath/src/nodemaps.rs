@@ -281,3 +281,39 @@ impl PrefilterMaps {
             .map_err(map_err("zeroing a slot of", STATS_MAP))
     }
 }
+
+/// `ciliate_sock_ops`: the sockets of accelerated connections
+/// (`ciliate_common::sockops`).
+pub struct SockOpsMap(aya::maps::SockHash<MapData, ciliate_common::sockops::SockKey>);
+
+impl SockOpsMap {
+    /// The map exists once the sockops object was loaded on the node.
+    pub fn from_pin_dir(dir: &Path) -> Result<Self> {
+        open_pinned(dir, ciliate_common::sockops::MAP_NAME, Map::SockHash).map(Self)
+    }
+
+    /// What an sk_msg program attaches to.
+    pub fn fd(&self) -> &aya::maps::sock::SockMapFd {
+        self.0.fd()
+    }
+
+    /// The keys of the sockets in the map.
+    pub fn keys(&self) -> Result<Vec<ciliate_common::sockops::SockKey>> {
+        use ciliate_common::sockops::MAP_NAME;
+        self.0.keys().map(|k| k.map_err(map_err("iterating", MAP_NAME))).collect()
+    }
+
+    /// Take the socket under `key` out (its next send takes the normal
+    /// path; gone already is fine).
+    pub fn remove(&mut self, key: &ciliate_common::sockops::SockKey) -> Result<()> {
+        crate::maps::ignore_missing(self.0.remove(key), ciliate_common::sockops::MAP_NAME)
+    }
+
+    /// Take every socket out.
+    pub fn clear(&mut self) -> Result<()> {
+        for k in self.keys()? {
+            self.remove(&k)?;
+        }
+        Ok(())
+    }
+}

@@ -14,6 +14,9 @@ pub static SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// XDP on the native devices: the prefilter.
 pub static XDP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp"));
 
+/// Socket-layer acceleration on cgroup v2: sock_ops and sk_msg.
+pub static SOCKOPS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops"));
+
 /// An embedded object and its name (the eBPF crate's bin name).
 #[derive(Clone, Copy, Debug)]
 pub struct Object {
@@ -28,6 +31,7 @@ pub fn all() -> &'static [Object] {
         Object { name: "host", bytes: HOST },
         Object { name: "sock", bytes: SOCK },
         Object { name: "xdp", bytes: XDP },
+        Object { name: "sockops", bytes: SOCKOPS },
     ];
     ALL
 }
@@ -65,4 +69,8 @@ pub mod programs {
         ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername", "sock4_release"];
     /// The XDP program of the native devices.
     pub const XDP_ENTRY: &str = "xdp_entry";
+    /// Socket-layer acceleration: the sock_ops program (on the cgroup) and
+    /// the sk_msg program (on the sockhash).
+    pub const SOCKOPS: &str = "ciliate_sockops";
+    pub const SK_MSG: &str = "sk_msg_redir";
 }

@@ -56,7 +56,7 @@ fn every_program_loads_within_half_the_verifier_limit() {
             "host" => loader::load_host(&node.pins, &host_config()).unwrap(),
             "sock" => loader::load_sock(&node.pins).unwrap(),
             // No configuration: it reads only its maps.
-            "xdp" => loader::load_with(object, &node.pins, |_| {}).unwrap(),
+            "xdp" | "sockops" => loader::load_with(object, &node.pins, |_| {}).unwrap(),
             other => panic!("object {other}: add its configuration to this test"),
         };
         let costs = loaded.load_all().unwrap_or_else(|e| panic!("{e}"));

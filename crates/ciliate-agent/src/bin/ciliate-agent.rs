@@ -165,6 +165,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             } else {
                 node::detach_sock_lb(&pins);
             }
+            if cfg.sockops {
+                let root = cfg.cgroup_root.clone().unwrap_or(cgroup.clone());
+                node::attach_sockops(&pins, &root)
+                    .with_context(|| format!("attaching socket-layer acceleration to {}", root.display()))?;
+                info!(subsystem = "sockops", cgroup = %root.display(), "socket-layer acceleration attached");
+            } else {
+                node::detach_sockops(&pins);
+            }
             let xdp_devices = if cfg.xdp_prefilter {
                 let modes = node::attach_xdp(&pins, &cfg.devices)
                     .context("attaching the XDP prefilter (--enable-xdp-prefilter)")?;
