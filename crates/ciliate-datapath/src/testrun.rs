@@ -40,6 +40,19 @@ pub mod xdp {
     pub const REDIRECT: i32 = 4;
 }
 
+/// The node's XDP program (object `xdp`), loaded (or found pinned) for
+/// `pins`, to test-run.
+pub fn xdp_entry(pins: &crate::bpffs::NodePins) -> Result<Xdp> {
+    use crate::objects::programs::XDP_ENTRY;
+    let obj = crate::loader::node_object(
+        pins,
+        "xdp",
+        None::<(&str, &ciliate_common::config::HostConfig)>,
+    )?;
+    Xdp::from_pin(obj.path(XDP_ENTRY), aya_obj::programs::XdpAttachType::Interface)
+        .map_err(|e| DatapathError::program("opening the pinned", XDP_ENTRY, e))
+}
+
 /// Run XDP program `prog` (named `name` in errors) once on `packet`; the
 /// verdict is an `XDP_*` ([`xdp`]).
 pub fn run_xdp(prog: &Xdp, name: &str, packet: &[u8]) -> Result<TcRun> {
@@ -52,6 +65,25 @@ pub fn run_xdp(prog: &Xdp, name: &str, packet: &[u8]) -> Result<TcRun> {
 /// configuration by that ifindex.
 pub fn run_tc_on(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: u32) -> Result<TcRun> {
     run(prog, name, packet, Some(ifindex))
+}
+
+/// Nanoseconds one run of `prog` (named `name` in errors) takes on
+/// `packet`, as the kernel times `repeat` runs back to back
+/// (BPF_PROG_TEST_RUN's `repeat`): the program's own cost, without the
+/// stack around it.
+pub fn time_run<P>(prog: &P, name: &str, packet: &[u8], repeat: u32) -> Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + HEADROOM];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat: repeat.max(1),
+        ..Default::default()
+    };
+    let res = prog.test_run(opts).map_err(|e| DatapathError::program("test-running", name, e))?;
+    Ok(res.duration.as_nanos() as f64)
 }
 
 /// Size of the kernel's `struct __sk_buff` and the offset of its

@@ -9,11 +9,10 @@ use std::net::Ipv4Addr;
 
 use aya::programs::Xdp;
 use ciliate_datapath::{
-    loader,
     nodemaps::PrefilterMaps,
     objects::programs::XDP_ENTRY,
     packet::{self, Eth, Ip4, L4},
-    testrun::{ScratchNode, run_xdp, xdp},
+    testrun::{ScratchNode, run_xdp, xdp, xdp_entry},
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
@@ -36,14 +35,7 @@ struct Prefilter {
 impl Prefilter {
     fn new(tag: &str) -> Self {
         let node = ScratchNode::new(tag).expect("scratch pin dir (needs root)");
-        let obj = loader::node_object(
-            &node.pins,
-            "xdp",
-            None::<(&str, &ciliate_common::config::HostConfig)>,
-        )
-        .unwrap();
-        let prog = Xdp::from_pin(obj.path(XDP_ENTRY), aya_obj::programs::XdpAttachType::Interface)
-            .unwrap();
+        let prog = xdp_entry(&node.pins).unwrap();
         let maps = PrefilterMaps::from_pin_dir(&node.pins.dir).unwrap();
         Self { _node: node, prog, maps }
     }

@@ -3,7 +3,10 @@
 //! pinned with its server to core 0 (a 2-vCPU VM: cross-CPU wake-ups would
 //! hide the datapath's cost).
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use crate::{Netns, node::Binaries};
 
@@ -46,21 +49,41 @@ pub fn measure_all(
     runs: usize,
     seconds: u64,
 ) -> Result<Vec<Runs>, String> {
+    let v: Vec<_> = variants.iter().map(|(c, s)| (*c, *s, None)).collect();
+    measure_all_in(&v, bins, runs, seconds)
+}
+
+/// `args` run in `ns`, inside cgroup `cgroup` when one is given (a lab
+/// node's: where its socket programs see the process): stdout.
+fn exec_in(ns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = ns.command(args[0]);
+    cmd.args(&args[1..]).stdin(std::process::Stdio::null());
+    if let Some(c) = cgroup {
+        crate::node::in_cgroup(&mut cmd, c);
+    }
+    crate::netns::run(&mut cmd).map_err(|e| e.to_string())
+}
+
+/// [`measure_all`] with clients (and their servers, see [`servers_in`])
+/// in a cgroup where one is given.
+pub fn measure_all_in(
+    variants: &[(&Netns, &str, Option<&Path>)],
+    bins: &Binaries,
+    runs: usize,
+    seconds: u64,
+) -> Result<Vec<Runs>, String> {
     let echo = bins.echo.to_string_lossy();
     let secs = seconds.to_string();
     let mut samples = vec![[Vec::new(), Vec::new(), Vec::new()]; variants.len()];
     for _ in 0..runs {
-        for ((client, server_ip), [rr, crr, tput]) in variants.iter().zip(&mut samples) {
+        for ((client, server_ip, cgroup), [rr, crr, tput]) in variants.iter().zip(&mut samples) {
             let target = format!("{server_ip}:{PORT}");
             for (mode, out) in [("rr", &mut *rr), ("crr", &mut *crr)] {
-                let o = client
-                    .exec(&["taskset", "-c", "0", &echo, mode, &target, &secs])
-                    .map_err(|e| e.to_string())?;
+                let o =
+                    exec_in(client, *cgroup, &["taskset", "-c", "0", &echo, mode, &target, &secs])?;
                 out.push(per_second(&o));
             }
-            let o = client
-                .exec(&["iperf3", "-c", server_ip, "-t", &secs, "-J"])
-                .map_err(|e| e.to_string())?;
+            let o = exec_in(client, *cgroup, &["iperf3", "-c", server_ip, "-t", &secs, "-J"])?;
             let j: serde_json::Value =
                 serde_json::from_str(&o).map_err(|e| format!("iperf3 output: {e}"))?;
             tput.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
@@ -72,12 +95,24 @@ pub fn measure_all(
 /// Start the servers of a variant in `ns`: the echo server pinned to core
 /// 0 and an iperf3 server. They die with the namespace.
 pub fn servers(ns: &Netns, bins: &Binaries) -> Result<(), String> {
+    servers_in(ns, bins, None)
+}
+
+/// [`servers`] inside cgroup `cgroup` when one is given.
+pub fn servers_in(ns: &Netns, bins: &Binaries, cgroup: Option<&Path>) -> Result<(), String> {
     let echo = bins.echo.to_string_lossy();
-    drop(
-        ns.spawn_detached(&["taskset", "-c", "0", &echo, "serve", PORT])
-            .map_err(|e| e.to_string())?,
-    );
-    drop(ns.spawn_detached(&["iperf3", "-s"]).map_err(|e| e.to_string())?);
+    for args in [&["taskset", "-c", "0", &echo, "serve", PORT][..], &["iperf3", "-s"]] {
+        let mut cmd = ns.command(args[0]);
+        cmd.args(&args[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(c) = cgroup {
+            crate::node::in_cgroup(&mut cmd, c);
+        }
+        // It dies with the namespace.
+        drop(cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?);
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while ns
         .exec(&["ss", "-Hltn", "sport", "=", &format!(":{PORT}")])

@@ -15,6 +15,9 @@
 //! ciliate-echo crr IP:PORT SECONDS          # connect, 1-byte request/response, close: "<n>/s"
 //! ciliate-echo disrupt IP:PORT SECONDS      # one connection, a numbered message every 100 ms:
 //!                                           # "sent S answered A late L broken B" (late: > 1 s)
+//! ciliate-echo flood IP:PORT SECONDS COUNT  # 18-byte UDP datagrams as fast as one core sends
+//!                                           # them, for SECONDS or COUNT datagrams at most:
+//!                                           # "sent N in S s: R/s" (64-byte frames on the wire)
 //! ```
 //! Clients give up after 3 seconds (`CILIATE_ECHO_TIMEOUT_MS`) and exit non-zero.
 //! `tcp` and `udp` also fail when the answer does not come from the address
@@ -209,6 +212,32 @@ fn disrupt(addr: SocketAddr, secs: u64) -> std::io::Result<String> {
     Ok(format!("sent {sent} answered {answered} late {late} broken {broken} max_ms {max}"))
 }
 
+/// Small UDP datagrams to `addr` as fast as this thread sends them, until
+/// `secs` seconds pass or `count` were sent (a load generator bounded in
+/// time and count). A refused send (ICMP unreachable coming back) is not
+/// an error: the load goes on.
+fn flood(addr: SocketAddr, secs: u64, count: u64) -> std::io::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(addr)?;
+    let payload = [0x5au8; 18];
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut sent = 0u64;
+    while sent < count {
+        // The clock is read once per 1,024 datagrams.
+        if sent.is_multiple_of(1024) && Instant::now() >= end {
+            break;
+        }
+        match s.send(&payload) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let took = start.elapsed().as_secs_f64();
+    Ok(format!("sent {sent} in {took:.2} s: {:.0}/s", sent as f64 / took))
+}
+
 /// Transactions per second of `f` run back to back for `secs` seconds.
 fn rate(secs: u64, mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<String> {
     let start = Instant::now();
@@ -288,6 +317,11 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
+        ["flood", a, secs, count] => match (secs.parse(), count.parse()) {
+            (Ok(secs), Ok(count)) => addr(a)
+                .and_then(|a| flood(a, secs, count).map_err(|e| format!("flood {a}: {e}"))),
+            _ => Err(format!("bad duration {secs:?} or count {count:?}")),
+        },
         [mode @ ("rr" | "crr"), a, secs] => match secs.parse() {
             Ok(secs) => addr(a).and_then(|a| {
                 let r = if *mode == "rr" { rr(a, secs) } else { crr(a, secs) };
@@ -296,7 +330,8 @@ fn main() -> ExitCode {
             Err(e) => Err(format!("bad duration {secs:?}: {e}")),
         },
         _ => Err("usage: ciliate-echo serve [PORT [NAME]] | tcp|udp IP:PORT MESSAGE \
-                  | udp-big IP:PORT BYTES | names IP:PORT COUNT | stream|rr|crr|disrupt IP:PORT SECONDS"
+                  | udp-big IP:PORT BYTES | names IP:PORT COUNT | stream|rr|crr|disrupt IP:PORT SECONDS \
+                  | flood IP:PORT SECONDS COUNT"
             .into()),
     };
     match result {
