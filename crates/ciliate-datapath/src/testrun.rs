@@ -68,22 +68,32 @@ pub fn run_tc_on(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: u32
 }
 
 /// Nanoseconds one run of `prog` (named `name` in errors) takes on
-/// `packet`, as the kernel times `repeat` runs back to back
-/// (BPF_PROG_TEST_RUN's `repeat`): the program's own cost, without the
-/// stack around it.
-pub fn time_run<P>(prog: &P, name: &str, packet: &[u8], repeat: u32) -> Result<f64>
+/// `packet` (coming from device `ifindex` when given, see [`run_tc_on`]):
+/// the mean, over `runs` test runs, of the time the kernel measures around
+/// the program (its own cost, without the stack around it). Each run gets
+/// a fresh copy of `packet`: the kernel's `repeat` would run the program
+/// again on the packet it rewrote (a DNAT'ed packet is no longer for the
+/// service, an ARP request has become a reply). Also the last run's
+/// verdict and packet, to check the path was the one meant.
+pub fn time_run<P>(
+    prog: &P,
+    name: &str,
+    packet: &[u8],
+    ifindex: Option<u32>,
+    runs: u32,
+) -> Result<(TcRun, f64)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    let mut out = vec![0u8; packet.len() + HEADROOM];
-    let opts = TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        repeat: repeat.max(1),
-        ..Default::default()
-    };
-    let res = prog.test_run(opts).map_err(|e| DatapathError::program("test-running", name, e))?;
-    Ok(res.duration.as_nanos() as f64)
+    let mut total = 0.0;
+    let mut last = None;
+    for _ in 0..runs.max(1) {
+        let (r, ns) = run_n(prog, name, packet, ifindex, 1)?;
+        total += ns;
+        last = Some(r);
+    }
+    let last = last.expect("at least one run");
+    Ok((last, total / f64::from(runs.max(1))))
 }
 
 /// Size of the kernel's `struct __sk_buff` and the offset of its
@@ -92,6 +102,19 @@ const SKB_CTX_SIZE: usize = 192;
 const SKB_IFINDEX: usize = 40;
 
 fn run<P>(prog: &P, name: &str, packet: &[u8], ifindex: Option<u32>) -> Result<TcRun>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    run_n(prog, name, packet, ifindex, 1).map(|(r, _)| r)
+}
+
+fn run_n<P>(
+    prog: &P,
+    name: &str,
+    packet: &[u8],
+    ifindex: Option<u32>,
+    repeat: u32,
+) -> Result<(TcRun, f64)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
@@ -104,7 +127,7 @@ where
         data_in: Some(packet),
         data_out: Some(&mut out),
         ctx_in: ifindex.map(|_| &ctx[..]),
-        repeat: 1,
+        repeat,
         ..Default::default()
     };
     let res = prog.test_run(opts).map_err(|source| match source {
@@ -114,7 +137,8 @@ where
         source => DatapathError::program("test-running", name, source),
     })?;
     out.truncate(res.data_size_out as usize);
-    Ok(TcRun { verdict: res.return_value as i32, packet: out })
+    let ns = res.duration.as_nanos() as f64;
+    Ok((TcRun { verdict: res.return_value as i32, packet: out }, ns))
 }
 
 /// Move the calling thread into a network namespace of its own (it goes
