@@ -3,7 +3,7 @@
 //! connection in the direction given; [`create`] makes a new one once
 //! policy allowed it.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use ciliate_common::{
     ct::{
         CT_ESTABLISHED, CT_NEW, CT_REPLY, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, DIR_SERVICE,
@@ -17,7 +17,7 @@ use ciliate_common::{
 use crate::{
     Drop, drop,
     maps::{CILIATE_CT4_ANY, CILIATE_CT4_TCP, CILIATE_IPV4_FRAG},
-    packet::{ETH_HLEN, Ipv4Hdr, ptr_at},
+    packet::{ETH_HLEN, Ipv4Hdr, Pkt, ptr_at},
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -85,7 +85,7 @@ const IP_OFFSET: u16 = 0x1fff;
 /// seen). A cut L4 header: `CT_INVALID_HDR`. Protocols other than TCP, UDP
 /// and ICMP: `CT_UNKNOWN_PROTO`, as Cilium.
 #[inline(always)]
-pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
+pub fn tuple(ctx: &impl Pkt, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
     let frag = u16::from_be(ip.frag_off);
     let mut key = CtKey4 {
         saddr: ip.saddr,
@@ -172,7 +172,7 @@ pub fn tuple(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Tuple, Drop> {
 /// [`Tuple`]: a flag there would make the verifier walk every later stage
 /// twice.
 #[inline(always)]
-pub fn later_fragment(ctx: &TcContext) -> bool {
+pub fn later_fragment(ctx: &impl Pkt) -> bool {
     match ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) {
         // SAFETY: bounds checked by ptr_at.
         Some(ip) => u16::from_be(unsafe { (*ip).frag_off }) & IP_OFFSET != 0,

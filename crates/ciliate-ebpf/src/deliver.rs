@@ -161,7 +161,11 @@ pub fn check_ttl(ttl: u8) -> Result<(), Drop> {
 /// Rewrite the MACs and decrement the TTL (with an incremental header
 /// checksum update, RFC 1624), on a packet whose TTL was checked.
 #[inline(always)]
-pub fn l3_hop(ctx: &TcContext, src_mac: &[u8; 6], dst_mac: &[u8; 6]) -> Result<(), Drop> {
+pub fn l3_hop(
+    ctx: &impl crate::packet::Pkt,
+    src_mac: &[u8; 6],
+    dst_mac: &[u8; 6],
+) -> Result<(), Drop> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(drop!(INVALID))?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(drop!(INVALID))?;
     // SAFETY: bounds checked by ptr_at.

@@ -9,7 +9,6 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_get_prandom_u32,
     maps::lpm_trie::Key,
-    programs::TcContext,
 };
 use ciliate_common::{
     drop::{NO_SERVICE, NOT_IN_SRC_RANGE, WRITE_ERROR},
@@ -28,7 +27,7 @@ use crate::{
         CILIATE_LB4_AFFINITY, CILIATE_LB4_BACKENDS, CILIATE_LB4_MAGLEV, CILIATE_LB4_REVNAT,
         CILIATE_LB4_SERVICES, CILIATE_LB4_SRC_RANGE,
     },
-    packet::ETH_HLEN,
+    packet::{ETH_HLEN, Pkt},
 };
 
 /// The master entry of the frontend `addr:port/proto` (TCP and UDP only).
@@ -183,7 +182,7 @@ pub enum Side {
 /// needs; `None` without one (ICMP; a later fragment: the first one's
 /// checksum covers the datagram and took the change).
 #[inline(always)]
-fn l4_csum(ctx: &TcContext, t: &Tuple) -> Option<(usize, u64)> {
+fn l4_csum(ctx: &impl Pkt, t: &Tuple) -> Option<(usize, u64)> {
     if ct::later_fragment(ctx) {
         return None;
     }
@@ -197,7 +196,7 @@ fn l4_csum(ctx: &TcContext, t: &Tuple) -> Option<(usize, u64)> {
 /// Rewrite the source or destination address of the packet (and `t`),
 /// with the IP and pseudo-header checksums.
 #[inline(always)]
-pub fn set_addr(ctx: &TcContext, t: &mut Tuple, side: Side, new: [u8; 4]) -> Result<(), Drop> {
+pub fn set_addr(ctx: &impl Pkt, t: &mut Tuple, side: Side, new: [u8; 4]) -> Result<(), Drop> {
     let (old, off) = match side {
         Side::Src => (t.key.saddr, ETH_HLEN + 12),
         Side::Dst => (t.key.daddr, ETH_HLEN + 16),
@@ -211,7 +210,7 @@ pub fn set_addr(ctx: &TcContext, t: &mut Tuple, side: Side, new: [u8; 4]) -> Res
             .map_err(|_| drop!(WRITE_ERROR))?;
     }
     ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 4).map_err(|_| drop!(WRITE_ERROR))?;
-    ctx.store(off, &new, 0).map_err(|_| drop!(WRITE_ERROR))?;
+    ctx.store(off, &new).map_err(|_| drop!(WRITE_ERROR))?;
     match side {
         Side::Src => t.key.saddr = new,
         Side::Dst => t.key.daddr = new,
@@ -223,7 +222,7 @@ pub fn set_addr(ctx: &TcContext, t: &mut Tuple, side: Side, new: [u8; 4]) -> Res
 /// packet (and `t`), with the L4 checksum. A later fragment has no ports
 /// to rewrite: only `t` changes (its first fragment's were rewritten).
 #[inline(always)]
-pub fn set_port(ctx: &TcContext, t: &mut Tuple, side: Side, new: u16) -> Result<(), Drop> {
+pub fn set_port(ctx: &impl Pkt, t: &mut Tuple, side: Side, new: u16) -> Result<(), Drop> {
     let (old, off) = match side {
         Side::Src => (t.key.sport, t.l4_off as usize),
         Side::Dst => (t.key.dport, t.l4_off as usize + 2),
@@ -235,7 +234,7 @@ pub fn set_port(ctx: &TcContext, t: &mut Tuple, side: Side, new: u16) -> Result<
         Some((csum, extra)) => {
             ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), extra | 2)
                 .map_err(|_| drop!(WRITE_ERROR))?;
-            ctx.store(off, &new, 0).map_err(|_| drop!(WRITE_ERROR))?;
+            ctx.store(off, &new).map_err(|_| drop!(WRITE_ERROR))?;
         }
         // ICMP: no ports.
         None if t.key.proto != IPPROTO_TCP && t.key.proto != IPPROTO_UDP => return Ok(()),
@@ -254,7 +253,7 @@ pub fn set_port(ctx: &TcContext, t: &mut Tuple, side: Side, new: u16) -> Result<
 
 /// DNAT the packet to the selected backend.
 #[inline(always)]
-pub fn dnat(ctx: &TcContext, t: &mut Tuple, sel: &Selected) -> Result<(), Drop> {
+pub fn dnat(ctx: &impl Pkt, t: &mut Tuple, sel: &Selected) -> Result<(), Drop> {
     set_addr(ctx, t, Side::Dst, sel.backend.addr)?;
     set_port(ctx, t, Side::Dst, sel.backend.port)
 }
@@ -263,7 +262,7 @@ pub fn dnat(ctx: &TcContext, t: &mut Tuple, sel: &Selected) -> Result<(), Drop> 
 /// the frontend. A hairpin reply (destination `HAIRPIN_LOOPBACK`) goes back
 /// to its own sender, the client. `NO_SERVICE` if the index is unknown.
 #[inline(always)]
-pub fn rev_nat(ctx: &TcContext, t: &mut Tuple, rev_nat_index: u16) -> Result<(), Drop> {
+pub fn rev_nat(ctx: &impl Pkt, t: &mut Tuple, rev_nat_index: u16) -> Result<(), Drop> {
     // SAFETY: copied out at once.
     let fe = unsafe { CILIATE_LB4_REVNAT.get(rev_nat_index).copied() };
     let fe = fe.ok_or(drop!(NO_SERVICE))?;

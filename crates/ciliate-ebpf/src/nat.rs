@@ -44,7 +44,7 @@ fn reply_key(t: &Tuple, addr: [u8; 4], port: u16) -> CtKey4 {
 /// range). `NAT_NO_MAPPING` when every candidate is taken.
 #[inline(always)]
 pub fn snat(
-    ctx: &aya_ebpf::programs::TcContext,
+    ctx: &impl crate::packet::Pkt,
     t: &mut Tuple,
     node_ip: [u8; 4],
     rev_nat: u16,
@@ -108,7 +108,7 @@ fn allocate(t: &Tuple, node_ip: [u8; 4], out: &CtKey4, rev_nat: u16) -> Result<u
 /// is no such reply, else the frontend's reverse-NAT index of a NodePort
 /// flow (0 for masquerading), which the caller applies as well.
 #[inline(always)]
-pub fn rev_snat(ctx: &aya_ebpf::programs::TcContext, t: &mut Tuple) -> Result<Option<u16>, Drop> {
+pub fn rev_snat(ctx: &impl crate::packet::Pkt, t: &mut Tuple) -> Result<Option<u16>, Drop> {
     let mut k = t.key;
     k.dir = DIR_IN;
     // SAFETY: copied out at once.
