@@ -100,6 +100,11 @@ pub struct Flags {
     /// [default: false]
     #[arg(long, env = "CILIATE_SOCKOPS_ENABLE", num_args = 0..=1, default_missing_value = "true")]
     pub sockops_enable: Option<bool>,
+    /// NodePort acceleration: "native" translates and forwards NodePort traffic to
+    /// backends on other nodes at XDP on --devices (native routing; tunnel mode leaves it
+    /// to tc), or "disabled" [default: disabled]
+    #[arg(long, env = "CILIATE_NODE_PORT_ACCELERATION")]
+    pub node_port_acceleration: Option<String>,
     /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]
     #[arg(long, env = "CILIATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -197,7 +202,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, cgroup_root, lb_algorithm,
+    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -380,6 +385,7 @@ struct FileConfig {
     socket_lb: Option<bool>,
     enable_xdp_prefilter: Option<bool>,
     sockops_enable: Option<bool>,
+    node_port_acceleration: Option<String>,
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
@@ -436,6 +442,9 @@ pub struct Config {
     pub xdp_prefilter: bool,
     /// `--sockops-enable`: socket-layer acceleration between local pods.
     pub sockops: bool,
+    /// `--node-port-acceleration native`: NodePort at XDP on every native
+    /// device.
+    pub xdp_nodeport: bool,
     /// None: the cgroup v2 root the agent finds or mounts.
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
@@ -604,11 +613,25 @@ impl Flags {
         };
         let xdp_prefilter =
             self.enable_xdp_prefilter.or(file.enable_xdp_prefilter).unwrap_or(false);
-        if xdp_prefilter
-            && self.devices.as_ref().or(file.devices.as_ref()).is_none_or(Vec::is_empty)
-        {
+        let no_devices = self.devices.as_ref().or(file.devices.as_ref()).is_none_or(Vec::is_empty);
+        if xdp_prefilter && no_devices {
             anyhow::bail!("--enable-xdp-prefilter needs --devices: XDP runs on the native devices");
         }
+        let xdp_nodeport = match self
+            .node_port_acceleration
+            .clone()
+            .or(file.node_port_acceleration.clone())
+            .as_deref()
+        {
+            None | Some("disabled") => false,
+            Some("native") if no_devices => anyhow::bail!(
+                "--node-port-acceleration native needs --devices: XDP runs on the native devices"
+            ),
+            Some("native") => true,
+            Some(other) => anyhow::bail!(
+                "node port acceleration {other:?}: \"native\" or \"disabled\" (generic XDP runs after the skb is made: nothing to gain)"
+            ),
+        };
         let prometheus_serve_addr = crate::metrics::parse_addr(
             self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
         )
@@ -764,6 +787,7 @@ impl Flags {
             socket_lb: self.socket_lb.or(file.socket_lb).unwrap_or(true),
             xdp_prefilter,
             sockops: self.sockops_enable.or(file.sockops_enable).unwrap_or(false),
+            xdp_nodeport,
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
             lb_algorithm: match self
                 .lb_algorithm
@@ -823,6 +847,17 @@ mod tests {
         bad(Flags { kvstore: Some("etcd".into()), ..Default::default() }, "--etcd-endpoints");
         bad(Flags { routing: Some("overlay".into()), ..Default::default() }, "tunnel");
         bad(Flags { node_port_range: Some("9-2".into()), ..Default::default() }, "MIN-MAX");
+        // XDP needs native devices, and a mode that gains something.
+        bad(Flags { enable_xdp_prefilter: Some(true), ..Default::default() }, "needs --devices");
+        let np = |mode: &str, devices: bool| Flags {
+            node_port_acceleration: Some(mode.into()),
+            devices: devices.then(|| vec!["eth0".into()]),
+            ..Default::default()
+        };
+        bad(np("native", false), "needs --devices");
+        bad(np("generic", true), "\"native\" or \"disabled\"");
+        assert!(np("native", true).resolve().unwrap().xdp_nodeport);
+        assert!(!np("disabled", true).resolve().unwrap().xdp_nodeport);
         bad(
             Flags {
                 cluster_pool: Some("10.0.0.0/16".into()),

@@ -67,6 +67,9 @@ pub const SVC_F_NODE_PORT: u16 = 1 << 1;
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
 pub const SVC_F_HOST_PORT: u16 = 1 << 4;
+/// Frontends reachable from outside the cluster (a ClusterIP is not).
+pub const SVC_F_EXTERNAL: u16 =
+    SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER | SVC_F_HOST_PORT;
 /// sessionAffinity ClientIP: see [`LbService::affinity_timeout`].
 pub const SVC_F_AFFINITY: u16 = 1 << 5;
 /// loadBalancerSourceRanges: only clients in the source-range map.

@@ -18,6 +18,10 @@ pub const NODE_F_MASQUERADE: u8 = 1 << 0;
 /// `ciliate config Debug=true` at run time): every program's decisions
 /// become debug events (`ciliate_common::debug`).
 pub const NODE_F_DEBUG: u8 = 1 << 1;
+/// NodePort acceleration (`--node-port-acceleration native`): XDP on the
+/// native devices translates and forwards NodePort traffic to backends on
+/// other nodes (native routing), before the stack.
+pub const NODE_F_XDP_NODEPORT: u8 = 1 << 2;
 
 /// Destinations never masqueraded besides the cluster CIDR (LPM of
 /// [`NoMasqKey`] → 1): `--non-masquerade-cidrs`.

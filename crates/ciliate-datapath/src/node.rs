@@ -17,7 +17,10 @@ use ciliate_common::{
     endpoint::{ENDPOINT_F_HOST, EndpointInfo},
     identity,
     ipcache::IpcacheEntry,
-    node::{NODE_F_DEBUG, NODE_F_MASQUERADE, NodeConfig, ROUTING_TUNNEL, TUNNEL_DEV, VXLAN_PORT},
+    node::{
+        NODE_F_DEBUG, NODE_F_MASQUERADE, NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_TUNNEL,
+        TUNNEL_DEV, VXLAN_PORT,
+    },
 };
 
 use crate::{
@@ -63,6 +66,9 @@ pub struct HostSetup {
     /// device is created and from-overlay attached to it.
     pub routing: u8,
     pub masquerade: bool,
+    /// NodePort acceleration at XDP (`NODE_F_XDP_NODEPORT`; the caller
+    /// attaches XDP, see [`attach_xdp`]).
+    pub xdp_nodeport: bool,
     /// Never masqueraded: the cluster's pod CIDR pool.
     pub cluster_cidr: (Ipv4Addr, u8),
     /// Never masqueraded either (`--non-masquerade-cidrs`).
@@ -186,7 +192,8 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         cluster_cidr_len: s.cluster_cidr.1,
         routing: s.routing,
         flags: if s.masquerade && !node_ips.is_empty() { NODE_F_MASQUERADE } else { 0 }
-            | if s.debug { NODE_F_DEBUG } else { 0 },
+            | if s.debug { NODE_F_DEBUG } else { 0 }
+            | if s.xdp_nodeport { NODE_F_XDP_NODEPORT } else { 0 },
         _pad: 0,
         tunnel_ifindex,
     };

@@ -59,6 +59,32 @@ pub fn run_xdp(prog: &Xdp, name: &str, packet: &[u8]) -> Result<TcRun> {
     run(prog, name, packet, None)
 }
 
+/// Size of the kernel's `struct xdp_md` and the offsets of the fields a
+/// test run's context sets.
+const XDP_CTX_SIZE: usize = 24;
+const XDP_DATA_END: usize = 4;
+const XDP_INGRESS_IFINDEX: usize = 12;
+
+/// [`run_xdp`] as if the frame arrived on device `ifindex` (which must
+/// exist in the calling thread's network namespace: the FIB lookups of the
+/// program start there).
+pub fn run_xdp_on(prog: &Xdp, name: &str, packet: &[u8], ifindex: u32) -> Result<TcRun> {
+    let mut out = vec![0u8; packet.len() + HEADROOM];
+    let mut ctx = [0u8; XDP_CTX_SIZE];
+    ctx[XDP_DATA_END..XDP_DATA_END + 4].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx[..]),
+        repeat: 1,
+        ..Default::default()
+    };
+    let res = prog.test_run(opts).map_err(|e| DatapathError::program("test-running", name, e))?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TcRun { verdict: res.return_value as i32, packet: out })
+}
+
 /// Run `prog` once on `packet` as if it arrived on device `ifindex` (which
 /// must exist in the calling thread's network namespace: see
 /// [`own_netns_with_devices`]). from-container reads its endpoint's

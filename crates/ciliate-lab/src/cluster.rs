@@ -56,6 +56,14 @@ pub struct ClusterLabConfig {
     pub store: Store,
     pub bins: Binaries,
     pub socket_lb: bool,
+    /// More agent options, for every node.
+    pub agent_args: Vec<OsString>,
+    /// An XDP program (Ciliate's, passing everything: nothing is denied and
+    /// nothing accelerated there) on the underlay's ports to the nodes: a
+    /// veth hands the frames its peer sends with `XDP_TX`/`XDP_REDIRECT` on
+    /// only when it runs XDP itself (NodePort acceleration). Off by
+    /// default: it changes how the underlay receives every packet.
+    pub xdp_underlay: bool,
 }
 
 impl ClusterLabConfig {
@@ -68,6 +76,8 @@ impl ClusterLabConfig {
             store: Store::Local,
             bins,
             socket_lb: true,
+            agent_args: Vec::new(),
+            xdp_underlay: false,
         }
     }
 
@@ -158,6 +168,12 @@ impl ClusterLab {
         })?;
         let external = Netns::create(&format!("{lab}-ext1"))?;
         netns::veth(&external, "eth0", &underlay, "x1")?;
+        if config.xdp_underlay {
+            // As from a machine on a wire: whole checksums. A veth hands
+            // its peer TCP/UDP checksums only partly computed (offload),
+            // which XDP, with no skb to say so, cannot tell from whole ones.
+            external.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        }
         enslave(&underlay, "x1")?;
         external.add_address("eth0", EXTERNAL_IP, 24)?;
         let mut this = Self {
@@ -178,6 +194,20 @@ impl ClusterLab {
             let dev = format!("n{i}");
             netns::veth(&ns, node::NODE_DEV, &this.underlay, &dev)?;
             enslave(&this.underlay, &dev)?;
+            if this.config.xdp_underlay {
+                // Pinned in the lab's own bpffs: gone with it.
+                let (root, dev) = (root.clone(), dev.clone());
+                let ns = this.underlay.name().to_owned();
+                this.underlay
+                    .run(move || {
+                        let pins = ciliate_datapath::bpffs::NodePins::create(&root, &ns)?;
+                        ciliate_datapath::node::attach_xdp(&pins, &[dev])
+                    })?
+                    .map_err(|source| LabError::Datapath {
+                        ns: this.underlay.name().into(),
+                        source,
+                    })?;
+            }
             ns.add_address(node::NODE_DEV, node_ip(i), 24)?;
             let node_dir = this.work_dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)
@@ -289,6 +319,7 @@ impl ClusterLab {
                 format!("{UNDERLAY_IP}:{ETCD_PORT}").into(),
             ]),
         }
+        args.extend(self.config.agent_args.iter().cloned());
         spawn_agent(&node.ns, bins, &node.socket, &node.log(), &args)
     }
 

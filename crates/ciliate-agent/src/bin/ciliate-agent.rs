@@ -140,6 +140,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             Routing::Native => ciliate_common::node::ROUTING_NATIVE,
         },
         masquerade: cfg.masquerade,
+        xdp_nodeport: cfg.xdp_nodeport,
         non_masquerade: cfg.non_masquerade.iter().map(|c| (c.net, c.len)).collect(),
         cluster_cidr: match cfg.cluster_pool {
             Some((pool, _)) => (pool.net, pool.len),
@@ -173,17 +174,21 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             } else {
                 node::detach_sockops(&pins);
             }
-            let xdp_devices = if cfg.xdp_prefilter {
-                let modes = node::attach_xdp(&pins, &cfg.devices)
-                    .context("attaching the XDP prefilter (--enable-xdp-prefilter)")?;
+            let xdp_devices = if cfg.xdp_prefilter || cfg.xdp_nodeport {
+                let modes = node::attach_xdp(&pins, &cfg.devices).context(
+                    "attaching XDP (--enable-xdp-prefilter, --node-port-acceleration)",
+                )?;
                 for (dev, native) in &modes {
                     if *native {
-                        info!(subsystem = "prefilter", device = %dev, "XDP attached (native)");
+                        info!(subsystem = "datapath", device = %dev, prefilter = cfg.xdp_prefilter, node_port_acceleration = cfg.xdp_nodeport, "XDP attached (native)");
                     } else {
-                        warn!(subsystem = "prefilter", device = %dev, "the driver has no native XDP: the prefilter runs generic, after the skb is allocated");
+                        warn!(subsystem = "datapath", device = %dev, "the driver has no native XDP: XDP runs generic, after the skb is allocated");
                     }
                 }
-                Some(modes)
+                if cfg.xdp_nodeport && cfg.routing != Routing::Native {
+                    warn!(subsystem = "services", "NodePort acceleration forwards at XDP in native routing only: in tunnel mode from-netdev keeps doing it");
+                }
+                cfg.xdp_prefilter.then_some(modes)
             } else {
                 node::detach_xdp(&pins, &cfg.devices);
                 None

@@ -27,7 +27,7 @@ use ciliate_common::{
     drop::{NO_CONFIG, UNROUTABLE},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_HOST,
-    lb::{SVC_F_EXTERNAL_IP, SVC_F_HOST_PORT, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT},
+    lb::SVC_F_EXTERNAL,
     metrics::DIR_INGRESS as METRIC_INGRESS,
     node::{NODE_F_DEBUG, NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
     trace::{FROM_HOST, FROM_NETWORK, FROM_OVERLAY, TO_NETWORK, TO_OVERLAY},
@@ -249,7 +249,7 @@ fn try_from_netdev<const D: bool>(
     let port = u32::from(u16::from_be(t.key.dport));
     dbg.msg(ctx, dbgs::DBG_LB4_LOOKUP_FRONTEND, addr(t.key.daddr), port, 0);
     if let Some(svc) = lb::frontend(&t)
-        && svc.flags & EXTERNAL_FRONTENDS != 0
+        && svc.flags & SVC_F_EXTERNAL != 0
     {
         dbg.capture(ctx, dbgs::CAPTURE_FROM_LB, ingress_ifindex(ctx), 0);
         let sel = lb::select(&t, &svc)?;
@@ -431,8 +431,5 @@ fn to_remote_backend<const D: bool>(
     }
     deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), dbg)
 }
-
-const EXTERNAL_FRONTENDS: u16 =
-    SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER | SVC_F_HOST_PORT;
 
 ciliate_ebpf::program_object!();
