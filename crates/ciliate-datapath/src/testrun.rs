@@ -122,6 +122,25 @@ where
     Ok((last, total / f64::from(runs.max(1))))
 }
 
+/// Nanoseconds one run of `prog` takes on `packet`, as the kernel times
+/// `repeat` runs back to back (BPF_PROG_TEST_RUN's own `repeat`: no clock
+/// read per run). Only for a path that leaves the packet as it came (a
+/// drop, a pass): each run sees what the run before left. Fails naming the
+/// program when the packet changed.
+pub fn time_repeat<P>(prog: &P, name: &str, packet: &[u8], repeat: u32) -> Result<(TcRun, f64)>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let (r, ns) = run_n(prog, name, packet, None, repeat.max(1))?;
+    if r.packet != packet {
+        return Err(DatapathError::BadValue {
+            what: format!("timing {name} with the kernel's repeat"),
+            reason: "the program changed the packet: time it with time_run".into(),
+        });
+    }
+    Ok((r, ns))
+}
+
 /// Size of the kernel's `struct __sk_buff` and the offset of its
 /// `ifindex` (the only field set in a test run's context).
 const SKB_CTX_SIZE: usize = 192;

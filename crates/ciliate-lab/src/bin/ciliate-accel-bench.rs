@@ -16,10 +16,19 @@
 //!    traffic it lets through). Reports datagrams/s, ns per datagram and
 //!    the share of the core the drop itself takes at that rate.
 //!
+//! 3. NodePort to a backend on another node, from the external host, two
+//!    nodes in native routing: translated by from-netdev (tc) or at XDP
+//!    (`--node-port-acceleration native`), both labs with XDP on the
+//!    underlay's ports so that only the node's path differs. Connections
+//!    per second (connect, 1-byte request/response, close) and a flood of
+//!    18-byte UDP datagrams to the NodePort (bounded in time and count,
+//!    one core): sent per second and delivered to the backend's node per
+//!    second.
+//!
 //! Everything runs in namespaces this program makes and removes (guards).
 //!
 //! ```text
-//! ciliate-accel-bench [--runs N] [--seconds S]
+//! ciliate-accel-bench [--runs N] [--seconds S] [--only sockops|prefilter|nodeport]
 //! ```
 
 use std::{net::Ipv4Addr, path::Path};
@@ -30,18 +39,21 @@ use ciliate_api::{
 };
 use ciliate_lab::{
     Netns, bench,
+    cluster::{ClusterLab, ClusterLabConfig, node_ip as cluster_node_ip},
     names::token,
     netns::veth,
-    node::{Binaries, EXTERNAL_IP, NODE_IP, NodeLab, NodeLabConfig},
+    node::{Binaries, ECHO_PORT, EXTERNAL_IP, NODE_IP, NodeLab, NodeLabConfig},
 };
 
 struct Opts {
     runs: usize,
     seconds: u64,
+    /// One part only: "sockops", "prefilter" or "nodeport".
+    only: Option<String>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { runs: 5, seconds: 2 };
+    let mut o = Opts { runs: 5, seconds: 2, only: None };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -54,9 +66,13 @@ fn parse_opts() -> Result<Opts, String> {
         match a.as_str() {
             "--runs" => o.runs = val("--runs")?.min(20) as usize,
             "--seconds" => o.seconds = val("--seconds")?.min(30),
+            "--only" => match it.next().map(String::as_str) {
+                Some(p @ ("sockops" | "prefilter" | "nodeport")) => o.only = Some(p.into()),
+                _ => return Err("--only takes sockops, prefilter or nodeport".into()),
+            },
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: ciliate-accel-bench [--runs N] [--seconds S]"
+                    "unknown argument {other}; usage: ciliate-accel-bench [--runs N] [--seconds S] [--only sockops|prefilter|nodeport]"
                 ));
             }
         }
@@ -192,7 +208,7 @@ fn prefilter_flood(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
     );
     let (hit, miss) = xdp_program_ns()?;
     println!(
-        "xdp_entry alone (BPF_PROG_TEST_RUN, mean of 100,000 runs): {hit:.1} ns a denied frame, \
+        "xdp_entry alone (BPF_PROG_TEST_RUN, repeat 1,000,000): {hit:.1} ns a denied frame, \
          {miss:.1} ns a passed one; at the flood's {rate:.0}/s the program takes {:.1}% of a core",
         100.0 * hit * rate / 1e9
     );
@@ -206,7 +222,7 @@ fn xdp_program_ns() -> Result<(f64, f64), String> {
         nodemaps::PrefilterMaps,
         objects::programs::XDP_ENTRY,
         packet::{self, Eth, Ip4, L4},
-        testrun::{ScratchNode, time_run, xdp_entry},
+        testrun::{ScratchNode, time_repeat, xdp_entry},
     };
     let e = |e: ciliate_datapath::DatapathError| e.to_string();
     let node = ScratchNode::new("accel-bench").map_err(e)?;
@@ -220,7 +236,7 @@ fn xdp_program_ns() -> Result<(f64, f64), String> {
         let l4 = L4::Udp { sport: 4000, dport: 9, payload: &[0x5a; 18] };
         packet::ipv4_frame(&eth, &Ip4::new(src, NODE_IP), &l4)
     };
-    let time = |src| time_run(&prog, XDP_ENTRY, &frame(src), None, 100_000).map_err(e);
+    let time = |src| time_repeat(&prog, XDP_ENTRY, &frame(src), 1_000_000).map_err(e);
     let (hit, miss) = (time(Ipv4Addr::new(10, 0, 7, 9))?, time(EXTERNAL_IP)?);
     if (hit.0.verdict, miss.0.verdict) != (1, 2) {
         return Err(format!("xdp_entry: {} / {}, not drop / pass", hit.0.verdict, miss.0.verdict));
@@ -228,12 +244,115 @@ fn xdp_program_ns() -> Result<(f64, f64), String> {
     Ok((hit.1, miss.1))
 }
 
+/// A two-node lab in native routing, NodePort 30080 (TCP and UDP) on
+/// node1 to the echo server of the pod on node2.
+fn nodeport_lab(bins: &Binaries, name: &str, xdp: bool) -> Result<ClusterLab, String> {
+    let mut cfg = ClusterLabConfig::new(name, 2, 1, bins.clone());
+    cfg.routing = "native".into();
+    cfg.xdp_underlay = true;
+    if xdp {
+        cfg.agent_args = vec!["--node-port-acceleration".into(), "native".into()];
+    }
+    let lab = ClusterLab::up(cfg).map_err(|e| e.to_string())?;
+    let backend = lab.pods[1].pod.state.ip;
+    for (id, proto) in [(1, "TCP"), (2, "UDP")] {
+        let spec = serde_json::json!({
+            "id": id, "frontend": {"ip": "0.0.0.0", "port": 30080, "protocol": proto},
+            "kind": "NodePort", "backends": [{"ip": backend, "port": ECHO_PORT, "protocol": proto}],
+        });
+        let _: serde_json::Value = lab.nodes[0]
+            .client()
+            .call(method::PUT, "/v1/service", Some(&spec))
+            .map_err(|e| e.to_string())?;
+    }
+    ciliate_lab::node::wait_listening(&lab.pods[1].pod.ns, ECHO_PORT).map_err(|e| e.to_string())?;
+    lab.external.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(|e| e.to_string())?;
+    Ok(lab)
+}
+
+/// Packets node `n` of `lab` forwarded into its pods so far.
+fn delivered(lab: &ClusterLab, n: usize) -> Result<u64, String> {
+    let m = ciliate_datapath::maps::MetricsMap::from_pin_dir(&lab.nodes[n].pins_dir)
+        .map_err(|e| e.to_string())?;
+    let v = m.get(0, ciliate_common::metrics::DIR_INGRESS).map_err(|e| e.to_string())?;
+    Ok(v.packets)
+}
+
+fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
+    let labs = [
+        nodeport_lab(bins, &format!("{tag}t"), false)?,
+        nodeport_lab(bins, &format!("{tag}x"), true)?,
+    ];
+    println!();
+    println!(
+        "[bench] NodePort from the external host to a backend on the other node (native routing): \
+         {} runs of {}s per variant, interleaved",
+        o.runs, o.seconds
+    );
+    let echo = bins.echo.to_string_lossy().into_owned();
+    let to = format!("{}:30080", cluster_node_ip(1));
+    let secs = o.seconds.to_string();
+    let mut rows = [[Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]];
+    for _ in 0..o.runs {
+        for (lab, row) in labs.iter().zip(&mut rows) {
+            let out = lab
+                .external
+                .exec(&["taskset", "-c", "1", &echo, "crr", &to, &secs])
+                .map_err(|e| e.to_string())?;
+            row[0].push(out.trim().trim_end_matches("/s").parse().unwrap_or(0.0));
+            let before = delivered(lab, 1)?;
+            let out = lab
+                .external
+                .exec(&["taskset", "-c", "1", &echo, "flood", &to, &secs, "100000000"])
+                .map_err(|e| e.to_string())?;
+            // The backend's node finishes what is in flight.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let got = delivered(lab, 1)?.saturating_sub(before) as f64 / o.seconds as f64;
+            let sent: f64 = out
+                .trim()
+                .rsplit(' ')
+                .next()
+                .and_then(|r| r.trim_end_matches("/s").parse().ok())
+                .unwrap_or(0.0);
+            row[1].push(sent);
+            row[2].push(got);
+        }
+    }
+    println!(
+        "{:<28} {:>10} {:>7} {:>14} {:>7} {:>16} {:>7}",
+        "VARIANT", "CONN/s", "ratio", "sent dgram/s", "ratio", "delivered dgram/s", "ratio"
+    );
+    let anchor: Vec<f64> = rows[0].iter().map(|v| bench::median(v.clone())).collect();
+    for (name, row) in ["tc (from-netdev)", "XDP (native)"].iter().zip(&rows) {
+        let m: Vec<f64> = row.iter().map(|v| bench::median(v.clone())).collect();
+        println!(
+            "{name:<28} {:>10.0} {:>7.3} {:>14.0} {:>7.3} {:>16.0} {:>7.3}",
+            m[0],
+            m[0] / anchor[0],
+            m[1],
+            m[1] / anchor[1],
+            m[2],
+            m[2] / anchor[2]
+        );
+    }
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let o = parse_opts()?;
     let bins = Binaries::beside_current_exe().map_err(|e| e.to_string())?;
     let tag = format!("cab{}", token());
-    sockops(&o, &bins, &tag)?;
-    prefilter_flood(&o, &bins, &tag)
+    let part = |p: &str| o.only.as_deref().is_none_or(|only| only == p);
+    if part("sockops") {
+        sockops(&o, &bins, &tag)?;
+    }
+    if part("prefilter") {
+        prefilter_flood(&o, &bins, &tag)?;
+    }
+    if part("nodeport") {
+        nodeport(&o, &bins, &tag)?;
+    }
+    Ok(())
 }
 
 fn main() {
