@@ -801,6 +801,13 @@ mod tests {
     use tower::ServiceExt;
 
     fn state<D: Datapath + 'static>(dp: D) -> Arc<AppState<D>> {
+        state_with(dp, None)
+    }
+
+    fn state_with<D: Datapath + 'static>(
+        dp: D,
+        prefilter: Option<Arc<crate::prefilter::Prefilter>>,
+    ) -> Arc<AppState<D>> {
         let eps = Endpoints::open("10.9.0.0/24".parse().unwrap(), None, dp).unwrap();
         let svcs = Services::open(
             None,
@@ -825,7 +832,7 @@ mod tests {
             events: crate::events::EventHub::new(64),
             ifnames: Default::default(),
             metrics: Default::default(),
-            prefilter: None,
+            prefilter,
         })
     }
 
@@ -894,32 +901,14 @@ mod tests {
 
     #[tokio::test]
     async fn prefilter_routes() {
-        let st = state(MemoryDatapath::default());
-        let off = router(st.clone());
+        let off = router(state(MemoryDatapath::default()));
         let (s, b) = call(&off, "GET", "/v1/prefilter", "").await;
         assert_eq!(s, 501);
         assert!(b["message"].as_str().unwrap().contains("--enable-xdp-prefilter"), "{b}");
         let mem = crate::prefilter::MemoryPrefilter::default();
         let p = crate::prefilter::Prefilter::open(Box::new(mem), None, &[("eth0".into(), false)])
             .unwrap();
-        let st = Arc::new(AppState {
-            prefilter: Some(Arc::new(p)),
-            endpoints: st.endpoints.clone(),
-            services: st.services.clone(),
-            kv: st.kv.clone(),
-            cluster_identities: false,
-            kv_status: Default::default(),
-            routing: Default::default(),
-            node: "n1".into(),
-            pin_dir: "/x".into(),
-            started: Instant::now(),
-            probe: Arc::new(NoProbe),
-            kv_timeout: Duration::from_secs(5),
-            ready: Arc::new(true.into()),
-            events: crate::events::EventHub::new(64),
-            ifnames: Default::default(),
-            metrics: Default::default(),
-        });
+        let st = state_with(MemoryDatapath::default(), Some(Arc::new(p)));
         let app = router(st);
         let (s, b) = call(&app, "PATCH", "/v1/prefilter", r#"{"deny":["10.9.0.0/16"]}"#).await;
         assert_eq!((s, b["spec"]["revision"].as_u64()), (200, Some(1)), "{b}");

@@ -59,6 +59,27 @@ pub struct NodeConfig {
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
 
 impl NodeConfig {
+    /// A node at `node_ip` of the cluster CIDR `cluster` (prefix, length),
+    /// with `routing` (`ROUTING_*`), `flags` (`NODE_F_*`) and the overlay
+    /// device `tunnel_ifindex` (0: none).
+    pub const fn new(
+        node_ip: [u8; 4],
+        cluster: ([u8; 4], u8),
+        routing: u8,
+        flags: u8,
+        tunnel_ifindex: u32,
+    ) -> Self {
+        Self {
+            node_ip,
+            cluster_cidr: cluster.0,
+            cluster_cidr_len: cluster.1,
+            routing,
+            flags,
+            _pad: 0,
+            tunnel_ifindex,
+        }
+    }
+
     /// Is `ip` inside the cluster CIDR?
     pub const fn in_cluster(&self, ip: [u8; 4]) -> bool {
         let len = self.cluster_cidr_len as u32;

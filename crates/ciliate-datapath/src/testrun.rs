@@ -59,30 +59,12 @@ pub fn run_xdp(prog: &Xdp, name: &str, packet: &[u8]) -> Result<TcRun> {
     run(prog, name, packet, None)
 }
 
-/// Size of the kernel's `struct xdp_md` and the offsets of the fields a
-/// test run's context sets.
-const XDP_CTX_SIZE: usize = 24;
-const XDP_DATA_END: usize = 4;
-const XDP_INGRESS_IFINDEX: usize = 12;
-
 /// [`run_xdp`] as if the frame arrived on device `ifindex` (which must
 /// exist in the calling thread's network namespace: the FIB lookups of the
 /// program start there).
 pub fn run_xdp_on(prog: &Xdp, name: &str, packet: &[u8], ifindex: u32) -> Result<TcRun> {
-    let mut out = vec![0u8; packet.len() + HEADROOM];
-    let mut ctx = [0u8; XDP_CTX_SIZE];
-    ctx[XDP_DATA_END..XDP_DATA_END + 4].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-    ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-    let opts = TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx[..]),
-        repeat: 1,
-        ..Default::default()
-    };
-    let res = prog.test_run(opts).map_err(|e| DatapathError::program("test-running", name, e))?;
-    out.truncate(res.data_size_out as usize);
-    Ok(TcRun { verdict: res.return_value as i32, packet: out })
+    let ctx = xdp_ctx(packet.len(), ifindex);
+    run_n(prog, name, packet, Some(&ctx), 1).map(|(r, _)| r)
 }
 
 /// Run `prog` once on `packet` as if it arrived on device `ifindex` (which
@@ -94,7 +76,7 @@ pub fn run_tc_on(prog: &SchedClassifier, name: &str, packet: &[u8], ifindex: u32
 }
 
 /// Nanoseconds one run of `prog` (named `name` in errors) takes on
-/// `packet` (coming from device `ifindex` when given, see [`run_tc_on`]):
+/// `packet` (with context `ctx` when given: [`skb_ctx`], [`xdp_ctx`]):
 /// the mean, over `runs` test runs, of the time the kernel measures around
 /// the program (its own cost, without the stack around it). Each run gets
 /// a fresh copy of `packet`: the kernel's `repeat` would run the program
@@ -105,7 +87,7 @@ pub fn time_run<P>(
     prog: &P,
     name: &str,
     packet: &[u8],
-    ifindex: Option<u32>,
+    ctx: Option<&[u8]>,
     runs: u32,
 ) -> Result<(TcRun, f64)>
 where
@@ -114,7 +96,7 @@ where
     let mut total = 0.0;
     let mut last = None;
     for _ in 0..runs.max(1) {
-        let (r, ns) = run_n(prog, name, packet, ifindex, 1)?;
+        let (r, ns) = run_n(prog, name, packet, ctx, 1)?;
         total += ns;
         last = Some(r);
     }
@@ -146,32 +128,51 @@ where
 const SKB_CTX_SIZE: usize = 192;
 const SKB_IFINDEX: usize = 40;
 
+/// A tc test run's context: the packet came from device `ifindex`.
+pub fn skb_ctx(ifindex: u32) -> [u8; SKB_CTX_SIZE] {
+    let mut ctx = [0u8; SKB_CTX_SIZE];
+    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Size of the kernel's `struct xdp_md` and the offsets of the fields a
+/// test run's context sets.
+const XDP_CTX_SIZE: usize = 24;
+const XDP_DATA_END: usize = 4;
+const XDP_INGRESS_IFINDEX: usize = 12;
+
+/// An XDP test run's context: a frame of `len` bytes that arrived on
+/// device `ifindex`.
+pub fn xdp_ctx(len: usize, ifindex: u32) -> [u8; XDP_CTX_SIZE] {
+    let mut ctx = [0u8; XDP_CTX_SIZE];
+    ctx[XDP_DATA_END..XDP_DATA_END + 4].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[XDP_INGRESS_IFINDEX..XDP_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 fn run<P>(prog: &P, name: &str, packet: &[u8], ifindex: Option<u32>) -> Result<TcRun>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    run_n(prog, name, packet, ifindex, 1).map(|(r, _)| r)
+    let ctx = ifindex.map(skb_ctx);
+    run_n(prog, name, packet, ctx.as_ref().map(|c| &c[..]), 1).map(|(r, _)| r)
 }
 
 fn run_n<P>(
     prog: &P,
     name: &str,
     packet: &[u8],
-    ifindex: Option<u32>,
+    ctx: Option<&[u8]>,
     repeat: u32,
 ) -> Result<(TcRun, f64)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
     let mut out = vec![0u8; packet.len() + HEADROOM];
-    let mut ctx = [0u8; SKB_CTX_SIZE];
-    if let Some(i) = ifindex {
-        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&i.to_ne_bytes());
-    }
     let opts = TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
-        ctx_in: ifindex.map(|_| &ctx[..]),
+        ctx_in: ctx,
         repeat,
         ..Default::default()
     };

@@ -31,15 +31,7 @@ const WORLD_HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const TUNNEL_IFINDEX: u32 = 77;
 
 fn node_cfg(routing: u8, flags: u8) -> NodeConfig {
-    NodeConfig {
-        node_ip: NODE_IP.octets(),
-        cluster_cidr: [10, 200, 0, 0],
-        cluster_cidr_len: 16,
-        routing,
-        flags,
-        _pad: 0,
-        tunnel_ifindex: TUNNEL_IFINDEX,
-    }
+    NodeConfig::new(NODE_IP.octets(), ([10, 200, 0, 0], 16), routing, flags, TUNNEL_IFINDEX)
 }
 
 fn node(tag: &str, routing: u8, flags: u8) -> Node {

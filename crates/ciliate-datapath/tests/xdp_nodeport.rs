@@ -41,15 +41,7 @@ fn ip(args: &str) {
 }
 
 fn node_cfg(routing: u8, flags: u8) -> NodeConfig {
-    NodeConfig {
-        node_ip: NODE_IP.octets(),
-        cluster_cidr: [10, 200, 0, 0],
-        cluster_cidr_len: 16,
-        routing,
-        flags,
-        _pad: 0,
-        tunnel_ifindex: 0,
-    }
+    NodeConfig::new(NODE_IP.octets(), ([10, 200, 0, 0], 16), routing, flags, 0)
 }
 
 struct Nodeport {

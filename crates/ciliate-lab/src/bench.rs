@@ -13,6 +13,20 @@ use crate::{Netns, node::Binaries};
 /// The port of the benchmarks' echo server.
 pub const PORT: &str = "9000";
 
+/// The value after option `name` on a benchmark's command line: a positive
+/// number, at most `max`.
+pub fn positive<'a>(
+    args: &mut impl Iterator<Item = &'a String>,
+    name: &str,
+    max: u64,
+) -> Result<u64, String> {
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .map(|v: u64| v.min(max))
+        .ok_or_else(|| format!("{name} takes a positive number"))
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

@@ -57,15 +57,9 @@ fn parse_opts() -> Result<Opts, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|v| *v > 0)
-                .ok_or_else(|| format!("{name} takes a positive number"))
-        };
         match a.as_str() {
-            "--runs" => o.runs = val("--runs")?.min(20) as usize,
-            "--seconds" => o.seconds = val("--seconds")?.min(30),
+            "--runs" => o.runs = bench::positive(&mut it, "--runs", 20)? as usize,
+            "--seconds" => o.seconds = bench::positive(&mut it, "--seconds", 30)?,
             "--only" => match it.next().map(String::as_str) {
                 Some(p @ ("sockops" | "prefilter" | "nodeport")) => o.only = Some(p.into()),
                 _ => return Err("--only takes sockops, prefilter or nodeport".into()),

@@ -37,21 +37,15 @@ fn parse_opts() -> Result<Opts, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|v| *v > 0)
-                .ok_or_else(|| format!("{name} takes a positive number"))
-        };
         match a.as_str() {
-            "--runs" => o.runs = val("--runs")?.min(20) as usize,
-            "--seconds" => o.seconds = val("--seconds")?.min(30),
-            "--adds" => o.adds = val("--adds")?.min(200) as usize,
+            "--runs" => o.runs = bench::positive(&mut it, "--runs", 20)? as usize,
+            "--seconds" => o.seconds = bench::positive(&mut it, "--seconds", 30)?,
+            "--adds" => o.adds = bench::positive(&mut it, "--adds", 200)? as usize,
             "--baseline-bins" => {
                 o.baseline = Some(it.next().ok_or("--baseline-bins takes a directory")?.into());
             }
             "--policy-endpoints" => {
-                o.policy_endpoints = val("--policy-endpoints")?.min(250) as usize
+                o.policy_endpoints = bench::positive(&mut it, "--policy-endpoints", 250)? as usize
             }
             other => {
                 return Err(format!(

@@ -35,7 +35,7 @@ use ciliate_datapath::{
     maps::PolicyRule,
     objects::programs::{FROM_CONTAINER, TO_NETDEV},
     packet::{self, Eth, Ip4, L4, tcp_flags},
-    testrun::{ScratchNode, TcRun, own_netns_with_devices, time_run, verdict},
+    testrun::{ScratchNode, TcRun, own_netns_with_devices, skb_ctx, time_run, verdict},
 };
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -66,15 +66,11 @@ fn parse_opts() -> Result<Opts, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|v| *v > 0)
-                .ok_or_else(|| format!("{name} takes a positive number"))
-        };
         match a.as_str() {
-            "--runs" => o.runs = val("--runs")?.min(50) as usize,
-            "--repeat" => o.repeat = val("--repeat")?.min(10_000_000) as u32,
+            "--runs" => o.runs = ciliate_lab::bench::positive(&mut it, "--runs", 50)? as usize,
+            "--repeat" => {
+                o.repeat = ciliate_lab::bench::positive(&mut it, "--repeat", 10_000_000)? as u32
+            }
             other => {
                 return Err(format!(
                     "unknown argument {other}; usage: ciliate-stage-bench [--runs N] [--repeat N]"
@@ -112,15 +108,7 @@ fn info(ip: Ipv4Addr, ifindex: u32, id: u16, identity: u32) -> EndpointInfo {
 }
 
 fn node_cfg(routing: u8, flags: u8) -> NodeConfig {
-    NodeConfig {
-        node_ip: NODE_IP.octets(),
-        cluster_cidr: [10, 200, 0, 0],
-        cluster_cidr_len: 16,
-        routing,
-        flags,
-        _pad: 0,
-        tunnel_ifindex: 77,
-    }
+    NodeConfig::new(NODE_IP.octets(), ([10, 200, 0, 0], 16), routing, flags, 77)
 }
 
 /// A TCP segment pod A sends to `dst:dport`.
@@ -282,13 +270,14 @@ fn run() -> Result<(), String> {
             // (the TCP checksum does not matter to the datapath)
         }
         let name = if p.lxc { FROM_CONTAINER } else { TO_NETDEV };
-        let _ = time_run(tc, name, &syn, p.ifindex, 1).map_err(e)?;
+        let ctx = p.ifindex.map(skb_ctx);
+        let _ = time_run(tc, name, &syn, ctx.as_ref().map(|c| &c[..]), 1).map_err(e)?;
         if p.name.starts_with("to-netdev, masq") {
             // The SNAT entry is made by to-netdev; the flow's conntrack
             // entry by from-container before it.
             let c = lxc.classifier(FROM_CONTAINER).map_err(e)?;
-            let _ = time_run(c, FROM_CONTAINER, &from_a(WORLD, 443, tcp_flags::SYN), Some(A_IF), 1)
-                .map_err(e)?;
+            let syn = from_a(WORLD, 443, tcp_flags::SYN);
+            let _ = time_run(c, FROM_CONTAINER, &syn, Some(&skb_ctx(A_IF)), 1).map_err(e)?;
         }
     }
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
@@ -297,6 +286,7 @@ fn run() -> Result<(), String> {
             let routing = if p.name.contains("native") { ROUTING_NATIVE } else { ROUTING_TUNNEL };
             node_map.set(&node_cfg(routing, NODE_F_MASQUERADE)).map_err(e)?;
             let with_policy = p.name.contains("policy");
+            let ctx = p.ifindex.map(skb_ctx);
             policy(with_policy)?;
             let (prog, name) = if p.lxc {
                 (lxc.classifier(FROM_CONTAINER).map_err(e)?, FROM_CONTAINER)
@@ -304,7 +294,8 @@ fn run() -> Result<(), String> {
                 (host.classifier(TO_NETDEV).map_err(e)?, TO_NETDEV)
             };
             let (r, t): (TcRun, f64) =
-                time_run(prog, name, &p.packet, p.ifindex, o.repeat).map_err(e)?;
+                time_run(prog, name, &p.packet, ctx.as_ref().map(|c| &c[..]), o.repeat)
+                    .map_err(e)?;
             policy(false)?;
             if r.verdict != p.expect {
                 return Err(format!("{}: verdict {}, expected {}", p.name, r.verdict, p.expect));
