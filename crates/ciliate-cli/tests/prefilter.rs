@@ -52,7 +52,7 @@ fn denied_source_dropped_at_xdp_counted_and_kept_across_restarts() {
     let bins = Binaries::beside_current_exe().unwrap();
     let mut config = NodeLabConfig::new(&format!("cpf{}", token()), 1, bins);
     config.agent_args = vec!["--enable-xdp-prefilter".into()];
-    let lab = NodeLab::up(config).unwrap();
+    let mut lab = NodeLab::up(config).unwrap();
     let socket = lab.socket.to_str().unwrap().to_owned();
     let prog = xdp_prog(&lab).expect("an XDP program on the node's eth0");
     let (ok, out, err) = ciliate(&socket, &["prefilter", "list"]);
@@ -89,15 +89,7 @@ fn denied_source_dropped_at_xdp_counted_and_kept_across_restarts() {
     assert!(out.contains("Revision: 2"), "{out}");
 
     // No agent: XDP still drops (the link is pinned).
-    let pids = lab.agent_pids();
-    assert_eq!(pids.len(), 1, "one agent runs in the node");
-    // SAFETY: kill(2) on the lab's own agent.
-    unsafe { libc::kill(pids[0], libc::SIGKILL) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !lab.agent_pids().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(lab.agent_pids().is_empty(), "the agent is dead");
+    kill_agent(&lab);
     assert!(!pings(&lab.external), "ping (prefilter: denied, no agent) got through");
 
     // A restarted agent finds the list, the counts and the same program.
@@ -110,6 +102,31 @@ fn denied_source_dropped_at_xdp_counted_and_kept_across_restarts() {
     let (ok, out, err) = ciliate(&socket, &["prefilter", "delete", "--cidr", denied]);
     assert!(ok && out.contains("Revision: 3"), "{out}{err}");
     assert!(pings(&lab.external), "ping external → node (prefilter: CIDR deleted)");
+
+    // Denied again, then an agent with XDP for NodePort only: the deny
+    // list it cannot show is not applied.
+    let (ok, _, err) = ciliate(&socket, &["prefilter", "update", "--cidr", denied]);
+    assert!(ok, "{err}");
+    assert!(!pings(&lab.external), "ping (prefilter: denied) got through");
+    kill_agent(&lab);
+    lab.config.agent_args = vec!["--node-port-acceleration".into(), "native".into()];
+    lab.start_agent().unwrap();
+    assert!(xdp_prog(&lab).is_some(), "XDP stays for NodePort");
+    assert!(pings(&lab.external), "ping (prefilter off) dropped by a list no API shows");
+    let (ok, _, err) = ciliate(&socket, &["prefilter", "list"]);
+    assert!(!ok && err.contains("--enable-xdp-prefilter"), "{err}");
+}
+
+fn kill_agent(lab: &NodeLab) {
+    let pids = lab.agent_pids();
+    assert_eq!(pids.len(), 1, "one agent runs in the node");
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lab.agent_pids().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(lab.agent_pids().is_empty(), "the agent is dead");
 }
 
 #[test]

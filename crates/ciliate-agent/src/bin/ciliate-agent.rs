@@ -188,6 +188,17 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
                 if cfg.xdp_nodeport && cfg.routing != Routing::Native {
                     warn!(subsystem = "services", "NodePort acceleration forwards at XDP in native routing only: in tunnel mode from-netdev keeps doing it");
                 }
+                if !cfg.xdp_prefilter {
+                    // XDP runs for NodePort only: a deny list an earlier run
+                    // left in the pinned map, which no API would show now,
+                    // must not drop anything (its record stays in the state
+                    // directory for when the prefilter is on again).
+                    let mut maps = ciliate_datapath::nodemaps::PrefilterMaps::from_pin_dir(&pins.dir)
+                        .context("opening the prefilter's map")?;
+                    for (net, len, _) in maps.list().context("listing the prefilter's map")? {
+                        maps.remove(net, len).context("emptying the prefilter's map")?;
+                    }
+                }
                 cfg.xdp_prefilter.then_some(modes)
             } else {
                 node::detach_xdp(&pins, &cfg.devices);
