@@ -86,6 +86,8 @@ pub struct AppState<D: Datapath> {
     /// The XDP prefilter's deny list (`None`: `--enable-xdp-prefilter` is
     /// off).
     pub prefilter: Option<Arc<crate::prefilter::Prefilter>>,
+    /// The acceleration paths the node runs (for `status`).
+    pub acceleration: ciliate_api::models::Acceleration,
 }
 
 impl<D: Datapath + 'static> AppState<D> {
@@ -288,6 +290,7 @@ async fn status<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
             state: if st.restoring() { "restoring" } else { "ok" }.into(),
             monitor: st.events.status(),
             unreachable_nodes: kv.unreachable.clone(),
+            acceleration: st.acceleration.clone(),
         },
     )
 }
@@ -833,6 +836,7 @@ mod tests {
             ifnames: Default::default(),
             metrics: Default::default(),
             prefilter,
+            acceleration: Default::default(),
         })
     }
 

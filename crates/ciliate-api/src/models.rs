@@ -96,6 +96,20 @@ pub struct Status {
     /// Other nodes whose health responder did not answer the last probe.
     #[serde(default)]
     pub unreachable_nodes: Vec<String>,
+    /// Which acceleration paths the node runs.
+    #[serde(default)]
+    pub acceleration: Acceleration,
+}
+
+/// The acceleration paths of a node (`ciliate-agent` flags).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+pub struct Acceleration {
+    /// `--enable-xdp-prefilter`.
+    pub xdp_prefilter: bool,
+    /// `--node-port-acceleration`: "disabled" or "native".
+    pub node_port: String,
+    /// `--sockops-enable`.
+    pub sockops: bool,
 }
 
 /// Events read from the datapath and handed to subscribers.

@@ -47,6 +47,16 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
         ("Endpoints", format!("{} ({} restored at start)", s.endpoints, s.restored_endpoints)),
         ("Identities", format!("{} allocated", s.identities)),
         ("BPF maps", s.pin_dir.clone()),
+        ("Acceleration", {
+            let a = &s.acceleration;
+            let on = |b: bool| if b { "Enabled" } else { "Disabled" };
+            let np = if a.node_port.is_empty() { "disabled" } else { a.node_port.as_str() };
+            format!(
+                "XDP prefilter {}, NodePort {np}, socket-layer (sockops) {}",
+                on(a.xdp_prefilter),
+                on(a.sockops)
+            )
+        }),
         (
             "Monitor",
             format!(

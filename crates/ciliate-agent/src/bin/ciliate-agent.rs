@@ -304,6 +304,11 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ifnames: Default::default(),
         metrics: metrics.clone(),
         prefilter,
+        acceleration: ciliate_api::models::Acceleration {
+            xdp_prefilter: cfg.xdp_prefilter,
+            node_port: if cfg.xdp_nodeport { "native" } else { "disabled" }.into(),
+            sockops: cfg.sockops,
+        },
     });
     // Other nodes' pods, as the cluster sync follows them (for flows).
     let remote_pods = tokio::sync::watch::channel(imbl::OrdMap::new()).0;
