@@ -105,6 +105,10 @@ pub struct CtEntry {
     pub _pad: [u8; 2],
     /// The backend of a `DIR_SERVICE` entry, 0 otherwise.
     pub backend_id: u32,
-    pub _pad2: u32,
+    /// The node's policy generation (`crate::policy::GEN_MAP`) at which
+    /// policy last let this connection's opening direction through; while
+    /// the generation has not moved, its established packets skip the
+    /// lookups. 0: never (always looked up).
+    pub policy_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);

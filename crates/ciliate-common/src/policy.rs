@@ -57,6 +57,13 @@ pub struct PolicyKey {
 }
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 
+/// The node's policy generation (an array of one `u32`): the agent moves
+/// it after every change that can change a decision (policy entries, the
+/// identities of addresses). An established connection's packets are
+/// looked up again only when it moved since their connection was last
+/// decided (`ct::CtEntry::policy_gen`); 0 (no agent yet) looks up always.
+pub const GEN_MAP: &str = "ciliate_policy_gen";
+
 /// The entry is a deny.
 pub const F_DENY: u8 = 1 << 0;
 /// The entry is the enforcement marker of an endpoint and direction.

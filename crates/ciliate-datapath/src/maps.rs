@@ -224,23 +224,53 @@ pub fn monotonic_secs() -> u32 {
     ts.tv_sec as u32
 }
 
+/// The node's policy generation (`ciliate_common::policy::GEN_MAP`), moved
+/// after every write that can change a policy decision (policy entries,
+/// identities of addresses): the datapath looks an established connection
+/// up again only when it moved. Absent (pins of a build before it) it is
+/// not moved: those programs look every packet up.
+pub struct PolicyGen(Option<aya::maps::Array<MapData, u32>>);
+
+impl PolicyGen {
+    pub fn open(dir: &Path) -> Self {
+        Self(open_pinned(dir, policy::GEN_MAP, Map::Array).ok())
+    }
+
+    /// The generation now.
+    pub fn get(&self) -> u32 {
+        self.0.as_ref().and_then(|m| m.get(&0, 0).ok()).unwrap_or(0)
+    }
+
+    /// Move the generation (after the write it follows).
+    pub fn bump(&mut self) -> Result<()> {
+        let Some(m) = self.0.as_mut() else { return Ok(()) };
+        let next = m.get(&0, 0).map_err(map_err("reading", policy::GEN_MAP))?.wrapping_add(1);
+        m.set(0, next, 0)
+            .counted(UPDATE, policy::GEN_MAP)
+            .map_err(map_err("writing", policy::GEN_MAP))
+    }
+}
+
 /// `CILIATE_LXC`: local endpoints by IP.
-pub struct LxcMap(HashMap<MapData, EndpointKey, EndpointInfo>);
+pub struct LxcMap(HashMap<MapData, EndpointKey, EndpointInfo>, PolicyGen);
 
 impl LxcMap {
     pub fn from_pin_dir(dir: &Path) -> Result<Self> {
-        open_pinned(dir, endpoint::MAP_NAME, Map::HashMap).map(Self)
+        let m = open_pinned(dir, endpoint::MAP_NAME, Map::HashMap)?;
+        Ok(Self(m, PolicyGen::open(dir)))
     }
 
     pub fn upsert(&mut self, ip: Ipv4Addr, info: &EndpointInfo) -> Result<()> {
         self.0
             .insert(EndpointKey::v4(ip.octets()), info, 0)
             .counted(crate::maps::UPDATE, endpoint::MAP_NAME)
-            .map_err(map_err(&format!("inserting {ip} into"), endpoint::MAP_NAME))
+            .map_err(map_err(&format!("inserting {ip} into"), endpoint::MAP_NAME))?;
+        self.1.bump()
     }
 
     pub fn remove(&mut self, ip: Ipv4Addr) -> Result<()> {
-        ignore_missing(self.0.remove(&EndpointKey::v4(ip.octets())), endpoint::MAP_NAME)
+        ignore_missing(self.0.remove(&EndpointKey::v4(ip.octets())), endpoint::MAP_NAME)?;
+        self.1.bump()
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>> {
@@ -264,7 +294,7 @@ impl LxcMap {
 }
 
 /// `CILIATE_IPCACHE`: prefix → identity, longest prefix wins.
-pub struct IpcacheMap(LpmTrie<MapData, IpcacheKey, IpcacheEntry>);
+pub struct IpcacheMap(LpmTrie<MapData, IpcacheKey, IpcacheEntry>, PolicyGen);
 
 /// A prefix whose host bits are set, or whose length is over 32: refused
 /// before anything is written.
@@ -289,7 +319,8 @@ fn lpm_key(net: Ipv4Addr, len: u8) -> Key<IpcacheKey> {
 
 impl IpcacheMap {
     pub fn from_pin_dir(dir: &Path) -> Result<Self> {
-        open_pinned(dir, ipcache::MAP_NAME, Map::LpmTrie).map(Self)
+        let m = open_pinned(dir, ipcache::MAP_NAME, Map::LpmTrie)?;
+        Ok(Self(m, PolicyGen::open(dir)))
     }
 
     pub fn upsert(&mut self, net: Ipv4Addr, len: u8, entry: &IpcacheEntry) -> Result<()> {
@@ -297,12 +328,14 @@ impl IpcacheMap {
         self.0
             .insert(&lpm_key(net, len), entry, 0)
             .counted(crate::maps::UPDATE, ipcache::MAP_NAME)
-            .map_err(map_err(&format!("inserting {net}/{len} into"), ipcache::MAP_NAME))
+            .map_err(map_err(&format!("inserting {net}/{len} into"), ipcache::MAP_NAME))?;
+        self.1.bump()
     }
 
     pub fn remove(&mut self, net: Ipv4Addr, len: u8) -> Result<()> {
         check_prefix(net, len)?;
-        ignore_missing(self.0.remove(&lpm_key(net, len)), ipcache::MAP_NAME)
+        ignore_missing(self.0.remove(&lpm_key(net, len)), ipcache::MAP_NAME)?;
+        self.1.bump()
     }
 
     /// The entry of the longest prefix covering `ip`, as the datapath sees it.
@@ -694,6 +727,20 @@ pub trait PolicyWriter {
     fn insert_entry(&mut self, key: &(PolicyKey, u32), value: PolicyEntry) -> Result<()>;
     /// Removing an entry that is not there is fine.
     fn remove_entry(&mut self, key: &(PolicyKey, u32)) -> Result<()>;
+    /// A change (a batch of writes, whole or undone) is over: decisions
+    /// may differ now (the kernel map moves the node's policy generation).
+    fn changed(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `r`, after telling `w` its change is over (the change's own error
+/// first).
+fn after_change<W: PolicyWriter, T>(w: &mut W, r: Result<T>) -> Result<T> {
+    let changed = w.changed();
+    let out = r?;
+    changed?;
+    Ok(out)
 }
 
 impl PolicyWriter for PolicyMap {
@@ -705,6 +752,9 @@ impl PolicyWriter for PolicyMap {
     }
     fn remove_entry(&mut self, (k, len): &(PolicyKey, u32)) -> Result<()> {
         ignore_missing(self.0.remove(&Key::new(*len, *k)), policy::MAP_NAME)
+    }
+    fn changed(&mut self) -> Result<()> {
+        self.1.bump()
     }
 }
 
@@ -767,6 +817,15 @@ pub fn sync_policy_batch<W: PolicyWriter>(
     capacity: PolicyCapacity,
 ) -> Result<(usize, usize)> {
     plan_policy(held, batch, capacity)?;
+    let r = sync_planned(w, held, batch);
+    after_change(w, r)
+}
+
+fn sync_planned<W: PolicyWriter>(
+    w: &mut W,
+    held: &mut std::collections::BTreeMap<u16, PolicyEntries>,
+    batch: &[(u16, PolicyEntries)],
+) -> Result<(usize, usize)> {
     let mut before: Vec<(u16, PolicyEntries)> = Vec::new();
     let (mut added, mut removed) = (0, 0);
     for (ep, desired) in batch {
@@ -824,10 +883,19 @@ pub fn add_policy_batch<W: PolicyWriter>(
         })
         .collect();
     plan(held, &fresh, capacity, false)?;
+    let r = add_planned(w, held, &fresh);
+    after_change(w, r)
+}
+
+fn add_planned<W: PolicyWriter>(
+    w: &mut W,
+    held: &mut std::collections::BTreeMap<u16, PolicyEntries>,
+    fresh: &[(u16, PolicyEntries)],
+) -> Result<usize> {
     let is_marker = |e: &PolicyEntry| e.flags & policy::F_MARKER != 0;
     let mut done: Vec<(u16, (PolicyKey, u32), Option<PolicyEntry>)> = Vec::new();
     for markers in [false, true] {
-        for (ep, add) in &fresh {
+        for (ep, add) in fresh {
             for (k, v) in add.iter().filter(|(_, v)| is_marker(v) == markers) {
                 let written = held.entry(*ep).or_default();
                 let old = written.get(k).copied();
@@ -856,7 +924,7 @@ pub fn add_policy_batch<W: PolicyWriter>(
 
 /// `CILIATE_POLICY`: every endpoint's policy (reading rules:
 /// `ciliate_common::policy`).
-pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
+pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>, PolicyGen);
 
 fn marker_key(endpoint_id: u16, dir: u8) -> Key<PolicyKey> {
     Key::new(policy::PREFIX_ENFORCED, PolicyKey { endpoint_id, dir, ..Default::default() })
@@ -864,7 +932,8 @@ fn marker_key(endpoint_id: u16, dir: u8) -> Key<PolicyKey> {
 
 impl PolicyMap {
     pub fn from_pin_dir(dir: &Path) -> Result<Self> {
-        open_pinned(dir, policy::MAP_NAME, Map::LpmTrie).map(Self)
+        let m = open_pinned(dir, policy::MAP_NAME, Map::LpmTrie)?;
+        Ok(Self(m, PolicyGen::open(dir)))
     }
 
     /// The map's capacity, as the kernel made it.
@@ -882,7 +951,8 @@ impl PolicyMap {
         self.0
             .insert(&marker_key(endpoint_id, dir), marker, 0)
             .counted(crate::maps::UPDATE, policy::MAP_NAME)
-            .map_err(map_err(&format!("enforcing endpoint {endpoint_id} in"), policy::MAP_NAME))
+            .map_err(map_err(&format!("enforcing endpoint {endpoint_id} in"), policy::MAP_NAME))?;
+        self.1.bump()
     }
 
     /// Is `dir` enforced for `endpoint_id` (its marker is in the map)?
@@ -907,7 +977,8 @@ impl PolicyMap {
 
     /// Turn enforcement of `dir` off for `endpoint_id` (its rules stay).
     pub fn unenforce(&mut self, endpoint_id: u16, dir: u8) -> Result<()> {
-        ignore_missing(self.0.remove(&marker_key(endpoint_id, dir)), policy::MAP_NAME)
+        ignore_missing(self.0.remove(&marker_key(endpoint_id, dir)), policy::MAP_NAME)?;
+        self.1.bump()
     }
 
     /// Write `rule`. All its keys are checked before the first is written.
@@ -924,14 +995,14 @@ impl PolicyMap {
                 .counted(crate::maps::UPDATE, policy::MAP_NAME)
                 .map_err(map_err("inserting a rule into", policy::MAP_NAME))?;
         }
-        Ok(())
+        self.1.bump()
     }
 
     pub fn remove(&mut self, rule: &PolicyRule) -> Result<()> {
         for k in &rule.keys()? {
             ignore_missing(self.0.remove(k), policy::MAP_NAME)?;
         }
-        Ok(())
+        self.1.bump()
     }
 
     /// Make the map hold exactly `rules` for `endpoint_id`, with the
@@ -951,7 +1022,8 @@ impl PolicyMap {
         written: &mut PolicyEntries,
     ) -> Result<(usize, usize)> {
         let desired = policy_entries(endpoint_id, enforced, rules)?;
-        apply_entries(self, &desired, written, false)
+        let r = apply_entries(self, &desired, written, false);
+        after_change(self, r)
     }
 
     /// What the map holds, by endpoint.

@@ -214,6 +214,37 @@ fn a_policy_change_leaves_an_established_flow_unless_a_deny_covers_it() {
 }
 
 #[test]
+fn an_established_flow_is_looked_up_again_only_when_the_policy_generation_moves() {
+    use ciliate_datapath::maps::{PolicyWriter as _, policy_entries};
+    let mut n = Node::new("pol-gen");
+    let mut p = policy(&n);
+    p.enforce(A.id, DIR_EGRESS).unwrap();
+    p.upsert(&rule(&A, DIR_EGRESS, B.identity, TCP, Some((80, 80)))).unwrap();
+    assert_eq!(send(&mut n, true, 80, tcp_flags::SYN).run.verdict, verdict::REDIRECT);
+    let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+    assert_eq!(send(&mut n, false, 80, syn_ack).run.verdict, verdict::REDIRECT);
+    assert_eq!(send(&mut n, true, 80, tcp_flags::ACK).run.verdict, verdict::REDIRECT);
+
+    // A deny written without moving the generation (the raw entries, as
+    // no writer of the agent does): the established flow, decided at this
+    // generation, is not looked up again; a new connection meets it.
+    let d = deny(rule(&A, DIR_EGRESS, B.identity, TCP, Some((80, 80))));
+    for (k, v) in policy_entries(A.id, &[(DIR_EGRESS, true)], &[d]).unwrap() {
+        p.insert_entry(&k, v).unwrap();
+    }
+    assert_eq!(send(&mut n, true, 80, tcp_flags::ACK).run.verdict, verdict::REDIRECT);
+    let other = A.send(B.ip, &tcp(40998, 80, tcp_flags::SYN));
+    assert_eq!(n.send_a(&other).verdict, verdict::SHOT);
+    n.events.drain();
+
+    // The generation moves (every writer of the policy map, the ipcache and
+    // the lxc map moves it after its change): looked up again, cut.
+    p.changed().unwrap();
+    let cut = send(&mut n, true, 80, tcp_flags::ACK);
+    assert_eq!((cut.run.verdict, cut.drops.as_slice()), (verdict::SHOT, &[drop::POLICY_DENY][..]));
+}
+
+#[test]
 fn unenforced_directions_need_no_rules() {
     let mut n = Node::new("pol-off");
     let mut p = policy(&n);

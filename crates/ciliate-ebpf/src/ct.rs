@@ -222,6 +222,11 @@ pub struct Tracked {
     /// The entry's reverse-NAT index (0: none). A reply that finds one is
     /// translated back to that frontend (`lb::rev_nat`).
     pub rev_nat_index: u16,
+    /// Established, and the node's policy generation moved since the
+    /// connection was last decided: policy must look again, and stamp
+    /// `generation` once it let the packet through (`stamp_policy`).
+    pub recheck: bool,
+    pub generation: u32,
 }
 
 const REPORT_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
@@ -261,7 +266,15 @@ pub fn lookup(t: &Tuple, dir: u8, len: u32) -> Option<Tracked> {
         e.tx_flags_seen |= t.tcp_flags;
         e.flags |= non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, both);
         e.expires = now + lifetime(proto, e.flags);
-        return Some(Tracked { state: CT_ESTABLISHED, report, rev_nat_index: 0 });
+        let generation = crate::maps::policy_gen();
+        let recheck = e.policy_gen != generation;
+        return Some(Tracked {
+            state: CT_ESTABLISHED,
+            report,
+            rev_nat_index: 0,
+            recheck,
+            generation,
+        });
     }
 
     let other = if dir == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
@@ -275,12 +288,19 @@ pub fn lookup(t: &Tuple, dir: u8, len: u32) -> Option<Tracked> {
     e.rx_flags_seen |= t.tcp_flags;
     e.flags |= non_syn | closing_flags(t.tcp_flags, F_RX_CLOSING, both);
     e.expires = now + lifetime(proto, e.flags);
-    Some(Tracked { state: CT_REPLY, report, rev_nat_index: e.rev_nat_index })
+    Some(Tracked {
+        state: CT_REPLY,
+        report,
+        rev_nat_index: e.rev_nat_index,
+        recheck: false,
+        generation: 0,
+    })
 }
 
 /// Create (or, for a reopened connection, replace) the entry of a new
 /// connection opened by `src_identity` in direction `dir`; `rev_nat` is the
-/// reverse-NAT index its replies need (0: none).
+/// reverse-NAT index its replies need (0: none); policy let it through at
+/// the node's policy generation now.
 #[inline(always)]
 pub fn create(
     t: &Tuple,
@@ -289,6 +309,7 @@ pub fn create(
     src_identity: u32,
     rev_nat: u16,
 ) -> Result<Tracked, Drop> {
+    let policy_gen = crate::maps::policy_gen();
     let proto = t.key.proto;
     let non_syn =
         if proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
@@ -308,10 +329,24 @@ pub fn create(
         rx_flags_seen: 0,
         _pad: [0; 2],
         backend_id: 0,
-        _pad2: 0,
+        policy_gen,
     };
     table(proto).insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
-    Ok(Tracked { state: CT_NEW, report: true, rev_nat_index: 0 })
+    Ok(Tracked { state: CT_NEW, report: true, rev_nat_index: 0, recheck: false, generation: 0 })
+}
+
+/// Record that policy let the established connection of `t` (opened in
+/// direction `dir`) through at generation `generation` (read before it
+/// decided: a change landing meanwhile leaves the stamp behind).
+#[inline(always)]
+pub fn stamp_policy(t: &Tuple, dir: u8, generation: u32) {
+    let mut fwd = t.key;
+    fwd.dir = dir;
+    if let Some(e) = table(t.key.proto).get_ptr_mut(fwd) {
+        // SAFETY: a map value; a racing stamp writes the same or a newer
+        // generation's decision.
+        unsafe { (*e).policy_gen = generation };
+    }
 }
 
 /// Is the packet `t` (leaving an endpoint) a reply of a connection opened

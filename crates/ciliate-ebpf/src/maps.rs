@@ -76,6 +76,16 @@ pub static CILIATE_IPV4_FRAG: LruHashMap<FragKey, FragPorts> =
 pub static CILIATE_POLICY: LpmTrie<PolicyKey, PolicyEntry> =
     LpmTrie::pinned(policy::MAX_ENTRIES, 0);
 
+/// The node's policy generation. See `ciliate_common::policy::GEN_MAP`.
+#[map(name = "ciliate_policy_gen")]
+pub static CILIATE_POLICY_GEN: Array<u32> = Array::pinned(1, 0);
+
+/// The node's policy generation (0 before the agent moved it).
+#[inline(always)]
+pub fn policy_gen() -> u32 {
+    CILIATE_POLICY_GEN.get(0).copied().unwrap_or(0)
+}
+
 /// Frontends and their backend slots. See `ciliate_common::lb`.
 #[map(name = "ciliate_lb4_services")]
 pub static CILIATE_LB4_SERVICES: HashMap<LbKey, LbService> = HashMap::pinned(lb::MAX_SERVICES, 0);

@@ -209,8 +209,11 @@ pub fn track_and_enforce<const D: bool>(
         Some(tracked) => {
             let state = u32::from(tracked.state);
             dbg.msg(ctx, dbgs::DBG_CT_VERDICT, state, u32::from(tracked.rev_nat_index), 0);
-            if tracked.state == ciliate_common::ct::CT_ESTABLISHED {
+            // Decided at this generation already: nothing that could cut
+            // it has changed since.
+            if tracked.recheck {
                 enforce(ctx, endpoint_id, policy_dir, local, remote, t, false, dbg)?;
+                crate::ct::stamp_policy(t, ct_dir, tracked.generation);
             }
             Ok(tracked)
         }
