@@ -101,8 +101,8 @@ pub struct Flags {
     #[arg(long, env = "CILIATE_SOCKOPS_ENABLE", num_args = 0..=1, default_missing_value = "true")]
     pub sockops_enable: Option<bool>,
     /// NodePort acceleration: "native" translates and forwards NodePort traffic to
-    /// backends on other nodes at XDP on --devices (native routing; tunnel mode leaves it
-    /// to tc), or "disabled" [default: disabled]
+    /// backends on other nodes at XDP on --devices (wrapped in VXLAN there in tunnel mode),
+    /// or "disabled" [default: disabled]
     #[arg(long, env = "CILIATE_NODE_PORT_ACCELERATION")]
     pub node_port_acceleration: Option<String>,
     /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]

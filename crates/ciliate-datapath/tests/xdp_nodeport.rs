@@ -4,15 +4,19 @@
 //! valid checksums, the neighbour's MAC, TTL - 1, and sent back out of the
 //! device it came in by (`XDP_TX`); the flow keeps its backend and its
 //! NAT port; from-netdev translates the backend's reply back with the
-//! state XDP made. A local backend, a ClusterIP, a fragment, tunnel mode,
-//! a backend without a neighbour yet and the switch off all pass to the
-//! stack untouched. Needs root; CI runs as root.
+//! state XDP made. In tunnel mode the translated frame is wrapped in
+//! VXLAN to the backend's node (outer headers as the overlay device
+//! writes them). A local backend, a ClusterIP, a fragment, a backend
+//! without a neighbour yet or without a tunnel endpoint, a frame the wrap
+//! would take past the MTU and the switch off all pass to the stack
+//! untouched. Needs root; CI runs as root.
 
 use std::{net::Ipv4Addr, process::Command};
 
 use ciliate_common::{
     config::HostConfig,
     endpoint::EndpointInfo,
+    ipcache::IpcacheEntry,
     lb::{BACKEND_ACTIVE, LbService, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT},
     metrics::{DIR_SERVICE, REASON_FORWARDED},
     node::{NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE, ROUTING_TUNNEL},
@@ -85,6 +89,10 @@ fn setup(tag: &str) -> Nodeport {
     service(5, fe(Ipv4Addr::new(10, 96, 0, 10), 80, 6), SVC_F_CLUSTER_IP, be(BACKEND, 6));
     let pod = EndpointInfo { endpoint_id: 7, identity: 1007, ..Default::default() };
     node.lxc().unwrap().upsert(LOCAL_POD, &pod).unwrap();
+    // In tunnel mode BACKEND is reached through the next node.
+    let remote =
+        IpcacheEntry { identity: 3000, tunnel_endpoint: NEXT_NODE.octets(), ..Default::default() };
+    node.ipcache().unwrap().upsert(BACKEND, 32, &remote).unwrap();
     Nodeport { node, prog, mac }
 }
 
@@ -194,11 +202,45 @@ fn what_xdp_does_not_forward_passes_untouched() {
     n.passes(&ttl1, "TTL 1 (from-netdev drops it, counted)");
     let mut cfg = n.node.node_config().unwrap();
     cfg.set(&node_cfg(ROUTING_TUNNEL, NODE_F_XDP_NODEPORT)).unwrap();
-    n.passes(&frame, "tunnel mode (from-netdev encapsulates)");
+    let no_tunnel = from_client(NODE_IP, &tcp(40000, 30082, tcp_flags::SYN), mac);
+    n.passes(&no_tunnel, "tunnel mode, a backend the ipcache has no node for");
     cfg.set(&node_cfg(ROUTING_NATIVE, 0)).unwrap();
     n.passes(&frame, "acceleration off");
     assert_eq!(n.forwarded(), 0);
     // On again: forwarded.
     cfg.set(&node_cfg(ROUTING_NATIVE, NODE_F_XDP_NODEPORT)).unwrap();
     assert_eq!(n.run(&frame).verdict, xdp::TX);
+}
+
+#[test]
+fn in_tunnel_mode_nodeport_is_wrapped_in_vxlan_to_the_backends_node_at_xdp() {
+    let n = setup("xdp-np-vx");
+    n.node.node_config().unwrap().set(&node_cfg(ROUTING_TUNNEL, NODE_F_XDP_NODEPORT)).unwrap();
+    let syn = from_client(NODE_IP, &tcp(40000, 30080, tcp_flags::SYN), n.mac);
+    let r = n.run(&syn);
+    assert_eq!(r.verdict, xdp::TX, "out of the device it came in by");
+    let outer = packet::parse(&r.packet).unwrap();
+    assert_eq!(outer.eth, Eth { dst: NEXT_MAC, src: n.mac }, "MACs of the next node");
+    let ip4 = outer.ipv4.unwrap();
+    assert!(ip4.header_csum_ok, "outer IP checksum");
+    assert_eq!((ip4.src, ip4.dst, ip4.proto, ip4.ttl), (NODE_IP, NEXT_NODE, 17, 64));
+    let ip_len = usize::from(u16::from_be_bytes([r.packet[16], r.packet[17]]));
+    assert_eq!(ip_len, r.packet.len() - 14, "outer IP length");
+    let udp = outer.l4.unwrap();
+    assert_eq!(udp.dport, 8472, "the VXLAN port");
+    assert!((32768..61000).contains(&udp.sport), "a source port of the device's range");
+    assert_eq!(&r.packet[40..42], &[0, 0], "no outer UDP checksum, as the device sends");
+    assert_eq!(&r.packet[42..50], &[0x08, 0, 0, 0, 0, 0, 6, 0], "VNI 6: remote-node");
+    // The inner frame: as the native path translates it, TTL untouched.
+    let inner = TcRun { verdict: r.verdict, packet: r.packet[50..].to_vec() };
+    let p = parsed(&inner);
+    let (ip4, l4) = (p.ipv4.unwrap(), p.l4.unwrap());
+    assert_eq!((ip4.src, ip4.dst, l4.dport, ip4.ttl), (NODE_IP, BACKEND, 8080, 64));
+    assert_eq!(l4.payload, b"hello");
+    assert_eq!(n.forwarded(), 1);
+
+    // A frame the wrap would take past the device's MTU: the stack's path.
+    let full =
+        L4::Tcp { sport: 40000, dport: 30080, seq: 2, ack: 1, flags: 0x10, payload: &[7; 1460] };
+    n.passes(&from_client(NODE_IP, &full, n.mac), "1500 bytes + VXLAN past a 1500 MTU");
 }

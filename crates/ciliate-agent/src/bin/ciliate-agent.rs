@@ -185,9 +185,6 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
                         warn!(subsystem = "datapath", device = %dev, "the driver has no native XDP: XDP runs generic, after the skb is allocated");
                     }
                 }
-                if cfg.xdp_nodeport && cfg.routing != Routing::Native {
-                    warn!(subsystem = "services", "NodePort acceleration forwards at XDP in native routing only: in tunnel mode from-netdev keeps doing it");
-                }
                 if !cfg.xdp_prefilter {
                     // XDP runs for NodePort only: a deny list an earlier run
                     // left in the pinned map, which no API would show now,

@@ -3,25 +3,28 @@
 //! - the prefilter, which drops packets from denied source CIDRs before the
 //!   stack allocates an skb for them (`ciliate prefilter`; layouts in
 //!   `ciliate_common::prefilter`);
-//! - NodePort acceleration (`NODE_F_XDP_NODEPORT`, native routing): a
-//!   packet for an external frontend whose backend is on another node is
-//!   balanced, DNAT'ed to the backend and SNAT'ed to this node exactly as
+//! - NodePort acceleration (`NODE_F_XDP_NODEPORT`): a packet for an
+//!   external frontend whose backend is on another node is balanced,
+//!   DNAT'ed to the backend and SNAT'ed to this node exactly as
 //!   from-netdev would (the same stages, the same maps: the reply comes
-//!   back through from-netdev, which translates it), then sent out of the
-//!   device the FIB names (`XDP_TX` when it is the one it came in by,
-//!   `XDP_REDIRECT` otherwise), without an skb. Counted as forwarded
-//!   under `SERVICE` in the metrics map.
+//!   back through from-netdev, which translates it); in tunnel mode it is
+//!   then wrapped in VXLAN here (outer IPv4/UDP 8472/VXLAN with the
+//!   remote-node identity as the VNI, to the backend's node from the
+//!   ipcache, as the overlay device would); then it is sent out of the
+//!   device the FIB names for the (outer) destination (`XDP_TX` when it is
+//!   the one it came in by, `XDP_REDIRECT` otherwise), without an skb.
+//!   Counted as forwarded under `SERVICE` in the metrics map.
 //!
-//! Everything else (a local backend, tunnel mode, fragments, a route the
-//! FIB cannot finish, any doubt) passes untouched to the stack and
-//! from-netdev, which decide and report.
+//! Everything else (a local backend, fragments, a route the FIB cannot
+//! finish, a tunnel packet past the device's MTU, any doubt) passes
+//! untouched to the stack and from-netdev, which decide and report.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -29,7 +32,7 @@ use aya_ebpf::{
 use ciliate_common::{
     lb::SVC_F_EXTERNAL,
     metrics::{DIR_SERVICE, REASON_FORWARDED},
-    node::{NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE},
+    node::{NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE, ROUTING_TUNNEL, VXLAN_PORT},
     prefilter::{MAX_ENTRIES, PrefilterKey, PrefilterStats},
 };
 use ciliate_ebpf::{Drop, ct, deliver, lb, lookup, maps, nat, packet};
@@ -75,7 +78,8 @@ pub fn xdp_entry(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     const PASS: Result<u32, Drop> = Ok(xdp_action::XDP_PASS);
-    if node.routing != ROUTING_NATIVE || node.node_ip == [0; 4] {
+    let tunnel = node.routing == ROUTING_TUNNEL;
+    if (!tunnel && node.routing != ROUTING_NATIVE) || node.node_ip == [0; 4] {
         return PASS;
     }
     let Ok(Some(ip)) = packet::ipv4_of(ctx, true) else { return PASS };
@@ -94,8 +98,18 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     if lookup::local_endpoint(sel.backend.addr).is_some() {
         return PASS;
     }
-    // The route to the backend first: a packet the FIB cannot finish (no
-    // neighbour yet) goes to the stack as it came.
+    // In tunnel mode the packet goes to the backend's node.
+    let next = if tunnel {
+        let remote = lookup::ipcache(sel.backend.addr).tunnel_endpoint;
+        if remote == [0; 4] {
+            return PASS;
+        }
+        remote
+    } else {
+        sel.backend.addr
+    };
+    // The route first: a packet the FIB cannot finish (no neighbour yet)
+    // goes to the stack as it came.
     // SAFETY: a plain C struct; all-zero is its "unset" value.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = 2; // AF_INET
@@ -107,7 +121,7 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     p.ifindex = ingress;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node.node_ip);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(sel.backend.addr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next);
     // SAFETY: the helper reads and fills `p`, whose size it is given.
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
@@ -116,9 +130,20 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
         return PASS;
     }
     let len = (ctx.data_end() - ctx.data()) as u32;
+    // The device's MTU (the FIB's answer): a frame wrapped past it would
+    // not leave; the stack's path says so to the sender.
+    // SAFETY: the union's output member, filled by the helper.
+    let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
+    if tunnel && u32::from(u16::from_be(ip.tot_len)) + VXLAN_OVERHEAD > mtu {
+        return PASS;
+    }
     lb::dnat(ctx, &mut t, &sel)?;
     nat::snat(ctx, &mut t, node.node_ip, svc.rev_nat_index)?;
-    deliver::l3_hop(ctx, &p.smac, &p.dmac)?;
+    if tunnel {
+        encap(ctx, &t, node.node_ip, next, &p.smac, &p.dmac)?;
+    } else {
+        deliver::l3_hop(ctx, &p.smac, &p.dmac)?;
+    }
     maps::count(REASON_FORWARDED, DIR_SERVICE, len);
     if p.ifindex == ingress {
         return Ok(xdp_action::XDP_TX);
@@ -155,6 +180,108 @@ fn prefilter(ctx: &XdpContext) -> bool {
         }
     }
     true
+}
+
+/// Outer Ethernet, IPv4, UDP and VXLAN headers.
+const VXLAN_HEADERS: usize = 14 + 20 + 8 + 8;
+/// What the wrap adds to the IP packet's length on the wire.
+const VXLAN_OVERHEAD: u32 = VXLAN_HEADERS as u32;
+
+#[repr(C)]
+struct Outer {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    eth_proto: u16,
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+    udp_len: u16,
+    udp_check: u16,
+    /// Flags (0x08: a VNI is present), 3 reserved bytes, the 24-bit VNI,
+    /// a reserved byte.
+    vxlan: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<Outer>() == VXLAN_HEADERS);
+
+/// Wrap the (translated) frame of `t` in VXLAN from `src` to node `dst`,
+/// as the overlay device would: the inner frame whole, UDP from a port
+/// chosen by the flow (as the device's, within its range) to 8472 without
+/// a checksum, the remote-node identity as the VNI; outer MACs from the
+/// FIB.
+#[inline(always)]
+fn encap(
+    ctx: &XdpContext,
+    t: &ct::Tuple,
+    src: [u8; 4],
+    dst: [u8; 4],
+    smac: &[u8; 6],
+    dmac: &[u8; 6],
+) -> Result<(), Drop> {
+    let inner = (ctx.data_end() - ctx.data()) as u16;
+    // SAFETY: plain helper call on this program's context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VXLAN_HEADERS as i32)) } != 0 {
+        return Err(ciliate_ebpf::drop!(ciliate_common::drop::WRITE_ERROR));
+    }
+    let o = packet::ptr_at::<Outer>(ctx, 0)
+        .ok_or(ciliate_ebpf::drop!(ciliate_common::drop::WRITE_ERROR))?;
+    let k = &t.key;
+    let h = ciliate_common::lb::flow_hash(k.saddr, k.daddr, k.sport, k.dport, k.proto);
+    // The device's source port range: 32768-60999 (the ephemeral ports).
+    let sport = 32768 + (h % (61000 - 32768)) as u16;
+    let ip_len = inner + (VXLAN_HEADERS - 14) as u16;
+    let mut out = Outer {
+        eth_dst: *dmac,
+        eth_src: *smac,
+        eth_proto: 0x0800u16.to_be(),
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ip_len.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: ct::IPPROTO_UDP,
+        check: 0,
+        saddr: src,
+        daddr: dst,
+        sport: sport.to_be(),
+        dport: VXLAN_PORT.to_be(),
+        udp_len: (ip_len - 20).to_be(),
+        udp_check: 0,
+        vxlan: {
+            let vni = ciliate_common::identity::REMOTE_NODE.to_be_bytes();
+            [0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]
+        },
+    };
+    out.check = ipv4_checksum(&out);
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { core::ptr::write_unaligned(o, out) };
+    Ok(())
+}
+
+/// The IPv4 header checksum of the outer header (RFC 791).
+#[inline(always)]
+fn ipv4_checksum(o: &Outer) -> u16 {
+    // SAFETY: the IPv4 header is 20 bytes of the struct from `vihl` on.
+    let words: [u16; 10] =
+        unsafe { core::ptr::read_unaligned(core::ptr::from_ref(&o.vihl).cast::<[u16; 10]>()) };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 ciliate_ebpf::program_object!();
