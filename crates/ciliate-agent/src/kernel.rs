@@ -142,20 +142,14 @@ impl Datapath for KernelDatapath {
         &mut self,
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
-        let entries = crate::endpoint::batch_entries(batch)?;
-        self.write_policies(&entries, false)?;
-        self.revoke_accelerated();
-        Ok(())
+        self.write_batch(batch, false)
     }
 
     fn add_policies(
         &mut self,
         batch: &[(u16, Resolved)],
     ) -> Result<(), ciliate_datapath::DatapathError> {
-        let entries = crate::endpoint::batch_entries(batch)?;
-        self.write_policies(&entries, true)?;
-        self.revoke_accelerated();
-        Ok(())
+        self.write_batch(batch, true)
     }
     fn policy_holders(&mut self) -> Result<std::collections::BTreeSet<u16>, String> {
         let (_, held) = self.policy_map().map_err(|e| e.to_string())?;
@@ -170,6 +164,19 @@ impl KernelDatapath {
     /// Make each endpoint's entries in the map exactly those of `entries`
     /// (see `sync_policy_batch`), or add them (`add`: see
     /// `add_policy_batch`), and publish what every endpoint holds.
+    /// Write resolved policies (all of each endpoint's, or `add`itions
+    /// only), then take out accelerated connections they no longer let in.
+    fn write_batch(
+        &mut self,
+        batch: &[(u16, Resolved)],
+        add: bool,
+    ) -> Result<(), ciliate_datapath::DatapathError> {
+        let entries = crate::endpoint::batch_entries(batch)?;
+        self.write_policies(&entries, add)?;
+        self.revoke_accelerated();
+        Ok(())
+    }
+
     fn write_policies(
         &mut self,
         entries: &[(u16, PolicyEntries)],
@@ -445,11 +452,17 @@ pub struct KernelCluster {
     pub routing: crate::cluster::Routing,
     /// The native device routes to other nodes go through.
     pub device: Option<String>,
+    /// The ipcache, opened at the first write (not once per record).
+    pub ipcache: Option<IpcacheMap>,
 }
 
 impl KernelCluster {
-    fn ipcache(&self) -> Result<IpcacheMap, String> {
-        IpcacheMap::from_pin_dir(&self.pin_dir).map_err(|e| e.to_string())
+    fn ipcache(&mut self) -> Result<&mut IpcacheMap, String> {
+        if self.ipcache.is_none() {
+            let m = IpcacheMap::from_pin_dir(&self.pin_dir).map_err(|e| e.to_string())?;
+            self.ipcache = Some(m);
+        }
+        Ok(self.ipcache.as_mut().expect("opened above"))
     }
 }
 
@@ -468,7 +481,7 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
     fn upsert_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
         let e =
             IpcacheEntry { identity: ciliate_common::identity::REMOTE_NODE, ..Default::default() };
-        let mut ipc = self.ipcache()?;
+        let ipc = self.ipcache()?;
         ipc.upsert(n.ip, 32, &e).map_err(|e| e.to_string())?;
         // The node's pod CIDR with the node as tunnel endpoint (Cilium's
         // tunnel map): pods not yet in the ipcache are still reached.
@@ -496,7 +509,7 @@ impl crate::cluster::ClusterDatapath for KernelCluster {
         Ok(())
     }
     fn remove_node(&mut self, n: &crate::cluster::NodeRecord) -> Result<(), String> {
-        let mut ipc = self.ipcache()?;
+        let ipc = self.ipcache()?;
         ipc.remove(n.ip, 32).map_err(|e| e.to_string())?;
         if let Some(cidr) = n.cidr() {
             ipc.remove(cidr.net, cidr.len).map_err(|e| e.to_string())?;

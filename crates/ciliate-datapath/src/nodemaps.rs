@@ -245,6 +245,14 @@ impl PrefilterMaps {
         )
     }
 
+    /// Deny nothing (the counters stay).
+    pub fn clear(&mut self) -> Result<()> {
+        for (net, len, _) in self.list()? {
+            self.remove(net, len)?;
+        }
+        Ok(())
+    }
+
     /// The denied prefixes and their slots, as the kernel holds them.
     pub fn list(&self) -> Result<Vec<(Ipv4Addr, u8, u32)>> {
         use ciliate_common::prefilter::MAP_NAME;

@@ -190,11 +190,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
                     // left in the pinned map, which no API would show now,
                     // must not drop anything (its record stays in the state
                     // directory for when the prefilter is on again).
-                    let mut maps = ciliate_datapath::nodemaps::PrefilterMaps::from_pin_dir(&pins.dir)
-                        .context("opening the prefilter's map")?;
-                    for (net, len, _) in maps.list().context("listing the prefilter's map")? {
-                        maps.remove(net, len).context("emptying the prefilter's map")?;
-                    }
+                    ciliate_datapath::nodemaps::PrefilterMaps::from_pin_dir(&pins.dir)
+                        .and_then(|mut m| m.clear())
+                        .context("emptying the prefilter's map")?;
                 }
                 cfg.xdp_prefilter.then_some(modes)
             } else {
@@ -426,6 +424,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             pin_dir: pins.dir.clone(),
             routing: cfg.routing,
             device: cfg.devices.first().cloned(),
+            ipcache: None,
         });
         let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
         sync.remote_pods = remote_pods.clone();

@@ -187,21 +187,12 @@ const VXLAN_HEADERS: usize = 14 + 20 + 8 + 8;
 /// What the wrap adds to the IP packet's length on the wire.
 const VXLAN_OVERHEAD: u32 = VXLAN_HEADERS as u32;
 
+/// The headers the wrap puts before the inner frame (Ethernet and IPv4 as
+/// the parser reads them).
 #[repr(C)]
 struct Outer {
-    eth_dst: [u8; 6],
-    eth_src: [u8; 6],
-    eth_proto: u16,
-    vihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
+    eth: packet::EthHdr,
+    ip: packet::Ipv4Hdr,
     sport: u16,
     dport: u16,
     udp_len: u16,
@@ -239,19 +230,19 @@ fn encap(
     let sport = 32768 + (h % (61000 - 32768)) as u16;
     let ip_len = inner + (VXLAN_HEADERS - 14) as u16;
     let mut out = Outer {
-        eth_dst: *dmac,
-        eth_src: *smac,
-        eth_proto: 0x0800u16.to_be(),
-        vihl: 0x45,
-        tos: 0,
-        tot_len: ip_len.to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: 64,
-        proto: ct::IPPROTO_UDP,
-        check: 0,
-        saddr: src,
-        daddr: dst,
+        eth: packet::EthHdr { dst: *dmac, src: *smac, proto: packet::ETH_P_IP.to_be() },
+        ip: packet::Ipv4Hdr {
+            vihl: 0x45,
+            tos: 0,
+            tot_len: ip_len.to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            proto: ct::IPPROTO_UDP,
+            check: 0,
+            saddr: src,
+            daddr: dst,
+        },
         sport: sport.to_be(),
         dport: VXLAN_PORT.to_be(),
         udp_len: (ip_len - 20).to_be(),
@@ -261,18 +252,18 @@ fn encap(
             [0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]
         },
     };
-    out.check = ipv4_checksum(&out);
+    out.ip.check = ipv4_checksum(&out.ip);
     // SAFETY: bounds checked by ptr_at.
     unsafe { core::ptr::write_unaligned(o, out) };
     Ok(())
 }
 
-/// The IPv4 header checksum of the outer header (RFC 791).
+/// The checksum of IPv4 header `ip` (RFC 791).
 #[inline(always)]
-fn ipv4_checksum(o: &Outer) -> u16 {
-    // SAFETY: the IPv4 header is 20 bytes of the struct from `vihl` on.
+fn ipv4_checksum(ip: &packet::Ipv4Hdr) -> u16 {
+    // SAFETY: the header is 20 bytes, read as ten 16-bit words.
     let words: [u16; 10] =
-        unsafe { core::ptr::read_unaligned(core::ptr::from_ref(&o.vihl).cast::<[u16; 10]>()) };
+        unsafe { core::ptr::read_unaligned(core::ptr::from_ref(ip).cast::<[u16; 10]>()) };
     let mut sum = 0u32;
     let mut i = 0;
     while i < 10 {
