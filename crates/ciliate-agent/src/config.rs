@@ -105,6 +105,12 @@ pub struct Flags {
     /// or "disabled" [default: disabled]
     #[arg(long, env = "CILIATE_NODE_PORT_ACCELERATION")]
     pub node_port_acceleration: Option<String>,
+    /// How NodePort traffic reaches a backend on another node: "snat" (through this node
+    /// both ways), "dsr" (direct server return: the client's address kept, the backend's
+    /// node answers it; native routing only) or "hybrid" (DSR for TCP, SNAT for UDP)
+    /// [default: snat]
+    #[arg(long, env = "CILIATE_NODE_PORT_MODE")]
+    pub node_port_mode: Option<String>,
     /// The cgroup v2 directory socket LB attaches to [default: the cgroup v2 root]
     #[arg(long, env = "CILIATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -202,7 +208,7 @@ pub struct Flags {
     /// A JSON file with any of: node, pod_cidr, state_dir, socket, bpffs, enable_health,
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
-    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, cgroup_root, lb_algorithm,
+    /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, node_port_mode, cgroup_root, lb_algorithm,
     /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
@@ -386,6 +392,7 @@ struct FileConfig {
     enable_xdp_prefilter: Option<bool>,
     sockops_enable: Option<bool>,
     node_port_acceleration: Option<String>,
+    node_port_mode: Option<String>,
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
@@ -445,6 +452,8 @@ pub struct Config {
     /// `--node-port-acceleration native`: NodePort at XDP on every native
     /// device.
     pub xdp_nodeport: bool,
+    /// `--node-port-mode`.
+    pub node_port_mode: ciliate_datapath::node::NodePortMode,
     /// None: the cgroup v2 root the agent finds or mounts.
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
@@ -632,6 +641,21 @@ impl Flags {
                 "node port acceleration {other:?}: \"native\" or \"disabled\" (generic XDP runs after the skb is made: nothing to gain)"
             ),
         };
+        let node_port_mode: ciliate_datapath::node::NodePortMode = self
+            .node_port_mode
+            .or(file.node_port_mode)
+            .as_deref()
+            .unwrap_or("snat")
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        if node_port_mode != ciliate_datapath::node::NodePortMode::Snat
+            && routing == crate::cluster::Routing::Tunnel
+        {
+            anyhow::bail!(
+                "--node-port-mode {} needs --routing native: in tunnel mode the frontend would travel in a Geneve option (Cilium's dispatch), and there is no Geneve here",
+                node_port_mode.as_str()
+            );
+        }
         let prometheus_serve_addr = crate::metrics::parse_addr(
             self.prometheus_serve_addr.or(file.prometheus_serve_addr).as_deref().unwrap_or(":9962"),
         )
@@ -788,6 +812,7 @@ impl Flags {
             xdp_prefilter,
             sockops: self.sockops_enable.or(file.sockops_enable).unwrap_or(false),
             xdp_nodeport,
+            node_port_mode,
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
             lb_algorithm: match self
                 .lb_algorithm
@@ -858,6 +883,22 @@ mod tests {
         bad(np("generic", true), "\"native\" or \"disabled\"");
         assert!(np("native", true).resolve().unwrap().xdp_nodeport);
         assert!(!np("disabled", true).resolve().unwrap().xdp_nodeport);
+        // DSR: Cilium's modes, native routing only.
+        let mode = |m: &str, routing: &str| Flags {
+            node_port_mode: Some(m.into()),
+            routing: Some(routing.into()),
+            ..Default::default()
+        };
+        bad(mode("direct", "native"), "\"snat\", \"dsr\" or \"hybrid\"");
+        bad(mode("dsr", "tunnel"), "needs --routing native");
+        bad(mode("hybrid", "tunnel"), "needs --routing native");
+        use ciliate_datapath::node::NodePortMode;
+        assert_eq!(mode("dsr", "native").resolve().unwrap().node_port_mode, NodePortMode::Dsr);
+        assert_eq!(
+            mode("hybrid", "native").resolve().unwrap().node_port_mode,
+            NodePortMode::Hybrid
+        );
+        assert_eq!(mode("snat", "tunnel").resolve().unwrap().node_port_mode, NodePortMode::Snat);
         bad(
             Flags {
                 cluster_pool: Some("10.0.0.0/16".into()),

@@ -245,9 +245,14 @@ impl State {
         }
     }
 
+    /// A free reverse-NAT index: never 0 (none) nor `REV_NAT_DSR` (the
+    /// datapath's mark of a DSR backend's flow).
     fn alloc_rev(&mut self) -> Option<u16> {
         for _ in 0..=u16::MAX {
             self.next_rev = self.next_rev.wrapping_add(1).max(1);
+            if self.next_rev == ciliate_common::lb::REV_NAT_DSR {
+                continue;
+            }
             if self.rev_used.insert(self.next_rev) {
                 return Some(self.next_rev);
             }
@@ -967,6 +972,13 @@ pub fn parse_file(text: &str) -> Result<Vec<ServiceSpec>, String> {
 mod tests {
     use super::*;
     use ciliate_api::models::{BackendSpec, Protocol};
+
+    #[test]
+    fn reverse_nat_indexes_skip_none_and_the_dsr_mark() {
+        let mut st = State { next_rev: u16::MAX - 2, ..Default::default() };
+        let got: Vec<u16> = (0..3).map(|_| st.alloc_rev().unwrap()).collect();
+        assert_eq!(got, [u16::MAX - 1, 1, 2], "0 and REV_NAT_DSR are never handed out");
+    }
 
     fn spec(id: u16, fe: &str, backends: &[(&str, u16)]) -> ServiceSpec {
         ServiceSpec {

@@ -108,6 +108,9 @@ pub struct Acceleration {
     pub xdp_prefilter: bool,
     /// `--node-port-acceleration`: "disabled" or "native".
     pub node_port: String,
+    /// `--node-port-mode`: "snat", "dsr" or "hybrid".
+    #[serde(default)]
+    pub node_port_mode: String,
     /// `--sockops-enable`.
     pub sockops: bool,
 }

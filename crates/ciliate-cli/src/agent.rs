@@ -51,8 +51,9 @@ pub fn status(t: &Target, a: &StatusArgs) -> anyhow::Result<()> {
             let a = &s.acceleration;
             let on = |b: bool| if b { "Enabled" } else { "Disabled" };
             let np = if a.node_port.is_empty() { "disabled" } else { a.node_port.as_str() };
+            let mode = if a.node_port_mode.is_empty() { "snat" } else { &a.node_port_mode };
             format!(
-                "XDP prefilter {}, NodePort {np}, socket-layer (sockops) {}",
+                "XDP prefilter {}, NodePort {np} (mode {mode}), socket-layer (sockops) {}",
                 on(a.xdp_prefilter),
                 on(a.sockops)
             )

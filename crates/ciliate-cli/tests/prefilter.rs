@@ -59,7 +59,10 @@ fn denied_source_dropped_at_xdp_counted_and_kept_across_restarts() {
     assert!(ok, "{err}");
     assert!(out.contains("Revision: 0") && out.contains("eth0 (native)"), "{out}");
     let (_, out, _) = ciliate(&socket, &["status"]);
-    assert!(out.contains("XDP prefilter Enabled, NodePort disabled, socket-layer"), "{out}");
+    assert!(
+        out.contains("XDP prefilter Enabled, NodePort disabled (mode snat), socket-layer"),
+        "{out}"
+    );
     assert!(pings(&lab.external), "ping external → node (prefilter: nothing denied)");
 
     // A CIDR beside the external host's changes nothing for it.
@@ -115,7 +118,7 @@ fn denied_source_dropped_at_xdp_counted_and_kept_across_restarts() {
     lab.start_agent().unwrap();
     assert!(xdp_prog(&lab).is_some(), "XDP stays for NodePort");
     let (_, out, _) = ciliate(&socket, &["status"]);
-    assert!(out.contains("XDP prefilter Disabled, NodePort native"), "{out}");
+    assert!(out.contains("XDP prefilter Disabled, NodePort native (mode snat)"), "{out}");
     assert!(pings(&lab.external), "ping (prefilter off) dropped by a list no API shows");
     let (ok, _, err) = ciliate(&socket, &["prefilter", "list"]);
     assert!(!ok && err.contains("--enable-xdp-prefilter"), "{err}");

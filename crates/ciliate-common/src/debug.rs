@@ -72,6 +72,15 @@ pub const DBG_TAIL_CALL: u8 = 133;
 /// Ciliate's: the packet's source `arg1` is not the endpoint's address
 /// `arg2`.
 pub const DBG_SOURCE_CHECK: u8 = 134;
+/// Ciliate's: NodePort DSR: the frontend `arg1`, port `arg2` put in the
+/// IPv4 option for the backend's node.
+pub const DBG_DSR_OPT: u8 = 135;
+/// Ciliate's: NodePort DSR on the backend's node: the option read, the
+/// replies to client `arg1` will leave from the frontend.
+pub const DBG_DSR_LEARN: u8 = 136;
+/// Ciliate's: NodePort DSR: the backend's reply leaves from frontend
+/// `arg1`, port `arg2`.
+pub const DBG_DSR_REPLY: u8 = 137;
 
 /// Verdicts in [`DBG_POLICY_LOOKUP`].
 pub const POLICY_NOT_ENFORCED: u32 = 0;

@@ -61,6 +61,30 @@ pub const BACKEND_TERMINATING: u8 = 1;
 pub const BACKEND_QUARANTINED: u8 = 2;
 pub const BACKEND_MAINTENANCE: u8 = 3;
 
+/// The reverse-NAT index a DSR backend's ingress conntrack entry carries
+/// (never allocated to a frontend): its replies take their source from the
+/// flow's `DIR_DSR` record in the SNAT map (`crate::nat::DIR_DSR`), not
+/// from the reverse-NAT map.
+pub const REV_NAT_DSR: u16 = u16::MAX;
+
+/// NodePort DSR's IPv4 option (Cilium's, so a capture reads the same):
+/// type 0x9a (copied, class 0, number 26), length 8, then the frontend's
+/// port and address in network byte order. It follows the 20-byte header
+/// of the flow's first packet (every datagram's for UDP).
+pub const DSR_OPT_TYPE: u8 = 0x9a;
+pub const DSR_OPT_LEN: u8 = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DsrOpt {
+    pub kind: u8,
+    pub len: u8,
+    /// Network byte order.
+    pub port: u16,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<DsrOpt>() == DSR_OPT_LEN as usize);
+
 /// Frontend kinds and options ([`LbService::flags`]).
 pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
 pub const SVC_F_NODE_PORT: u16 = 1 << 1;

@@ -3,7 +3,8 @@
 //! back. One LRU map (Cilium's `cilium_snat_v4_external`) holds both
 //! directions, keyed like conntrack (`ct::CtKey4`):
 //! - `{original tuple, DIR_OUT}` → the node address and port it was given;
-//! - `{reply tuple as it arrives, DIR_IN}` → the pod address and port.
+//! - `{reply tuple as it arrives, DIR_IN}` → the pod address and port;
+//! - `{reply tuple as a DSR backend sends it, DIR_DSR}` → the frontend.
 //!
 //! For ICMP echo the identifier stands in for the port (not translated:
 //! the node address alone tells the replies of different pods apart only
@@ -14,6 +15,11 @@ pub const MAX_ENTRIES: u32 = 131_072;
 
 pub const DIR_OUT: u8 = 1;
 pub const DIR_IN: u8 = 2;
+/// NodePort DSR on a backend's node: `{reply tuple as the backend sends
+/// it, DIR_DSR}` → the frontend (address, port) its replies leave from,
+/// learnt from the option the frontend's node put on the flow's first
+/// packet (Cilium keeps this in its SNAT map too).
+pub const DIR_DSR: u8 = 3;
 
 /// Ports handed out when the original one is taken (Linux's ephemeral
 /// range), and how many candidates a packet tries before giving up with

@@ -22,6 +22,17 @@ pub const NODE_F_DEBUG: u8 = 1 << 1;
 /// native devices translates and forwards NodePort traffic to backends on
 /// other nodes (native routing), before the stack.
 pub const NODE_F_XDP_NODEPORT: u8 = 1 << 2;
+/// NodePort DSR for TCP (`--node-port-mode dsr` or `hybrid`): a flow to a
+/// backend on another node keeps the client's address; the frontend
+/// travels to the backend's node in an IPv4 option on the SYN
+/// ([`crate::lb::DSR_OPT_TYPE`]), and the backend's node sends the replies
+/// straight to the client from the frontend. Also what makes a node read
+/// that option at all (no other sender can make its pods answer from
+/// another address).
+pub const NODE_F_DSR: u8 = 1 << 3;
+/// NodePort DSR for UDP as well (`--node-port-mode dsr`; `hybrid` SNATs
+/// UDP): the option on every datagram.
+pub const NODE_F_DSR_UDP: u8 = 1 << 4;
 
 /// Destinations never masqueraded besides the cluster CIDR (LPM of
 /// [`NoMasqKey`] → 1): `--non-masquerade-cidrs`.

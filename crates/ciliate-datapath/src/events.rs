@@ -150,6 +150,9 @@ pub fn debug_message(d: &DebugNotify) -> String {
         DBG_SOURCE_CHECK => {
             format!("Source address {} is not the endpoint's {}", ip(a1), ip(a2))
         }
+        DBG_DSR_OPT => format!("DSR: frontend {}:{a2} in the IPv4 option", ip(a1)),
+        DBG_DSR_LEARN => format!("DSR: option read, replies to {} leave from the frontend", ip(a1)),
+        DBG_DSR_REPLY => format!("DSR: reply from frontend {}:{a2}", ip(a1)),
         t => format!("Unknown message type={t} arg1={a1} arg2={a2}"),
     }
 }

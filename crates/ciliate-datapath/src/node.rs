@@ -46,6 +46,52 @@ pub const TO_NETDEV_PIN: &str = "to-netdev";
 pub const FROM_OVERLAY_PIN: &str = "from-overlay";
 pub const XDP_PIN: &str = "xdp";
 
+/// How NodePort (and other external frontends') traffic reaches a backend
+/// on another node: `--node-port-mode`, Cilium's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodePortMode {
+    /// DNAT and SNAT to this node: the reply comes back through it.
+    #[default]
+    Snat,
+    /// Direct server return (native routing): DNAT only, the frontend in
+    /// an IPv4 option; the backend's node answers the client itself.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP.
+    Hybrid,
+}
+
+impl NodePortMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Snat => "snat",
+            Self::Dsr => "dsr",
+            Self::Hybrid => "hybrid",
+        }
+    }
+
+    /// Its `NODE_F_*` bits.
+    pub const fn node_flags(self) -> u8 {
+        use ciliate_common::node::{NODE_F_DSR, NODE_F_DSR_UDP};
+        match self {
+            Self::Snat => 0,
+            Self::Dsr => NODE_F_DSR | NODE_F_DSR_UDP,
+            Self::Hybrid => NODE_F_DSR,
+        }
+    }
+}
+
+impl std::str::FromStr for NodePortMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "snat" => Ok(Self::Snat),
+            "dsr" => Ok(Self::Dsr),
+            "hybrid" => Ok(Self::Hybrid),
+            other => Err(format!("node port mode {other:?}: \"snat\", \"dsr\" or \"hybrid\"")),
+        }
+    }
+}
+
 /// The node's addressing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostSetup {
@@ -69,6 +115,8 @@ pub struct HostSetup {
     /// NodePort acceleration at XDP (`NODE_F_XDP_NODEPORT`; the caller
     /// attaches XDP, see [`attach_xdp`]).
     pub xdp_nodeport: bool,
+    /// How NodePort traffic reaches a backend on another node.
+    pub node_port_mode: NodePortMode,
     /// Never masqueraded: the cluster's pod CIDR pool.
     pub cluster_cidr: (Ipv4Addr, u8),
     /// Never masqueraded either (`--non-masquerade-cidrs`).
@@ -193,7 +241,8 @@ pub fn setup_host(pins: &NodePins, s: &HostSetup) -> Result<Vec<Ipv4Addr>> {
         routing: s.routing,
         flags: if s.masquerade && !node_ips.is_empty() { NODE_F_MASQUERADE } else { 0 }
             | if s.debug { NODE_F_DEBUG } else { 0 }
-            | if s.xdp_nodeport { NODE_F_XDP_NODEPORT } else { 0 },
+            | if s.xdp_nodeport { NODE_F_XDP_NODEPORT } else { 0 }
+            | s.node_port_mode.node_flags(),
         _pad: 0,
         tunnel_ifindex,
     };

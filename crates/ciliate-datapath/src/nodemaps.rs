@@ -112,12 +112,14 @@ impl NoMasqMap {
 /// One masquerading entry, as listed.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NatRow {
-    /// "OUT" (original → translated) or "IN" (reply → pod).
+    /// "OUT" (original → translated), "IN" (reply → pod) or "DSR" (a DSR
+    /// backend's reply → the frontend it leaves from).
     pub direction: &'static str,
     pub proto: u8,
     pub source: String,
     pub destination: String,
-    /// What the OUT entry's source becomes, or the IN entry's destination.
+    /// What the OUT and DSR entries' source becomes, or the IN entry's
+    /// destination.
     pub translated: String,
     pub created: u32,
 }
@@ -190,7 +192,11 @@ impl NatMap {
             .dump()?
             .into_iter()
             .map(|(k, e)| NatRow {
-                direction: if k.dir == nat::DIR_OUT { "OUT" } else { "IN" },
+                direction: match k.dir {
+                    nat::DIR_OUT => "OUT",
+                    nat::DIR_DSR => "DSR",
+                    _ => "IN",
+                },
                 proto: k.proto,
                 source: ep(k.saddr, k.sport),
                 destination: ep(k.daddr, k.dport),

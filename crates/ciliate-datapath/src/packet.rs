@@ -208,6 +208,21 @@ pub fn refresh_ipv4_checksum(frame: &mut [u8]) {
     frame[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
+/// `frame` (Ethernet + IPv4 without options) with IP options `opt` (a
+/// multiple of 4 bytes) after its header: length, total length and
+/// checksum fixed.
+pub fn with_ipv4_options(frame: &[u8], opt: &[u8]) -> Vec<u8> {
+    assert!(frame[14] == 0x45 && opt.len().is_multiple_of(4) && opt.len() <= 40);
+    let mut f = frame[..34].to_vec();
+    f.extend_from_slice(opt);
+    f.extend_from_slice(&frame[34..]);
+    f[14] = 0x45 + (opt.len() / 4) as u8;
+    let total = be16(&f[14..], 2) + opt.len() as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    refresh_ipv4_checksum(&mut f);
+    f
+}
+
 /// A complete Ethernet + IPv4 + L4 frame with correct checksums.
 pub fn ipv4_frame(eth: &Eth, ip: &Ip4, l4: &L4<'_>) -> Vec<u8> {
     let seg = l4.encode(ip);
@@ -323,6 +338,8 @@ pub struct Ipv4Info {
     pub proto: u8,
     pub ttl: u8,
     pub header_csum_ok: bool,
+    /// The header's options (empty for a 20-byte header).
+    pub options: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -398,6 +415,7 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, String> {
                 proto: body[9],
                 ttl: body[8],
                 header_csum_ok: fold(sum16(&body[..ihl], 0)) == 0xffff,
+                options: body[20..ihl].to_vec(),
             };
             let seg = &body[ihl..total];
             p.l4 = parse_l4(&info, seg)?;

@@ -123,14 +123,17 @@ where
     Ok((r, ns))
 }
 
-/// Size of the kernel's `struct __sk_buff` and the offset of its
-/// `ifindex` (the only field set in a test run's context).
+/// Size of the kernel's `struct __sk_buff` and the offsets of its
+/// `ingress_ifindex` and `ifindex` (the only fields set in a test run's
+/// context).
 const SKB_CTX_SIZE: usize = 192;
+const SKB_INGRESS_IFINDEX: usize = 36;
 const SKB_IFINDEX: usize = 40;
 
-/// A tc test run's context: the packet came from device `ifindex`.
+/// A tc test run's context: the packet came in on device `ifindex`.
 pub fn skb_ctx(ifindex: u32) -> [u8; SKB_CTX_SIZE] {
     let mut ctx = [0u8; SKB_CTX_SIZE];
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }

@@ -2,7 +2,9 @@
 //! from-container and reverse NAT on the reply (with valid checksums),
 //! flows pinned to their backend through conntrack (also when the backend
 //! is terminating or replaced), the no-backend drop, ClientIP affinity,
-//! Maglev selection, hairpin, source ranges and NodePort in from-netdev.
+//! Maglev selection, hairpin, source ranges and NodePort in from-netdev,
+//! and a NodePort DSR backend's side (the option read, the reply sent
+//! from the frontend).
 //! Needs root; CI runs as root.
 
 mod common;
@@ -10,13 +12,16 @@ mod common;
 use std::net::Ipv4Addr;
 
 use ciliate_common::{
-    ct::DIR_SERVICE,
+    ct::{CtKey4, DIR_SERVICE},
     drop,
     lb::{
-        BACKEND_ACTIVE, BACKEND_TERMINATING, HAIRPIN_LOOPBACK, LbService, MAGLEV_DEFAULT_SIZE,
-        MAGLEV_MAP, MAX_MAGLEV, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_NODE_PORT,
-        SVC_F_SRC_RANGES, flow_hash, maglev_chunks,
+        BACKEND_ACTIVE, BACKEND_TERMINATING, DSR_OPT_LEN, DSR_OPT_TYPE, HAIRPIN_LOOPBACK,
+        LbService, MAGLEV_DEFAULT_SIZE, MAGLEV_MAP, MAX_MAGLEV, REV_NAT_DSR, SVC_F_AFFINITY,
+        SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SRC_RANGES, flow_hash,
+        maglev_chunks,
     },
+    nat::DIR_DSR,
+    node::{NODE_F_DSR, NODE_F_DSR_UDP, NodeConfig, ROUTING_NATIVE},
 };
 use ciliate_datapath::{
     events::Event,
@@ -269,6 +274,86 @@ fn nodeport_from_outside_reaches_a_local_backend_and_the_reply_leaves_as_the_nod
     let other =
         Node::run(&mut n.host, FROM_NETDEV, &from_outside(NODE_IP, 50002, 22, tcp_flags::SYN));
     assert_eq!(other.verdict, verdict::OK);
+}
+
+/// Another node's address: the frontend a DSR flow arrives from.
+const FRONTEND_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
+
+/// The DSR option (Cilium's layout) naming `addr:port`.
+fn dsr_option(addr: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut o = vec![DSR_OPT_TYPE, DSR_OPT_LEN];
+    o.extend_from_slice(&port.to_be_bytes());
+    o.extend_from_slice(&addr.octets());
+    o
+}
+
+fn set_node_flags(n: &Node, flags: u8) {
+    let cfg = NodeConfig::new(NODE_IP.octets(), ([10, 200, 0, 0], 16), ROUTING_NATIVE, flags, 0);
+    n.node.node_config().unwrap().set(&cfg).unwrap();
+}
+
+#[test]
+fn a_dsr_backend_answers_the_client_from_the_frontend_the_option_names() {
+    let mut n = Node::new("lb-dsr-backend");
+    set_node_flags(&n, NODE_F_DSR | NODE_F_DSR_UDP);
+    // The frontend's node sent the SYN here, DNAT'ed, with the option.
+    let syn = from_outside(B.ip, 50000, 8080, tcp_flags::SYN);
+    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 30080));
+    let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
+    assert_eq!(out.verdict, verdict::REDIRECT, "into the pod: {:?}", drops(&mut n));
+    assert_eq!(ends(&parsed(&out)), ((CLIENT, 50000), (B.ip, 8080)), "the client's address kept");
+    // The flow's record, and the pod's conntrack entry marked for it.
+    let rec = CtKey4 {
+        saddr: B.ip.octets(),
+        daddr: CLIENT.octets(),
+        sport: 8080u16.to_be(),
+        dport: 50000u16.to_be(),
+        proto: TCP,
+        dir: DIR_DSR,
+        _pad: [0; 2],
+    };
+    let e = n.node.nat().unwrap().get(&rec).unwrap().expect("the DSR record");
+    assert_eq!((e.addr, u16::from_be(e.port)), (FRONTEND_NODE.octets(), 30080));
+    let mut inbound = rec.reverse(ciliate_common::ct::DIR_INGRESS);
+    inbound.dir = ciliate_common::ct::DIR_INGRESS;
+    let conn = n.ct_entry(inbound).expect("the pod's ingress entry");
+    assert_eq!(conn.rev_nat_index, REV_NAT_DSR);
+    // The ACK carries no option: the flow goes on by its entry.
+    let ack = Node::run(&mut n.host, FROM_NETDEV, &from_outside(B.ip, 50000, 8080, tcp_flags::ACK));
+    assert_eq!(ack.verdict, verdict::REDIRECT);
+
+    // The pod's reply leaves from the frontend, by the FIB (a test run
+    // has no route: unroutable, or redirected), never to the stack.
+    let reply = n.send_b(&B.send(CLIENT, &tcp(8080, 50000, tcp_flags::SYN | tcp_flags::ACK)));
+    assert_eq!(ends(&parsed(&reply)), ((FRONTEND_NODE, 30080), (CLIENT, 50000)));
+    assert_ne!(reply.verdict, verdict::OK, "a DSR reply went to the stack");
+    if reply.verdict == verdict::SHOT {
+        assert_eq!(drops(&mut n), [drop::UNROUTABLE]);
+    }
+
+    // The record gone (LRU): the reply is dropped, not sent from the pod.
+    assert_eq!(n.node.nat().unwrap().scrub(CLIENT).unwrap(), 1);
+    let lost = n.send_b(&B.send(CLIENT, &tcp(8080, 50000, tcp_flags::ACK)));
+    assert_eq!(lost.verdict, verdict::SHOT);
+    assert_eq!(drops(&mut n), [drop::NAT_NO_MAPPING]);
+}
+
+#[test]
+fn a_node_not_in_dsr_mode_ignores_the_option() {
+    let mut n = Node::new("lb-dsr-off");
+    set_node_flags(&n, 0);
+    let syn = from_outside(B.ip, 50001, 8080, tcp_flags::SYN);
+    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 30080));
+    let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
+    assert_eq!(out.verdict, verdict::REDIRECT, "{:?}", drops(&mut n));
+    assert!(
+        n.node.nat().unwrap().dump().unwrap().is_empty(),
+        "no record: no pod answers from another address"
+    );
+    // Its reply is the pod's own, to the stack.
+    let reply = n.send_b(&B.send(CLIENT, &tcp(8080, 50001, tcp_flags::SYN | tcp_flags::ACK)));
+    assert_eq!(reply.verdict, verdict::OK);
+    assert_eq!(ends(&parsed(&reply)), ((B.ip, 8080), (CLIENT, 50001)));
 }
 
 #[test]

@@ -9,7 +9,9 @@
 //! writes them). A local backend, a ClusterIP, a fragment, a backend
 //! without a neighbour yet or without a tunnel endpoint, a frame the wrap
 //! would take past the MTU and the switch off all pass to the stack
-//! untouched. Needs root; CI runs as root.
+//! untouched. NodePort DSR (`NODE_F_DSR`), at XDP and at tc: DNAT only,
+//! the frontend in an IPv4 option on a TCP flow's SYN and on every
+//! datagram, no SNAT state; hybrid SNATs UDP. Needs root; CI runs as root.
 
 use std::{net::Ipv4Addr, process::Command};
 
@@ -19,14 +21,19 @@ use ciliate_common::{
     ipcache::IpcacheEntry,
     lb::{BACKEND_ACTIVE, LbService, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT},
     metrics::{DIR_SERVICE, REASON_FORWARDED},
-    node::{NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE, ROUTING_TUNNEL},
+    node::{
+        NODE_F_DSR, NODE_F_DSR_UDP, NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE, ROUTING_TUNNEL,
+    },
 };
 use ciliate_datapath::{
     lbmaps::{Backend, Frontend},
     loader,
     objects::programs::{FROM_NETDEV, XDP_ENTRY},
     packet::{self, Eth, Ip4, L4, Parsed, tcp_flags},
-    testrun::{ScratchNode, TcRun, own_netns_with_devices, run_tc, run_xdp_on, xdp, xdp_entry},
+    testrun::{
+        ScratchNode, TcRun, own_netns_with_devices, run_tc, run_tc_on, run_xdp_on, verdict, xdp,
+        xdp_entry,
+    },
 };
 
 const IF: u32 = 31;
@@ -243,4 +250,96 @@ fn in_tunnel_mode_nodeport_is_wrapped_in_vxlan_to_the_backends_node_at_xdp() {
     let full =
         L4::Tcp { sport: 40000, dport: 30080, seq: 2, ack: 1, flags: 0x10, payload: &[7; 1460] };
     n.passes(&from_client(NODE_IP, &full, n.mac), "1500 bytes + VXLAN past a 1500 MTU");
+}
+
+/// The DSR option naming `NODE_IP:port`, as the backend's node must read it.
+fn dsr_option(port: u16) -> Vec<u8> {
+    let mut o = vec![0x9a, 8];
+    o.extend_from_slice(&port.to_be_bytes());
+    o.extend_from_slice(&NODE_IP.octets());
+    o
+}
+
+/// A DSR packet as it must leave: DNAT'ed to BACKEND:8080, the client's
+/// source kept, TTL - 1, the next node's MAC; the option as `option` says.
+fn assert_dsr(r: &TcRun, n: &Nodeport, sport: u16, option: bool, what: &str) {
+    let p = parsed(r);
+    let (ip4, l4) = (p.ipv4.unwrap(), p.l4.unwrap());
+    assert_eq!(
+        ((ip4.src, l4.sport), (ip4.dst, l4.dport)),
+        ((CLIENT, sport), (BACKEND, 8080)),
+        "{what}: DNAT only, the client's address kept"
+    );
+    assert_eq!(ip4.ttl, 63, "{what}: TTL - 1");
+    assert_eq!(p.eth, Eth { dst: NEXT_MAC, src: n.mac }, "{what}: MACs of the next hop");
+    let want = if option { dsr_option(30080) } else { Vec::new() };
+    assert_eq!(ip4.options, want, "{what}: the frontend in the option");
+}
+
+#[test]
+fn dsr_carries_the_frontend_to_the_backends_node_at_xdp_and_at_tc() {
+    let n = setup("np-dsr");
+    let mut cfg = n.node.node_config().unwrap();
+    let dsr = NODE_F_DSR | NODE_F_DSR_UDP;
+    cfg.set(&node_cfg(ROUTING_NATIVE, NODE_F_XDP_NODEPORT | dsr)).unwrap();
+    let r = n.run(&from_client(NODE_IP, &tcp(40000, 30080, tcp_flags::SYN), n.mac));
+    assert_eq!(r.verdict, xdp::TX, "out of the device it came in by");
+    assert_dsr(&r, &n, 40000, true, "XDP, SYN");
+    assert_eq!(parsed(&r).l4.unwrap().payload, b"hello");
+    // The flow's next packets: the same backend, no option.
+    let r = n.run(&from_client(NODE_IP, &tcp(40000, 30080, tcp_flags::ACK), n.mac));
+    assert_dsr(&r, &n, 40000, false, "XDP, ACK");
+    // Every UDP datagram carries it.
+    let udp = L4::Udp { sport: 40001, dport: 30080, payload: b"ping" };
+    for i in 0..2 {
+        let r = n.run(&from_client(NODE_IP, &udp, n.mac));
+        assert_dsr(&r, &n, 40001, true, &format!("XDP, datagram {i}"));
+    }
+    assert!(n.node.nat().unwrap().dump().unwrap().is_empty(), "DSR leaves no SNAT state");
+    assert_eq!(n.forwarded(), 4);
+    // A datagram the option would take past the MTU: to the stack.
+    let full = L4::Udp { sport: 40001, dport: 30080, payload: &[7; 1472] };
+    let full = from_client(NODE_IP, &full, n.mac);
+    n.passes(&full, "1500 bytes + the option past a 1500 MTU");
+
+    // The same at tc (from-netdev), XDP off.
+    cfg.set(&node_cfg(ROUTING_NATIVE, dsr)).unwrap();
+    let hc = HostConfig { ifindex: IF, router_ip: [10, 200, 0, 1], ..Default::default() };
+    let mut host = loader::load_host(&n.node.pins, &hc).unwrap();
+    let mut tc = |frame: &[u8]| {
+        run_tc_on(host.classifier(FROM_NETDEV).unwrap(), FROM_NETDEV, frame, IF).unwrap()
+    };
+    let r = tc(&from_client(NODE_IP, &tcp(40002, 30080, tcp_flags::SYN), n.mac));
+    let reasons = |n: &Nodeport| -> Vec<u8> {
+        let mut ring = n.node.events().unwrap();
+        let ev = ring.drain();
+        ev.into_iter()
+            .filter_map(|e| match e {
+                ciliate_datapath::events::Event::Drop(d) => Some(d.hdr.subtype),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(r.verdict, verdict::REDIRECT, "out by the FIB: {:?}", reasons(&n));
+    assert_dsr(&r, &n, 40002, true, "tc, SYN");
+    let r = tc(&from_client(NODE_IP, &tcp(40002, 30080, tcp_flags::ACK), n.mac));
+    assert_dsr(&r, &n, 40002, false, "tc, ACK");
+    let r = tc(&from_client(NODE_IP, &udp, n.mac));
+    assert_dsr(&r, &n, 40001, true, "tc, datagram");
+    assert_eq!(tc(&full).verdict, verdict::SHOT, "past the MTU");
+    assert_eq!(reasons(&n), [ciliate_common::drop::FRAG_NOSUPPORT], "fragmentation needed");
+    assert!(n.node.nat().unwrap().dump().unwrap().is_empty(), "DSR leaves no SNAT state");
+
+    // Hybrid: DSR for TCP, SNAT for UDP.
+    cfg.set(&node_cfg(ROUTING_NATIVE, NODE_F_DSR)).unwrap();
+    let r = tc(&from_client(NODE_IP, &tcp(40003, 30080, tcp_flags::SYN), n.mac));
+    assert_dsr(&r, &n, 40003, true, "hybrid, TCP");
+    let udp = L4::Udp { sport: 40004, dport: 30080, payload: b"ping" };
+    let p = parsed(&tc(&from_client(NODE_IP, &udp, n.mac)));
+    assert_eq!(
+        (p.ipv4.as_ref().unwrap().src, p.l4.unwrap().dport),
+        (NODE_IP, 8080),
+        "hybrid, UDP: SNAT"
+    );
+    assert!(p.ipv4.unwrap().options.is_empty());
 }

@@ -25,9 +25,9 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+pub(crate) const TCP_ACK: u8 = 0x10;
 const ICMP_ECHOREPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 
@@ -180,8 +180,9 @@ pub fn later_fragment(ctx: &impl Pkt) -> bool {
     }
 }
 
+/// Seconds of the monotonic clock (expiries, creation times).
 #[inline(always)]
-fn now_secs() -> u32 {
+pub(crate) fn now_secs() -> u32 {
     // SAFETY: plain helper call.
     (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
 }

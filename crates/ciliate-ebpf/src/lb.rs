@@ -59,12 +59,6 @@ pub fn backend(id: u32) -> Option<LbBackend> {
     unsafe { CILIATE_LB4_BACKENDS.get(id).copied() }
 }
 
-#[inline(always)]
-fn now_secs() -> u32 {
-    // SAFETY: plain helper call.
-    (unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } / 1_000_000_000) as u32
-}
-
 /// A backend for a new flow of `svc`: through the frontend's Maglev table
 /// (hash of the 5-tuple) or a random slot. 0 when there is none.
 #[inline(always)]
@@ -144,7 +138,7 @@ pub fn select(t: &Tuple, svc: &LbService) -> Result<Selected, Drop> {
     }
     let key =
         LbKey { addr: t.key.daddr, dport: t.key.dport, slot: 0, proto: t.key.proto, _pad: [0; 3] };
-    let now = now_secs();
+    let now = crate::ct::now_secs();
     let aff_key = AffinityKey { client: t.key.saddr, rev_nat_index: svc.rev_nat_index, _pad: 0 };
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let mut id = 0;

@@ -7,6 +7,7 @@ pub mod ct;
 pub mod debug;
 pub mod deliver;
 pub mod drop;
+pub mod dsr;
 pub mod lb;
 pub mod lookup;
 pub mod maps;

@@ -18,12 +18,6 @@ use crate::{
     maps::CILIATE_SNAT4,
 };
 
-#[inline(always)]
-fn now_secs() -> u32 {
-    // SAFETY: plain helper call.
-    (unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() } / 1_000_000_000) as u32
-}
-
 /// The reply tuple, as it will arrive, of `t` translated to `addr:port`.
 #[inline(always)]
 fn reply_key(t: &Tuple, addr: [u8; 4], port: u16) -> CtKey4 {
@@ -73,7 +67,7 @@ fn allocate(t: &Tuple, node_ip: [u8; 4], out: &CtKey4, rev_nat: u16) -> Result<u
         addr: t.key.saddr,
         port: t.key.sport,
         rev_nat_index: rev_nat,
-        created: now_secs(),
+        created: crate::ct::now_secs(),
     };
     let range = u32::from(PORT_MAX - PORT_MIN) + 1;
     let h = ciliate_common::lb::flow_hash(

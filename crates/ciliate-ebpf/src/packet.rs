@@ -21,6 +21,10 @@ pub trait Pkt {
     /// The same under the L4 checksum at `offset`; `flags` as the helper's
     /// (size in the low bits, `BPF_F_PSEUDO_HDR`, `BPF_F_MARK_MANGLED_0`).
     fn l4_csum_replace(&self, offset: usize, from: u64, to: u64, flags: u64) -> Result<(), i64>;
+    /// Make `len` bytes of room right after the 20-byte IPv4 header (for an
+    /// IP option), the Ethernet and IPv4 headers unchanged before it. The
+    /// caller fixes the IPv4 header; packet pointers taken before are stale.
+    fn room_after_ipv4(&self, len: usize) -> Result<(), i64>;
 }
 
 impl Pkt for TcContext {
@@ -43,6 +47,11 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn l4_csum_replace(&self, offset: usize, from: u64, to: u64, flags: u64) -> Result<(), i64> {
         TcContext::l4_csum_replace(self, offset, from, to, flags)
+    }
+    #[inline(always)]
+    fn room_after_ipv4(&self, len: usize) -> Result<(), i64> {
+        // BPF_ADJ_ROOM_NET: the room goes after the base network header.
+        self.adjust_room(len as i32, aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET, 0)
     }
 }
 
@@ -111,6 +120,41 @@ impl Pkt for XdpContext {
         }
         Ok(())
     }
+    #[inline(always)]
+    fn room_after_ipv4(&self, len: usize) -> Result<(), i64> {
+        /// What moves to the new front.
+        #[repr(C)]
+        struct Headers {
+            eth: EthHdr,
+            ip: Ipv4Hdr,
+        }
+        // SAFETY: plain helper call on this program's context.
+        let rc = unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(self.ctx, -(len as i32)) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        let from = ptr_at::<Headers>(self, len).ok_or(-1)?;
+        let to = ptr_at::<Headers>(self, 0).ok_or(-1)?;
+        // SAFETY: both inside the packet (ptr_at); read whole before the
+        // overlapping write.
+        unsafe { core::ptr::write_unaligned(to, core::ptr::read_unaligned(from)) };
+        Ok(())
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `N` 16-bit words as they sit in
+/// memory (the result too: byte order does not matter to the sum).
+#[inline(always)]
+pub fn csum_words<const N: usize>(words: &[u16; N]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 pub const ETH_HLEN: usize = 14;

@@ -141,6 +141,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         },
         masquerade: cfg.masquerade,
         xdp_nodeport: cfg.xdp_nodeport,
+        node_port_mode: cfg.node_port_mode,
         non_masquerade: cfg.non_masquerade.iter().map(|c| (c.net, c.len)).collect(),
         cluster_cidr: match cfg.cluster_pool {
             Some((pool, _)) => (pool.net, pool.len),
@@ -302,6 +303,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         acceleration: ciliate_api::models::Acceleration {
             xdp_prefilter: cfg.xdp_prefilter,
             node_port: if cfg.xdp_nodeport { "native" } else { "disabled" }.into(),
+            node_port_mode: cfg.node_port_mode.as_str().into(),
             sockops: cfg.sockops,
         },
     });

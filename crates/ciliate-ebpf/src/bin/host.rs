@@ -27,9 +27,9 @@ use ciliate_common::{
     drop::{NO_CONFIG, UNROUTABLE},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_HOST,
-    lb::SVC_F_EXTERNAL,
+    lb::{REV_NAT_DSR, SVC_F_EXTERNAL},
     metrics::DIR_INGRESS as METRIC_INGRESS,
-    node::{NODE_F_DEBUG, NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
+    node::{NODE_F_DEBUG, NODE_F_DSR, NODE_F_MASQUERADE, ROUTING_TUNNEL, VXLAN_PORT},
     trace::{FROM_HOST, FROM_NETWORK, FROM_OVERLAY, TO_NETWORK, TO_OVERLAY},
 };
 use ciliate_ebpf::{
@@ -38,7 +38,7 @@ use ciliate_ebpf::{
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
-    lb, lookup, maps, nat, packet, tunnel, verdict,
+    dsr, lb, lookup, maps, nat, packet, tunnel, verdict,
 };
 
 /// Set by the loader; see `ciliate_common::config::HostConfig`.
@@ -280,6 +280,12 @@ fn try_from_netdev<const D: bool>(
         return Ok(verdict::OK);
     }
     deliver::check_ttl(ip.ttl)?;
+    // NodePort DSR: the frontend's node sent the flow's first packet here
+    // with the frontend in an option; the pod's replies will leave from it.
+    if node.flags & NODE_F_DSR != 0 && ip.vihl != 0x45 && dsr::learn(ctx, &ip, &t) {
+        // dbg.msg(ctx, dbgs::DBG_DSR_LEARN, addr(t.key.saddr), 0, 0);
+        rev_nat = REV_NAT_DSR;
+    }
     let src_identity = lookup::identity_of(t.key.saddr);
     dbg.msg(ctx, dbgs::DBG_IP_ID_MAP_SUCCEED4, addr(t.key.saddr), src_identity, 0);
     let trace_all = cfg.flags & ENDPOINT_F_TRACE_ALL != 0;
@@ -418,6 +424,9 @@ fn to_remote_backend<const D: bool>(
         return Err(drop!(UNROUTABLE));
     }
     deliver::check_ttl(ttl)?;
+    if node.routing != ROUTING_TUNNEL && dsr::enabled_for(node.flags, t) {
+        return dsr_to_remote_backend(ctx, t, sel, dbg);
+    }
     lb::dnat(ctx, t, sel)?;
     snat(ctx, t, node.node_ip, rev_nat, dbg)?;
     if node.routing == ROUTING_TUNNEL {
@@ -428,6 +437,29 @@ fn to_remote_backend<const D: bool>(
             dbg.capture(ctx, dbgs::CAPTURE_TO, node.tunnel_ifindex, u32::from(TO_OVERLAY));
             return tunnel::encap(ctx, remote, id, node.tunnel_ifindex);
         }
+    }
+    deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), dbg)
+}
+
+/// NodePort DSR (`--node-port-mode dsr`, native routing): DNAT only, the
+/// frontend in the IPv4 option where the flow needs it (`dsr`), and out
+/// through the FIB to the backend's node, which answers the client itself.
+#[inline(always)]
+fn dsr_to_remote_backend<const D: bool>(
+    ctx: &TcContext,
+    t: &mut ct::Tuple,
+    sel: &lb::Selected,
+    dbg: &Dbg<D>,
+) -> Result<i32, Drop> {
+    let (frontend, port) = (t.key.daddr, t.key.dport);
+    let option = dsr::needs_option(t);
+    if option && t.key.proto == ct::IPPROTO_UDP {
+        dsr::check_mtu(ctx)?;
+    }
+    lb::dnat(ctx, t, sel)?;
+    if option {
+        dsr::add_option(ctx, frontend, port)?;
+        // dbg.msg(ctx, dbgs::DBG_DSR_OPT, addr(frontend), u32::from(u16::from_be(port)), 0);
     }
     deliver::fib_redirect(ctx, t, ingress_ifindex(ctx), dbg)
 }

@@ -32,7 +32,7 @@ use ciliate_common::{
     drop::{INVALID_SIP, MISSED_TAIL_CALL, NO_CONFIG, UNKNOWN_L3},
     endpoint::ENDPOINT_F_HOST,
     event::FILE_LXC,
-    lb::HAIRPIN_LOOPBACK,
+    lb::{HAIRPIN_LOOPBACK, REV_NAT_DSR},
     metrics::DIR_EGRESS as METRIC_EGRESS,
     node::ROUTING_TUNNEL,
     policy::DIR_EGRESS as POLICY_EGRESS,
@@ -46,6 +46,7 @@ use ciliate_ebpf::{
     deliver::{self, Via},
     drop,
     drop::{DropCtx, send_drop_notify},
+    dsr,
     lb::{self, Side},
     lookup,
     packet::{self, ETH_P_ARP, ETH_P_IP},
@@ -186,12 +187,18 @@ fn handle_ipv4<const D: bool>(
     // (NodePort, from outside: never for a local endpoint): its source
     // becomes the frontend again, a node address the stack would take for
     // a martian, so it leaves through the FIB (tail call).
+    // (NodePort DSR: the tail call translates it, from the flow's record.)
     if tracked.state == CT_REPLY && tracked.rev_nat_index != 0 {
-        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT_LOOKUP, u32::from(tracked.rev_nat_index), 0, 0);
-        lb::rev_nat(ctx, &mut t, tracked.rev_nat_index)?;
-        let port = u32::from(u16::from_be(t.key.sport));
-        dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT, addr(t.key.saddr), port, 0);
-        let h = Handed { dst_identity, state: tracked.state, report: tracked.report, trace_all };
+        let dsr = tracked.rev_nat_index == REV_NAT_DSR;
+        if !dsr {
+            let rev = tracked.rev_nat_index;
+            dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT_LOOKUP, u32::from(rev), 0, 0);
+            lb::rev_nat(ctx, &mut t, rev)?;
+            let port = u32::from(u16::from_be(t.key.sport));
+            dbg.msg(ctx, dbgs::DBG_LB4_REVERSE_NAT, addr(t.key.saddr), port, 0);
+        }
+        let (state, report) = (tracked.state, tracked.report);
+        let h = Handed { dst_identity, state, report, trace_all, dsr };
         hand_over(ctx, &h, CALL_TO_NETWORK, dbg);
         return Err(drop!(MISSED_TAIL_CALL));
     }
@@ -201,7 +208,8 @@ fn handle_ipv4<const D: bool>(
     // A pod of another node in tunnel mode: the overlay (tail call; without
     // the program, the stack as in native routing).
     if ciliate_ebpf::maps::node_config().routing == ROUTING_TUNNEL {
-        let h = Handed { dst_identity, state: tracked.state, report: tracked.report, trace_all };
+        let (state, report) = (tracked.state, tracked.report);
+        let h = Handed { dst_identity, state, report, trace_all, dsr: false };
         hand_over(ctx, &h, CALL_TO_OVERLAY, dbg);
     }
     let who = TraceCtx {
@@ -241,13 +249,15 @@ struct Handed {
     state: u8,
     report: bool,
     trace_all: bool,
+    /// A NodePort DSR reply, to translate from the flow's record.
+    dsr: bool,
 }
 
 /// Tail-call `index` (the debug build's in the debug build), leaving in
 /// `cb` what the callee reports with. Returns only when the call failed.
 #[inline(always)]
 fn hand_over<const D: bool>(ctx: &TcContext, h: &Handed, index: u32, dbg: &Dbg<D>) {
-    let flags = u32::from(h.report) | u32::from(h.trace_all) << 1;
+    let flags = u32::from(h.report) | u32::from(h.trace_all) << 1 | u32::from(h.dsr) << 2;
     dbg.msg(ctx, dbgs::DBG_TAIL_CALL, index, 0, 0);
     // SAFETY: the context of a tc program; cb is free for programs.
     unsafe {
@@ -263,7 +273,8 @@ fn hand_over<const D: bool>(ctx: &TcContext, h: &Handed, index: u32, dbg: &Dbg<D
 }
 
 /// What from-container left in `cb` for its tail calls: the destination
-/// identity, the conntrack state, and the "report" / "trace all" bits.
+/// identity, the conntrack state, and the "report" / "trace all" bits
+/// (the DSR bit: [`handed_dsr`]).
 #[inline(always)]
 fn handed_over(ctx: &TcContext, cfg: &EndpointConfig) -> (TraceCtx, bool, bool) {
     // SAFETY: the context of a tc program.
@@ -280,6 +291,13 @@ fn handed_over(ctx: &TcContext, cfg: &EndpointConfig) -> (TraceCtx, bool, bool) 
     (who, state & 1 << 8 != 0, state & 1 << 9 != 0)
 }
 
+/// Did from-container hand over a NodePort DSR reply?
+#[inline(always)]
+fn handed_dsr(ctx: &TcContext) -> bool {
+    // SAFETY: the context of a tc program.
+    unsafe { (*ctx.skb.skb).cb[1] & 1 << 10 != 0 }
+}
+
 /// The IPv4 tuple of the packet in `ctx` and its TTL, re-read by a tail
 /// call (from-container checked it already).
 #[inline(always)]
@@ -292,7 +310,8 @@ fn reparse(ctx: &TcContext) -> Result<(ct::Tuple, u8), Drop> {
 
 /// Tail call of from-container: a backend's reply to a NodePort flow,
 /// translated back to the frontend (a node address the stack would take
-/// for a martian), leaves through the FIB.
+/// for a martian; for DSR, here, from the flow's record: another node's),
+/// leaves through the FIB.
 #[classifier]
 pub fn lxc_to_network(ctx: TcContext) -> i32 {
     to_network(&ctx, &debug::OFF)
@@ -308,8 +327,13 @@ pub fn lxc_to_network_debug(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn to_network<const D: bool>(ctx: &TcContext, dbg: &Dbg<D>) -> i32 {
     let cfg = config(ctx);
-    let r = reparse(ctx).and_then(|(t, ttl)| {
+    let r = reparse(ctx).and_then(|(mut t, ttl)| {
         deliver::check_ttl(ttl)?;
+        if handed_dsr(ctx) {
+            dsr::reply(ctx, &mut t)?;
+            let port = u32::from(u16::from_be(t.key.sport));
+            dbg.msg(ctx, dbgs::DBG_DSR_REPLY, addr(t.key.saddr), port, 0);
+        }
         let (who, report, trace_all) = handed_over(ctx, &cfg);
         trace_or_count(ctx, TO_NETWORK, &who, cfg.ifindex, report, trace_all);
         deliver::fib_redirect(ctx, &t, cfg.ifindex, dbg)

@@ -13,7 +13,10 @@
 //!   ipcache, as the overlay device would); then it is sent out of the
 //!   device the FIB names for the (outer) destination (`XDP_TX` when it is
 //!   the one it came in by, `XDP_REDIRECT` otherwise), without an skb.
-//!   Counted as forwarded under `SERVICE` in the metrics map.
+//!   Counted as forwarded under `SERVICE` in the metrics map. With
+//!   NodePort DSR (`NODE_F_DSR`, native routing) the packet is only
+//!   DNAT'ed, and the flow's first packet carries the frontend in an IPv4
+//!   option (`ciliate_ebpf::dsr`); the backend's node answers the client.
 //!
 //! Everything else (a local backend, fragments, a route the FIB cannot
 //! finish, a tunnel packet past the device's MTU, any doubt) passes
@@ -35,7 +38,7 @@ use ciliate_common::{
     node::{NODE_F_XDP_NODEPORT, NodeConfig, ROUTING_NATIVE, ROUTING_TUNNEL, VXLAN_PORT},
     prefilter::{MAX_ENTRIES, PrefilterKey, PrefilterStats},
 };
-use ciliate_ebpf::{Drop, ct, deliver, lb, lookup, maps, nat, packet};
+use ciliate_ebpf::{Drop, ct, deliver, dsr, lb, lookup, maps, nat, packet};
 
 /// Denied source prefixes → their counter slot.
 #[map(name = "ciliate_cidr_v4_dyn")]
@@ -137,8 +140,22 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     if tunnel && u32::from(u16::from_be(ip.tot_len)) + VXLAN_OVERHEAD > mtu {
         return PASS;
     }
-    lb::dnat(ctx, &mut t, &sel)?;
-    nat::snat(ctx, &mut t, node.node_ip, svc.rev_nat_index)?;
+    if !tunnel && dsr::enabled_for(node.flags, &t) {
+        // DSR: the client's address stays; the flow's first packet (every
+        // datagram) carries the frontend to the backend's node.
+        let (frontend, port) = (t.key.daddr, t.key.dport);
+        let option = dsr::needs_option(&t);
+        if option && u32::from(u16::from_be(ip.tot_len)) + DSR_OVERHEAD > mtu {
+            return PASS;
+        }
+        lb::dnat(ctx, &mut t, &sel)?;
+        if option {
+            dsr::add_option(ctx, frontend, port)?;
+        }
+    } else {
+        lb::dnat(ctx, &mut t, &sel)?;
+        nat::snat(ctx, &mut t, node.node_ip, svc.rev_nat_index)?;
+    }
     if tunnel {
         encap(ctx, &t, node.node_ip, next, &p.smac, &p.dmac)?;
     } else {
@@ -186,6 +203,8 @@ fn prefilter(ctx: &XdpContext) -> bool {
 const VXLAN_HEADERS: usize = 14 + 20 + 8 + 8;
 /// What the wrap adds to the IP packet's length on the wire.
 const VXLAN_OVERHEAD: u32 = VXLAN_HEADERS as u32;
+/// What the DSR option adds.
+const DSR_OVERHEAD: u32 = ciliate_common::lb::DSR_OPT_LEN as u32;
 
 /// The headers the wrap puts before the inner frame (Ethernet and IPv4 as
 /// the parser reads them).
@@ -264,15 +283,7 @@ fn ipv4_checksum(ip: &packet::Ipv4Hdr) -> u16 {
     // SAFETY: the header is 20 bytes, read as ten 16-bit words.
     let words: [u16; 10] =
         unsafe { core::ptr::read_unaligned(core::ptr::from_ref(ip).cast::<[u16; 10]>()) };
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 10 {
-        sum += u32::from(words[i]);
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    packet::csum_words(&words)
 }
 
 ciliate_ebpf::program_object!();

@@ -17,8 +17,10 @@
 //!    the share of the core the drop itself takes at that rate.
 //!
 //! 3. NodePort to a backend on another node, from the external host, two
-//!    nodes in native routing: translated by from-netdev (tc) or at XDP
-//!    (`--node-port-acceleration native`), both labs with XDP on the
+//!    nodes in native routing: SNAT or DSR (`--node-port-mode dsr`: the
+//!    replies leave the backend's node straight to the client), each
+//!    translated by from-netdev (tc) or at XDP
+//!    (`--node-port-acceleration native`), all labs with XDP on the
 //!    underlay's ports so that only the node's path differs. Connections
 //!    per second (connect, 1-byte request/response, close) and a flood of
 //!    18-byte UDP datagrams to the NodePort (bounded in time and count,
@@ -238,15 +240,21 @@ fn xdp_program_ns() -> Result<(f64, f64), String> {
     Ok((hit.1, miss.1))
 }
 
-/// A two-node lab in native routing, NodePort 30080 (TCP and UDP) on
-/// node1 to the echo server of the pod on node2.
-fn nodeport_lab(bins: &Binaries, name: &str, xdp: bool) -> Result<ClusterLab, String> {
+/// The NodePort variants: name, agent flags.
+const NODEPORT_VARIANTS: [(&str, &[&str]); 4] = [
+    ("SNAT, tc (from-netdev)", &[]),
+    ("SNAT, XDP (native)", &["--node-port-acceleration", "native"]),
+    ("DSR, tc", &["--node-port-mode", "dsr"]),
+    ("DSR, XDP", &["--node-port-mode", "dsr", "--node-port-acceleration", "native"]),
+];
+
+/// A two-node lab in native routing with agent flags `args`, NodePort
+/// 30080 (TCP and UDP) on node1 to the echo server of the pod on node2.
+fn nodeport_lab(bins: &Binaries, name: &str, args: &[&str]) -> Result<ClusterLab, String> {
     let mut cfg = ClusterLabConfig::new(name, 2, 1, bins.clone());
     cfg.routing = "native".into();
     cfg.xdp_underlay = true;
-    if xdp {
-        cfg.agent_args = vec!["--node-port-acceleration".into(), "native".into()];
-    }
+    cfg.agent_args = args.iter().map(Into::into).collect();
     let lab = ClusterLab::up(cfg).map_err(|e| e.to_string())?;
     let backend = lab.pods[1].pod.state.ip;
     for (id, proto) in [(1, "TCP"), (2, "UDP")] {
@@ -273,10 +281,11 @@ fn delivered(lab: &ClusterLab, n: usize) -> Result<u64, String> {
 }
 
 fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
-    let labs = [
-        nodeport_lab(bins, &format!("{tag}t"), false)?,
-        nodeport_lab(bins, &format!("{tag}x"), true)?,
-    ];
+    let labs = NODEPORT_VARIANTS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, args))| nodeport_lab(bins, &format!("{tag}n{i}"), args))
+        .collect::<Result<Vec<_>, _>>()?;
     println!();
     println!(
         "[bench] NodePort from the external host to a backend on the other node (native routing): \
@@ -286,7 +295,7 @@ fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
     let echo = bins.echo.to_string_lossy().into_owned();
     let to = format!("{}:30080", cluster_node_ip(1));
     let secs = o.seconds.to_string();
-    let mut rows = [[Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]];
+    let mut rows = vec![[Vec::new(), Vec::new(), Vec::new()]; labs.len()];
     for _ in 0..o.runs {
         for (lab, row) in labs.iter().zip(&mut rows) {
             let out = lab
@@ -317,7 +326,7 @@ fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
         "VARIANT", "CONN/s", "ratio", "sent dgram/s", "ratio", "delivered dgram/s", "ratio"
     );
     let anchor: Vec<f64> = rows[0].iter().map(|v| bench::median(v.clone())).collect();
-    for (name, row) in ["tc (from-netdev)", "XDP (native)"].iter().zip(&rows) {
+    for ((name, _), row) in NODEPORT_VARIANTS.iter().zip(&rows) {
         let m: Vec<f64> = row.iter().map(|v| bench::median(v.clone())).collect();
         println!(
             "{name:<28} {:>10.0} {:>7.3} {:>14.0} {:>7.3} {:>16.0} {:>7.3}",
