@@ -129,6 +129,17 @@ pub fn learn(ctx: &impl Pkt, ip: &Ipv4Hdr, t: &Tuple) -> bool {
     if opt.kind != DSR_OPT_TYPE || opt.len != DSR_OPT_LEN {
         return false;
     }
+    let key = t.key.reverse(DIR_DSR);
+    // Every datagram of a UDP flow carries the option: write the record
+    // only when it is new or names another frontend (an LRU update costs
+    // several times a lookup).
+    // SAFETY: read at once.
+    if let Some(e) = unsafe { CILIATE_SNAT4.get(key) }
+        && e.addr == opt.addr
+        && e.port == opt.port
+    {
+        return true;
+    }
     let e = NatEntry {
         addr: opt.addr,
         port: opt.port,
@@ -137,7 +148,7 @@ pub fn learn(ctx: &impl Pkt, ip: &Ipv4Hdr, t: &Tuple) -> bool {
     };
     // A full LRU evicts; a failed write leaves the flow to answer from
     // the pod (the client resets it).
-    CILIATE_SNAT4.insert(t.key.reverse(DIR_DSR), e, 0).is_ok()
+    CILIATE_SNAT4.insert(key, e, 0).is_ok()
 }
 
 /// On a backend's node: the reply `t` of a DSR flow leaves from its

@@ -32,6 +32,25 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The machine's busy CPU time so far, every CPU summed, in seconds
+/// (`/proc/stat`: user, nice, system, irq, softirq, steal): the cost of a
+/// run whose work spreads over both cores (softirqs land where their
+/// queue was scheduled, not where the sender runs).
+pub fn busy_cpu_seconds() -> Result<f64, String> {
+    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let line =
+        stat.lines().next().filter(|l| l.starts_with("cpu ")).ok_or("/proc/stat: no cpu line")?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    if f.len() < 8 {
+        return Err(format!("/proc/stat: {line:?}"));
+    }
+    // user nice system idle iowait irq softirq steal
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    // SAFETY: plain libc call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok(busy as f64 / hz as f64)
+}
+
 fn per_second(out: &str) -> f64 {
     out.trim().trim_end_matches("/s").parse().unwrap_or(0.0)
 }

@@ -23,9 +23,14 @@
 //!    (`--node-port-acceleration native`), all labs with XDP on the
 //!    underlay's ports so that only the node's path differs. Connections
 //!    per second (connect, 1-byte request/response, close) and a flood of
-//!    18-byte UDP datagrams to the NodePort (bounded in time and count,
-//!    one core): sent per second and delivered to the backend's node per
-//!    second.
+//!    18-byte UDP datagrams to a NodePort whose backend port has no
+//!    listener (the pod's stack drops them; bounded in time and count, one
+//!    core): sent per second, delivered into the backend pod per second,
+//!    and the machine's busy CPU time (both cores: the sender, both nodes,
+//!    the pod's drop) per datagram delivered: the
+//!    sending core is the limit, but how much of the path runs on it
+//!    depends on where each veth queue's softirq was scheduled, so the
+//!    rates alone can mislead.
 //!
 //! Everything runs in namespaces this program makes and removes (guards).
 //!
@@ -248,8 +253,12 @@ const NODEPORT_VARIANTS: [(&str, &[&str]); 4] = [
     ("DSR, XDP", &["--node-port-mode", "dsr", "--node-port-acceleration", "native"]),
 ];
 
+/// A port nothing listens on in the lab's pods.
+const SINK_PORT: u16 = 9999;
+
 /// A two-node lab in native routing with agent flags `args`, NodePort
-/// 30080 (TCP and UDP) on node1 to the echo server of the pod on node2.
+/// 30080 (TCP and UDP) on node1 to the echo server of the pod on node2,
+/// 30081 (UDP) to a port of that pod nothing listens on.
 fn nodeport_lab(bins: &Binaries, name: &str, args: &[&str]) -> Result<ClusterLab, String> {
     let mut cfg = ClusterLabConfig::new(name, 2, 1, bins.clone());
     cfg.routing = "native".into();
@@ -257,10 +266,15 @@ fn nodeport_lab(bins: &Binaries, name: &str, args: &[&str]) -> Result<ClusterLab
     cfg.agent_args = args.iter().map(Into::into).collect();
     let lab = ClusterLab::up(cfg).map_err(|e| e.to_string())?;
     let backend = lab.pods[1].pod.state.ip;
-    for (id, proto) in [(1, "TCP"), (2, "UDP")] {
+    // 30081: UDP to a port nothing listens on, for the flood (the pod's
+    // stack drops each datagram: what is measured is the way there, not
+    // an echo server's work, which would depend on its queue).
+    for (id, proto, port, to) in
+        [(1, "TCP", 30080, ECHO_PORT), (2, "UDP", 30080, ECHO_PORT), (3, "UDP", 30081, SINK_PORT)]
+    {
         let spec = serde_json::json!({
-            "id": id, "frontend": {"ip": "0.0.0.0", "port": 30080, "protocol": proto},
-            "kind": "NodePort", "backends": [{"ip": backend, "port": ECHO_PORT, "protocol": proto}],
+            "id": id, "frontend": {"ip": "0.0.0.0", "port": port, "protocol": proto},
+            "kind": "NodePort", "backends": [{"ip": backend, "port": to, "protocol": proto}],
         });
         let _: serde_json::Value = lab.nodes[0]
             .client()
@@ -270,6 +284,21 @@ fn nodeport_lab(bins: &Binaries, name: &str, args: &[&str]) -> Result<ClusterLab
     ciliate_lab::node::wait_listening(&lab.pods[1].pod.ns, ECHO_PORT).map_err(|e| e.to_string())?;
     lab.external.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(|e| e.to_string())?;
     Ok(lab)
+}
+
+/// The drop counters (reason, direction: packets) of both nodes of `lab`,
+/// to say why a run failed.
+fn drops(lab: &ClusterLab) -> String {
+    let mut out = Vec::new();
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let Ok(m) = ciliate_datapath::maps::MetricsMap::from_pin_dir(&n.pins_dir) else { continue };
+        for (k, v) in m.dump().unwrap_or_default() {
+            if k.reason != ciliate_common::metrics::REASON_FORWARDED {
+                out.push(format!("node{} reason {} dir {}: {}", i + 1, k.reason, k.dir, v.packets));
+            }
+        }
+    }
+    out.join(", ")
 }
 
 /// Packets node `n` of `lab` forwarded into its pods so far.
@@ -294,22 +323,25 @@ fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
     );
     let echo = bins.echo.to_string_lossy().into_owned();
     let to = format!("{}:30080", cluster_node_ip(1));
+    let sink = format!("{}:30081", cluster_node_ip(1));
     let secs = o.seconds.to_string();
-    let mut rows = vec![[Vec::new(), Vec::new(), Vec::new()]; labs.len()];
+    let mut rows = vec![[Vec::new(), Vec::new(), Vec::new(), Vec::new()]; labs.len()];
     for _ in 0..o.runs {
-        for (lab, row) in labs.iter().zip(&mut rows) {
+        for ((lab, row), (name, _)) in labs.iter().zip(&mut rows).zip(NODEPORT_VARIANTS) {
             let out = lab
                 .external
                 .exec(&["taskset", "-c", "1", &echo, "crr", &to, &secs])
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("{name}: {e}; drops: {}", drops(lab)))?;
             row[0].push(out.trim().trim_end_matches("/s").parse().unwrap_or(0.0));
             let before = delivered(lab, 1)?;
+            let cpu = bench::busy_cpu_seconds()?;
             let out = lab
                 .external
-                .exec(&["taskset", "-c", "1", &echo, "flood", &to, &secs, "100000000"])
-                .map_err(|e| e.to_string())?;
+                .exec(&["taskset", "-c", "1", &echo, "flood", &sink, &secs, "100000000"])
+                .map_err(|e| format!("{name}: {e}"))?;
             // The backend's node finishes what is in flight.
             std::thread::sleep(std::time::Duration::from_millis(200));
+            let cpu = bench::busy_cpu_seconds()? - cpu;
             let got = delivered(lab, 1)?.saturating_sub(before) as f64 / o.seconds as f64;
             let sent: f64 = out
                 .trim()
@@ -319,23 +351,36 @@ fn nodeport(o: &Opts, bins: &Binaries, tag: &str) -> Result<(), String> {
                 .unwrap_or(0.0);
             row[1].push(sent);
             row[2].push(got);
+            // Both cores' busy time (sender, both nodes, the pod, the
+            // replies) per datagram delivered, in ns.
+            row[3].push(cpu * 1e9 / (got * o.seconds as f64).max(1.0));
         }
     }
     println!(
-        "{:<28} {:>10} {:>7} {:>14} {:>7} {:>16} {:>7}",
-        "VARIANT", "CONN/s", "ratio", "sent dgram/s", "ratio", "delivered dgram/s", "ratio"
+        "{:<28} {:>8} {:>7} {:>13} {:>7} {:>13} {:>7} {:>10} {:>7}",
+        "VARIANT",
+        "CONN/s",
+        "ratio",
+        "sent dgram/s",
+        "ratio",
+        "delivered/s",
+        "ratio",
+        "CPU ns/dg",
+        "ratio"
     );
     let anchor: Vec<f64> = rows[0].iter().map(|v| bench::median(v.clone())).collect();
     for ((name, _), row) in NODEPORT_VARIANTS.iter().zip(&rows) {
         let m: Vec<f64> = row.iter().map(|v| bench::median(v.clone())).collect();
         println!(
-            "{name:<28} {:>10.0} {:>7.3} {:>14.0} {:>7.3} {:>16.0} {:>7.3}",
+            "{name:<28} {:>8.0} {:>7.3} {:>13.0} {:>7.3} {:>13.0} {:>7.3} {:>10.0} {:>7.3}",
             m[0],
             m[0] / anchor[0],
             m[1],
             m[1] / anchor[1],
             m[2],
-            m[2] / anchor[2]
+            m[2] / anchor[2],
+            m[3],
+            m[3] / anchor[3]
         );
     }
     Ok(())
