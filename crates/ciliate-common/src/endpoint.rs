@@ -16,23 +16,25 @@ pub struct EndpointKey {
     pub ip: [u8; 16],
     /// `FAMILY_*`.
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// Padding, zero (a byte and a half-word, not a `[u8; 3]`: the
+    /// datapath builds keys on the stack, and a zeroed byte array there
+    /// becomes a call to a byte-by-byte memset).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
 
 /// An IPv4 address in the 16-byte address field of a key.
 pub const fn v4_in_16(ip: [u8; 4]) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[0] = ip[0];
-    k[1] = ip[1];
-    k[2] = ip[2];
-    k[3] = ip[3];
-    k
+    // One 128-bit value, not a zeroed array written into: the datapath's
+    // keys live at unaligned stack slots, where the BPF backend turns a
+    // zero-fill into a call to a byte-by-byte memset.
+    (u32::from_le_bytes(ip) as u128).to_le_bytes()
 }
 
 impl EndpointKey {
     pub const fn v4(ip: [u8; 4]) -> Self {
-        Self { ip: v4_in_16(ip), family: FAMILY_IPV4, _pad: [0; 3] }
+        Self { ip: v4_in_16(ip), family: FAMILY_IPV4, _pad: 0, _pad2: 0 }
     }
 }
 

@@ -15,7 +15,11 @@ pub const STATIC_PREFIX: u32 = 32;
 pub struct IpcacheKey {
     /// `endpoint::FAMILY_*`.
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// Padding, zero (a byte and a half-word, not a `[u8; 3]`: the
+    /// datapath builds keys on the stack, and a zeroed byte array there
+    /// becomes a call to a byte-by-byte memset).
+    pub _pad: u8,
+    pub _pad2: u16,
     /// IPv4 in the first 4 bytes.
     pub ip: [u8; 16],
 }
@@ -25,7 +29,8 @@ impl IpcacheKey {
     pub const fn v4(ip: [u8; 4]) -> Self {
         Self {
             family: crate::endpoint::FAMILY_IPV4,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
             ip: crate::endpoint::v4_in_16(ip),
         }
     }

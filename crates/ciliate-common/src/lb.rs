@@ -114,7 +114,11 @@ pub struct LbKey {
     /// 0: the master entry; 1..=count: backend slots.
     pub slot: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding, zero (a byte and a half-word, not a `[u8; 3]`: the
+    /// datapath builds keys on the stack, and a zeroed byte array there
+    /// becomes a call to a byte-by-byte memset).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<LbKey>() == 12);
 

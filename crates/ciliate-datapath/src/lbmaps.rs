@@ -31,7 +31,8 @@ impl Frontend {
             dport: self.port.to_be(),
             slot,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
     pub fn of_key(k: &LbKey) -> Self {

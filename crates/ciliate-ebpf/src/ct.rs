@@ -317,21 +317,18 @@ pub fn create(
     let flags = non_syn | closing_flags(t.tcp_flags, F_TX_CLOSING, F_TX_CLOSING | F_RX_CLOSING);
     let mut fwd = t.key;
     fwd.dir = dir;
-    let entry = CtEntry {
-        tx_packets: 1,
-        tx_bytes: u64::from(len),
-        rx_packets: 0,
-        rx_bytes: 0,
-        expires: now_secs() + lifetime(proto, flags),
-        src_identity,
-        rev_nat_index: rev_nat,
-        flags,
-        tx_flags_seen: t.tcp_flags,
-        rx_flags_seen: 0,
-        _pad: [0; 2],
-        backend_id: 0,
-        policy_gen,
-    };
+    // Zeroed in place, then the fields that are not 0 (a struct literal's
+    // zero fields would become a memset call: `crate::zeroed`).
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let entry: &mut CtEntry = crate::zeroed(&mut slot);
+    entry.tx_packets = 1;
+    entry.tx_bytes = u64::from(len);
+    entry.expires = now_secs() + lifetime(proto, flags);
+    entry.src_identity = src_identity;
+    entry.rev_nat_index = rev_nat;
+    entry.flags = flags;
+    entry.tx_flags_seen = t.tcp_flags;
+    entry.policy_gen = policy_gen;
     table(proto).insert(fwd, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))?;
     Ok(Tracked { state: CT_NEW, report: true, rev_nat_index: 0, recheck: false, generation: 0 })
 }
@@ -388,14 +385,13 @@ pub fn service_pin(t: &Tuple, backend_id: u32, rev_nat: u16) -> Result<(), Drop>
     key.dir = DIR_SERVICE;
     let flags =
         if key.proto == IPPROTO_TCP && t.tcp_flags & TCP_SYN == 0 { F_SEEN_NON_SYN } else { 0 };
-    let entry = CtEntry {
-        tx_packets: 1,
-        expires: now_secs() + lifetime(key.proto, flags),
-        rev_nat_index: rev_nat,
-        flags,
-        tx_flags_seen: t.tcp_flags,
-        backend_id,
-        ..CtEntry::default()
-    };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let entry: &mut CtEntry = crate::zeroed(&mut slot);
+    entry.tx_packets = 1;
+    entry.expires = now_secs() + lifetime(key.proto, flags);
+    entry.rev_nat_index = rev_nat;
+    entry.flags = flags;
+    entry.tx_flags_seen = t.tcp_flags;
+    entry.backend_id = backend_id;
     table(key.proto).insert(key, entry, 0).map_err(|_| drop!(CT_CREATE_FAILED))
 }

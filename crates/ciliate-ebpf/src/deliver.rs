@@ -117,8 +117,9 @@ pub fn fib_redirect<const D: bool>(
         bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
         helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     };
-    // SAFETY: a plain C struct; all-zero is its "unset" value.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // All-zero is its "unset".
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut bpf_fib_lookup = crate::zeroed(&mut slot);
     p.family = 2; // AF_INET
     p.l4_protocol = t.key.proto;
     p.sport = t.key.sport;
@@ -128,9 +129,8 @@ pub fn fib_redirect<const D: bool>(
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(t.key.saddr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(t.key.daddr);
     // SAFETY: the helper reads and fills `p`, whose size it is given.
-    let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    };
+    let rc =
+        unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     let out = p.ifindex;
     dbg.msg(ctx, ciliate_common::debug::DBG_FIB_LOOKUP, rc as u32, out, 0);
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {

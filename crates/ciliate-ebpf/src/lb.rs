@@ -36,7 +36,7 @@ pub fn frontend_of(addr: [u8; 4], port: u16, proto: u8) -> Option<LbService> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let key = LbKey { addr, dport: port, slot: 0, proto, _pad: [0; 3] };
+    let key = LbKey { addr, dport: port, slot: 0, proto, _pad: 0, _pad2: 0 };
     // SAFETY: copied out at once.
     unsafe { CILIATE_LB4_SERVICES.get(key).copied() }
 }
@@ -136,8 +136,14 @@ pub fn select(t: &Tuple, svc: &LbService) -> Result<Selected, Drop> {
             return Ok(Selected { backend: b });
         }
     }
-    let key =
-        LbKey { addr: t.key.daddr, dport: t.key.dport, slot: 0, proto: t.key.proto, _pad: [0; 3] };
+    let key = LbKey {
+        addr: t.key.daddr,
+        dport: t.key.dport,
+        slot: 0,
+        proto: t.key.proto,
+        _pad: 0,
+        _pad2: 0,
+    };
     let now = crate::ct::now_secs();
     let aff_key = AffinityKey { client: t.key.saddr, rev_nat_index: svc.rev_nat_index, _pad: 0 };
     let affinity = svc.flags & SVC_F_AFFINITY != 0;

@@ -25,8 +25,9 @@ pub fn encap(ctx: &TcContext, remote: [u8; 4], identity: u32, ifindex: u32) -> R
     if ifindex == 0 || identity > VNI_MAX {
         return Err(drop!(NO_TUNNEL_ENDPOINT));
     }
-    // SAFETY: a plain C struct; all-zero is "unset".
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // All-zero is "unset".
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let key: &mut bpf_tunnel_key = crate::zeroed(&mut slot);
     key.tunnel_id = identity;
     // The helper takes the address in host order.
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(remote);
@@ -35,7 +36,7 @@ pub fn encap(ctx: &TcContext, remote: [u8; 4], identity: u32, ifindex: u32) -> R
     let rc = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.as_ptr().cast(),
-            &mut key,
+            key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
             u64::from(BPF_F_ZERO_CSUM_TX),
         )
@@ -51,13 +52,13 @@ pub fn encap(ctx: &TcContext, remote: [u8; 4], identity: u32, ifindex: u32) -> R
 /// the overlay device. `INVALID_VNI` without tunnel metadata or with VNI 0.
 #[inline(always)]
 pub fn source(ctx: &TcContext) -> Result<(u32, [u8; 4]), Drop> {
-    // SAFETY: as above.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let key: &mut bpf_tunnel_key = crate::zeroed(&mut slot);
     // SAFETY: the helper fills `key`, whose size it is given.
     let rc = unsafe {
         bpf_skb_get_tunnel_key(
             ctx.as_ptr().cast(),
-            &mut key,
+            key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
             0,
         )

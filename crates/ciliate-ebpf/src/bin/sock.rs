@@ -97,7 +97,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let id = if svc.flags & SVC_F_MAGLEV != 0 {
         lb::maglev_backend(svc.rev_nat_index, cookie)
     } else {
-        lb::random_slot(&svc, &LbKey { addr, dport: port, slot: 0, proto, _pad: [0; 3] })
+        lb::random_slot(&svc, &LbKey { addr, dport: port, slot: 0, proto, _pad: 0, _pad2: 0 })
     };
     let Some(b) = lb::backend(id) else { return REJECT };
     let key = SockRevNatKey { cookie, addr: b.addr, port: b.port, _pad: 0 };

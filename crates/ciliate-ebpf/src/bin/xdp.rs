@@ -113,8 +113,9 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     };
     // The route first: a packet the FIB cannot finish (no neighbour yet)
     // goes to the stack as it came.
-    // SAFETY: a plain C struct; all-zero is its "unset" value.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // All-zero is its "unset".
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p: &mut bpf_fib_lookup = ciliate_ebpf::zeroed(&mut slot);
     p.family = 2; // AF_INET
     p.l4_protocol = t.key.proto;
     p.sport = t.key.sport;
@@ -126,9 +127,8 @@ fn nodeport(ctx: &XdpContext, node: &NodeConfig) -> Result<u32, Drop> {
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node.node_ip);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(next);
     // SAFETY: the helper reads and fills `p`, whose size it is given.
-    let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    };
+    let rc =
+        unsafe { fib_lookup(ctx.as_ptr(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return PASS;
     }

@@ -6,8 +6,10 @@
 //!   BPF, pods' MTU 1450);
 //! - Ciliate in tunnel mode and in native routing (the two-node lab).
 //!
-//! Request/response rate, connection rate and iperf3 throughput, client and
-//! server pinned to core 0, median of the runs, ratios to the anchor.
+//! Request/response rate and connection rate (client and server pinned to
+//! core 0) and iperf3 throughput, every variant up at once and the runs
+//! interleaved; medians, and ratios paired by round (to the anchor, and
+//! Ciliate to its plain counterpart).
 //!
 //! ```text
 //! ciliate-cluster-bench [--runs N] [--seconds S]
@@ -113,10 +115,10 @@ fn run() -> Result<(), String> {
     let bins = Binaries::beside_current_exe().map_err(e)?;
     let tag = format!("ccb{}", token());
     println!(
-        "[cluster-bench] {runs} runs of {seconds}s per variant, median; client and server on core 0"
+        "[cluster-bench] {runs} runs of {seconds}s per variant, interleaved, medians; RR and connections pinned to core 0"
     );
-    let mut rows = Vec::new();
-
+    // Everything up at once, runs interleaved (run 1 of each variant, then
+    // run 2 ...), ratios paired with the anchor's run of the same round.
     let a = Netns::create(&format!("{tag}-a")).map_err(e)?;
     let b = Netns::create(&format!("{tag}-b")).map_err(e)?;
     veth(&a, "eth0", &b, "eth0").map_err(e)?;
@@ -124,32 +126,34 @@ fn run() -> Result<(), String> {
     ip(&b, &["addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
     a.sysctl("net.ipv4.tcp_tw_reuse", "1").map_err(e)?;
     servers(&b, &bins)?;
-    println!("[cluster-bench] measuring direct veth (anchor)");
-    rows.push((
-        "direct veth (anchor)".to_owned(),
-        bench::measure(&a, "192.0.2.2", &bins, runs, seconds)?,
-    ));
-    drop((a, b));
-
-    for (name, vxlan) in [("plain routing", false), ("plain VXLAN", true)] {
-        println!("[cluster-bench] measuring {name}");
-        let p = plain(&format!("{tag}{}", if vxlan { "x" } else { "r" }), vxlan, &bins)?;
-        rows.push((
-            name.to_owned(),
-            bench::measure(&p.client, "10.201.2.2", &bins, runs, seconds)?,
-        ));
-    }
-    for routing in ["native", "tunnel"] {
-        println!("[cluster-bench] measuring ciliate {routing}");
-        let lab = cluster(&format!("{tag}{}", &routing[..1]), routing, &bins)?;
-        let server = lab.pods[1].pod.state.ip.to_string();
-        let m = bench::measure(&lab.pods[0].pod.ns, &server, &bins, runs, seconds)?;
-        rows.push((format!("ciliate {routing}"), m));
-    }
+    let routed = plain(&format!("{tag}r"), false, &bins)?;
+    let vxlan = plain(&format!("{tag}x"), true, &bins)?;
+    let native = cluster(&format!("{tag}n"), "native", &bins)?;
+    let tunnel = cluster(&format!("{tag}t"), "tunnel", &bins)?;
+    let (native_ip, tunnel_ip) =
+        (native.pods[1].pod.state.ip.to_string(), tunnel.pods[1].pod.state.ip.to_string());
+    let variants: [(&str, &Netns, &str); 5] = [
+        ("direct veth (anchor)", &a, "192.0.2.2"),
+        ("plain routing", &routed.client, "10.201.2.2"),
+        ("plain VXLAN", &vxlan.client, "10.201.2.2"),
+        ("ciliate native", &native.pods[0].pod.ns, &native_ip),
+        ("ciliate tunnel", &tunnel.pods[0].pod.ns, &tunnel_ip),
+    ];
+    println!("[cluster-bench] measuring, interleaved: {}", variants.map(|v| v.0).join(", "));
+    let pairs: Vec<(&Netns, &str)> = variants.iter().map(|(_, c, s)| (*c, *s)).collect();
+    let runs = bench::measure_all(&pairs, &bins, runs, seconds)?;
+    let rows: Vec<(String, bench::Runs)> =
+        variants.iter().map(|v| v.0.to_owned()).zip(runs).collect();
     println!();
-    bench::print_table(&rows);
+    bench::print_paired(&rows);
+    let ratio = |x: usize, base: usize| bench::paired_ratios(&rows[x].1, &rows[base].1);
+    let [n, t] = [ratio(3, 1), ratio(4, 2)];
     println!();
-    println!("Compare ciliate native with plain routing, ciliate tunnel with plain VXLAN.");
+    println!(
+        "ciliate native / plain routing: RR {:.3}, conn {:.3}, Gbit {:.3}; \
+         ciliate tunnel / plain VXLAN: RR {:.3}, conn {:.3}, Gbit {:.3} (paired by round)",
+        n[0], n[1], n[2], t[0], t[1], t[2]
+    );
     Ok(())
 }
 
