@@ -9,7 +9,7 @@
 //! tail-calls the debug build. The normal build verifies as before.
 
 use aya_ebpf::{helpers::bpf_get_smp_processor_id, programs::TcContext};
-use ciliate_common::event::{CAPTURE_LEN, CaptureNotify, DebugNotify, KIND_CAPTURE, KIND_DEBUG};
+use ciliate_common::event::{CaptureNotify, DebugNotify, KIND_CAPTURE, KIND_DEBUG};
 
 use crate::{
     drop::{capture as copy_packet, event_header as header},
@@ -49,17 +49,16 @@ impl<const ON: bool> Dbg<ON> {
     #[inline(always)]
     pub fn capture(&self, ctx: &TcContext, subtype: u8, arg1: u32, arg2: u32) {
         if ON {
-            let mut ev = CaptureNotify {
-                hdr: header(ctx, KIND_CAPTURE, subtype, self.source),
-                arg1,
-                arg2,
-                // SAFETY: plain helper call.
-                cpu: unsafe { bpf_get_smp_processor_id() },
-                _pad: 0,
-                data: [0; CAPTURE_LEN],
-            };
+            // Zeroed in place, then the fields (see `crate::zeroed`).
+            let mut slot = core::mem::MaybeUninit::uninit();
+            let ev: &mut CaptureNotify = crate::zeroed(&mut slot);
+            ev.hdr = header(ctx, KIND_CAPTURE, subtype, self.source);
+            ev.arg1 = arg1;
+            ev.arg2 = arg2;
+            // SAFETY: plain helper call.
+            ev.cpu = unsafe { bpf_get_smp_processor_id() };
             ev.hdr.len_cap = copy_packet(ctx, &mut ev.data);
-            maps::emit(&ev);
+            maps::emit(ev);
         }
     }
 

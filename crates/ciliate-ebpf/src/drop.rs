@@ -26,24 +26,23 @@ pub fn send_drop_notify(ctx: &TcContext, who: &DropCtx, d: Drop) -> i32 {
     let len = ctx.len();
     let dir = if d.dir != 0 { d.dir } else { who.dir };
     maps::count(d.reason, dir, len);
-    let mut ev = DropNotify {
-        hdr: event_header(ctx, KIND_DROP, d.reason, who.source),
-        src_identity: if d.src_identity != 0 { d.src_identity } else { who.src_identity },
-        dst_identity: if d.dst_identity != 0 { d.dst_identity } else { who.dst_identity },
-        dst_id: if d.dst_id != 0 { d.dst_id as u32 } else { who.dst_id },
-        // SAFETY: reading a field of the context the kernel handed us.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        line: d.line,
-        file: who.file,
-        ext_error: d.ext_error,
-        dir,
-        _pad: [0; 3],
-        data: [0; CAPTURE_LEN],
-    };
+    // Zeroed in place, then the fields (see `crate::zeroed`).
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let ev: &mut DropNotify = crate::zeroed(&mut slot);
+    ev.hdr = event_header(ctx, KIND_DROP, d.reason, who.source);
+    ev.src_identity = if d.src_identity != 0 { d.src_identity } else { who.src_identity };
+    ev.dst_identity = if d.dst_identity != 0 { d.dst_identity } else { who.dst_identity };
+    ev.dst_id = if d.dst_id != 0 { d.dst_id as u32 } else { who.dst_id };
+    // SAFETY: reading a field of the context the kernel handed us.
+    ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    ev.line = d.line;
+    ev.file = who.file;
+    ev.ext_error = d.ext_error;
+    ev.dir = dir;
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
     // A full ring buffer loses the event (counted); the metrics still
     // count the drop.
-    maps::emit(&ev);
+    maps::emit(ev);
     verdict::SHOT
 }
 

@@ -13,9 +13,7 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use ciliate_common::{
     drop::{POLICY, POLICY_DENY},
-    event::{
-        CAPTURE_LEN, KIND_POLICY_VERDICT, PolicyVerdictNotify, VERDICT_ALLOWED, VERDICT_DENIED,
-    },
+    event::{KIND_POLICY_VERDICT, PolicyVerdictNotify, VERDICT_ALLOWED, VERDICT_DENIED},
     policy::{
         ANY_IDENTITY, DIR_EGRESS, F_DENY, F_MARKER, MATCH_NONE, PREFIX_FULL, PolicyEntry, PolicyKey,
     },
@@ -118,20 +116,18 @@ pub fn send_verdict(ctx: &TcContext, source: u16, dir: u8, remote: u32, t: &Tupl
         Decision::NotAllowed => (VERDICT_DENIED, MATCH_NONE),
         Decision::NotEnforced => return,
     };
-    let mut ev = PolicyVerdictNotify {
-        hdr: event_header(ctx, KIND_POLICY_VERDICT, 0, source),
-        remote_identity: remote,
-        dir,
-        proto: t.key.proto,
-        dport: t.policy_port,
-        verdict,
-        match_type,
-        _pad: [0; 2],
-        _pad2: 0,
-        data: [0; CAPTURE_LEN],
-    };
+    // Zeroed in place, then the fields (see `crate::zeroed`).
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let ev: &mut PolicyVerdictNotify = crate::zeroed(&mut slot);
+    ev.hdr = event_header(ctx, KIND_POLICY_VERDICT, 0, source);
+    ev.remote_identity = remote;
+    ev.dir = dir;
+    ev.proto = t.key.proto;
+    ev.dport = t.policy_port;
+    ev.verdict = verdict;
+    ev.match_type = match_type;
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
-    crate::maps::emit(&ev);
+    crate::maps::emit(ev);
 }
 
 /// The policy stage of a packet: `Ok(())` to go on, or the drop, which

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use ciliate_common::{
-    event::{CAPTURE_LEN, KIND_TRACE, TraceNotify},
+    event::{KIND_TRACE, TraceNotify},
     metrics::REASON_FORWARDED,
 };
 
@@ -45,19 +45,17 @@ pub fn trace_or_count(
 #[inline(always)]
 pub fn send_trace_notify(ctx: &TcContext, point: u8, who: &TraceCtx, ifindex: u32) {
     maps::count(REASON_FORWARDED, who.dir, ctx.len());
-    let mut ev = TraceNotify {
-        hdr: event_header(ctx, KIND_TRACE, point, who.source),
-        src_identity: who.src_identity,
-        dst_identity: who.dst_identity,
-        dst_id: who.dst_id,
-        ct_state: who.ct_state,
-        _pad: 0,
-        ifindex,
-        orig_ip: [0; 16],
-        tunnel_endpoint: who.tunnel,
-        _pad2: [0; 4],
-        data: [0; CAPTURE_LEN],
-    };
+    // Zeroed in place (a literal's zero arrays would be memset calls:
+    // `crate::zeroed`), then the fields that are not 0.
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let ev: &mut TraceNotify = crate::zeroed(&mut slot);
+    ev.hdr = event_header(ctx, KIND_TRACE, point, who.source);
+    ev.src_identity = who.src_identity;
+    ev.dst_identity = who.dst_identity;
+    ev.dst_id = who.dst_id;
+    ev.ct_state = who.ct_state;
+    ev.ifindex = ifindex;
+    ev.tunnel_endpoint = who.tunnel;
     ev.hdr.len_cap = capture(ctx, &mut ev.data);
-    maps::emit(&ev);
+    maps::emit(ev);
 }
