@@ -22,17 +22,28 @@ pub mod tunnel;
 /// stores: a plain zero-fill (`mem::zeroed`, zero stores LLVM merges, or a
 /// copy of a zeroed value) becomes a call to a byte-by-byte `memset` on
 /// this target (bpf-linker expands memcpy in order, which turns memset
-/// expansion off): ~5 instructions a byte on every packet. `T` must be
-/// 4-aligned and a multiple of 4 bytes.
+/// expansion off): ~5 instructions a byte on every packet, and a verifier
+/// walk of the loop on every path that reaches it. `T` must be 2-aligned
+/// and a multiple of 2 bytes (32-bit stores when it allows them).
 #[inline(always)]
 pub fn zeroed<T>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
-    const { assert!(align_of::<T>() >= 4 && size_of::<T>().is_multiple_of(4)) };
-    let words = slot.as_mut_ptr().cast::<u32>();
-    let mut i = 0;
-    while i < size_of::<T>() / 4 {
-        // SAFETY: inside `slot` (size asserted), 4-aligned.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        i += 1;
+    const { assert!(align_of::<T>() >= 2 && size_of::<T>().is_multiple_of(2)) };
+    if align_of::<T>() >= 4 && size_of::<T>().is_multiple_of(4) {
+        let words = slot.as_mut_ptr().cast::<u32>();
+        let mut i = 0;
+        while i < size_of::<T>() / 4 {
+            // SAFETY: inside `slot` (size checked), 4-aligned.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+            i += 1;
+        }
+    } else {
+        let halves = slot.as_mut_ptr().cast::<u16>();
+        let mut i = 0;
+        while i < size_of::<T>() / 2 {
+            // SAFETY: inside `slot` (size asserted), 2-aligned.
+            unsafe { core::ptr::write_volatile(halves.add(i), 0) };
+            i += 1;
+        }
     }
     // SAFETY: every byte written; all-zero is a valid `T` for the callers.
     unsafe { slot.assume_init_mut() }

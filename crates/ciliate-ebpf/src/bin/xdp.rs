@@ -248,32 +248,28 @@ fn encap(
     // The device's source port range: 32768-60999 (the ephemeral ports).
     let sport = 32768 + (h % (61000 - 32768)) as u16;
     let ip_len = inner + (VXLAN_HEADERS - 14) as u16;
-    let mut out = Outer {
-        eth: packet::EthHdr { dst: *dmac, src: *smac, proto: packet::ETH_P_IP.to_be() },
-        ip: packet::Ipv4Hdr {
-            vihl: 0x45,
-            tos: 0,
-            tot_len: ip_len.to_be(),
-            id: 0,
-            frag_off: 0,
-            ttl: 64,
-            proto: ct::IPPROTO_UDP,
-            check: 0,
-            saddr: src,
-            daddr: dst,
-        },
-        sport: sport.to_be(),
-        dport: VXLAN_PORT.to_be(),
-        udp_len: (ip_len - 20).to_be(),
-        udp_check: 0,
-        vxlan: {
-            let vni = ciliate_common::identity::REMOTE_NODE.to_be_bytes();
-            [0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]
-        },
-    };
+    // Zeroed in place, then the fields that are not 0 (a literal's zero
+    // runs would become a memset call: `ciliate_ebpf::zeroed`).
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let out: &mut Outer = ciliate_ebpf::zeroed(&mut slot);
+    out.eth = packet::EthHdr { dst: *dmac, src: *smac, proto: packet::ETH_P_IP.to_be() };
+    out.ip.vihl = 0x45;
+    out.ip.tot_len = ip_len.to_be();
+    out.ip.ttl = 64;
+    out.ip.proto = ct::IPPROTO_UDP;
+    out.ip.saddr = src;
+    out.ip.daddr = dst;
+    out.sport = sport.to_be();
+    out.dport = VXLAN_PORT.to_be();
+    out.udp_len = (ip_len - 20).to_be();
+    let vni = ciliate_common::identity::REMOTE_NODE.to_be_bytes();
+    out.vxlan[0] = 0x08;
+    out.vxlan[4] = vni[1];
+    out.vxlan[5] = vni[2];
+    out.vxlan[6] = vni[3];
     out.ip.check = ipv4_checksum(&out.ip);
     // SAFETY: bounds checked by ptr_at.
-    unsafe { core::ptr::write_unaligned(o, out) };
+    unsafe { core::ptr::write_unaligned(o, core::ptr::read(out)) };
     Ok(())
 }
 
