@@ -339,6 +339,29 @@ fn a_dsr_backend_answers_the_client_from_the_frontend_the_option_names() {
 }
 
 #[test]
+fn a_flow_balanced_here_keeps_its_frontend_whatever_option_it_carries() {
+    let mut n = Node::new("lb-dsr-local");
+    set_node_flags(&n, NODE_F_DSR | NODE_F_DSR_UDP);
+    let mut lb = n.node.lb().unwrap();
+    service(
+        &mut lb,
+        &fe(NODE_IP, 30080, TCP),
+        21,
+        SVC_F_NODE_PORT,
+        &[(1, backend(B.ip, 8080, TCP))],
+    );
+    // A client's SYN to this node's NodePort, with an option naming
+    // another address: balanced here, so the option is not read.
+    let syn = from_outside(NODE_IP, 50002, 30080, tcp_flags::SYN);
+    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 31000));
+    let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
+    assert_eq!(out.verdict, verdict::REDIRECT, "{:?}", drops(&mut n));
+    assert!(n.node.nat().unwrap().dump().unwrap().is_empty(), "no DSR record");
+    let reply = n.send_b(&B.send(CLIENT, &tcp(8080, 50002, tcp_flags::SYN | tcp_flags::ACK)));
+    assert_eq!(ends(&parsed(&reply)), ((NODE_IP, 30080), (CLIENT, 50002)), "its own frontend");
+}
+
+#[test]
 fn a_node_not_in_dsr_mode_ignores_the_option() {
     let mut n = Node::new("lb-dsr-off");
     set_node_flags(&n, 0);

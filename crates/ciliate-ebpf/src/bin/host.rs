@@ -282,7 +282,8 @@ fn try_from_netdev<const D: bool>(
     deliver::check_ttl(ip.ttl)?;
     // NodePort DSR: the frontend's node sent the flow's first packet here
     // with the frontend in an option; the pod's replies will leave from it.
-    if node.flags & NODE_F_DSR != 0 && ip.vihl != 0x45 && dsr::learn(ctx, &ip, &t) {
+    // (Not for a flow balanced here: its replies take its own frontend.)
+    if rev_nat == 0 && node.flags & NODE_F_DSR != 0 && ip.vihl != 0x45 && dsr::learn(ctx, &ip, &t) {
         // dbg.msg(ctx, dbgs::DBG_DSR_LEARN, addr(t.key.saddr), 0, 0);
         rev_nat = REV_NAT_DSR;
     }
