@@ -298,6 +298,26 @@ fn drops(lab: &ClusterLab) -> String {
             }
         }
     }
+    // What the kernel counted that Ciliate does not: veth XDP errors on
+    // the nodes' devices, and the external host's TCP trouble.
+    for (i, n) in lab.nodes.iter().enumerate() {
+        if let Ok(st) = n.ns.exec(&["ethtool", "-S", "eth0"]) {
+            for l in st.lines().map(str::trim) {
+                if (l.contains("err") || l.contains("drop")) && !l.ends_with(": 0") {
+                    out.push(format!("node{} eth0 {l}", i + 1));
+                }
+            }
+        }
+    }
+    if let Ok(st) = lab.external.exec(&["nstat", "-az"]) {
+        for l in st.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let interesting = ["Err", "Drop", "PAWS", "Retrans", "TW", "Challenge", "Reset"];
+            if f.len() >= 2 && f[1] != "0" && interesting.iter().any(|k| f[0].contains(k)) {
+                out.push(format!("external {} {}", f[0], f[1]));
+            }
+        }
+    }
     out.join(", ")
 }
 
