@@ -223,6 +223,16 @@ pub fn with_ipv4_options(frame: &[u8], opt: &[u8]) -> Vec<u8> {
     f
 }
 
+/// NodePort DSR's IPv4 option naming frontend `addr:port` (Cilium's
+/// layout: `ciliate_common::lb::DsrOpt`).
+pub fn dsr_option(addr: Ipv4Addr, port: u16) -> Vec<u8> {
+    use ciliate_common::lb::{DSR_OPT_LEN, DSR_OPT_TYPE};
+    let mut o = vec![DSR_OPT_TYPE, DSR_OPT_LEN];
+    o.extend_from_slice(&port.to_be_bytes());
+    o.extend_from_slice(&addr.octets());
+    o
+}
+
 /// A complete Ethernet + IPv4 + L4 frame with correct checksums.
 pub fn ipv4_frame(eth: &Eth, ip: &Ip4, l4: &L4<'_>) -> Vec<u8> {
     let seg = l4.encode(ip);

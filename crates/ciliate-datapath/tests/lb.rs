@@ -15,10 +15,9 @@ use ciliate_common::{
     ct::{CtKey4, DIR_SERVICE},
     drop,
     lb::{
-        BACKEND_ACTIVE, BACKEND_TERMINATING, DSR_OPT_LEN, DSR_OPT_TYPE, HAIRPIN_LOOPBACK,
-        LbService, MAGLEV_DEFAULT_SIZE, MAGLEV_MAP, MAX_MAGLEV, REV_NAT_DSR, SVC_F_AFFINITY,
-        SVC_F_CLUSTER_IP, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SRC_RANGES, flow_hash,
-        maglev_chunks,
+        BACKEND_ACTIVE, BACKEND_TERMINATING, HAIRPIN_LOOPBACK, LbService, MAGLEV_DEFAULT_SIZE,
+        MAGLEV_MAP, MAX_MAGLEV, REV_NAT_DSR, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_MAGLEV,
+        SVC_F_NODE_PORT, SVC_F_SRC_RANGES, flow_hash, maglev_chunks,
     },
     nat::DIR_DSR,
     node::{NODE_F_DSR, NODE_F_DSR_UDP, NodeConfig, ROUTING_NATIVE},
@@ -279,14 +278,6 @@ fn nodeport_from_outside_reaches_a_local_backend_and_the_reply_leaves_as_the_nod
 /// Another node's address: the frontend a DSR flow arrives from.
 const FRONTEND_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
 
-/// The DSR option (Cilium's layout) naming `addr:port`.
-fn dsr_option(addr: Ipv4Addr, port: u16) -> Vec<u8> {
-    let mut o = vec![DSR_OPT_TYPE, DSR_OPT_LEN];
-    o.extend_from_slice(&port.to_be_bytes());
-    o.extend_from_slice(&addr.octets());
-    o
-}
-
 fn set_node_flags(n: &Node, flags: u8) {
     let cfg = NodeConfig::new(NODE_IP.octets(), ([10, 200, 0, 0], 16), ROUTING_NATIVE, flags, 0);
     n.node.node_config().unwrap().set(&cfg).unwrap();
@@ -298,7 +289,7 @@ fn a_dsr_backend_answers_the_client_from_the_frontend_the_option_names() {
     set_node_flags(&n, NODE_F_DSR | NODE_F_DSR_UDP);
     // The frontend's node sent the SYN here, DNAT'ed, with the option.
     let syn = from_outside(B.ip, 50000, 8080, tcp_flags::SYN);
-    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 30080));
+    let syn = packet::with_ipv4_options(&syn, &packet::dsr_option(FRONTEND_NODE, 30080));
     let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
     assert_eq!(out.verdict, verdict::REDIRECT, "into the pod: {:?}", drops(&mut n));
     assert_eq!(ends(&parsed(&out)), ((CLIENT, 50000), (B.ip, 8080)), "the client's address kept");
@@ -353,7 +344,7 @@ fn a_flow_balanced_here_keeps_its_frontend_whatever_option_it_carries() {
     // A client's SYN to this node's NodePort, with an option naming
     // another address: balanced here, so the option is not read.
     let syn = from_outside(NODE_IP, 50002, 30080, tcp_flags::SYN);
-    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 31000));
+    let syn = packet::with_ipv4_options(&syn, &packet::dsr_option(FRONTEND_NODE, 31000));
     let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
     assert_eq!(out.verdict, verdict::REDIRECT, "{:?}", drops(&mut n));
     assert!(n.node.nat().unwrap().dump().unwrap().is_empty(), "no DSR record");
@@ -366,7 +357,7 @@ fn a_node_not_in_dsr_mode_ignores_the_option() {
     let mut n = Node::new("lb-dsr-off");
     set_node_flags(&n, 0);
     let syn = from_outside(B.ip, 50001, 8080, tcp_flags::SYN);
-    let syn = packet::with_ipv4_options(&syn, &dsr_option(FRONTEND_NODE, 30080));
+    let syn = packet::with_ipv4_options(&syn, &packet::dsr_option(FRONTEND_NODE, 30080));
     let out = Node::run(&mut n.host, FROM_NETDEV, &syn);
     assert_eq!(out.verdict, verdict::REDIRECT, "{:?}", drops(&mut n));
     assert!(

@@ -252,14 +252,6 @@ fn in_tunnel_mode_nodeport_is_wrapped_in_vxlan_to_the_backends_node_at_xdp() {
     n.passes(&from_client(NODE_IP, &full, n.mac), "1500 bytes + VXLAN past a 1500 MTU");
 }
 
-/// The DSR option naming `NODE_IP:port`, as the backend's node must read it.
-fn dsr_option(port: u16) -> Vec<u8> {
-    let mut o = vec![0x9a, 8];
-    o.extend_from_slice(&port.to_be_bytes());
-    o.extend_from_slice(&NODE_IP.octets());
-    o
-}
-
 /// A DSR packet as it must leave: DNAT'ed to BACKEND:8080, the client's
 /// source kept, TTL - 1, the next node's MAC; the option as `option` says.
 fn assert_dsr(r: &TcRun, n: &Nodeport, sport: u16, option: bool, what: &str) {
@@ -272,7 +264,7 @@ fn assert_dsr(r: &TcRun, n: &Nodeport, sport: u16, option: bool, what: &str) {
     );
     assert_eq!(ip4.ttl, 63, "{what}: TTL - 1");
     assert_eq!(p.eth, Eth { dst: NEXT_MAC, src: n.mac }, "{what}: MACs of the next hop");
-    let want = if option { dsr_option(30080) } else { Vec::new() };
+    let want = if option { packet::dsr_option(NODE_IP, 30080) } else { Vec::new() };
     assert_eq!(ip4.options, want, "{what}: the frontend in the option");
 }
 

@@ -23,7 +23,7 @@ use crate::{
     drop,
     lb::{Side, set_addr, set_port},
     maps::CILIATE_SNAT4,
-    packet::{ETH_HLEN, Ipv4Hdr, Pkt, ptr_at},
+    packet::{ETH_HLEN, Ipv4Hdr, Pkt, csum_at, ptr_at},
 };
 
 /// The IPv4 header with the option after it.
@@ -80,22 +80,6 @@ pub fn add_option(ctx: &impl Pkt, addr: [u8; 4], port: u16) -> Result<(), Drop> 
         (*h).ip.check = csum_at::<{ WITH_OPT / 2 }>(h.cast());
     }
     Ok(())
-}
-
-/// The Internet checksum of the `N` 16-bit words at `p` (in the packet,
-/// bounds checked by the caller).
-#[inline(always)]
-unsafe fn csum_at<const N: usize>(p: *const u16) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < N {
-        // SAFETY: inside the N words the caller checked.
-        sum += u32::from(unsafe { core::ptr::read_unaligned(p.add(i)) });
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// Would the DSR option take a UDP datagram past the device's MTU? (tc:

@@ -142,14 +142,20 @@ impl Pkt for XdpContext {
     }
 }
 
-/// The Internet checksum (RFC 1071) of `N` 16-bit words as they sit in
-/// memory (the result too: byte order does not matter to the sum).
+/// The Internet checksum (RFC 1071) of the `N` 16-bit words at `p`, as
+/// they sit in memory (the result too: byte order does not matter to the
+/// sum).
+///
+/// # Safety
+/// `p` points to `N` readable 16-bit words (in the packet: bounds checked
+/// by the caller).
 #[inline(always)]
-pub fn csum_words<const N: usize>(words: &[u16; N]) -> u16 {
+pub unsafe fn csum_at<const N: usize>(p: *const u16) -> u16 {
     let mut sum = 0u32;
     let mut i = 0;
     while i < N {
-        sum += u32::from(words[i]);
+        // SAFETY: inside the N words the caller vouches for.
+        sum += u32::from(unsafe { core::ptr::read_unaligned(p.add(i)) });
         i += 1;
     }
     sum = (sum & 0xffff) + (sum >> 16);

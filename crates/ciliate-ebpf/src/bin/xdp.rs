@@ -276,10 +276,8 @@ fn encap(
 /// The checksum of IPv4 header `ip` (RFC 791).
 #[inline(always)]
 fn ipv4_checksum(ip: &packet::Ipv4Hdr) -> u16 {
-    // SAFETY: the header is 20 bytes, read as ten 16-bit words.
-    let words: [u16; 10] =
-        unsafe { core::ptr::read_unaligned(core::ptr::from_ref(ip).cast::<[u16; 10]>()) };
-    packet::csum_words(&words)
+    // SAFETY: the header is 20 bytes: ten 16-bit words.
+    unsafe { packet::csum_at::<10>(core::ptr::from_ref(ip).cast()) }
 }
 
 ciliate_ebpf::program_object!();
