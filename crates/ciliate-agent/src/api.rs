@@ -10,7 +10,7 @@
 //! descriptors) instead of spinning.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     os::unix::fs::PermissionsExt,
     path::Path,
@@ -88,6 +88,8 @@ pub struct AppState<D: Datapath> {
     pub prefilter: Option<Arc<crate::prefilter::Prefilter>>,
     /// The acceleration paths the node runs (for `status`).
     pub acceleration: ciliate_api::models::Acceleration,
+    /// The Kubernetes API's view (`None`: standalone).
+    pub k8s: Option<Arc<crate::k8s::K8s>>,
 }
 
 impl<D: Datapath + 'static> AppState<D> {
@@ -101,6 +103,12 @@ type St<D> = State<Arc<AppState<D>>>;
 
 /// An error response: `{"message": …}` with its status.
 pub struct ApiErr(StatusCode, String);
+
+impl std::fmt::Display for ApiErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.0.as_u16(), self.1)
+    }
+}
 
 impl ApiErr {
     fn new(status: u16, message: impl Into<String>) -> Self {
@@ -420,36 +428,74 @@ async fn endpoints_changed<D: Datapath + 'static>(st: &AppState<D>) {
     }
 }
 
+/// The identity of a label set for an endpoint: one a local endpoint
+/// already has (in use here: the node is recorded as its user), else in a
+/// cluster one allocated through the store, here (with a timeout) and not by
+/// the endpoint manager, so that a slow or hung store only holds up
+/// endpoints of new label sets; the store records the node as its user
+/// before the garbage collection could release it. `None`: the endpoint
+/// manager allocates it (no cluster).
+async fn identity_for<D: Datapath + 'static>(
+    st: &AppState<D>,
+    labels: &[String],
+) -> Result<Option<u32>, ApiErr> {
+    let snap = st.endpoints.snapshot();
+    let known = snap
+        .identities
+        .find(labels)
+        .filter(|id| snap.endpoints.values().any(|e| e.identity == *id));
+    drop(snap);
+    Ok(match known {
+        Some(id) => Some(id),
+        None if st.cluster_identities => {
+            let min = ciliate_common::identity::MIN_CLUSTER;
+            let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), labels, min, &st.node);
+            Some(kv_call(st.kv_timeout, "allocating an identity", alloc).await?)
+        }
+        None => None,
+    })
+}
+
+/// New labels for endpoint `id` (see [`crate::endpoint::Endpoints::relabel`]),
+/// its identity allocated as an ADD's is.
+pub async fn relabel_endpoint<D: Datapath + 'static>(
+    st: &AppState<D>,
+    id: u16,
+    labels: BTreeMap<String, String>,
+) -> Result<ciliate_api::models::Endpoint, ApiErr> {
+    ciliate_api::models::check_labels(&labels).map_err(|e| ApiErr::new(400, e))?;
+    let set = ciliate_api::models::label_set(&labels);
+    let identity = identity_for(st, &set).await?;
+    let ep = st
+        .endpoints
+        .write(move |e| e.relabel(id, labels, identity.map(|i| (i, set))), |e| e.view())
+        .await??;
+    tracing::info!(
+        subsystem = "endpoint",
+        endpoint_id = id,
+        identity = ep.identity,
+        "endpoint relabelled"
+    );
+    Ok(ep)
+}
+
 async fn create_endpoint<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
-    let req: EndpointCreate = body(&b, "endpoint")?;
+    let mut req: EndpointCreate = body(&b, "endpoint")?;
+    // With Kubernetes, a pod's labels are the API's (its own, its
+    // namespace's, its service account), not the caller's.
+    if let Some(k8s) = &st.k8s
+        && let Some((ns, name)) = req.pod_name.split_once('/')
+    {
+        req.labels =
+            k8s.pod_labels(ns, name).await.map_err(|e| ApiErr::new(e.status(), e.to_string()))?;
+    }
     ciliate_api::models::check_labels(&req.labels).map_err(|e| ApiErr::new(400, e))?;
     // Everything the endpoint manager checks, before an identity is
     // allocated in the store for a request that is refused anyway.
     let check = req.clone();
     st.endpoints.write(move |e| e.validate(&check), |e| e.view()).await??;
-    // A new label set's cluster identity is allocated here, through the
-    // store (with a timeout), not by the endpoint manager: a slow or hung
-    // store then only holds up ADDs of new label sets.
-    // An identity a local endpoint already has is in use here (the node is
-    // recorded as its user); any other goes through the store, which
-    // records the node as its user before the garbage collection could
-    // release it.
     let labels = ciliate_api::models::label_set(&req.labels);
-    let snap = st.endpoints.snapshot();
-    let known = snap
-        .identities
-        .find(&labels)
-        .filter(|id| snap.endpoints.values().any(|e| e.identity == *id));
-    drop(snap);
-    let identity = match known {
-        Some(id) => Some(id),
-        None if st.cluster_identities => {
-            let min = ciliate_common::identity::MIN_CLUSTER;
-            let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), &labels, min, &st.node);
-            Some(kv_call(st.kv_timeout, "allocating an identity", alloc).await?)
-        }
-        None => None,
-    };
+    let identity = identity_for(&st, &labels).await?;
     let (container, ip) = (req.container_id.clone(), req.ip);
     let ep = st
         .endpoints
@@ -837,6 +883,7 @@ mod tests {
             metrics: Default::default(),
             prefilter,
             acceleration: Default::default(),
+            k8s: None,
         })
     }
 

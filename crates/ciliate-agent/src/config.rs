@@ -121,6 +121,12 @@ pub struct Flags {
     /// start
     #[arg(long, env = "CILIATE_SERVICES")]
     pub services: Option<PathBuf>,
+    /// A kubeconfig for the Kubernetes API: pods' labels (and their namespaces')
+    /// then come from the API, and a relabel moves the endpoint's identity. Inside a pod
+    /// (KUBERNETES_SERVICE_HOST set) the in-cluster configuration is used without it
+    /// [default: no Kubernetes]
+    #[arg(long, alias = "k8s-kubeconfig", env = "CILIATE_K8S_KUBECONFIG_PATH")]
+    pub k8s_kubeconfig_path: Option<PathBuf>,
     /// The cluster's store: "local" (a file, shared by the nodes of one machine) or "etcd"
     /// [default: local]
     #[arg(long, env = "CILIATE_KVSTORE")]
@@ -209,7 +215,7 @@ pub struct Flags {
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
     /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, node_port_mode, cgroup_root, lb_algorithm,
-    /// services, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
+    /// services, k8s_kubeconfig_path, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
     /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics,
@@ -396,6 +402,7 @@ struct FileConfig {
     cgroup_root: Option<PathBuf>,
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
+    k8s_kubeconfig_path: Option<PathBuf>,
     kvstore: Option<String>,
     kvstore_path: Option<PathBuf>,
     etcd_endpoints: Option<String>,
@@ -458,6 +465,8 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     pub lb_algorithm: ciliate_api::models::LbAlgorithm,
     pub services: Option<PathBuf>,
+    /// Where the Kubernetes API is (`None`: standalone).
+    pub k8s: Option<crate::k8s::K8sSource>,
     pub kvstore: KvConfig,
     /// With a cluster pool and no --pod-cidr, the pod CIDR is claimed at
     /// start (`pod_cidr` is then only the default).
@@ -825,6 +834,13 @@ impl Flags {
                 other => anyhow::bail!("lb algorithm {other:?}: \"random\" or \"maglev\""),
             },
             services: self.services.or(file.services),
+            k8s: match self.k8s_kubeconfig_path.or(file.k8s_kubeconfig_path) {
+                Some(p) => Some(crate::k8s::K8sSource::Kubeconfig(p)),
+                None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                    Some(crate::k8s::K8sSource::InCluster)
+                }
+                None => None,
+            },
             node,
             pod_cidr,
         })

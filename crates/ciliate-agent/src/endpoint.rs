@@ -559,6 +559,55 @@ impl<D: Datapath> Endpoints<D> {
         Ok(ep)
     }
 
+    /// Give endpoint `id` new labels (its pod was relabelled, or its
+    /// namespace): the identity of the new set (allocated by the caller
+    /// through the cluster's store when given, else here), written to its
+    /// configuration, lxc and ipcache entries, then every endpoint's policy
+    /// regenerated (its own rules and its peers' entries for both
+    /// identities). While the policy changes, the new identity is in no
+    /// peer's map yet: its traffic is dropped, never let through by the
+    /// old identity's rules. A failed write puts the endpoint back whole.
+    pub fn relabel(
+        &mut self,
+        id: u16,
+        labels: BTreeMap<String, String>,
+        identity: Option<(u32, Vec<String>)>,
+    ) -> Result<Endpoint, EndpointError> {
+        check_labels(&labels).map_err(EndpointError::BadRequest)?;
+        let was = self.get(id)?;
+        if was.container_id == HOST_CONTAINER {
+            return Err(EndpointError::BadRequest(format!(
+                "endpoint {id} is the host endpoint: its labels are the agent's"
+            )));
+        }
+        if was.labels == labels {
+            return Ok(was);
+        }
+        if let Some((i, l)) = identity {
+            self.identities.learn(vec![(i, l)]).map_err(internal)?;
+        }
+        let mut ep = was.clone();
+        ep.identity = self.identities.allocate(&label_set(&labels)).map_err(internal)?;
+        ep.labels = labels;
+        let put = |me: &mut Self, ep: &Endpoint| -> Result<(), EndpointError> {
+            let spec = me.spec(ep)?;
+            me.datapath.attach(&spec).map_err(|e| {
+                internal(format!("writing endpoint {id}'s identity {}: {e}", ep.identity))
+            })?;
+            me.persist(ep)?;
+            me.endpoints.insert(id, ep.clone());
+            Ok(())
+        };
+        put(self, &ep)?;
+        if let Err(e) = self.regenerate() {
+            // Back to the old identity, and the policy it had (which fit).
+            let _ = put(self, &was);
+            let _ = self.regenerate();
+            return Err(e);
+        }
+        self.get(id)
+    }
+
     /// Switch datapath debugging for the whole node: the node programs'
     /// switch and every endpoint's configuration. A write that fails midway
     /// is undone: all of it or nothing.
@@ -1440,6 +1489,50 @@ mod tests {
         assert_eq!(n.gc(&[]).unwrap(), Vec::<u16>::new());
         assert_eq!(n.restore().unwrap(), 0);
         assert_eq!(n.list(), vec![host]);
+    }
+
+    #[test]
+    fn a_relabel_moves_the_identity_and_the_peers_policy_follows() {
+        let mut n = node();
+        let policy = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
+        n.import_policy(crate::policy::parse(policy).unwrap()).unwrap();
+        let r = request(&mut n, "db", "db");
+        let db = n.create(r).unwrap();
+        let r = request(&mut n, "c", "api");
+        let api = n.create(r).unwrap();
+        let allows = |n: &Endpoints<MemoryDatapath>, id: u32| {
+            n.datapath.policies[&db.id].rules.iter().any(|x| x.identity == id)
+        };
+        assert!(allows(&n, api.identity));
+        // Relabelled away from what db allows: a new identity, in the
+        // endpoint's datapath entries (its packets carry it), which db's
+        // policy does not allow. (The old identity stays allowed while it
+        // exists: a pod elsewhere may have it; its garbage collection takes
+        // it out.)
+        let other: BTreeMap<String, String> = [("app".to_string(), "other".to_string())].into();
+        let moved = n.relabel(api.id, other.clone(), None).unwrap();
+        assert_ne!(moved.identity, api.identity);
+        assert_eq!(n.datapath.attached[&api.ip].identity, moved.identity);
+        assert!(!allows(&n, moved.identity));
+        assert_eq!(
+            n.relabel(api.id, other, None).unwrap(),
+            moved,
+            "the same labels: nothing to do"
+        );
+        // And back: allowed again, under the identity of app=api.
+        let back = n.relabel(api.id, api.labels.clone(), None).unwrap();
+        assert_eq!(back.identity, api.identity);
+        assert!(allows(&n, api.identity));
+        // A failed write leaves the endpoint as it was.
+        n.datapath.fail_next_attach = Some("no such device".into());
+        let e = n.relabel(api.id, [("app".into(), "x".into())].into(), None).unwrap_err();
+        assert!(e.to_string().contains("no such device"), "{e}");
+        assert_eq!(n.get(api.id).unwrap(), back);
+        assert!(allows(&n, api.identity));
+        // Nobody relabels the host, or to a reserved label.
+        let e =
+            n.relabel(api.id, [("reserved:host".into(), String::new())].into(), None).unwrap_err();
+        assert_eq!(e.status(), 400);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod hubble_export;
 pub mod hubble_metrics;
 pub mod identity;
 pub mod ipam;
+pub mod k8s;
 pub mod kernel;
 pub mod kvstore;
 pub mod metrics;

@@ -29,6 +29,9 @@ use ciliate_datapath::maps::{PolicyRule, port_range_prefixes};
 use serde::{Deserialize, Serialize};
 
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+/// A pod's endpoint carries each label of its namespace under this prefix
+/// (with Kubernetes; Cilium's `io.cilium.k8s.namespace.labels.`).
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -551,32 +554,38 @@ struct K8sPort {
     protocol: Option<String>,
 }
 
-/// The namespace label a Kubernetes namespace selector may use: the
-/// namespace's name (we know no other namespace labels).
+/// The label every namespace has (Kubernetes sets it): its name.
 const K8S_NS_NAME: &str = "kubernetes.io/metadata.name";
 
-/// A Kubernetes peer as a Cilium endpoint selector.
+/// A namespace label key as the endpoints of its pods carry it: the name
+/// as the pod's namespace label (known in standalone mode too), any other
+/// under [`NAMESPACE_LABELS_PREFIX`] (from the Kubernetes API).
+fn namespace_label_key(key: &str) -> String {
+    if key == K8S_NS_NAME {
+        format!("k8s:{NAMESPACE_LABEL}")
+    } else {
+        format!("k8s:{NAMESPACE_LABELS_PREFIX}{key}")
+    }
+}
+
+/// A Kubernetes peer as a Cilium endpoint selector: the namespace
+/// selector's labels become the endpoint labels pods carry for their
+/// namespace's labels, as Cilium translates them.
 fn k8s_peer_selector(p: &K8sPeer) -> Result<Selector, String> {
     let mut sel = p.pod_selector.clone().unwrap_or_default();
     if let Some(ns) = &p.namespace_selector {
-        if !ns.match_expressions.is_empty() {
-            return Err("namespaceSelector.matchExpressions is not supported yet".into());
+        // Pods only (any namespace when the selector is empty).
+        sel.match_expressions.push(Expression {
+            key: format!("k8s:{NAMESPACE_LABEL}"),
+            operator: "Exists".into(),
+            values: vec![],
+        });
+        for (k, v) in &ns.match_labels {
+            sel.match_labels.insert(namespace_label_key(k), v.clone());
         }
-        match ns.match_labels.len() {
-            0 => sel.match_expressions.push(Expression {
-                key: format!("k8s:{NAMESPACE_LABEL}"),
-                operator: "Exists".into(),
-                values: vec![],
-            }),
-            1 if ns.match_labels.contains_key(K8S_NS_NAME) => {
-                sel.match_labels
-                    .insert(format!("k8s:{NAMESPACE_LABEL}"), ns.match_labels[K8S_NS_NAME].clone());
-            }
-            _ => {
-                return Err(format!(
-                    "namespaceSelector: only {K8S_NS_NAME} is known of a namespace's labels"
-                ));
-            }
+        for e in &ns.match_expressions {
+            sel.match_expressions
+                .push(Expression { key: namespace_label_key(&e.key), ..e.clone() });
         }
     }
     Ok(sel)

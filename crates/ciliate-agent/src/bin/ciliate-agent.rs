@@ -283,6 +283,17 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         }
         Err(e) => warn!(subsystem = "events", error = %e, "cannot open the event ring; no events"),
     }
+    // Kubernetes: the pods of this node and every namespace, watched.
+    let k8s = match &cfg.k8s {
+        Some(src) => {
+            let client = ciliate_agent::k8s::client(src).await?;
+            let (view, changes) =
+                ciliate_agent::k8s::K8s::start(client, &cfg.node, shutdown.clone());
+            info!(subsystem = "k8s", source = ?src, "watching pods and namespaces in the Kubernetes API");
+            Some((view, changes))
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         endpoints: endpoints.clone(),
         services: services.clone(),
@@ -306,7 +317,11 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             node_port_mode: cfg.node_port_mode.as_str().into(),
             sockops: cfg.sockops,
         },
+        k8s: k8s.as_ref().map(|(v, _)| v.clone()),
     });
+    if let Some((view, changes)) = k8s {
+        tokio::spawn(ciliate_agent::k8s::follow(state.clone(), view, changes));
+    }
     // Other nodes' pods, as the cluster sync follows them (for flows).
     let remote_pods = tokio::sync::watch::channel(imbl::OrdMap::new()).0;
     let observer =

@@ -311,6 +311,27 @@ spec:
             || x.identity == 0)
     );
 
+    // A namespace selector on any label selects the pods whose namespace
+    // has it (their endpoints carry it, Cilium's way); matchExpressions too.
+    let mut ids = identity_map();
+    let mut team_a = labels("frontend", "other");
+    team_a.push(format!("k8s:{NAMESPACE_LABELS_PREFIX}team=a"));
+    team_a.sort();
+    ids.insert(259, team_a);
+    let ids: IdView = ids.into();
+    for from in [
+        "{namespaceSelector: {matchLabels: {team: a}}}",
+        "{namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}}",
+    ] {
+        let np = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: t, namespace: shop}}\nspec:\n  podSelector: {{}}\n  ingress: [{{from: [{from}]}}]\n"
+        );
+        let r = resolve(&parse(&np).unwrap(), 1, &labels("web", "shop"), &ids);
+        let peers: BTreeSet<u32> =
+            r.rules.iter().filter(|x| x.identity != reserved::HOST).map(|x| x.identity).collect();
+        assert_eq!(peers, [259].into(), "{from}");
+    }
+
     // No policyTypes: Ingress only; an empty ingress denies all; `from`
     // missing means every source.
     let deny_all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: shop}\nspec:\n  podSelector: {}\n";
@@ -325,13 +346,6 @@ spec:
         (
             deny_all.replace("podSelector: {}", "podSelector: {}\n  policyTypes: [Sideways]"),
             "Sideways",
-        ),
-        (
-            allow_all.replace(
-                "ingress: [{}]",
-                "ingress: [{from: [{namespaceSelector: {matchLabels: {team: a}}}]}]",
-            ),
-            "only kubernetes.io/metadata.name",
         ),
         (allow_all.replace("ingress: [{}]", "ingress: [{from: [{}]}]"), "empty peer"),
         (

@@ -1,0 +1,236 @@
+//! Kubernetes end to end on the lab: the agent follows a Kubernetes API
+//! (ciliate-apiserver in the node's namespace, objects written with
+//! kubectl): a pod's endpoint takes its labels, its namespace's labels and
+//! its service account from the API; policy selects on them (a
+//! NetworkPolicy's namespaceSelector on any namespace label); relabelling a
+//! pod or its namespace in the API flips verdicts on real traffic, also
+//! when the agent's watch had to relist after a 410. Needs root; CI runs as
+//! root.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use ciliate_api::{
+    client::method,
+    models::{Endpoint, PolicyChange, PolicyImport},
+};
+use ciliate_lab::{
+    Netns,
+    names::token,
+    netns,
+    node::{Binaries, ECHO_PORT, NodeLab, NodeLabConfig},
+};
+
+const API: &str = "127.0.0.1:6443";
+
+struct K8sLab {
+    lab: NodeLab,
+    kubeconfig: PathBuf,
+}
+
+impl K8sLab {
+    fn up() -> Self {
+        let bins = Binaries::beside_current_exe().unwrap();
+        let apiserver = bins.agent.with_file_name("ciliate-apiserver");
+        let name = format!("k8s{}", token());
+        // The agent reads the kubeconfig at start; its watchers retry until
+        // the API server (started in the node's namespace below) answers.
+        let kubeconfig = std::env::temp_dir().join(format!("{name}.kubeconfig"));
+        std::fs::write(&kubeconfig, ciliate_apiserver::kubeconfig(&format!("http://{API}")))
+            .unwrap();
+        let mut cfg = NodeLabConfig::new(&name, 0, bins);
+        cfg.agent_args = vec!["--k8s-kubeconfig-path".into(), kubeconfig.clone().into()];
+        let lab = NodeLab::up(cfg).unwrap();
+        drop(
+            lab.node
+                .spawn_detached(&[
+                    apiserver.to_str().unwrap(),
+                    "--listen",
+                    API,
+                    "--bookmark-interval",
+                    "1",
+                ])
+                .unwrap(),
+        );
+        let me = Self { lab, kubeconfig };
+        // The agent watches pods and namespaces.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = me.stats();
+            if stats["watches"]["pods"].as_u64() >= Some(1)
+                && stats["watches"]["namespaces"].as_u64() >= Some(1)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the agent never watched the API: {stats}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        me
+    }
+
+    fn node_name(&self) -> &str {
+        self.lab.node.name()
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut cmd = self.lab.node.command("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        match stdin {
+            None => netns::run(&mut cmd).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}")),
+            Some(text) => {
+                let f =
+                    std::env::temp_dir().join(format!("{}-{}.yaml", self.lab.config.lab, token()));
+                std::fs::write(&f, text).unwrap();
+                cmd.arg("-f").arg(&f);
+                let out = netns::run(&mut cmd);
+                let _ = std::fs::remove_file(&f);
+                out.unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+            }
+        }
+    }
+
+    fn api(&self, method: &str, path: &str) -> serde_json::Value {
+        let out = netns::run(self.lab.node.command("curl").args([
+            "-sf",
+            "-X",
+            method,
+            &format!("http://{API}{path}"),
+        ]))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        netns::run(
+            self.lab.node.command("curl").args(["-s", &format!("http://{API}/ciliate-test/stats")]),
+        )
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+    }
+
+    fn pod_yaml(&self, name: &str, namespace: &str, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}-{name}\n  namespace: {namespace}\n  labels: {labels}\nspec:\n  nodeName: {}\n  serviceAccountName: sa-{name}\n  containers: [{{name: c, image: busybox}}]\n",
+            self.lab.config.lab,
+            self.node_name()
+        )
+    }
+
+    fn endpoint(&self, ip: Ipv4Addr) -> Endpoint {
+        let eps: Vec<Endpoint> = self.lab.client().get("/v1/endpoint").unwrap();
+        eps.into_iter().find(|e| e.ip == ip).unwrap()
+    }
+}
+
+impl Drop for K8sLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+fn reaches(lab: &NodeLab, from: &Netns, to: Ipv4Addr) -> bool {
+    lab.reaches(from, "tcp", to, ECHO_PORT, Some(500))
+}
+
+/// Wait (up to 10 s) until `from` reaching `to` is `want`.
+fn eventually(lab: &NodeLab, from: &Netns, to: Ipv4Addr, want: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reaches(lab, from, to) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {} after 10 s",
+            if want { "denied" } else { "allowed" }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-team-a-clients, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: a}}
+      podSelector: {matchLabels: {app: client}}
+"#;
+
+#[test]
+fn pod_and_namespace_labels_come_from_the_api_and_relabels_flip_verdicts() {
+    let k = K8sLab::up();
+    let lab = &k.lab;
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{team: a}}}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: other, labels: {{team: b}}}}\n---\n{}---\n{}---\n{}",
+        k.pod_yaml("web", "shop", "{app: web, pod-template-hash: abc123}"),
+        k.pod_yaml("client", "shop", "{app: client}"),
+        k.pod_yaml("stranger", "other", "{app: client}"),
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    // The CNI gives no labels: the agent takes them from the API.
+    let web = lab.add_pod_in("web", "shop", &[]).unwrap();
+    let client = lab.add_pod_in("client", "shop", &[]).unwrap();
+    let stranger = lab.add_pod_in("stranger", "other", &[]).unwrap();
+    let ep = k.endpoint(web.state.ip);
+    let want: std::collections::BTreeMap<String, String> = [
+        ("app", "web"),
+        ("io.cilium.k8s.namespace.labels.team", "a"),
+        ("io.cilium.k8s.policy.serviceaccount", "sa-web"),
+        ("io.kubernetes.pod.namespace", "shop"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(ep.labels, want, "pod-template-hash is left out of the identity, as Cilium does");
+    assert_eq!(ep.pod_name, format!("shop/{}-web", lab.config.lab));
+    // A pod the API does not know is refused with a CNI error naming it.
+    let Err(err) = lab.add_pod_in("ghost", "shop", &[]).map(|_| ()) else {
+        panic!("a pod the API does not know got an endpoint");
+    };
+    let err = err.to_string();
+    assert!(err.contains("is not in the Kubernetes API"), "{err}");
+
+    std::thread::sleep(Duration::from_millis(300)); // echo servers listening
+    let change: PolicyChange = lab
+        .client()
+        .call(method::PUT, "/v1/policy", Some(&PolicyImport { text: POLICY.into() }))
+        .unwrap();
+    assert_eq!(change.rules, 1);
+    assert!(reaches(lab, &client.ns, web.state.ip), "client in team a's namespace: allowed");
+    assert!(!reaches(lab, &stranger.ns, web.state.ip), "client in team b's namespace: denied");
+
+    // A pod relabel moves its identity; the verdict follows.
+    let before = k.endpoint(client.state.ip).identity;
+    let pod = format!("{}-client", lab.config.lab);
+    k.kubectl(&["label", "pod", &pod, "-n", "shop", "app=other", "--overwrite"], None);
+    eventually(lab, &client.ns, web.state.ip, false, "client relabelled app=other");
+    assert_ne!(k.endpoint(client.state.ip).identity, before);
+    k.kubectl(&["label", "pod", &pod, "-n", "shop", "app=client", "--overwrite"], None);
+    eventually(lab, &client.ns, web.state.ip, true, "client relabelled back");
+    assert_eq!(k.endpoint(client.state.ip).identity, before, "the same labels, the same identity");
+
+    // A namespace relabel moves every pod in it.
+    k.kubectl(&["label", "namespace", "other", "team=a", "--overwrite"], None);
+    eventually(lab, &stranger.ns, web.state.ip, true, "namespace other relabelled team=a");
+
+    // A change the agent's watch misses (the watch cut, the history behind
+    // it compacted away: its next watch gets 410 Gone) is found by the
+    // relist.
+    let expired = k.stats()["expired"].as_u64().unwrap_or(0);
+    k.api("POST", "/ciliate-test/hold-watches?on=true");
+    k.api("POST", "/ciliate-test/compact?close-watches=true");
+    k.kubectl(&["label", "pod", &pod, "-n", "shop", "app=other", "--overwrite"], None);
+    k.api("POST", "/ciliate-test/compact");
+    k.api("POST", "/ciliate-test/hold-watches?on=false");
+    eventually(lab, &client.ns, web.state.ip, false, "client relabelled while the watch was down");
+    assert!(
+        k.stats()["expired"].as_u64().unwrap_or(0) > expired,
+        "the agent's watch met a 410 and relisted"
+    );
+}
