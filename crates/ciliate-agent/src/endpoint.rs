@@ -1213,6 +1213,25 @@ impl<D: Datapath> Endpoints<D> {
         Ok(self.policy.revision)
     }
 
+    /// Delete the rules of the documents `sources` (`kind/namespace/name`),
+    /// all or nothing (none of them there: nothing changes). Returns
+    /// (removed, revision).
+    pub fn delete_policy_sources(
+        &mut self,
+        sources: &[String],
+    ) -> Result<(usize, u64), EndpointError> {
+        let mut next = (*self.policy).clone();
+        let before = next.rules.len();
+        next.rules.retain(|r| !sources.contains(&r.source));
+        let removed = before - next.rules.len();
+        if removed == 0 {
+            return Ok((0, self.policy.revision));
+        }
+        next.revision += 1;
+        self.commit_policy(next, true)?;
+        Ok((removed, self.policy.revision))
+    }
+
     /// Delete the rules carrying every label in `labels` (all rules when
     /// `labels` is empty), all or nothing. Returns (removed, revision).
     pub fn delete_policy(&mut self, labels: &[String]) -> Result<(usize, u64), EndpointError> {

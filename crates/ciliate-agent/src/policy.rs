@@ -402,14 +402,42 @@ impl RuleSpec {
     }
 }
 
+/// A document's metadata: what a policy uses (name, namespace, labels),
+/// and the rest of Kubernetes' ObjectMeta taken and left alone (a file
+/// written by `kubectl get -o yaml`, or an object from the API, parses as
+/// it is); anything else is refused by name.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: Option<String>,
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing)]
+    annotations: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    uid: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    resource_version: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    generation: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    creation_timestamp: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    deletion_timestamp: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    deletion_grace_period_seconds: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    finalizers: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    owner_references: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    managed_fields: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    generate_name: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    self_link: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -422,6 +450,9 @@ struct Document {
     spec: Option<RuleSpec>,
     #[serde(default)]
     specs: Option<Vec<RuleSpec>>,
+    /// What the cluster wrote about it (ignored).
+    #[serde(default, skip_serializing)]
+    status: Option<serde_yaml_ng::Value>,
 }
 
 /// A validated rule in the repository.
@@ -461,7 +492,15 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, PolicyError> {
             let d: K8sDocument = from_value(value, i + 1)?;
             let d =
                 k8s_to_cilium(d).map_err(|e| PolicyError(format!("document {}: {e}", i + 1)))?;
-            rules.extend(validate_document(d, i + 1)?);
+            // Its own source: a NetworkPolicy and a CiliumNetworkPolicy of
+            // one name are two documents.
+            let mut translated = validate_document(d, i + 1)?;
+            for r in &mut translated {
+                if let Some(rest) = r.source.strip_prefix("CiliumNetworkPolicy/") {
+                    r.source = format!("NetworkPolicy/{rest}");
+                }
+            }
+            rules.extend(translated);
             continue;
         }
         let d: Document = from_value(value, i + 1)?;
@@ -499,6 +538,9 @@ struct K8sDocument {
     kind: String,
     metadata: Metadata,
     spec: K8sSpec,
+    #[allow(dead_code, reason = "what the cluster wrote about it (ignored)")]
+    #[serde(default)]
+    status: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -706,6 +748,7 @@ fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
         metadata: d.metadata,
         spec: Some(spec),
         specs: None,
+        status: None,
     })
 }
 

@@ -234,3 +234,98 @@ fn pod_and_namespace_labels_come_from_the_api_and_relabels_flip_verdicts() {
         "the agent's watch met a 410 and relisted"
     );
 }
+
+fn cnp(port: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\n  namespace: shop\n  annotations: {{team: a}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts: [{{ports: [{{port: \"{port}\", protocol: TCP}}]}}]\n"
+    )
+}
+
+const CCNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: no-client}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: client}}]}]\n";
+
+#[test]
+fn policies_applied_in_the_api_are_enforced_reported_and_lifted() {
+    let k = K8sLab::up();
+    let lab = &k.lab;
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}---\n{}",
+        k.pod_yaml("web", "shop", "{app: web}"),
+        k.pod_yaml("client", "shop", "{app: client}"),
+        k.pod_yaml("other", "shop", "{app: other}"),
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    let web = lab.add_pod_in("web", "shop", &[]).unwrap();
+    let client = lab.add_pod_in("client", "shop", &[]).unwrap();
+    let other = lab.add_pod_in("other", "shop", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // echo servers listening
+    assert!(reaches(lab, &other.ns, web.state.ip), "open before any policy");
+
+    // A CNP applied with kubectl is enforced, and says so in its status.
+    k.kubectl(&["apply", "--validate=false"], Some(&cnp(&ECHO_PORT.to_string())));
+    eventually(lab, &other.ns, web.state.ip, false, "CNP applied: other -> web");
+    assert!(reaches(lab, &client.ns, web.state.ip), "client -> web allowed by the CNP");
+    let node = k.node_name().to_string();
+    let status = |k: &K8sLab| -> serde_json::Value {
+        let out = k.kubectl(&["get", "cnp", "web", "-n", "shop", "-o", "json"], None);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["status"]["nodes"][&node].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&k)["ok"] != true {
+        assert!(Instant::now() < deadline, "no ok status for this node: {}", status(&k));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&k)["enforcing"], true);
+    let rules = lab.client().get::<serde_json::Value>("/v1/policy").unwrap().to_string();
+    assert!(
+        rules.contains("CiliumNetworkPolicy/shop/web")
+            && rules.contains("io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy"),
+        "the rules carry their object: {rules}"
+    );
+
+    // A refused update (port 99999) leaves the policy in force whole and is
+    // reported: the status names the error, a Warning event the object.
+    k.kubectl(&["apply", "--validate=false"], Some(&cnp("99999")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&k)["ok"] != false {
+        assert!(Instant::now() < deadline, "the refusal is not in the status: {}", status(&k));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let error = status(&k)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("99999"), "the error names the bad port: {error}");
+    let events = k.kubectl(&["get", "events", "-n", "shop", "-o", "json"], None);
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    assert!(
+        events["items"].as_array().unwrap().iter().any(|e| e["reason"] == "PolicyRejected"
+            && e["involvedObject"]["name"] == "web"
+            && e["type"] == "Warning"),
+        "no PolicyRejected event: {events}"
+    );
+    assert!(!reaches(lab, &other.ns, web.state.ip), "the policy in force still denies other");
+    assert!(reaches(lab, &client.ns, web.state.ip), "and still allows client");
+
+    // A clusterwide deny on top.
+    k.kubectl(&["apply", "--validate=false"], Some(CCNP));
+    eventually(lab, &client.ns, web.state.ip, false, "CCNP deny: client -> web");
+    k.kubectl(&["delete", "ciliumclusterwidenetworkpolicy", "no-client"], None);
+    eventually(lab, &client.ns, web.state.ip, true, "CCNP deleted: client -> web");
+
+    // Deleted while the agent's watch was down (cut, history compacted):
+    // the relist finds it gone and its rules go.
+    k.api("POST", "/ciliate-test/hold-watches?on=true");
+    k.api("POST", "/ciliate-test/compact?close-watches=true");
+    k.kubectl(&["delete", "cnp", "web", "-n", "shop"], None);
+    k.api("POST", "/ciliate-test/compact");
+    k.api("POST", "/ciliate-test/hold-watches?on=false");
+    eventually(
+        lab,
+        &other.ns,
+        web.state.ip,
+        true,
+        "CNP deleted while the watch was down: other -> web",
+    );
+    let rules: serde_json::Value = lab.client().get("/v1/policy").unwrap();
+    assert!(
+        !rules.to_string().contains("CiliumNetworkPolicy/shop/web"),
+        "its rules are gone: {rules}"
+    );
+}

@@ -320,6 +320,10 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         k8s: k8s.as_ref().map(|(v, _)| v.clone()),
     });
     if let Some((view, changes)) = k8s {
+        for kind in ciliate_agent::k8s::POLICY_KINDS {
+            let (st, client, node) = (state.clone(), view.client(), cfg.node.clone());
+            tokio::spawn(ciliate_agent::k8s::follow_policies(st, client, node, kind));
+        }
         tokio::spawn(ciliate_agent::k8s::follow(state.clone(), view, changes));
     }
     // Other nodes' pods, as the cluster sync follows them (for flows).

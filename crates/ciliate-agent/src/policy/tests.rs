@@ -291,7 +291,7 @@ spec:
   - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]
 "#;
     let rules = parse(text).unwrap();
-    assert_eq!(rules[0].source, "CiliumNetworkPolicy/shop/np");
+    assert_eq!(rules[0].source, "NetworkPolicy/shop/np");
     let r = resolve(&rules, 1, &labels("web", "shop"), &identities());
     assert!(r.ingress_enforced && r.egress_enforced);
     let ingress: BTreeSet<(u32, u8)> = r
@@ -691,4 +691,31 @@ fn a_deny_rule_drop_names_the_rule_and_offers_no_allow() {
     let allowed =
         trace_of(&parse(WEB_ALLOWS_FRONTEND).unwrap(), (257, &fe), (256, &web), 6, 80, &ids);
     assert_eq!(allowed.explanation, None, "an allowed trace has nothing to explain");
+}
+
+#[test]
+fn objects_as_the_api_returns_them_parse_and_typos_do_not() {
+    let from_api = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web
+  namespace: shop
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+  uid: 0b6f6a36-1f0e-4b43-9a39-6f5f0c2b1e11
+  resourceVersion: "42"
+  generation: 3
+  creationTimestamp: "2026-12-01T00:00:00Z"
+  managedFields: [{manager: kubectl}]
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{fromEndpoints: [{matchLabels: {app: client}}]}]
+status:
+  nodes: {node1: {ok: true, enforcing: true}}
+"#;
+    let rules = parse(from_api).unwrap();
+    assert_eq!(rules[0].source, "CiliumNetworkPolicy/shop/web");
+    let typo = from_api.replace("  uid:", "  lables: {a: b}\n  uid:");
+    let e = parse(&typo).unwrap_err().to_string();
+    assert!(e.contains("lables"), "{e}");
 }
