@@ -415,7 +415,7 @@ async fn get_endpoint<D: Datapath + 'static>(
 }
 
 /// This node's endpoint addresses (Local traffic policies follow them).
-fn local_ips(v: &EndpointsView) -> BTreeSet<Ipv4Addr> {
+pub(crate) fn local_ips(v: &EndpointsView) -> BTreeSet<Ipv4Addr> {
     v.endpoints.values().map(|e| e.ip).collect()
 }
 
@@ -624,6 +624,13 @@ async fn get_service<D: Datapath + 'static>(
 
 async fn update_service<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> ApiResult {
     let spec: ciliate_api::models::ServiceSpec = body(&b, "service")?;
+    if !spec.source.is_empty() {
+        return Err(ApiErr::new(
+            400,
+            format!("source {:?}: only the agent derives services from a source", spec.source),
+        ));
+    }
+    k8s_owned(&st, spec.id)?;
     let action = if st.services.snapshot().contains_key(&spec.id) { "update" } else { "add" };
     let local = local_ips(&st.endpoints.snapshot());
     let svc = st.services.write(move |s| s.update(spec, &local), |s| s.view()).await??;
@@ -631,11 +638,27 @@ async fn update_service<D: Datapath + 'static>(State(st): St<D>, b: Bytes) -> Ap
     json(200, &svc)
 }
 
+/// Refuse to change service `id` when the agent derived it from the
+/// Kubernetes API (the API server owns it).
+fn k8s_owned<D: Datapath + 'static>(st: &AppState<D>, id: u16) -> Result<(), ApiErr> {
+    match st.services.snapshot().get(&id) {
+        Some(s) if !s.spec.source.is_empty() => Err(ApiErr::new(
+            409,
+            format!(
+                "service {id} ({}) comes from the Kubernetes API (source {}): change it there",
+                s.spec.name, s.spec.source
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn delete_service<D: Datapath + 'static>(
     State(st): St<D>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult {
     let id: u16 = parse_id(&id, "service ID")?;
+    k8s_owned(&st, id)?;
     let svc = st.services.write(move |s| s.delete(id), |s| s.view()).await??;
     st.metrics.service_event("delete");
     json(200, &svc)

@@ -998,6 +998,7 @@ mod tests {
             source_ranges: vec![],
             algorithm: None,
             name: String::new(),
+            source: Default::default(),
         }
     }
 

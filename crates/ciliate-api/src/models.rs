@@ -627,6 +627,11 @@ pub struct ServiceSpec {
     /// `namespace/name`, for display.
     #[serde(default)]
     pub name: String,
+    /// Who manages it: empty for the API and the CLI, "k8s" for a service
+    /// the agent derives from the Kubernetes API (which the API then does
+    /// not let anyone else replace or delete).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
 }
 
 /// A frontend the agent wrote for a service (NodePort: one per node

@@ -101,6 +101,7 @@ pub fn echo_services(
             source_ranges: vec![],
             algorithm: None,
             name: "default/echo".into(),
+            source: Default::default(),
         };
         let svc: Service = client
             .call(method::PUT, "/v1/service", Some(&spec))

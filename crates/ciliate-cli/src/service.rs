@@ -152,6 +152,7 @@ impl UpdateArgs {
             source_ranges: self.source_ranges.clone(),
             algorithm,
             name: self.name.clone(),
+            source: Default::default(),
         })
     }
 }

@@ -329,3 +329,91 @@ fn policies_applied_in_the_api_are_enforced_reported_and_lifted() {
         "its rules are gone: {rules}"
     );
 }
+
+#[test]
+fn services_and_endpoint_slices_in_the_api_are_served() {
+    let k = K8sLab::up();
+    let lab = &k.lab;
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}---\n{}",
+        k.pod_yaml("web1", "shop", "{app: web}"),
+        k.pod_yaml("web2", "shop", "{app: web}"),
+        k.pod_yaml("client", "shop", "{app: client}"),
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    let web1 = lab.add_pod_in("web1", "shop", &[]).unwrap();
+    let web2 = lab.add_pod_in("web2", "shop", &[]).unwrap();
+    let client = lab.add_pod_in("client", "shop", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // echo servers listening
+    let vip: Ipv4Addr = "10.96.50.10".parse().unwrap();
+    let slice = |ready: &[Ipv4Addr]| {
+        let eps: Vec<String> = ready
+            .iter()
+            .map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {ECHO_PORT}, protocol: TCP}}]\nendpoints:\n{}",
+            eps.concat()
+        )
+    };
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  type: NodePort\n  clusterIP: 10.96.50.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http, nodePort: 30090}]\n";
+    let both = slice(&[web1.state.ip, web2.state.ip]);
+    let t = Instant::now();
+    k.kubectl(&["apply", "--validate=false"], Some(&format!("{service}---\n{both}")));
+    let written = t.elapsed();
+    while !lab.reaches(&client.ns, "tcp", vip, 80, Some(200)) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the ClusterIP never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served = t.elapsed();
+    assert!(
+        served - written < Duration::from_secs(1),
+        "served {:?} after kubectl returned (goal < 1 s)",
+        served - written
+    );
+    // The agent's own view: two frontends (ClusterIP and NodePort) of
+    // source k8s, both backends, and nobody else may replace them.
+    let svcs: Vec<ciliate_api::models::Service> = lab.client().get("/v1/service").unwrap();
+    let mine: Vec<_> = svcs.iter().filter(|s| s.spec.name == "shop/web").collect();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert!(mine.iter().all(|s| s.spec.source == "k8s" && s.backends.len() == 2), "{mine:?}");
+    let mut replace = mine[0].spec.clone();
+    replace.source = String::new();
+    let e = lab
+        .client()
+        .call::<serde_json::Value>(method::PUT, "/v1/service", Some(&replace))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("comes from the Kubernetes API"), "{e}");
+
+    // web1 leaves the slice, then goes away: no new connection goes to it.
+    k.kubectl(&["apply", "--validate=false"], Some(&slice(&[web2.state.ip])));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let svcs: Vec<ciliate_api::models::Service> = lab.client().get("/v1/service").unwrap();
+        if svcs.iter().filter(|s| s.spec.name == "shop/web").all(|s| s.backends.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web1 never left the service");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(web1);
+    for i in 0..20 {
+        assert!(
+            lab.reaches(&client.ns, "tcp", vip, 80, Some(1000)),
+            "connection {i} went to a gone backend"
+        );
+    }
+    // The Service deleted: its frontends go.
+    k.kubectl(&["delete", "service", "web", "-n", "shop"], None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let svcs: Vec<ciliate_api::models::Service> = lab.client().get("/v1/service").unwrap();
+        if !svcs.iter().any(|s| s.spec.name == "shop/web") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Service's frontends stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!lab.reaches(&client.ns, "tcp", vip, 80, Some(500)), "the ClusterIP still answers");
+}

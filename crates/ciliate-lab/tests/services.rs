@@ -66,6 +66,7 @@ fn spec(id: u16, frontend: &str, backends: &[(Ipv4Addr, u16)]) -> ServiceSpec {
         source_ranges: vec![],
         algorithm: None,
         name: format!("default/svc{id}"),
+        source: Default::default(),
     }
 }
 

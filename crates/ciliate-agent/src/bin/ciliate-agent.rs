@@ -324,6 +324,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             let (st, client, node) = (state.clone(), view.client(), cfg.node.clone());
             tokio::spawn(ciliate_agent::k8s::follow_policies(st, client, node, kind));
         }
+        tokio::spawn(ciliate_agent::k8s::services::follow_services(state.clone(), view.client()));
         tokio::spawn(ciliate_agent::k8s::follow(state.clone(), view, changes));
     }
     // Other nodes' pods, as the cluster sync follows them (for flows).

@@ -173,6 +173,7 @@ fn service(i: usize, backend: Ipv4Addr) -> ServiceSpec {
         source_ranges: vec![],
         algorithm: None,
         name: format!("default/bench{i}"),
+        source: Default::default(),
     }
 }
 

@@ -302,6 +302,7 @@ fn spec(i: usize, backend: Ipv4Addr) -> ServiceSpec {
         source_ranges: vec![],
         algorithm: None,
         name: format!("default/svc{i}"),
+        source: Default::default(),
     }
 }
 
