@@ -417,3 +417,67 @@ fn services_and_endpoint_slices_in_the_api_are_served() {
     }
     assert!(!lab.reaches(&client.ns, "tcp", vip, 80, Some(500)), "the ClusterIP still answers");
 }
+
+/// Wait (up to 10 s) until `f` holds.
+fn until(what: &str, mut f: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f() {
+            None => return,
+            Some(why) if Instant::now() > deadline => panic!("{what}: {why}"),
+            Some(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[test]
+fn cilium_endpoints_and_the_cilium_node_are_published() {
+    let k = K8sLab::up();
+    let lab = &k.lab;
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}",
+        k.pod_yaml("web", "shop", "{app: web}")
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    let web = lab.add_pod_in("web", "shop", &[]).unwrap();
+    let pod = format!("{}-web", lab.config.lab);
+    let cep = |k: &K8sLab| -> serde_json::Value {
+        let out = k.kubectl(&["get", "ciliumendpoints", "-n", "shop", "-o", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == pod.as_str())
+            .cloned()
+            .unwrap_or_default()
+    };
+    until("the CiliumEndpoint of web", || {
+        let c = cep(&k);
+        let ep = k.endpoint(web.state.ip);
+        (c["status"]["identity"]["id"] != ep.identity || c["status"]["id"] != ep.id)
+            .then(|| c.to_string())
+    });
+    let c = cep(&k);
+    assert_eq!(c["status"]["networking"]["addressing"][0]["ipv4"], web.state.ip.to_string());
+    assert_eq!(c["status"]["state"], "ready");
+    assert!(c["status"]["identity"]["labels"].to_string().contains("k8s:app=web"), "{c}");
+    // A relabel: the CiliumEndpoint follows the identity.
+    k.kubectl(&["label", "pod", &pod, "-n", "shop", "app=api", "--overwrite"], None);
+    until("the CiliumEndpoint after a relabel", || {
+        let c = cep(&k);
+        (!c["status"]["identity"]["labels"].to_string().contains("k8s:app=api"))
+            .then(|| c.to_string())
+    });
+    assert_eq!(cep(&k)["status"]["identity"]["id"], k.endpoint(web.state.ip).identity);
+    // The node's CiliumNode.
+    let out = k.kubectl(&["get", "ciliumnode", k.node_name(), "-o", "json"], None);
+    let node: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(node["spec"]["ipam"]["podCIDRs"][0], "10.200.0.0/24", "{node}");
+    assert_eq!(node["spec"]["addresses"][0]["type"], "InternalIP", "{node}");
+    // The pod's endpoint deleted (CNI DEL): its CiliumEndpoint goes.
+    let netns = web.ns.path().display().to_string();
+    let (out, ok) = lab.cni_in("DEL", &pod, &netns, &lab.cni_config(&[]), "shop").unwrap();
+    assert!(ok, "CNI DEL: {out}");
+    until("the CiliumEndpoint removed", || (!cep(&k).is_null()).then(|| cep(&k).to_string()));
+}

@@ -319,12 +319,19 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         },
         k8s: k8s.as_ref().map(|(v, _)| v.clone()),
     });
+    let k8s_client = k8s.as_ref().map(|(v, _)| v.client());
     if let Some((view, changes)) = k8s {
         for kind in ciliate_agent::k8s::POLICY_KINDS {
             let (st, client, node) = (state.clone(), view.client(), cfg.node.clone());
             tokio::spawn(ciliate_agent::k8s::follow_policies(st, client, node, kind));
         }
         tokio::spawn(ciliate_agent::k8s::services::follow_services(state.clone(), view.client()));
+        tokio::spawn(ciliate_agent::k8s::publish::publish_endpoints(
+            state.clone(),
+            view.client(),
+            cfg.node.clone(),
+            node_ips.first().copied(),
+        ));
         tokio::spawn(ciliate_agent::k8s::follow(state.clone(), view, changes));
     }
     // Other nodes' pods, as the cluster sync follows them (for flows).
@@ -448,6 +455,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             device: cfg.devices.first().cloned(),
             ipcache: None,
         });
+        if let Some(k8s) = &k8s_client {
+            let router = Some(cfg.pod_cidr.router());
+            tokio::spawn(ciliate_agent::k8s::publish::publish_node(
+                k8s.clone(),
+                me.clone(),
+                router,
+            ));
+        }
         let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
         sync.remote_pods = remote_pods.clone();
         sync.health_port = cfg.cluster_health_port;

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{api::AppState, endpoint::Datapath};
 
 pub mod policies;
+pub mod publish;
 pub mod services;
 
 pub use policies::{POLICY_KINDS, follow_policies};
