@@ -23,7 +23,10 @@
 //!   the status subresource (the main endpoint ignores status, `/status`
 //!   changes only status), patch (merge, JSON, apply), delete (preconditions,
 //!   finalizers, a namespace takes its objects with it);
-//! - the discovery documents kubectl reads.
+//! - the discovery documents kubectl reads;
+//! - the namespaces every cluster starts with (default, kube-system,
+//!   kube-public, kube-node-lease); every namespace carries the label
+//!   `kubernetes.io/metadata.name` (its name), which the server keeps.
 //!
 //! For tests, `POST /ciliate-test/compact` forgets every past version (a
 //! later watch or list from one gets 410), optionally closing every open

@@ -53,9 +53,19 @@ pub struct Shared {
 
 pub type AppState = Arc<Shared>;
 
+/// The namespaces every cluster has from the start.
+pub const SYSTEM_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
+
 pub fn new_state(opts: Options) -> AppState {
+    let mut store = Store::new(opts.history);
+    let nsres = resources::find("", "v1", "namespaces").expect("namespaces are served");
+    for ns in SYSTEM_NAMESPACES {
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        store.create(nsres, "", obj).expect("a new store takes the system namespaces");
+    }
     Arc::new(Shared {
-        store: Mutex::new(Store::new(opts.history)),
+        store: Mutex::new(store),
         opts,
         close: watch::channel(0).0,
         hold: watch::channel(false).0,

@@ -307,6 +307,7 @@ impl Store {
         }
         if r.plural == "namespaces" {
             obj["status"] = json!({"phase": "Active"});
+            obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         let obj = Arc::new(obj);
         self.objects.insert(key, obj.clone());
@@ -382,6 +383,10 @@ impl Store {
                     }
                 }
             }
+        }
+        if r.plural == "namespaces" {
+            // The server keeps this label (the real one since 1.21).
+            obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         if obj == *old {

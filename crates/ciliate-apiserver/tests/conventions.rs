@@ -96,7 +96,14 @@ async fn create_sets_server_fields_and_refuses_duplicates() {
         (code, reason.as_str(), msg.as_str()),
         (404, "NotFound", "namespaces \"a\" not found")
     );
-    namespace(&s, "a", json!({})).await;
+    let ns = namespace(&s, "a", json!({"team": "x"})).await;
+    let labels = ns.metadata.labels.unwrap();
+    assert_eq!(
+        labels.get("kubernetes.io/metadata.name").map(String::as_str),
+        Some("a"),
+        "the server labels namespaces"
+    );
+    assert_eq!(labels.get("team").map(String::as_str), Some("x"));
     let p =
         pods.create(&PostParams::default(), &pod("p", "n1", json!({"app": "web"}))).await.unwrap();
     let m = &p.metadata;

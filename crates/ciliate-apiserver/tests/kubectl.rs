@@ -145,7 +145,7 @@ async fn kubectl_applies_lists_labels_and_deletes() {
     for _ in 0..50 {
         let (ok, out) = run(a("get namespaces -o json")).await;
         assert!(ok, "{out}");
-        if names(&out).is_empty() {
+        if !names(&out).contains(&"Namespace/demo".to_string()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

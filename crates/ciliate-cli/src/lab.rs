@@ -38,6 +38,11 @@ pub enum LabCommand {
         /// etcd (started for the lab)
         #[arg(long, default_value = "local")]
         kvstore: String,
+        /// Run a Kubernetes API server (ciliate-apiserver) in the lab that the agents
+        /// follow: pods, the echo Service with its EndpointSlice and the policy are API
+        /// objects (with --nodes above 1)
+        #[arg(long)]
+        k8s: bool,
     },
     /// Remove a lab: its namespaces, pinned maps and links
     Down {
@@ -57,9 +62,12 @@ pub enum LabCommand {
 impl LabCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            LabCommand::Up { nodes: 1, k8s: true, .. } => anyhow::bail!(
+                "--k8s needs --nodes 2 or more (the API server runs on the lab's underlay)"
+            ),
             LabCommand::Up { name, pods, nodes: 1, .. } => up(&name, pods),
-            LabCommand::Up { name, pods, nodes, routing, kvstore } => {
-                crate::lab_cluster::up(&name, nodes, pods, &routing, &kvstore)
+            LabCommand::Up { name, pods, nodes, routing, kvstore, k8s } => {
+                crate::lab_cluster::up(&name, nodes, pods, &routing, &kvstore, k8s)
             }
             LabCommand::Down { name } => down(&name),
             LabCommand::Status { name, output } => status(name.as_deref(), output),

@@ -25,12 +25,79 @@ spec:
     toPorts: [{ports: [{port: "7", protocol: TCP}]}]
 "#;
 
+/// The lab's echo Service, its EndpointSlice (backends `ips`) and, with
+/// `policy`, the CiliumNetworkPolicy as objects of the lab's API server;
+/// then wait until every agent serves and enforces them.
+fn k8s_objects(lab: &ClusterLab, ips: &[std::net::Ipv4Addr], policy: bool) -> anyhow::Result<()> {
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": CLUSTER_IP, "selector": {"role": "echo"},
+            "ports": [
+                {"name": "tcp", "port": ECHO_PORT, "protocol": "TCP", "nodePort": NODE_PORT},
+                {"name": "udp", "port": ECHO_PORT, "protocol": "UDP", "nodePort": NODE_PORT + 1}]},
+    });
+    lab.k8s_post("/api/v1/namespaces/default/services", &svc)?;
+    let endpoints: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| serde_json::json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "echo-1", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": ECHO_PORT, "protocol": "TCP"},
+                  {"name": "udp", "port": ECHO_PORT, "protocol": "UDP"}],
+        "endpoints": endpoints,
+    });
+    lab.k8s_post("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", &slice)?;
+    say(format!(
+        "Service default/echo (ClusterIP {CLUSTER_IP}:{ECHO_PORT} TCP/UDP, NodePort {NODE_PORT}) \
+         and its EndpointSlice ({} backends) created in the API",
+        ips.len()
+    ));
+    if policy {
+        let doc: serde_json::Value = serde_yaml_ng::from_str(POLICY)?;
+        lab.k8s_post("/apis/cilium.io/v2/namespaces/default/ciliumnetworkpolicies", &doc)?;
+        say(
+            "CiliumNetworkPolicy default/pod3-from-pod1 created in the API: only pod1 reaches pod3 (TCP 7)",
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for n in &lab.nodes {
+        loop {
+            let svcs: Vec<ciliate_api::models::Service> = n.client().get("/v1/service")?;
+            let served = svcs.iter().filter(|s| s.spec.name == "default/echo").count() >= 4;
+            let rules: serde_json::Value = n.client().get("/v1/policy")?;
+            let enforced =
+                !policy || rules.to_string().contains("CiliumNetworkPolicy/default/pod3-from-pod1");
+            if served && enforced {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node {} did not take the Service and the policy from the API in 20 s",
+                n.ns.name()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    say(format!(
+        "every agent serves and enforces them; kubectl: ip netns exec {} kubectl --kubeconfig {} get pods,svc,cnp,cep",
+        lab.underlay.name(),
+        lab.kubeconfig().display()
+    ));
+    Ok(())
+}
+
 pub fn up(
     name: &str,
     nodes: usize,
     pods: usize,
     routing: &str,
     kvstore: &str,
+    k8s: bool,
 ) -> anyhow::Result<()> {
     let removed = node::down(name)?;
     if !removed.is_empty() {
@@ -46,10 +113,16 @@ pub fn up(
     let mut cfg = ClusterLabConfig::new(name, nodes, pods, bins);
     cfg.routing = routing.into();
     cfg.store = store;
+    cfg.k8s = k8s;
     say(format!(
-        "creating {nodes} nodes on an underlay ({routing} routing, {kvstore} kvstore{}), \
+        "creating {nodes} nodes on an underlay ({routing} routing, {kvstore} kvstore{}{}), \
          an external host, {pods} pods per node through ciliate-cni",
-        if store == Store::Etcd { ", etcd in the underlay namespace" } else { "" }
+        if store == Store::Etcd { ", etcd in the underlay namespace" } else { "" },
+        if k8s {
+            ", a Kubernetes API server (ciliate-apiserver) in the underlay namespace"
+        } else {
+            ""
+        }
     ));
     let lab = ClusterLab::up(cfg).with_context(|| format!("bringing up lab {name}"))?;
     for (i, n) in lab.nodes.iter().enumerate() {
@@ -77,10 +150,14 @@ pub fn up(
         .filter(|p| !policy || p.pod.state.name != "pod3")
         .map(|p| p.pod.state.ip)
         .collect();
-    for n in &lab.nodes {
-        echo_services(&n.client(), &ips)?;
+    if k8s {
+        k8s_objects(&lab, &ips, policy)?;
+    } else {
+        for n in &lab.nodes {
+            echo_services(&n.client(), &ips)?;
+        }
     }
-    if policy {
+    if policy && !k8s {
         for n in &lab.nodes {
             let _: serde_json::Value = n
                 .client()

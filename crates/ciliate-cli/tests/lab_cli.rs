@@ -138,6 +138,34 @@ fn a_two_node_lab_with_its_cluster_commands() {
 }
 
 #[test]
+fn a_two_node_lab_driven_by_the_kubernetes_api() {
+    let name = format!("clt{}", token());
+    let _guard = Down(name.clone());
+    let args = ["lab", "up", "--name", &name, "--nodes", "2", "--pods", "2", "--k8s"];
+    let (ok, out, err) = ciliate(&args);
+    assert!(ok, "lab up --k8s failed: {out}{err}");
+    let sq = squash(&out);
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(sq.contains("its EndpointSlice (3 backends) created in the API"), "{out}");
+    assert!(sq.contains("every agent serves and enforces them"), "{out}");
+    // The policy and the Service came from the API only (no agent was
+    // given them): they decide.
+    assert!(sq.contains("pod2 pod3 10.200.1.3 (node2) tcp (policy: denied) ok"), "{out}");
+    assert!(sq.contains("pod1 pod3 10.200.1.3 tcp (policy: allowed) ok"), "{out}");
+    assert!(sq.contains("pod3 service 10.96.0.10:7 udp ok"), "{out}");
+    assert!(sq.contains("external 192.168.200.100 NodePort 192.168.200.2:30007 tcp ok"), "{out}");
+    let (ok, svcs, err) = ciliate(&["service", "list", "--lab", &name, "-o", "json"]);
+    assert!(ok, "{err}");
+    let svcs: serde_json::Value = serde_json::from_str(&svcs).unwrap();
+    assert!(
+        svcs.as_array().unwrap().iter().all(|s| s["spec"]["source"] == "k8s"),
+        "every service is the API's: {svcs}"
+    );
+    let (ok, out, _) = ciliate(&["lab", "up", "--name", &name, "--nodes", "1", "--k8s"]);
+    assert!(!ok, "--k8s with one node is refused: {out}");
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_reason() {
     let (ok, _, err) = ciliate(&["lab", "up", "--name", "no spaces allowed", "--pods", "1"]);
     assert!(!ok);

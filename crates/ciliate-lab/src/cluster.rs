@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  <lab>-node1 eth0 192.168.200.2 ─┐
-//!  <lab>-node2 eth0 192.168.200.3 ─┤  <lab>-ul1: br0 192.168.200.1 (etcd :2379)
+//!  <lab>-node2 eth0 192.168.200.3 ─┤  <lab>-ul1: br0 192.168.200.1 (etcd :2379, API :6443)
 //!  ...                             ├─
 //!  <lab>-ext1  eth0 192.168.200.100┘  (no route to the pods: the world)
 //! ```
@@ -32,6 +32,8 @@ pub const UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 1);
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 100);
 pub const CLUSTER_POOL: &str = "10.200.0.0/16";
 pub const ETCD_PORT: u16 = 2379;
+/// The lab's Kubernetes API server (`ciliate-apiserver`, with `k8s`).
+pub const APISERVER_PORT: u16 = 6443;
 
 /// The address of node `i` (1-based) on the underlay.
 pub fn node_ip(i: usize) -> Ipv4Addr {
@@ -64,6 +66,11 @@ pub struct ClusterLabConfig {
     /// only when it runs XDP itself (NodePort acceleration). Off by
     /// default: it changes how the underlay receives every packet.
     pub xdp_underlay: bool,
+    /// A Kubernetes API server (`ciliate-apiserver`) in the underlay
+    /// namespace that every agent follows (`--k8s-kubeconfig-path`); pods
+    /// are created there (with their labels) before the CNI adds them, as
+    /// a kubelet sees them.
+    pub k8s: bool,
 }
 
 impl ClusterLabConfig {
@@ -78,6 +85,7 @@ impl ClusterLabConfig {
             socket_lb: true,
             agent_args: Vec::new(),
             xdp_underlay: false,
+            k8s: false,
         }
     }
 
@@ -189,6 +197,9 @@ impl ClusterLab {
         if this.config.store == Store::Etcd {
             this.start_etcd()?;
         }
+        if this.config.k8s {
+            this.start_apiserver()?;
+        }
         for i in 1..=this.config.nodes {
             let ns = Netns::create(&format!("{lab}-node{i}"))?;
             let dev = format!("n{i}");
@@ -231,6 +242,9 @@ impl ClusterLab {
             for _ in 0..this.config.pods_per_node {
                 k += 1;
                 let name = format!("pod{k}");
+                if this.config.k8s {
+                    this.k8s_pod(n, &name)?;
+                }
                 let pod = this.handle(n).add_pod_in(&name, "default", &[("app", &name)])?;
                 this.pods.push(ClusterPod { pod, node: n });
             }
@@ -263,6 +277,66 @@ impl ClusterLab {
         // A child of the underlay's guard: killed with the namespace.
         drop(self.underlay.spawn_detached(&args)?);
         wait_listening(&self.underlay, ETCD_PORT)
+    }
+
+    /// The kubeconfig of the lab's API server (with `k8s`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.work_dir.join("kubeconfig")
+    }
+
+    fn start_apiserver(&self) -> Result<()> {
+        let bin = self.config.bins.agent.with_file_name("ciliate-apiserver");
+        let listen = format!("{UNDERLAY_IP}:{APISERVER_PORT}");
+        let kubeconfig = self.kubeconfig().display().to_string();
+        // A child of the underlay's guard: killed with the namespace.
+        drop(self.underlay.spawn_detached(&[
+            &bin.to_string_lossy(),
+            "--listen",
+            &listen,
+            "--kubeconfig",
+            &kubeconfig,
+        ])?);
+        wait_listening(&self.underlay, APISERVER_PORT)
+    }
+
+    /// POST `body` to `path` of the lab's API server: the object created.
+    pub fn k8s_post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let file = self.work_dir.join(format!("k8s-post-{}.json", crate::names::token()));
+        std::fs::write(&file, body.to_string())
+            .map_err(|e| LabError::Invalid(format!("{}: {e}", file.display())))?;
+        let url = format!("http://{UNDERLAY_IP}:{APISERVER_PORT}{path}");
+        let data = format!("@{}", file.display());
+        let out = netns::run(self.underlay.command("curl").args([
+            "-sS",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &data,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]));
+        let _ = std::fs::remove_file(&file);
+        let out = out?;
+        let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+        if !code.starts_with('2') {
+            return Err(LabError::Invalid(format!("POST {path}: {code} {body}")));
+        }
+        serde_json::from_str(body).map_err(|e| LabError::Invalid(format!("POST {path}: {e}")))
+    }
+
+    /// Create pod `<lab>-<name>` (label app=<name>) of node `n` in the API.
+    fn k8s_pod(&self, n: usize, name: &str) -> Result<()> {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{}-{name}", self.config.lab), "namespace": "default",
+                "labels": {"app": name}},
+            "spec": {"nodeName": self.nodes[n].ns.name(),
+                "containers": [{"name": "echo", "image": "ciliate-echo"}]},
+        });
+        self.k8s_post("/api/v1/namespaces/default/pods", &pod).map(|_| ())
     }
 
     /// Stop the lab's etcd (every process of the underlay namespace).
@@ -318,6 +392,9 @@ impl ClusterLab {
                 "--etcd-endpoints".into(),
                 format!("{UNDERLAY_IP}:{ETCD_PORT}").into(),
             ]),
+        }
+        if self.config.k8s {
+            args.extend(["--k8s-kubeconfig-path".into(), self.kubeconfig().into()]);
         }
         args.extend(self.config.agent_args.iter().cloned());
         spawn_agent(&node.ns, bins, &node.socket, &node.log(), &args)

@@ -180,6 +180,7 @@ fn pod_and_namespace_labels_come_from_the_api_and_relabels_flip_verdicts() {
     let ep = k.endpoint(web.state.ip);
     let want: std::collections::BTreeMap<String, String> = [
         ("app", "web"),
+        ("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name", "shop"),
         ("io.cilium.k8s.namespace.labels.team", "a"),
         ("io.cilium.k8s.policy.serviceaccount", "sa-web"),
         ("io.kubernetes.pod.namespace", "shop"),
