@@ -342,6 +342,15 @@ async fn events<D: Datapath + 'static>(
 }
 
 async fn nodes<D: Datapath + 'static>(State(st): St<D>) -> ApiResult {
+    // CRD mode: the cluster's nodes are its CiliumNodes.
+    if let Some(k8s) = st.k8s.as_ref().filter(|k| k.crd_identities) {
+        let nodes =
+            tokio::time::timeout(st.kv_timeout, crate::k8s::crd::nodes(&k8s.client(), st.routing))
+                .await
+                .map_err(|_| ApiErr::new(503, "listing nodes: the Kubernetes API did not answer"))?
+                .map_err(|e| ApiErr::new(503, format!("listing nodes: {e}")))?;
+        return json(200, &nodes);
+    }
     let list = kv_call(st.kv_timeout, "listing nodes", st.kv.list(crate::kvstore::NODES)).await?;
     let nodes: Vec<crate::cluster::NodeRecord> =
         list.into_iter().filter_map(|(_, v)| serde_json::from_slice(&v).ok()).collect();
@@ -447,6 +456,24 @@ async fn identity_for<D: Datapath + 'static>(
     drop(snap);
     Ok(match known {
         Some(id) => Some(id),
+        None if let Some(k8s) = st.k8s.as_ref().filter(|k| k.crd_identities) => {
+            let min = ciliate_common::identity::MIN_CLUSTER;
+            let client = k8s.client();
+            let alloc = crate::k8s::crd::allocate(&client, labels, min);
+            let id = tokio::time::timeout(st.kv_timeout, alloc)
+                .await
+                .map_err(|_| {
+                    ApiErr::new(
+                        503,
+                        format!(
+                            "allocating an identity: the Kubernetes API did not answer in {:?}",
+                            st.kv_timeout
+                        ),
+                    )
+                })?
+                .map_err(|e| ApiErr::new(503, format!("allocating an identity: {e}")))?;
+            Some(id)
+        }
         None if st.cluster_identities => {
             let min = ciliate_common::identity::MIN_CLUSTER;
             let alloc = crate::cluster::allocate_identity(st.kv.as_ref(), labels, min, &st.node);

@@ -384,8 +384,26 @@ pub type Learned = mpsc::Sender<IdentityChange>;
 pub const IDENTITY_GC_INTERVAL: Duration = Duration::from_secs(15 * 60);
 pub const IDENTITY_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Where the cluster's records come from when not from the kvstore
+/// (Kubernetes CRD mode, `crate::k8s::crd`): every change under `prefix`
+/// (`NODES`, `IPS`, `IDENTITY_IDS`) as (key, Some(value)) or (key, None),
+/// in the kvstore's encoding.
+/// `health` is told how the source fares (Ok after each list and change,
+/// the error when a watch fails), as the kvstore's watches tell it.
+pub trait RecordSource: Send + Sync {
+    fn changes(
+        &self,
+        prefix: &'static str,
+        health: Box<dyn Fn(Result<(), String>) + Send + Sync>,
+    ) -> mpsc::Receiver<(String, Option<Vec<u8>>)>;
+}
+
 pub struct ClusterSync {
     pub kv: Arc<dyn KvStore>,
+    /// CRD mode: other nodes, their endpoints and identities come from
+    /// here, and this node's are published by the Kubernetes side (its
+    /// CiliumNode, CiliumEndpoints, CiliumIdentities), not to the kvstore.
+    pub source: Option<Arc<dyn RecordSource>>,
     pub me: NodeRecord,
     /// Datapath writes block (maps, netlink): they run on the blocking
     /// pool, one at a time.
@@ -431,6 +449,7 @@ impl ClusterSync {
             lease_ttl: LEASE_TTL,
             health_port: 0,
             health_interval: HEALTH_INTERVAL,
+            source: None,
             remote: Mutex::default(),
             remote_pods: watch::channel(imbl::OrdMap::new()).0,
             identity_gc_interval: IDENTITY_GC_INTERVAL,
@@ -445,6 +464,18 @@ impl ClusterSync {
     pub async fn run(self, mine: LocalIps, learned: Learned, mut shutdown: watch::Receiver<bool>) {
         let health = Arc::new(Mutex::new(Health::default()));
         let this = Arc::new(self);
+        if this.source.is_some() {
+            // CRD mode: nothing of this node goes to the kvstore.
+            tokio::select! {
+                _ = this.clone().follow_nodes(health.clone()) => {}
+                _ = this.clone().follow_ips(health.clone()) => {}
+                _ = this.clone().follow_identities(learned.clone(), health.clone()) => {}
+                _ = this.clone().probe_nodes() => {}
+                _ = crate::api::stopped(&mut shutdown) => {}
+            }
+            drop(mine);
+            return;
+        }
         tokio::select! {
             _ = this.clone().publish(mine.clone(), health.clone()) => {}
             _ = this.clone().follow_nodes(health.clone()) => {}
@@ -807,6 +838,10 @@ impl ClusterSync {
         what: &'static str,
         health: Arc<Mutex<Health>>,
     ) -> mpsc::Receiver<(String, Option<Vec<u8>>)> {
+        if let Some(source) = &self.source {
+            let me = self.clone();
+            return source.changes(prefix, Box::new(move |r| me.report(&health, what, r)));
+        }
         let (tx, rx) = mpsc::channel(1024);
         let me = self.clone();
         tokio::spawn(async move {

@@ -127,6 +127,11 @@ pub struct Flags {
     /// [default: no Kubernetes]
     #[arg(long, alias = "k8s-kubeconfig", env = "CILIATE_K8S_KUBECONFIG_PATH")]
     pub k8s_kubeconfig_path: Option<PathBuf>,
+    /// Where cluster identities, other nodes and their endpoints live: "crd"
+    /// (CiliumIdentity, CiliumNode and CiliumEndpoint objects in the Kubernetes API) or
+    /// "kvstore" [default: crd with Kubernetes, else kvstore]
+    #[arg(long, env = "CILIATE_IDENTITY_ALLOCATION_MODE")]
+    pub identity_allocation_mode: Option<String>,
     /// The cluster's store: "local" (a file, shared by the nodes of one machine) or "etcd"
     /// [default: local]
     #[arg(long, env = "CILIATE_KVSTORE")]
@@ -215,7 +220,7 @@ pub struct Flags {
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
     /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, node_port_mode, cgroup_root, lb_algorithm,
-    /// services, k8s_kubeconfig_path, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
+    /// services, k8s_kubeconfig_path, identity_allocation_mode, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
     /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics,
@@ -403,6 +408,7 @@ struct FileConfig {
     lb_algorithm: Option<String>,
     services: Option<PathBuf>,
     k8s_kubeconfig_path: Option<PathBuf>,
+    identity_allocation_mode: Option<String>,
     kvstore: Option<String>,
     kvstore_path: Option<PathBuf>,
     etcd_endpoints: Option<String>,
@@ -467,6 +473,9 @@ pub struct Config {
     pub services: Option<PathBuf>,
     /// Where the Kubernetes API is (`None`: standalone).
     pub k8s: Option<crate::k8s::K8sSource>,
+    /// `--identity-allocation-mode crd`: identities, nodes and remote
+    /// endpoints from the Kubernetes API's CRDs, not the kvstore.
+    pub crd_mode: bool,
     pub kvstore: KvConfig,
     /// With a cluster pool and no --pod-cidr, the pod CIDR is claimed at
     /// start (`pod_cidr` is then only the default).
@@ -743,6 +752,13 @@ impl Flags {
         } else {
             None
         };
+        let k8s = match self.k8s_kubeconfig_path.or(file.k8s_kubeconfig_path) {
+            Some(p) => Some(crate::k8s::K8sSource::Kubeconfig(p)),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                Some(crate::k8s::K8sSource::InCluster)
+            }
+            None => None,
+        };
         Ok(Config {
             log_json,
             debug: self.debug,
@@ -834,13 +850,20 @@ impl Flags {
                 other => anyhow::bail!("lb algorithm {other:?}: \"random\" or \"maglev\""),
             },
             services: self.services.or(file.services),
-            k8s: match self.k8s_kubeconfig_path.or(file.k8s_kubeconfig_path) {
-                Some(p) => Some(crate::k8s::K8sSource::Kubeconfig(p)),
-                None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-                    Some(crate::k8s::K8sSource::InCluster)
+            crd_mode: match (
+                self.identity_allocation_mode.or(file.identity_allocation_mode).as_deref(),
+                k8s.is_some(),
+            ) {
+                (None | Some("crd"), true) => true,
+                (None | Some("kvstore"), _) => false,
+                (Some("crd"), false) => anyhow::bail!(
+                    "identity allocation mode crd needs the Kubernetes API (--k8s-kubeconfig-path)"
+                ),
+                (Some(other), _) => {
+                    anyhow::bail!("identity allocation mode {other:?}: \"crd\" or \"kvstore\"")
                 }
-                None => None,
             },
+            k8s,
             node,
             pod_cidr,
         })
@@ -888,6 +911,18 @@ mod tests {
         bad(Flags { kvstore: Some("etcd".into()), ..Default::default() }, "--etcd-endpoints");
         bad(Flags { routing: Some("overlay".into()), ..Default::default() }, "tunnel");
         bad(Flags { node_port_range: Some("9-2".into()), ..Default::default() }, "MIN-MAX");
+        // Identities in CRDs need the Kubernetes API; with it they are the
+        // default.
+        let ids = |mode: Option<&str>, k8s: bool| Flags {
+            identity_allocation_mode: mode.map(Into::into),
+            k8s_kubeconfig_path: k8s.then(|| "/nonexistent/kubeconfig".into()),
+            ..Default::default()
+        };
+        bad(ids(Some("crd"), false), "needs the Kubernetes API");
+        bad(ids(Some("etcd"), true), "\"crd\" or \"kvstore\"");
+        assert!(ids(None, true).resolve().unwrap().crd_mode);
+        assert!(!ids(Some("kvstore"), true).resolve().unwrap().crd_mode);
+        assert!(!ids(None, false).resolve().unwrap().crd_mode);
         // XDP needs native devices, and a mode that gains something.
         bad(Flags { enable_xdp_prefilter: Some(true), ..Default::default() }, "needs --devices");
         let np = |mode: &str, devices: bool| Flags {

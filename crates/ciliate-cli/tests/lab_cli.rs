@@ -161,6 +161,31 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
         svcs.as_array().unwrap().iter().all(|s| s["spec"]["source"] == "k8s"),
         "every service is the API's: {svcs}"
     );
+    // CRD mode (the default with Kubernetes): the other node and its pods
+    // come from CiliumNodes and CiliumEndpoints, identities are
+    // CiliumIdentities; no kvstore holds them.
+    let run = |args: &[&str]| {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--lab", name.as_str()]);
+        let (ok, out, err) = ciliate(&full);
+        assert!(ok, "ciliate {args:?} failed: {err}");
+        squash(&out)
+    };
+    let st = run(&["status"]);
+    assert!(
+        st.contains("KVStore: Kubernetes CRDs (CiliumNode, CiliumEndpoint, CiliumIdentity): ok"),
+        "{st}"
+    );
+    assert!(st.contains("Cluster: 2 nodes"), "{st}");
+    let nodes = run(&["node", "list"]);
+    assert!(nodes.contains(&format!("{name}-node2 192.168.200.3 10.200.1.0/24 tunnel")), "{nodes}");
+    let ipcache = run(&["bpf", "ipcache", "list"]);
+    assert!(
+        ipcache.contains("10.200.1.3/32") && ipcache.contains("tunnelendpoint=192.168.200.3"),
+        "{ipcache}"
+    );
+    let kv = run(&["kvstore", "list", "ciliate/state/ip/v1/"]);
+    assert!(!kv.contains("10.200."), "no endpoint went to the kvstore: {kv}");
     let (ok, out, _) = ciliate(&["lab", "up", "--name", &name, "--nodes", "1", "--k8s"]);
     assert!(!ok, "--k8s with one node is refused: {out}");
 }

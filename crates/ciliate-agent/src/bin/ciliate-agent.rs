@@ -288,7 +288,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         Some(src) => {
             let client = ciliate_agent::k8s::client(src).await?;
             let (view, changes) =
-                ciliate_agent::k8s::K8s::start(client, &cfg.node, shutdown.clone());
+                ciliate_agent::k8s::K8s::start(client, &cfg.node, cfg.crd_mode, shutdown.clone());
             info!(subsystem = "k8s", source = ?src, "watching pods and namespaces in the Kubernetes API");
             Some((view, changes))
         }
@@ -464,6 +464,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             ));
         }
         let mut sync = ClusterSync::new(kv.clone(), me, dp, kv_status);
+        if let Some(client) = k8s_client.as_ref().filter(|_| cfg.crd_mode) {
+            sync.source = Some(Arc::new(ciliate_agent::k8s::crd::K8sRecords {
+                client: client.clone(),
+                routing: cfg.routing,
+            }));
+            sync.status.lock().unwrap_or_else(|e| e.into_inner()).store =
+                "Kubernetes CRDs (CiliumNode, CiliumEndpoint, CiliumIdentity)".into();
+        }
         sync.remote_pods = remote_pods.clone();
         sync.health_port = cfg.cluster_health_port;
         sync.identity_gc_interval = cfg.identity_gc_interval;

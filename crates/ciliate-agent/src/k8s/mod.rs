@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{api::AppState, endpoint::Datapath};
 
+pub mod crd;
 pub mod policies;
 pub mod publish;
 pub mod services;
@@ -54,6 +55,8 @@ pub enum K8sError {
     },
     #[error("pod {namespace}/{name} is not in the Kubernetes API")]
     PodNotFound { namespace: String, name: String },
+    #[error("identity claim {name}: no identity could be allocated for its label set")]
+    Claim { name: String },
     #[error("asking the Kubernetes API for {what}: {source}")]
     Api {
         what: String,
@@ -67,7 +70,7 @@ impl K8sError {
     pub fn status(&self) -> u16 {
         match self {
             Self::PodNotFound { .. } => 404,
-            Self::Config { .. } => 500,
+            Self::Config { .. } | Self::Claim { .. } => 500,
             Self::Api { .. } => 503,
         }
     }
@@ -104,6 +107,8 @@ pub enum Touched {
 /// The agent's view of the API: the reflectors' stores.
 pub struct K8s {
     client: Client,
+    /// CRD mode: identities are allocated as CiliumIdentities.
+    pub crd_identities: bool,
     pods: reflector::Store<Pod>,
     namespaces: reflector::Store<Namespace>,
 }
@@ -156,6 +161,7 @@ impl K8s {
     pub fn start(
         client: Client,
         node: &str,
+        crd_identities: bool,
         mut shutdown: watch::Receiver<bool>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Touched>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -200,7 +206,7 @@ impl K8s {
                 _ = shutdown.wait_for(|s| *s) => {}
             }
         });
-        (Arc::new(Self { client, pods, namespaces }), rx)
+        (Arc::new(Self { client, crd_identities, pods, namespaces }), rx)
     }
 
     pub fn client(&self) -> Client {
