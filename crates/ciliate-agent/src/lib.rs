@@ -34,6 +34,7 @@ pub mod kernel;
 pub mod kvstore;
 pub mod metrics;
 pub mod openapi;
+pub mod operator;
 pub mod policy;
 pub mod prefilter;
 pub mod relay;

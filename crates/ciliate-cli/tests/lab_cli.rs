@@ -186,6 +186,53 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
     );
     let kv = run(&["kvstore", "list", "ciliate/state/ip/v1/"]);
     assert!(!kv.contains("10.200."), "no endpoint went to the kvstore: {kv}");
+    // The lab's operator leads (its Lease), and collects nothing in use.
+    let kc = format!("/run/ciliate/labs/{name}/kubeconfig");
+    let ul = format!("{name}-ul1");
+    let lease = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ul,
+            "kubectl",
+            "--kubeconfig",
+            &kc,
+            "get",
+            "lease",
+            "ciliate-operator",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&lease.stdout),
+        "lab-operator",
+        "{}",
+        String::from_utf8_lossy(&lease.stderr)
+    );
+    let cns = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ul,
+            "kubectl",
+            "--kubeconfig",
+            &kc,
+            "get",
+            "ciliumnodes",
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cns.stdout).lines().count(),
+        2,
+        "both CiliumNodes kept (their Nodes exist)"
+    );
     let (ok, out, _) = ciliate(&["lab", "up", "--name", &name, "--nodes", "1", "--k8s"]);
     assert!(!ok, "--k8s with one node is refused: {out}");
 }

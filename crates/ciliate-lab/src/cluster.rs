@@ -235,6 +235,9 @@ impl ClusterLab {
                 pins_dir,
                 ns,
             });
+            if this.config.k8s {
+                this.k8s_node(i - 1)?;
+            }
             this.start_agent(i - 1)?;
         }
         let mut k = 0;
@@ -296,7 +299,37 @@ impl ClusterLab {
             "--kubeconfig",
             &kubeconfig,
         ])?);
-        wait_listening(&self.underlay, APISERVER_PORT)
+        wait_listening(&self.underlay, APISERVER_PORT)?;
+        // The operator beside it (leader-elected garbage collection).
+        let op = self.config.bins.agent.with_file_name("ciliate-operator");
+        let log = std::fs::File::create(self.work_dir.join("operator.log"))
+            .map_err(|e| LabError::Invalid(format!("operator log: {e}")))?;
+        let mut cmd = self.underlay.command(&op.to_string_lossy());
+        cmd.args([
+            "--k8s-kubeconfig-path",
+            &kubeconfig,
+            "--id",
+            "lab-operator",
+            "--identity-gc-interval",
+            "30s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)
+        .stderr(log);
+        // A child of the underlay's guard: killed with the namespace.
+        drop(cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?);
+        Ok(())
+    }
+
+    /// Register node `n` as a kubelet does (a Node object with its address).
+    fn k8s_node(&self, n: usize) -> Result<()> {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.nodes[n].ns.name(), "labels": {"kubernetes.io/hostname": self.nodes[n].ns.name()}},
+            "spec": {},
+            "status": {"addresses": [{"type": "InternalIP", "address": self.nodes[n].ip.to_string()}]},
+        });
+        self.k8s_post("/api/v1/nodes", &node).map(|_| ())
     }
 
     /// POST `body` to `path` of the lab's API server: the object created.
