@@ -35,6 +35,7 @@ use ciliate_agent::{
     kvstore::{Etcd, EtcdConfig, IPS, KvStore, NODES, Op},
 };
 use ciliate_lab::{
+    bench::{pct, rss_mib},
     cluster::{ClusterLab, ClusterLabConfig, ETCD_PORT, Store, UNDERLAY_IP},
     names::token,
     node::Binaries,
@@ -155,14 +156,6 @@ async fn put_all(kv: &Etcd, kvs: &[(String, Vec<u8>)]) -> Result<(), String> {
     Ok(())
 }
 
-fn rss_mib(pid: i32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 /// CPU time (user + system) of `pid`, in seconds.
 fn cpu_secs(pid: i32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -187,11 +180,6 @@ fn kv_ops(lab: &ClusterLab) -> f64 {
         .filter(|l| l.starts_with("cilium_kvstore_operations_duration_seconds_count"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
 }
 
 struct Row {

@@ -29,6 +29,7 @@ use ciliate_api::{
 };
 use ciliate_lab::{
     Netns,
+    bench::{pct, rss_mib},
     cluster::{ClusterLab, ClusterLabConfig, Store},
     names::token,
     node::{Binaries, ECHO_PORT, NodeHandle, NodeLab, NodeLabConfig, wait_listening},
@@ -73,23 +74,6 @@ fn parse_opts() -> Result<Opts, String> {
 
 fn e<T: std::fmt::Display>(x: T) -> String {
     x.to_string()
-}
-
-/// p-th percentile (0..1) of `v` (sorted here).
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-fn rss_mib(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn agent_rss(lab: &NodeLab) -> f64 {

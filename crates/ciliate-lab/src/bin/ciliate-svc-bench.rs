@@ -32,6 +32,7 @@ use ciliate_api::{
 };
 use ciliate_lab::{
     Netns,
+    bench::rss_mib,
     names::token,
     netns::veth,
     node::{Binaries, NodeLab, NodeLabConfig, in_cgroup, wait_listening},
@@ -304,18 +305,6 @@ fn spec(i: usize, backend: Ipv4Addr) -> ServiceSpec {
         name: format!("default/svc{i}"),
         source: Default::default(),
     }
-}
-
-fn rss_mib(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 fn run() -> Result<(), String> {
