@@ -234,6 +234,36 @@ fn pod_and_namespace_labels_come_from_the_api_and_relabels_flip_verdicts() {
         k.stats()["expired"].as_u64().unwrap_or(0) > expired,
         "the agent's watch met a 410 and relisted"
     );
+
+    // An agent restart (kill -9): the endpoints keep their identities —
+    // the restarted agent relabels nothing (its pods' labels did not
+    // change) — and the verdicts stay.
+    let ids: Vec<u32> =
+        [&web, &client, &stranger].iter().map(|p| k.endpoint(p.state.ip).identity).collect();
+    let relabels = |lab: &NodeLab| {
+        std::fs::read_to_string(lab.agent_log())
+            .unwrap_or_default()
+            .matches("endpoint relabelled")
+            .count()
+    };
+    let before = relabels(lab);
+    let pids = lab.agent_pids();
+    // SAFETY: kill(2) on the lab's own agent.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while k.stats()["watches"]["pods"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "the restarted agent never watched pods");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after: Vec<u32> =
+        [&web, &client, &stranger].iter().map(|p| k.endpoint(p.state.ip).identity).collect();
+    assert_eq!(after, ids, "identities kept across the restart");
+    assert_eq!(relabels(lab), before, "the restarted agent relabelled nothing");
+    assert!(!reaches(lab, &client.ns, web.state.ip), "client (app=other) still denied");
+    assert!(reaches(lab, &stranger.ns, web.state.ip), "stranger (team=a) still allowed");
 }
 
 fn cnp(port: &str) -> String {

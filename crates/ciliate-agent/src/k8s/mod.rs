@@ -255,10 +255,12 @@ impl K8s {
     }
 
     /// The labels the stores give pod `namespace/name` now (`None`: the
-    /// pod is not in them).
+    /// pod or its namespace is not in them; labels without the
+    /// namespace's would move the endpoint to a wrong identity and back).
     fn stored_labels(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
         let pod = self.pods.get(&ObjectRef::new(name).within(namespace))?;
-        Some(endpoint_labels(&pod, self.namespace(namespace).as_deref()))
+        let ns = self.namespace(namespace)?;
+        Some(endpoint_labels(&pod, Some(&ns)))
     }
 }
 
@@ -269,6 +271,13 @@ pub async fn follow<D: Datapath + 'static>(
     k8s: Arc<K8s>,
     mut changes: mpsc::UnboundedReceiver<Touched>,
 ) {
+    // Nothing is relabelled before both lists are in (a restarted agent
+    // would otherwise see its pods before their namespaces).
+    if k8s.pods.wait_until_ready().await.is_err()
+        || k8s.namespaces.wait_until_ready().await.is_err()
+    {
+        return;
+    }
     while let Some(t) = changes.recv().await {
         let eps = st.endpoints.snapshot();
         let hit: Vec<(u16, String, String)> = eps
