@@ -2,8 +2,9 @@
 //! racing for one new label set all get one identity; different label sets
 //! never share one; an ID some label set holds is never handed to another.
 
-use ciliate_agent::k8s::crd::allocate;
+use ciliate_agent::k8s::crd::{allocate, allocate_in};
 use ciliate_apiserver::server::{Options, new_state, serve};
+use futures::StreamExt as _;
 use kube::{
     Api, Client,
     api::{ListParams, PostParams},
@@ -34,7 +35,30 @@ fn set(app: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_agents_get_one_identity_per_label_set() {
+    race(64).await;
+}
+
+/// Every agent picks the same ID: racers of one label set share the
+/// identity one of them created, and it is never deleted under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_agents_that_pick_one_id_share_it() {
+    race(1).await;
+}
+
+async fn race(window: usize) {
     let url = server().await;
+    // Every CiliumIdentity deleted while they race.
+    let watcher = ids(&agent(&url));
+    let mut events = watcher.watch(&kube::api::WatchParams::default(), "0").await.unwrap().boxed();
+    let deleted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = deleted.clone();
+    let watch = tokio::spawn(async move {
+        while let Some(Ok(ev)) = events.next().await {
+            if let kube::api::WatchEvent::Deleted(o) = ev {
+                seen.lock().unwrap().push(o.metadata.name.unwrap_or_default());
+            }
+        }
+    });
     let mut tasks = Vec::new();
     // All start at once, so several find no claim yet and race.
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(16));
@@ -44,7 +68,7 @@ async fn racing_agents_get_one_identity_per_label_set() {
         let start = start.clone();
         tasks.push(tokio::spawn(async move {
             start.wait().await;
-            (labels.clone(), allocate(&client, &labels, 256).await.unwrap())
+            (labels.clone(), allocate_in(&client, &labels, 256, window).await.unwrap())
         }));
     }
     let mut got: std::collections::BTreeMap<Vec<String>, std::collections::BTreeSet<u32>> =
@@ -67,6 +91,17 @@ async fn racing_agents_get_one_identity_per_label_set() {
     let mut want: Vec<String> = web.iter().chain(db.iter()).map(u32::to_string).collect();
     want.sort();
     assert_eq!(names, want);
+    // An identity an agent was handed was never deleted under it (two
+    // agents that picked one ID share it; only a loser's own goes).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    watch.abort();
+    let gone = deleted.lock().unwrap().clone();
+    for id in web.iter().chain(db.iter()) {
+        assert!(
+            !gone.contains(&id.to_string()),
+            "identity {id} was deleted while in use: {gone:?}"
+        );
+    }
     // Allocating again (another agent, later) finds the same.
     assert_eq!(
         allocate(&agent(&url), &set("web"), 256).await.unwrap(),

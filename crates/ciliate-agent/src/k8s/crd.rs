@@ -10,8 +10,10 @@
 //! one of the lowest IDs no CiliumIdentity has (at random, as Cilium's CRD
 //! allocator does), creates the CiliumIdentity (the
 //! API's AlreadyExists makes the ID its own, else it tries the next), then
-//! the claim; if another agent's claim landed first it deletes its
-//! CiliumIdentity and takes the claimed ID. The CiliumIdentity is made
+//! the claim; if another agent's claim landed first it takes the claimed
+//! ID and deletes the CiliumIdentity it made, unless the claim names that
+//! very ID (two agents that picked the same ID share one identity, which
+//! must not be deleted under the winner). The CiliumIdentity is made
 //! before the claim names it, so a claimed ID is never another label
 //! set's.
 //!
@@ -105,6 +107,17 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
 /// The cluster identity of `labels` (see the module comment), at least
 /// `min`.
 pub async fn allocate(client: &Client, labels: &[String], min: u32) -> Result<u32, K8sError> {
+    allocate_in(client, labels, min, 64).await
+}
+
+/// [`allocate`], picking among the `window` lowest free IDs (1: every
+/// agent picks the same one, the case where racers share an identity).
+pub async fn allocate_in(
+    client: &Client,
+    labels: &[String],
+    min: u32,
+    window: usize,
+) -> Result<u32, K8sError> {
     let claims =
         Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "kube-system");
     let ids = identities(client);
@@ -148,12 +161,14 @@ pub async fn allocate(client: &Client, labels: &[String], min: u32) -> Result<u3
             .into_iter()
             .filter_map(|o| o.metadata.name?.parse().ok())
             .collect();
-        // One of the 64 lowest free IDs, at random (as Cilium's CRD
+        // One of the lowest free IDs, at random (as Cilium's CRD
         // allocator picks at random): agents allocating at once seldom
         // collide on an ID, and the claim settles who wins a label set.
-        let free: Vec<u32> = (min..u32::MAX).filter(|i| !used.contains(i)).take(64).collect();
+        let free: Vec<u32> =
+            (min..u32::MAX).filter(|i| !used.contains(i)).take(window.max(1)).collect();
         let Some(&id) = free.get(rand_index(free.len())) else { break };
-        if !create_identity(&ids, id, labels).await? {
+        let made = create_identity(&ids, id, labels).await?;
+        if made == Made::Taken {
             continue; // taken meanwhile by another label set: look again
         }
         let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
@@ -164,12 +179,22 @@ pub async fn allocate(client: &Client, labels: &[String], min: u32) -> Result<u3
         match claims.create(&PostParams::default(), &cm).await {
             Ok(_) => return Ok(id),
             Err(e) if is_code(&e, 409) => {
-                // Another agent claimed the set first: its ID is the one.
-                let _ = ids.delete(&id.to_string(), &DeleteParams::default()).await;
+                // Another agent claimed the set first: its ID is the one
+                // (read on the next round). The identity goes only if this
+                // agent made it and the claim names another: one the
+                // claimer made or found too (the same ID) stays.
+                let named = claims.get_opt(&claim).await.ok().flatten().and_then(|c| {
+                    c.data.and_then(|d| d.get("id").and_then(|i| i.parse::<u32>().ok()))
+                });
+                if made == Made::Created && named != Some(id) {
+                    let _ = ids.delete(&id.to_string(), &DeleteParams::default()).await;
+                }
                 continue;
             }
             Err(e) => {
-                let _ = ids.delete(&id.to_string(), &DeleteParams::default()).await;
+                if made == Made::Created {
+                    let _ = ids.delete(&id.to_string(), &DeleteParams::default()).await;
+                }
                 return Err(api_err(format!("configmap kube-system/{claim}"))(e));
             }
         }
@@ -177,13 +202,23 @@ pub async fn allocate(client: &Client, labels: &[String], min: u32) -> Result<u3
     Err(K8sError::Claim { name: claim_name(labels, 0) })
 }
 
-/// Create CiliumIdentity `id` of `labels`: true if it is now theirs
-/// (created, or there already with these labels).
+/// What [`create_identity`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Made {
+    /// This call created it.
+    Created,
+    /// It was there with these labels (another agent made it).
+    There,
+    /// It was there with other labels.
+    Taken,
+}
+
+/// Create CiliumIdentity `id` of `labels`, or find it there.
 async fn create_identity(
     ids: &Api<DynamicObject>,
     id: u32,
     labels: &[String],
-) -> Result<bool, K8sError> {
+) -> Result<Made, K8sError> {
     let obj: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumIdentity",
         "metadata": {"name": id.to_string()},
@@ -191,13 +226,17 @@ async fn create_identity(
     }))
     .map_err(|e| K8sError::Config { what: "a CiliumIdentity".into(), source: e.into() })?;
     match ids.create(&PostParams::default(), &obj).await {
-        Ok(_) => Ok(true),
+        Ok(_) => Ok(Made::Created),
         Err(e) if is_code(&e, 409) => {
             let there = ids
                 .get_opt(&id.to_string())
                 .await
                 .map_err(api_err(format!("ciliumidentity {id}")))?;
-            Ok(there.is_some_and(|o| labels_of(&o) == labels))
+            Ok(if there.is_some_and(|o| labels_of(&o) == labels) {
+                Made::There
+            } else {
+                Made::Taken
+            })
         }
         Err(e) => Err(api_err(format!("ciliumidentity {id}"))(e)),
     }
