@@ -501,9 +501,21 @@ fn cilium_endpoints_and_the_cilium_node_are_published() {
             .then(|| c.to_string())
     });
     assert_eq!(cep(&k)["status"]["identity"]["id"], k.endpoint(web.state.ip).identity);
-    // The node's CiliumNode.
-    let out = k.kubectl(&["get", "ciliumnode", k.node_name(), "-o", "json"], None);
-    let node: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The node's CiliumNode (written once the API answers: the agent
+    // started before the API server here).
+    let node_of = |k: &K8sLab| -> serde_json::Value {
+        let out = k.kubectl(&["get", "ciliumnodes", "-o", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == k.node_name())
+            .cloned()
+            .unwrap_or_default()
+    };
+    until("the CiliumNode", || node_of(&k).is_null().then(|| "not there".to_string()));
+    let node = node_of(&k);
     assert_eq!(node["spec"]["ipam"]["podCIDRs"][0], "10.200.0.0/24", "{node}");
     assert_eq!(node["spec"]["addresses"][0]["type"], "InternalIP", "{node}");
     // The pod's endpoint deleted (CNI DEL): its CiliumEndpoint goes.
