@@ -23,8 +23,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
-    core::{DynamicObject, GroupVersionKind},
-    discovery::ApiResource,
+    core::DynamicObject,
 };
 use serde_json::json;
 
@@ -59,8 +58,7 @@ impl Default for OperatorConfig {
 }
 
 fn cilium(client: &Client, kind: &str, plural: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("cilium.io", "v2", kind);
-    Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, plural))
+    Api::all_with(client.clone(), &crate::k8s::cilium_resource(kind, plural))
 }
 
 /// One leader election round: take the Lease if it is free or expired,
@@ -151,10 +149,7 @@ impl Gc {
                 let api = Api::<DynamicObject>::namespaced_with(
                     client.clone(),
                     &ns,
-                    &ApiResource::from_gvk_with_plural(
-                        &GroupVersionKind::gvk("cilium.io", "v2", "CiliumEndpoint"),
-                        "ciliumendpoints",
-                    ),
+                    &crate::k8s::cilium_resource("CiliumEndpoint", "ciliumendpoints"),
                 );
                 if deleted(api.delete(&name, &DeleteParams::default()).await)? {
                     out.endpoints.push(format!("{ns}/{name}"));

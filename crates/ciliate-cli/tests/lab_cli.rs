@@ -24,6 +24,15 @@ fn squash(s: &str) -> String {
         .join("\n")
 }
 
+/// `ciliate <args> --lab <lab>`, which must succeed: its output squashed.
+fn on_lab(lab: &str, args: &[&str]) -> String {
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["--lab", lab]);
+    let (ok, out, err) = ciliate(&full);
+    assert!(ok, "ciliate {args:?} failed: {err}");
+    squash(&out)
+}
+
 /// Removes the lab even if an assertion fails half-way.
 struct Down(String);
 impl Drop for Down {
@@ -114,14 +123,7 @@ fn a_two_node_lab_with_its_cluster_commands() {
     assert!(sq.contains("pod1 pod3 10.200.1.3 tcp (policy: allowed) ok"), "{out}");
     assert!(sq.contains("pod4 pod1 10.200.0.3 (node1) tcp ok"), "{out}");
     assert!(sq.contains("world 192.168.200.100 (as 192.168.200.3) tcp ok"), "{out}");
-    let lab = ["--lab", name.as_str()];
-    let run = |args: &[&str]| {
-        let mut full = args.to_vec();
-        full.extend_from_slice(&lab);
-        let (ok, out, err) = ciliate(&full);
-        assert!(ok, "ciliate {args:?} failed: {err}");
-        squash(&out)
-    };
+    let run = |args: &[&str]| on_lab(&name, args);
     let nodes = run(&["node", "list"]);
     assert!(nodes.contains(&format!("{name}-node2 192.168.200.3 10.200.1.0/24 tunnel")), "{nodes}");
     let tunnel = run(&["bpf", "tunnel", "list"]);
@@ -164,13 +166,7 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
     // CRD mode (the default with Kubernetes): the other node and its pods
     // come from CiliumNodes and CiliumEndpoints, identities are
     // CiliumIdentities; no kvstore holds them.
-    let run = |args: &[&str]| {
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--lab", name.as_str()]);
-        let (ok, out, err) = ciliate(&full);
-        assert!(ok, "ciliate {args:?} failed: {err}");
-        squash(&out)
-    };
+    let run = |args: &[&str]| on_lab(&name, args);
     let st = run(&["status"]);
     assert!(
         st.contains("KVStore: Kubernetes CRDs (CiliumNode, CiliumEndpoint, CiliumIdentity): ok"),

@@ -28,8 +28,7 @@ use futures::StreamExt as _;
 use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
-    core::{DynamicObject, GroupVersionKind},
-    discovery::ApiResource,
+    core::DynamicObject,
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::json;
@@ -42,12 +41,8 @@ use crate::{
 
 use super::K8sError;
 
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("cilium.io", "v2", kind), plural)
-}
-
 fn identities(client: &Client) -> Api<DynamicObject> {
-    Api::all_with(client.clone(), &resource("CiliumIdentity", "ciliumidentities"))
+    Api::all_with(client.clone(), &super::cilium_resource("CiliumIdentity", "ciliumidentities"))
 }
 
 /// A label set as CiliumIdentity's `security-labels` (`k8s:app` → `web`).
@@ -268,8 +263,10 @@ fn node_record(o: &DynamicObject, routing: Routing) -> Option<NodeRecord> {
 
 /// The cluster's nodes: its CiliumNodes as node records.
 pub async fn nodes(client: &Client, routing: Routing) -> Result<Vec<NodeRecord>, K8sError> {
-    let api =
-        Api::<DynamicObject>::all_with(client.clone(), &resource("CiliumNode", "ciliumnodes"));
+    let api = Api::<DynamicObject>::all_with(
+        client.clone(),
+        &super::cilium_resource("CiliumNode", "ciliumnodes"),
+    );
     let list = api.list(&Default::default()).await.map_err(api_err("ciliumnodes"))?;
     Ok(list.items.iter().filter_map(|o| node_record(o, routing)).collect())
 }
@@ -324,9 +321,9 @@ impl RecordSource for K8sRecords {
     ) -> mpsc::Receiver<(String, Option<Vec<u8>>)> {
         let (tx, rx) = mpsc::channel(1024);
         let ar = match prefix {
-            NODES => resource("CiliumNode", "ciliumnodes"),
-            IPS => resource("CiliumEndpoint", "ciliumendpoints"),
-            _ => resource("CiliumIdentity", "ciliumidentities"),
+            NODES => super::cilium_resource("CiliumNode", "ciliumnodes"),
+            IPS => super::cilium_resource("CiliumEndpoint", "ciliumendpoints"),
+            _ => super::cilium_resource("CiliumIdentity", "ciliumidentities"),
         };
         let api = Api::<DynamicObject>::all_with(self.client.clone(), &ar);
         let routing = self.routing;

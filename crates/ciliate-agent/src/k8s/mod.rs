@@ -37,6 +37,12 @@ pub mod services;
 
 pub use policies::{POLICY_KINDS, follow_policies};
 
+/// Cilium's `kind` (plural `plural`) in group cilium.io, version v2.
+pub fn cilium_resource(kind: &str, plural: &str) -> kube::discovery::ApiResource {
+    let gvk = kube::core::GroupVersionKind::gvk("cilium.io", "v2", kind);
+    kube::discovery::ApiResource::from_gvk_with_plural(&gvk, plural)
+}
+
 /// Where the API is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum K8sSource {

@@ -10,8 +10,7 @@ use ciliate_api::models::Endpoint;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    core::{DynamicObject, GroupVersionKind},
-    discovery::ApiResource,
+    core::DynamicObject,
 };
 use serde_json::{Value, json};
 
@@ -20,10 +19,6 @@ use crate::{api::AppState, cluster::NodeRecord, endpoint::Datapath};
 /// The label on every CiliumEndpoint naming the node that wrote it (how a
 /// restarted agent finds its own stale ones).
 pub const NODE_LABEL: &str = "ciliate.io/node";
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("cilium.io", "v2", kind), plural)
-}
 
 /// The CiliumEndpoint status of `ep` (Cilium's field names).
 pub fn endpoint_status(ep: &Endpoint, node_ip: Option<std::net::Ipv4Addr>) -> Value {
@@ -51,7 +46,7 @@ pub async fn publish_endpoints<D: Datapath + 'static>(
     node: String,
     node_ip: Option<std::net::Ipv4Addr>,
 ) {
-    let ar = resource("CiliumEndpoint", "ciliumendpoints");
+    let ar = super::cilium_resource("CiliumEndpoint", "ciliumendpoints");
     let all = Api::<DynamicObject>::all_with(client.clone(), &ar);
     // (namespace, name) -> the status last written.
     let mut written: BTreeMap<(String, String), Value> = BTreeMap::new();
@@ -167,7 +162,10 @@ pub fn node_object(me: &NodeRecord, router: Option<std::net::Ipv4Addr>) -> Value
 /// Create or update this node's CiliumNode (retried every 2 s until it
 /// lands).
 pub async fn publish_node(client: Client, me: NodeRecord, router: Option<std::net::Ipv4Addr>) {
-    let api = Api::<DynamicObject>::all_with(client, &resource("CiliumNode", "ciliumnodes"));
+    let api = Api::<DynamicObject>::all_with(
+        client,
+        &super::cilium_resource("CiliumNode", "ciliumnodes"),
+    );
     let want = node_object(&me, router);
     loop {
         let r = match api.get_opt(&me.name).await {
