@@ -132,6 +132,12 @@ pub struct Flags {
     /// "kvstore" [default: crd with Kubernetes, else kvstore]
     #[arg(long, env = "CILIATE_IDENTITY_ALLOCATION_MODE")]
     pub identity_allocation_mode: Option<String>,
+    /// Where the node's pod CIDR comes from when --pod-cidr is not given: "cluster-pool"
+    /// (with Kubernetes, the CIDR ciliate-operator writes into this node's CiliumNode; without,
+    /// a claim on --cluster-pool in the kvstore) or "kubernetes" (the Node's spec.podCIDRs)
+    /// [default: cluster-pool]
+    #[arg(long, env = "CILIATE_IPAM")]
+    pub ipam: Option<String>,
     /// The cluster's store: "local" (a file, shared by the nodes of one machine) or "etcd"
     /// [default: local]
     #[arg(long, env = "CILIATE_KVSTORE")]
@@ -220,7 +226,7 @@ pub struct Flags {
     /// ct_gc_interval, identity_gc_interval, identity_heartbeat_timeout, bpf_ct_global_tcp_max,
     /// bpf_ct_global_any_max, bpf_nat_global_max, bpf_policy_map_max, bpf_lb_map_max,
     /// bpf_lb_maglev_table_size, bpf_fragments_map_max, bpf_map_dynamic_size_ratio, monitor_aggregation, bpf_debug, devices, socket_lb, enable_xdp_prefilter, sockops_enable, node_port_acceleration, node_port_mode, cgroup_root, lb_algorithm,
-    /// services, k8s_kubeconfig_path, identity_allocation_mode, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
+    /// services, k8s_kubeconfig_path, identity_allocation_mode, ipam, kvstore, kvstore_path, etcd_endpoints, etcd_config, cluster_pool, cluster_pool_mask,
     /// routing, masquerade, non_masquerade_cidrs, node_port_range, log_format,
     /// prometheus_serve_addr, cluster_health_port, enable_hubble, hubble_listen_address,
     /// hubble_socket_path, hubble_event_buffer_capacity, hubble_metrics,
@@ -409,6 +415,7 @@ struct FileConfig {
     services: Option<PathBuf>,
     k8s_kubeconfig_path: Option<PathBuf>,
     identity_allocation_mode: Option<String>,
+    ipam: Option<String>,
     kvstore: Option<String>,
     kvstore_path: Option<PathBuf>,
     etcd_endpoints: Option<String>,
@@ -476,6 +483,8 @@ pub struct Config {
     /// `--identity-allocation-mode crd`: identities, nodes and remote
     /// endpoints from the Kubernetes API's CRDs, not the kvstore.
     pub crd_mode: bool,
+    /// Where the pod CIDR comes from without --pod-cidr.
+    pub ipam: crate::k8s::ipam::IpamMode,
     pub kvstore: KvConfig,
     /// With a cluster pool and no --pod-cidr, the pod CIDR is claimed at
     /// start (`pod_cidr` is then only the default).
@@ -863,6 +872,13 @@ impl Flags {
                     anyhow::bail!("identity allocation mode {other:?}: \"crd\" or \"kvstore\"")
                 }
             },
+            ipam: match self.ipam.or(file.ipam).as_deref().unwrap_or("cluster-pool").parse() {
+                Ok(crate::k8s::ipam::IpamMode::Kubernetes) if k8s.is_none() => anyhow::bail!(
+                    "ipam mode kubernetes needs the Kubernetes API (--k8s-kubeconfig-path)"
+                ),
+                Ok(m) => m,
+                Err(e) => anyhow::bail!(e),
+            },
             k8s,
             node,
             pod_cidr,
@@ -923,6 +939,13 @@ mod tests {
         assert!(ids(None, true).resolve().unwrap().crd_mode);
         assert!(!ids(Some("kvstore"), true).resolve().unwrap().crd_mode);
         assert!(!ids(None, false).resolve().unwrap().crd_mode);
+        // Node.spec.podCIDRs need the API too.
+        let ipam = |mode: &str, k8s: bool| Flags { ipam: Some(mode.into()), ..ids(None, k8s) };
+        bad(ipam("kubernetes", false), "needs the Kubernetes API");
+        bad(ipam("crd", true), "\"cluster-pool\" or \"kubernetes\"");
+        use crate::k8s::ipam::IpamMode;
+        assert_eq!(ipam("kubernetes", true).resolve().unwrap().ipam, IpamMode::Kubernetes);
+        assert_eq!(ids(None, true).resolve().unwrap().ipam, IpamMode::ClusterPool);
         // XDP needs native devices, and a mode that gains something.
         bad(Flags { enable_xdp_prefilter: Some(true), ..Default::default() }, "needs --devices");
         let np = |mode: &str, devices: bool| Flags {

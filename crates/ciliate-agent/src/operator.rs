@@ -3,6 +3,8 @@
 //! - leader election through a Lease (`ciliate-operator` in kube-system):
 //!   several operators can run, one works; a leader that cannot renew for
 //!   the lease's duration stops working before another may take over;
+//! - cluster-pool IPAM (with a pool): a pod CIDR for each CiliumNode
+//!   without one, at once when one appears (see `k8s::ipam`);
 //! - identity garbage collection (CRD mode): a CiliumIdentity no
 //!   CiliumEndpoint uses for `identity_grace` is deleted with its claim;
 //! - CiliumEndpoint garbage collection: one whose pod is gone;
@@ -13,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -20,6 +23,7 @@ use k8s_openapi::{
     },
     jiff::Timestamp,
 };
+use kube::runtime::watcher;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
@@ -41,6 +45,9 @@ pub struct OperatorConfig {
     pub gc_interval: Duration,
     /// How long an identity stays unused before it is deleted.
     pub identity_grace: Duration,
+    /// Cluster-pool IPAM's pool and per-node prefix length (`None`: no
+    /// IPAM).
+    pub cluster_pool: Option<(crate::ipam::Cidr, u8)>,
 }
 
 impl Default for OperatorConfig {
@@ -53,6 +60,7 @@ impl Default for OperatorConfig {
             // Cilium's --identity-gc-interval and heartbeat timeout.
             gc_interval: crate::cluster::IDENTITY_GC_INTERVAL,
             identity_grace: crate::cluster::IDENTITY_HEARTBEAT_TIMEOUT,
+            cluster_pool: None,
         }
     }
 }
@@ -225,6 +233,9 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut gc = Gc::default();
+    let mut cilium_nodes =
+        watcher::watcher(cilium(&client, "CiliumNode", "ciliumnodes"), watcher::Config::default())
+            .boxed();
     let mut renewed: Option<Instant> = None;
     let mut last_gc: Option<Instant> = None;
     loop {
@@ -243,6 +254,9 @@ pub async fn run(
             Err(e) => tracing::warn!(subsystem = "operator", error = %e, "leader election"),
         }
         let leading = renewed.is_some_and(|t| t.elapsed() < cfg.lease_duration);
+        if leading {
+            assign(&client, &cfg).await;
+        }
         if leading && last_gc.is_none_or(|t| t.elapsed() >= cfg.gc_interval) {
             match gc.pass(&client, &cfg).await {
                 Ok(c) => {
@@ -254,9 +268,35 @@ pub async fn run(
                 Err(e) => tracing::warn!(subsystem = "operator", error = %e, "garbage collection"),
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(cfg.renew_interval) => {}
-            _ = crate::api::stopped(&mut shutdown) => return,
+        // Until the next round, a new or changed CiliumNode is given its
+        // CIDR at once (not a retry period later: its agent is waiting).
+        let wait = tokio::time::sleep(cfg.renew_interval);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                _ = crate::api::stopped(&mut shutdown) => return,
+                ev = cilium_nodes.next() => {
+                    let still = renewed.is_some_and(|t| t.elapsed() < cfg.lease_duration);
+                    if matches!(ev, Some(Ok(watcher::Event::Apply(_)))) && still {
+                        assign(&client, &cfg).await;
+                    }
+                }
+            }
         }
+    }
+}
+
+/// One IPAM pass when the operator has a pool (errors logged; the next
+/// round tries again).
+async fn assign(client: &Client, cfg: &OperatorConfig) {
+    let Some((pool, mask)) = cfg.cluster_pool else { return };
+    match crate::k8s::ipam::assign_pod_cidrs(client, pool, mask).await {
+        Ok(done) => {
+            for (node, cidr) in done {
+                tracing::info!(subsystem = "operator", %node, %cidr, "pod CIDR assigned");
+            }
+        }
+        Err(e) => tracing::warn!(subsystem = "operator", error = %e, "cluster-pool IPAM"),
     }
 }

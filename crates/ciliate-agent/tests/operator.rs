@@ -28,6 +28,7 @@ fn cfg(id: &str, grace: Duration) -> OperatorConfig {
         renew_interval: Duration::from_millis(200),
         gc_interval: Duration::from_secs(3600),
         identity_grace: grace,
+        cluster_pool: Some(("10.8.0.0/22".parse().unwrap(), 24)),
     }
 }
 
@@ -143,4 +144,112 @@ async fn garbage_is_what_nothing_uses_after_its_grace() {
     assert_eq!(names(&cns).await, ["n1"]);
     // Nothing more to do.
     assert_eq!(gc.pass(&client, &c).await.unwrap(), Default::default());
+}
+
+/// A node's pod CIDR as its agent waits for it (cluster-pool mode).
+async fn wait_cidr(client: &Client, node: &str, secs: u64) -> Result<String, String> {
+    use ciliate_agent::k8s::ipam::{IpamMode, pod_cidr};
+    pod_cidr(client, node, IpamMode::ClusterPool, Duration::from_secs(secs))
+        .await
+        .map(|c| c.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn operator(client: &Client, id: &str) -> tokio::sync::watch::Sender<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(ciliate_agent::operator::run(client.clone(), cfg(id, Duration::ZERO), rx));
+    tx
+}
+
+#[tokio::test]
+async fn cluster_pool_ipam_gives_each_node_its_own_cidr_and_a_new_leader_keeps_them() {
+    let client = server().await;
+    let nodes = api(&client, "Node", "nodes", None);
+    for n in ["n0", "n1", "n2", "n3", "n4", "n5"] {
+        create(&nodes, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}})).await;
+    }
+    // One CIDR of the pool (10.8.0.0/22 in /24s) taken by hand: kept.
+    let cns = api(&client, "CiliumNode", "ciliumnodes", None);
+    create(
+        &cns,
+        json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "n0"},
+        "spec": {"ipam": {"podCIDRs": ["10.8.1.0/24"]}}}),
+    )
+    .await;
+    // Three agents wait at once (each creates its CiliumNode), then the
+    // operator starts.
+    let waits: Vec<_> = ["n1", "n2", "n3"]
+        .into_iter()
+        .map(|n| {
+            let c = client.clone();
+            tokio::spawn(async move { wait_cidr(&c, n, 20).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop_a = operator(&client, "op-a");
+    let mut got = Vec::new();
+    for w in waits {
+        got.push(w.await.unwrap().expect("a pod CIDR from the operator"));
+    }
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["10.8.0.0/24", "10.8.2.0/24", "10.8.3.0/24"], "distinct, beside n0's");
+    // An agent asking again (a restart) gets the same one.
+    assert_eq!(wait_cidr(&client, "n1", 5).await.unwrap(), got[0]);
+    // The pool is full: a fourth node waits in vain, and says why.
+    let e = wait_cidr(&client, "n4", 1).await.unwrap_err();
+    assert!(e.contains("no pod CIDR for node n4") && e.contains("ciliate-operator"), "{e}");
+    // The leader stops; a new one (after the lease runs out) reads the
+    // assignments back from the CiliumNodes: n2's, freed by its deletion,
+    // goes to n4, and nobody else's changes.
+    let _ = stop_a.send(true);
+    let freed = got[1].clone();
+    cns.delete("n2", &Default::default()).await.unwrap();
+    let _stop_b = operator(&client, "op-b");
+    assert_eq!(wait_cidr(&client, "n4", 20).await.unwrap(), freed);
+    assert_eq!(wait_cidr(&client, "n1", 1).await.unwrap(), got[0]);
+    assert_eq!(wait_cidr(&client, "n3", 1).await.unwrap(), got[2]);
+    assert_eq!(wait_cidr(&client, "n0", 1).await.unwrap(), "10.8.1.0/24");
+    let lease = Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE).get(LEASE).await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("op-b"));
+}
+
+#[tokio::test]
+async fn kubernetes_ipam_takes_the_nodes_pod_cidrs() {
+    use ciliate_agent::k8s::ipam::{IpamMode, pod_cidr};
+    let client = server().await;
+    let nodes = api(&client, "Node", "nodes", None);
+    create(
+        &nodes,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "k1"},
+        "spec": {"podCIDR": "10.9.1.0/24", "podCIDRs": ["10.9.1.0/24"]}}),
+    )
+    .await;
+    create(
+        &nodes,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "k2"}, "spec": {}}),
+    )
+    .await;
+    let got = pod_cidr(&client, "k1", IpamMode::Kubernetes, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.to_string(), "10.9.1.0/24");
+    // None yet: waited for, with a message naming the field.
+    let e = pod_cidr(&client, "k2", IpamMode::Kubernetes, Duration::from_millis(500))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Node k2 has no spec.podCIDRs"), "{e}");
+    let c = client.clone();
+    let wait = tokio::spawn(async move {
+        pod_cidr(&c, "k2", IpamMode::Kubernetes, Duration::from_secs(10)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes
+        .patch(
+            "k2",
+            &Default::default(),
+            &kube::api::Patch::Merge(&json!({"spec": {"podCIDRs": ["10.9.2.0/24"]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait.await.unwrap().unwrap().to_string(), "10.9.2.0/24");
 }

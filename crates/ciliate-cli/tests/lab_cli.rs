@@ -185,50 +185,36 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
     // The lab's operator leads (its Lease), and collects nothing in use.
     let kc = format!("/run/ciliate/labs/{name}/kubeconfig");
     let ul = format!("{name}-ul1");
-    let lease = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ul,
-            "kubectl",
-            "--kubeconfig",
-            &kc,
-            "get",
-            "lease",
-            "ciliate-operator",
-            "-n",
-            "kube-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-        .output()
-        .unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ul, "kubectl", "--kubeconfig", &kc])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lease = ["get", "lease", "ciliate-operator", "-n", "kube-system"];
+    let holder = kubectl(&[&lease[..], &["-o", "jsonpath={.spec.holderIdentity}"]].concat());
+    assert_eq!(holder, "lab-operator");
+    // Both CiliumNodes kept (their Nodes exist), each with the pod CIDR
+    // the operator gave it from the pool (cluster-pool IPAM: no agent
+    // claimed one in the kvstore).
+    let cidrs = kubectl(&[
+        "get",
+        "ciliumnodes",
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name}={.spec.ipam.podCIDRs[0]}{"\n"}{end}"#,
+    ]);
+    let mut cidrs: Vec<&str> = cidrs.lines().collect();
+    cidrs.sort();
     assert_eq!(
-        String::from_utf8_lossy(&lease.stdout),
-        "lab-operator",
-        "{}",
-        String::from_utf8_lossy(&lease.stderr)
+        cidrs,
+        [format!("{name}-node1=10.200.0.0/24"), format!("{name}-node2=10.200.1.0/24")],
+        "one CIDR per node from the operator"
     );
-    let cns = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ul,
-            "kubectl",
-            "--kubeconfig",
-            &kc,
-            "get",
-            "ciliumnodes",
-            "-o",
-            "name",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&cns.stdout).lines().count(),
-        2,
-        "both CiliumNodes kept (their Nodes exist)"
-    );
+    let kv = run(&["kvstore", "list", "ciliate/state/ipam/v1/cidrs/"]);
+    assert!(!kv.contains("10.200."), "no pod CIDR claimed in the kvstore: {kv}");
     let (ok, out, _) = ciliate(&["lab", "up", "--name", &name, "--nodes", "1", "--k8s"]);
     assert!(!ok, "--k8s with one node is refused: {out}");
 }

@@ -300,7 +300,8 @@ impl ClusterLab {
             &kubeconfig,
         ])?);
         wait_listening(&self.underlay, APISERVER_PORT)?;
-        // The operator beside it (leader-elected garbage collection).
+        // The operator beside it (leader-elected garbage collection, and
+        // the nodes' pod CIDRs from the lab's pool in their CiliumNodes).
         let op = self.config.bins.agent.with_file_name("ciliate-operator");
         let log = std::fs::File::create(self.work_dir.join("operator.log"))
             .map_err(|e| LabError::Invalid(format!("operator log: {e}")))?;
@@ -312,6 +313,8 @@ impl ClusterLab {
             "lab-operator",
             "--identity-gc-interval",
             "30s",
+            "--cluster-pool-ipv4-cidr",
+            CLUSTER_POOL,
         ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| LabError::Invalid(e.to_string()))?)

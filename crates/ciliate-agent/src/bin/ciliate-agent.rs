@@ -102,7 +102,22 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let store: Arc<dyn KvStore> = cfg.kvstore.open().await?;
     let kv: Arc<dyn KvStore> =
         Arc::new(ciliate_agent::kvstore::Metered::new(store, metrics.clone()));
-    if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
+    // The Kubernetes API's client (the pod CIDR may come from it too).
+    let api_client = match &cfg.k8s {
+        Some(src) => Some(ciliate_agent::k8s::client(src).await?),
+        None => None,
+    };
+    let k8s_ipam = api_client.as_ref().filter(|_| !cfg.pod_cidr_given);
+    if let Some(client) = k8s_ipam {
+        cfg.pod_cidr = ciliate_agent::k8s::ipam::pod_cidr(
+            client,
+            &cfg.node,
+            cfg.ipam,
+            Duration::from_secs(120),
+        )
+        .await?;
+        info!(subsystem = "ipam", mode = ?cfg.ipam, "pod CIDR {} from the Kubernetes API", cfg.pod_cidr);
+    } else if let (Some((pool, mask)), false) = (cfg.cluster_pool, cfg.pod_cidr_given) {
         // The store may be briefly away at start: retry for a while.
         let deadline = Instant::now() + Duration::from_secs(60);
         cfg.pod_cidr = loop {
@@ -286,7 +301,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // Kubernetes: the pods of this node and every namespace, watched.
     let k8s = match &cfg.k8s {
         Some(src) => {
-            let client = ciliate_agent::k8s::client(src).await?;
+            let client = api_client.clone().context("the Kubernetes client")?;
             let (view, changes) =
                 ciliate_agent::k8s::K8s::start(client, &cfg.node, cfg.crd_mode, shutdown.clone());
             info!(subsystem = "k8s", source = ?src, "watching pods and namespaces in the Kubernetes API");

@@ -1,6 +1,6 @@
-//! `ciliate-operator`: leader-elected cluster-wide garbage collection of
-//! CiliumIdentities, CiliumEndpoints and CiliumNodes (see
-//! `ciliate_agent::operator`).
+//! `ciliate-operator`: leader-elected cluster-pool IPAM and cluster-wide
+//! garbage collection of CiliumIdentities, CiliumEndpoints and CiliumNodes
+//! (see `ciliate_agent::operator`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -10,7 +10,7 @@ use clap::Parser;
 #[command(
     name = "ciliate-operator",
     version,
-    about = "Ciliate's operator: leader-elected garbage collection of CiliumIdentities, CiliumEndpoints and CiliumNodes"
+    about = "Ciliate's operator: leader-elected cluster-pool IPAM (pod CIDRs in CiliumNodes) and garbage collection of CiliumIdentities, CiliumEndpoints and CiliumNodes"
 )]
 struct Args {
     /// A kubeconfig for the Kubernetes API [default: the in-cluster configuration]
@@ -31,6 +31,13 @@ struct Args {
     /// How long an identity stays unused before it is deleted
     #[arg(long, default_value = "30m")]
     identity_heartbeat_timeout: String,
+    /// Cluster-pool IPAM: the pool each CiliumNode without a pod CIDR gets one from (as the
+    /// agents' --cluster-pool) [default: no IPAM]
+    #[arg(long)]
+    cluster_pool_ipv4_cidr: Option<String>,
+    /// Prefix length of each node's pod CIDR
+    #[arg(long, default_value_t = 24)]
+    cluster_pool_ipv4_mask_size: u8,
 }
 
 fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
@@ -45,6 +52,18 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => ciliate_agent::k8s::K8sSource::Kubeconfig(p),
         None => ciliate_agent::k8s::K8sSource::InCluster,
     };
+    let cluster_pool = match &a.cluster_pool_ipv4_cidr {
+        Some(p) => {
+            let pool: ciliate_agent::ipam::Cidr =
+                p.parse().map_err(|e| anyhow::anyhow!("--cluster-pool-ipv4-cidr {p:?}: {e}"))?;
+            let mask = a.cluster_pool_ipv4_mask_size;
+            if mask < pool.len || mask > 30 {
+                anyhow::bail!("--cluster-pool-ipv4-mask-size {mask} does not fit in {pool}");
+            }
+            Some((pool, mask))
+        }
+        None => None,
+    };
     let client = ciliate_agent::k8s::client(&src).await?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cfg = ciliate_agent::operator::OperatorConfig {
@@ -56,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         renew_interval: duration("leader-election-retry-period", &a.leader_election_retry_period)?,
         gc_interval: duration("identity-gc-interval", &a.identity_gc_interval)?,
         identity_grace: duration("identity-heartbeat-timeout", &a.identity_heartbeat_timeout)?,
+        cluster_pool,
     };
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -39,7 +39,7 @@ use crate::{
     kvstore::{IDENTITY_IDS, IPS, NODES},
 };
 
-use super::K8sError;
+use super::{K8sError, api_err, is_code};
 
 fn identities(client: &Client) -> Api<DynamicObject> {
     Api::all_with(client.clone(), &super::cilium_resource("CiliumIdentity", "ciliumidentities"))
@@ -88,15 +88,6 @@ fn claim_name(labels: &[String], n: usize) -> String {
 /// An index below `n` (n > 0), from a fresh UUID's randomness.
 fn rand_index(n: usize) -> usize {
     (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as usize
-}
-
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> K8sError {
-    let what = what.into();
-    move |source| K8sError::Api { what, source }
-}
-
-fn is_code(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// The cluster identity of `labels` (see the module comment), at least

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{api::AppState, endpoint::Datapath};
 
 pub mod crd;
+pub mod ipam;
 pub mod policies;
 pub mod publish;
 pub mod services;
@@ -63,6 +64,8 @@ pub enum K8sError {
     PodNotFound { namespace: String, name: String },
     #[error("identity claim {name}: no identity could be allocated for its label set")]
     Claim { name: String },
+    #[error("no pod CIDR for node {node} after {waited:?}: {hint}")]
+    NoPodCidr { node: String, waited: Duration, hint: String },
     #[error("asking the Kubernetes API for {what}: {source}")]
     Api {
         what: String,
@@ -76,10 +79,21 @@ impl K8sError {
     pub fn status(&self) -> u16 {
         match self {
             Self::PodNotFound { .. } => 404,
-            Self::Config { .. } | Self::Claim { .. } => 500,
+            Self::Config { .. } | Self::Claim { .. } | Self::NoPodCidr { .. } => 500,
             Self::Api { .. } => 503,
         }
     }
+}
+
+/// A [`K8sError::Api`] about `what`.
+pub(crate) fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> K8sError {
+    let what = what.into();
+    move |source| K8sError::Api { what, source }
+}
+
+/// Is `e` the API's answer with HTTP status `code`?
+pub(crate) fn is_code(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// A client for the API at `src`.
