@@ -41,7 +41,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
     Err(PolicyError(msg.into()))
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -50,7 +50,7 @@ pub struct Selector {
     pub match_expressions: Vec<Expression>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Expression {
     pub key: String,
@@ -59,9 +59,11 @@ pub struct Expression {
     pub values: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortProtocol {
+    /// A number or a named port (a container port's name).
+    #[schemars(schema_with = "int_or_string")]
     pub port: serde_yaml_ng::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_port: Option<u32>,
@@ -69,7 +71,7 @@ pub struct PortProtocol {
     pub protocol: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortRule {
     #[serde(default)]
@@ -77,7 +79,7 @@ pub struct PortRule {
 }
 
 /// One ingress or egress rule; `from*` for ingress, `to*` for egress.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,19 +104,26 @@ pub struct PeerRule {
     pub icmps: Option<Vec<IcmpRule>>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IcmpRule {
     pub fields: Vec<IcmpField>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IcmpField {
+    /// A number or Cilium's name of the type (`EchoRequest`).
     #[serde(rename = "type")]
+    #[schemars(schema_with = "int_or_string")]
     pub kind: serde_yaml_ng::Value,
     #[serde(default)]
     pub family: Option<String>,
+}
+
+/// Kubernetes' schema for a field that is a number or a string.
+fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"x-kubernetes-int-or-string": true})
 }
 
 /// The ICMPv4 type of an `icmps` field: a number or Cilium's name.
@@ -145,7 +154,7 @@ fn icmp_type(f: &IcmpField) -> Result<u8, String> {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CidrRule {
     pub cidr: String,
@@ -348,7 +357,7 @@ pub fn referenced_cidrs(rules: &[Rule]) -> BTreeSet<Prefix> {
     out
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleSpec {
     pub endpoint_selector: Option<Selector>,
@@ -369,7 +378,7 @@ pub struct RuleSpec {
     pub enable_default_deny: Option<DefaultDeny>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DefaultDeny {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,10 +31,12 @@ use tokio::sync::{mpsc, watch};
 use crate::{api::AppState, endpoint::Datapath};
 
 pub mod crd;
+pub mod crds;
 pub mod ipam;
 pub mod policies;
 pub mod publish;
 pub mod services;
+pub mod types;
 
 pub use policies::{POLICY_KINDS, follow_policies};
 

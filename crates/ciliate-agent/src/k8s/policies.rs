@@ -12,6 +12,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
+use super::types::PolicyNodeStatus;
 use crate::{api::AppState, endpoint::Datapath};
 
 /// The policy kinds the agent takes from the API:
@@ -195,12 +196,18 @@ async fn report(
         return;
     }
     let status = match &result {
-        Ok(rev) => {
-            serde_json::json!({"ok": true, "enforcing": true, "localPolicyRevision": rev, "lastUpdated": now_rfc3339()})
-        }
-        Err(e) => {
-            serde_json::json!({"ok": false, "enforcing": false, "error": e, "lastUpdated": now_rfc3339()})
-        }
+        Ok(rev) => PolicyNodeStatus {
+            ok: true,
+            enforcing: true,
+            local_policy_revision: Some(*rev),
+            last_updated: now_rfc3339(),
+            error: None,
+        },
+        Err(e) => PolicyNodeStatus {
+            error: Some(e.clone()),
+            last_updated: now_rfc3339(),
+            ..Default::default()
+        },
     };
     let patch = serde_json::json!({"status": {"nodes": {node: status}}});
     let api = match &ns {

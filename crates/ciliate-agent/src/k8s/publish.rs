@@ -14,6 +14,10 @@ use kube::{
 };
 use serde_json::{Value, json};
 
+use super::types::{
+    Addressing, EndpointIdentity, EndpointNetworking, EndpointPolicy, EndpointStatus, Enforcement,
+    ExternalIdentifiers, NodeAddress, NodeHealth, NodeIpam, NodeSpec,
+};
 use crate::{api::AppState, cluster::NodeRecord, endpoint::Datapath};
 
 /// The label on every CiliumEndpoint naming the node that wrote it (how a
@@ -22,19 +26,30 @@ pub const NODE_LABEL: &str = "ciliate.io/node";
 
 /// The CiliumEndpoint status of `ep` (Cilium's field names).
 pub fn endpoint_status(ep: &Endpoint, node_ip: Option<std::net::Ipv4Addr>) -> Value {
-    let ns = ep.pod_name.split_once('/').map(|(n, _)| n).unwrap_or_default();
-    json!({
-        "id": ep.id,
-        "identity": {"id": ep.identity, "labels": ciliate_api::models::label_set(&ep.labels)},
-        "networking": {"addressing": [{"ipv4": ep.ip.to_string()}],
-            "node": node_ip.map(|i| i.to_string()).unwrap_or_default()},
-        "state": ep.state,
-        "policy": {"ingress": {"enforcing": ep.ingress_enforcement != "Disabled"},
-            "egress": {"enforcing": ep.egress_enforcement != "Disabled"}},
-        "external-identifiers": {"container-id": ep.container_id, "k8s-namespace": ns,
-            "k8s-pod-name": ep.pod_name.split_once('/').map(|(_, p)| p).unwrap_or_default(),
-            "pod-name": ep.pod_name},
-    })
+    let (ns, pod) = ep.pod_name.split_once('/').unwrap_or_default();
+    let status = EndpointStatus {
+        id: i64::from(ep.id),
+        identity: EndpointIdentity {
+            id: i64::from(ep.identity),
+            labels: ciliate_api::models::label_set(&ep.labels),
+        },
+        networking: EndpointNetworking {
+            addressing: vec![Addressing { ipv4: Some(ep.ip.to_string()), ipv6: None }],
+            node: node_ip.map(|i| i.to_string()).unwrap_or_default(),
+        },
+        state: ep.state.clone(),
+        policy: EndpointPolicy {
+            ingress: Enforcement { enforcing: ep.ingress_enforcement != "Disabled" },
+            egress: Enforcement { enforcing: ep.egress_enforcement != "Disabled" },
+        },
+        external_identifiers: ExternalIdentifiers {
+            container_id: ep.container_id.clone(),
+            k8s_namespace: ns.into(),
+            k8s_pod_name: pod.into(),
+            pod_name: ep.pod_name.clone(),
+        },
+    };
+    serde_json::to_value(status).unwrap_or_default()
 }
 
 /// Keep one CiliumEndpoint per local pod endpoint (named as its pod, in
@@ -148,14 +163,15 @@ pub async fn publish_endpoints<D: Datapath + 'static>(
 
 /// The CiliumNode of `me` (Cilium's fields).
 pub fn node_object(me: &NodeRecord, router: Option<std::net::Ipv4Addr>) -> Value {
-    let mut addresses = vec![json!({"type": "InternalIP", "ip": me.ip.to_string()})];
+    let mut addresses = vec![NodeAddress { kind: "InternalIP".into(), ip: me.ip.to_string() }];
     if let Some(r) = router {
-        addresses.push(json!({"type": "CiliumInternalIP", "ip": r.to_string()}));
+        addresses.push(NodeAddress { kind: "CiliumInternalIP".into(), ip: r.to_string() });
     }
-    let mut spec = json!({"addresses": addresses, "ipam": {"podCIDRs": [me.pod_cidr]}});
-    if let Some(h) = me.health_ip {
-        spec["health"] = json!({"ipv4": h.to_string()});
-    }
+    let spec = NodeSpec {
+        addresses,
+        ipam: NodeIpam { pod_cidrs: vec![me.pod_cidr.clone()] },
+        health: me.health_ip.map(|h| NodeHealth { ipv4: Some(h.to_string()) }),
+    };
     json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": me.name}, "spec": spec})
 }
 
