@@ -246,3 +246,64 @@ fn what_the_agent_publishes_fits_its_crds() {
         assert!(errs.is_empty(), "{doc}: {errs:#?}");
     }
 }
+
+fn manifest_docs() -> Vec<Value> {
+    yaml_docs(&std::fs::read_to_string(deploy().join("ciliate.yaml")).unwrap())
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("deploy/ciliate.yaml has no {kind} {name}"))
+}
+
+fn args_of(workload: &Value) -> Vec<String> {
+    workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_deployment_manifest_gives_the_binaries_what_they_take() {
+    use clap::Parser as _;
+    let docs = manifest_docs();
+    // The agent: its flags and the ConfigMap's config file resolve (in the
+    // cluster the in-cluster configuration stands for the kubeconfig).
+    let ds = find(&docs, "DaemonSet", "ciliate");
+    let mut flags = ciliate_agent::config::Flags::try_parse_from(
+        std::iter::once("ciliate-agent".to_string()).chain(args_of(ds)),
+    )
+    .unwrap_or_else(|e| panic!("the DaemonSet's agent arguments: {e}"));
+    flags.config = None;
+    flags.k8s_kubeconfig_path = Some("/in-cluster".into());
+    let cm = find(&docs, "ConfigMap", "ciliate-config");
+    let cfg = flags
+        .resolve_text(cm["data"]["config.json"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("the ConfigMap's config.json: {e}"));
+    assert!(cfg.crd_mode);
+    assert_eq!(cfg.ipam, ciliate_agent::k8s::ipam::IpamMode::ClusterPool);
+    assert_eq!(ds["spec"]["template"]["spec"]["serviceAccountName"], "ciliate");
+    // The CNI configuration the init container writes names the agent's
+    // socket.
+    let install =
+        ds["spec"]["template"]["spec"]["initContainers"][0]["command"][2].as_str().unwrap();
+    assert!(
+        install.contains(r#""agent_socket": "/run/ciliate/agent.sock""#)
+            && args_of(ds).contains(&"--socket=/run/ciliate/agent.sock".to_string()),
+        "{install}"
+    );
+    // The operator: its arguments parse (it then fails on the missing
+    // kubeconfig, not on an argument).
+    let op = find(&docs, "Deployment", "ciliate-operator");
+    assert_eq!(op["spec"]["template"]["spec"]["serviceAccountName"], "ciliate-operator");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ciliate-operator"))
+        .args(args_of(op).iter().map(|a| a.replace("$(POD_NAME)", "op-0")))
+        .args(["--k8s-kubeconfig-path", "/nonexistent/kubeconfig"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Kubernetes configuration"), "{err}");
+}

@@ -32,8 +32,11 @@
 //! later watch or list from one gets 410), optionally closing every open
 //! watch (`?close-watches=true`); `POST /ciliate-test/hold-watches?on=true`
 //! makes new watches wait until `on=false` (clients of a restarting
-//! server); and `GET /ciliate-test/stats` counts the
-//! open watches per resource and the 410 answers given.
+//! server); `GET /ciliate-test/stats` counts the
+//! open watches per resource and the 410 answers given; and
+//! `GET /ciliate-test/requests` lists every kind of request served as RBAC
+//! sees it (bearer token, verb, group, resource or `resource/status`,
+//! namespace), which the deployment manifest's roles are checked against.
 
 pub mod patch;
 pub mod resources;
@@ -94,9 +97,19 @@ impl ApiError {
 /// A kubeconfig whose one context points at `server` (`http://addr`), no
 /// credentials.
 pub fn kubeconfig(server: &str) -> String {
+    kubeconfig_as(server, None)
+}
+
+/// [`kubeconfig`] for a client that sends `token` as its bearer token
+/// (the server records its requests under it: `/ciliate-test/requests`).
+pub fn kubeconfig_as(server: &str, token: Option<&str>) -> String {
+    let user = match token {
+        Some(t) => format!("\n    token: {t:?}"),
+        None => " {}".into(),
+    };
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ciliate\n  cluster:\n    server: {server}\n\
          contexts:\n- name: ciliate\n  context:\n    cluster: ciliate\n    user: ciliate\n\
-         current-context: ciliate\nusers:\n- name: ciliate\n  user: {{}}\n"
+         current-context: ciliate\nusers:\n- name: ciliate\n  user:{user}\n"
     )
 }

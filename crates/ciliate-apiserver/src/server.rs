@@ -49,6 +49,38 @@ pub struct Shared {
     watches: Mutex<BTreeMap<String, usize>>,
     /// 410 answers given (lists and watches).
     expired: std::sync::atomic::AtomicU64,
+    /// Every kind of request served, as RBAC sees it (what a role must
+    /// allow its user).
+    requests: Mutex<std::collections::BTreeSet<Access>>,
+}
+
+/// One kind of request as RBAC authorizes it: who (the bearer token the
+/// client sent; `admin` without one), the verb, the API group, the
+/// resource (`<plural>/status` for the subresource) and the namespace
+/// (empty: cluster-wide).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Access {
+    pub user: String,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub namespace: String,
+}
+
+/// The RBAC verb of `method` on `t` (`watch` from the query).
+fn verb(method: &Method, t: &Target, q: &HashMap<String, String>) -> &'static str {
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    match (method.as_str(), t.name.is_some()) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
 }
 
 pub type AppState = Arc<Shared>;
@@ -71,6 +103,7 @@ pub fn new_state(opts: Options) -> AppState {
         hold: watch::channel(false).0,
         watches: Mutex::new(BTreeMap::new()),
         expired: Default::default(),
+        requests: Default::default(),
     })
 }
 
@@ -252,6 +285,10 @@ async fn route(
             st.hold.send_replace(q.get("on").is_some_and(|v| v == "true"));
             return ok(json!({}));
         }
+        ["ciliate-test", "requests"] => {
+            let seen = st.requests.lock().expect("request log").clone();
+            return ok(json!(seen));
+        }
         ["ciliate-test", "stats"] => {
             let w = st.watches.lock().expect("watch counts").clone();
             return ok(
@@ -267,6 +304,18 @@ async fn route(
     };
     let r = &RESOURCES[t.res];
     let ns = t.ns.clone().unwrap_or_default();
+    let user = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("admin");
+    st.requests.lock().expect("request log").insert(Access {
+        user: user.to_string(),
+        verb: verb(method, &t, &q).into(),
+        group: r.group.into(),
+        resource: if t.status { format!("{}/status", r.plural) } else { r.plural.into() },
+        namespace: ns.clone(),
+    });
     match (method.clone(), &t.name) {
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let mut hold = st.hold.subscribe();

@@ -215,6 +215,21 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
     );
     let kv = run(&["kvstore", "list", "ciliate/state/ipam/v1/cidrs/"]);
     assert!(!kv.contains("10.200."), "no pod CIDR claimed in the kvstore: {kv}");
+    // The agents and the operator ran as their service accounts: every
+    // request each made is one its roles in deploy/ciliate.yaml allow.
+    let log = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ul,
+            "curl",
+            "-sS",
+            "http://192.168.200.1:6443/ciliate-test/requests",
+        ])
+        .output()
+        .unwrap();
+    let log: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
+    check_rbac(&log);
     let (ok, out, _) = ciliate(&["lab", "up", "--name", &name, "--nodes", "1", "--k8s"]);
     assert!(!ok, "--k8s with one node is refused: {out}");
 }
@@ -572,5 +587,130 @@ fn wait_subscribers(lab: &str, n: usize) {
         }
         assert!(std::time::Instant::now() < deadline, "{n} monitors did not subscribe: {out}");
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// One RBAC rule of deploy/ciliate.yaml: the service account it is bound
+/// to, its namespace (empty: a ClusterRole's), groups, resources, verbs.
+struct Rule {
+    account: String,
+    namespace: String,
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect()
+}
+
+fn manifest_rules() -> Vec<Rule> {
+    use serde::Deserialize as _;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ciliate.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect();
+    let mut rules = Vec::new();
+    for b in docs.iter().filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        let ns = b["metadata"]["namespace"].as_str().unwrap_or_default();
+        let role = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == b["roleRef"]["kind"]
+                    && d["metadata"]["name"] == b["roleRef"]["name"]
+                    && d["metadata"]["namespace"].as_str().unwrap_or_default() == ns
+            })
+            .unwrap_or_else(|| panic!("{b}: no such role"));
+        for subject in b["subjects"].as_array().unwrap() {
+            for r in role["rules"].as_array().unwrap() {
+                rules.push(Rule {
+                    account: subject["name"].as_str().unwrap().into(),
+                    namespace: ns.into(),
+                    groups: strings(&r["apiGroups"]),
+                    resources: strings(&r["resources"]),
+                    verbs: strings(&r["verbs"]),
+                });
+            }
+        }
+    }
+    rules
+}
+
+/// Requests the lab does not make, each a path other tests take:
+/// (account, group, resource, verb).
+const RARE: &[(&str, &str, &str, &str)] = &[
+    // CNI ADD for a pod the watch has not seen yet (k8s lab tests).
+    ("ciliate", "", "pods", "get"),
+    // --ipam kubernetes (tests/operator.rs).
+    ("ciliate", "", "nodes", "get"),
+    // A refused policy's Warning event (k8s lab tests).
+    ("ciliate", "", "events", "create"),
+    // The lab has no CCNP (k8s lab tests have).
+    ("ciliate", "cilium.io", "ciliumclusterwidenetworkpolicies/status", "patch"),
+    // A pod's endpoint deleted (k8s lab tests).
+    ("ciliate", "cilium.io", "ciliumendpoints", "delete"),
+    // Racing allocations (tests/k8s_identity.rs).
+    ("ciliate", "cilium.io", "ciliumidentities", "get"),
+    ("ciliate", "cilium.io", "ciliumidentities", "delete"),
+    // Garbage (tests/operator.rs): gone pods, identities unused for
+    // 30 minutes with their claims, gone nodes.
+    ("ciliate-operator", "cilium.io", "ciliumendpoints", "delete"),
+    ("ciliate-operator", "cilium.io", "ciliumidentities", "delete"),
+    ("ciliate-operator", "cilium.io", "ciliumnodes", "delete"),
+    ("ciliate-operator", "", "configmaps", "list"),
+    ("ciliate-operator", "", "configmaps", "delete"),
+];
+
+/// Every request in `log` (the API server's request log) by the agents
+/// and the operator is allowed by their roles, and every verb the roles
+/// grant was used here or is a [`RARE`] path: the RBAC is exactly what
+/// the code does.
+fn check_rbac(log: &[serde_json::Value]) {
+    let rules = manifest_rules();
+    let allows = |r: &Rule, account: &str, ns: &str, group: &str, res: &str, verb: &str| {
+        r.account == account
+            && (r.namespace.is_empty() || r.namespace == ns)
+            && r.groups.iter().any(|g| g == group)
+            && r.resources.iter().any(|x| x == res)
+            && r.verbs.iter().any(|v| v == verb)
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for a in log {
+        let f = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+        let (user, verb, group, res, ns) =
+            (f("user"), f("verb"), f("group"), f("resource"), f("namespace"));
+        if user == "admin" {
+            continue; // the lab itself and kubectl
+        }
+        assert!(
+            rules.iter().any(|r| allows(r, &user, &ns, &group, &res, &verb)),
+            "deploy/ciliate.yaml does not let {user} {verb} {group}/{res} in {ns:?}"
+        );
+        used.insert((user, group, res, verb));
+    }
+    for &(account, group, res, verb) in RARE {
+        assert!(
+            rules.iter().any(|r| allows(r, account, "kube-system", group, res, verb)),
+            "RARE names {account} {verb} {group}/{res}, which no role grants"
+        );
+    }
+    for r in &rules {
+        for g in &r.groups {
+            for res in &r.resources {
+                for v in &r.verbs {
+                    let k = (r.account.clone(), g.clone(), res.clone(), v.clone());
+                    let rare = RARE.iter().any(|&(a, gg, rr, vv)| {
+                        (a, gg, rr, vv) == (k.0.as_str(), k.1.as_str(), k.2.as_str(), k.3.as_str())
+                    });
+                    assert!(
+                        used.contains(&k) || rare,
+                        "deploy/ciliate.yaml lets {} {v} {g}/{res}, which nothing did",
+                        r.account
+                    );
+                }
+            }
+        }
     }
 }

@@ -287,17 +287,33 @@ impl ClusterLab {
         self.work_dir.join("kubeconfig")
     }
 
+    /// The kubeconfig of `component` ("ciliate" for the agents,
+    /// "ciliate-operator"): its requests carry its service account's name
+    /// as the bearer token, so the API server's request log tells what
+    /// each one needs its role to allow.
+    pub fn kubeconfig_of(&self, component: &str) -> PathBuf {
+        self.work_dir.join(format!("kubeconfig-{component}"))
+    }
+
     fn start_apiserver(&self) -> Result<()> {
         let bin = self.config.bins.agent.with_file_name("ciliate-apiserver");
         let listen = format!("{UNDERLAY_IP}:{APISERVER_PORT}");
-        let kubeconfig = self.kubeconfig().display().to_string();
-        // A child of the underlay's guard: killed with the namespace.
+        let url = format!("http://{listen}");
+        for (path, token) in [
+            (self.kubeconfig_of("ciliate"), Some("ciliate")),
+            (self.kubeconfig_of("ciliate-operator"), Some("ciliate-operator")),
+        ] {
+            std::fs::write(&path, ciliate_apiserver::kubeconfig_as(&url, token))
+                .map_err(|e| LabError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        // A child of the underlay's guard: killed with the namespace. It
+        // writes the lab's own (admin) kubeconfig.
         drop(self.underlay.spawn_detached(&[
             &bin.to_string_lossy(),
             "--listen",
             &listen,
             "--kubeconfig",
-            &kubeconfig,
+            &self.kubeconfig().display().to_string(),
         ])?);
         wait_listening(&self.underlay, APISERVER_PORT)?;
         // The operator beside it (leader-elected garbage collection, and
@@ -308,7 +324,7 @@ impl ClusterLab {
         let mut cmd = self.underlay.command(&op.to_string_lossy());
         cmd.args([
             "--k8s-kubeconfig-path",
-            &kubeconfig,
+            &self.kubeconfig_of("ciliate-operator").display().to_string(),
             "--id",
             "lab-operator",
             "--identity-gc-interval",
@@ -430,7 +446,7 @@ impl ClusterLab {
             ]),
         }
         if self.config.k8s {
-            args.extend(["--k8s-kubeconfig-path".into(), self.kubeconfig().into()]);
+            args.extend(["--k8s-kubeconfig-path".into(), self.kubeconfig_of("ciliate").into()]);
         }
         args.extend(self.config.agent_args.iter().cloned());
         spawn_agent(&node.ns, bins, &node.socket, &node.log(), &args)
