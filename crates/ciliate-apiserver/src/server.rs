@@ -31,11 +31,15 @@ pub struct Options {
     pub history: usize,
     /// How often an open watch that asked for them gets a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// A file the objects are kept in (written after every change, read
+    /// at start): the server can be restarted as a real one is. `None`:
+    /// memory only.
+    pub state: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { history: 10_000, bookmark_interval: Duration::from_secs(5) }
+        Self { history: 10_000, bookmark_interval: Duration::from_secs(5), state: None }
     }
 }
 
@@ -52,6 +56,24 @@ pub struct Shared {
     /// Every kind of request served, as RBAC sees it (what a role must
     /// allow its user).
     requests: Mutex<std::collections::BTreeSet<Access>>,
+    /// Held while the state file is written (writes in order).
+    saving: Mutex<()>,
+}
+
+impl Shared {
+    /// Write the objects to the state file, if there is one: a temporary
+    /// file renamed over it, so a crash leaves the old or the new one.
+    fn persist(&self) {
+        let Some(path) = &self.opts.state else { return };
+        let _order = self.saving.lock().expect("save lock");
+        let saved = self.store.lock().expect("store lock").save();
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec(&saved).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::error!(path = %path.display(), error = %e, "writing the state file");
+        }
+    }
 }
 
 /// One kind of request as RBAC authorizes it: who (the bearer token the
@@ -96,6 +118,26 @@ pub fn new_state(opts: Options) -> AppState {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
         store.create(nsres, "", obj).expect("a new store takes the system namespaces");
     }
+    let st = shared(store, opts);
+    st.persist();
+    st
+}
+
+/// [`new_state`], or with `opts.state` naming a file that exists, the
+/// server it saved (its objects at its resourceVersion).
+pub fn open_state(opts: Options) -> Result<AppState, String> {
+    let Some(path) = opts.state.clone().filter(|p| p.exists()) else {
+        return Ok(new_state(opts));
+    };
+    let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let saved: Value =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let store =
+        Store::load(opts.history, &saved).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(shared(store, opts))
+}
+
+fn shared(store: Store, opts: Options) -> AppState {
     Arc::new(Shared {
         store: Mutex::new(store),
         opts,
@@ -104,6 +146,7 @@ pub fn new_state(opts: Options) -> AppState {
         watches: Mutex::new(BTreeMap::new()),
         expired: Default::default(),
         requests: Default::default(),
+        saving: Mutex::new(()),
     })
 }
 
@@ -219,7 +262,13 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     match route(&st, &method, &uri, &headers, &body).await {
-        Ok(r) => r,
+        Ok(r) => {
+            let write = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
+            if write.contains(&method) && !uri.path().starts_with("/ciliate-test/") {
+                st.persist();
+            }
+            r
+        }
         Err(e) => {
             if e.code == 410 {
                 st.expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -369,6 +418,7 @@ async fn route(
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     st.store.lock().expect("store lock").finish_namespace(&name);
+                    st.persist();
                 });
             }
             ok(gone)

@@ -339,7 +339,12 @@ fn name_of(e: &WatchEvent<Pod>) -> (&'static str, String) {
 
 #[tokio::test]
 async fn watches_from_a_version_with_selectors_and_bookmarks() {
-    let s = start(Options { history: 100, bookmark_interval: Duration::from_millis(200) }).await;
+    let s = start(Options {
+        history: 100,
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
     namespace(&s, "a", json!({})).await;
     let pods = Api::<Pod>::namespaced(s.client.clone(), "a");
     let p =
@@ -397,7 +402,12 @@ async fn watches_from_a_version_with_selectors_and_bookmarks() {
 #[tokio::test]
 async fn kube_runtime_watcher_relists_after_410() {
     use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let s = start(Options { history: 1000, bookmark_interval: Duration::from_millis(200) }).await;
+    let s = start(Options {
+        history: 1000,
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
     namespace(&s, "a", json!({})).await;
     let pods = Api::<Pod>::namespaced(s.client.clone(), "a");
     pods.create(&PostParams::default(), &pod("p", "n1", json!({}))).await.unwrap();
@@ -535,4 +545,90 @@ async fn custom_resources_and_discovery() {
     let (code, _) = raw(&s, "GET", "/apis/cilium.io/v2/ciliumwidgets", None).await;
     assert_eq!(code, 404);
     let _ = s.url;
+}
+
+#[tokio::test]
+async fn a_restarted_server_keeps_its_objects_and_version_and_expires_older_ones() {
+    let dir = std::env::temp_dir().join(format!("apiserver-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join(format!("state-{:?}.json", std::thread::current().id()));
+    let _ = std::fs::remove_file(&state);
+    let opts = Options { state: Some(state.clone()), ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let st = ciliate_apiserver::server::open_state(opts.clone()).unwrap();
+    let task = tokio::spawn(async move { serve(listener, st).await.unwrap() });
+    let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    let before = pods.create(&PostParams::default(), &pod("a", "n1", json!({}))).await.unwrap();
+    pods.create(&PostParams::default(), &pod("b", "n1", json!({}))).await.unwrap();
+    let first = pods.list(&ListParams::default()).await.unwrap();
+    let gone = pods.delete("b", &DeleteParams::default()).await.unwrap().left().unwrap();
+    let version = gone.metadata.resource_version.clone().unwrap();
+    // Stop it (its port closes) and start another on the same file.
+    task.abort();
+    let _ = task.await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let st = ciliate_apiserver::server::open_state(opts).unwrap();
+    tokio::spawn(async move { serve(listener, st).await.unwrap() });
+    let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    let list = pods.list(&ListParams::default()).await.unwrap();
+    let names: Vec<_> = list.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    assert_eq!(names, ["a"], "b's deletion was kept too");
+    assert_eq!(list.items[0].metadata.uid, before.metadata.uid, "the same object");
+    assert_eq!(list.items[0].metadata.resource_version, before.metadata.resource_version);
+    assert_eq!(list.metadata.resource_version.as_deref(), Some(version.as_str()));
+    // A watch from the last version goes on; one from before it (the
+    // history did not survive) gets 410 and relists, as after etcd's
+    // compaction.
+    let mut w = pods.watch(&WatchParams::default(), &version).await.unwrap().boxed();
+    pods.create(&PostParams::default(), &pod("c", "n1", json!({}))).await.unwrap();
+    assert_eq!(name_of(&next_event(&mut w).await), ("ADDED", "c".into()));
+    let old = first.metadata.resource_version.unwrap();
+    let mut old = pods.watch(&WatchParams::default(), &old).await.unwrap().boxed();
+    assert_eq!(name_of(&next_event(&mut old).await), ("ERROR", "410 Expired".into()));
+    // A file that is not a saved server is refused, naming it.
+    std::fs::write(&state, "{").unwrap();
+    let e = ciliate_apiserver::server::open_state(Options {
+        state: Some(state.clone()),
+        ..Default::default()
+    })
+    .err()
+    .unwrap();
+    assert!(e.contains(&state.display().to_string()), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn requests_are_logged_as_rbac_sees_them() {
+    let s = start(Options::default()).await;
+    let mut cfg = kube::Config::new(s.url.parse().unwrap());
+    cfg.auth_info.token = Some("agent-1".to_string().into());
+    let agent = Client::try_from(cfg).unwrap();
+    let pods = Api::<Pod>::namespaced(agent.clone(), "default");
+    pods.create(&PostParams::default(), &pod("a", "n1", json!({}))).await.unwrap();
+    pods.get("a").await.unwrap();
+    Api::<Pod>::all(agent.clone()).list(&ListParams::default()).await.unwrap();
+    pods.patch_status("a", &PatchParams::default(), &Patch::Merge(&json!({"status": {}})))
+        .await
+        .unwrap();
+    let (_, log) = raw(&s, "GET", "/ciliate-test/requests", None).await;
+    let seen: Vec<String> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["user"] == "agent-1")
+        .map(|a| format!("{} {} {}", a["verb"], a["resource"], a["namespace"]))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            r#""create" "pods" "default""#,
+            r#""get" "pods" "default""#,
+            r#""list" "pods" """#,
+            r#""patch" "pods/status" "default""#
+        ]
+    );
 }

@@ -29,12 +29,14 @@ const API: &str = "127.0.0.1:6443";
 struct K8sLab {
     lab: NodeLab,
     kubeconfig: PathBuf,
+    /// The API server's state file (it can be restarted).
+    state: PathBuf,
+    apiserver: Option<std::process::Child>,
 }
 
 impl K8sLab {
     fn up() -> Self {
         let bins = Binaries::beside_current_exe().unwrap();
-        let apiserver = bins.agent.with_file_name("ciliate-apiserver");
         let name = format!("k8s{}", token());
         // The agent reads the kubeconfig at start; its watchers retry until
         // the API server (started in the node's namespace below) answers.
@@ -44,18 +46,9 @@ impl K8sLab {
         let mut cfg = NodeLabConfig::new(&name, 0, bins);
         cfg.agent_args = vec!["--k8s-kubeconfig-path".into(), kubeconfig.clone().into()];
         let lab = NodeLab::up(cfg).unwrap();
-        drop(
-            lab.node
-                .spawn_detached(&[
-                    apiserver.to_str().unwrap(),
-                    "--listen",
-                    API,
-                    "--bookmark-interval",
-                    "1",
-                ])
-                .unwrap(),
-        );
-        let me = Self { lab, kubeconfig };
+        let state = std::env::temp_dir().join(format!("{name}.apiserver.json"));
+        let mut me = Self { lab, kubeconfig, state, apiserver: None };
+        me.start_apiserver();
         // The agent watches pods and namespaces.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -69,6 +62,29 @@ impl K8sLab {
             std::thread::sleep(Duration::from_millis(100));
         }
         me
+    }
+
+    /// Start the API server in the node's namespace (from its state file
+    /// when there is one: a restart).
+    fn start_apiserver(&mut self) {
+        let bin = Binaries::beside_current_exe().unwrap().agent.with_file_name("ciliate-apiserver");
+        let state = self.state.display().to_string();
+        let args =
+            [bin.to_str().unwrap(), "--listen", API, "--bookmark-interval", "1", "--state", &state];
+        self.apiserver = Some(self.lab.node.spawn_detached(&args).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stats().is_null() {
+            assert!(Instant::now() < deadline, "the API server did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill the API server (SIGKILL: no goodbye to the watchers).
+    fn kill_apiserver(&mut self) {
+        if let Some(mut c) = self.apiserver.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn node_name(&self) -> &str {
@@ -128,7 +144,9 @@ impl K8sLab {
 
 impl Drop for K8sLab {
     fn drop(&mut self) {
+        self.kill_apiserver();
         let _ = std::fs::remove_file(&self.kubeconfig);
+        let _ = std::fs::remove_file(&self.state);
     }
 }
 
@@ -523,4 +541,58 @@ fn cilium_endpoints_and_the_cilium_node_are_published() {
     let (out, ok) = lab.cni_in("DEL", &pod, &netns, &lab.cni_config(&[]), "shop").unwrap();
     assert!(ok, "CNI DEL: {out}");
     until("the CiliumEndpoint removed", || (!cep(&k).is_null()).then(|| cep(&k).to_string()));
+}
+
+#[test]
+fn the_agent_rides_out_an_api_server_restart() {
+    let mut k = K8sLab::up();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}---\n{}",
+        k.pod_yaml("web", "shop", "{app: web}"),
+        k.pod_yaml("client", "shop", "{app: client}"),
+        k.pod_yaml("other", "shop", "{app: other}"),
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    let web = k.lab.add_pod_in("web", "shop", &[]).unwrap();
+    let client = k.lab.add_pod_in("client", "shop", &[]).unwrap();
+    let other = k.lab.add_pod_in("other", "shop", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // echo servers listening
+    k.kubectl(&["apply", "--validate=false"], Some(&cnp(&ECHO_PORT.to_string())));
+    eventually(&k.lab, &other.ns, web.state.ip, false, "CNP applied: other -> web");
+    assert!(reaches(&k.lab, &client.ns, web.state.ip), "client -> web allowed by the CNP");
+    let rules = |k: &K8sLab| k.lab.client().get::<serde_json::Value>("/v1/policy").unwrap();
+    let ids = |k: &K8sLab| -> Vec<u32> {
+        [&web, &client, &other].iter().map(|p| k.endpoint(p.state.ip).identity).collect()
+    };
+    let (rules_before, ids_before) = (rules(&k), ids(&k));
+
+    // The API server dies: the agent keeps what it has, and enforces it.
+    k.kill_apiserver();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reaches(&k.lab, &other.ns, web.state.ip), "API down: other -> web still denied");
+    assert!(reaches(&k.lab, &client.ns, web.state.ip), "API down: client -> web still allowed");
+    assert_eq!(rules(&k), rules_before, "API down: the policy stays");
+
+    // Back (same objects, same version, no history): the agent's watches
+    // return and nothing it had is dropped or redone.
+    k.start_apiserver();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while k.stats()["watches"]["pods"].as_u64() < Some(1)
+        || k.stats()["watches"]["ciliumnetworkpolicies.cilium.io"].as_u64() < Some(1)
+    {
+        assert!(Instant::now() < deadline, "the agent never watched again: {}", k.stats());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rules(&k), rules_before, "the policy is the same after the restart");
+    assert_eq!(ids(&k), ids_before, "the identities are the same");
+    assert!(!reaches(&k.lab, &other.ns, web.state.ip), "after: other -> web denied");
+    assert!(reaches(&k.lab, &client.ns, web.state.ip), "after: client -> web allowed");
+    // And what changes in the API now is followed: a relabel and the
+    // policy's deletion.
+    let pod = format!("{}-client", k.lab.config.lab);
+    k.kubectl(&["label", "pod", &pod, "-n", "shop", "app=other", "--overwrite"], None);
+    eventually(&k.lab, &client.ns, web.state.ip, false, "client relabelled after the restart");
+    k.kubectl(&["delete", "cnp", "web", "-n", "shop"], None);
+    eventually(&k.lab, &other.ns, web.state.ip, true, "CNP deleted after the restart");
 }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use ciliate_apiserver::{
     kubeconfig,
-    server::{Options, new_state, serve},
+    server::{Options, open_state, serve},
 };
 use clap::Parser;
 
@@ -27,6 +27,10 @@ struct Args {
     /// Seconds between BOOKMARK events on watches that ask for them.
     #[arg(long, default_value_t = 5)]
     bookmark_interval: u64,
+    /// Keep the objects in this file (written after every change; a restarted server starts
+    /// from it at its resourceVersion, older versions answering 410) [default: memory only]
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -42,10 +46,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     println!("listening on http://{addr}");
-    let state = new_state(Options {
+    let state = open_state(Options {
         history: args.history,
         bookmark_interval: Duration::from_secs(args.bookmark_interval),
-    });
+        state: args.state.clone(),
+    })
+    .map_err(|e| anyhow::anyhow!("the state file {e}"))?;
     tokio::select! {
         r = serve(listener, state) => r.context("serving")?,
         _ = tokio::signal::ctrl_c() => {}
