@@ -215,6 +215,33 @@ fn a_two_node_lab_driven_by_the_kubernetes_api() {
     );
     let kv = run(&["kvstore", "list", "ciliate/state/ipam/v1/cidrs/"]);
     assert!(!kv.contains("10.200."), "no pod CIDR claimed in the kvstore: {kv}");
+    // Garbage collection by the operator: pod4 deleted in the API (its
+    // kubelet gone: no CNI DEL) loses its CiliumEndpoint, then its
+    // identity (app=pod4, no other user) its CiliumIdentity once unused
+    // for the lab's 10 s; node2's Node deleted, its CiliumNode goes.
+    let pod4 = format!("{name}-pod4");
+    let id4 = kubectl(&["get", "cep", &pod4, "-o", "jsonpath={.status.identity.id}"]);
+    assert!(id4.parse::<u32>().is_ok_and(|i| i >= 256), "pod4's identity: {id4:?}");
+    kubectl(&["delete", "pod", &pod4, "--wait=false"]);
+    kubectl(&["delete", "node", &format!("{name}-node2"), "--wait=false"]);
+    let names = |kind: &str| kubectl(&["get", kind, "-o", "name"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let (ceps, ids, cns) =
+            (names("ciliumendpoints"), names("ciliumidentities"), names("ciliumnodes"));
+        let left = [
+            ceps.contains(&pod4).then_some("pod4's CiliumEndpoint"),
+            ids.lines().any(|l| l.ends_with(&format!("/{id4}"))).then_some("pod4's CiliumIdentity"),
+            cns.contains(&format!("{name}-node2")).then_some("node2's CiliumNode"),
+        ];
+        if left.iter().all(Option::is_none) {
+            assert!(cns.contains(&format!("{name}-node1")), "node1's CiliumNode stays: {cns}");
+            assert!(ceps.contains(&format!("{name}-pod1")), "pod1's CiliumEndpoint stays: {ceps}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not collected after 40 s: {left:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     // The agents and the operator ran as their service accounts: every
     // request each made is one its roles in deploy/ciliate.yaml allow.
     let log = std::process::Command::new("ip")

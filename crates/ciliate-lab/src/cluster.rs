@@ -327,8 +327,12 @@ impl ClusterLab {
             &self.kubeconfig_of("ciliate-operator").display().to_string(),
             "--id",
             "lab-operator",
+            // Garbage within seconds (an identity unused for 10 s goes),
+            // so the lab shows it; Cilium's defaults are 15 and 30 min.
             "--identity-gc-interval",
-            "30s",
+            "5s",
+            "--identity-heartbeat-timeout",
+            "10s",
             "--cluster-pool-ipv4-cidr",
             CLUSTER_POOL,
         ])
