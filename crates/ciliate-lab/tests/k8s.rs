@@ -596,3 +596,69 @@ fn the_agent_rides_out_an_api_server_restart() {
     k.kubectl(&["delete", "cnp", "web", "-n", "shop"], None);
     eventually(&k.lab, &other.ns, web.state.ip, true, "CNP deleted after the restart");
 }
+
+#[test]
+fn a_burst_of_policies_is_one_change_and_a_bad_one_is_refused_alone() {
+    let k = K8sLab::up();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}",
+        k.pod_yaml("web", "shop", "{app: web}"),
+        k.pod_yaml("client", "shop", "{app: client}"),
+    );
+    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
+    let web = k.lab.add_pod_in("web", "shop", &[]).unwrap();
+    let client = k.lab.add_pod_in("client", "shop", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // echo servers listening
+    // 20 policies written while the agent's watches are cut and held, the
+    // history compacted after them: its watch gets 410 and its relist
+    // brings them all at once. One has a bad port.
+    let repo = |k: &K8sLab| k.lab.client().get::<serde_json::Value>("/v1/policy").unwrap();
+    let rev0 = repo(&k)["revision"].as_u64().unwrap();
+    k.api("POST", "/ciliate-test/hold-watches?on=true");
+    k.api("POST", "/ciliate-test/compact?close-watches=true");
+    let docs: Vec<String> = (0..20)
+        .map(|i| {
+            let port = if i == 7 { "99999".to_string() } else { (20000 + i).to_string() };
+            cnp(&port).replace("name: web\n", &format!("name: web-{i}\n"))
+        })
+        .collect();
+    k.kubectl(&["apply", "--validate=false"], Some(&docs.join("---\n")));
+    k.api("POST", "/ciliate-test/compact");
+    k.api("POST", "/ciliate-test/hold-watches?on=false");
+    let in_force = |k: &K8sLab| {
+        repo(k)["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["source"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("CiliumNetworkPolicy/shop/web-")
+            })
+            .count()
+    };
+    until("19 policies in force", || {
+        (in_force(&k) != 19).then(|| format!("{} in force", in_force(&k)))
+    });
+    let rev = repo(&k)["revision"].as_u64().unwrap();
+    assert!(
+        rev - rev0 <= 2,
+        "one policy change for the burst, not one per object: {rev0} -> {rev}"
+    );
+    // The bad one is refused and says so; the others say they are in force.
+    let status = |name: &str| {
+        let out = k.kubectl(&["get", "cnp", name, "-n", "shop", "-o", "json"], None);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["status"]["nodes"][k.node_name()]
+            .clone()
+    };
+    until("the bad one's status", || {
+        (status("web-7")["ok"] != false).then(|| status("web-7").to_string())
+    });
+    assert!(status("web-7")["error"].as_str().unwrap_or_default().contains("99999"));
+    until("a good one's status", || {
+        (status("web-3")["ok"] != true).then(|| status("web-3").to_string())
+    });
+    // They are enforced: web now only takes client on ports 20000+.
+    eventually(&k.lab, &client.ns, web.state.ip, false, "echo port not in any of the 19");
+}

@@ -52,100 +52,168 @@ pub async fn follow_policies<D: Datapath + 'static>(
     let ar =
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    // Every event already waiting comes in one chunk, so that a burst
+    // (a relist, `kubectl apply` of many objects) is put in force in one
+    // policy change: one regeneration rather than one per object.
+    let mut stream =
+        watcher(api, watcher::Config::default()).default_backoff().ready_chunks(1024).boxed();
     let derived = format!("{DERIVED_FROM}={kind}");
     // What was last applied per source: (uid, generation).
     let mut applied: BTreeMap<String, (String, i64)> = BTreeMap::new();
     let mut listed: Option<std::collections::BTreeSet<String>> = None;
-    while let Some(ev) = stream.next().await {
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::warn!(subsystem = "k8s", kind, error = %e, "watching policies");
-                continue;
-            }
-        };
-        match ev {
-            Event::Init => listed = Some(Default::default()),
-            Event::InitApply(o) | Event::Apply(o) => {
-                let source = source_of(kind, &o);
-                if let Some(l) = listed.as_mut() {
-                    l.insert(source.clone());
-                }
-                let version = (
-                    o.metadata.uid.clone().unwrap_or_default(),
-                    o.metadata.generation.unwrap_or(0),
-                );
-                if applied.get(&source) == Some(&version) {
+    let f = Follower { st: &st, client: &client, node: &node, ar: &ar, kind, derived: &derived };
+    while let Some(chunk) = stream.next().await {
+        // Objects to apply, in order, the last version of each.
+        let mut batch: Vec<DynamicObject> = Vec::new();
+        for ev in chunk {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(subsystem = "k8s", kind, error = %e, "watching policies");
                     continue;
                 }
-                applied.insert(source, version);
-                let result = apply_policy(&st, ar.api_version.as_str(), kind, &derived, &o).await;
-                report(&client, &node, &ar, kind, &o, result).await;
-            }
-            Event::Delete(o) => {
-                let source = source_of(kind, &o);
-                applied.remove(&source);
-                let r = st
-                    .endpoints
-                    .write(move |e| e.delete_policy_sources(&[source]), |e| e.view())
-                    .await;
-                if let Err(e) = flat(r) {
-                    tracing::warn!(subsystem = "k8s", kind, error = %e, "removing a deleted policy");
+            };
+            match ev {
+                Event::Init => listed = Some(Default::default()),
+                Event::InitApply(o) | Event::Apply(o) => {
+                    let source = source_of(kind, &o);
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(source.clone());
+                    }
+                    let version = (
+                        o.metadata.uid.clone().unwrap_or_default(),
+                        o.metadata.generation.unwrap_or(0),
+                    );
+                    if applied.get(&source) == Some(&version) {
+                        continue;
+                    }
+                    applied.insert(source.clone(), version);
+                    batch.retain(|b| source_of(kind, b) != source);
+                    batch.push(o);
                 }
-            }
-            Event::InitDone => {
-                let Some(seen) = listed.take() else { continue };
-                let gone: Vec<String> = st
-                    .endpoints
-                    .snapshot()
-                    .policy
-                    .rules
-                    .iter()
-                    .filter(|r| r.labels.contains(&derived) && !seen.contains(&r.source))
-                    .map(|r| r.source.clone())
-                    .collect();
-                applied.retain(|s, _| seen.contains(s));
-                if !gone.is_empty() {
-                    tracing::info!(subsystem = "k8s", kind, gone = ?gone, "policies no longer in the API");
+                Event::Delete(o) => {
+                    f.apply(std::mem::take(&mut batch)).await;
+                    let source = source_of(kind, &o);
+                    applied.remove(&source);
                     let r = st
                         .endpoints
-                        .write(move |e| e.delete_policy_sources(&gone), |e| e.view())
+                        .write(move |e| e.delete_policy_sources(&[source]), |e| e.view())
                         .await;
                     if let Err(e) = flat(r) {
-                        tracing::warn!(subsystem = "k8s", kind, error = %e, "removing policies gone from the API");
+                        tracing::warn!(subsystem = "k8s", kind, error = %e, "removing a deleted policy");
+                    }
+                }
+                Event::InitDone => {
+                    f.apply(std::mem::take(&mut batch)).await;
+                    let Some(seen) = listed.take() else { continue };
+                    let gone: Vec<String> = st
+                        .endpoints
+                        .snapshot()
+                        .policy
+                        .rules
+                        .iter()
+                        .filter(|r| r.labels.contains(&derived) && !seen.contains(&r.source))
+                        .map(|r| r.source.clone())
+                        .collect();
+                    applied.retain(|s, _| seen.contains(s));
+                    if !gone.is_empty() {
+                        tracing::info!(subsystem = "k8s", kind, gone = ?gone, "policies no longer in the API");
+                        let r = st
+                            .endpoints
+                            .write(move |e| e.delete_policy_sources(&gone), |e| e.view())
+                            .await;
+                        if let Err(e) = flat(r) {
+                            tracing::warn!(subsystem = "k8s", kind, error = %e, "removing policies gone from the API");
+                        }
                     }
                 }
             }
         }
+        f.apply(batch).await;
     }
 }
 
-/// Parse object `o` as `policy import` would and put its rules in force.
-/// The revision, or why not.
-async fn apply_policy<D: Datapath + 'static>(
-    st: &AppState<D>,
-    api_version: &str,
-    kind: &str,
-    derived: &str,
-    o: &DynamicObject,
-) -> Result<u64, String> {
-    let mut o = o.clone();
-    // List items may come without their type.
-    o.types = Some(kube::core::TypeMeta { api_version: api_version.into(), kind: kind.into() });
-    let text = serde_json::to_string(&o).map_err(|e| e.to_string())?;
-    let mut rules = crate::policy::parse(&text).map_err(|e| e.to_string())?;
-    let uid =
-        format!("k8s:io.cilium.k8s.policy.uid={}", o.metadata.uid.as_deref().unwrap_or_default());
-    for r in &mut rules {
-        r.labels.push(derived.to_string());
-        r.labels.push(uid.clone());
-        r.labels.sort();
+/// One policy kind's follower: what applying and reporting need.
+struct Follower<'a, D: Datapath + 'static> {
+    st: &'a AppState<D>,
+    client: &'a Client,
+    node: &'a str,
+    ar: &'a kube::discovery::ApiResource,
+    kind: &'static str,
+    derived: &'a str,
+}
+
+impl<D: Datapath + 'static> Follower<'_, D> {
+    /// Put `objects` in force, each all or nothing: those that parse go in
+    /// as one policy change; if that change is refused (a capacity
+    /// refusal), each goes alone, so a refusal is its own object's. Each
+    /// object's outcome is reported.
+    async fn apply(&self, objects: Vec<DynamicObject>) {
+        if objects.is_empty() {
+            return;
+        }
+        let mut parsed: Vec<(DynamicObject, Vec<crate::policy::Rule>)> = Vec::new();
+        for o in objects {
+            match self.rules_of(&o) {
+                Ok(rules) => parsed.push((o, rules)),
+                Err(e) => self.report(&o, Err(e)).await,
+            }
+        }
+        let all: Vec<crate::policy::Rule> =
+            parsed.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
+        if parsed.len() > 1 {
+            let r =
+                flat(self.st.endpoints.write(move |e| e.import_policy(all), |e| e.view()).await);
+            if let Ok(rev) = r {
+                tracing::info!(
+                    subsystem = "k8s",
+                    kind = self.kind,
+                    policies = parsed.len(),
+                    revision = rev,
+                    "policies from the API in force"
+                );
+                for (o, _) in &parsed {
+                    self.report(o, Ok(rev)).await;
+                }
+                return;
+            }
+        }
+        for (o, rules) in parsed {
+            let r =
+                flat(self.st.endpoints.write(move |e| e.import_policy(rules), |e| e.view()).await);
+            if let Ok(rev) = &r {
+                tracing::info!(subsystem = "k8s", policy = %source_of(self.kind, &o), revision = rev, "policy from the API in force");
+            }
+            self.report(&o, r).await;
+        }
     }
-    let source = source_of(kind, &o);
-    let rev = flat(st.endpoints.write(move |e| e.import_policy(rules), |e| e.view()).await)?;
-    tracing::info!(subsystem = "k8s", policy = %source, revision = rev, "policy from the API in force");
-    Ok(rev)
+
+    /// Object `o`'s rules as `policy import` would parse it, labelled
+    /// with where they came from.
+    fn rules_of(&self, o: &DynamicObject) -> Result<Vec<crate::policy::Rule>, String> {
+        let mut o = o.clone();
+        // List items may come without their type.
+        o.types = Some(kube::core::TypeMeta {
+            api_version: self.ar.api_version.clone(),
+            kind: self.kind.into(),
+        });
+        let text = serde_json::to_string(&o).map_err(|e| e.to_string())?;
+        let mut rules = crate::policy::parse(&text).map_err(|e| e.to_string())?;
+        let uid = format!(
+            "k8s:io.cilium.k8s.policy.uid={}",
+            o.metadata.uid.as_deref().unwrap_or_default()
+        );
+        for r in &mut rules {
+            r.labels.push(self.derived.to_string());
+            r.labels.push(uid.clone());
+            r.labels.sort();
+        }
+        Ok(rules)
+    }
+
+    async fn report(&self, o: &DynamicObject, result: Result<u64, String>) {
+        report(self.client, self.node, self.ar, self.kind, o, result).await;
+    }
 }
 
 /// An actor call's two layers of failure as one message.
