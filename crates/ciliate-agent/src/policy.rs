@@ -76,6 +76,56 @@ pub struct PortProtocol {
 pub struct PortRule {
     #[serde(default)]
     pub ports: Vec<PortProtocol>,
+    /// L7 rules on these ports (parsed and checked; refused until the
+    /// proxy redirect is built: see [`L7_NOT_YET`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<L7Rules>,
+}
+
+/// `toPorts[].rules`: Cilium's L7 rules.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct L7Rules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<ciliate_proxy::rules::HttpRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<DnsSelector>>,
+}
+
+/// A DNS name or pattern (`rules.dns[]`, `toFQDNs[]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DnsSelector {
+    /// An exact name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_name: Option<String>,
+    /// A pattern: `*` stands for any characters but `.`; `*` alone for
+    /// every name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_pattern: Option<String>,
+}
+
+/// Why a policy with L7 rules is refused today: enforcing them at L4 only
+/// would let through what they forbid.
+pub const L7_NOT_YET: &str = "L7 policy is not enforced yet (the proxy redirect is still being built, issue #14); refused rather than enforced at L4 only";
+
+impl DnsSelector {
+    fn check(&self) -> Result<(), String> {
+        let ok = |s: &str, star: bool| {
+            !s.is_empty()
+                && s.len() <= 255
+                && s.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (star && c == '*')
+                })
+        };
+        match (&self.match_name, &self.match_pattern) {
+            (Some(n), None) if ok(n, false) => Ok(()),
+            (None, Some(p)) if ok(p, true) => Ok(()),
+            (Some(n), None) => Err(format!("matchName {n:?} is not a DNS name")),
+            (None, Some(p)) => Err(format!("matchPattern {p:?}: DNS characters and * only")),
+            _ => Err("one of matchName and matchPattern".into()),
+        }
+    }
 }
 
 /// One ingress or egress rule; `from*` for ingress, `to*` for egress.
@@ -102,6 +152,10 @@ pub struct PeerRule {
     pub to_ports: Option<Vec<PortRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmps: Option<Vec<IcmpRule>>,
+    /// Egress to what these names resolve to (checked; refused until the
+    /// DNS proxy is built).
+    #[serde(default, rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
+    pub to_fqdns: Option<Vec<DnsSelector>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
@@ -703,7 +757,7 @@ fn k8s_to_cilium(d: K8sDocument) -> Result<Document, String> {
             }
             let all_peers = peers.as_ref().is_none_or(Vec::is_empty);
             if !ports.is_empty() {
-                pr.to_ports = Some(vec![PortRule { ports }]);
+                pr.to_ports = Some(vec![PortRule { ports, rules: None }]);
             }
             if all_peers {
                 if pr.to_ports.is_none() {
@@ -908,6 +962,25 @@ fn validate_peer_rule(r: &PeerRule, ingress: bool) -> Result<(), String> {
         for (j, p) in pr.ports.iter().enumerate() {
             port_spec(p).map_err(|e| format!("toPorts[{i}].ports[{j}]: {e}"))?;
         }
+        if let Some(l7) = &pr.rules {
+            let at = format!("toPorts[{i}].rules");
+            if let Some(http) = &l7.http {
+                ciliate_proxy::rules::RuleSet::compile(http).map_err(|e| format!("{at}.{e}"))?;
+            }
+            for (j, d) in l7.dns.iter().flatten().enumerate() {
+                d.check().map_err(|e| format!("{at}.dns[{j}]: {e}"))?;
+            }
+            return Err(format!("{at}: {L7_NOT_YET}"));
+        }
+    }
+    if let Some(fqdns) = &r.to_fqdns {
+        if ingress {
+            return Err("toFQDNs does not belong in this direction".into());
+        }
+        for (j, d) in fqdns.iter().enumerate() {
+            d.check().map_err(|e| format!("toFQDNs[{j}]: {e}"))?;
+        }
+        return Err(format!("toFQDNs: {L7_NOT_YET}"));
     }
     Ok(())
 }

@@ -719,3 +719,41 @@ status:
     let e = parse(&typo).unwrap_err().to_string();
     assert!(e.contains("lables"), "{e}");
 }
+
+#[test]
+fn l7_rules_are_checked_then_refused_until_the_redirect_is_built() {
+    let doc = |egress: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: l7, namespace: shop}}\nspec:\n  endpointSelector: {{matchLabels: {{app: client}}}}\n  egress:\n{egress}"
+        )
+    };
+    let refused = |egress: &str, needle: &str| {
+        let e = parse(&doc(egress)).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    };
+    // Well-formed L7 rules parse, and are refused as not enforced yet
+    // (never enforced at L4 only: GET /private would get through).
+    let http = "  - toEndpoints: [{matchLabels: {app: api}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http:\n        - {method: GET, path: /public}\n        - {method: POST, path: /upload, headers: [X-Token], headerMatches: [{name: X-Team, value: a, mismatch: LOG}]}\n";
+    refused(http, "egress[0]: toPorts[0].rules: L7 policy is not enforced yet");
+    let dns = "  - toEndpoints: [{matchLabels: {k8s-app: kube-dns}}]\n    toPorts:\n    - ports: [{port: \"53\", protocol: ANY}]\n      rules:\n        dns: [{matchPattern: \"*.example.test\"}, {matchName: api.example.test}]\n";
+    refused(dns, "toPorts[0].rules: L7 policy is not enforced yet");
+    refused(
+        "  - toFQDNs: [{matchName: api.example.test}]\n",
+        "toFQDNs: L7 policy is not enforced yet",
+    );
+    // Malformed ones are refused for what is wrong, by field.
+    refused(&http.replace("/public", "/pub(lic"), "toPorts[0].rules.http[0]: path");
+    refused(&http.replace("mismatch: LOG", "mismatch: DROP"), "http[1]: headerMatches");
+    refused(&dns.replace("*.example.test", "bad name!"), "rules.dns[0]: matchPattern");
+    refused("  - toFQDNs: [{matchName: a, matchPattern: b}]\n", "toFQDNs[0]: one of matchName");
+    refused(
+        "  - toPorts: [{ports: [{port: \"80\"}], rules: {kafka: [{topic: x}]}}]\n",
+        "field kafka is not supported",
+    );
+    let ingress = doc("  - toEndpoints: [{}]\n").replace(
+        "  egress:\n  - toEndpoints: [{}]\n",
+        "  ingress:\n  - toFQDNs: [{matchName: a.b}]\n",
+    );
+    let e = parse(&ingress).unwrap_err().to_string();
+    assert!(e.contains("toFQDNs does not belong in this direction"), "{e}");
+}
