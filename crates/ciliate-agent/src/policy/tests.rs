@@ -161,7 +161,7 @@ fn bad_policies_are_refused_with_a_clear_message() {
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: 300}]}]}]"), "ICMP type 300"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: 8, family: IPv6}]}]}]"), "only IPv4"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{icmps: [{fields: [{type: Ping}]}]}]"), "not a known ICMPv4 type"),
-        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "field rules"),
+        (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: 80}], rules: {}}]}]"), "toPorts[0].rules: L7 policy is not enforced yet"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  ingress: [{toPorts: [{ports: [{port: [1]}]}]}]"), "is not a number"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  enableDefaultDeny: {ingress: maybe}"), "spec.enableDefaultDeny.ingress: invalid type"),
         (base("  endpointSelector: {matchLabels: {a: b}}\n  enableDefaultDeny: {sideways: true}"), "field sideways"),
