@@ -681,13 +681,6 @@ const RARE: &[(&str, &str, &str, &str)] = &[
     // Racing allocations (tests/k8s_identity.rs).
     ("ciliate", "cilium.io", "ciliumidentities", "get"),
     ("ciliate", "cilium.io", "ciliumidentities", "delete"),
-    // Garbage (tests/operator.rs): gone pods, identities unused for
-    // 30 minutes with their claims, gone nodes.
-    ("ciliate-operator", "cilium.io", "ciliumendpoints", "delete"),
-    ("ciliate-operator", "cilium.io", "ciliumidentities", "delete"),
-    ("ciliate-operator", "cilium.io", "ciliumnodes", "delete"),
-    ("ciliate-operator", "", "configmaps", "list"),
-    ("ciliate-operator", "", "configmaps", "delete"),
 ];
 
 /// Every request in `log` (the API server's request log) by the agents

@@ -136,6 +136,18 @@ impl K8sLab {
         )
     }
 
+    /// Namespace `shop` and pods `names` in it (label app=<name>), in the
+    /// API and added through the CNI.
+    fn shop_pods<const N: usize>(&self, names: [&str; N]) -> [ciliate_lab::node::Pod; N] {
+        let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+        for n in names {
+            yaml.push_str("---\n");
+            yaml.push_str(&self.pod_yaml(n, "shop", &format!("{{app: {n}}}")));
+        }
+        self.kubectl(&["apply", "--validate=false"], Some(&yaml));
+        names.map(|n| self.lab.add_pod_in(n, "shop", &[]).unwrap())
+    }
+
     fn endpoint(&self, ip: Ipv4Addr) -> Endpoint {
         let eps: Vec<Endpoint> = self.lab.client().get("/v1/endpoint").unwrap();
         eps.into_iter().find(|e| e.ip == ip).unwrap()
@@ -296,16 +308,7 @@ const CCNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPoli
 fn policies_applied_in_the_api_are_enforced_reported_and_lifted() {
     let k = K8sLab::up();
     let lab = &k.lab;
-    let yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}---\n{}",
-        k.pod_yaml("web", "shop", "{app: web}"),
-        k.pod_yaml("client", "shop", "{app: client}"),
-        k.pod_yaml("other", "shop", "{app: other}"),
-    );
-    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
-    let web = lab.add_pod_in("web", "shop", &[]).unwrap();
-    let client = lab.add_pod_in("client", "shop", &[]).unwrap();
-    let other = lab.add_pod_in("other", "shop", &[]).unwrap();
+    let [web, client, other] = k.shop_pods(["web", "client", "other"]);
     std::thread::sleep(Duration::from_millis(300)); // echo servers listening
     assert!(reaches(lab, &other.ns, web.state.ip), "open before any policy");
 
@@ -546,16 +549,7 @@ fn cilium_endpoints_and_the_cilium_node_are_published() {
 #[test]
 fn the_agent_rides_out_an_api_server_restart() {
     let mut k = K8sLab::up();
-    let yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}---\n{}",
-        k.pod_yaml("web", "shop", "{app: web}"),
-        k.pod_yaml("client", "shop", "{app: client}"),
-        k.pod_yaml("other", "shop", "{app: other}"),
-    );
-    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
-    let web = k.lab.add_pod_in("web", "shop", &[]).unwrap();
-    let client = k.lab.add_pod_in("client", "shop", &[]).unwrap();
-    let other = k.lab.add_pod_in("other", "shop", &[]).unwrap();
+    let [web, client, other] = k.shop_pods(["web", "client", "other"]);
     std::thread::sleep(Duration::from_millis(300)); // echo servers listening
     k.kubectl(&["apply", "--validate=false"], Some(&cnp(&ECHO_PORT.to_string())));
     eventually(&k.lab, &other.ns, web.state.ip, false, "CNP applied: other -> web");
@@ -600,14 +594,7 @@ fn the_agent_rides_out_an_api_server_restart() {
 #[test]
 fn a_burst_of_policies_is_one_change_and_a_bad_one_is_refused_alone() {
     let k = K8sLab::up();
-    let yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}---\n{}",
-        k.pod_yaml("web", "shop", "{app: web}"),
-        k.pod_yaml("client", "shop", "{app: client}"),
-    );
-    k.kubectl(&["apply", "--validate=false"], Some(&yaml));
-    let web = k.lab.add_pod_in("web", "shop", &[]).unwrap();
-    let client = k.lab.add_pod_in("client", "shop", &[]).unwrap();
+    let [web, client] = k.shop_pods(["web", "client"]);
     std::thread::sleep(Duration::from_millis(300)); // echo servers listening
     // 20 policies written while the agent's watches are cut and held, the
     // history compacted after them: its watch gets 410 and its relist
