@@ -23,7 +23,7 @@ use k8s_openapi::{
     },
     jiff::Timestamp,
 };
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
@@ -233,8 +233,11 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut gc = Gc::default();
+    // (With backoff: while the API is away its errors would otherwise
+    // come back at once, and the wait below would spin.)
     let mut cilium_nodes =
         watcher::watcher(cilium(&client, "CiliumNode", "ciliumnodes"), watcher::Config::default())
+            .default_backoff()
             .boxed();
     let mut renewed: Option<Instant> = None;
     let mut last_gc: Option<Instant> = None;
