@@ -219,11 +219,8 @@ pub async fn claim_pod_cidr(
     if mask < pool.len || mask > 30 {
         return Err(format!("pod CIDR size /{mask} does not fit the cluster pool {pool}"));
     }
-    let count = 1u64 << (mask - pool.len);
-    for i in 0..count.min(65536) {
-        let net = Ipv4Addr::from(u32::from(pool.net) + ((i as u32) << (32 - mask)));
-        let cidr = Cidr { net, len: mask };
-        let key = format!("{CIDRS}{net}-{mask}");
+    for cidr in pool.blocks(mask).take(65536) {
+        let key = format!("{CIDRS}{}-{mask}", cidr.net);
         let cidr_text = cidr.to_string();
         let kvs: [(&str, &[u8]); 2] =
             [(key.as_str(), node.as_bytes()), (by_node.as_str(), cidr_text.as_bytes())];

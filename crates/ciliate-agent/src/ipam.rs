@@ -80,6 +80,20 @@ impl Cidr {
     pub fn pod_capacity(&self) -> usize {
         (self.last_pod() - self.first_pod() + 1) as usize
     }
+    /// Its `/mask` subnets in order (none when `/mask` does not fit in
+    /// it or is narrower than /30): a cluster pool's node CIDRs.
+    pub fn blocks(&self, mask: u8) -> impl Iterator<Item = Cidr> + use<> {
+        let (base, len) = (u32::from(self.net), self.len);
+        let count = if mask < len || mask > 30 { 0 } else { 1u64 << (mask - len) };
+        (0..count).map(move |i| Cidr {
+            net: Ipv4Addr::from(base + ((i as u32) << (32 - mask))),
+            len: mask,
+        })
+    }
+    /// As a policy prefix.
+    pub fn prefix(&self) -> crate::policy::Prefix {
+        (self.net, self.len)
+    }
 }
 
 #[derive(Default, Serialize, Deserialize)]

@@ -240,6 +240,7 @@ pub async fn run(
             .default_backoff()
             .boxed();
     let mut renewed: Option<Instant> = None;
+    let mut was_leading = false;
     let mut last_gc: Option<Instant> = None;
     loop {
         match try_lead(&client, &cfg).await {
@@ -257,9 +258,12 @@ pub async fn run(
             Err(e) => tracing::warn!(subsystem = "operator", error = %e, "leader election"),
         }
         let leading = renewed.is_some_and(|t| t.elapsed() < cfg.lease_duration);
-        if leading {
+        // A new leader assigns what waited; after that, CiliumNode events
+        // drive the passes (below).
+        if leading && !was_leading {
             assign(&client, &cfg).await;
         }
+        was_leading = leading;
         if leading && last_gc.is_none_or(|t| t.elapsed() >= cfg.gc_interval) {
             match gc.pass(&client, &cfg).await {
                 Ok(c) => {
@@ -271,8 +275,8 @@ pub async fn run(
                 Err(e) => tracing::warn!(subsystem = "operator", error = %e, "garbage collection"),
             }
         }
-        // Until the next round, a new or changed CiliumNode is given its
-        // CIDR at once (not a retry period later: its agent is waiting).
+        // Until the next round, a new CiliumNode is given its CIDR at
+        // once (its agent is waiting), with no list every round.
         let wait = tokio::time::sleep(cfg.renew_interval);
         tokio::pin!(wait);
         loop {
@@ -281,7 +285,14 @@ pub async fn run(
                 _ = crate::api::stopped(&mut shutdown) => return,
                 ev = cilium_nodes.next() => {
                     let still = renewed.is_some_and(|t| t.elapsed() < cfg.lease_duration);
-                    if matches!(ev, Some(Ok(watcher::Event::Apply(_)))) && still {
+                    // A CiliumNode added or changed (maybe one a pass
+                    // left after a 409), one deleted (its CIDR free for a
+                    // node still waiting), or a relist done.
+                    let relevant = matches!(
+                        ev,
+                        Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone))
+                    );
+                    if relevant && still {
                         assign(&client, &cfg).await;
                     }
                 }

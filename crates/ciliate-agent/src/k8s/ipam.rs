@@ -7,10 +7,7 @@
 //! - **kubernetes**: the node's `spec.podCIDRs`, as the controller manager
 //!   (or whoever registers the node) writes them.
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{
@@ -146,23 +143,11 @@ async fn node_cidr(client: &Client, node: &str) -> Result<Option<Cidr>, K8sError
         .find_map(|c| c.parse::<Cidr>().ok()))
 }
 
-/// Do `a` and `b` share an address?
-fn overlap(a: Cidr, b: Cidr) -> bool {
-    let len = a.len.min(b.len);
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-    u32::from(a.net) & mask == u32::from(b.net) & mask
-}
-
 /// The lowest `/mask` of `pool` that overlaps none of `used`.
 pub fn free_block(pool: Cidr, mask: u8, used: &[Cidr]) -> Option<Cidr> {
-    if mask < pool.len || mask > 30 {
-        return None;
-    }
-    let count = 1u64 << (mask - pool.len);
-    (0..count).find_map(|i| {
-        let net = Ipv4Addr::from(u32::from(pool.net) + ((i as u32) << (32 - mask)));
-        let c = Cidr { net, len: mask };
-        (!used.iter().any(|u| overlap(*u, c))).then_some(c)
+    use crate::policy::contains;
+    pool.blocks(mask).find(|c| {
+        !used.iter().any(|u| contains(u.prefix(), c.prefix()) || contains(c.prefix(), u.prefix()))
     })
 }
 
